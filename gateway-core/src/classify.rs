@@ -1,0 +1,108 @@
+//! One judgement of upstream outcomes, shared by retries, circuit breakers, passive health
+//! checks and metrics, so they never disagree about what a failure is.
+//!
+//! | outcome                                        | class                     |
+//! |------------------------------------------------|---------------------------|
+//! | 1xx–4xx response                               | [`Class::Success`]        |
+//! | 502, 503, 504 response                         | [`Class::Retryable`]      |
+//! | other 5xx response                             | [`Class::Failure`]        |
+//! | error before the request left the gateway: `UpstreamConnect`, `CircuitOpen`, `NoHealthyUpstream`, `Overloaded` | [`Class::Retryable`] |
+//! | any other error (timeout, reset after sending, protocol) | [`Class::Failure`] |
+//!
+//! A 4xx is the client's problem, not the upstream's, so it counts as a success for health
+//! and breaking. Whether a `Retryable` outcome is actually retried (method idempotency,
+//! budgets) is the retry policy's decision; `Failure` means "the upstream may have acted on
+//! the request".
+
+use http::{Response, StatusCode};
+
+use crate::{BoxError, Error, ErrorKind};
+
+/// The class of an upstream outcome.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Class {
+    /// The upstream did its job.
+    Success,
+    /// The upstream failed, and the request may have had effects.
+    Failure,
+    /// The upstream failed in a way that is safe to try again elsewhere.
+    Retryable,
+}
+
+impl Class {
+    /// Whether the outcome is a failure, retryable or not.
+    pub const fn is_failure(self) -> bool {
+        !matches!(self, Self::Success)
+    }
+}
+
+/// Classifies a response status.
+pub const fn status(status: StatusCode) -> Class {
+    match status.as_u16() {
+        502..=504 => Class::Retryable,
+        500..=599 => Class::Failure,
+        _ => Class::Success,
+    }
+}
+
+/// Classifies a response.
+pub fn response<B>(res: &Response<B>) -> Class {
+    status(res.status())
+}
+
+/// Classifies an error from the upstream path, by its [`ErrorKind`].
+pub fn error(err: &BoxError) -> Class {
+    match Error::kind_of(&**err) {
+        ErrorKind::UpstreamConnect
+        | ErrorKind::CircuitOpen
+        | ErrorKind::NoHealthyUpstream
+        | ErrorKind::Overloaded => Class::Retryable,
+        _ => Class::Failure,
+    }
+}
+
+/// Classifies the result of a call to the upstream path.
+pub fn result<B>(res: &Result<Response<B>, BoxError>) -> Class {
+    match res {
+        Ok(res) => response(res),
+        Err(err) => error(err),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn statuses() {
+        for (code, class) in [
+            (200, Class::Success),
+            (304, Class::Success),
+            (404, Class::Success),
+            (429, Class::Success),
+            (500, Class::Failure),
+            (501, Class::Failure),
+            (502, Class::Retryable),
+            (503, Class::Retryable),
+            (504, Class::Retryable),
+            (505, Class::Failure),
+        ] {
+            assert_eq!(status(StatusCode::from_u16(code).unwrap()), class, "{code}");
+        }
+    }
+
+    #[test]
+    fn errors() {
+        let e = |k| -> BoxError { Error::new(k).into() };
+        assert_eq!(error(&e(ErrorKind::UpstreamConnect)), Class::Retryable);
+        assert_eq!(error(&e(ErrorKind::CircuitOpen)), Class::Retryable);
+        assert_eq!(error(&e(ErrorKind::BadGateway)), Class::Failure);
+        assert_eq!(error(&e(ErrorKind::GatewayTimeout)), Class::Failure);
+        assert_eq!(error(&tower::timeout::error::Elapsed::new().into()), Class::Failure);
+        assert_eq!(error(&"boom".into()), Class::Failure);
+        let ok: Result<Response<()>, BoxError> = Ok(Response::new(()));
+        assert_eq!(result(&ok), Class::Success);
+        assert!(!Class::Success.is_failure());
+        assert!(Class::Retryable.is_failure());
+    }
+}

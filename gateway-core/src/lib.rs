@@ -1,0 +1,36 @@
+//! The shared vocabulary of the gateway crates.
+//!
+//! Everything the policy layers (`gateway-middleware`) and the upstream side
+//! (`gateway-proxy`) agree on lives here, and nothing else: no policy, no sockets.
+//!
+//! - [`Body`]: the one body type at every boundary we own.
+//! - [`Error`] and [`ErrorKind`]: the one mapping from failure to HTTP status and a safe
+//!   RFC 9457 body; [`RescueLayer`] applies it at the edge.
+//! - [`Plugin`], [`PluginLayer`], [`Flow`]: custom plugins as ordinary tower layers.
+//! - Request extensions read by every layer: [`ConnectInfo`], [`ClientIp`] (resolved by
+//!   [`client_ip::ClientIpLayer`]), [`RouteId`], [`Identity`], [`RequestId`],
+//!   [`DrainSignal`].
+//! - [`classify`]: one judgement of upstream outcomes for retries, breakers, health and
+//!   metrics.
+//! - `test_util` (feature `test-util`): in-process upstreams and raw-socket helpers.
+#![doc = include_str!("../../docs/plugins.md")]
+
+mod body;
+pub mod classify;
+pub mod client_ip;
+mod error;
+mod ext;
+pub mod plugin;
+pub mod rescue;
+#[cfg(feature = "test-util")]
+pub mod test_util;
+
+pub use body::{Body, BodyIdleTimeout};
+pub use client_ip::ClientIpLayer;
+pub use error::{Error, ErrorKind};
+pub use ext::{ClientIp, ConnectInfo, DrainSignal, Identity, RequestId, RouteId};
+pub use plugin::{Flow, Plugin, PluginLayer};
+pub use rescue::RescueLayer;
+
+/// The boxed error type used on the upstream path.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;

@@ -5,7 +5,11 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
 use http::HeaderValue;
+use std::future::Future;
+
+use tokio::task::JoinHandle;
 use tokio_util::sync::{CancellationToken, WaitForCancellationFuture};
+use tokio_util::task::TaskTracker;
 
 /// The transport a request arrived on; inserted by the server for every request.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -43,10 +47,17 @@ pub struct Identity {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct RequestId(HeaderValue);
 
-/// Fires when the server starts draining; long-lived work (tunnels, streams) that the
-/// server does not own watches it to end itself at the drain deadline.
+/// Work that outlives its HTTP exchange (a WebSocket tunnel, a background refresh started
+/// by a request) and that the server must wait for, then cut, when it shuts down.
+///
+/// The server inserts one `Drain` into every request's extensions. Tasks spawned with
+/// [`Drain::spawn`] are tracked: on shutdown the server waits for them up to its drain
+/// deadline, then [`cut`](Drain::cut)s them (their future is dropped).
 #[derive(Clone, Debug, Default)]
-pub struct DrainSignal(CancellationToken);
+pub struct Drain {
+    cut: CancellationToken,
+    tracker: TaskTracker,
+}
 
 // === impl ClientIp ===
 
@@ -161,26 +172,52 @@ impl RequestId {
     }
 }
 
-// === impl DrainSignal ===
+// === impl Drain ===
 
-impl DrainSignal {
-    /// A signal that has not fired.
+impl Drain {
+    /// A drain with nothing tracked.
     pub fn new() -> Self {
         Self::default()
     }
 
-    /// Fires the signal; every clone sees it.
-    pub fn drain(&self) {
-        self.0.cancel();
+    /// Spawns `fut` as tracked work; it is dropped when the drain is cut.
+    pub fn spawn<F>(&self, fut: F) -> JoinHandle<()>
+    where
+        F: Future<Output = ()> + Send + 'static,
+    {
+        let cut = self.cut.clone();
+        self.tracker.spawn(async move {
+            tokio::select! {
+                () = fut => {}
+                () = cut.cancelled() => {}
+            }
+        })
     }
 
-    /// Whether the signal has fired.
-    pub fn is_draining(&self) -> bool {
-        self.0.is_cancelled()
+    /// How many tracked tasks are running.
+    pub fn tracked(&self) -> usize {
+        self.tracker.len()
     }
 
-    /// Completes once the signal fires.
-    pub fn drained(&self) -> WaitForCancellationFuture<'_> {
-        self.0.cancelled()
+    /// Completes once every tracked task has finished. Tasks spawned later extend the wait.
+    pub async fn idle(&self) {
+        self.tracker.close();
+        self.tracker.wait().await;
+        self.tracker.reopen();
+    }
+
+    /// Ends every tracked task now, and every task spawned from here on at once.
+    pub fn cut(&self) {
+        self.cut.cancel();
+    }
+
+    /// Whether the drain has been cut.
+    pub fn is_cut(&self) -> bool {
+        self.cut.is_cancelled()
+    }
+
+    /// Completes once the drain is cut, for work that ends itself.
+    pub fn cut_signal(&self) -> WaitForCancellationFuture<'_> {
+        self.cut.cancelled()
     }
 }

@@ -9,7 +9,7 @@
 //! - [`Plugin`], [`PluginLayer`], [`Flow`]: custom plugins as ordinary tower layers.
 //! - Request extensions read by every layer: [`ConnectInfo`], [`ClientIp`] (resolved by
 //!   [`client_ip::ClientIpLayer`]), [`RouteId`], [`Identity`], [`RequestId`],
-//!   [`DrainSignal`].
+//!   [`Drain`].
 //! - [`classify`]: one judgement of upstream outcomes for retries, breakers, health and
 //!   metrics.
 //! - `test_util` (feature `test-util`): in-process upstreams and raw-socket helpers.
@@ -28,7 +28,7 @@ pub mod test_util;
 pub use body::{Body, BodyIdleTimeout};
 pub use client_ip::ClientIpLayer;
 pub use error::{Error, ErrorKind};
-pub use ext::{ClientIp, ConnectInfo, DrainSignal, Identity, RequestId, RouteId};
+pub use ext::{ClientIp, ConnectInfo, Drain, Identity, RequestId, RouteId};
 pub use plugin::{Flow, Plugin, PluginLayer};
 pub use rescue::RescueLayer;
 

@@ -1,1 +1,18 @@
-//! x
+//! The upstream side of the gateway: the reverse proxy, the router, upstreams and the
+//! server runner.
+//!
+//! - [`ReverseProxy`]: forwards to an [`Upstream`] with a pooled hyper client (HTTP/1.1,
+//!   HTTP/2, rustls), streaming bodies, WebSocket upgrades and trailers.
+//! - [`Router`]: host + normalized path + method to per-route service stacks.
+//! - [`Server`]: hyper-util auto (HTTP/1.1 + HTTP/2), rustls termination, timeouts,
+//!   connection limits and graceful shutdown.
+
+pub mod proxy;
+pub mod router;
+pub mod server;
+pub mod upstream;
+
+pub use proxy::{HostHeader, HttpClient, HttpClientBuilder, ReverseProxy};
+pub use router::{Route, Router};
+pub use server::Server;
+pub use upstream::{Endpoint, Upstream};

@@ -1,0 +1,187 @@
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll, ready};
+
+use gateway_core::classify::{self, Class};
+use gateway_core::{Body, BoxError, Drain, Error, ErrorKind};
+use http::header::{CONNECTION, HeaderValue, UPGRADE, VIA};
+use http::{Response, StatusCode};
+use hyper::body::Incoming;
+use hyper::upgrade::OnUpgrade;
+use hyper_util::rt::TokioIo;
+use pin_project_lite::pin_project;
+use tokio::time::Sleep;
+
+use super::headers;
+use super::service::Shared;
+use crate::upstream::Selected;
+
+pin_project! {
+    /// Response future of [`ReverseProxy`](super::ReverseProxy).
+    pub struct ResponseFuture {
+        #[pin]
+        timeout: Option<Sleep>,
+        state: State,
+    }
+}
+
+enum State {
+    Waiting {
+        fut: hyper_util::client::legacy::ResponseFuture,
+        shared: Arc<Shared>,
+        selected: Selected,
+        is_head: bool,
+        upgrade: Option<(OnUpgrade, Option<Drain>)>,
+    },
+    Failed(Option<Error>),
+    Done,
+}
+
+impl ResponseFuture {
+    pub(super) fn new(
+        fut: hyper_util::client::legacy::ResponseFuture,
+        shared: Arc<Shared>,
+        selected: Selected,
+        is_head: bool,
+        upgrade: Option<(OnUpgrade, Option<Drain>)>,
+    ) -> Self {
+        Self {
+            timeout: shared.response_header_timeout.map(tokio::time::sleep),
+            state: State::Waiting {
+                fut,
+                shared,
+                selected,
+                is_head,
+                upgrade,
+            },
+        }
+    }
+
+    pub(super) const fn failed(err: Error) -> Self {
+        Self {
+            timeout: None,
+            state: State::Failed(Some(err)),
+        }
+    }
+}
+
+impl Future for ResponseFuture {
+    type Output = Result<Response<Body>, BoxError>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        let State::Waiting { fut, .. } = this.state else {
+            return Poll::Ready(match std::mem::replace(this.state, State::Done) {
+                State::Failed(Some(err)) => Err(err.into()),
+                _ => Err(Error::new(ErrorKind::Internal).into()),
+            });
+        };
+        let result = match Pin::new(fut).poll(cx) {
+            Poll::Ready(result) => result,
+            Poll::Pending => {
+                if let Some(timeout) = this.timeout.as_pin_mut() {
+                    ready!(timeout.poll(cx));
+                    if let State::Waiting { selected, .. } =
+                        std::mem::replace(this.state, State::Done)
+                    {
+                        selected.record(Class::Failure);
+                    }
+                    return Poll::Ready(Err(Error::new(ErrorKind::GatewayTimeout).into()));
+                }
+                return Poll::Pending;
+            }
+        };
+        let State::Waiting {
+            shared,
+            selected,
+            is_head,
+            upgrade,
+            ..
+        } = std::mem::replace(this.state, State::Done)
+        else {
+            unreachable!("matched as Waiting above")
+        };
+        let outcome = match result {
+            Ok(res) => respond(res, &shared, is_head, upgrade),
+            Err(err) => {
+                let kind = if err.is_connect() {
+                    ErrorKind::UpstreamConnect
+                } else {
+                    ErrorKind::BadGateway
+                };
+                Err(Error::with_source(kind, err).into())
+            }
+        };
+        selected.record(classify::result(&outcome));
+        Poll::Ready(outcome)
+    }
+}
+
+/// Turns the upstream's response into the client's: header rules, body idle timeout, and
+/// the tunnel when the upstream switched protocols.
+fn respond(
+    mut res: Response<Incoming>,
+    shared: &Shared,
+    is_head: bool,
+    upgrade: Option<(OnUpgrade, Option<Drain>)>,
+) -> Result<Response<Body>, BoxError> {
+    let status = res.status();
+    if status == StatusCode::SWITCHING_PROTOCOLS {
+        // NOTE: only a 101 answering an upgrade the client asked for becomes a tunnel.
+        let Some((client, drain)) = upgrade else {
+            return Err(Error::with_source(ErrorKind::BadGateway, "unsolicited 101 from upstream").into());
+        };
+        let protocol = res.headers().get(UPGRADE).cloned();
+        let upstream = hyper::upgrade::on(&mut res);
+        headers::strip_hop_by_hop(res.headers_mut(), true);
+        if let Some(protocol) = protocol {
+            res.headers_mut().insert(UPGRADE, protocol);
+        }
+        res.headers_mut()
+            .insert(CONNECTION, HeaderValue::from_static("upgrade"));
+        let tunnel = tunnel(client, upstream);
+        match drain {
+            Some(drain) => drop(drain.spawn(tunnel)),
+            None => drop(tokio::spawn(tunnel)),
+        }
+        return Ok(res.map(|_| Body::empty()));
+    }
+    let keep_length = is_head || status == StatusCode::NOT_MODIFIED;
+    headers::strip_hop_by_hop(res.headers_mut(), keep_length);
+    if let Some(via) = shared.via_response(res.version()) {
+        res.headers_mut().append(VIA, via.clone());
+    }
+    let idle = shared.body_idle_timeout;
+    Ok(res.map(|body| {
+        let body = Body::from(body);
+        match idle {
+            Some(idle) => body.idle_timeout(idle),
+            None => body,
+        }
+    }))
+}
+
+/// Copies bytes both ways between the client's and the upstream's upgraded connections.
+async fn tunnel(client: OnUpgrade, upstream: OnUpgrade) {
+    let (client, upstream) = match tokio::try_join!(client, upstream) {
+        Ok(pair) => pair,
+        Err(err) => {
+            tracing::debug!(error = %err, "upgrade failed");
+            return;
+        }
+    };
+    let mut client = TokioIo::new(client);
+    let mut upstream = TokioIo::new(upstream);
+    match tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
+        Ok((up, down)) => tracing::trace!(up, down, "tunnel closed"),
+        Err(err) => tracing::debug!(error = %err, "tunnel failed"),
+    }
+}
+
+impl fmt::Debug for ResponseFuture {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ResponseFuture").finish_non_exhaustive()
+    }
+}

@@ -1,0 +1,319 @@
+//! Header rules of a proxy hop (RFC 9110 §7.6.1) and the forwarding headers.
+
+use std::io::Write as _;
+use std::net::IpAddr;
+
+use http::header::{
+    CONNECTION, CONTENT_LENGTH, FORWARDED, HeaderMap, HeaderName, HeaderValue, PROXY_AUTHENTICATE,
+    PROXY_AUTHORIZATION, TE, TRANSFER_ENCODING, UPGRADE,
+};
+
+pub(crate) const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+pub(crate) const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+pub(crate) const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
+const HTTP2_SETTINGS: HeaderName = HeaderName::from_static("http2-settings");
+
+/// Headers that only ever describe one hop, whatever `Connection` says. `Trailer` is not
+/// among them: it announces trailers end to end (gRPC relies on them surviving).
+const HOP_BY_HOP: [HeaderName; 9] = [
+    CONNECTION,
+    PROXY_CONNECTION,
+    KEEP_ALIVE,
+    TRANSFER_ENCODING,
+    TE,
+    UPGRADE,
+    PROXY_AUTHORIZATION,
+    PROXY_AUTHENTICATE,
+    HTTP2_SETTINGS,
+];
+
+/// Whether a `Connection` header lists `token`.
+pub(crate) fn connection_has(headers: &HeaderMap, token: &str) -> bool {
+    headers
+        .get_all(CONNECTION)
+        .iter()
+        .flat_map(|v| v.as_bytes().split(|b| *b == b','))
+        .any(|t| t.trim_ascii().eq_ignore_ascii_case(token.as_bytes()))
+}
+
+/// The `Upgrade` value of an HTTP/1.1 upgrade request that may be tunnelled: `Connection`
+/// lists `upgrade` and the protocol is not `h2c` (an h2c upgrade is never forwarded).
+pub(crate) fn upgrade_request(headers: &HeaderMap) -> Option<HeaderValue> {
+    let upgrade = headers.get(UPGRADE)?;
+    let h2c = upgrade
+        .as_bytes()
+        .split(|b| *b == b',')
+        .any(|p| p.trim_ascii().eq_ignore_ascii_case(b"h2c"));
+    (!h2c && connection_has(headers, "upgrade")).then(|| upgrade.clone())
+}
+
+/// Whether the client accepts trailers (`TE: trailers`).
+pub(crate) fn accepts_trailers(headers: &HeaderMap) -> bool {
+    headers
+        .get_all(TE)
+        .iter()
+        .flat_map(|v| v.as_bytes().split(|b| *b == b','))
+        .any(|t| {
+            let t = t.split(|b| *b == b';').next().unwrap_or_default();
+            t.trim_ascii().eq_ignore_ascii_case(b"trailers")
+        })
+}
+
+/// Removes every header named in `Connection`, then the hop-by-hop headers, and the framing
+/// headers (hyper regenerates them for the next hop from the body itself) unless
+/// `keep_content_length` (responses to `HEAD` and `304`s, whose length describes a body that
+/// is not sent).
+pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap, keep_content_length: bool) {
+    // Collect first: the names borrow `headers`. Allocation only happens for tokens that are
+    // not themselves hop-by-hop (`keep-alive`, `close`, `upgrade` are the common ones).
+    let mut nominated: Vec<HeaderName> = Vec::new();
+    for value in headers.get_all(CONNECTION) {
+        for token in value.as_bytes().split(|b| *b == b',') {
+            let token = token.trim_ascii();
+            if token.is_empty()
+                || token.eq_ignore_ascii_case(b"close")
+                || token.eq_ignore_ascii_case(b"keep-alive")
+                || token.eq_ignore_ascii_case(b"upgrade")
+            {
+                continue;
+            }
+            if let Ok(name) = HeaderName::from_bytes(token) {
+                nominated.push(name);
+            }
+        }
+    }
+    for name in &nominated {
+        headers.remove(name);
+    }
+    for name in &HOP_BY_HOP {
+        headers.remove(name);
+    }
+    if !keep_content_length {
+        headers.remove(CONTENT_LENGTH);
+    }
+}
+
+/// Forwarding headers and their look-alikes, by their name with `-`, `_` and `.` removed,
+/// with the one spelling that is kept from trusted peers.
+const FORWARDING: [(&[u8], &str); 17] = [
+    (b"xforwardedfor", "x-forwarded-for"),
+    (b"xforwardedproto", "x-forwarded-proto"),
+    (b"xforwardedhost", "x-forwarded-host"),
+    (b"xforwardedport", "x-forwarded-port"),
+    (b"xforwardedprefix", "x-forwarded-prefix"),
+    (b"xforwardedserver", "x-forwarded-server"),
+    (b"xforwardedscheme", "x-forwarded-scheme"),
+    (b"xforwardedssl", "x-forwarded-ssl"),
+    (b"xforwarded", "x-forwarded"),
+    (b"forwarded", "forwarded"),
+    (b"forwardedfor", "forwarded-for"),
+    (b"xrealip", "x-real-ip"),
+    (b"xclientip", "x-client-ip"),
+    (b"clientip", "client-ip"),
+    (b"trueclientip", "true-client-ip"),
+    (b"xoriginalforwardedfor", "x-original-forwarded-for"),
+    (b"xclusterclientip", "x-cluster-client-ip"),
+];
+
+/// Removes client-sent forwarding headers: all of them from untrusted peers, and from
+/// trusted peers every look-alike spelling (`X_Forwarded_For`, `x.forwarded.for`, ...) that
+/// some upstream frameworks would read as the real header.
+pub(crate) fn scrub_forwarding(headers: &mut HeaderMap, trusted_peer: bool) {
+    let mut doomed: Vec<HeaderName> = Vec::new();
+    for name in headers.keys() {
+        let s = name.as_str().as_bytes();
+        if !matches!(s.first(), Some(b'x' | b'f' | b't' | b'c')) {
+            continue;
+        }
+        let mut folded = [0u8; 32];
+        let mut n = 0;
+        for &b in s {
+            if matches!(b, b'-' | b'_' | b'.') {
+                continue;
+            }
+            if n == folded.len() {
+                n = 0;
+                break;
+            }
+            folded[n] = b;
+            n += 1;
+        }
+        if let Some((_, canonical)) = FORWARDING.iter().find(|(f, _)| *f == &folded[..n])
+            && (!trusted_peer || name.as_str() != *canonical)
+        {
+            doomed.push(name.clone());
+        }
+    }
+    for name in &doomed {
+        headers.remove(name);
+    }
+}
+
+/// An IP address as a header value (`1.2.3.4`, `2001:db8::1`), formatted without the heap.
+pub(crate) fn ip_value(ip: IpAddr) -> HeaderValue {
+    let mut buf = [0u8; 64];
+    let len = {
+        let mut cursor = std::io::Cursor::new(&mut buf[..]);
+        // NOTE: an IPv6 address is at most 45 bytes, so it always fits the buffer.
+        let _ = write!(cursor, "{ip}");
+        usize::try_from(cursor.position()).unwrap_or(0)
+    };
+    HeaderValue::from_bytes(&buf[..len]).unwrap_or(HeaderValue::from_static("unknown"))
+}
+
+/// Appends `ip` to an existing `X-Forwarded-For` chain (all its lines joined in order).
+pub(crate) fn append_forwarded_for(headers: &mut HeaderMap, ip: IpAddr) {
+    let mut joined: Vec<u8> = Vec::new();
+    for v in headers.get_all(X_FORWARDED_FOR) {
+        if !joined.is_empty() {
+            joined.extend_from_slice(b", ");
+        }
+        joined.extend_from_slice(v.as_bytes());
+    }
+    let value = if joined.is_empty() {
+        ip_value(ip)
+    } else {
+        joined.extend_from_slice(b", ");
+        let _ = write!(joined, "{ip}");
+        HeaderValue::from_bytes(&joined).unwrap_or_else(|_| ip_value(ip))
+    };
+    headers.insert(X_FORWARDED_FOR, value);
+}
+
+/// Appends an RFC 7239 element for this hop to `Forwarded`.
+pub(crate) fn append_forwarded(
+    headers: &mut HeaderMap,
+    client: Option<IpAddr>,
+    proto: &str,
+    host: Option<&HeaderValue>,
+) {
+    let mut element: Vec<u8> = Vec::with_capacity(64);
+    match client {
+        Some(IpAddr::V4(ip)) => {
+            let _ = write!(element, "for={ip}");
+        }
+        Some(IpAddr::V6(ip)) => {
+            let _ = write!(element, "for=\"[{ip}]\"");
+        }
+        None => element.extend_from_slice(b"for=unknown"),
+    }
+    let _ = write!(element, ";proto={proto}");
+    if let Some(host) = host.map(HeaderValue::as_bytes)
+        && !host.iter().any(|b| matches!(b, b'"' | b'\\') || b.is_ascii_control())
+    {
+        element.extend_from_slice(b";host=\"");
+        element.extend_from_slice(host);
+        element.push(b'"');
+    }
+    if let Ok(value) = HeaderValue::from_bytes(&element) {
+        headers.append(FORWARDED, value);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn map(pairs: &[(&'static str, &'static str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.append(*k, HeaderValue::from_static(v));
+        }
+        h
+    }
+
+    #[test]
+    fn connection_nominated_and_hop_by_hop_headers_go() {
+        let mut h = map(&[
+            ("connection", "keep-alive, X-Secret"),
+            ("connection", "x-other"),
+            ("x-secret", "1"),
+            ("x-other", "2"),
+            ("keep-alive", "timeout=5"),
+            ("transfer-encoding", "chunked"),
+            ("te", "trailers"),
+            ("upgrade", "websocket"),
+            ("proxy-authorization", "Basic x"),
+            ("content-length", "5"),
+            ("x-kept", "3"),
+            ("trailer", "grpc-status"),
+        ]);
+        strip_hop_by_hop(&mut h, false);
+        let left: Vec<_> = h.keys().map(HeaderName::as_str).collect();
+        assert_eq!(left, ["x-kept", "trailer"]);
+    }
+
+    #[test]
+    fn content_length_can_be_kept() {
+        let mut h = map(&[("content-length", "5")]);
+        strip_hop_by_hop(&mut h, true);
+        assert_eq!(h["content-length"], "5");
+    }
+
+    #[test]
+    fn upgrade_detection() {
+        assert!(upgrade_request(&map(&[("connection", "Upgrade"), ("upgrade", "websocket")])).is_some());
+        assert!(upgrade_request(&map(&[("upgrade", "websocket")])).is_none());
+        assert!(upgrade_request(&map(&[("connection", "upgrade"), ("upgrade", "h2c")])).is_none());
+        assert!(upgrade_request(&map(&[("connection", "upgrade"), ("upgrade", "foo, H2C")])).is_none());
+    }
+
+    #[test]
+    fn trailers_acceptance() {
+        assert!(accepts_trailers(&map(&[("te", "gzip, trailers")])));
+        assert!(accepts_trailers(&map(&[("te", "trailers;q=1")])));
+        assert!(!accepts_trailers(&map(&[("te", "gzip")])));
+    }
+
+    #[test]
+    fn lookalikes_are_scrubbed() {
+        let all = [
+            ("x-forwarded-for", "1"),
+            ("x_forwarded_for", "2"),
+            ("x.forwarded.for", "3"),
+            ("x-forwarded_host", "4"),
+            ("forwarded", "5"),
+            ("x-real-ip", "6"),
+            ("true-client-ip", "7"),
+            ("x-forwarded-proto", "8"),
+            ("x-request-id", "9"),
+            ("xforwardedfor", "10"),
+        ];
+        let mut untrusted = map(&all);
+        scrub_forwarding(&mut untrusted, false);
+        assert_eq!(untrusted.keys().map(HeaderName::as_str).collect::<Vec<_>>(), ["x-request-id"]);
+
+        let mut trusted = map(&all);
+        scrub_forwarding(&mut trusted, true);
+        let mut left: Vec<_> = trusted.keys().map(HeaderName::as_str).collect();
+        left.sort_unstable();
+        assert_eq!(
+            left,
+            ["forwarded", "true-client-ip", "x-forwarded-for", "x-forwarded-proto", "x-real-ip", "x-request-id"]
+        );
+    }
+
+    #[test]
+    fn forwarded_for_chain_is_joined_and_appended() {
+        let mut h = map(&[("x-forwarded-for", "1.1.1.1, 2.2.2.2"), ("x-forwarded-for", "3.3.3.3")]);
+        append_forwarded_for(&mut h, "10.0.0.1".parse().unwrap());
+        assert_eq!(h.get_all("x-forwarded-for").iter().count(), 1);
+        assert_eq!(h["x-forwarded-for"], "1.1.1.1, 2.2.2.2, 3.3.3.3, 10.0.0.1");
+        let mut h = HeaderMap::new();
+        append_forwarded_for(&mut h, "2001:db8::1".parse().unwrap());
+        assert_eq!(h["x-forwarded-for"], "2001:db8::1");
+    }
+
+    #[test]
+    fn rfc7239_elements() {
+        let mut h = HeaderMap::new();
+        let host = HeaderValue::from_static("gw:8080");
+        append_forwarded(&mut h, Some("2001:db8::1".parse().unwrap()), "https", Some(&host));
+        append_forwarded(&mut h, Some("192.0.2.1".parse().unwrap()), "http", None);
+        let v: Vec<_> = h.get_all("forwarded").iter().collect();
+        assert_eq!(v[0], r#"for="[2001:db8::1]";proto=https;host="gw:8080""#);
+        assert_eq!(v[1], "for=192.0.2.1;proto=http");
+    }
+}

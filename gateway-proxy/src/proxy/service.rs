@@ -1,0 +1,453 @@
+use std::fmt;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use gateway_core::{Body, BoxError, ClientIp, ConnectInfo, Error, ErrorKind};
+use http::header::{CONNECTION, EXPECT, HOST, HeaderValue, TE, UPGRADE, VIA};
+use http::uri::{PathAndQuery, Uri};
+use http::{Request, Response, Version, request};
+use tower::Service;
+
+use super::client::{HttpClient, InvalidClient};
+use super::future::ResponseFuture;
+use super::headers::{self, X_FORWARDED_HOST, X_FORWARDED_PROTO};
+use crate::upstream::{InvalidEndpoint, Upstream};
+
+/// Forwards requests to an [`Upstream`]; see the [module docs](super).
+///
+/// Cloning is cheap (one `Arc`).
+#[derive(Clone)]
+pub struct ReverseProxy {
+    pub(super) shared: Arc<Shared>,
+}
+
+/// Builds a [`ReverseProxy`].
+#[derive(Clone)]
+pub struct ReverseProxyBuilder {
+    upstream: Upstream,
+    client: Option<HttpClient>,
+    host: HostHeader,
+    x_forwarded: bool,
+    forwarded: bool,
+    via: Option<String>,
+    rewrite: Option<(String, String)>,
+    response_header_timeout: Option<Duration>,
+    body_idle_timeout: Option<Duration>,
+}
+
+/// What `Host` the upstream receives.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum HostHeader {
+    /// The upstream endpoint's `host:port` (the default, like nginx and Kong).
+    #[default]
+    Upstream,
+    /// The client's `Host`, unchanged (for upstreams that route on it).
+    Preserve,
+    /// A fixed value.
+    Fixed(HeaderValue),
+}
+
+pub(super) struct Shared {
+    pub(super) upstream: Upstream,
+    pub(super) client: HttpClient,
+    host: HostHeader,
+    x_forwarded: bool,
+    forwarded: bool,
+    via: Option<[HeaderValue; 3]>,
+    rewrite: Option<(String, String)>,
+    pub(super) response_header_timeout: Option<Duration>,
+    pub(super) body_idle_timeout: Option<Duration>,
+}
+
+// === impl ReverseProxy ===
+
+impl ReverseProxy {
+    /// A proxy to `upstream` with the default settings and a client of its own.
+    ///
+    /// # Panics
+    ///
+    /// Never in practice: the default client configuration always builds.
+    pub fn new(upstream: Upstream) -> Self {
+        Self::builder(upstream)
+            .build()
+            .unwrap_or_else(|e| unreachable!("the default client builds: {e}"))
+    }
+
+    /// A proxy to one upstream URL (`http://host:port`, `https://host`, or `host:port`).
+    ///
+    /// # Errors
+    ///
+    /// When `url` is not a valid upstream.
+    pub fn to(url: &str) -> Result<Self, InvalidEndpoint> {
+        Upstream::single(url).map(Self::new)
+    }
+
+    /// Starts a builder.
+    pub fn builder(upstream: Upstream) -> ReverseProxyBuilder {
+        ReverseProxyBuilder {
+            upstream,
+            client: None,
+            host: HostHeader::default(),
+            x_forwarded: true,
+            forwarded: false,
+            via: None,
+            rewrite: None,
+            response_header_timeout: Some(Duration::from_secs(60)),
+            body_idle_timeout: Some(Duration::from_secs(60)),
+        }
+    }
+
+    /// The upstream this proxy forwards to.
+    pub fn upstream(&self) -> &Upstream {
+        &self.shared.upstream
+    }
+}
+
+impl fmt::Debug for ReverseProxy {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ReverseProxy")
+            .field("upstream", &self.shared.upstream)
+            .field("host", &self.shared.host)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<B> Service<Request<B>> for ReverseProxy
+where
+    B: http_body::Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
+{
+    type Response = Response<Body>;
+    type Error = BoxError;
+    type Future = ResponseFuture;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        // The pool opens connections on demand; an unreachable upstream fails the call.
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: Request<B>) -> ResponseFuture {
+        let shared = &self.shared;
+        let (mut head, body) = req.into_parts();
+        let selected = match shared.upstream.select(&head) {
+            Ok(s) => s,
+            Err(err) => return ResponseFuture::failed(err),
+        };
+        let is_head = head.method == http::Method::HEAD;
+        let upgrade = if head.version == Version::HTTP_11 {
+            headers::upgrade_request(&head.headers)
+        } else {
+            None
+        };
+        let on_upgrade = upgrade
+            .as_ref()
+            .and_then(|_| head.extensions.remove::<hyper::upgrade::OnUpgrade>());
+        let drain = head.extensions.get::<gateway_core::Drain>().cloned();
+
+        let te_trailers = headers::accepts_trailers(&head.headers);
+        // The client's host, captured before `Connection` may nominate `Host` away.
+        let client_host = head
+            .headers
+            .get(HOST)
+            .cloned()
+            .or_else(|| head.uri.authority().and_then(|a| HeaderValue::from_str(a.as_str()).ok()));
+
+        headers::strip_hop_by_hop(&mut head.headers, false);
+        head.headers.remove(EXPECT);
+        shared.forwarding(&mut head, client_host.as_ref());
+
+        match &shared.host {
+            HostHeader::Upstream => {
+                // hyper sets `Host` from the target URI.
+                head.headers.remove(HOST);
+            }
+            HostHeader::Preserve => {
+                if let Some(host) = client_host {
+                    head.headers.insert(HOST, host);
+                }
+            }
+            HostHeader::Fixed(host) => {
+                head.headers.insert(HOST, host.clone());
+            }
+        }
+        if let Some(protocol) = upgrade {
+            head.headers.insert(UPGRADE, protocol);
+            head.headers.insert(CONNECTION, HeaderValue::from_static("upgrade"));
+        }
+        if te_trailers {
+            head.headers.insert(TE, HeaderValue::from_static("trailers"));
+        }
+        if let Some(via) = &shared.via {
+            head.headers.append(VIA, via_for(via, head.version).clone());
+        }
+
+        let endpoint = selected.endpoint();
+        let path = match shared.rewrite_path(&head.uri) {
+            Ok(path) => path,
+            Err(err) => return ResponseFuture::failed(err),
+        };
+        let mut parts = http::uri::Parts::default();
+        parts.scheme = Some(endpoint.scheme().clone());
+        parts.authority = Some(endpoint.authority().clone());
+        parts.path_and_query = Some(path);
+        head.uri = match Uri::from_parts(parts) {
+            Ok(uri) => uri,
+            Err(e) => return ResponseFuture::failed(Error::with_source(ErrorKind::BadRequest, e)),
+        };
+        head.version = if shared.client.is_http2_only() {
+            Version::HTTP_2
+        } else {
+            Version::HTTP_11
+        };
+
+        let mut body = Body::new(body);
+        if let Some(idle) = shared.body_idle_timeout {
+            body = body.idle_timeout(idle);
+        }
+        let fut = shared.client.request(Request::from_parts(head, body));
+        ResponseFuture::new(
+            fut,
+            Arc::clone(&self.shared),
+            selected,
+            is_head,
+            on_upgrade.map(|u| (u, drain)),
+        )
+    }
+}
+
+fn via_for(via: &[HeaderValue; 3], version: Version) -> &HeaderValue {
+    match version {
+        Version::HTTP_10 => &via[0],
+        Version::HTTP_2 => &via[2],
+        _ => &via[1],
+    }
+}
+
+// === impl Shared ===
+
+impl Shared {
+    /// Scrubs client-sent forwarding headers and adds this hop's.
+    fn forwarding(&self, head: &mut request::Parts, client_host: Option<&HeaderValue>) {
+        let conn = head.extensions.get::<ConnectInfo>().copied();
+        let client = head.extensions.get::<ClientIp>().copied();
+        let trusted = client.is_some_and(|c| c.trusted_peer());
+        headers::scrub_forwarding(&mut head.headers, trusted);
+        let peer = conn.map(|c| c.peer.ip()).or(client.map(|c| c.ip()));
+        let proto = if conn.is_some_and(|c| c.tls) { "https" } else { "http" };
+        if self.x_forwarded {
+            if let Some(peer) = peer {
+                if trusted {
+                    headers::append_forwarded_for(&mut head.headers, peer);
+                } else {
+                    head.headers
+                        .insert(headers::X_FORWARDED_FOR, headers::ip_value(peer));
+                }
+            }
+            if !(trusted && head.headers.contains_key(X_FORWARDED_PROTO)) {
+                head.headers
+                    .insert(X_FORWARDED_PROTO, HeaderValue::from_static(proto));
+            }
+            if !(trusted && head.headers.contains_key(X_FORWARDED_HOST))
+                && let Some(host) = client_host
+            {
+                head.headers.insert(X_FORWARDED_HOST, host.clone());
+            }
+        }
+        if self.forwarded {
+            headers::append_forwarded(&mut head.headers, peer, proto, client_host);
+        }
+    }
+
+    fn rewrite_path(&self, uri: &Uri) -> Result<PathAndQuery, Error> {
+        let Some((from, to)) = &self.rewrite else {
+            return Ok(uri
+                .path_and_query()
+                .cloned()
+                .unwrap_or_else(|| PathAndQuery::from_static("/")));
+        };
+        let path = uri.path();
+        let rest = match path.strip_prefix(from.as_str()) {
+            Some(rest) if rest.is_empty() || rest.starts_with('/') || from == "/" => rest,
+            _ => return Ok(uri.path_and_query().cloned().unwrap_or_else(|| PathAndQuery::from_static("/"))),
+        };
+        let mut new = String::with_capacity(to.len() + rest.len() + 1 + uri.query().map_or(0, str::len));
+        new.push_str(to.trim_end_matches('/'));
+        if !rest.starts_with('/') {
+            new.push('/');
+        }
+        new.push_str(rest);
+        if let Some(q) = uri.query() {
+            new.push('?');
+            new.push_str(q);
+        }
+        PathAndQuery::try_from(new).map_err(|e| Error::with_source(ErrorKind::BadRequest, e))
+    }
+}
+
+// === impl ReverseProxyBuilder ===
+
+impl ReverseProxyBuilder {
+    /// Uses `client` (and its connection pool), e.g. one client shared by every route.
+    ///
+    /// ```
+    /// use gateway_proxy::{HttpClient, ReverseProxy, Upstream};
+    /// let client = HttpClient::builder().build().unwrap();
+    /// let a = ReverseProxy::builder(Upstream::single("a:80").unwrap()).client(client.clone()).build().unwrap();
+    /// let b = ReverseProxy::builder(Upstream::single("b:80").unwrap()).client(client).build().unwrap();
+    /// # drop((a, b));
+    /// ```
+    pub fn client(&mut self, client: HttpClient) -> &mut Self {
+        self.client = Some(client);
+        self
+    }
+
+    /// What `Host` the upstream receives (default: the endpoint's authority).
+    ///
+    /// ```
+    /// use gateway_proxy::{HostHeader, ReverseProxy, Upstream};
+    /// ReverseProxy::builder(Upstream::single("a:80").unwrap()).host(HostHeader::Preserve);
+    /// ```
+    pub fn host(&mut self, host: HostHeader) -> &mut Self {
+        self.host = host;
+        self
+    }
+
+    /// Whether to set `X-Forwarded-For`, `-Proto` and `-Host` (default yes). Client-sent
+    /// forwarding headers are scrubbed either way unless the peer is a trusted proxy.
+    ///
+    /// ```
+    /// # use gateway_proxy::{ReverseProxy, Upstream};
+    /// ReverseProxy::builder(Upstream::single("a:80").unwrap()).x_forwarded(false);
+    /// ```
+    pub fn x_forwarded(&mut self, enabled: bool) -> &mut Self {
+        self.x_forwarded = enabled;
+        self
+    }
+
+    /// Whether to append an RFC 7239 `Forwarded` element (default no).
+    ///
+    /// ```
+    /// # use gateway_proxy::{ReverseProxy, Upstream};
+    /// ReverseProxy::builder(Upstream::single("a:80").unwrap()).forwarded(true);
+    /// ```
+    pub fn forwarded(&mut self, enabled: bool) -> &mut Self {
+        self.forwarded = enabled;
+        self
+    }
+
+    /// Appends `Via: <version> <pseudonym>` to requests and responses (default off).
+    ///
+    /// ```
+    /// # use gateway_proxy::{ReverseProxy, Upstream};
+    /// ReverseProxy::builder(Upstream::single("a:80").unwrap()).via("gateway");
+    /// ```
+    pub fn via(&mut self, pseudonym: impl Into<String>) -> &mut Self {
+        self.via = Some(pseudonym.into());
+        self
+    }
+
+    /// Removes `prefix` (on a segment boundary) from the path before forwarding:
+    /// `/api/users` → `/users`.
+    ///
+    /// ```
+    /// # use gateway_proxy::{ReverseProxy, Upstream};
+    /// ReverseProxy::builder(Upstream::single("a:80").unwrap()).strip_prefix("/api");
+    /// ```
+    pub fn strip_prefix(&mut self, prefix: &str) -> &mut Self {
+        self.replace_prefix(prefix, "/")
+    }
+
+    /// Replaces `from` (on a segment boundary) with `to`: `/v1/x` → `/internal/v1/x`.
+    ///
+    /// ```
+    /// # use gateway_proxy::{ReverseProxy, Upstream};
+    /// ReverseProxy::builder(Upstream::single("a:80").unwrap()).replace_prefix("/v1", "/internal/v1");
+    /// ```
+    pub fn replace_prefix(&mut self, from: &str, to: &str) -> &mut Self {
+        let norm = |p: &str| {
+            let p = p.trim_end_matches('/');
+            if p.starts_with('/') { p.to_owned() } else { format!("/{p}") }
+        };
+        self.rewrite = Some((norm(from), norm(to)));
+        self
+    }
+
+    /// How long to wait for the upstream's response head after sending the request head
+    /// (default 60 s); `None` waits forever. Elapsed → 504.
+    ///
+    /// ```
+    /// # use gateway_proxy::{ReverseProxy, Upstream}; use std::time::Duration;
+    /// ReverseProxy::builder(Upstream::single("a:80").unwrap()).response_header_timeout(Some(Duration::from_secs(5)));
+    /// ```
+    pub fn response_header_timeout(&mut self, timeout: Option<Duration>) -> &mut Self {
+        self.response_header_timeout = timeout;
+        self
+    }
+
+    /// How long either body may go without data (default 60 s); `None` waits forever. A
+    /// stalled request body fails the upstream request; a stalled response body aborts the
+    /// client's response.
+    ///
+    /// ```
+    /// # use gateway_proxy::{ReverseProxy, Upstream}; use std::time::Duration;
+    /// ReverseProxy::builder(Upstream::single("a:80").unwrap()).body_idle_timeout(Some(Duration::from_secs(30)));
+    /// ```
+    pub fn body_idle_timeout(&mut self, timeout: Option<Duration>) -> &mut Self {
+        self.body_idle_timeout = timeout;
+        self
+    }
+
+    /// Builds the proxy.
+    ///
+    /// # Errors
+    ///
+    /// When no client was given and the default one cannot be built, or the `Via`
+    /// pseudonym is not a valid header value.
+    pub fn build(&self) -> Result<ReverseProxy, InvalidClient> {
+        let client = match &self.client {
+            Some(c) => c.clone(),
+            None => HttpClient::builder().build()?,
+        };
+        let via = match &self.via {
+            None => None,
+            Some(p) => {
+                let v = |ver: &str| {
+                    HeaderValue::try_from(format!("{ver} {p}"))
+                        .map_err(|_| InvalidClient::new(format!("invalid Via pseudonym `{p}`")))
+                };
+                Some([v("1.0")?, v("1.1")?, v("2")?])
+            }
+        };
+        Ok(ReverseProxy {
+            shared: Arc::new(Shared {
+                upstream: self.upstream.clone(),
+                client,
+                host: self.host.clone(),
+                x_forwarded: self.x_forwarded,
+                forwarded: self.forwarded,
+                via,
+                rewrite: self.rewrite.clone(),
+                response_header_timeout: self.response_header_timeout,
+                body_idle_timeout: self.body_idle_timeout,
+            }),
+        })
+    }
+}
+
+impl fmt::Debug for ReverseProxyBuilder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ReverseProxyBuilder")
+            .field("upstream", &self.upstream)
+            .field("host", &self.host)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Shared {
+    pub(super) fn via_response(&self, version: Version) -> Option<&HeaderValue> {
+        self.via.as_ref().map(|v| via_for(v, version))
+    }
+}

@@ -1,0 +1,266 @@
+//! One accepted connection: TLS, the hyper connection, idle tracking and graceful close.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::task::{Context, Poll, ready};
+use std::time::Duration;
+
+use bytes::Bytes;
+use gateway_core::{BoxError, ConnectInfo, Drain};
+use http::{Request, Response};
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use pin_project_lite::pin_project;
+use tokio::net::TcpStream;
+use tokio::sync::watch;
+use tokio::time::Instant;
+use tokio_rustls::TlsAcceptor;
+use tower::Service;
+use tower::util::Oneshot;
+use tower::ServiceExt;
+
+/// What every connection task shares.
+pub(super) struct Shared {
+    pub(super) builder: auto::Builder<TokioExecutor>,
+    pub(super) header_read_timeout: Duration,
+    pub(super) keep_alive_timeout: Duration,
+    pub(super) tls: Option<TlsAcceptor>,
+    pub(super) drain: Drain,
+    pub(super) local: SocketAddr,
+}
+
+/// Requests in flight and the last time the connection went idle.
+struct Activity {
+    started: Instant,
+    in_flight: AtomicUsize,
+    idle_since_ms: AtomicU64,
+}
+
+pub(super) async fn serve<S, B>(
+    stream: TcpStream,
+    peer: SocketAddr,
+    service: S,
+    shared: Arc<Shared>,
+    graceful: watch::Receiver<bool>,
+) where
+    S: Service<Request<Incoming>, Response = Response<B>> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<BoxError>,
+    B: http_body::Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
+{
+    let _ = stream.set_nodelay(true);
+    match &shared.tls {
+        None => {
+            let info = ConnectInfo {
+                peer,
+                local: shared.local,
+                tls: false,
+            };
+            run(TokioIo::new(stream), info, service, &shared, graceful).await;
+        }
+        Some(acceptor) => {
+            let handshake = tokio::time::timeout(shared.header_read_timeout, acceptor.accept(stream));
+            let stream = match handshake.await {
+                Ok(Ok(stream)) => stream,
+                Ok(Err(err)) => {
+                    tracing::debug!(%peer, error = %err, "TLS handshake failed");
+                    return;
+                }
+                Err(_) => {
+                    tracing::debug!(%peer, "TLS handshake timed out");
+                    return;
+                }
+            };
+            let info = ConnectInfo {
+                peer,
+                local: shared.local,
+                tls: true,
+            };
+            run(TokioIo::new(stream), info, service, &shared, graceful).await;
+        }
+    }
+}
+
+async fn run<I, S, B>(
+    io: I,
+    info: ConnectInfo,
+    service: S,
+    shared: &Shared,
+    mut graceful: watch::Receiver<bool>,
+) where
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+    S: Service<Request<Incoming>, Response = Response<B>> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<BoxError>,
+    B: http_body::Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
+{
+    let activity = Arc::new(Activity {
+        started: Instant::now(),
+        in_flight: AtomicUsize::new(0),
+        idle_since_ms: AtomicU64::new(0),
+    });
+    let svc = ConnService {
+        inner: service,
+        info,
+        drain: shared.drain.clone(),
+        activity: Arc::clone(&activity),
+    };
+    let conn = shared.builder.serve_connection_with_upgrades(io, svc);
+    let mut conn = std::pin::pin!(conn);
+    let keep_alive = shared.keep_alive_timeout;
+    let idle = tokio::time::sleep(keep_alive);
+    let mut idle = std::pin::pin!(idle);
+    let mut closing = false;
+    loop {
+        tokio::select! {
+            res = conn.as_mut() => {
+                if let Err(err) = res {
+                    tracing::debug!(peer = %info.peer, error = %err, "connection ended with an error");
+                }
+                return;
+            }
+            _ = graceful.wait_for(|draining| *draining), if !closing => {
+                conn.as_mut().graceful_shutdown();
+                closing = true;
+            }
+            () = idle.as_mut(), if !closing => {
+                match activity.idle_deadline(keep_alive) {
+                    Some(deadline) if deadline > Instant::now() => idle.as_mut().reset(deadline),
+                    Some(_) => {
+                        tracing::trace!(peer = %info.peer, "closing idle keep-alive connection");
+                        conn.as_mut().graceful_shutdown();
+                        closing = true;
+                    }
+                    // A request is in flight: look again a full period later.
+                    None => idle.as_mut().reset(Instant::now() + keep_alive),
+                }
+            }
+        }
+    }
+}
+
+// === impl Activity ===
+
+impl Activity {
+    fn begin(&self) {
+        self.in_flight.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn end(&self) {
+        let ms = u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.idle_since_ms.store(ms, Ordering::Relaxed);
+        self.in_flight.fetch_sub(1, Ordering::Release);
+    }
+
+    /// When the connection becomes idle for too long, or `None` while a request is in flight.
+    fn idle_deadline(&self, keep_alive: Duration) -> Option<Instant> {
+        if self.in_flight.load(Ordering::Acquire) > 0 {
+            return None;
+        }
+        let since = Duration::from_millis(self.idle_since_ms.load(Ordering::Relaxed));
+        Some(self.started + since + keep_alive)
+    }
+}
+
+/// Marks one request in flight until its response body is done or dropped.
+struct InFlight(Arc<Activity>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.end();
+    }
+}
+
+/// The hyper service of one connection: adds the connection's extensions, and tracks
+/// requests in flight for the idle limit.
+struct ConnService<S> {
+    inner: S,
+    info: ConnectInfo,
+    drain: Drain,
+    activity: Arc<Activity>,
+}
+
+impl<S, B> hyper::service::Service<Request<Incoming>> for ConnService<S>
+where
+    S: Service<Request<Incoming>, Response = Response<B>> + Clone,
+    S::Error: Into<BoxError>,
+{
+    type Response = Response<TrackedBody<B>>;
+    type Error = BoxError;
+    type Future = ConnFuture<S>;
+
+    fn call(&self, mut req: Request<Incoming>) -> Self::Future {
+        req.extensions_mut().insert(self.info);
+        req.extensions_mut().insert(self.drain.clone());
+        self.activity.begin();
+        ConnFuture {
+            fut: self.inner.clone().oneshot(req),
+            guard: Some(InFlight(Arc::clone(&self.activity))),
+        }
+    }
+}
+
+pin_project! {
+    struct ConnFuture<S>
+    where
+        S: Service<Request<Incoming>>,
+    {
+        #[pin]
+        fut: Oneshot<S, Request<Incoming>>,
+        guard: Option<InFlight>,
+    }
+}
+
+impl<S, B> Future for ConnFuture<S>
+where
+    S: Service<Request<Incoming>, Response = Response<B>>,
+    S::Error: Into<BoxError>,
+{
+    type Output = Result<Response<TrackedBody<B>>, BoxError>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        let res = ready!(this.fut.poll(cx)).map_err(Into::into)?;
+        let guard = this.guard.take();
+        Poll::Ready(Ok(res.map(|inner| TrackedBody { inner, _guard: guard })))
+    }
+}
+
+pin_project! {
+    /// A response body that keeps its request counted in flight until it is done.
+    pub(super) struct TrackedBody<B> {
+        #[pin]
+        inner: B,
+        _guard: Option<InFlight>,
+    }
+}
+
+impl<B> http_body::Body for TrackedBody<B>
+where
+    B: http_body::Body<Data = Bytes>,
+    B::Error: Into<BoxError>,
+{
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Bytes>, BoxError>>> {
+        self.project().inner.poll_frame(cx).map_err(Into::into)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+}

@@ -1,0 +1,343 @@
+//! The server runner: accepts connections and serves a tower service on them.
+//!
+//! hyper-util's auto connection speaks HTTP/1.1 and HTTP/2 (h2c with prior knowledge, and
+//! h2 over TLS via ALPN) on the same port. Around it the server enforces the limits a
+//! client must not control:
+//!
+//! - header-read timeout (HTTP/1: the whole head must arrive in time, with a real timer
+//!   installed; it also bounds the wait for the next request on a keep-alive connection)
+//!   and TLS-handshake timeout (the same value);
+//! - header count and size (HTTP/1 read buffer; HTTP/2 header list size);
+//! - a keep-alive idle limit: a connection with no request in flight for that long is
+//!   closed (HTTP/2 gets a GOAWAY);
+//! - a cap on concurrent connections: at the cap the server stops accepting and the kernel
+//!   backlog holds new clients;
+//! - graceful shutdown: stop accepting (new connections are refused), ask every connection
+//!   to finish (idle keep-alives close at once, in-flight requests complete), wait for
+//!   tracked tunnels, and at the drain deadline cut whatever is left.
+//!
+//! Every request carries [`ConnectInfo`](gateway_core::ConnectInfo) and the server's
+//! [`Drain`](gateway_core::Drain) in its extensions.
+//!
+//! # Example
+//!
+//! ```no_run
+//! use gateway_core::{Body, RescueLayer};
+//! use gateway_proxy::{ReverseProxy, Route, Router, Server};
+//! use std::time::Duration;
+//! use tower::ServiceBuilder;
+//!
+//! # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+//! let app = Router::new().route(Route::prefix("/"), ReverseProxy::to("http://127.0.0.1:3000")?);
+//! Server::bind("0.0.0.0:8080")
+//!     .await?
+//!     .header_read_timeout(Duration::from_secs(10))
+//!     .max_connections(50_000)
+//!     .serve(ServiceBuilder::new().layer(RescueLayer::new()).service(app))
+//!     .await?;
+//! # Ok(()) }
+//! ```
+
+mod conn;
+mod tls;
+
+use std::future::Future;
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use gateway_core::{BoxError, Drain};
+use http::{Request, Response};
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+use hyper_util::server::conn::auto;
+use tokio::net::{TcpListener, ToSocketAddrs};
+use tokio::sync::{Semaphore, watch};
+use tokio::task::JoinSet;
+use tower::Service;
+
+pub use tls::{InvalidTls, TlsConfig};
+
+/// Serves a tower service on a listener; see the [module docs](self).
+#[must_use]
+pub struct Server {
+    listener: TcpListener,
+    config: Config,
+    tls: Option<TlsConfig>,
+}
+
+#[derive(Clone, Debug)]
+struct Config {
+    header_read_timeout: Duration,
+    keep_alive_timeout: Duration,
+    max_connections: usize,
+    max_headers: usize,
+    max_header_bytes: usize,
+    h2_max_concurrent_streams: u32,
+    drain_timeout: Duration,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            header_read_timeout: Duration::from_secs(10),
+            keep_alive_timeout: Duration::from_secs(60),
+            max_connections: 10_000,
+            max_headers: 100,
+            max_header_bytes: 64 * 1024,
+            h2_max_concurrent_streams: 200,
+            drain_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+// === impl Server ===
+
+impl Server {
+    /// Binds `addr`.
+    ///
+    /// # Errors
+    ///
+    /// When the address cannot be bound.
+    pub async fn bind(addr: impl ToSocketAddrs) -> io::Result<Self> {
+        Ok(Self::from_listener(TcpListener::bind(addr).await?))
+    }
+
+    /// Serves on an existing listener.
+    pub fn from_listener(listener: TcpListener) -> Self {
+        Self {
+            listener,
+            config: Config::default(),
+            tls: None,
+        }
+    }
+
+    /// The address the server listens on.
+    ///
+    /// # Errors
+    ///
+    /// As [`TcpListener::local_addr`].
+    pub fn local_addr(&self) -> io::Result<SocketAddr> {
+        self.listener.local_addr()
+    }
+
+    /// How long a client may take to send a request head, or to finish the TLS handshake
+    /// (default 10 s). For HTTP/1.1 this also bounds the wait for the next request on a
+    /// keep-alive connection (hyper arms the timer as soon as it waits for a head).
+    pub const fn header_read_timeout(mut self, timeout: Duration) -> Self {
+        self.config.header_read_timeout = timeout;
+        self
+    }
+
+    /// Closes a connection with no request in flight for this long (default 60 s).
+    pub const fn keep_alive_timeout(mut self, timeout: Duration) -> Self {
+        self.config.keep_alive_timeout = timeout;
+        self
+    }
+
+    /// At most this many connections at once (default 10,000).
+    pub const fn max_connections(mut self, max: usize) -> Self {
+        self.config.max_connections = max;
+        self
+    }
+
+    /// At most this many request headers (HTTP/1; default 100); more gets 431.
+    pub const fn max_headers(mut self, max: usize) -> Self {
+        self.config.max_headers = max;
+        self
+    }
+
+    /// At most this many bytes of request head (default 64 KiB, at least 8 KiB); more gets
+    /// 431 (HTTP/1) or a stream error (HTTP/2).
+    pub const fn max_header_bytes(mut self, max: usize) -> Self {
+        self.config.max_header_bytes = if max < 8192 { 8192 } else { max };
+        self
+    }
+
+    /// At most this many concurrent streams per HTTP/2 connection (default 200).
+    pub const fn http2_max_concurrent_streams(mut self, max: u32) -> Self {
+        self.config.h2_max_concurrent_streams = max;
+        self
+    }
+
+    /// How long a graceful shutdown waits before cutting what is left (default 30 s).
+    pub const fn drain_timeout(mut self, timeout: Duration) -> Self {
+        self.config.drain_timeout = timeout;
+        self
+    }
+
+    /// Terminates TLS with `tls` (ALPN `h2` and `http/1.1`).
+    pub fn tls(mut self, tls: TlsConfig) -> Self {
+        self.tls = Some(tls);
+        self
+    }
+
+    /// Serves `service` until Ctrl-C or SIGTERM, then shuts down gracefully.
+    ///
+    /// # Errors
+    ///
+    /// Only when the listener itself fails for good; per-connection errors are logged.
+    pub async fn serve<S, B>(self, service: S) -> io::Result<()>
+    where
+        S: Service<Request<Incoming>, Response = Response<B>> + Clone + Send + 'static,
+        S::Future: Send + 'static,
+        S::Error: Into<BoxError>,
+        B: http_body::Body<Data = Bytes> + Send + 'static,
+        B::Error: Into<BoxError>,
+    {
+        self.serve_with_shutdown(service, shutdown_signal()).await
+    }
+
+    /// Serves `service` until `signal` completes, then shuts down gracefully.
+    ///
+    /// # Errors
+    ///
+    /// Only when the listener itself fails for good; per-connection errors are logged.
+    pub async fn serve_with_shutdown<S, B, F>(self, service: S, signal: F) -> io::Result<()>
+    where
+        S: Service<Request<Incoming>, Response = Response<B>> + Clone + Send + 'static,
+        S::Future: Send + 'static,
+        S::Error: Into<BoxError>,
+        B: http_body::Body<Data = Bytes> + Send + 'static,
+        B::Error: Into<BoxError>,
+        F: Future<Output = ()> + Send,
+    {
+        let Self {
+            listener,
+            config,
+            tls,
+        } = self;
+        let local = listener.local_addr()?;
+        let shared = Arc::new(conn::Shared {
+            builder: http_builder(&config),
+            header_read_timeout: config.header_read_timeout,
+            keep_alive_timeout: config.keep_alive_timeout,
+            tls: tls.map(|t| t.acceptor()),
+            drain: Drain::new(),
+            local,
+        });
+        let permits = Arc::new(Semaphore::new(config.max_connections.max(1)));
+        let (graceful_tx, graceful_rx) = watch::channel(false);
+        let mut conns = JoinSet::new();
+        let mut signal = std::pin::pin!(signal);
+
+        loop {
+            tokio::select! {
+                biased;
+                () = &mut signal => break,
+                Some(done) = conns.join_next(), if !conns.is_empty() => {
+                    if let Err(err) = done && err.is_panic() {
+                        tracing::error!(error = %err, "connection task panicked");
+                    }
+                }
+                accepted = accept(&listener, &permits) => match accepted {
+                    Ok((stream, peer, permit)) => {
+                        let svc = service.clone();
+                        let shared = Arc::clone(&shared);
+                        let graceful = graceful_rx.clone();
+                        conns.spawn(async move {
+                            conn::serve(stream, peer, svc, shared, graceful).await;
+                            drop(permit);
+                        });
+                    }
+                    Err(err) => {
+                        // EMFILE and friends: back off instead of spinning.
+                        tracing::warn!(error = %err, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                },
+            }
+        }
+
+        // Refuse new connections from here on.
+        drop(listener);
+        tracing::info!(
+            connections = conns.len(),
+            tunnels = shared.drain.tracked(),
+            "shutting down"
+        );
+        let _ = graceful_tx.send(true);
+        let drained = async {
+            while conns.join_next().await.is_some() {}
+            shared.drain.idle().await;
+        };
+        if tokio::time::timeout(config.drain_timeout, drained).await.is_err() {
+            tracing::warn!(
+                connections = conns.len(),
+                tunnels = shared.drain.tracked(),
+                "drain deadline reached; closing what is left"
+            );
+        }
+        shared.drain.cut();
+        conns.abort_all();
+        while conns.join_next().await.is_some() {}
+        Ok(())
+    }
+}
+
+impl std::fmt::Debug for Server {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Server")
+            .field("local_addr", &self.listener.local_addr().ok())
+            .field("config", &self.config)
+            .field("tls", &self.tls.is_some())
+            .finish()
+    }
+}
+
+async fn accept(
+    listener: &TcpListener,
+    permits: &Arc<Semaphore>,
+) -> io::Result<(tokio::net::TcpStream, SocketAddr, tokio::sync::OwnedSemaphorePermit)> {
+    let permit = Arc::clone(permits)
+        .acquire_owned()
+        .await
+        .map_err(io::Error::other)?;
+    let (stream, peer) = listener.accept().await?;
+    Ok((stream, peer, permit))
+}
+
+fn http_builder(config: &Config) -> auto::Builder<TokioExecutor> {
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(config.header_read_timeout)
+        .max_headers(config.max_headers)
+        .max_buf_size(config.max_header_bytes)
+        .keep_alive(true);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(config.h2_max_concurrent_streams)
+        .max_header_list_size(u32::try_from(config.max_header_bytes).unwrap_or(u32::MAX))
+        .keep_alive_interval(Some(Duration::from_secs(30)))
+        .keep_alive_timeout(Duration::from_secs(20));
+    builder
+}
+
+/// Completes on Ctrl-C or, on Unix, SIGTERM.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        if tokio::signal::ctrl_c().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {}
+        () = terminate => {}
+    }
+}

@@ -1,0 +1,116 @@
+//! Upstream faults and slow clients: clear errors, never a hang.
+
+mod support;
+
+use std::time::Duration;
+
+use gateway_core::test_util::{TestUpstream, refused_addr};
+use gateway_proxy::{ReverseProxy, Route, Router, Upstream};
+use support::{Gateway, get, proxy_to, raw, status};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+#[tokio::test]
+async fn refused_upstream_is_502_problem_json() {
+    let addr = refused_addr().await;
+    let proxy = ReverseProxy::new(Upstream::single(&addr.to_string()).unwrap());
+    let gw = Gateway::start(Router::new().route(Route::prefix("/"), proxy)).await;
+    let res = raw(gw.addr, &get("/", "")).await;
+    assert_eq!(status(&res), 502, "{res}");
+    assert!(res.contains("content-type: application/problem+json"), "{res}");
+    assert!(support::body_of(&res).contains(r#""status":502"#));
+    assert!(!res.contains(&addr.to_string()), "the upstream address must not leak: {res}");
+}
+
+#[tokio::test]
+async fn hung_upstream_is_504_after_the_timeout() {
+    let up = TestUpstream::hang().await;
+    let mut proxy = ReverseProxy::builder(Upstream::single(&up.url()).unwrap());
+    proxy.response_header_timeout(Some(Duration::from_millis(300)));
+    let gw = Gateway::start(Router::new().route(Route::prefix("/"), proxy.build().unwrap())).await;
+    let started = tokio::time::Instant::now();
+    let res = raw(gw.addr, &get("/", "")).await;
+    assert_eq!(status(&res), 504, "{res}");
+    assert!(started.elapsed() >= Duration::from_millis(300), "answered before the timeout");
+    assert_eq!(up.requests().len(), 1);
+}
+
+#[tokio::test]
+async fn upstream_reset_mid_body_closes_the_client_connection() {
+    let up = TestUpstream::reset_mid_body().await;
+    let gw = Gateway::start(Router::new().route(Route::prefix("/"), proxy_to(&up))).await;
+    let mut stream = TcpStream::connect(gw.addr).await.unwrap();
+    // Keep-alive request: only an abort (not a hang) can end this read.
+    stream
+        .write_all(b"GET / HTTP/1.1\r\nHost: gw\r\n\r\n")
+        .await
+        .unwrap();
+    let mut got = Vec::new();
+    let read_all = async {
+        let mut buf = [0u8; 8192];
+        loop {
+            match stream.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => got.extend_from_slice(&buf[..n]),
+            }
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(10), read_all)
+        .await
+        .expect("the gateway must close the client connection, not leave it hanging");
+    let text = String::from_utf8_lossy(&got);
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    // The client got fewer bytes than announced: the truncation is visible, not papered over.
+    let body = got.len() - text.find("\r\n\r\n").unwrap() - 4;
+    assert!(body < 1_000_000, "body {body}");
+}
+
+#[tokio::test]
+async fn slow_header_client_is_cut_by_the_header_read_timeout() {
+    let up = TestUpstream::echo().await;
+    let gw = Gateway::start_with(
+        Router::new().route(Route::prefix("/"), proxy_to(&up)),
+        gateway_core::client_ip::TrustedProxies::none(),
+        |s| s.header_read_timeout(Duration::from_millis(700)),
+    )
+    .await;
+    let mut stream = TcpStream::connect(gw.addr).await.unwrap();
+    let request = b"GET / HTTP/1.1\r\nHost: gw\r\nX-Padding: aaaaaaaaaaaaaaaa\r\n\r\n";
+    let mut closed_after = None;
+    for (i, byte) in request.iter().enumerate() {
+        if stream.write_all(&[*byte]).await.is_err() {
+            closed_after = Some(i);
+            break;
+        }
+        // Check whether the server closed the connection meanwhile.
+        let mut buf = [0u8; 256];
+        match tokio::time::timeout(Duration::from_millis(250), stream.read(&mut buf)).await {
+            Ok(Ok(0) | Err(_)) => {
+                closed_after = Some(i);
+                break;
+            }
+            Ok(Ok(_)) | Err(_) => {}
+        }
+    }
+    let closed_after = closed_after.expect("the connection must be closed before the head completes");
+    assert!(closed_after < request.len() - 1, "closed only after {closed_after} bytes");
+    assert!(up.requests().is_empty());
+}
+
+#[tokio::test]
+async fn too_many_headers_are_refused() {
+    let up = TestUpstream::echo().await;
+    let gw = Gateway::start_with(
+        Router::new().route(Route::prefix("/"), proxy_to(&up)),
+        gateway_core::client_ip::TrustedProxies::none(),
+        |s| s.max_headers(20).max_header_bytes(8192),
+    )
+    .await;
+    let many: String = (0..40).map(|i| format!("X-H{i}: v\r\n")).collect();
+    let res = raw(gw.addr, &get("/", &many)).await;
+    assert_eq!(status(&res), 431, "{res}");
+    let big = format!("X-Big: {}\r\n", "a".repeat(16 * 1024));
+    let res = raw(gw.addr, &get("/", &big)).await;
+    assert_eq!(status(&res), 431, "{res}");
+    assert!(up.requests().is_empty());
+}

@@ -1,0 +1,120 @@
+//! A gateway on `127.0.0.1:0` with the edge stack, for the end-to-end tests.
+#![allow(dead_code, unreachable_pub, reason = "each test binary uses a different subset")]
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use bytes::Bytes;
+use gateway_core::client_ip::{ClientIpLayer, TrustedProxies};
+use gateway_core::test_util::TestUpstream;
+use gateway_core::{Body, BoxError, RescueLayer};
+use gateway_proxy::{ReverseProxy, Server, Upstream};
+use http::{Request, Response};
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use tower::{Service, ServiceBuilder};
+
+pub struct Gateway {
+    pub addr: SocketAddr,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<std::io::Result<()>>>,
+}
+
+impl Gateway {
+    /// Serves `app` behind Rescue and ClientIp (trusting `trusted`), with `tune` applied to
+    /// the server.
+    pub async fn start_with<S, B>(
+        app: S,
+        trusted: TrustedProxies,
+        tune: impl FnOnce(Server) -> Server,
+    ) -> Self
+    where
+        S: Service<Request<hyper::body::Incoming>, Response = Response<B>> + Clone + Send + Sync + 'static,
+        S::Future: Send + 'static,
+        S::Error: Into<BoxError>,
+        B: http_body::Body<Data = Bytes> + Send + 'static,
+        B::Error: Into<BoxError>,
+    {
+        gateway_core::test_util::init_tracing();
+        let listener = gateway_core::test_util::bind().await;
+        let server = tune(Server::from_listener(listener));
+        let addr = server.local_addr().unwrap();
+        let svc = ServiceBuilder::new()
+            .layer(RescueLayer::new())
+            .layer(ClientIpLayer::new(trusted))
+            .service(app);
+        let (tx, rx) = oneshot::channel::<()>();
+        let task = tokio::spawn(server.serve_with_shutdown(svc, async {
+            let _ = rx.await;
+        }));
+        Self {
+            addr,
+            stop: Some(tx),
+            task: Some(task),
+        }
+    }
+
+    pub async fn start<S, B>(app: S) -> Self
+    where
+        S: Service<Request<hyper::body::Incoming>, Response = Response<B>> + Clone + Send + Sync + 'static,
+        S::Future: Send + 'static,
+        S::Error: Into<BoxError>,
+        B: http_body::Body<Data = Bytes> + Send + 'static,
+        B::Error: Into<BoxError>,
+    {
+        Self::start_with(app, TrustedProxies::none(), |s| s).await
+    }
+
+    /// Starts a graceful shutdown and returns the server task.
+    pub fn shutdown(&mut self) -> JoinHandle<std::io::Result<()>> {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        self.task.take().expect("shut down once")
+    }
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        if let Some(task) = &self.task {
+            task.abort();
+        }
+    }
+}
+
+/// A proxy to `upstream` with short timeouts for tests.
+pub fn proxy_to(upstream: &TestUpstream) -> ReverseProxy {
+    ReverseProxy::builder(Upstream::single(&upstream.url()).unwrap())
+        .response_header_timeout(Some(Duration::from_secs(2)))
+        .build()
+        .unwrap()
+}
+
+/// Sends raw bytes and reads the whole answer (the test requests use `Connection: close`).
+pub async fn raw(addr: SocketAddr, request: &str) -> String {
+    let out = gateway_core::test_util::raw::exchange(addr, request.as_bytes(), Duration::from_secs(3)).await;
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// The status of the first response in a raw answer (0 when there is none).
+pub fn status(raw: &str) -> u16 {
+    gateway_core::test_util::raw::statuses(raw.as_bytes())
+        .first()
+        .copied()
+        .unwrap_or(0)
+}
+
+/// A GET with `Connection: close` and `extra` header lines.
+pub fn get(path: &str, extra: &str) -> String {
+    format!("GET {path} HTTP/1.1\r\nHost: gw\r\nConnection: close\r\n{extra}\r\n")
+}
+
+pub type App = gateway_proxy::Router;
+
+pub fn body_of(raw: &str) -> &str {
+    raw.split_once("\r\n\r\n").map_or("", |(_, b)| b)
+}
+
+pub fn empty() -> Body {
+    Body::empty()
+}

@@ -1,1 +1,277 @@
-fn main() {}
+//! The gateway you run.
+//!
+//! With no arguments it starts a complete demo: a small built-in upstream and the gateway
+//! on `127.0.0.1:8080` in front of it.
+//!
+//! ```text
+//! cargo run --release -p example-gateway
+//! curl -i http://127.0.0.1:8080/api/hello
+//! curl -i http://127.0.0.1:8080/api/headers -H 'X-Forwarded-For: 6.6.6.6'
+//! curl -i http://127.0.0.1:8080/api/../admin        # normalized, then 404 (no route)
+//! curl -i http://127.0.0.1:8080/api/%2e%2e%2fadmin  # refused: 400
+//! ```
+//!
+//! With `--upstream URL` (repeatable: round robin) it proxies every path to the given
+//! upstreams, like a quick-start reverse proxy:
+//!
+//! ```text
+//! cargo run --release -p example-gateway -- --listen 0.0.0.0:8080 \
+//!     --upstream http://10.0.0.1:8080 --upstream http://10.0.0.2:8080
+//! ```
+
+mod demo;
+
+use std::ffi::OsString;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use gateway_core::client_ip::{ClientIpLayer, TrustedProxies};
+use gateway_core::RescueLayer;
+use gateway_proxy::server::TlsConfig;
+use gateway_proxy::{ReverseProxy, Route, Router, Server, Upstream};
+use tower::ServiceBuilder;
+
+const HELP: &str = "\
+gateway: an API gateway built from gateway-core and gateway-proxy
+
+USAGE:
+    gateway [OPTIONS]
+
+With no --upstream, starts a demo upstream and routes /api/* to it.
+
+OPTIONS:
+    --listen ADDR          address to listen on [default: 127.0.0.1:8080]
+    --upstream URL         proxy every path to URL (http://host:port, https://host,
+                           or host:port); repeat for round robin
+    --threads N            worker threads of the runtime [default: one per core]
+    --tls-cert FILE        serve HTTPS with this PEM certificate chain (needs --tls-key)
+    --tls-key FILE         PEM private key for --tls-cert
+    --trusted-proxy CIDR   believe X-Forwarded-For from peers in CIDR; repeatable
+    --drain-timeout SECS   how long a graceful shutdown waits [default: 30]
+    -h, --help             print this help
+
+Stops gracefully on Ctrl-C or SIGTERM. Logs go to stderr; set RUST_LOG to tune them.
+";
+
+#[derive(Debug)]
+struct Args {
+    listen: SocketAddr,
+    upstreams: Vec<String>,
+    threads: Option<usize>,
+    tls_cert: Option<PathBuf>,
+    tls_key: Option<PathBuf>,
+    trusted: Vec<String>,
+    drain: Duration,
+}
+
+/// What the command line asked for.
+enum Command {
+    Run(Args),
+    Help,
+}
+
+fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Command, String> {
+    use lexopt::prelude::*;
+    let mut parser = lexopt::Parser::from_args(args);
+    let mut args = Args {
+        listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+        upstreams: Vec::new(),
+        threads: None,
+        tls_cert: None,
+        tls_key: None,
+        trusted: Vec::new(),
+        drain: Duration::from_secs(30),
+    };
+    while let Some(arg) = parser.next().map_err(|e| e.to_string())? {
+        let value = |p: &mut lexopt::Parser| -> Result<String, String> {
+            p.value()
+                .map_err(|e| e.to_string())?
+                .into_string()
+                .map_err(|_| "arguments must be UTF-8".to_owned())
+        };
+        match arg {
+            Short('h') | Long("help") => return Ok(Command::Help),
+            Long("listen") => {
+                let v = value(&mut parser)?;
+                args.listen = v
+                    .parse()
+                    .map_err(|_| format!("--listen: `{v}` is not an address like 127.0.0.1:8080"))?;
+            }
+            Long("upstream") => args.upstreams.push(value(&mut parser)?),
+            Long("threads") => {
+                let v = value(&mut parser)?;
+                let n: usize = v
+                    .parse()
+                    .map_err(|_| format!("--threads: `{v}` is not a number"))?;
+                if n == 0 {
+                    return Err("--threads must be at least 1".into());
+                }
+                args.threads = Some(n);
+            }
+            Long("tls-cert") => args.tls_cert = Some(value(&mut parser)?.into()),
+            Long("tls-key") => args.tls_key = Some(value(&mut parser)?.into()),
+            Long("trusted-proxy") => args.trusted.push(value(&mut parser)?),
+            Long("drain-timeout") => {
+                let v = value(&mut parser)?;
+                let secs: u64 = v
+                    .parse()
+                    .map_err(|_| format!("--drain-timeout: `{v}` is not a number of seconds"))?;
+                args.drain = Duration::from_secs(secs);
+            }
+            other => return Err(other.unexpected().to_string()),
+        }
+    }
+    if args.tls_cert.is_some() != args.tls_key.is_some() {
+        return Err("--tls-cert and --tls-key go together".into());
+    }
+    Ok(Command::Run(args))
+}
+
+fn main() -> ExitCode {
+    let args = match parse(std::env::args_os().skip(1)) {
+        Ok(Command::Help) => {
+            print!("{HELP}");
+            return ExitCode::SUCCESS;
+        }
+        Ok(Command::Run(args)) => args,
+        Err(err) => {
+            eprintln!("gateway: error: {err} (see --help)");
+            return ExitCode::from(2);
+        }
+    };
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+
+    let mut runtime = tokio::runtime::Builder::new_multi_thread();
+    runtime.enable_all();
+    if let Some(n) = args.threads {
+        runtime.worker_threads(n);
+    }
+    let runtime = match runtime.build() {
+        Ok(rt) => rt,
+        Err(err) => {
+            eprintln!("gateway: error: cannot start the runtime: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(args)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(Failure::Config(err)) => {
+            eprintln!("gateway: error: {err}");
+            ExitCode::from(2)
+        }
+        Err(Failure::Runtime(err)) => {
+            eprintln!("gateway: error: {err}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+enum Failure {
+    /// Bad flags or files: exit code 2.
+    Config(String),
+    /// The server failed while running.
+    Runtime(String),
+}
+
+async fn run(args: Args) -> Result<(), Failure> {
+    let config = |e: &dyn std::fmt::Display| Failure::Config(e.to_string());
+    let tls = match (&args.tls_cert, &args.tls_key) {
+        (Some(cert), Some(key)) => Some(TlsConfig::from_pem_files(cert, key).map_err(|e| config(&e))?),
+        _ => None,
+    };
+    let mut trusted = TrustedProxies::builder();
+    for cidr in &args.trusted {
+        trusted = trusted.cidr(cidr.as_str());
+    }
+    let trusted = trusted.build().map_err(|e| config(&e))?;
+
+    let (app, demo) = if args.upstreams.is_empty() {
+        let demo = demo::start()
+            .await
+            .map_err(|e| Failure::Runtime(format!("cannot start the demo upstream: {e}")))?;
+        let mut api = ReverseProxy::builder(Upstream::single(&demo.to_string()).map_err(|e| config(&e))?);
+        api.strip_prefix("/api");
+        let api = api.build().map_err(|e| config(&e))?;
+        (Router::new().route(Route::prefix("/api").id("api"), api), true)
+    } else {
+        let upstream = Upstream::round_robin(&args.upstreams).map_err(|e| config(&e))?;
+        let proxy = ReverseProxy::builder(upstream).build().map_err(|e| config(&e))?;
+        (Router::new().route(Route::prefix("/").id("default"), proxy), false)
+    };
+
+    let server = Server::bind(args.listen)
+        .await
+        .map_err(|e| config(&format_args!("cannot listen on {}: {e}", args.listen)))?;
+    let local = server.local_addr().map_err(|e| Failure::Runtime(e.to_string()))?;
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    let mut server = server.drain_timeout(args.drain);
+    if let Some(tls) = tls {
+        server = server.tls(tls);
+    }
+
+    println!("gateway listening on {scheme}://{local}");
+    if demo {
+        println!("try:");
+        println!("  curl -i {scheme}://{local}/api/hello");
+        println!("  curl -i {scheme}://{local}/api/headers -H 'X-Forwarded-For: 6.6.6.6'");
+        println!("  curl -i {scheme}://{local}/api/%2e%2e%2fadmin");
+    } else {
+        println!("proxying every path to {}", args.upstreams.join(", "));
+    }
+
+    let stack = ServiceBuilder::new()
+        .layer(RescueLayer::new())
+        .layer(ClientIpLayer::new(trusted))
+        .service(app);
+    server
+        .serve(stack)
+        .await
+        .map_err(|e| Failure::Runtime(e.to_string()))?;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse_strs(args: &[&str]) -> Result<Command, String> {
+        parse(args.iter().map(OsString::from))
+    }
+
+    #[test]
+    fn flags_parse() {
+        let Ok(Command::Run(a)) = parse_strs(&[
+            "--listen", "0.0.0.0:9000", "--upstream", "a:1", "--upstream", "http://b:2",
+            "--threads", "3", "--trusted-proxy", "10.0.0.0/8",
+        ]) else {
+            panic!("valid flags");
+        };
+        assert_eq!(a.listen.port(), 9000);
+        assert_eq!(a.upstreams, ["a:1", "http://b:2"]);
+        assert_eq!(a.threads, Some(3));
+        assert_eq!(a.trusted, ["10.0.0.0/8"]);
+    }
+
+    #[test]
+    fn bad_flags_are_errors() {
+        for bad in [
+            &["--nope"][..],
+            &["--listen", "localhost"],
+            &["--threads", "0"],
+            &["--threads"],
+            &["--tls-cert", "c.pem"],
+        ] {
+            assert!(parse_strs(bad).is_err(), "{bad:?}");
+        }
+        assert!(matches!(parse_strs(&["--help"]), Ok(Command::Help)));
+    }
+}

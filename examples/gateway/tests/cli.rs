@@ -1,0 +1,124 @@
+//! The gateway binary as users run it: flags, errors, a real request, and SIGTERM.
+
+use std::process::Stdio;
+use std::time::Duration;
+
+use gateway_core::test_util::{TestUpstream, raw};
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+
+const BIN: &str = env!("CARGO_BIN_EXE_gateway");
+
+async fn run_to_end(args: &[&str]) -> std::process::Output {
+    let child = Command::new(BIN)
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    tokio::time::timeout(Duration::from_secs(20), child.wait_with_output())
+        .await
+        .expect("the binary must exit")
+        .unwrap()
+}
+
+#[tokio::test]
+async fn help_documents_every_flag() {
+    let out = run_to_end(&["--help"]).await;
+    assert!(out.status.success());
+    let help = String::from_utf8(out.stdout).unwrap();
+    for flag in ["--listen", "--upstream", "--threads", "--tls-cert", "--tls-key", "--trusted-proxy", "--drain-timeout", "--help"] {
+        assert!(help.contains(flag), "--help does not mention {flag}");
+    }
+}
+
+#[tokio::test]
+async fn bad_flags_and_files_exit_2_with_one_line() {
+    for args in [
+        &["--bogus"][..],
+        &["--threads", "many"],
+        &["--listen", "nowhere"],
+        &["--upstream", "ftp://x"],
+        &["--tls-cert", "/nonexistent/cert.pem", "--tls-key", "/nonexistent/key.pem"],
+        &["--trusted-proxy", "10.0.0.0/99"],
+    ] {
+        let out = run_to_end(args).await;
+        assert_eq!(out.status.code(), Some(2), "{args:?}");
+        let err = String::from_utf8(out.stderr).unwrap();
+        assert_eq!(err.lines().count(), 1, "{args:?}: {err}");
+        assert!(err.starts_with("gateway: error:"), "{args:?}: {err}");
+    }
+}
+
+/// Starts the binary and reads the address it prints.
+async fn start(args: &[&str]) -> (Child, std::net::SocketAddr) {
+    let mut child = Command::new(BIN)
+        .args(args)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let line = tokio::time::timeout(Duration::from_secs(20), lines.next_line())
+        .await
+        .expect("the gateway must print where it listens")
+        .unwrap()
+        .unwrap();
+    let addr = line
+        .strip_prefix("gateway listening on http://")
+        .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
+        .parse()
+        .unwrap();
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    (child, addr)
+}
+
+async fn sigterm_and_wait(mut child: Child) {
+    let pid = child.id().unwrap().to_string();
+    let status = std::process::Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+    assert!(status.success());
+    let status = tokio::time::timeout(Duration::from_secs(10), child.wait())
+        .await
+        .expect("the gateway must exit after SIGTERM")
+        .unwrap();
+    assert!(status.success(), "{status:?}");
+}
+
+#[tokio::test]
+async fn quick_start_proxy_forwards_and_stops_on_sigterm() {
+    let up = TestUpstream::echo().await;
+    let (child, addr) = start(&["--listen", "127.0.0.1:0", "--upstream", &up.url(), "--threads", "1"]).await;
+    let res = raw::exchange(
+        addr,
+        b"GET /any/path?q=1 HTTP/1.1\r\nHost: gw\r\nConnection: close\r\n\r\n",
+        Duration::from_secs(5),
+    )
+    .await;
+    assert_eq!(raw::statuses(&res), [200], "{}", String::from_utf8_lossy(&res));
+    assert_eq!(up.last_request().uri, "/any/path?q=1");
+    sigterm_and_wait(child).await;
+}
+
+#[tokio::test]
+async fn demo_mode_serves_its_curl_lines() {
+    let (child, addr) = start(&["--listen", "127.0.0.1:0"]).await;
+    let res = raw::exchange(
+        addr,
+        b"GET /api/hello HTTP/1.1\r\nHost: gw\r\nConnection: close\r\n\r\n",
+        Duration::from_secs(5),
+    )
+    .await;
+    let text = String::from_utf8_lossy(&res);
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    assert!(text.contains("hello from the demo upstream"), "{text}");
+    let res = raw::exchange(
+        addr,
+        b"GET /api/%2e%2e%2fadmin HTTP/1.1\r\nHost: gw\r\nConnection: close\r\n\r\n",
+        Duration::from_secs(5),
+    )
+    .await;
+    assert_eq!(raw::statuses(&res), [400]);
+    sigterm_and_wait(child).await;
+}

@@ -1,1 +1,145 @@
-fn main() {}
+//! Per-request cost and allocations of the pieces on the hot path, each around an
+//! always-ready inner service.
+//!
+//! `cargo bench -p gateway-benches --bench hot_path`
+
+use std::convert::Infallible;
+use std::net::IpAddr;
+
+use divan::AllocProfiler;
+use gateway_benches::ready;
+use gateway_core::client_ip::TrustedProxies;
+use gateway_core::{Body, Flow, Plugin, PluginLayer, RescueLayer};
+use gateway_proxy::upstream::{Endpoint, RoundRobin};
+use gateway_proxy::{Route, Router, Upstream};
+use http::{HeaderMap, HeaderValue, Request, Response, request};
+use tower::{Layer, Service, ServiceExt, service_fn};
+
+#[global_allocator]
+static ALLOC: AllocProfiler = AllocProfiler::system();
+
+fn main() {
+    divan::main();
+}
+
+fn ok_service()
+-> impl Service<Request<Body>, Response = Response<Body>, Error = Infallible, Future: Send>
++ Clone
++ Send
++ Sync
++ 'static {
+    service_fn(|_: Request<Body>| {
+        std::future::ready(Ok::<_, Infallible>(Response::new(Body::empty())))
+    })
+}
+
+fn request(path: &str) -> Request<Body> {
+    Request::get(path)
+        .header("host", "gw.example")
+        .body(Body::empty())
+        .expect("valid request")
+}
+
+/// A plugin whose hooks do a little real work, as a small plugin would.
+struct HeaderPlugin;
+
+impl Plugin for HeaderPlugin {
+    type Ctx = bool;
+    const NAME: &'static str = "bench";
+
+    fn new_ctx(&self) -> bool {
+        false
+    }
+
+    async fn on_request(
+        &self,
+        req: &mut request::Parts,
+        ctx: &mut bool,
+    ) -> Result<Flow, gateway_core::Error> {
+        *ctx = req.headers.contains_key("host");
+        Ok(Flow::Continue)
+    }
+
+    async fn on_response(
+        &self,
+        res: &mut http::response::Parts,
+        ctx: &mut bool,
+    ) -> Result<(), gateway_core::Error> {
+        if *ctx {
+            res.headers
+                .insert("x-plugin", HeaderValue::from_static("1"));
+        }
+        Ok(())
+    }
+}
+
+#[divan::bench]
+fn inner_service_alone(b: divan::Bencher<'_, '_>) {
+    let svc = ok_service();
+    b.with_inputs(|| request("/"))
+        .bench_local_values(|req| ready(svc.clone().oneshot(req)));
+}
+
+#[divan::bench]
+fn plugin_adapter(b: divan::Bencher<'_, '_>) {
+    let svc = PluginLayer::new(HeaderPlugin).layer(ok_service());
+    b.with_inputs(|| request("/"))
+        .bench_local_values(|req| ready(svc.clone().oneshot(req)));
+}
+
+#[divan::bench]
+fn rescue(b: divan::Bencher<'_, '_>) {
+    let svc = RescueLayer::new().layer(ok_service());
+    b.with_inputs(|| request("/"))
+        .bench_local_values(|req| ready(svc.clone().oneshot(req)));
+}
+
+#[divan::bench]
+fn client_ip_trusted_chain(b: divan::Bencher<'_, '_>) {
+    let trusted = TrustedProxies::builder()
+        .cidr("10.0.0.0/8")
+        .build()
+        .expect("valid CIDR");
+    let mut headers = HeaderMap::new();
+    headers.insert(
+        "x-forwarded-for",
+        HeaderValue::from_static("198.51.100.7, 203.0.113.9, 10.1.2.3"),
+    );
+    let peer: IpAddr = "10.0.0.1".parse().expect("valid IP");
+    b.bench_local(|| trusted.resolve(divan::black_box(peer), divan::black_box(&headers)));
+}
+
+fn router(routes: usize) -> Router {
+    let mut router = Router::new();
+    for i in 0..routes {
+        router = router.route(Route::prefix(format!("/svc{i}/api")), ok_service());
+    }
+    router.route(Route::exact("/health"), ok_service())
+}
+
+#[divan::bench(args = [1, 1000])]
+fn router_match(b: divan::Bencher<'_, '_>, routes: usize) {
+    let router = router(routes);
+    let path = format!("/svc{}/api/users/42", routes / 2);
+    b.with_inputs(|| request(&path))
+        .bench_local_values(|req| ready(router.clone().oneshot(req)));
+}
+
+#[divan::bench]
+fn router_normalizes_a_hostile_path(b: divan::Bencher<'_, '_>) {
+    let router = router(10);
+    b.with_inputs(|| request("/svc9/./x/../api//users/%34%32"))
+        .bench_local_values(|req| ready(router.clone().oneshot(req)));
+}
+
+#[divan::bench]
+fn round_robin_pick_10(b: divan::Bencher<'_, '_>) {
+    let endpoints = (0..10).map(|i| {
+        format!("10.0.0.{i}:8080")
+            .parse::<Endpoint>()
+            .expect("valid endpoint")
+    });
+    let upstream = Upstream::new(endpoints, RoundRobin::default());
+    let (parts, ()) = Request::new(()).into_parts();
+    b.bench_local(|| upstream.select(divan::black_box(&parts)).map(drop));
+}

@@ -1,1 +1,21 @@
-//! Benches.
+//! Shared helpers for the gateway benches.
+//!
+//! The micro benches drive services whose futures complete on their first poll, so they are
+//! polled directly with a no-op waker: no runtime is measured, only the layer.
+
+use std::future::Future;
+use std::pin::pin;
+use std::task::{Context, Poll, Waker};
+
+/// Polls `fut` once and returns its output.
+///
+/// # Panics
+///
+/// If the future is not ready on its first poll (the bench set-up is wrong).
+pub fn ready<F: Future>(fut: F) -> F::Output {
+    let mut fut = pin!(fut);
+    match fut.as_mut().poll(&mut Context::from_waker(Waker::noop())) {
+        Poll::Ready(out) => out,
+        Poll::Pending => panic!("bench future was not ready on its first poll"),
+    }
+}

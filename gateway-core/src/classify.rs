@@ -98,7 +98,10 @@ mod tests {
         assert_eq!(error(&e(ErrorKind::CircuitOpen)), Class::Retryable);
         assert_eq!(error(&e(ErrorKind::BadGateway)), Class::Failure);
         assert_eq!(error(&e(ErrorKind::GatewayTimeout)), Class::Failure);
-        assert_eq!(error(&tower::timeout::error::Elapsed::new().into()), Class::Failure);
+        assert_eq!(
+            error(&tower::timeout::error::Elapsed::new().into()),
+            Class::Failure
+        );
         assert_eq!(error(&"boom".into()), Class::Failure);
         let ok: Result<Response<()>, BoxError> = Ok(Response::new(()));
         assert_eq!(result(&ok), Class::Success);

@@ -54,8 +54,8 @@ use std::str::FromStr;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
-use http::header::{FORWARDED, HeaderMap, HeaderName};
 use http::Request;
+use http::header::{FORWARDED, HeaderMap, HeaderName};
 use ipnet::IpNet;
 use tower::{Layer, Service};
 
@@ -432,7 +432,10 @@ mod tests {
     #[test]
     fn all_trusted_chain_resolves_to_its_leftmost_trusted_hop() {
         let h = headers("x-forwarded-for", &["10.9.9.9, 10.1.1.1"]);
-        assert_eq!(cidr("10.0.0.0/8").resolve(ip("10.0.0.1"), &h).ip(), ip("10.9.9.9"));
+        assert_eq!(
+            cidr("10.0.0.0/8").resolve(ip("10.0.0.1"), &h).ip(),
+            ip("10.9.9.9")
+        );
     }
 
     #[test]
@@ -456,15 +459,28 @@ mod tests {
 
     #[test]
     fn mapped_ipv6_peers_match_ipv4_cidrs() {
-        let c = cidr("10.0.0.0/8").resolve(ip("::ffff:10.0.0.1"), &headers("x-forwarded-for", &["1.2.3.4"]));
+        let c = cidr("10.0.0.0/8").resolve(
+            ip("::ffff:10.0.0.1"),
+            &headers("x-forwarded-for", &["1.2.3.4"]),
+        );
         assert_eq!(c, ClientIp::new(ip("1.2.3.4"), true));
     }
 
     #[test]
     fn bad_config_is_rejected() {
-        assert!(TrustedProxies::builder().cidr("10.0.0.0/33").build().is_err());
+        assert!(
+            TrustedProxies::builder()
+                .cidr("10.0.0.0/33")
+                .build()
+                .is_err()
+        );
         assert!(TrustedProxies::builder().cidr("nope").build().is_err());
         assert!(TrustedProxies::builder().hops(0).build().is_err());
-        assert!(TrustedProxies::builder().cidr("192.168.1.1").build().is_ok());
+        assert!(
+            TrustedProxies::builder()
+                .cidr("192.168.1.1")
+                .build()
+                .is_ok()
+        );
     }
 }

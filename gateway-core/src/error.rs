@@ -278,7 +278,9 @@ impl fmt::Display for Error {
 
 impl StdError for Error {
     fn source(&self) -> Option<&(dyn StdError + 'static)> {
-        self.source.as_deref().map(|e| e as &(dyn StdError + 'static))
+        self.source
+            .as_deref()
+            .map(|e| e as &(dyn StdError + 'static))
     }
 }
 
@@ -323,7 +325,10 @@ mod tests {
         for kind in ALL {
             let res = Error::new(kind).to_response();
             assert_eq!(res.status(), kind.status());
-            assert_eq!(res.headers()[header::CONTENT_TYPE], "application/problem+json");
+            assert_eq!(
+                res.headers()[header::CONTENT_TYPE],
+                "application/problem+json"
+            );
             let body = res.into_body().collect_bytes().await.unwrap();
             let body = std::str::from_utf8(&body).unwrap();
             let expected = format!(
@@ -353,7 +358,9 @@ mod tests {
             .challenge(challenge.clone())
             .to_response();
         assert_eq!(res.headers()[header::WWW_AUTHENTICATE], "Bearer");
-        let res = Error::new(ErrorKind::Forbidden).challenge(challenge).to_response();
+        let res = Error::new(ErrorKind::Forbidden)
+            .challenge(challenge)
+            .to_response();
         assert!(!res.headers().contains_key(header::WWW_AUTHENTICATE));
     }
 
@@ -378,7 +385,10 @@ mod tests {
         assert_eq!(err.retry_after_hint(), Some(Duration::from_secs(3)));
 
         let elapsed: BoxError = Box::new(tower::timeout::error::Elapsed::new());
-        assert_eq!(Error::from_box(Box::new(Wrapper(elapsed))).kind(), ErrorKind::GatewayTimeout);
+        assert_eq!(
+            Error::from_box(Box::new(Wrapper(elapsed))).kind(),
+            ErrorKind::GatewayTimeout
+        );
         let shed: BoxError = Box::new(tower::load_shed::error::Overloaded::new());
         assert_eq!(Error::from_box(shed).kind(), ErrorKind::Overloaded);
         assert_eq!(Error::from_box("boom".into()).kind(), ErrorKind::Internal);

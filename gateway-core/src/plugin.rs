@@ -167,7 +167,9 @@ impl<P> Clone for PluginLayer<P> {
 
 impl<P: Plugin> fmt::Debug for PluginLayer<P> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("PluginLayer").field("plugin", &P::NAME).finish()
+        f.debug_struct("PluginLayer")
+            .field("plugin", &P::NAME)
+            .finish()
     }
 }
 

@@ -172,7 +172,10 @@ mod tests {
             let err = err.take().expect("called once");
             async move { Err::<Response<Body>, _>(err) }
         }));
-        svc.oneshot(Request::new(Body::empty())).await.unwrap().status()
+        svc.oneshot(Request::new(Body::empty()))
+            .await
+            .unwrap()
+            .status()
     }
 
     #[tokio::test]
@@ -189,7 +192,10 @@ mod tests {
             status_for(Error::new(ErrorKind::CircuitOpen).into()).await,
             StatusCode::SERVICE_UNAVAILABLE
         );
-        assert_eq!(status_for("unexpected".into()).await, StatusCode::INTERNAL_SERVER_ERROR);
+        assert_eq!(
+            status_for("unexpected".into()).await,
+            StatusCode::INTERNAL_SERVER_ERROR
+        );
     }
 
     #[tokio::test]
@@ -203,8 +209,7 @@ mod tests {
 
     #[tokio::test]
     async fn poll_ready_failure_is_answered_not_propagated() {
-        let (mock, mut handle) =
-            tower_test::mock::pair::<Request<Body>, Response<Body>>();
+        let (mock, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
         let mut svc = RescueLayer::new().layer(mock);
         handle.send_error(Error::new(ErrorKind::Overloaded));
         let res = svc

@@ -251,7 +251,9 @@ pub async fn bind() -> TcpListener {
 }
 
 fn local_addr(listener: &TcpListener) -> SocketAddr {
-    listener.local_addr().expect("bound listener has an address")
+    listener
+        .local_addr()
+        .expect("bound listener has an address")
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {

@@ -16,3 +16,8 @@ pub use proxy::{HostHeader, HttpClient, HttpClientBuilder, ReverseProxy};
 pub use router::{Route, Router};
 pub use server::Server;
 pub use upstream::{Endpoint, Upstream};
+
+/// The README's composition example, compiled as a doctest.
+#[cfg(doctest)]
+#[doc = include_str!("../../README.md")]
+struct ReadmeDoctests;

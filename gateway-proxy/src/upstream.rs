@@ -329,7 +329,14 @@ mod tests {
             .collect();
         assert_eq!(
             picks,
-            ["http://a:1", "http://b:2", "http://c:3", "http://a:1", "http://b:2", "http://c:3"]
+            [
+                "http://a:1",
+                "http://b:2",
+                "http://c:3",
+                "http://a:1",
+                "http://b:2",
+                "http://c:3"
+            ]
         );
         let held = up.select(&parts()).unwrap();
         assert_eq!(held.endpoint().in_flight(), 1);

@@ -17,9 +17,15 @@ async fn refused_upstream_is_502_problem_json() {
     let gw = Gateway::start(Router::new().route(Route::prefix("/"), proxy)).await;
     let res = raw(gw.addr, &get("/", "")).await;
     assert_eq!(status(&res), 502, "{res}");
-    assert!(res.contains("content-type: application/problem+json"), "{res}");
+    assert!(
+        res.contains("content-type: application/problem+json"),
+        "{res}"
+    );
     assert!(support::body_of(&res).contains(r#""status":502"#));
-    assert!(!res.contains(&addr.to_string()), "the upstream address must not leak: {res}");
+    assert!(
+        !res.contains(&addr.to_string()),
+        "the upstream address must not leak: {res}"
+    );
 }
 
 #[tokio::test]
@@ -31,7 +37,10 @@ async fn hung_upstream_is_504_after_the_timeout() {
     let started = tokio::time::Instant::now();
     let res = raw(gw.addr, &get("/", "")).await;
     assert_eq!(status(&res), 504, "{res}");
-    assert!(started.elapsed() >= Duration::from_millis(300), "answered before the timeout");
+    assert!(
+        started.elapsed() >= Duration::from_millis(300),
+        "answered before the timeout"
+    );
     assert_eq!(up.requests().len(), 1);
 }
 
@@ -84,16 +93,18 @@ async fn slow_header_client_is_cut_by_the_header_read_timeout() {
         }
         // Check whether the server closed the connection meanwhile.
         let mut buf = [0u8; 256];
-        match tokio::time::timeout(Duration::from_millis(250), stream.read(&mut buf)).await {
-            Ok(Ok(0) | Err(_)) => {
-                closed_after = Some(i);
-                break;
-            }
-            Ok(Ok(_)) | Err(_) => {}
+        let read = tokio::time::timeout(Duration::from_millis(250), stream.read(&mut buf)).await;
+        if let Ok(Ok(0) | Err(_)) = read {
+            closed_after = Some(i);
+            break;
         }
     }
-    let closed_after = closed_after.expect("the connection must be closed before the head completes");
-    assert!(closed_after < request.len() - 1, "closed only after {closed_after} bytes");
+    let closed_after =
+        closed_after.expect("the connection must be closed before the head completes");
+    assert!(
+        closed_after < request.len() - 1,
+        "closed only after {closed_after} bytes"
+    );
     assert!(up.requests().is_empty());
 }
 

@@ -17,7 +17,11 @@ async fn setup() -> (Gateway, TestUpstream) {
 /// request per client request.
 fn assert_not_smuggled(up: &TestUpstream, max: usize) {
     let seen = up.requests();
-    assert!(seen.len() <= max, "upstream saw {} requests: {seen:?}", seen.len());
+    assert!(
+        seen.len() <= max,
+        "upstream saw {} requests: {seen:?}",
+        seen.len()
+    );
     assert!(seen.iter().all(|r| r.uri.path() != "/smuggled"), "{seen:?}");
 }
 
@@ -29,11 +33,17 @@ async fn content_length_with_transfer_encoding() {
     let res = raw(gw.addr, attack).await;
     let statuses = gateway_core::test_util::raw::statuses(res.as_bytes());
     assert!(!statuses.is_empty(), "no answer: {res}");
-    assert!(statuses.iter().all(|s| *s == 400 || *s == 200), "{statuses:?}");
+    assert!(
+        statuses.iter().all(|s| *s == 400 || *s == 200),
+        "{statuses:?}"
+    );
     assert_not_smuggled(&up, 1);
     if let Some(r) = up.requests().first() {
         // Re-framed: the upstream request carries its own framing, not the client's pair.
-        assert!(!(r.headers.contains_key("content-length") && r.headers.contains_key("transfer-encoding")));
+        assert!(
+            !(r.headers.contains_key("content-length")
+                && r.headers.contains_key("transfer-encoding"))
+        );
         assert_eq!(r.body_len, 0);
     }
 }
@@ -75,7 +85,10 @@ async fn malformed_chunk_sizes() {
             "chunk size {size:?}: {statuses:?} {res}"
         );
         assert_not_smuggled(&up, 1);
-        assert!(up.requests().iter().all(|r| r.body_len == 0), "chunk size {size:?}");
+        assert!(
+            up.requests().iter().all(|r| r.body_len == 0),
+            "chunk size {size:?}"
+        );
     }
 }
 

@@ -22,14 +22,21 @@ async fn connection_nominated_headers_never_reach_the_upstream() {
     assert!(seen.header("keep-alive").is_none());
     assert_eq!(seen.header("x-kept"), Some("2"));
     // The upstream hop's own Connection header is hyper's, not the client's.
-    assert!(seen.header("connection").is_none_or(|c| !c.to_ascii_lowercase().contains("x-secret")));
+    assert!(
+        seen.header("connection")
+            .is_none_or(|c| !c.to_ascii_lowercase().contains("x-secret"))
+    );
 }
 
 #[tokio::test]
 async fn connection_cannot_remove_the_gateways_own_forwarding_headers() {
     let up = TestUpstream::echo().await;
     let gw = Gateway::start(Router::new().route(Route::prefix("/"), proxy_to(&up))).await;
-    let res = raw(gw.addr, &get("/", "Connection: X-Forwarded-For, X-Forwarded-Proto\r\n")).await;
+    let res = raw(
+        gw.addr,
+        &get("/", "Connection: X-Forwarded-For, X-Forwarded-Proto\r\n"),
+    )
+    .await;
     assert_eq!(status(&res), 200, "{res}");
     let seen = up.last_request();
     assert_eq!(seen.header("x-forwarded-for"), Some("127.0.0.1"));
@@ -41,8 +48,10 @@ async fn connection_cannot_remove_the_gateways_own_forwarding_headers() {
 async fn response_connection_headers_are_hidden_from_the_client() {
     let up = TestUpstream::serve(|_req| async {
         let mut res = http::Response::new(gateway_core::Body::from("x"));
-        res.headers_mut().insert("connection", "X-Internal".parse().unwrap());
-        res.headers_mut().insert("x-internal", "secret".parse().unwrap());
+        res.headers_mut()
+            .insert("connection", "X-Internal".parse().unwrap());
+        res.headers_mut()
+            .insert("x-internal", "secret".parse().unwrap());
         res.headers_mut().insert("x-public", "ok".parse().unwrap());
         Ok(res)
     })
@@ -83,7 +92,10 @@ fn client_ip_app() -> Router {
     Router::new().route(
         Route::prefix("/"),
         tower::service_fn(|req: http::Request<gateway_core::Body>| async move {
-            let ip = req.extensions().get::<gateway_core::ClientIp>().map(|c| c.ip().to_string());
+            let ip = req
+                .extensions()
+                .get::<gateway_core::ClientIp>()
+                .map(|c| c.ip().to_string());
             Ok::<_, std::convert::Infallible>(http::Response::new(gateway_core::Body::from(
                 ip.unwrap_or_default(),
             )))
@@ -115,7 +127,12 @@ async fn client_ip_behind_a_trusted_proxy_is_the_rightmost_untrusted() {
 async fn trusted_proxy_chain_is_extended_not_replaced() {
     let up = TestUpstream::echo().await;
     let trusted = TrustedProxies::builder().cidr("127.0.0.1").build().unwrap();
-    let gw = Gateway::start_with(Router::new().route(Route::prefix("/"), proxy_to(&up)), trusted, |s| s).await;
+    let gw = Gateway::start_with(
+        Router::new().route(Route::prefix("/"), proxy_to(&up)),
+        trusted,
+        |s| s,
+    )
+    .await;
     let res = raw(
         gw.addr,
         &get("/", "X-Forwarded-For: 203.0.113.7\r\nX-Forwarded-Proto: https\r\nX_Forwarded_For: 6.6.6.6\r\n"),
@@ -123,7 +140,10 @@ async fn trusted_proxy_chain_is_extended_not_replaced() {
     .await;
     assert_eq!(status(&res), 200, "{res}");
     let seen = up.last_request();
-    assert_eq!(seen.header("x-forwarded-for"), Some("203.0.113.7, 127.0.0.1"));
+    assert_eq!(
+        seen.header("x-forwarded-for"),
+        Some("203.0.113.7, 127.0.0.1")
+    );
     assert_eq!(seen.header("x-forwarded-proto"), Some("https"));
     assert!(seen.headers.keys().all(|k| !k.as_str().contains('_')));
 }
@@ -133,19 +153,29 @@ async fn host_is_rewritten_or_preserved_and_forwarded_via_added() {
     let up = TestUpstream::echo().await;
     let rewrite = proxy_to(&up);
     let mut preserve = ReverseProxy::builder(Upstream::single(&up.url()).unwrap());
-    preserve.host(HostHeader::Preserve).forwarded(true).via("gw-test").strip_prefix("/keep");
+    preserve
+        .host(HostHeader::Preserve)
+        .forwarded(true)
+        .via("gw-test")
+        .strip_prefix("/keep");
     let app = Router::new()
         .route(Route::prefix("/rewrite"), rewrite)
         .route(Route::prefix("/keep"), preserve.build().unwrap());
     let gw = Gateway::start(app).await;
 
     assert_eq!(status(&raw(gw.addr, &get("/rewrite", "")).await), 200);
-    assert_eq!(up.last_request().header("host"), Some(up.addr().to_string().as_str()));
+    assert_eq!(
+        up.last_request().header("host"),
+        Some(up.addr().to_string().as_str())
+    );
 
     assert_eq!(status(&raw(gw.addr, &get("/keep/x?y=1", "")).await), 200);
     let seen = up.last_request();
     assert_eq!(seen.header("host"), Some("gw"));
     assert_eq!(seen.uri, "/x?y=1");
-    assert_eq!(seen.header("forwarded"), Some(r#"for=127.0.0.1;proto=http;host="gw""#));
+    assert_eq!(
+        seen.header("forwarded"),
+        Some(r#"for=127.0.0.1;proto=http;host="gw""#)
+    );
     assert_eq!(seen.header("via"), Some("1.1 gw-test"));
 }

@@ -33,7 +33,9 @@ async fn drain_finishes_in_flight_work_and_cuts_the_rest_at_the_deadline() {
 
     // An idle keep-alive connection that has served one request.
     let mut idle = TcpStream::connect(addr).await.unwrap();
-    idle.write_all(b"GET /x HTTP/1.1\r\nHost: gw\r\n\r\n").await.unwrap();
+    idle.write_all(b"GET /x HTTP/1.1\r\nHost: gw\r\n\r\n")
+        .await
+        .unwrap();
     let mut buf = [0u8; 4096];
     let n = idle.read(&mut buf).await.unwrap();
     assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));
@@ -46,7 +48,11 @@ async fn drain_finishes_in_flight_work_and_cuts_the_rest_at_the_deadline() {
     // A request in flight when the shutdown starts.
     let in_flight = tokio::spawn(async move { raw(addr, &get("/slow", "")).await });
     tokio::time::sleep(Duration::from_millis(150)).await;
-    assert_eq!(slow.requests().len(), 1, "the slow request must be in flight");
+    assert_eq!(
+        slow.requests().len(),
+        1,
+        "the slow request must be in flight"
+    );
 
     let started = tokio::time::Instant::now();
     let server = gw.shutdown();
@@ -63,7 +69,11 @@ async fn drain_finishes_in_flight_work_and_cuts_the_rest_at_the_deadline() {
     );
 
     let res = in_flight.await.unwrap();
-    assert_eq!(status(&res), 200, "the in-flight request must complete: {res}");
+    assert_eq!(
+        status(&res),
+        200,
+        "the in-flight request must complete: {res}"
+    );
     assert_eq!(support::body_of(&res), "slow");
 
     tokio::time::timeout(drain + Duration::from_secs(2), server)

@@ -80,7 +80,14 @@ async fn one_gib_each_way_with_bounded_memory() {
     let warm = Request::post(format!("http://{}/upload", gw.addr))
         .body(Body::from("warm"))
         .unwrap();
-    client.request(warm).await.unwrap().into_body().collect().await.unwrap();
+    client
+        .request(warm)
+        .await
+        .unwrap()
+        .into_body()
+        .collect()
+        .await
+        .unwrap();
 
     let base = reset_peak();
     let res = client
@@ -129,6 +136,12 @@ async fn one_gib_each_way_with_bounded_memory() {
         download_growth as f64 / 1048576.0,
         upload_growth as f64 / 1048576.0
     );
-    assert!(download_growth < LIMIT, "download grew RSS by {download_growth} bytes");
-    assert!(upload_growth < LIMIT, "upload grew RSS by {upload_growth} bytes");
+    assert!(
+        download_growth < LIMIT,
+        "download grew RSS by {download_growth} bytes"
+    );
+    assert!(
+        upload_growth < LIMIT,
+        "upload grew RSS by {upload_growth} bytes"
+    );
 }

@@ -18,7 +18,11 @@ use support::Gateway;
 #[tokio::test]
 async fn trailers_pass_from_an_h2_upstream_to_an_h2_client() {
     let up = TestUpstream::serve(|req| async move {
-        assert_eq!(req.version(), http::Version::HTTP_2, "the upstream hop must be HTTP/2");
+        assert_eq!(
+            req.version(),
+            http::Version::HTTP_2,
+            "the upstream hop must be HTTP/2"
+        );
         let mut trailers = HeaderMap::new();
         trailers.insert("grpc-status", "0".parse()?);
         trailers.insert("grpc-message", "ok".parse()?);
@@ -26,8 +30,11 @@ async fn trailers_pass_from_an_h2_upstream_to_an_h2_client() {
             Ok::<_, Infallible>(Frame::data(Bytes::from_static(b"\x00\x00\x00\x00\x02hi"))),
             Ok(Frame::trailers(trailers)),
         ];
-        let mut res = Response::new(Body::new(StreamBody::new(futures_util::stream::iter(frames))));
-        res.headers_mut().insert("content-type", "application/grpc".parse()?);
+        let mut res = Response::new(Body::new(StreamBody::new(futures_util::stream::iter(
+            frames,
+        ))));
+        res.headers_mut()
+            .insert("content-type", "application/grpc".parse()?);
         Ok(res)
     })
     .await;
@@ -49,7 +56,10 @@ async fn trailers_pass_from_an_h2_upstream_to_an_h2_client() {
     assert_eq!(res.version(), http::Version::HTTP_2);
     assert_eq!(res.status(), 200);
     let collected = res.into_body().collect().await.unwrap();
-    let trailers = collected.trailers().cloned().expect("trailers must reach the client");
+    let trailers = collected
+        .trailers()
+        .cloned()
+        .expect("trailers must reach the client");
     assert_eq!(trailers["grpc-status"], "0");
     assert_eq!(trailers["grpc-message"], "ok");
     assert_eq!(&collected.to_bytes()[..], b"\x00\x00\x00\x00\x02hi");

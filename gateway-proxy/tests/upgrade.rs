@@ -27,8 +27,13 @@ async fn websocket_echo_through_the_proxy() {
         let echoed = ws.next().await.unwrap().unwrap();
         assert_eq!(echoed.into_text().unwrap().as_str(), text);
     }
-    ws.send(Message::binary(vec![0u8, 1, 2, 255])).await.unwrap();
-    assert_eq!(ws.next().await.unwrap().unwrap().into_data().as_ref(), &[0u8, 1, 2, 255]);
+    ws.send(Message::binary(vec![0u8, 1, 2, 255]))
+        .await
+        .unwrap();
+    assert_eq!(
+        ws.next().await.unwrap().unwrap().into_data().as_ref(),
+        &[0u8, 1, 2, 255]
+    );
     ws.close(None).await.unwrap();
     let seen = up.last_request();
     assert_eq!(seen.header("upgrade"), Some("websocket"));
@@ -46,7 +51,11 @@ async fn declined_upgrade_is_not_a_tunnel() {
     let statuses = gateway_core::test_util::raw::statuses(res.as_bytes());
     assert_eq!(statuses, [200, 200], "{res}");
     let paths: Vec<String> = up.requests().iter().map(|r| r.uri.to_string()).collect();
-    assert_eq!(paths, ["/ws", "/second"], "the second request must be parsed and routed");
+    assert_eq!(
+        paths,
+        ["/ws", "/second"],
+        "the second request must be parsed and routed"
+    );
 }
 
 #[tokio::test]

@@ -17,7 +17,9 @@ pub(crate) async fn start() -> std::io::Result<SocketAddr> {
     let addr = listener.local_addr()?;
     tokio::spawn(async move {
         loop {
-            let Ok((stream, _)) = listener.accept().await else { continue };
+            let Ok((stream, _)) = listener.accept().await else {
+                continue;
+            };
             tokio::spawn(async move {
                 let svc = hyper::service::service_fn(handle);
                 let _ = auto::Builder::new(TokioExecutor::new())
@@ -40,11 +42,16 @@ async fn handle(req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
             }
             (StatusCode::OK, out)
         }
-        _ => (StatusCode::NOT_FOUND, "the demo upstream has /hello and /headers\n".to_owned()),
+        _ => (
+            StatusCode::NOT_FOUND,
+            "the demo upstream has /hello and /headers\n".to_owned(),
+        ),
     };
     let mut res = Response::new(Body::from(body));
     *res.status_mut() = status;
-    res.headers_mut()
-        .insert("content-type", http::HeaderValue::from_static("text/plain; charset=utf-8"));
+    res.headers_mut().insert(
+        "content-type",
+        http::HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
     Ok(res)
 }

@@ -27,8 +27,8 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use gateway_core::client_ip::{ClientIpLayer, TrustedProxies};
 use gateway_core::RescueLayer;
+use gateway_core::client_ip::{ClientIpLayer, TrustedProxies};
 use gateway_proxy::server::TlsConfig;
 use gateway_proxy::{ReverseProxy, Route, Router, Server, Upstream};
 use tower::ServiceBuilder;
@@ -95,9 +95,9 @@ fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Command, String> {
             Short('h') | Long("help") => return Ok(Command::Help),
             Long("listen") => {
                 let v = value(&mut parser)?;
-                args.listen = v
-                    .parse()
-                    .map_err(|_| format!("--listen: `{v}` is not an address like 127.0.0.1:8080"))?;
+                args.listen = v.parse().map_err(|_| {
+                    format!("--listen: `{v}` is not an address like 127.0.0.1:8080")
+                })?;
             }
             Long("upstream") => args.upstreams.push(value(&mut parser)?),
             Long("threads") => {
@@ -184,7 +184,9 @@ enum Failure {
 async fn run(args: Args) -> Result<(), Failure> {
     let config = |e: &dyn std::fmt::Display| Failure::Config(e.to_string());
     let tls = match (&args.tls_cert, &args.tls_key) {
-        (Some(cert), Some(key)) => Some(TlsConfig::from_pem_files(cert, key).map_err(|e| config(&e))?),
+        (Some(cert), Some(key)) => {
+            Some(TlsConfig::from_pem_files(cert, key).map_err(|e| config(&e))?)
+        }
         _ => None,
     };
     let mut trusted = TrustedProxies::builder();
@@ -197,20 +199,31 @@ async fn run(args: Args) -> Result<(), Failure> {
         let demo = demo::start()
             .await
             .map_err(|e| Failure::Runtime(format!("cannot start the demo upstream: {e}")))?;
-        let mut api = ReverseProxy::builder(Upstream::single(&demo.to_string()).map_err(|e| config(&e))?);
+        let mut api =
+            ReverseProxy::builder(Upstream::single(&demo.to_string()).map_err(|e| config(&e))?);
         api.strip_prefix("/api");
         let api = api.build().map_err(|e| config(&e))?;
-        (Router::new().route(Route::prefix("/api").id("api"), api), true)
+        (
+            Router::new().route(Route::prefix("/api").id("api"), api),
+            true,
+        )
     } else {
         let upstream = Upstream::round_robin(&args.upstreams).map_err(|e| config(&e))?;
-        let proxy = ReverseProxy::builder(upstream).build().map_err(|e| config(&e))?;
-        (Router::new().route(Route::prefix("/").id("default"), proxy), false)
+        let proxy = ReverseProxy::builder(upstream)
+            .build()
+            .map_err(|e| config(&e))?;
+        (
+            Router::new().route(Route::prefix("/").id("default"), proxy),
+            false,
+        )
     };
 
     let server = Server::bind(args.listen)
         .await
         .map_err(|e| config(&format_args!("cannot listen on {}: {e}", args.listen)))?;
-    let local = server.local_addr().map_err(|e| Failure::Runtime(e.to_string()))?;
+    let local = server
+        .local_addr()
+        .map_err(|e| Failure::Runtime(e.to_string()))?;
     let scheme = if tls.is_some() { "https" } else { "http" };
     let mut server = server.drain_timeout(args.drain);
     if let Some(tls) = tls {
@@ -250,8 +263,16 @@ mod tests {
     #[test]
     fn flags_parse() {
         let Ok(Command::Run(a)) = parse_strs(&[
-            "--listen", "0.0.0.0:9000", "--upstream", "a:1", "--upstream", "http://b:2",
-            "--threads", "3", "--trusted-proxy", "10.0.0.0/8",
+            "--listen",
+            "0.0.0.0:9000",
+            "--upstream",
+            "a:1",
+            "--upstream",
+            "http://b:2",
+            "--threads",
+            "3",
+            "--trusted-proxy",
+            "10.0.0.0/8",
         ]) else {
             panic!("valid flags");
         };

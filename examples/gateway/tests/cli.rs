@@ -1,4 +1,8 @@
 //! The gateway binary as users run it: flags, errors, a real request, and SIGTERM.
+#![expect(
+    clippy::unwrap_used,
+    reason = "set-up helpers panic on failure, like the tests that call them"
+)]
 
 use std::process::Stdio;
 use std::time::Duration;
@@ -27,7 +31,16 @@ async fn help_documents_every_flag() {
     let out = run_to_end(&["--help"]).await;
     assert!(out.status.success());
     let help = String::from_utf8(out.stdout).unwrap();
-    for flag in ["--listen", "--upstream", "--threads", "--tls-cert", "--tls-key", "--trusted-proxy", "--drain-timeout", "--help"] {
+    for flag in [
+        "--listen",
+        "--upstream",
+        "--threads",
+        "--tls-cert",
+        "--tls-key",
+        "--trusted-proxy",
+        "--drain-timeout",
+        "--help",
+    ] {
         assert!(help.contains(flag), "--help does not mention {flag}");
     }
 }
@@ -39,7 +52,12 @@ async fn bad_flags_and_files_exit_2_with_one_line() {
         &["--threads", "many"],
         &["--listen", "nowhere"],
         &["--upstream", "ftp://x"],
-        &["--tls-cert", "/nonexistent/cert.pem", "--tls-key", "/nonexistent/key.pem"],
+        &[
+            "--tls-cert",
+            "/nonexistent/cert.pem",
+            "--tls-key",
+            "/nonexistent/key.pem",
+        ],
         &["--trusted-proxy", "10.0.0.0/99"],
     ] {
         let out = run_to_end(args).await;
@@ -77,7 +95,10 @@ async fn start(args: &[&str]) -> (Child, std::net::SocketAddr) {
 
 async fn sigterm_and_wait(mut child: Child) {
     let pid = child.id().unwrap().to_string();
-    let status = std::process::Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+    let status = std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap();
     assert!(status.success());
     let status = tokio::time::timeout(Duration::from_secs(10), child.wait())
         .await
@@ -89,14 +110,27 @@ async fn sigterm_and_wait(mut child: Child) {
 #[tokio::test]
 async fn quick_start_proxy_forwards_and_stops_on_sigterm() {
     let up = TestUpstream::echo().await;
-    let (child, addr) = start(&["--listen", "127.0.0.1:0", "--upstream", &up.url(), "--threads", "1"]).await;
+    let (child, addr) = start(&[
+        "--listen",
+        "127.0.0.1:0",
+        "--upstream",
+        &up.url(),
+        "--threads",
+        "1",
+    ])
+    .await;
     let res = raw::exchange(
         addr,
         b"GET /any/path?q=1 HTTP/1.1\r\nHost: gw\r\nConnection: close\r\n\r\n",
         Duration::from_secs(5),
     )
     .await;
-    assert_eq!(raw::statuses(&res), [200], "{}", String::from_utf8_lossy(&res));
+    assert_eq!(
+        raw::statuses(&res),
+        [200],
+        "{}",
+        String::from_utf8_lossy(&res)
+    );
     assert_eq!(up.last_request().uri, "/any/path?q=1");
     sigterm_and_wait(child).await;
 }

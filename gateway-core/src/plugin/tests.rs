@@ -38,7 +38,8 @@ impl Plugin for ProbePlugin {
         assert_eq!(ctx.phase, "new");
         ctx.phase = "request";
         ctx.started_with = req.headers.get("x-mark").cloned();
-        req.headers.insert("x-seen-by", HeaderValue::from_static("probe"));
+        req.headers
+            .insert("x-seen-by", HeaderValue::from_static("probe"));
         match req.headers.get("x-action").map(HeaderValue::as_bytes) {
             Some(b"respond") => {
                 let mut res = Response::new(Body::from("from plugin"));
@@ -78,29 +79,27 @@ fn stack(
     probe: &Arc<Probe>,
 ) -> impl Service<Request<Body>, Response = Response<Body>, Error = BoxError> + Clone {
     let counter = Arc::clone(probe);
-    PluginLayer::new(ProbePlugin(Arc::clone(probe))).layer(service_fn(
-        move |req: Request<Body>| {
-            counter.inner_calls.fetch_add(1, Ordering::SeqCst);
-            async move {
-                match req.headers().get("x-upstream").map(HeaderValue::as_bytes) {
-                    Some(b"error") => Err::<Response<Body>, BoxError>("upstream exploded".into()),
-                    Some(b"fail-response") => {
-                        let mut res = Response::new(Body::empty());
-                        res.headers_mut()
-                            .insert("x-fail-response", HeaderValue::from_static("1"));
-                        Ok(res)
+    PluginLayer::new(ProbePlugin(Arc::clone(probe))).layer(service_fn(move |req: Request<Body>| {
+        counter.inner_calls.fetch_add(1, Ordering::SeqCst);
+        async move {
+            match req.headers().get("x-upstream").map(HeaderValue::as_bytes) {
+                Some(b"error") => Err::<Response<Body>, BoxError>("upstream exploded".into()),
+                Some(b"fail-response") => {
+                    let mut res = Response::new(Body::empty());
+                    res.headers_mut()
+                        .insert("x-fail-response", HeaderValue::from_static("1"));
+                    Ok(res)
+                }
+                _ => {
+                    let mut res = Response::new(Body::from("from inner"));
+                    if let Some(v) = req.headers().get("x-seen-by") {
+                        res.headers_mut().insert("x-inner-saw", v.clone());
                     }
-                    _ => {
-                        let mut res = Response::new(Body::from("from inner"));
-                        if let Some(v) = req.headers().get("x-seen-by") {
-                            res.headers_mut().insert("x-inner-saw", v.clone());
-                        }
-                        Ok(res)
-                    }
+                    Ok(res)
                 }
             }
-        },
-    ))
+        }
+    }))
 }
 
 fn request(headers: &[(&'static str, &'static str)]) -> Request<Body> {
@@ -134,7 +133,10 @@ async fn respond_short_circuits_and_still_runs_on_response() {
         .unwrap();
     assert_eq!(res.status(), StatusCode::ACCEPTED);
     assert_eq!(res.headers()["x-mark-echo"], "m-2");
-    assert_eq!(res.into_body().collect_bytes().await.unwrap(), "from plugin");
+    assert_eq!(
+        res.into_body().collect_bytes().await.unwrap(),
+        "from plugin"
+    );
     assert_eq!(probe.inner_calls.load(Ordering::SeqCst), 0);
 }
 

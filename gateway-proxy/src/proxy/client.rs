@@ -200,7 +200,10 @@ impl HttpClientBuilder {
     /// # Errors
     ///
     /// When the file cannot be read or parsed.
-    pub fn add_root_pem_file(&mut self, path: impl AsRef<Path>) -> Result<&mut Self, InvalidClient> {
+    pub fn add_root_pem_file(
+        &mut self,
+        path: impl AsRef<Path>,
+    ) -> Result<&mut Self, InvalidClient> {
         let path = path.as_ref();
         let pem = std::fs::read(path).map_err(|e| InvalidClient {
             reason: format!("cannot read {}: {e}", path.display()),

@@ -131,7 +131,9 @@ fn respond(
     if status == StatusCode::SWITCHING_PROTOCOLS {
         // NOTE: only a 101 answering an upgrade the client asked for becomes a tunnel.
         let Some((client, drain)) = upgrade else {
-            return Err(Error::with_source(ErrorKind::BadGateway, "unsolicited 101 from upstream").into());
+            return Err(
+                Error::with_source(ErrorKind::BadGateway, "unsolicited 101 from upstream").into(),
+            );
         };
         let protocol = res.headers().get(UPGRADE).cloned();
         let upstream = hyper::upgrade::on(&mut res);

@@ -201,7 +201,9 @@ pub(crate) fn append_forwarded(
     }
     let _ = write!(element, ";proto={proto}");
     if let Some(host) = host.map(HeaderValue::as_bytes)
-        && !host.iter().any(|b| matches!(b, b'"' | b'\\') || b.is_ascii_control())
+        && !host
+            .iter()
+            .any(|b| matches!(b, b'"' | b'\\') || b.is_ascii_control())
     {
         element.extend_from_slice(b";host=\"");
         element.extend_from_slice(host);
@@ -254,10 +256,14 @@ mod tests {
 
     #[test]
     fn upgrade_detection() {
-        assert!(upgrade_request(&map(&[("connection", "Upgrade"), ("upgrade", "websocket")])).is_some());
+        assert!(
+            upgrade_request(&map(&[("connection", "Upgrade"), ("upgrade", "websocket")])).is_some()
+        );
         assert!(upgrade_request(&map(&[("upgrade", "websocket")])).is_none());
         assert!(upgrade_request(&map(&[("connection", "upgrade"), ("upgrade", "h2c")])).is_none());
-        assert!(upgrade_request(&map(&[("connection", "upgrade"), ("upgrade", "foo, H2C")])).is_none());
+        assert!(
+            upgrade_request(&map(&[("connection", "upgrade"), ("upgrade", "foo, H2C")])).is_none()
+        );
     }
 
     #[test]
@@ -283,7 +289,10 @@ mod tests {
         ];
         let mut untrusted = map(&all);
         scrub_forwarding(&mut untrusted, false);
-        assert_eq!(untrusted.keys().map(HeaderName::as_str).collect::<Vec<_>>(), ["x-request-id"]);
+        assert_eq!(
+            untrusted.keys().map(HeaderName::as_str).collect::<Vec<_>>(),
+            ["x-request-id"]
+        );
 
         let mut trusted = map(&all);
         scrub_forwarding(&mut trusted, true);
@@ -291,13 +300,23 @@ mod tests {
         left.sort_unstable();
         assert_eq!(
             left,
-            ["forwarded", "true-client-ip", "x-forwarded-for", "x-forwarded-proto", "x-real-ip", "x-request-id"]
+            [
+                "forwarded",
+                "true-client-ip",
+                "x-forwarded-for",
+                "x-forwarded-proto",
+                "x-real-ip",
+                "x-request-id"
+            ]
         );
     }
 
     #[test]
     fn forwarded_for_chain_is_joined_and_appended() {
-        let mut h = map(&[("x-forwarded-for", "1.1.1.1, 2.2.2.2"), ("x-forwarded-for", "3.3.3.3")]);
+        let mut h = map(&[
+            ("x-forwarded-for", "1.1.1.1, 2.2.2.2"),
+            ("x-forwarded-for", "3.3.3.3"),
+        ]);
         append_forwarded_for(&mut h, "10.0.0.1".parse().unwrap());
         assert_eq!(h.get_all("x-forwarded-for").iter().count(), 1);
         assert_eq!(h["x-forwarded-for"], "1.1.1.1, 2.2.2.2, 3.3.3.3, 10.0.0.1");
@@ -310,7 +329,12 @@ mod tests {
     fn rfc7239_elements() {
         let mut h = HeaderMap::new();
         let host = HeaderValue::from_static("gw:8080");
-        append_forwarded(&mut h, Some("2001:db8::1".parse().unwrap()), "https", Some(&host));
+        append_forwarded(
+            &mut h,
+            Some("2001:db8::1".parse().unwrap()),
+            "https",
+            Some(&host),
+        );
         append_forwarded(&mut h, Some("192.0.2.1".parse().unwrap()), "http", None);
         let v: Vec<_> = h.get_all("forwarded").iter().collect();
         assert_eq!(v[0], r#"for="[2001:db8::1]";proto=https;host="gw:8080""#);

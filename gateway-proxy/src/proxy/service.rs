@@ -149,11 +149,11 @@ where
 
         let te_trailers = headers::accepts_trailers(&head.headers);
         // The client's host, captured before `Connection` may nominate `Host` away.
-        let client_host = head
-            .headers
-            .get(HOST)
-            .cloned()
-            .or_else(|| head.uri.authority().and_then(|a| HeaderValue::from_str(a.as_str()).ok()));
+        let client_host = head.headers.get(HOST).cloned().or_else(|| {
+            head.uri
+                .authority()
+                .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+        });
 
         headers::strip_hop_by_hop(&mut head.headers, false);
         head.headers.remove(EXPECT);
@@ -175,10 +175,12 @@ where
         }
         if let Some(protocol) = upgrade {
             head.headers.insert(UPGRADE, protocol);
-            head.headers.insert(CONNECTION, HeaderValue::from_static("upgrade"));
+            head.headers
+                .insert(CONNECTION, HeaderValue::from_static("upgrade"));
         }
         if te_trailers {
-            head.headers.insert(TE, HeaderValue::from_static("trailers"));
+            head.headers
+                .insert(TE, HeaderValue::from_static("trailers"));
         }
         if let Some(via) = &shared.via {
             head.headers.append(VIA, via_for(via, head.version).clone());
@@ -236,7 +238,11 @@ impl Shared {
         let trusted = client.is_some_and(|c| c.trusted_peer());
         headers::scrub_forwarding(&mut head.headers, trusted);
         let peer = conn.map(|c| c.peer.ip()).or(client.map(|c| c.ip()));
-        let proto = if conn.is_some_and(|c| c.tls) { "https" } else { "http" };
+        let proto = if conn.is_some_and(|c| c.tls) {
+            "https"
+        } else {
+            "http"
+        };
         if self.x_forwarded {
             if let Some(peer) = peer {
                 if trusted {
@@ -271,9 +277,15 @@ impl Shared {
         let path = uri.path();
         let rest = match path.strip_prefix(from.as_str()) {
             Some(rest) if rest.is_empty() || rest.starts_with('/') || from == "/" => rest,
-            _ => return Ok(uri.path_and_query().cloned().unwrap_or_else(|| PathAndQuery::from_static("/"))),
+            _ => {
+                return Ok(uri
+                    .path_and_query()
+                    .cloned()
+                    .unwrap_or_else(|| PathAndQuery::from_static("/")));
+            }
         };
-        let mut new = String::with_capacity(to.len() + rest.len() + 1 + uri.query().map_or(0, str::len));
+        let mut new =
+            String::with_capacity(to.len() + rest.len() + 1 + uri.query().map_or(0, str::len));
         new.push_str(to.trim_end_matches('/'));
         if !rest.starts_with('/') {
             new.push('/');
@@ -369,7 +381,11 @@ impl ReverseProxyBuilder {
     pub fn replace_prefix(&mut self, from: &str, to: &str) -> &mut Self {
         let norm = |p: &str| {
             let p = p.trim_end_matches('/');
-            if p.starts_with('/') { p.to_owned() } else { format!("/{p}") }
+            if p.starts_with('/') {
+                p.to_owned()
+            } else {
+                format!("/{p}")
+            }
         };
         self.rewrite = Some((norm(from), norm(to)));
         self

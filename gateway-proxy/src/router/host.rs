@@ -3,7 +3,7 @@
 use std::borrow::Cow;
 
 use http::header::HOST;
-use http::uri::{Authority, Scheme};
+use http::uri::Scheme;
 use http::{Request, Version};
 
 /// Why a request's host was refused.
@@ -20,7 +20,8 @@ pub(crate) enum HostError {
 }
 
 /// The request's host, normalized (lower case, no port, no trailing dot), or `None` when
-/// the request names no host (HTTP/1.0 without `Host`).
+/// the request names no host (HTTP/1.0 without `Host`). Borrows from the request unless the
+/// host has upper-case letters.
 pub(crate) fn request_host<B>(req: &Request<B>) -> Result<Option<Cow<'_, str>>, HostError> {
     let mut values = req.headers().get_all(HOST).iter();
     let header = values.next();
@@ -28,59 +29,58 @@ pub(crate) fn request_host<B>(req: &Request<B>) -> Result<Option<Cow<'_, str>>, 
         return Err(HostError::Multiple);
     }
     let header = header
-        .map(|v| parse_authority(v.as_bytes()).ok_or(HostError::Invalid))
+        .map(|v| split_authority(v.as_bytes()).ok_or(HostError::Invalid))
         .transpose()?;
-    let scheme = req.uri().scheme();
-    match (req.uri().authority(), header) {
-        (Some(target), Some(header)) => {
-            if same_host(target, &header, scheme) {
-                Ok(Some(normalize(target.host())))
+    let target = req.uri().authority().map(|a| {
+        // NOTE: `http` has already parsed the target's authority; only the port may be odd.
+        (a.host(), a.port_u16())
+    });
+    let default_port = match req.uri().scheme() {
+        Some(s) if *s == Scheme::HTTPS => 443,
+        _ => 80,
+    };
+    match (target, header) {
+        (Some((t_host, t_port)), Some((h_host, h_port))) => {
+            if normalize(t_host) == normalize(h_host)
+                && t_port.unwrap_or(default_port) == h_port.unwrap_or(default_port)
+            {
+                Ok(Some(normalize(t_host)))
             } else {
                 Err(HostError::Mismatch)
             }
         }
-        (Some(target), None) => {
-            if req.version() == Version::HTTP_11 {
-                Err(HostError::Missing)
-            } else {
-                Ok(Some(normalize(target.host())))
-            }
-        }
-        (None, Some(header)) => Ok(Some(normalize_owned(header))),
-        (None, None) => {
-            if req.version() == Version::HTTP_11 {
-                Err(HostError::Missing)
-            } else {
-                Ok(None)
-            }
-        }
+        (Some(_), None) if req.version() == Version::HTTP_11 => Err(HostError::Missing),
+        (Some((t_host, _)), None) => Ok(Some(normalize(t_host))),
+        (None, Some((h_host, _))) => Ok(Some(normalize(h_host))),
+        (None, None) if req.version() == Version::HTTP_11 => Err(HostError::Missing),
+        (None, None) => Ok(None),
     }
 }
 
-fn parse_authority(bytes: &[u8]) -> Option<Authority> {
-    if bytes.is_empty() || bytes.contains(&b'@') {
-        return None;
-    }
-    let authority = Authority::try_from(bytes).ok()?;
-    if authority.host().is_empty() {
-        return None;
-    }
-    // `Authority` is lenient about the port (`host:`, `host:port`); ours must be a number.
-    let rest = authority.as_str().strip_prefix(authority.host())?;
-    match rest.strip_prefix(':') {
-        None if rest.is_empty() => Some(authority),
-        Some(port) if !port.is_empty() && port.parse::<u16>().is_ok() => Some(authority),
-        _ => None,
-    }
-}
-
-fn same_host(target: &Authority, header: &Authority, scheme: Option<&Scheme>) -> bool {
-    let default = match scheme {
-        Some(s) if *s == Scheme::HTTPS => 443,
-        _ => 80,
+/// Splits a `Host` value into host and port, validating RFC 3986 `host [ ":" port ]`:
+/// an IP literal in brackets, or a non-empty reg-name / IPv4 address. User info, paths and
+/// anything outside the grammar are refused.
+fn split_authority(bytes: &[u8]) -> Option<(&str, Option<u16>)> {
+    let s = std::str::from_utf8(bytes).ok()?;
+    let (host, port) = if s.starts_with('[') {
+        let end = s.find(']')?;
+        s[1..end].parse::<std::net::Ipv6Addr>().ok()?;
+        (&s[..=end], &s[end + 1..])
+    } else {
+        let end = s.find(':').unwrap_or(s.len());
+        let host = &s[..end];
+        let valid = |b: u8| b.is_ascii_alphanumeric() || b"-._~!$&'()*+,;=%".contains(&b);
+        if host.is_empty() || !host.bytes().all(valid) {
+            return None;
+        }
+        (host, &s[end..])
     };
-    normalize(target.host()) == normalize(header.host())
-        && target.port_u16().unwrap_or(default) == header.port_u16().unwrap_or(default)
+    let port = match port.strip_prefix(':') {
+        None if port.is_empty() => None,
+        Some(p) if !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()) => Some(p.parse().ok()?),
+        _ => return None,
+    };
+    Some((host, port))
 }
 
 fn normalize(host: &str) -> Cow<'_, str> {
@@ -90,10 +90,6 @@ fn normalize(host: &str) -> Cow<'_, str> {
     } else {
         Cow::Borrowed(host)
     }
-}
-
-fn normalize_owned(authority: Authority) -> Cow<'static, str> {
-    Cow::Owned(normalize(authority.host()).into_owned())
 }
 
 #[cfg(test)]
@@ -114,18 +110,47 @@ mod tests {
 
     #[test]
     fn http11_needs_exactly_one_valid_host() {
-        assert_eq!(host(&req(Version::HTTP_11, "/", &["GW:8080"])), Ok(Some("gw".into())));
-        assert_eq!(host(&req(Version::HTTP_11, "/", &["gw."])), Ok(Some("gw".into())));
-        assert_eq!(host(&req(Version::HTTP_11, "/", &[])), Err(HostError::Missing));
-        assert_eq!(host(&req(Version::HTTP_11, "/", &["a", "b"])), Err(HostError::Multiple));
-        assert_eq!(host(&req(Version::HTTP_11, "/", &["a", "a"])), Err(HostError::Multiple));
-        for bad in ["", "a b", "u@gw", "gw:", "gw:port", "gw/x"] {
+        assert_eq!(
+            host(&req(Version::HTTP_11, "/", &["GW:8080"])),
+            Ok(Some("gw".into()))
+        );
+        assert_eq!(
+            host(&req(Version::HTTP_11, "/", &["gw."])),
+            Ok(Some("gw".into()))
+        );
+        assert_eq!(
+            host(&req(Version::HTTP_11, "/", &[])),
+            Err(HostError::Missing)
+        );
+        assert_eq!(
+            host(&req(Version::HTTP_11, "/", &["a", "b"])),
+            Err(HostError::Multiple)
+        );
+        assert_eq!(
+            host(&req(Version::HTTP_11, "/", &["a", "a"])),
+            Err(HostError::Multiple)
+        );
+        for bad in [
+            "", "a b", "u@gw", "gw:", "gw:port", "gw/x", "[::1", "[nope]", "gw:99999", ":80",
+        ] {
             assert_eq!(
                 host(&req(Version::HTTP_11, "/", &[bad])),
                 Err(HostError::Invalid),
                 "{bad:?}"
             );
         }
+    }
+
+    #[test]
+    fn ip_literals_and_ports() {
+        assert_eq!(
+            host(&req(Version::HTTP_11, "/", &["[::1]:8080"])),
+            Ok(Some("[::1]".into()))
+        );
+        assert_eq!(
+            host(&req(Version::HTTP_11, "/", &["127.0.0.1"])),
+            Ok(Some("127.0.0.1".into()))
+        );
     }
 
     #[test]

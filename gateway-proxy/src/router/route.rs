@@ -226,7 +226,8 @@ impl Table {
             HostPattern::Suffix(s) => {
                 let pos = self.suffix_hosts.iter().position(|(k, _)| **k == **s);
                 let pos = pos.unwrap_or_else(|| {
-                    self.suffix_hosts.push((s.as_str().into(), Paths::default()));
+                    self.suffix_hosts
+                        .push((s.as_str().into(), Paths::default()));
                     self.suffix_hosts
                         .sort_by_key(|(k, _)| std::cmp::Reverse(k.len()));
                     self.suffix_hosts
@@ -352,7 +353,10 @@ mod tests {
 
     #[test]
     fn no_match_is_none() {
-        let t = table(vec![Route::exact("/a"), Route::prefix("/b").method(Method::GET)]);
+        let t = table(vec![
+            Route::exact("/a"),
+            Route::prefix("/b").method(Method::GET),
+        ]);
         assert_eq!(t.lookup(None, "/a/", &Method::GET), None);
         assert_eq!(t.lookup(None, "/b", &Method::DELETE), None);
         assert_eq!(t.lookup(None, "/c", &Method::GET), None);
@@ -376,8 +380,12 @@ mod tests {
         }
         t.insert(Route::prefix("/a"), 0).unwrap();
         assert!(t.insert(Route::prefix("/a/"), 1).is_err());
-        t.insert(Route::prefix("/a").method(Method::GET), 1).unwrap();
-        assert!(t.insert(Route::prefix("/a").method(Method::GET), 2).is_err());
+        t.insert(Route::prefix("/a").method(Method::GET), 1)
+            .unwrap();
+        assert!(
+            t.insert(Route::prefix("/a").method(Method::GET), 2)
+                .is_err()
+        );
     }
 
     #[test]

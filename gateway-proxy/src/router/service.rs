@@ -315,7 +315,10 @@ mod tests {
     }
 
     fn get(target: &str) -> Request<Body> {
-        Request::get(target).header("host", "gw").body(Body::empty()).unwrap()
+        Request::get(target)
+            .header("host", "gw")
+            .body(Body::empty())
+            .unwrap()
     }
 
     #[tokio::test]
@@ -330,7 +333,10 @@ mod tests {
     #[tokio::test]
     async fn refusals_are_problem_responses() {
         let router = Router::new().route(Route::prefix("/"), tag("all"));
-        assert_eq!(call(&router, get("/a%2fb")).await.0, StatusCode::BAD_REQUEST);
+        assert_eq!(
+            call(&router, get("/a%2fb")).await.0,
+            StatusCode::BAD_REQUEST
+        );
         let no_host = Request::get("/").body(Body::empty()).unwrap();
         assert_eq!(call(&router, no_host).await.0, StatusCode::BAD_REQUEST);
         let empty = Router::new();
@@ -344,7 +350,10 @@ mod tests {
         let router = Router::new()
             .route(Route::exact("/a"), tag("a"))
             .fallback(tag("fallback"));
-        assert_eq!(call(&router, get("/b")).await, (StatusCode::OK, "fallback /b ".into()));
+        assert_eq!(
+            call(&router, get("/b")).await,
+            (StatusCode::OK, "fallback /b ".into())
+        );
     }
 
     #[test]

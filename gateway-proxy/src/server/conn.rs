@@ -20,8 +20,8 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 use tokio_rustls::TlsAcceptor;
 use tower::Service;
-use tower::util::Oneshot;
 use tower::ServiceExt;
+use tower::util::Oneshot;
 
 /// What every connection task shares.
 pub(super) struct Shared {
@@ -64,7 +64,8 @@ pub(super) async fn serve<S, B>(
             run(TokioIo::new(stream), info, service, &shared, graceful).await;
         }
         Some(acceptor) => {
-            let handshake = tokio::time::timeout(shared.header_read_timeout, acceptor.accept(stream));
+            let handshake =
+                tokio::time::timeout(shared.header_read_timeout, acceptor.accept(stream));
             let stream = match handshake.await {
                 Ok(Ok(stream)) => stream,
                 Ok(Err(err)) => {
@@ -228,7 +229,10 @@ where
         let this = self.project();
         let res = ready!(this.fut.poll(cx)).map_err(Into::into)?;
         let guard = this.guard.take();
-        Poll::Ready(Ok(res.map(|inner| TrackedBody { inner, _guard: guard })))
+        Poll::Ready(Ok(res.map(|inner| TrackedBody {
+            inner,
+            _guard: guard,
+        })))
     }
 }
 

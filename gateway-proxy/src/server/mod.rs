@@ -263,7 +263,10 @@ impl Server {
             while conns.join_next().await.is_some() {}
             shared.drain.idle().await;
         };
-        if tokio::time::timeout(config.drain_timeout, drained).await.is_err() {
+        if tokio::time::timeout(config.drain_timeout, drained)
+            .await
+            .is_err()
+        {
             tracing::warn!(
                 connections = conns.len(),
                 tunnels = shared.drain.tracked(),
@@ -290,7 +293,11 @@ impl std::fmt::Debug for Server {
 async fn accept(
     listener: &TcpListener,
     permits: &Arc<Semaphore>,
-) -> io::Result<(tokio::net::TcpStream, SocketAddr, tokio::sync::OwnedSemaphorePermit)> {
+) -> io::Result<(
+    tokio::net::TcpStream,
+    SocketAddr,
+    tokio::sync::OwnedSemaphorePermit,
+)> {
     let permit = Arc::clone(permits)
         .acquire_owned()
         .await

@@ -1,5 +1,13 @@
 //! A gateway on `127.0.0.1:0` with the edge stack, for the end-to-end tests.
-#![allow(dead_code, unreachable_pub, reason = "each test binary uses a different subset")]
+#![allow(
+    dead_code,
+    unreachable_pub,
+    reason = "each test binary uses a different subset"
+)]
+#![expect(
+    clippy::unwrap_used,
+    reason = "set-up helpers panic on failure, like the tests"
+)]
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -29,7 +37,11 @@ impl Gateway {
         tune: impl FnOnce(Server) -> Server,
     ) -> Self
     where
-        S: Service<Request<hyper::body::Incoming>, Response = Response<B>> + Clone + Send + Sync + 'static,
+        S: Service<Request<hyper::body::Incoming>, Response = Response<B>>
+            + Clone
+            + Send
+            + Sync
+            + 'static,
         S::Future: Send + 'static,
         S::Error: Into<BoxError>,
         B: http_body::Body<Data = Bytes> + Send + 'static,
@@ -56,7 +68,11 @@ impl Gateway {
 
     pub async fn start<S, B>(app: S) -> Self
     where
-        S: Service<Request<hyper::body::Incoming>, Response = Response<B>> + Clone + Send + Sync + 'static,
+        S: Service<Request<hyper::body::Incoming>, Response = Response<B>>
+            + Clone
+            + Send
+            + Sync
+            + 'static,
         S::Future: Send + 'static,
         S::Error: Into<BoxError>,
         B: http_body::Body<Data = Bytes> + Send + 'static,
@@ -92,7 +108,9 @@ pub fn proxy_to(upstream: &TestUpstream) -> ReverseProxy {
 
 /// Sends raw bytes and reads the whole answer (the test requests use `Connection: close`).
 pub async fn raw(addr: SocketAddr, request: &str) -> String {
-    let out = gateway_core::test_util::raw::exchange(addr, request.as_bytes(), Duration::from_secs(3)).await;
+    let out =
+        gateway_core::test_util::raw::exchange(addr, request.as_bytes(), Duration::from_secs(3))
+            .await;
     String::from_utf8_lossy(&out).into_owned()
 }
 

@@ -18,7 +18,9 @@ pub(crate) async fn ws_echo_upstream() -> TestUpstream {
             .clone();
         let on_upgrade = hyper::upgrade::on(&mut req);
         tokio::spawn(async move {
-            let Ok(upgraded) = on_upgrade.await else { return };
+            let Ok(upgraded) = on_upgrade.await else {
+                return;
+            };
             let mut ws = tokio_tungstenite::WebSocketStream::from_raw_socket(
                 TokioIo::new(upgraded),
                 Role::Server,
@@ -45,4 +47,3 @@ pub(crate) async fn ws_echo_upstream() -> TestUpstream {
     })
     .await
 }
-

@@ -2,7 +2,7 @@
 //!
 //! `Rescue` is the outermost layer of a gateway. Everything below it may fail with a
 //! `BoxError` (a timeout, an unreachable upstream, an open circuit); `Rescue` finds the
-//! error's [`ErrorKind`] by walking its `source()` chain, logs the whole chain once, and
+//! error's [`ErrorKind`](crate::ErrorKind) by walking its `source()` chain, logs the whole chain once, and
 //! answers with the problem response of that kind. Its own error type is [`Infallible`].
 //!
 //! # Example

@@ -17,7 +17,7 @@
 //!   tracked tunnels, and at the drain deadline cut whatever is left.
 //!
 //! Every request carries [`ConnectInfo`](gateway_core::ConnectInfo) and the server's
-//! [`Drain`](gateway_core::Drain) in its extensions.
+//! [`Drain`] in its extensions.
 //!
 //! # Example
 //!

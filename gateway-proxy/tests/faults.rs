@@ -125,3 +125,58 @@ async fn too_many_headers_are_refused() {
     assert_eq!(status(&res), 431, "{res}");
     assert!(up.requests().is_empty());
 }
+
+#[tokio::test]
+async fn stalled_upstream_body_aborts_the_client_response() {
+    use futures_util::StreamExt;
+    let up = TestUpstream::serve(|_req| async {
+        let first = futures_util::stream::iter([Ok::<_, std::convert::Infallible>(
+            http_body::Frame::data(bytes::Bytes::from_static(b"partial")),
+        )]);
+        let stalled = first.chain(futures_util::stream::pending());
+        Ok(http::Response::new(gateway_core::Body::new(
+            http_body_util::StreamBody::new(stalled),
+        )))
+    })
+    .await;
+    let mut proxy = ReverseProxy::builder(Upstream::single(&up.url()).unwrap());
+    proxy.body_idle_timeout(Some(Duration::from_millis(300)));
+    let gw = Gateway::start(Router::new().route(Route::prefix("/"), proxy.build().unwrap())).await;
+    let mut stream = TcpStream::connect(gw.addr).await.unwrap();
+    stream
+        .write_all(b"GET / HTTP/1.1\r\nHost: gw\r\n\r\n")
+        .await
+        .unwrap();
+    let got = tokio::time::timeout(
+        Duration::from_secs(5),
+        gateway_core::test_util::raw::read_until_idle(&mut stream, Duration::from_secs(10)),
+    )
+    .await
+    .expect("a stalled upstream body must abort the client connection");
+    let text = String::from_utf8_lossy(&got);
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    assert!(text.contains("partial"), "{text}");
+    // Chunked and never terminated: the client can tell the body is incomplete.
+    assert!(!text.ends_with("0\r\n\r\n"), "{text}");
+}
+
+#[tokio::test]
+async fn stalled_client_upload_is_408() {
+    let up = TestUpstream::echo().await;
+    let mut proxy = ReverseProxy::builder(Upstream::single(&up.url()).unwrap());
+    proxy.body_idle_timeout(Some(Duration::from_millis(300)));
+    let gw = Gateway::start(Router::new().route(Route::prefix("/"), proxy.build().unwrap())).await;
+    let mut stream = TcpStream::connect(gw.addr).await.unwrap();
+    stream
+        .write_all(b"POST / HTTP/1.1\r\nHost: gw\r\nContent-Length: 100\r\n\r\nonly-part")
+        .await
+        .unwrap();
+    let got = tokio::time::timeout(
+        Duration::from_secs(5),
+        gateway_core::test_util::raw::read_until_idle(&mut stream, Duration::from_secs(10)),
+    )
+    .await
+    .expect("a stalled upload must be answered");
+    let text = String::from_utf8_lossy(&got);
+    assert!(text.starts_with("HTTP/1.1 408"), "{text}");
+}

@@ -109,7 +109,12 @@ impl Future for ResponseFuture {
                 let kind = if err.is_connect() {
                     ErrorKind::UpstreamConnect
                 } else {
-                    ErrorKind::BadGateway
+                    // A failure of our own request body (the client stalled: 408) keeps its
+                    // kind; anything else broke the exchange with the upstream.
+                    match Error::kind_of(&err) {
+                        ErrorKind::Internal => ErrorKind::BadGateway,
+                        kind => kind,
+                    }
                 };
                 Err(Error::with_source(kind, err).into())
             }

@@ -1,0 +1,202 @@
+//! The server runner: TLS termination with ALPN, HTTPS upstreams with a private CA, the
+//! keep-alive idle limit and the connection cap.
+
+mod support;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use gateway_core::Body;
+use gateway_core::client_ip::TrustedProxies;
+use gateway_core::test_util::TestUpstream;
+use gateway_proxy::server::TlsConfig;
+use gateway_proxy::{HttpClient, ReverseProxy, Route, Router, Upstream};
+use http::{Request, Version};
+use http_body_util::BodyExt;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use rustls_pki_types::CertificateDer;
+use rustls_pki_types::pem::PemObject;
+use support::{Gateway, get, proxy_to, raw, status};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+struct Pki {
+    cert_pem: String,
+    dir: std::path::PathBuf,
+}
+
+impl Pki {
+    fn localhost(name: &str) -> Self {
+        let key = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).unwrap();
+        let dir = std::env::temp_dir().join(format!("gateway-tls-{name}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("cert.pem"), key.cert.pem()).unwrap();
+        std::fs::write(dir.join("key.pem"), key.signing_key.serialize_pem()).unwrap();
+        Self {
+            cert_pem: key.cert.pem(),
+            dir,
+        }
+    }
+
+    fn tls(&self) -> TlsConfig {
+        TlsConfig::from_pem_files(self.dir.join("cert.pem"), self.dir.join("key.pem")).unwrap()
+    }
+
+    fn client_config(&self) -> rustls::ClientConfig {
+        let mut roots = rustls::RootCertStore::empty();
+        for cert in CertificateDer::pem_slice_iter(self.cert_pem.as_bytes()) {
+            roots.add(cert.unwrap()).unwrap();
+        }
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth()
+    }
+}
+
+impl Drop for Pki {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+#[tokio::test]
+async fn tls_termination_negotiates_h2_and_http11_by_alpn() {
+    let pki = Pki::localhost("terminate");
+    let up = TestUpstream::echo().await;
+    let tls = pki.tls();
+    let gw = Gateway::start_with(
+        Router::new().route(Route::prefix("/"), proxy_to(&up)),
+        TrustedProxies::none(),
+        |s| s.tls(tls),
+    )
+    .await;
+    let url = format!("https://localhost:{}/tls", gw.addr.port());
+
+    for offer_h2 in [true, false] {
+        let https = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_tls_config(pki.client_config())
+            .https_only();
+        // ALPN offers h2 + http/1.1, or http/1.1 alone.
+        let (https, want) = if offer_h2 {
+            (https.enable_all_versions().build(), Version::HTTP_2)
+        } else {
+            (https.enable_http1().build(), Version::HTTP_11)
+        };
+        let client = Client::builder(TokioExecutor::new()).build::<_, Body>(https);
+        let res = client
+            .request(Request::get(&url).body(Body::empty()).unwrap())
+            .await
+            .unwrap();
+        assert_eq!(res.status(), 200);
+        assert_eq!(res.version(), want);
+        res.into_body().collect().await.unwrap();
+        assert_eq!(up.last_request().header("x-forwarded-proto"), Some("https"));
+    }
+}
+
+#[tokio::test]
+async fn https_upstreams_are_verified_against_the_configured_ca() {
+    // The "upstream" is a TLS gateway in front of an echo server.
+    let pki = Pki::localhost("upstream");
+    let echo = TestUpstream::echo().await;
+    let tls = pki.tls();
+    let tls_upstream = Gateway::start_with(
+        Router::new().route(Route::prefix("/"), proxy_to(&echo)),
+        TrustedProxies::none(),
+        |s| s.tls(tls),
+    )
+    .await;
+    let target = format!("https://localhost:{}", tls_upstream.addr.port());
+
+    let mut trusting = HttpClient::builder();
+    trusting
+        .webpki_roots(false)
+        .add_root_pem(pki.cert_pem.as_bytes())
+        .unwrap();
+    let mut good = ReverseProxy::builder(Upstream::single(&target).unwrap());
+    good.client(trusting.build().unwrap());
+    // Default roots only: the private CA is unknown, so the handshake must fail.
+    let bad = ReverseProxy::new(Upstream::single(&target).unwrap());
+
+    let app = Router::new()
+        .route(Route::prefix("/good"), good.build().unwrap())
+        .route(Route::prefix("/bad"), bad);
+    let gw = Gateway::start(app).await;
+
+    let res = raw(gw.addr, &get("/good", "")).await;
+    assert_eq!(status(&res), 200, "{res}");
+    assert_eq!(echo.last_request().uri, "/good");
+
+    let res = raw(gw.addr, &get("/bad", "")).await;
+    assert_eq!(status(&res), 502, "{res}");
+    assert_eq!(echo.requests().len(), 1);
+}
+
+#[tokio::test]
+async fn idle_keep_alive_connections_are_closed() {
+    let up = TestUpstream::echo().await;
+    let gw = Gateway::start_with(
+        Router::new().route(Route::prefix("/"), proxy_to(&up)),
+        TrustedProxies::none(),
+        |s| {
+            s.keep_alive_timeout(Duration::from_millis(300))
+                .header_read_timeout(Duration::from_secs(30))
+        },
+    )
+    .await;
+    let mut conn = TcpStream::connect(gw.addr).await.unwrap();
+    conn.write_all(b"GET / HTTP/1.1\r\nHost: gw\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = [0u8; 4096];
+    let n = conn.read(&mut buf).await.unwrap();
+    assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));
+    let started = tokio::time::Instant::now();
+    let closed = tokio::time::timeout(Duration::from_secs(5), conn.read(&mut buf))
+        .await
+        .expect("an idle keep-alive connection must be closed by the idle limit");
+    assert!(matches!(closed, Ok(0) | Err(_)), "{closed:?}");
+    assert!(
+        started.elapsed() >= Duration::from_millis(200),
+        "closed too early"
+    );
+}
+
+#[tokio::test]
+async fn connections_over_the_cap_wait_for_a_free_slot() {
+    let up = TestUpstream::echo().await;
+    let gw = Gateway::start_with(
+        Router::new().route(Route::prefix("/"), proxy_to(&up)),
+        TrustedProxies::none(),
+        |s| s.max_connections(1),
+    )
+    .await;
+    let mut first = TcpStream::connect(gw.addr).await.unwrap();
+    first
+        .write_all(b"GET /1 HTTP/1.1\r\nHost: gw\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = [0u8; 4096];
+    assert!(first.read(&mut buf).await.unwrap() > 0);
+
+    let second = tokio::spawn({
+        let addr = gw.addr;
+        async move { raw(addr, &get("/2", "")).await }
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        !second.is_finished(),
+        "the second connection must wait while the first holds the slot"
+    );
+    assert_eq!(up.requests().len(), 1);
+    drop(first);
+    let res = tokio::time::timeout(Duration::from_secs(5), second)
+        .await
+        .expect("a freed slot must let the waiting connection in")
+        .unwrap();
+    assert_eq!(status(&res), 200, "{res}");
+}

@@ -1,5 +1,9 @@
 //! The server runner: TLS termination with ALPN, HTTPS upstreams with a private CA, the
 //! keep-alive idle limit and the connection cap.
+#![expect(
+    clippy::unwrap_used,
+    reason = "the PKI set-up helper panics on failure, like the tests"
+)]
 
 mod support;
 

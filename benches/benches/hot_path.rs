@@ -10,7 +10,9 @@ use divan::AllocProfiler;
 use gateway_benches::ready;
 use gateway_core::client_ip::TrustedProxies;
 use gateway_core::{Body, Flow, Plugin, PluginLayer, RescueLayer};
-use gateway_proxy::upstream::{Endpoint, RoundRobin};
+use gateway_proxy::upstream::{
+    ConsistentHash, Endpoint, HashKey, LeastRequest, Random, RoundRobin,
+};
 use gateway_proxy::{Route, Router, Upstream};
 use http::{HeaderMap, HeaderValue, Request, Response, request};
 use tower::{Layer, Service, ServiceExt, service_fn};
@@ -132,14 +134,33 @@ fn router_normalizes_a_hostile_path(b: divan::Bencher<'_, '_>) {
         .bench_local_values(|req| ready(router.clone().oneshot(req)));
 }
 
-#[divan::bench]
-fn round_robin_pick_10(b: divan::Bencher<'_, '_>) {
-    let endpoints = (0..10).map(|i| {
+fn ten_endpoints() -> impl Iterator<Item = Endpoint> {
+    (0..10).map(|i| {
         format!("10.0.0.{i}:8080")
             .parse::<Endpoint>()
             .expect("valid endpoint")
-    });
-    let upstream = Upstream::new(endpoints, RoundRobin::default());
-    let (parts, ()) = Request::new(()).into_parts();
+            .weight(i + 1)
+    })
+}
+
+/// `Upstream::select` (balancer pick + in-flight accounting) over 10 weighted endpoints.
+#[divan::bench(args = ["round-robin", "random", "least-request", "hash-header"])]
+fn balancer_pick_10(b: divan::Bencher<'_, '_>, balancer: &str) {
+    let upstream = match balancer {
+        "round-robin" => Upstream::new(ten_endpoints(), RoundRobin::default()),
+        "random" => Upstream::new(ten_endpoints(), Random::default()),
+        "least-request" => Upstream::new(ten_endpoints(), LeastRequest::default()),
+        _ => Upstream::new(
+            ten_endpoints(),
+            ConsistentHash::new(HashKey::Header(http::header::HeaderName::from_static(
+                "x-user",
+            ))),
+        ),
+    };
+    let (parts, ()) = Request::get("/")
+        .header("x-user", "user-1234")
+        .body(())
+        .expect("valid request")
+        .into_parts();
     b.bench_local(|| upstream.select(divan::black_box(&parts)).map(drop));
 }

@@ -30,6 +30,7 @@ use std::time::Duration;
 use gateway_core::RescueLayer;
 use gateway_core::client_ip::{ClientIpLayer, TrustedProxies};
 use gateway_proxy::server::TlsConfig;
+use gateway_proxy::upstream::HashKey;
 use gateway_proxy::{ReverseProxy, Route, Router, Server, Upstream};
 use tower::ServiceBuilder;
 
@@ -45,6 +46,9 @@ OPTIONS:
     --listen ADDR          address to listen on [default: 127.0.0.1:8080]
     --upstream URL         proxy every path to URL (http://host:port, https://host,
                            or host:port); repeat for round robin
+    --lb BALANCER          how --upstream endpoints share the load: round-robin,
+                           random, least-request, or hash:client-ip, hash:path,
+                           hash:header:NAME, hash:cookie:NAME [default: round-robin]
     --threads N            worker threads of the runtime [default: one per core]
     --tls-cert FILE        serve HTTPS with this PEM certificate chain (needs --tls-key)
     --tls-key FILE         PEM private key for --tls-cert
@@ -59,11 +63,43 @@ Stops gracefully on Ctrl-C or SIGTERM. Logs go to stderr; set RUST_LOG to tune t
 struct Args {
     listen: SocketAddr,
     upstreams: Vec<String>,
+    lb: Lb,
     threads: Option<usize>,
     tls_cert: Option<PathBuf>,
     tls_key: Option<PathBuf>,
     trusted: Vec<String>,
     drain: Duration,
+}
+
+/// The `--lb` choice.
+#[derive(Debug)]
+enum Lb {
+    RoundRobin,
+    Random,
+    LeastRequest,
+    Hash(HashKey),
+}
+
+impl Lb {
+    fn parse(v: &str) -> Result<Self, String> {
+        let bad = || format!("--lb: `{v}` is not a balancer (see --help)");
+        Ok(match v {
+            "round-robin" => Self::RoundRobin,
+            "random" => Self::Random,
+            "least-request" => Self::LeastRequest,
+            "hash:client-ip" => Self::Hash(HashKey::ClientIp),
+            "hash:path" => Self::Hash(HashKey::Path),
+            _ => match v.strip_prefix("hash:").and_then(|k| k.split_once(':')) {
+                Some(("header", name)) => Self::Hash(HashKey::Header(
+                    http::header::HeaderName::try_from(name).map_err(|_| bad())?,
+                )),
+                Some(("cookie", name)) if !name.is_empty() => {
+                    Self::Hash(HashKey::Cookie(name.to_owned()))
+                }
+                _ => return Err(bad()),
+            },
+        })
+    }
 }
 
 /// What the command line asked for.
@@ -78,6 +114,7 @@ fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Command, String> {
     let mut args = Args {
         listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
         upstreams: Vec::new(),
+        lb: Lb::RoundRobin,
         threads: None,
         tls_cert: None,
         tls_key: None,
@@ -100,6 +137,7 @@ fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Command, String> {
                 })?;
             }
             Long("upstream") => args.upstreams.push(value(&mut parser)?),
+            Long("lb") => args.lb = Lb::parse(&value(&mut parser)?)?,
             Long("threads") => {
                 let v = value(&mut parser)?;
                 let n: usize = v
@@ -208,7 +246,14 @@ async fn run(args: Args) -> Result<(), Failure> {
             true,
         )
     } else {
-        let upstream = Upstream::round_robin(&args.upstreams).map_err(|e| config(&e))?;
+        let targets = &args.upstreams;
+        let upstream = match args.lb {
+            Lb::RoundRobin => Upstream::round_robin(targets),
+            Lb::Random => Upstream::random(targets),
+            Lb::LeastRequest => Upstream::least_request(targets),
+            Lb::Hash(key) => Upstream::consistent_hash(key, targets),
+        }
+        .map_err(|e| config(&e))?;
         let proxy = ReverseProxy::builder(upstream)
             .build()
             .map_err(|e| config(&e))?;
@@ -273,6 +318,8 @@ mod tests {
             "3",
             "--trusted-proxy",
             "10.0.0.0/8",
+            "--lb",
+            "hash:cookie:sid",
         ]) else {
             panic!("valid flags");
         };
@@ -280,6 +327,17 @@ mod tests {
         assert_eq!(a.upstreams, ["a:1", "http://b:2"]);
         assert_eq!(a.threads, Some(3));
         assert_eq!(a.trusted, ["10.0.0.0/8"]);
+        assert!(matches!(a.lb, Lb::Hash(HashKey::Cookie(ref c)) if c == "sid"));
+        for lb in [
+            "round-robin",
+            "random",
+            "least-request",
+            "hash:client-ip",
+            "hash:path",
+            "hash:header:x-user",
+        ] {
+            assert!(Lb::parse(lb).is_ok(), "{lb}");
+        }
     }
 
     #[test]
@@ -290,6 +348,9 @@ mod tests {
             &["--threads", "0"],
             &["--threads"],
             &["--tls-cert", "c.pem"],
+            &["--lb", "fastest"],
+            &["--lb", "hash:header:bad header"],
+            &["--lb", "hash:cookie:"],
         ] {
             assert!(parse_strs(bad).is_err(), "{bad:?}");
         }

@@ -1,0 +1,39 @@
+//! Upstreams: a set of endpoints and the balancer that picks one per request.
+//!
+//! An [`Upstream`] is cheap to clone (one `Arc`) and shared by every proxy that sends to it.
+//! Each [`Endpoint`] carries its own live state (requests in flight, consecutive failures),
+//! so balancers, the proxy and metrics read the same numbers. [`Upstream::select`] returns a
+//! [`Selected`] guard that counts the request in flight until it is dropped and takes the
+//! request's outcome via [`Selected::record`].
+//!
+//! Balancers (one per upstream, chosen at construction):
+//! - [`RoundRobin`]: smooth weighted round robin;
+//! - [`Random`]: weighted random;
+//! - [`LeastRequest`]: power of two choices by requests in flight relative to weight;
+//! - [`ConsistentHash`]: Maglev on a [`HashKey`] (client IP, header, cookie, path);
+//! - or your own [`Balance`].
+//!
+//! A retry layer asks for endpoints not tried yet by putting [`TriedEndpoints`] in the
+//! request's extensions.
+//!
+//! # Example
+//!
+//! ```
+//! use gateway_proxy::upstream::{HashKey, Upstream};
+//!
+//! let upstream = Upstream::round_robin(["10.0.0.1:8080", "http://10.0.0.2:8080"]).unwrap();
+//! assert_eq!(upstream.endpoints().len(), 2);
+//! let sticky = Upstream::consistent_hash(HashKey::Cookie("session".into()), ["a:80", "b:80"]).unwrap();
+//! # drop(sticky);
+//! assert!(Upstream::round_robin(["ftp://nope"]).is_err());
+//! ```
+
+mod balance;
+mod endpoint;
+mod hash;
+mod set;
+
+pub use balance::{Balance, LeastRequest, PickContext, Random, RoundRobin};
+pub use endpoint::{Endpoint, InvalidEndpoint};
+pub use hash::{ConsistentHash, HashKey};
+pub use set::{Selected, TriedEndpoints, Upstream};

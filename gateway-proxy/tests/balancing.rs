@@ -1,0 +1,60 @@
+//! Load balancing against real upstreams on loopback.
+
+mod support;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use gateway_core::Body;
+use gateway_core::test_util::TestUpstream;
+use gateway_proxy::{ReverseProxy, Route, Router, Upstream};
+use http::Request;
+use http_body_util::BodyExt;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use support::Gateway;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn least_request_starves_the_slow_endpoint() {
+    let fast_a = TestUpstream::echo().await;
+    let fast_b = TestUpstream::echo().await;
+    let slow = TestUpstream::slow(Duration::from_millis(20)).await;
+    let upstream = Upstream::least_request([fast_a.url(), fast_b.url(), slow.url()]).unwrap();
+    let gw =
+        Gateway::start(Router::new().route(Route::prefix("/"), ReverseProxy::new(upstream))).await;
+
+    let client = Client::builder(TokioExecutor::new()).build_http::<Body>();
+    let url = Arc::new(format!("http://{}/", gw.addr));
+    let (total, concurrency) = (3_000, 16);
+    let workers: Vec<_> = (0..concurrency)
+        .map(|_| {
+            let (client, url) = (client.clone(), Arc::clone(&url));
+            tokio::spawn(async move {
+                for _ in 0..total / concurrency {
+                    let res = client
+                        .request(Request::get(url.as_str()).body(Body::empty()).unwrap())
+                        .await
+                        .unwrap();
+                    assert_eq!(res.status(), 200);
+                    res.into_body().collect().await.unwrap();
+                }
+            })
+        })
+        .collect();
+    for w in workers {
+        w.await.unwrap();
+    }
+    let counts = [
+        fast_a.requests().len(),
+        fast_b.requests().len(),
+        slow.requests().len(),
+    ];
+    let sent: usize = counts.iter().sum();
+    assert_eq!(sent, total / concurrency * concurrency);
+    let slow_share = counts[2] as f64 / sent as f64;
+    eprintln!("requests per endpoint (fast, fast, slow): {counts:?}; slow share {slow_share:.3}");
+    assert!(
+        slow_share < 0.15,
+        "the slow endpoint got {slow_share:.3} of the traffic"
+    );
+}

@@ -144,12 +144,13 @@ fn ten_endpoints() -> impl Iterator<Item = Endpoint> {
 }
 
 /// `Upstream::select` (balancer pick + in-flight accounting) over 10 weighted endpoints.
-#[divan::bench(args = ["round-robin", "random", "least-request", "hash-header"])]
+#[divan::bench(args = ["round-robin", "random", "least-request", "peak-ewma", "hash-header"])]
 fn balancer_pick_10(b: divan::Bencher<'_, '_>, balancer: &str) {
     let upstream = match balancer {
         "round-robin" => Upstream::new(ten_endpoints(), RoundRobin::default()),
         "random" => Upstream::new(ten_endpoints(), Random::default()),
         "least-request" => Upstream::new(ten_endpoints(), LeastRequest::default()),
+        "peak-ewma" => Upstream::new(ten_endpoints(), PeakEwma::default()),
         _ => Upstream::new(
             ten_endpoints(),
             ConsistentHash::new(HashKey::Header(http::header::HeaderName::from_static(

@@ -14,12 +14,13 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use support::Gateway;
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn least_request_starves_the_slow_endpoint() {
+/// Sends 3,000 requests at concurrency 16 through a balancer over two fast upstreams and one
+/// 20 ms slower, and returns the slow one's share.
+async fn slow_share(balance: fn([String; 3]) -> Upstream) -> f64 {
     let fast_a = TestUpstream::echo().await;
     let fast_b = TestUpstream::echo().await;
     let slow = TestUpstream::slow(Duration::from_millis(20)).await;
-    let upstream = Upstream::least_request([fast_a.url(), fast_b.url(), slow.url()]).unwrap();
+    let upstream = balance([fast_a.url(), fast_b.url(), slow.url()]);
     let gw =
         Gateway::start(Router::new().route(Route::prefix("/"), ReverseProxy::new(upstream))).await;
 
@@ -53,8 +54,23 @@ async fn least_request_starves_the_slow_endpoint() {
     assert_eq!(sent, total / concurrency * concurrency);
     let slow_share = counts[2] as f64 / sent as f64;
     eprintln!("requests per endpoint (fast, fast, slow): {counts:?}; slow share {slow_share:.3}");
+    slow_share
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn least_request_starves_the_slow_endpoint() {
+    let share = slow_share(|t| Upstream::least_request(t).unwrap()).await;
     assert!(
-        slow_share < 0.15,
-        "the slow endpoint got {slow_share:.3} of the traffic"
+        share < 0.15,
+        "the slow endpoint got {share:.3} of the traffic"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn peak_ewma_starves_the_slow_endpoint() {
+    let share = slow_share(|t| Upstream::peak_ewma(t).unwrap()).await;
+    assert!(
+        share < 0.15,
+        "the slow endpoint got {share:.3} of the traffic"
     );
 }

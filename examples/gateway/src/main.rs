@@ -47,7 +47,8 @@ OPTIONS:
     --upstream URL         proxy every path to URL (http://host:port, https://host,
                            or host:port); repeat for round robin
     --lb BALANCER          how --upstream endpoints share the load: round-robin,
-                           random, least-request, or hash:client-ip, hash:path,
+                           random, least-request, ewma (peak-EWMA response time),
+                           or hash:client-ip, hash:path,
                            hash:header:NAME, hash:cookie:NAME [default: round-robin]
     --threads N            worker threads of the runtime [default: one per core]
     --tls-cert FILE        serve HTTPS with this PEM certificate chain (needs --tls-key)
@@ -77,6 +78,7 @@ enum Lb {
     RoundRobin,
     Random,
     LeastRequest,
+    Ewma,
     Hash(HashKey),
 }
 
@@ -87,6 +89,7 @@ impl Lb {
             "round-robin" => Self::RoundRobin,
             "random" => Self::Random,
             "least-request" => Self::LeastRequest,
+            "ewma" => Self::Ewma,
             "hash:client-ip" => Self::Hash(HashKey::ClientIp),
             "hash:path" => Self::Hash(HashKey::Path),
             _ => match v.strip_prefix("hash:").and_then(|k| k.split_once(':')) {
@@ -251,6 +254,7 @@ async fn run(args: Args) -> Result<(), Failure> {
             Lb::RoundRobin => Upstream::round_robin(targets),
             Lb::Random => Upstream::random(targets),
             Lb::LeastRequest => Upstream::least_request(targets),
+            Lb::Ewma => Upstream::peak_ewma(targets),
             Lb::Hash(key) => Upstream::consistent_hash(key, targets),
         }
         .map_err(|e| config(&e))?;
@@ -332,6 +336,7 @@ mod tests {
             "round-robin",
             "random",
             "least-request",
+            "ewma",
             "hash:client-ip",
             "hash:path",
             "hash:header:x-user",

@@ -5,8 +5,10 @@ use std::fmt;
 use std::hash::{BuildHasher, Hasher};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
 
 use http::request;
+use tokio::time::Instant;
 
 use super::Endpoint;
 
@@ -54,6 +56,14 @@ pub struct Random {
 #[derive(Debug, Default)]
 pub struct LeastRequest {
     _priv: (),
+}
+
+/// Power of two choices by peak-EWMA cost, `rtt × (in_flight + 1) / weight` (Finagle's and
+/// linkerd's "peak EWMA"). Endpoints without a sample yet are costed at `default_rtt`, so
+/// new endpoints are tried without being flooded.
+#[derive(Debug)]
+pub struct PeakEwma {
+    default_rtt: Duration,
 }
 
 // === impl PickContext ===
@@ -178,23 +188,73 @@ impl Balance for Random {
 
 impl Balance for LeastRequest {
     fn pick(&self, endpoints: &[Arc<Endpoint>], ctx: &PickContext<'_>) -> Option<usize> {
-        let n = endpoints.len();
-        if n == 1 {
-            return ctx.allows(&endpoints[0]).then_some(0);
-        }
-        let draw = || {
-            (0..4)
-                .map(|_| index(fast_random(), n))
-                .find(|&i| ctx.allows(&endpoints[i]))
-        };
-        let (Some(a), Some(b)) = (draw(), draw()) else {
-            return first_allowed(endpoints, ctx, index(fast_random(), n));
-        };
         // Compare (in_flight + 1) / weight without division.
         let load = |i: usize, other: usize| {
             (endpoints[i].in_flight() as u128 + 1) * u128::from(endpoints[other].get_weight())
         };
-        Some(if load(a, b) <= load(b, a) { a } else { b })
+        two_choices(endpoints, ctx, |a, b| load(a, b) <= load(b, a))
+    }
+}
+
+/// Power of two choices: two distinct allowed endpoints drawn at random, `prefer_first`
+/// decides between them. Falls back to the one allowed endpoint when there is only one.
+fn two_choices(
+    endpoints: &[Arc<Endpoint>],
+    ctx: &PickContext<'_>,
+    prefer_first: impl Fn(usize, usize) -> bool,
+) -> Option<usize> {
+    let n = endpoints.len();
+    let draw = |not: Option<usize>| {
+        (0..8)
+            .map(|_| index(fast_random(), n))
+            .find(|&i| Some(i) != not && ctx.allows(&endpoints[i]))
+    };
+    let Some(a) = draw(None) else {
+        return first_allowed(endpoints, ctx, index(fast_random(), n));
+    };
+    let Some(b) = draw(Some(a)) else {
+        // Rarely reached by chance with many endpoints; then scan for a second one.
+        return match first_allowed_except(endpoints, ctx, a) {
+            Some(b) => Some(if prefer_first(a, b) { a } else { b }),
+            None => Some(a),
+        };
+    };
+    Some(if prefer_first(a, b) { a } else { b })
+}
+
+fn first_allowed_except(
+    endpoints: &[Arc<Endpoint>],
+    ctx: &PickContext<'_>,
+    not: usize,
+) -> Option<usize> {
+    (0..endpoints.len()).find(|&i| i != not && ctx.allows(&endpoints[i]))
+}
+
+// === impl PeakEwma ===
+
+impl PeakEwma {
+    /// Costs endpoints without samples at `default_rtt`.
+    pub const fn new(default_rtt: Duration) -> Self {
+        Self { default_rtt }
+    }
+}
+
+impl Default for PeakEwma {
+    fn default() -> Self {
+        Self::new(Duration::from_millis(10))
+    }
+}
+
+impl Balance for PeakEwma {
+    fn pick(&self, endpoints: &[Arc<Endpoint>], ctx: &PickContext<'_>) -> Option<usize> {
+        let now = Instant::now();
+        let cost = |i: usize| {
+            let e = &endpoints[i];
+            let rtt = e.rtt_estimate(now).unwrap_or(self.default_rtt).as_nanos() as f64;
+            // NOTE: +1 ns keeps a decayed-to-zero estimate from hiding the load factor.
+            (rtt + 1.0) * (e.in_flight() as f64 + 1.0) / f64::from(e.get_weight())
+        };
+        two_choices(endpoints, ctx, |a, b| cost(a) <= cost(b))
     }
 }
 
@@ -307,13 +367,29 @@ mod tests {
         let eps = endpoints(&[1, 1, 1]);
         eps[0].in_flight.store(50, Ordering::Relaxed);
         let s = shares(&LeastRequest::default(), &eps, 10_000);
-        // Endpoint 0 wins only when drawn twice (1/9 of the time).
-        assert!(s[0] < 0.15, "{s:?}");
+        // The two choices are distinct, so the most loaded endpoint never wins.
+        assert_eq!(s[0], 0.0, "{s:?}");
         // Weight counts: twice the weight takes twice the load for the same score.
         let eps = endpoints(&[2, 1]);
         eps[0].in_flight.store(1, Ordering::Relaxed);
         let s = shares(&LeastRequest::default(), &eps, 10_000);
         assert!(s[0] > 0.3, "{s:?}");
+    }
+
+    #[test]
+    fn peak_ewma_avoids_slow_endpoints_and_retries_unsampled_ones() {
+        let eps = endpoints(&[1, 1, 1]);
+        let now = Instant::now();
+        eps[0].observe_rtt(Duration::from_millis(100), now);
+        eps[1].observe_rtt(Duration::from_millis(5), now);
+        eps[2].observe_rtt(Duration::from_millis(5), now);
+        let s = shares(&PeakEwma::default(), &eps, 10_000);
+        assert_eq!(s[0], 0.0, "{s:?}");
+        // An endpoint with no sample is costed at the default, between the two.
+        let eps = endpoints(&[1, 1]);
+        eps[0].observe_rtt(Duration::from_millis(50), now);
+        let s = shares(&PeakEwma::default(), &eps, 1_000);
+        assert_eq!(s[1], 1.0, "{s:?}");
     }
 
     #[test]
@@ -326,7 +402,8 @@ mod tests {
         rr.prepare(&eps);
         let mut random = Random::default();
         random.prepare(&eps);
-        let balancers: [&dyn Balance; 3] = [&rr, &random, &LeastRequest::default()];
+        let balancers: [&dyn Balance; 4] =
+            [&rr, &random, &LeastRequest::default(), &PeakEwma::default()];
         for b in balancers {
             for _ in 0..100 {
                 assert_eq!(b.pick(&eps, &ctx), Some(0), "{b:?}");

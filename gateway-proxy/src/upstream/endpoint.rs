@@ -2,9 +2,12 @@
 
 use std::fmt;
 use std::str::FromStr;
+use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::time::Duration;
 
 use http::uri::{Authority, Scheme, Uri};
+use tokio::time::Instant;
 
 /// One upstream address with its live state.
 ///
@@ -17,6 +20,32 @@ pub struct Endpoint {
     weight: u32,
     pub(super) in_flight: AtomicUsize,
     pub(super) failures: AtomicUsize,
+    rtt: Rtt,
+}
+
+/// A peak-sensitive moving average of response times: a slower sample replaces the estimate
+/// at once, faster ones pull it down gradually, and without samples it decays toward zero
+/// so an endpoint that was slow once is tried again. Stored as atomics: concurrent updates
+/// may lose one sample, which a moving average tolerates.
+#[derive(Default)]
+struct Rtt {
+    /// The estimate in nanoseconds, as `f64` bits; 0 = no sample yet.
+    nanos: AtomicU64,
+    /// When it was last updated, in nanoseconds since [`epoch`].
+    at: AtomicU64,
+}
+
+/// How fast the response-time estimate forgets (the decay constant of the average).
+pub(super) const RTT_DECAY: Duration = Duration::from_secs(10);
+
+/// A process-wide time origin for the compact timestamps of [`Rtt`].
+fn epoch() -> Instant {
+    static EPOCH: OnceLock<Instant> = OnceLock::new();
+    *EPOCH.get_or_init(Instant::now)
+}
+
+fn nanos_since_epoch(now: Instant) -> u64 {
+    u64::try_from(now.saturating_duration_since(epoch()).as_nanos()).unwrap_or(u64::MAX)
 }
 
 /// An endpoint address that cannot be used.
@@ -39,6 +68,7 @@ impl Endpoint {
             weight: 1,
             in_flight: AtomicUsize::new(0),
             failures: AtomicUsize::new(0),
+            rtt: Rtt::default(),
         }
     }
 
@@ -77,6 +107,36 @@ impl Endpoint {
     /// Consecutive failed outcomes (reset by a success).
     pub fn consecutive_failures(&self) -> usize {
         self.failures.load(Ordering::Relaxed)
+    }
+
+    /// The peak-EWMA response-time estimate at `now`, or `None` before the first sample.
+    pub fn rtt_estimate(&self, now: Instant) -> Option<Duration> {
+        let nanos = f64::from_bits(self.rtt.nanos.load(Ordering::Relaxed));
+        if nanos <= 0.0 {
+            return None;
+        }
+        let at = self.rtt.at.load(Ordering::Relaxed);
+        let idle = nanos_since_epoch(now).saturating_sub(at) as f64;
+        let decayed = nanos * (-idle / RTT_DECAY.as_nanos() as f64).exp();
+        Some(Duration::from_nanos(decayed as u64))
+    }
+
+    /// Adds a response-time sample taken at `now`.
+    pub fn observe_rtt(&self, rtt: Duration, now: Instant) {
+        let sample = (rtt.as_nanos() as f64).max(1.0);
+        let now_ns = nanos_since_epoch(now);
+        let current = f64::from_bits(self.rtt.nanos.load(Ordering::Relaxed));
+        let next = if current <= 0.0 || sample > current {
+            sample
+        } else {
+            let idle = now_ns.saturating_sub(self.rtt.at.load(Ordering::Relaxed)) as f64;
+            let keep = (-idle / RTT_DECAY.as_nanos() as f64).exp();
+            // At least a small step toward the sample, even for back-to-back samples.
+            let keep = keep.min(0.9);
+            current * keep + sample * (1.0 - keep)
+        };
+        self.rtt.nanos.store(next.to_bits(), Ordering::Relaxed);
+        self.rtt.at.store(now_ns, Ordering::Relaxed);
     }
 }
 
@@ -122,6 +182,7 @@ impl fmt::Debug for Endpoint {
             .field("url", &format_args!("{}://{}", self.scheme, self.authority))
             .field("weight", &self.weight)
             .field("in_flight", &self.in_flight())
+            .field("rtt", &self.rtt_estimate(Instant::now()))
             .finish_non_exhaustive()
     }
 }
@@ -165,6 +226,35 @@ mod tests {
         ] {
             assert!(bad.parse::<Endpoint>().is_err(), "{bad:?} must be rejected");
         }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn rtt_is_peak_sensitive_and_decays() {
+        let e: Endpoint = "a:1".parse().unwrap();
+        let now = Instant::now();
+        assert_eq!(e.rtt_estimate(now), None);
+        e.observe_rtt(Duration::from_millis(10), now);
+        e.observe_rtt(Duration::from_millis(100), now);
+        assert_eq!(
+            e.rtt_estimate(now),
+            Some(Duration::from_millis(100)),
+            "peaks win at once"
+        );
+        e.observe_rtt(Duration::from_millis(10), now);
+        let after_one_fast = e.rtt_estimate(now).unwrap();
+        assert!(
+            after_one_fast < Duration::from_millis(100),
+            "{after_one_fast:?}"
+        );
+        assert!(
+            after_one_fast > Duration::from_millis(50),
+            "fast samples pull down gradually"
+        );
+        let later = now + RTT_DECAY * 3;
+        assert!(
+            e.rtt_estimate(later).unwrap() < after_one_fast / 10,
+            "idle estimates decay"
+        );
     }
 
     #[test]

@@ -1,7 +1,8 @@
 //! Upstreams: a set of endpoints and the balancer that picks one per request.
 //!
 //! An [`Upstream`] is cheap to clone (one `Arc`) and shared by every proxy that sends to it.
-//! Each [`Endpoint`] carries its own live state (requests in flight, consecutive failures),
+//! Each [`Endpoint`] carries its own live state (requests in flight, a peak-EWMA response
+//! time, consecutive failures),
 //! so balancers, the proxy and metrics read the same numbers. [`Upstream::select`] returns a
 //! [`Selected`] guard that counts the request in flight until it is dropped and takes the
 //! request's outcome via [`Selected::record`].
@@ -10,6 +11,7 @@
 //! - [`RoundRobin`]: smooth weighted round robin;
 //! - [`Random`]: weighted random;
 //! - [`LeastRequest`]: power of two choices by requests in flight relative to weight;
+//! - [`PeakEwma`]: power of two choices by response-time estimate × load;
 //! - [`ConsistentHash`]: Maglev on a [`HashKey`] (client IP, header, cookie, path);
 //! - or your own [`Balance`].
 //!
@@ -33,7 +35,7 @@ mod endpoint;
 mod hash;
 mod set;
 
-pub use balance::{Balance, LeastRequest, PickContext, Random, RoundRobin};
+pub use balance::{Balance, LeastRequest, PeakEwma, PickContext, Random, RoundRobin};
 pub use endpoint::{Endpoint, InvalidEndpoint};
 pub use hash::{ConsistentHash, HashKey};
 pub use set::{Selected, TriedEndpoints, Upstream};

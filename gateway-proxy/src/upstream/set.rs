@@ -7,8 +7,9 @@ use std::sync::{Arc, Mutex, PoisonError};
 use gateway_core::classify::Class;
 use gateway_core::{Error, ErrorKind};
 use http::request;
+use tokio::time::Instant;
 
-use super::balance::{Balance, LeastRequest, PickContext, Random, RoundRobin};
+use super::balance::{Balance, LeastRequest, PeakEwma, PickContext, Random, RoundRobin};
 use super::hash::{ConsistentHash, HashKey};
 use super::{Endpoint, InvalidEndpoint};
 
@@ -29,6 +30,7 @@ struct Inner {
 #[derive(Debug)]
 pub struct Selected {
     endpoint: Arc<Endpoint>,
+    started: Instant,
 }
 
 /// The endpoints already tried for one request, shared by every attempt of it.
@@ -79,6 +81,19 @@ impl Upstream {
         I::Item: AsRef<str>,
     {
         Ok(Self::new(parse(targets)?, LeastRequest::default()))
+    }
+
+    /// Peak-EWMA (power of two choices by response time × load) over `targets`.
+    ///
+    /// # Errors
+    ///
+    /// The first target that does not parse.
+    pub fn peak_ewma<I>(targets: I) -> Result<Self, InvalidEndpoint>
+    where
+        I: IntoIterator,
+        I::Item: AsRef<str>,
+    {
+        Ok(Self::new(parse(targets)?, PeakEwma::default()))
     }
 
     /// Random choice over `targets`.
@@ -158,6 +173,7 @@ impl Upstream {
         endpoint.in_flight.fetch_add(1, Ordering::Relaxed);
         Ok(Selected {
             endpoint: Arc::clone(endpoint),
+            started: Instant::now(),
         })
     }
 }
@@ -187,8 +203,12 @@ impl Selected {
         &self.endpoint
     }
 
-    /// Records the request's outcome (as judged by [`gateway_core::classify`]).
+    /// Records the request's outcome (as judged by [`gateway_core::classify`]) and, as a
+    /// response-time sample, the time since the endpoint was selected.
     pub fn record(&self, class: Class) {
+        let now = Instant::now();
+        self.endpoint
+            .observe_rtt(now.saturating_duration_since(self.started), now);
         if class.is_failure() {
             self.endpoint.failures.fetch_add(1, Ordering::Relaxed);
         } else {
@@ -276,6 +296,7 @@ mod tests {
         for up in [
             Upstream::round_robin(["a:1", "b:2", "c:3"]).unwrap(),
             Upstream::least_request(["a:1", "b:2", "c:3"]).unwrap(),
+            Upstream::peak_ewma(["a:1", "b:2", "c:3"]).unwrap(),
             Upstream::random(["a:1", "b:2", "c:3"]).unwrap(),
             Upstream::consistent_hash(HashKey::Path, ["a:1", "b:2", "c:3"]).unwrap(),
         ] {

@@ -11,7 +11,7 @@ use gateway_benches::ready;
 use gateway_core::client_ip::TrustedProxies;
 use gateway_core::{Body, Flow, Plugin, PluginLayer, RescueLayer};
 use gateway_proxy::upstream::{
-    ConsistentHash, Endpoint, HashKey, LeastRequest, Random, RoundRobin,
+    ConsistentHash, Endpoint, HashKey, LeastRequest, PeakEwma, Random, RoundRobin,
 };
 use gateway_proxy::{Route, Router, Upstream};
 use http::{HeaderMap, HeaderValue, Request, Response, request};

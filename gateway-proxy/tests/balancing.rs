@@ -1,4 +1,8 @@
 //! Load balancing against real upstreams on loopback.
+#![expect(
+    clippy::unwrap_used,
+    reason = "the load helper panics on failure, like the tests"
+)]
 
 mod support;
 

@@ -78,3 +78,28 @@ async fn peak_ewma_starves_the_slow_endpoint() {
         "the slow endpoint got {share:.3} of the traffic"
     );
 }
+
+#[tokio::test]
+async fn a_dead_endpoint_is_ejected_after_consecutive_failures() {
+    use gateway_proxy::upstream::{Endpoint, OutlierDetection, RoundRobin};
+    let live = TestUpstream::echo().await;
+    let dead = gateway_core::test_util::refused_addr().await;
+    let endpoints = [live.url(), dead.to_string()].map(|t| t.parse::<Endpoint>().unwrap());
+    let upstream = Upstream::builder(endpoints, RoundRobin::default())
+        .outlier_detection(OutlierDetection::new(2).max_ejected_percent(50))
+        .build();
+    let gw =
+        Gateway::start(Router::new().route(Route::prefix("/"), ReverseProxy::new(upstream))).await;
+    let mut statuses = Vec::new();
+    for _ in 0..20 {
+        let res = support::raw(gw.addr, &support::get("/", "")).await;
+        statuses.push(support::status(&res));
+    }
+    let failures = statuses.iter().filter(|s| **s == 502).count();
+    assert_eq!(
+        failures, 2,
+        "exactly the two failures that trigger the ejection: {statuses:?}"
+    );
+    assert!(statuses[4..].iter().all(|s| *s == 200), "{statuses:?}");
+    assert_eq!(live.requests().len(), 18);
+}

@@ -33,6 +33,8 @@ pub trait Balance: Send + Sync + fmt::Debug + 'static {
 pub struct PickContext<'a> {
     req: &'a request::Parts,
     excluded: &'a [u64],
+    now: Instant,
+    ignore_health: bool,
 }
 
 /// Smooth weighted round robin (nginx's algorithm, precomputed into a schedule): over any
@@ -69,9 +71,29 @@ pub struct PeakEwma {
 // === impl PickContext ===
 
 impl<'a> PickContext<'a> {
-    /// A context for `req`, excluding the endpoints whose ids are in `excluded`.
-    pub const fn new(req: &'a request::Parts, excluded: &'a [u64]) -> Self {
-        Self { req, excluded }
+    /// A context for `req`, excluding the endpoints whose ids are in `excluded` and those
+    /// that are not available now.
+    pub fn new(req: &'a request::Parts, excluded: &'a [u64]) -> Self {
+        Self::at(req, excluded, Instant::now(), false)
+    }
+
+    pub(super) const fn at(
+        req: &'a request::Parts,
+        excluded: &'a [u64],
+        now: Instant,
+        ignore_health: bool,
+    ) -> Self {
+        Self {
+            req,
+            excluded,
+            now,
+            ignore_health,
+        }
+    }
+
+    /// The time the pick is made at.
+    pub const fn now(&self) -> Instant {
+        self.now
     }
 
     /// The request head.
@@ -79,9 +101,11 @@ impl<'a> PickContext<'a> {
         self.req
     }
 
-    /// Whether `endpoint` may serve this request (it was not tried already).
+    /// Whether `endpoint` may serve this request: it is available (not ejected; ignored in
+    /// panic mode) and was not tried already.
     pub fn allows(&self, endpoint: &Endpoint) -> bool {
-        !self.excluded.contains(&endpoint.id())
+        (self.ignore_health || endpoint.is_available(self.now))
+            && !self.excluded.contains(&endpoint.id())
     }
 }
 
@@ -247,7 +271,7 @@ impl Default for PeakEwma {
 
 impl Balance for PeakEwma {
     fn pick(&self, endpoints: &[Arc<Endpoint>], ctx: &PickContext<'_>) -> Option<usize> {
-        let now = Instant::now();
+        let now = ctx.now();
         let cost = |i: usize| {
             let e = &endpoints[i];
             let rtt = e.rtt_estimate(now).unwrap_or(self.default_rtt).as_nanos() as f64;

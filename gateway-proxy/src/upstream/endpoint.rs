@@ -3,7 +3,7 @@
 use std::fmt;
 use std::str::FromStr;
 use std::sync::OnceLock;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use http::uri::{Authority, Scheme, Uri};
@@ -21,6 +21,10 @@ pub struct Endpoint {
     pub(super) in_flight: AtomicUsize,
     pub(super) failures: AtomicUsize,
     rtt: Rtt,
+    /// End of the current ejection, in nanoseconds since [`epoch`]; 0 = never ejected.
+    ejected_until: AtomicU64,
+    /// Ejections so far (reset after a long healthy spell); scales the ejection time.
+    pub(super) ejections: AtomicU32,
 }
 
 /// A peak-sensitive moving average of response times: a slower sample replaces the estimate
@@ -69,6 +73,8 @@ impl Endpoint {
             in_flight: AtomicUsize::new(0),
             failures: AtomicUsize::new(0),
             rtt: Rtt::default(),
+            ejected_until: AtomicU64::new(0),
+            ejections: AtomicU32::new(0),
         }
     }
 
@@ -107,6 +113,34 @@ impl Endpoint {
     /// Consecutive failed outcomes (reset by a success).
     pub fn consecutive_failures(&self) -> usize {
         self.failures.load(Ordering::Relaxed)
+    }
+
+    /// Whether passive health checking has ejected this endpoint at `now`.
+    pub fn is_ejected(&self, now: Instant) -> bool {
+        self.ejected_until.load(Ordering::Relaxed) > nanos_since_epoch(now)
+    }
+
+    /// How many times the endpoint was ejected (since its last long healthy spell).
+    pub fn ejections(&self) -> u32 {
+        self.ejections.load(Ordering::Relaxed)
+    }
+
+    /// Whether the endpoint may take traffic at `now`.
+    pub fn is_available(&self, now: Instant) -> bool {
+        !self.is_ejected(now)
+    }
+
+    /// When the last ejection ended (or ends), if there was one.
+    pub(super) fn ejected_until(&self) -> Option<Instant> {
+        match self.ejected_until.load(Ordering::Relaxed) {
+            0 => None,
+            ns => Some(epoch() + Duration::from_nanos(ns)),
+        }
+    }
+
+    pub(super) fn eject_until(&self, until: Instant) {
+        self.ejected_until
+            .store(nanos_since_epoch(until).max(1), Ordering::Relaxed);
     }
 
     /// The peak-EWMA response-time estimate at `now`, or `None` before the first sample.

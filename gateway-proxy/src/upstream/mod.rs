@@ -18,6 +18,10 @@
 //! A retry layer asks for endpoints not tried yet by putting [`TriedEndpoints`] in the
 //! request's extensions.
 //!
+//! Passive health checking ([`OutlierDetection`], set with [`Upstream::builder`]) ejects
+//! endpoints whose requests keep failing; [`WhenAllUnhealthy`] decides what happens when
+//! none is left.
+//!
 //! # Example
 //!
 //! ```
@@ -38,4 +42,6 @@ mod set;
 pub use balance::{Balance, LeastRequest, PeakEwma, PickContext, Random, RoundRobin};
 pub use endpoint::{Endpoint, InvalidEndpoint};
 pub use hash::{ConsistentHash, HashKey};
-pub use set::{Selected, TriedEndpoints, Upstream};
+pub use set::{
+    OutlierDetection, Selected, TriedEndpoints, Upstream, UpstreamBuilder, WhenAllUnhealthy,
+};

@@ -3,6 +3,7 @@
 use std::fmt;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
 
 use gateway_core::classify::Class;
 use gateway_core::{Error, ErrorKind};
@@ -24,13 +25,56 @@ pub struct Upstream {
 struct Inner {
     endpoints: Vec<Arc<Endpoint>>,
     balancer: Box<dyn Balance>,
+    outlier: Option<OutlierDetection>,
+    all_unhealthy: WhenAllUnhealthy,
+    /// Serializes ejection decisions so the cap on ejected endpoints holds.
+    ejecting: Mutex<()>,
+}
+
+/// Builds an [`Upstream`] with health settings.
+#[must_use]
+pub struct UpstreamBuilder {
+    endpoints: Vec<Endpoint>,
+    balancer: Box<dyn Balance>,
+    outlier: Option<OutlierDetection>,
+    all_unhealthy: WhenAllUnhealthy,
+}
+
+/// Passive health checking: endpoints whose requests keep failing (as judged by
+/// [`gateway_core::classify`]: connect errors, resets, timeouts, 5xx) are ejected for a
+/// while.
+///
+/// An endpoint with `consecutive_failures` failures in a row is ejected for
+/// `base_ejection × (number of ejections)`, at most `max_ejection`, so an endpoint that keeps
+/// failing stays out longer each time. The count restarts after a healthy spell of
+/// `max_ejection`. At most `max_ejected_percent` of the endpoints (but always at least one)
+/// are ejected at once.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct OutlierDetection {
+    consecutive_failures: usize,
+    base_ejection: Duration,
+    max_ejection: Duration,
+    max_ejected_percent: u8,
+}
+
+/// What to do when no endpoint is available.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum WhenAllUnhealthy {
+    /// Panic mode: ignore health and spread requests over every endpoint (Envoy's choice:
+    /// a degraded upstream beats none).
+    #[default]
+    TryAnyway,
+    /// Answer 503 (`NoHealthyUpstream`) without sending.
+    Refuse,
 }
 
 /// The endpoint chosen for one request; counts the request as in flight until dropped.
-#[derive(Debug)]
 pub struct Selected {
     endpoint: Arc<Endpoint>,
     started: Instant,
+    /// The upstream, kept only when it has outlier detection to apply on `record`.
+    upstream: Option<Arc<Inner>>,
 }
 
 /// The endpoints already tried for one request, shared by every attempt of it.
@@ -44,15 +88,21 @@ pub struct TriedEndpoints(Arc<Mutex<Vec<u64>>>);
 // === impl Upstream ===
 
 impl Upstream {
-    /// An upstream over `endpoints`, balanced by `balancer`.
-    pub fn new(endpoints: impl IntoIterator<Item = Endpoint>, mut balancer: impl Balance) -> Self {
-        let endpoints: Vec<Arc<Endpoint>> = endpoints.into_iter().map(Arc::new).collect();
-        balancer.prepare(&endpoints);
-        Self {
-            inner: Arc::new(Inner {
-                endpoints,
-                balancer: Box::new(balancer),
-            }),
+    /// An upstream over `endpoints`, balanced by `balancer`, without passive health checks.
+    pub fn new(endpoints: impl IntoIterator<Item = Endpoint>, balancer: impl Balance) -> Self {
+        Self::builder(endpoints, balancer).build()
+    }
+
+    /// Starts an upstream with health settings.
+    pub fn builder(
+        endpoints: impl IntoIterator<Item = Endpoint>,
+        balancer: impl Balance,
+    ) -> UpstreamBuilder {
+        UpstreamBuilder {
+            endpoints: endpoints.into_iter().collect(),
+            balancer: Box::new(balancer),
+            outlier: None,
+            all_unhealthy: WhenAllUnhealthy::default(),
         }
     }
 
@@ -147,37 +197,164 @@ impl Upstream {
         if endpoints.is_empty() {
             return Err(Error::new(ErrorKind::NoHealthyUpstream));
         }
+        let now = Instant::now();
         let tried = req.extensions.get::<TriedEndpoints>();
-        let picked = match tried {
-            None => self
-                .inner
-                .balancer
-                .pick(endpoints, &PickContext::new(req, &[])),
-            Some(tried) => {
-                let mut ids = tried.0.lock().unwrap_or_else(PoisonError::into_inner);
-                let all_tried = endpoints.iter().all(|e| ids.contains(&e.id()));
-                let excluded: &[u64] = if all_tried { &[] } else { &ids };
-                let picked = self
-                    .inner
-                    .balancer
-                    .pick(endpoints, &PickContext::new(req, excluded));
-                if let Some(i) = picked {
-                    ids.push(endpoints[i].id());
-                }
-                picked
-            }
+        let mut ids = tried.map(|t| t.0.lock().unwrap_or_else(PoisonError::into_inner));
+        let excluded: &[u64] = ids.as_deref().map_or(&[], |v| v.as_slice());
+        let inner = &*self.inner;
+        let attempt = |excluded: &[u64], ignore_health: bool| {
+            inner.balancer.pick(
+                endpoints,
+                &PickContext::at(req, excluded, now, ignore_health),
+            )
         };
+        // Relax constraints one at a time: first an endpoint tried before (all were), then,
+        // in panic mode, an unavailable one.
+        let picked = attempt(excluded, false)
+            .or_else(|| {
+                (!excluded.is_empty())
+                    .then(|| attempt(&[], false))
+                    .flatten()
+            })
+            .or_else(|| match inner.all_unhealthy {
+                WhenAllUnhealthy::TryAnyway => {
+                    attempt(excluded, true).or_else(|| attempt(&[], true))
+                }
+                WhenAllUnhealthy::Refuse => None,
+            });
         let endpoint = picked
             .and_then(|i| endpoints.get(i))
             .ok_or(Error::new(ErrorKind::NoHealthyUpstream))?;
+        if let Some(ids) = ids.as_mut() {
+            ids.push(endpoint.id());
+        }
         endpoint.in_flight.fetch_add(1, Ordering::Relaxed);
         Ok(Selected {
             endpoint: Arc::clone(endpoint),
-            started: Instant::now(),
+            started: now,
+            upstream: inner.outlier.is_some().then(|| Arc::clone(&self.inner)),
         })
     }
 }
 
+// === impl UpstreamBuilder ===
+
+impl UpstreamBuilder {
+    /// Ejects endpoints that keep failing.
+    pub const fn outlier_detection(mut self, outlier: OutlierDetection) -> Self {
+        self.outlier = Some(outlier);
+        self
+    }
+
+    /// What to do when no endpoint is available (default: try them anyway).
+    pub const fn when_all_unhealthy(mut self, choice: WhenAllUnhealthy) -> Self {
+        self.all_unhealthy = choice;
+        self
+    }
+
+    /// Builds the upstream.
+    pub fn build(self) -> Upstream {
+        let endpoints: Vec<Arc<Endpoint>> = self.endpoints.into_iter().map(Arc::new).collect();
+        let mut balancer = self.balancer;
+        balancer.prepare(&endpoints);
+        Upstream {
+            inner: Arc::new(Inner {
+                endpoints,
+                balancer,
+                outlier: self.outlier,
+                all_unhealthy: self.all_unhealthy,
+                ejecting: Mutex::new(()),
+            }),
+        }
+    }
+}
+
+impl fmt::Debug for UpstreamBuilder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("UpstreamBuilder")
+            .field("endpoints", &self.endpoints)
+            .field("outlier", &self.outlier)
+            .finish_non_exhaustive()
+    }
+}
+
+// === impl OutlierDetection ===
+
+impl OutlierDetection {
+    /// Ejects after `consecutive_failures` failures in a row (at least 1); 30 s base
+    /// ejection, 300 s at most, at most 10% of the endpoints (at least one) at once.
+    pub const fn new(consecutive_failures: usize) -> Self {
+        Self {
+            consecutive_failures: if consecutive_failures == 0 {
+                1
+            } else {
+                consecutive_failures
+            },
+            base_ejection: Duration::from_secs(30),
+            max_ejection: Duration::from_secs(300),
+            max_ejected_percent: 10,
+        }
+    }
+
+    /// The first ejection's length; later ones are multiples of it.
+    pub const fn base_ejection(mut self, d: Duration) -> Self {
+        self.base_ejection = d;
+        self
+    }
+
+    /// The longest ejection.
+    pub const fn max_ejection(mut self, d: Duration) -> Self {
+        self.max_ejection = d;
+        self
+    }
+
+    /// At most this share of the endpoints is ejected at once (0–100; one endpoint may
+    /// always be ejected).
+    pub const fn max_ejected_percent(mut self, percent: u8) -> Self {
+        self.max_ejected_percent = if percent > 100 { 100 } else { percent };
+        self
+    }
+}
+
+impl Default for OutlierDetection {
+    fn default() -> Self {
+        Self::new(5)
+    }
+}
+
+// === impl Inner ===
+
+impl Inner {
+    fn maybe_eject(&self, endpoint: &Endpoint, outlier: &OutlierDetection, now: Instant) {
+        let _decision = self.ejecting.lock().unwrap_or_else(PoisonError::into_inner);
+        if endpoint.is_ejected(now)
+            || endpoint.failures.load(Ordering::Relaxed) < outlier.consecutive_failures
+        {
+            return;
+        }
+        let ejected = self.endpoints.iter().filter(|e| e.is_ejected(now)).count();
+        let cap = (self.endpoints.len() * usize::from(outlier.max_ejected_percent) / 100).max(1);
+        if ejected >= cap {
+            tracing::debug!(%endpoint, ejected, cap, "not ejecting: too many endpoints ejected");
+            return;
+        }
+        if endpoint
+            .ejected_until()
+            .is_some_and(|until| now.saturating_duration_since(until) >= outlier.max_ejection)
+        {
+            // A long healthy spell since the last ejection: start counting afresh.
+            endpoint.ejections.store(0, Ordering::Relaxed);
+        }
+        let count = endpoint.ejections.fetch_add(1, Ordering::Relaxed) + 1;
+        let duration = outlier
+            .base_ejection
+            .saturating_mul(count)
+            .min(outlier.max_ejection);
+        endpoint.eject_until(now + duration);
+        endpoint.failures.store(0, Ordering::Relaxed);
+        tracing::warn!(%endpoint, ?duration, ejections = count, "ejecting failing endpoint");
+    }
+}
 fn parse<I>(targets: I) -> Result<Vec<Endpoint>, InvalidEndpoint>
 where
     I: IntoIterator,
@@ -209,11 +386,25 @@ impl Selected {
         let now = Instant::now();
         self.endpoint
             .observe_rtt(now.saturating_duration_since(self.started), now);
-        if class.is_failure() {
-            self.endpoint.failures.fetch_add(1, Ordering::Relaxed);
-        } else {
+        if !class.is_failure() {
             self.endpoint.failures.store(0, Ordering::Relaxed);
+            return;
         }
+        let failures = self.endpoint.failures.fetch_add(1, Ordering::Relaxed) + 1;
+        if let Some(upstream) = &self.upstream
+            && let Some(outlier) = &upstream.outlier
+            && failures >= outlier.consecutive_failures
+        {
+            upstream.maybe_eject(&self.endpoint, outlier, now);
+        }
+    }
+}
+
+impl fmt::Debug for Selected {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Selected")
+            .field("endpoint", &self.endpoint)
+            .finish_non_exhaustive()
     }
 }
 
@@ -289,6 +480,104 @@ mod tests {
         assert_eq!(s.endpoint().consecutive_failures(), 2);
         s.record(Class::Success);
         assert_eq!(s.endpoint().consecutive_failures(), 0);
+    }
+
+    fn outlier_upstream(n: usize, outlier: OutlierDetection, all: WhenAllUnhealthy) -> Upstream {
+        let eps = (0..n).map(|i| format!("e{i}:80").parse::<Endpoint>().unwrap());
+        Upstream::builder(eps, RoundRobin::default())
+            .outlier_detection(outlier)
+            .when_all_unhealthy(all)
+            .build()
+    }
+
+    /// Sends `rounds` requests; those to endpoints in `failing` fail.
+    fn drive(up: &Upstream, failing: &[&str], rounds: usize) -> Vec<String> {
+        (0..rounds)
+            .map(|_| {
+                let s = up.select(&parts()).unwrap();
+                let name = s.endpoint().to_string();
+                let class = if failing.iter().any(|f| name.contains(f)) {
+                    Class::Retryable
+                } else {
+                    Class::Success
+                };
+                s.record(class);
+                name
+            })
+            .collect()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn consecutive_failures_eject_for_longer_each_time() {
+        let outlier = OutlierDetection::new(3)
+            .base_ejection(Duration::from_secs(10))
+            .max_ejection(Duration::from_secs(100))
+            .max_ejected_percent(100);
+        let up = outlier_upstream(3, outlier, WhenAllUnhealthy::TryAnyway);
+        let e0 = Arc::clone(&up.endpoints()[0]);
+        // Round robin: e0 gets every third request; its third failure ejects it.
+        drive(&up, &["e0"], 9);
+        assert!(e0.is_ejected(Instant::now()));
+        assert_eq!(e0.ejections(), 1);
+        assert!(
+            drive(&up, &[], 30).iter().all(|n| !n.contains("e0")),
+            "ejected: no traffic"
+        );
+
+        tokio::time::advance(Duration::from_secs(10)).await;
+        assert!(
+            !e0.is_ejected(Instant::now()),
+            "first ejection lasts the base time"
+        );
+        drive(&up, &["e0"], 9);
+        assert_eq!(e0.ejections(), 2);
+        tokio::time::advance(Duration::from_secs(15)).await;
+        assert!(
+            e0.is_ejected(Instant::now()),
+            "second ejection is longer than the first"
+        );
+        tokio::time::advance(Duration::from_secs(5)).await;
+        assert!(!e0.is_ejected(Instant::now()));
+        assert!(
+            drive(&up, &[], 30).iter().any(|n| n.contains("e0")),
+            "back in rotation"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_ejected_share_is_capped() {
+        let outlier = OutlierDetection::new(1).max_ejected_percent(25);
+        let up = outlier_upstream(4, outlier, WhenAllUnhealthy::TryAnyway);
+        drive(&up, &["e0", "e1", "e2"], 40);
+        let now = Instant::now();
+        let ejected = up.endpoints().iter().filter(|e| e.is_ejected(now)).count();
+        assert_eq!(ejected, 1, "25% of 4 endpoints");
+        // Even 0% lets one endpoint go.
+        let up = outlier_upstream(
+            4,
+            OutlierDetection::new(1).max_ejected_percent(0),
+            WhenAllUnhealthy::TryAnyway,
+        );
+        drive(&up, &["e0", "e1"], 20);
+        assert_eq!(
+            up.endpoints().iter().filter(|e| e.is_ejected(now)).count(),
+            1
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn all_unhealthy_tries_anyway_or_refuses_as_configured() {
+        let outlier = OutlierDetection::new(1).max_ejected_percent(100);
+        let anyway = outlier_upstream(2, outlier, WhenAllUnhealthy::TryAnyway);
+        drive(&anyway, &["e0", "e1"], 4);
+        let now = Instant::now();
+        assert!(anyway.endpoints().iter().all(|e| e.is_ejected(now)));
+        assert!(anyway.select(&parts()).is_ok(), "panic mode sends anyway");
+
+        let refuse = outlier_upstream(2, outlier, WhenAllUnhealthy::Refuse);
+        drive(&refuse, &["e0", "e1"], 2);
+        let err = refuse.select(&parts()).unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::NoHealthyUpstream);
     }
 
     #[test]

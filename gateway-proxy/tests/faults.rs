@@ -1,4 +1,8 @@
 //! Upstream faults and slow clients: clear errors, never a hang.
+#![expect(
+    clippy::unwrap_used,
+    reason = "the exchange helper panics on failure, like the tests"
+)]
 
 mod support;
 
@@ -126,6 +130,23 @@ async fn too_many_headers_are_refused() {
     assert!(up.requests().is_empty());
 }
 
+/// Sends `request` on a keep-alive connection through a proxy with a 300 ms body idle
+/// timeout, and reads until the gateway closes the connection (a hang fails with `hang`).
+async fn exchange_with_idle_timeout(up: &TestUpstream, request: &[u8], hang: &str) -> String {
+    let mut proxy = ReverseProxy::builder(Upstream::single(&up.url()).unwrap());
+    proxy.body_idle_timeout(Some(Duration::from_millis(300)));
+    let gw = Gateway::start(Router::new().route(Route::prefix("/"), proxy.build().unwrap())).await;
+    let mut stream = TcpStream::connect(gw.addr).await.unwrap();
+    stream.write_all(request).await.unwrap();
+    let got = tokio::time::timeout(
+        Duration::from_secs(5),
+        gateway_core::test_util::raw::read_until_idle(&mut stream, Duration::from_secs(10)),
+    )
+    .await
+    .expect(hang);
+    String::from_utf8_lossy(&got).into_owned()
+}
+
 #[tokio::test]
 async fn stalled_upstream_body_aborts_the_client_response() {
     use futures_util::StreamExt;
@@ -139,21 +160,12 @@ async fn stalled_upstream_body_aborts_the_client_response() {
         )))
     })
     .await;
-    let mut proxy = ReverseProxy::builder(Upstream::single(&up.url()).unwrap());
-    proxy.body_idle_timeout(Some(Duration::from_millis(300)));
-    let gw = Gateway::start(Router::new().route(Route::prefix("/"), proxy.build().unwrap())).await;
-    let mut stream = TcpStream::connect(gw.addr).await.unwrap();
-    stream
-        .write_all(b"GET / HTTP/1.1\r\nHost: gw\r\n\r\n")
-        .await
-        .unwrap();
-    let got = tokio::time::timeout(
-        Duration::from_secs(5),
-        gateway_core::test_util::raw::read_until_idle(&mut stream, Duration::from_secs(10)),
+    let text = exchange_with_idle_timeout(
+        &up,
+        b"GET / HTTP/1.1\r\nHost: gw\r\n\r\n",
+        "a stalled upstream body must abort the client connection",
     )
-    .await
-    .expect("a stalled upstream body must abort the client connection");
-    let text = String::from_utf8_lossy(&got);
+    .await;
     assert!(text.starts_with("HTTP/1.1 200"), "{text}");
     assert!(text.contains("partial"), "{text}");
     // Chunked and never terminated: the client can tell the body is incomplete.
@@ -163,20 +175,11 @@ async fn stalled_upstream_body_aborts_the_client_response() {
 #[tokio::test]
 async fn stalled_client_upload_is_408() {
     let up = TestUpstream::echo().await;
-    let mut proxy = ReverseProxy::builder(Upstream::single(&up.url()).unwrap());
-    proxy.body_idle_timeout(Some(Duration::from_millis(300)));
-    let gw = Gateway::start(Router::new().route(Route::prefix("/"), proxy.build().unwrap())).await;
-    let mut stream = TcpStream::connect(gw.addr).await.unwrap();
-    stream
-        .write_all(b"POST / HTTP/1.1\r\nHost: gw\r\nContent-Length: 100\r\n\r\nonly-part")
-        .await
-        .unwrap();
-    let got = tokio::time::timeout(
-        Duration::from_secs(5),
-        gateway_core::test_util::raw::read_until_idle(&mut stream, Duration::from_secs(10)),
+    let text = exchange_with_idle_timeout(
+        &up,
+        b"POST / HTTP/1.1\r\nHost: gw\r\nContent-Length: 100\r\n\r\nonly-part",
+        "a stalled upload must be answered",
     )
-    .await
-    .expect("a stalled upload must be answered");
-    let text = String::from_utf8_lossy(&got);
+    .await;
     assert!(text.starts_with("HTTP/1.1 408"), "{text}");
 }

@@ -15,7 +15,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use gateway_core::client_ip::{ClientIpLayer, TrustedProxies};
 use gateway_core::test_util::TestUpstream;
-use gateway_core::{Body, BoxError, RescueLayer};
+use gateway_core::{BoxError, RescueLayer};
 use gateway_proxy::{ReverseProxy, Server, Upstream};
 use http::{Request, Response};
 use tokio::sync::oneshot;
@@ -127,12 +127,6 @@ pub fn get(path: &str, extra: &str) -> String {
     format!("GET {path} HTTP/1.1\r\nHost: gw\r\nConnection: close\r\n{extra}\r\n")
 }
 
-pub type App = gateway_proxy::Router;
-
 pub fn body_of(raw: &str) -> &str {
     raw.split_once("\r\n\r\n").map_or("", |(_, b)| b)
-}
-
-pub fn empty() -> Body {
-    Body::empty()
 }

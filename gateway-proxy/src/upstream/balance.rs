@@ -15,8 +15,10 @@ use super::Endpoint;
 /// Picks an endpoint for a request.
 ///
 /// Implementations must be cheap and must not block: `pick` runs on every request.
-/// `prepare` runs once per endpoint set, before any `pick`, for precomputation.
-pub trait Balance: Send + Sync + fmt::Debug + 'static {
+/// `prepare` runs once per endpoint set, before any `pick` on it, for precomputation. When
+/// the set changes (discovery), the upstream clones the balancer, prepares the clone for
+/// the new set and swaps it in, so balancers must be `Clone`.
+pub trait Balance: BalanceClone + Send + Sync + fmt::Debug + 'static {
     /// Precomputes whatever `pick` needs for this endpoint set.
     fn prepare(&mut self, endpoints: &[Arc<Endpoint>]) {
         let _ = endpoints;
@@ -24,8 +26,21 @@ pub trait Balance: Send + Sync + fmt::Debug + 'static {
 
     /// The index into `endpoints` of the endpoint that should serve the request, or `None`
     /// when none can. `endpoints` is never empty; only endpoints that [`PickContext::allows`]
-    /// should be returned.
+    /// should be returned. Weighted balancers should use [`PickContext::weight`] (or
+    /// [`PickContext::admits`]) so that slow start applies.
     fn pick(&self, endpoints: &[Arc<Endpoint>], ctx: &PickContext<'_>) -> Option<usize>;
+}
+
+/// Clones a boxed [`Balance`]; implemented for every `Balance + Clone`.
+pub trait BalanceClone {
+    /// A boxed copy of this balancer.
+    fn clone_box(&self) -> Box<dyn Balance>;
+}
+
+impl<T: Balance + Clone> BalanceClone for T {
+    fn clone_box(&self) -> Box<dyn Balance> {
+        Box::new(self.clone())
+    }
 }
 
 /// What a balancer knows about the request it picks for.
@@ -35,6 +50,7 @@ pub struct PickContext<'a> {
     excluded: &'a [u64],
     now: Instant,
     ignore_health: bool,
+    slow_start: Option<Duration>,
 }
 
 /// Smooth weighted round robin (nginx's algorithm, precomputed into a schedule): over any
@@ -47,7 +63,7 @@ pub struct RoundRobin {
 }
 
 /// Weighted random choice.
-#[derive(Debug, Default)]
+#[derive(Clone, Debug, Default)]
 pub struct Random {
     cumulative: Vec<u64>,
 }
@@ -55,7 +71,7 @@ pub struct Random {
 /// Power of two choices by requests in flight, relative to weight ("least request"): two
 /// endpoints drawn at random, the less loaded one wins. Slow endpoints hold their requests
 /// longer, so they get fewer new ones.
-#[derive(Debug, Default)]
+#[derive(Clone, Debug, Default)]
 pub struct LeastRequest {
     _priv: (),
 }
@@ -63,7 +79,7 @@ pub struct LeastRequest {
 /// Power of two choices by peak-EWMA cost, `rtt × (in_flight + 1) / weight` (Finagle's and
 /// linkerd's "peak EWMA"). Endpoints without a sample yet are costed at `default_rtt`, so
 /// new endpoints are tried without being flooded.
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 pub struct PeakEwma {
     default_rtt: Duration,
 }
@@ -74,7 +90,7 @@ impl<'a> PickContext<'a> {
     /// A context for `req`, excluding the endpoints whose ids are in `excluded` and those
     /// that are not available now.
     pub fn new(req: &'a request::Parts, excluded: &'a [u64]) -> Self {
-        Self::at(req, excluded, Instant::now(), false)
+        Self::at(req, excluded, Instant::now(), false, None)
     }
 
     pub(super) const fn at(
@@ -82,12 +98,37 @@ impl<'a> PickContext<'a> {
         excluded: &'a [u64],
         now: Instant,
         ignore_health: bool,
+        slow_start: Option<Duration>,
     ) -> Self {
         Self {
             req,
             excluded,
             now,
             ignore_health,
+            slow_start,
+        }
+    }
+
+    /// `endpoint`'s effective weight now: its configured weight, scaled down while it warms
+    /// up after joining or recovering when the upstream has slow start.
+    pub fn weight(&self, endpoint: &Endpoint) -> f64 {
+        let weight = f64::from(endpoint.get_weight());
+        match self.slow_start {
+            Some(window) => weight * endpoint.warmup(self.now, window),
+            None => weight,
+        }
+    }
+
+    /// For balancers that follow a precomputed weighted order: whether to take `endpoint`
+    /// when it comes up, which is always, except while it warms up (slow start), when it
+    /// is taken with the probability of its current share of its weight.
+    pub fn admits(&self, endpoint: &Endpoint) -> bool {
+        match self.slow_start {
+            None => true,
+            Some(window) => {
+                let share = endpoint.warmup(self.now, window);
+                share >= 1.0 || unit_random() < share
+            }
         }
     }
 
@@ -167,11 +208,20 @@ impl Balance for RoundRobin {
         let len = self.schedule.len();
         for step in 0..len.min(endpoints.len() * 4) {
             let i = self.schedule[(n + step) % len] as usize;
-            if i < endpoints.len() && ctx.allows(&endpoints[i]) {
+            if i < endpoints.len() && ctx.allows(&endpoints[i]) && ctx.admits(&endpoints[i]) {
                 return Some(i);
             }
         }
         first_allowed(endpoints, ctx, n % endpoints.len())
+    }
+}
+
+impl Clone for RoundRobin {
+    fn clone(&self) -> Self {
+        Self {
+            next: AtomicUsize::new(self.next.load(Ordering::Relaxed)),
+            schedule: self.schedule.clone(),
+        }
     }
 }
 
@@ -200,7 +250,7 @@ impl Balance for Random {
         for _ in 0..4 {
             let r = fast_random() % total;
             let i = self.cumulative.partition_point(|&c| c <= r);
-            if i < endpoints.len() && ctx.allows(&endpoints[i]) {
+            if i < endpoints.len() && ctx.allows(&endpoints[i]) && ctx.admits(&endpoints[i]) {
                 return Some(i);
             }
         }
@@ -214,7 +264,7 @@ impl Balance for LeastRequest {
     fn pick(&self, endpoints: &[Arc<Endpoint>], ctx: &PickContext<'_>) -> Option<usize> {
         // Compare (in_flight + 1) / weight without division.
         let load = |i: usize, other: usize| {
-            (endpoints[i].in_flight() as u128 + 1) * u128::from(endpoints[other].get_weight())
+            (endpoints[i].in_flight() as f64 + 1.0) * ctx.weight(&endpoints[other])
         };
         two_choices(endpoints, ctx, |a, b| load(a, b) <= load(b, a))
     }
@@ -276,10 +326,16 @@ impl Balance for PeakEwma {
             let e = &endpoints[i];
             let rtt = e.rtt_estimate(now).unwrap_or(self.default_rtt).as_nanos() as f64;
             // NOTE: +1 ns keeps a decayed-to-zero estimate from hiding the load factor.
-            (rtt + 1.0) * (e.in_flight() as f64 + 1.0) / f64::from(e.get_weight())
+            (rtt + 1.0) * (e.in_flight() as f64 + 1.0) / ctx.weight(e)
         };
         two_choices(endpoints, ctx, |a, b| cost(a) <= cost(b))
     }
+}
+
+/// A uniform random number in `[0, 1)`.
+fn unit_random() -> f64 {
+    // The top 53 bits, the precision of an f64 mantissa.
+    (fast_random() >> 11) as f64 / (1u64 << 53) as f64
 }
 
 /// `r` reduced to `0..n` (n > 0).

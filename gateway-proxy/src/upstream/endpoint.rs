@@ -3,7 +3,7 @@
 use std::fmt;
 use std::str::FromStr;
 use std::sync::OnceLock;
-use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use http::uri::{Authority, Scheme, Uri};
@@ -25,6 +25,35 @@ pub struct Endpoint {
     ejected_until: AtomicU64,
     /// Ejections so far (reset after a long healthy spell); scales the ejection time.
     pub(super) ejections: AtomicU32,
+    /// The verdict of active health checks (true until a check says otherwise).
+    healthy: AtomicBool,
+    /// When the endpoint last joined or came back, in nanoseconds since [`epoch`]; 0 = it
+    /// was there from the start. Slow start ramps its weight up from this point.
+    ready_since: AtomicU64,
+}
+
+/// A point-in-time view of an endpoint's state, for metrics and admin endpoints.
+#[derive(Clone, Debug, PartialEq)]
+#[non_exhaustive]
+pub struct EndpointState {
+    /// The process-unique endpoint id.
+    pub id: u64,
+    /// `scheme://host:port`.
+    pub url: String,
+    /// The configured weight.
+    pub weight: u32,
+    /// Requests in flight.
+    pub in_flight: usize,
+    /// The peak-EWMA response-time estimate, if there was a sample.
+    pub rtt: Option<Duration>,
+    /// Consecutive failed outcomes.
+    pub consecutive_failures: usize,
+    /// Whether active health checks pass (true when there are none).
+    pub healthy: bool,
+    /// Whether passive health checking has ejected it now.
+    pub ejected: bool,
+    /// Ejections since its last long healthy spell.
+    pub ejections: u32,
 }
 
 /// A peak-sensitive moving average of response times: a slower sample replaces the estimate
@@ -41,6 +70,10 @@ struct Rtt {
 
 /// How fast the response-time estimate forgets (the decay constant of the average).
 pub(super) const RTT_DECAY: Duration = Duration::from_secs(10);
+
+/// The smallest share of its weight a warming endpoint gets, so it is tried at all (Envoy's
+/// `min_weight_percent` default).
+const MIN_WARMUP: f64 = 0.1;
 
 /// A process-wide time origin for the compact timestamps of [`Rtt`].
 fn epoch() -> Instant {
@@ -75,6 +108,8 @@ impl Endpoint {
             rtt: Rtt::default(),
             ejected_until: AtomicU64::new(0),
             ejections: AtomicU32::new(0),
+            healthy: AtomicBool::new(true),
+            ready_since: AtomicU64::new(0),
         }
     }
 
@@ -125,9 +160,64 @@ impl Endpoint {
         self.ejections.load(Ordering::Relaxed)
     }
 
-    /// Whether the endpoint may take traffic at `now`.
+    /// Whether active health checks pass (always true without them).
+    pub fn is_healthy(&self) -> bool {
+        self.healthy.load(Ordering::Relaxed)
+    }
+
+    /// Whether the endpoint may take traffic at `now`: healthy and not ejected.
     pub fn is_available(&self, now: Instant) -> bool {
-        !self.is_ejected(now)
+        self.is_healthy() && !self.is_ejected(now)
+    }
+
+    /// A snapshot of the endpoint's state at `now`.
+    pub fn state(&self, now: Instant) -> EndpointState {
+        EndpointState {
+            id: self.id,
+            url: self.to_string(),
+            weight: self.weight,
+            in_flight: self.in_flight(),
+            rtt: self.rtt_estimate(now),
+            consecutive_failures: self.consecutive_failures(),
+            healthy: self.is_healthy(),
+            ejected: self.is_ejected(now),
+            ejections: self.ejections(),
+        }
+    }
+
+    /// Records an active health verdict; returns whether it changed. A return to health
+    /// restarts the slow-start ramp.
+    pub(super) fn set_healthy(&self, healthy: bool, now: Instant) -> bool {
+        let changed = self.healthy.swap(healthy, Ordering::Relaxed) != healthy;
+        if changed && healthy {
+            self.mark_ready(now);
+        }
+        changed
+    }
+
+    /// Starts the slow-start ramp at `now` (the endpoint just joined or came back).
+    pub(super) fn mark_ready(&self, now: Instant) {
+        self.ready_since
+            .store(nanos_since_epoch(now).max(1), Ordering::Relaxed);
+    }
+
+    /// The share (0.1–1.0) of its weight the endpoint gets at `now` when weights ramp up
+    /// over `window` after it joined, returned to health or came back from an ejection.
+    pub(super) fn warmup(&self, now: Instant, window: Duration) -> f64 {
+        let since = self
+            .ready_since
+            .load(Ordering::Relaxed)
+            .max(self.ejected_until.load(Ordering::Relaxed));
+        if since == 0 {
+            return 1.0;
+        }
+        let elapsed = nanos_since_epoch(now).saturating_sub(since) as f64;
+        let window = window.as_nanos() as f64;
+        if elapsed >= window {
+            1.0
+        } else {
+            (elapsed / window).max(MIN_WARMUP)
+        }
     }
 
     /// When the last ejection ended (or ends), if there was one.
@@ -228,6 +318,15 @@ impl fmt::Display for Endpoint {
 }
 
 // === impl InvalidEndpoint ===
+
+impl InvalidEndpoint {
+    pub(super) fn new(target: &str, reason: &'static str) -> Self {
+        Self {
+            target: target.to_owned(),
+            reason,
+        }
+    }
+}
 
 impl fmt::Display for InvalidEndpoint {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {

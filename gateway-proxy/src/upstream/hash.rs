@@ -26,7 +26,9 @@ pub enum HashKey {
 /// Maglev consistent hashing: a lookup table of a prime size in which every endpoint owns
 /// a share of slots proportional to its weight. The same key always maps to the same
 /// endpoint of the same set, and removing one of N endpoints remaps about 1/N of the keys.
-/// Requests without the key are spread at random.
+/// Requests without the key are spread at random. Slow start does not apply: a key's
+/// endpoint is fixed by the table.
+#[derive(Clone)]
 pub struct ConsistentHash {
     key: HashKey,
     table: Vec<u32>,
@@ -111,6 +113,9 @@ impl fmt::Debug for ConsistentHash {
 /// Builds the Maglev lookup table. Endpoints are identified by their `scheme://authority`,
 /// so every gateway instance builds the same table for the same set.
 fn maglev(endpoints: &[Arc<Endpoint>]) -> Vec<u32> {
+    if endpoints.is_empty() {
+        return Vec::new();
+    }
     let m = TABLE_SIZE as u64;
     let prefs: Vec<(u64, u64)> = endpoints
         .iter()

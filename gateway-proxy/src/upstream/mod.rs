@@ -18,9 +18,17 @@
 //! A retry layer asks for endpoints not tried yet by putting [`TriedEndpoints`] in the
 //! request's extensions.
 //!
-//! Passive health checking ([`OutlierDetection`], set with [`Upstream::builder`]) ejects
-//! endpoints whose requests keep failing; [`WhenAllUnhealthy`] decides what happens when
-//! none is left.
+//! Health, set with [`Upstream::builder`]:
+//! - passive ([`OutlierDetection`]): endpoints whose requests keep failing are ejected for
+//!   a time that grows with each ejection;
+//! - active ([`HealthCheck`]): every endpoint is probed over HTTP in the background;
+//! - [`WhenAllUnhealthy`] decides what happens when no endpoint is left;
+//! - [`UpstreamBuilder::slow_start`] ramps a new or recovered endpoint's weight up.
+//!
+//! The endpoint set can change while requests flow: [`UpstreamBuilder::discover`] follows
+//! any [`tower::discover::Discover`] of endpoints, such as [`DnsDiscovery`]. Endpoints that
+//! stay keep their state, and requests in flight finish on the endpoint they started on.
+//! [`Endpoint::state`] gives a snapshot of one endpoint's state for metrics.
 //!
 //! # Example
 //!
@@ -35,13 +43,17 @@
 //! ```
 
 mod balance;
+mod discover;
 mod endpoint;
 mod hash;
+mod health;
+mod outlier;
 mod set;
 
-pub use balance::{Balance, LeastRequest, PeakEwma, PickContext, Random, RoundRobin};
-pub use endpoint::{Endpoint, InvalidEndpoint};
+pub use balance::{Balance, BalanceClone, LeastRequest, PeakEwma, PickContext, Random, RoundRobin};
+pub use discover::{DnsDiscovery, Resolve, ResolveFuture, SystemResolver};
+pub use endpoint::{Endpoint, EndpointState, InvalidEndpoint};
 pub use hash::{ConsistentHash, HashKey};
-pub use set::{
-    OutlierDetection, Selected, TriedEndpoints, Upstream, UpstreamBuilder, WhenAllUnhealthy,
-};
+pub use health::{HealthCheck, InvalidHealthCheck};
+pub use outlier::OutlierDetection;
+pub use set::{Endpoints, Selected, TriedEndpoints, Upstream, UpstreamBuilder, WhenAllUnhealthy};

@@ -1,60 +1,69 @@
-//! The upstream: an endpoint set and its balancer.
+//! The upstream: an endpoint set, its balancer and its health settings.
 
 use std::fmt;
+use std::ops::Deref;
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError, Weak};
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
 use gateway_core::classify::Class;
-use gateway_core::{Error, ErrorKind};
+use gateway_core::{BoxError, Error, ErrorKind};
 use http::request;
 use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tower::discover::Discover;
 
 use super::balance::{Balance, LeastRequest, PeakEwma, PickContext, Random, RoundRobin};
 use super::hash::{ConsistentHash, HashKey};
-use super::{Endpoint, InvalidEndpoint};
+use super::health::HealthCheck;
+use super::outlier::OutlierDetection;
+use super::{Endpoint, InvalidEndpoint, discover};
 
 /// A set of endpoints and the balancer that spreads requests over them.
 ///
-/// Cloning is cheap (one `Arc`); clones share endpoints and their state.
+/// Cloning is cheap (one `Arc`); clones share endpoints and their state. Background tasks
+/// (active health checks, discovery) stop when the last clone is dropped.
 #[derive(Clone)]
 pub struct Upstream {
     inner: Arc<Inner>,
 }
 
-struct Inner {
-    endpoints: Vec<Arc<Endpoint>>,
-    balancer: Box<dyn Balance>,
+pub(super) struct Inner {
+    /// The current endpoint set with its prepared balancer, swapped whole on changes.
+    current: ArcSwap<Snapshot>,
     outlier: Option<OutlierDetection>,
     all_unhealthy: WhenAllUnhealthy,
+    slow_start: Option<Duration>,
+    health: Option<Arc<HealthCheck>>,
     /// Serializes ejection decisions so the cap on ejected endpoints holds.
     ejecting: Mutex<()>,
+    /// Serializes set changes; holds each endpoint's health-check cancellation.
+    checks: Mutex<Vec<(u64, CancellationToken)>>,
+    /// Cancelled on drop: stops discovery and every health check.
+    tasks: CancellationToken,
 }
 
-/// Builds an [`Upstream`] with health settings.
+struct Snapshot {
+    endpoints: Vec<Arc<Endpoint>>,
+    balancer: Box<dyn Balance>,
+}
+
+/// The endpoints of an upstream at one moment (the set may change afterwards).
+pub struct Endpoints(Arc<Snapshot>);
+
+type StartDiscovery = Box<dyn FnOnce(Weak<Inner>, CancellationToken) + Send>;
+
+/// Builds an [`Upstream`] with health settings and discovery.
 #[must_use]
 pub struct UpstreamBuilder {
     endpoints: Vec<Endpoint>,
     balancer: Box<dyn Balance>,
     outlier: Option<OutlierDetection>,
     all_unhealthy: WhenAllUnhealthy,
-}
-
-/// Passive health checking: endpoints whose requests keep failing (as judged by
-/// [`gateway_core::classify`]: connect errors, resets, timeouts, 5xx) are ejected for a
-/// while.
-///
-/// An endpoint with `consecutive_failures` failures in a row is ejected for
-/// `base_ejection × (number of ejections)`, at most `max_ejection`, so an endpoint that keeps
-/// failing stays out longer each time. The count restarts after a healthy spell of
-/// `max_ejection`. At most `max_ejected_percent` of the endpoints (but always at least one)
-/// are ejected at once.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct OutlierDetection {
-    consecutive_failures: usize,
-    base_ejection: Duration,
-    max_ejection: Duration,
-    max_ejected_percent: u8,
+    slow_start: Option<Duration>,
+    health: Option<HealthCheck>,
+    discovery: Option<StartDiscovery>,
 }
 
 /// What to do when no endpoint is available.
@@ -88,12 +97,12 @@ pub struct TriedEndpoints(Arc<Mutex<Vec<u64>>>);
 // === impl Upstream ===
 
 impl Upstream {
-    /// An upstream over `endpoints`, balanced by `balancer`, without passive health checks.
+    /// An upstream over `endpoints`, balanced by `balancer`, without health checks.
     pub fn new(endpoints: impl IntoIterator<Item = Endpoint>, balancer: impl Balance) -> Self {
         Self::builder(endpoints, balancer).build()
     }
 
-    /// Starts an upstream with health settings.
+    /// Starts an upstream with health settings or discovery.
     pub fn builder(
         endpoints: impl IntoIterator<Item = Endpoint>,
         balancer: impl Balance,
@@ -103,9 +112,11 @@ impl Upstream {
             balancer: Box::new(balancer),
             outlier: None,
             all_unhealthy: WhenAllUnhealthy::default(),
+            slow_start: None,
+            health: None,
+            discovery: None,
         }
     }
-
     /// Smooth weighted round robin over `targets` (see [`Endpoint`]'s `FromStr` for the
     /// accepted forms; all weights 1).
     ///
@@ -181,9 +192,9 @@ impl Upstream {
         Self::round_robin([target])
     }
 
-    /// The endpoints, for observation.
-    pub fn endpoints(&self) -> &[Arc<Endpoint>] {
-        &self.inner.endpoints
+    /// The current endpoints, for observation.
+    pub fn endpoints(&self) -> Endpoints {
+        Endpoints(self.inner.current.load_full())
     }
 
     /// Picks the endpoint for `req`.
@@ -193,7 +204,9 @@ impl Upstream {
     /// [`ErrorKind::NoHealthyUpstream`] when the set is empty or the balancer finds no
     /// endpoint.
     pub fn select(&self, req: &request::Parts) -> Result<Selected, Error> {
-        let endpoints = &self.inner.endpoints;
+        let inner = &*self.inner;
+        let snapshot = inner.current.load();
+        let endpoints = snapshot.endpoints.as_slice();
         if endpoints.is_empty() {
             return Err(Error::new(ErrorKind::NoHealthyUpstream));
         }
@@ -201,11 +214,10 @@ impl Upstream {
         let tried = req.extensions.get::<TriedEndpoints>();
         let mut ids = tried.map(|t| t.0.lock().unwrap_or_else(PoisonError::into_inner));
         let excluded: &[u64] = ids.as_deref().map_or(&[], |v| v.as_slice());
-        let inner = &*self.inner;
         let attempt = |excluded: &[u64], ignore_health: bool| {
-            inner.balancer.pick(
+            snapshot.balancer.pick(
                 endpoints,
-                &PickContext::at(req, excluded, now, ignore_health),
+                &PickContext::at(req, excluded, now, ignore_health, inner.slow_start),
             )
         };
         // Relax constraints one at a time: first an endpoint tried before (all were), then,
@@ -237,12 +249,105 @@ impl Upstream {
     }
 }
 
+// === impl Inner ===
+
+impl Inner {
+    /// Removes the endpoints whose ids are in `removed` and adds `added`, keeping every
+    /// other endpoint (and its state) as it is; the balancer is prepared for the new set
+    /// and swapped in with it. Requests in flight keep their endpoint.
+    pub(super) fn apply(&self, removed: &[u64], added: Vec<Endpoint>) {
+        let mut checks = self.checks.lock().unwrap_or_else(PoisonError::into_inner);
+        let old = self.current.load_full();
+        let now = Instant::now();
+        // Joining an empty set there is nobody to protect them from: full weight at once.
+        let warm_up = self.slow_start.is_some() && !old.endpoints.is_empty();
+        let mut endpoints: Vec<Arc<Endpoint>> = old
+            .endpoints
+            .iter()
+            .filter(|e| !removed.contains(&e.id()))
+            .cloned()
+            .collect();
+        let (kept, added_count) = (endpoints.len(), added.len());
+        checks.retain(|(id, cancel)| {
+            let keep = !removed.contains(id);
+            if !keep {
+                cancel.cancel();
+            }
+            keep
+        });
+        for endpoint in added {
+            if warm_up {
+                endpoint.mark_ready(now);
+            }
+            let endpoint = Arc::new(endpoint);
+            if let Some(check) = &self.health {
+                let cancel = self.tasks.child_token();
+                check.spawn(Arc::clone(&endpoint), cancel.clone());
+                checks.push((endpoint.id(), cancel));
+            }
+            endpoints.push(endpoint);
+        }
+        let mut balancer = old.balancer.clone_box();
+        balancer.prepare(&endpoints);
+        let total = endpoints.len();
+        self.current.store(Arc::new(Snapshot {
+            endpoints,
+            balancer,
+        }));
+        tracing::debug!(
+            added = added_count,
+            removed = old.endpoints.len() - kept,
+            total,
+            "upstream endpoints changed"
+        );
+    }
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        self.tasks.cancel();
+    }
+}
+
+// === impl Endpoints ===
+
+impl Deref for Endpoints {
+    type Target = [Arc<Endpoint>];
+
+    fn deref(&self) -> &[Arc<Endpoint>] {
+        &self.0.endpoints
+    }
+}
+
+impl fmt::Debug for Endpoints {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_list().entries(self.0.endpoints.iter()).finish()
+    }
+}
+
 // === impl UpstreamBuilder ===
 
 impl UpstreamBuilder {
-    /// Ejects endpoints that keep failing.
+    /// Ejects endpoints that keep failing (passive health checking).
     pub const fn outlier_detection(mut self, outlier: OutlierDetection) -> Self {
         self.outlier = Some(outlier);
+        self
+    }
+
+    /// Probes every endpoint in the background (active health checking); endpoints that
+    /// fail their checks get no traffic until they pass again.
+    pub fn health_check(mut self, check: HealthCheck) -> Self {
+        self.health = Some(check);
+        self
+    }
+
+    /// Ramps the weight of an endpoint that joins the set, passes its health checks again
+    /// or returns from an ejection linearly from 10% to 100% over `window`, so a cold
+    /// instance is not flooded. Applies to round robin, random, least request and
+    /// peak-EWMA; not to consistent hashing. Endpoints there at the start, or joining an
+    /// empty set, start at full weight.
+    pub const fn slow_start(mut self, window: Duration) -> Self {
+        self.slow_start = if window.is_zero() { None } else { Some(window) };
         self
     }
 
@@ -252,20 +357,53 @@ impl UpstreamBuilder {
         self
     }
 
-    /// Builds the upstream.
+    /// Follows `discover`, a [`tower::discover::Discover`] of endpoints (for example
+    /// [`DnsDiscovery`](super::DnsDiscovery)), in a background task: inserted keys add
+    /// endpoints and removed keys remove them, while every other endpoint keeps its state.
+    /// An insert for a key that is already there with the same address and weight changes
+    /// nothing. Discovery errors are logged and the last set is kept.
+    ///
+    /// The endpoints given to [`Upstream::builder`] are the initial set; discovered ones
+    /// come in addition.
+    pub fn discover<D>(mut self, discover: D) -> Self
+    where
+        D: Discover<Service = Endpoint> + Send + 'static,
+        D::Key: std::hash::Hash + fmt::Debug + Send,
+        D::Error: Into<BoxError> + Send,
+    {
+        self.discovery = Some(Box::new(move |upstream, cancel| {
+            discover::spawn(discover, upstream, cancel);
+        }));
+        self
+    }
+
+    /// Builds the upstream and starts its background tasks.
+    ///
+    /// # Panics
+    ///
+    /// With health checks or discovery, when called outside a Tokio runtime (like
+    /// `tokio::spawn`).
     pub fn build(self) -> Upstream {
-        let endpoints: Vec<Arc<Endpoint>> = self.endpoints.into_iter().map(Arc::new).collect();
-        let mut balancer = self.balancer;
-        balancer.prepare(&endpoints);
-        Upstream {
-            inner: Arc::new(Inner {
-                endpoints,
-                balancer,
-                outlier: self.outlier,
-                all_unhealthy: self.all_unhealthy,
-                ejecting: Mutex::new(()),
+        let inner = Arc::new(Inner {
+            current: ArcSwap::from_pointee(Snapshot {
+                endpoints: Vec::new(),
+                balancer: self.balancer,
             }),
+            outlier: self.outlier,
+            all_unhealthy: self.all_unhealthy,
+            slow_start: self.slow_start,
+            health: self.health.map(Arc::new),
+            ejecting: Mutex::new(()),
+            checks: Mutex::new(Vec::new()),
+            tasks: CancellationToken::new(),
+        });
+        if !self.endpoints.is_empty() {
+            inner.apply(&[], self.endpoints);
         }
+        if let Some(start) = self.discovery {
+            start(Arc::downgrade(&inner), inner.tasks.child_token());
+        }
+        Upstream { inner }
     }
 }
 
@@ -273,88 +411,14 @@ impl fmt::Debug for UpstreamBuilder {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("UpstreamBuilder")
             .field("endpoints", &self.endpoints)
+            .field("balancer", &self.balancer)
             .field("outlier", &self.outlier)
+            .field("slow_start", &self.slow_start)
+            .field("health", &self.health)
             .finish_non_exhaustive()
     }
 }
 
-// === impl OutlierDetection ===
-
-impl OutlierDetection {
-    /// Ejects after `consecutive_failures` failures in a row (at least 1); 30 s base
-    /// ejection, 300 s at most, at most 10% of the endpoints (at least one) at once.
-    pub const fn new(consecutive_failures: usize) -> Self {
-        Self {
-            consecutive_failures: if consecutive_failures == 0 {
-                1
-            } else {
-                consecutive_failures
-            },
-            base_ejection: Duration::from_secs(30),
-            max_ejection: Duration::from_secs(300),
-            max_ejected_percent: 10,
-        }
-    }
-
-    /// The first ejection's length; later ones are multiples of it.
-    pub const fn base_ejection(mut self, d: Duration) -> Self {
-        self.base_ejection = d;
-        self
-    }
-
-    /// The longest ejection.
-    pub const fn max_ejection(mut self, d: Duration) -> Self {
-        self.max_ejection = d;
-        self
-    }
-
-    /// At most this share of the endpoints is ejected at once (0–100; one endpoint may
-    /// always be ejected).
-    pub const fn max_ejected_percent(mut self, percent: u8) -> Self {
-        self.max_ejected_percent = if percent > 100 { 100 } else { percent };
-        self
-    }
-}
-
-impl Default for OutlierDetection {
-    fn default() -> Self {
-        Self::new(5)
-    }
-}
-
-// === impl Inner ===
-
-impl Inner {
-    fn maybe_eject(&self, endpoint: &Endpoint, outlier: &OutlierDetection, now: Instant) {
-        let _decision = self.ejecting.lock().unwrap_or_else(PoisonError::into_inner);
-        if endpoint.is_ejected(now)
-            || endpoint.failures.load(Ordering::Relaxed) < outlier.consecutive_failures
-        {
-            return;
-        }
-        let ejected = self.endpoints.iter().filter(|e| e.is_ejected(now)).count();
-        let cap = (self.endpoints.len() * usize::from(outlier.max_ejected_percent) / 100).max(1);
-        if ejected >= cap {
-            tracing::debug!(%endpoint, ejected, cap, "not ejecting: too many endpoints ejected");
-            return;
-        }
-        if endpoint
-            .ejected_until()
-            .is_some_and(|until| now.saturating_duration_since(until) >= outlier.max_ejection)
-        {
-            // A long healthy spell since the last ejection: start counting afresh.
-            endpoint.ejections.store(0, Ordering::Relaxed);
-        }
-        let count = endpoint.ejections.fetch_add(1, Ordering::Relaxed) + 1;
-        let duration = outlier
-            .base_ejection
-            .saturating_mul(count)
-            .min(outlier.max_ejection);
-        endpoint.eject_until(now + duration);
-        endpoint.failures.store(0, Ordering::Relaxed);
-        tracing::warn!(%endpoint, ?duration, ejections = count, "ejecting failing endpoint");
-    }
-}
 fn parse<I>(targets: I) -> Result<Vec<Endpoint>, InvalidEndpoint>
 where
     I: IntoIterator,
@@ -365,10 +429,11 @@ where
 
 impl fmt::Debug for Upstream {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let snapshot = self.inner.current.load();
         f.debug_struct("Upstream")
-            .field("endpoints", &self.inner.endpoints)
-            .field("balancer", &self.inner.balancer)
-            .finish()
+            .field("endpoints", &snapshot.endpoints)
+            .field("balancer", &snapshot.balancer)
+            .finish_non_exhaustive()
     }
 }
 
@@ -393,9 +458,13 @@ impl Selected {
         let failures = self.endpoint.failures.fetch_add(1, Ordering::Relaxed) + 1;
         if let Some(upstream) = &self.upstream
             && let Some(outlier) = &upstream.outlier
-            && failures >= outlier.consecutive_failures
+            && outlier.is_due(failures)
         {
-            upstream.maybe_eject(&self.endpoint, outlier, now);
+            let _decision = upstream
+                .ejecting
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            outlier.maybe_eject(&self.endpoint, &upstream.current.load().endpoints, now);
         }
     }
 }
@@ -601,5 +670,85 @@ mod tests {
             // Everything tried: the exclusion is lifted rather than failing.
             assert!(up.select(&parts).is_ok());
         }
+    }
+
+    fn every_balancer(targets: [&str; 2]) -> Vec<Upstream> {
+        vec![
+            Upstream::round_robin(targets).unwrap(),
+            Upstream::least_request(targets).unwrap(),
+            Upstream::peak_ewma(targets).unwrap(),
+            Upstream::random(targets).unwrap(),
+            Upstream::consistent_hash(HashKey::Path, targets).unwrap(),
+        ]
+    }
+
+    #[test]
+    fn set_changes_keep_the_endpoints_that_stay() {
+        for up in every_balancer(["a:1", "b:2"]) {
+            let a = Arc::clone(&up.endpoints()[0]);
+            let b_id = up.endpoints()[1].id();
+            a.observe_rtt(Duration::from_millis(7), Instant::now());
+            let held = up.select(&parts()).unwrap();
+            let held_id = held.endpoint().id();
+
+            up.inner
+                .apply(&[b_id], vec!["c:3".parse::<Endpoint>().unwrap()]);
+            let now: Vec<String> = up.endpoints().iter().map(|e| e.to_string()).collect();
+            assert_eq!(now, ["http://a:1", "http://c:3"], "{up:?}");
+            assert!(
+                Arc::ptr_eq(&up.endpoints()[0], &a),
+                "a stays the same endpoint"
+            );
+            assert!(
+                a.rtt_estimate(Instant::now()).is_some(),
+                "and keeps its EWMA"
+            );
+            for _ in 0..50 {
+                assert_ne!(up.select(&parts()).unwrap().endpoint().id(), b_id, "{up:?}");
+            }
+            // The request in flight finishes on its endpoint, gone or not.
+            assert_eq!(held.endpoint().id(), held_id);
+            assert_eq!(held.endpoint().in_flight(), 1);
+            drop(held);
+
+            // Down to nothing and back (Maglev over an empty set must not spin).
+            let all: Vec<u64> = up.endpoints().iter().map(|e| e.id()).collect();
+            up.inner.apply(&all, Vec::new());
+            let err = up.select(&parts()).unwrap_err();
+            assert_eq!(err.kind(), ErrorKind::NoHealthyUpstream);
+            up.inner
+                .apply(&[], vec!["d:4".parse::<Endpoint>().unwrap()]);
+            assert_eq!(
+                up.select(&parts()).unwrap().endpoint().to_string(),
+                "http://d:4"
+            );
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn slow_start_ramps_a_new_endpoint_up() {
+        let window = Duration::from_secs(10);
+        let eps = ["a:1", "b:2"].map(|t| t.parse::<Endpoint>().unwrap());
+        let up = Upstream::builder(eps, RoundRobin::default())
+            .slow_start(window)
+            .build();
+        up.inner
+            .apply(&[], vec!["new:3".parse::<Endpoint>().unwrap()]);
+        let share_of_new = |up: &Upstream| {
+            let picks = 10_000;
+            let new = (0..picks)
+                .filter(|_| up.select(&parts()).unwrap().endpoint().to_string() == "http://new:3")
+                .count();
+            new as f64 / picks as f64
+        };
+        // Weight shares: 0.1 / 2.1 at first, 0.5 / 2.5 half-way, 1 / 3 after the window.
+        let at_start = share_of_new(&up);
+        assert!((0.02..0.08).contains(&at_start), "{at_start}");
+        tokio::time::advance(window / 2).await;
+        let half_way = share_of_new(&up);
+        assert!((0.15..0.25).contains(&half_way), "{half_way}");
+        tokio::time::advance(window / 2).await;
+        let after = share_of_new(&up);
+        assert!((0.31..0.36).contains(&after), "{after}");
     }
 }

@@ -11,18 +11,19 @@
 //! curl -i http://127.0.0.1:8080/api/%2e%2e%2fadmin  # refused: 400
 //! ```
 //!
-//! With `--upstream URL` (repeatable: round robin) it proxies every path to the given
-//! upstreams, like a quick-start reverse proxy:
+//! With `--upstream URL` (repeatable) it proxies every path to the given upstreams, like
+//! a quick-start reverse proxy, with a balancer, health checks and DNS discovery to taste:
 //!
 //! ```text
 //! cargo run --release -p example-gateway -- --listen 0.0.0.0:8080 \
-//!     --upstream http://10.0.0.1:8080 --upstream http://10.0.0.2:8080
+//!     --upstream http://10.0.0.1:8080 --upstream http://10.0.0.2:8080 \
+//!     --lb least-request --health-path /healthz --slow-start 30
 //! ```
 
 mod demo;
 
 use std::ffi::OsString;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
@@ -30,7 +31,10 @@ use std::time::Duration;
 use gateway_core::RescueLayer;
 use gateway_core::client_ip::{ClientIpLayer, TrustedProxies};
 use gateway_proxy::server::TlsConfig;
-use gateway_proxy::upstream::HashKey;
+use gateway_proxy::upstream::{
+    ConsistentHash, DnsDiscovery, Endpoint, HashKey, HealthCheck, LeastRequest, OutlierDetection,
+    PeakEwma, Random, RoundRobin,
+};
 use gateway_proxy::{ReverseProxy, Route, Router, Server, Upstream};
 use tower::ServiceBuilder;
 
@@ -50,6 +54,20 @@ OPTIONS:
                            random, least-request, ewma (peak-EWMA response time),
                            or hash:client-ip, hash:path,
                            hash:header:NAME, hash:cookie:NAME [default: round-robin]
+    --health-path PATH     probe every endpoint with GET PATH; endpoints failing
+                           their probes get no traffic until they pass again
+    --health-interval SECS time between probes [default: 10]
+    --health-timeout SECS  how long a probe may take [default: 2]
+    --healthy-threshold N  passing probes in a row to be healthy again [default: 2]
+    --unhealthy-threshold N
+                           failed probes in a row to be unhealthy [default: 3]
+    --eject-after N        eject an endpoint after N failed requests in a row
+                           (502/503/504, resets, refused connections), for 30 s,
+                           longer each time; 0 turns it off [default: 5]
+    --slow-start SECS      ramp a new or recovered endpoint's share up over SECS
+                           [default: 0, off]
+    --dns-refresh SECS     resolve http upstreams given by host name every SECS and
+                           balance over every address they resolve to [default: off]
     --threads N            worker threads of the runtime [default: one per core]
     --tls-cert FILE        serve HTTPS with this PEM certificate chain (needs --tls-key)
     --tls-key FILE         PEM private key for --tls-cert
@@ -70,6 +88,14 @@ struct Args {
     tls_key: Option<PathBuf>,
     trusted: Vec<String>,
     drain: Duration,
+    health_path: Option<String>,
+    health_interval: Duration,
+    health_timeout: Duration,
+    healthy_threshold: u32,
+    unhealthy_threshold: u32,
+    eject_after: usize,
+    slow_start: Duration,
+    dns_refresh: Option<Duration>,
 }
 
 /// The `--lb` choice.
@@ -107,7 +133,7 @@ impl Lb {
 
 /// What the command line asked for.
 enum Command {
-    Run(Args),
+    Run(Box<Args>),
     Help,
 }
 
@@ -123,6 +149,14 @@ fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Command, String> {
         tls_key: None,
         trusted: Vec::new(),
         drain: Duration::from_secs(30),
+        health_path: None,
+        health_interval: Duration::from_secs(10),
+        health_timeout: Duration::from_secs(2),
+        healthy_threshold: 2,
+        unhealthy_threshold: 3,
+        eject_after: 5,
+        slow_start: Duration::ZERO,
+        dns_refresh: None,
     };
     while let Some(arg) = parser.next().map_err(|e| e.to_string())? {
         let value = |p: &mut lexopt::Parser| -> Result<String, String> {
@@ -154,12 +188,33 @@ fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Command, String> {
             Long("tls-cert") => args.tls_cert = Some(value(&mut parser)?.into()),
             Long("tls-key") => args.tls_key = Some(value(&mut parser)?.into()),
             Long("trusted-proxy") => args.trusted.push(value(&mut parser)?),
-            Long("drain-timeout") => {
+            Long("drain-timeout") => args.drain = secs("drain-timeout", &value(&mut parser)?)?,
+            Long("health-path") => args.health_path = Some(value(&mut parser)?),
+            Long("health-interval") => {
+                args.health_interval = secs("health-interval", &value(&mut parser)?)?;
+            }
+            Long("health-timeout") => {
+                args.health_timeout = secs("health-timeout", &value(&mut parser)?)?;
+            }
+            Long("healthy-threshold") => {
+                args.healthy_threshold = count("healthy-threshold", &value(&mut parser)?)?;
+            }
+            Long("unhealthy-threshold") => {
+                args.unhealthy_threshold = count("unhealthy-threshold", &value(&mut parser)?)?;
+            }
+            Long("eject-after") => {
                 let v = value(&mut parser)?;
-                let secs: u64 = v
+                args.eject_after = v
                     .parse()
-                    .map_err(|_| format!("--drain-timeout: `{v}` is not a number of seconds"))?;
-                args.drain = Duration::from_secs(secs);
+                    .map_err(|_| format!("--eject-after: `{v}` is not a number"))?;
+            }
+            Long("slow-start") => args.slow_start = secs("slow-start", &value(&mut parser)?)?,
+            Long("dns-refresh") => {
+                let every = secs("dns-refresh", &value(&mut parser)?)?;
+                if every.is_zero() {
+                    return Err("--dns-refresh must be more than 0".into());
+                }
+                args.dns_refresh = Some(every);
             }
             other => return Err(other.unexpected().to_string()),
         }
@@ -167,7 +222,23 @@ fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Command, String> {
     if args.tls_cert.is_some() != args.tls_key.is_some() {
         return Err("--tls-cert and --tls-key go together".into());
     }
-    Ok(Command::Run(args))
+    Ok(Command::Run(Box::new(args)))
+}
+
+/// A number of seconds (fractions allowed) for `--flag`.
+fn secs(flag: &str, v: &str) -> Result<Duration, String> {
+    v.parse::<f64>()
+        .ok()
+        .and_then(|s| Duration::try_from_secs_f64(s).ok())
+        .ok_or_else(|| format!("--{flag}: `{v}` is not a number of seconds"))
+}
+
+/// A count of at least 1 for `--flag`.
+fn count(flag: &str, v: &str) -> Result<u32, String> {
+    match v.parse::<u32>() {
+        Ok(n) if n > 0 => Ok(n),
+        _ => Err(format!("--{flag}: `{v}` is not a number of at least 1")),
+    }
 }
 
 fn main() -> ExitCode {
@@ -176,7 +247,7 @@ fn main() -> ExitCode {
             print!("{HELP}");
             return ExitCode::SUCCESS;
         }
-        Ok(Command::Run(args)) => args,
+        Ok(Command::Run(args)) => *args,
         Err(err) => {
             eprintln!("gateway: error: {err} (see --help)");
             return ExitCode::from(2);
@@ -249,15 +320,7 @@ async fn run(args: Args) -> Result<(), Failure> {
             true,
         )
     } else {
-        let targets = &args.upstreams;
-        let upstream = match args.lb {
-            Lb::RoundRobin => Upstream::round_robin(targets),
-            Lb::Random => Upstream::random(targets),
-            Lb::LeastRequest => Upstream::least_request(targets),
-            Lb::Ewma => Upstream::peak_ewma(targets),
-            Lb::Hash(key) => Upstream::consistent_hash(key, targets),
-        }
-        .map_err(|e| config(&e))?;
+        let upstream = upstream(&args).map_err(|e| config(&e))?;
         let proxy = ReverseProxy::builder(upstream)
             .build()
             .map_err(|e| config(&e))?;
@@ -299,6 +362,51 @@ async fn run(args: Args) -> Result<(), Failure> {
         .map_err(|e| Failure::Runtime(e.to_string()))?;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// The upstream the `--upstream`, `--lb`, health and discovery flags describe.
+fn upstream(args: &Args) -> Result<Upstream, Box<dyn std::error::Error>> {
+    let mut fixed = Vec::new();
+    let mut discovered = Vec::new();
+    for target in &args.upstreams {
+        let endpoint: Endpoint = target.parse()?;
+        let by_name = endpoint
+            .authority()
+            .host()
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .parse::<IpAddr>()
+            .is_err();
+        match args.dns_refresh {
+            Some(every) if by_name && endpoint.scheme() == &http::uri::Scheme::HTTP => {
+                discovered.push(DnsDiscovery::new(target)?.interval(every));
+            }
+            _ => fixed.push(endpoint),
+        }
+    }
+    let mut builder = match &args.lb {
+        Lb::RoundRobin => Upstream::builder(fixed, RoundRobin::default()),
+        Lb::Random => Upstream::builder(fixed, Random::default()),
+        Lb::LeastRequest => Upstream::builder(fixed, LeastRequest::default()),
+        Lb::Ewma => Upstream::builder(fixed, PeakEwma::default()),
+        Lb::Hash(key) => Upstream::builder(fixed, ConsistentHash::new(key.clone())),
+    };
+    for dns in discovered {
+        builder = builder.discover(dns);
+    }
+    if let Some(path) = &args.health_path {
+        let check = HealthCheck::http(path)?
+            .interval(args.health_interval)
+            .jitter(args.health_interval / 10)
+            .timeout(args.health_timeout)
+            .healthy_threshold(args.healthy_threshold)
+            .unhealthy_threshold(args.unhealthy_threshold);
+        builder = builder.health_check(check);
+    }
+    if args.eject_after > 0 {
+        builder = builder.outlier_detection(OutlierDetection::new(args.eject_after));
+    }
+    Ok(builder.slow_start(args.slow_start).build())
 }
 
 #[cfg(test)]
@@ -346,6 +454,48 @@ mod tests {
     }
 
     #[test]
+    fn health_flags_parse() {
+        let Ok(Command::Run(a)) = parse_strs(&[
+            "--health-path",
+            "/healthz",
+            "--health-interval",
+            "2.5",
+            "--health-timeout",
+            "0.5",
+            "--healthy-threshold",
+            "4",
+            "--unhealthy-threshold",
+            "6",
+            "--eject-after",
+            "0",
+            "--slow-start",
+            "30",
+            "--dns-refresh",
+            "1",
+        ]) else {
+            panic!("valid flags");
+        };
+        assert_eq!(a.health_path.as_deref(), Some("/healthz"));
+        assert_eq!(a.health_interval, Duration::from_millis(2500));
+        assert_eq!(a.health_timeout, Duration::from_millis(500));
+        assert_eq!((a.healthy_threshold, a.unhealthy_threshold), (4, 6));
+        assert_eq!(a.eject_after, 0);
+        assert_eq!(a.slow_start, Duration::from_secs(30));
+        assert_eq!(a.dns_refresh, Some(Duration::from_secs(1)));
+        // Host names become DNS discovery, addresses stay fixed; both build.
+        let Ok(Command::Run(mut a)) = parse_strs(&["--dns-refresh", "1"]) else {
+            panic!("valid flags");
+        };
+        a.upstreams = vec!["127.0.0.1:1".into(), "localhost:2".into()];
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let up = rt.block_on(async { upstream(&a).unwrap() });
+        assert_eq!(up.endpoints().len(), 1, "only the address is there at once");
+    }
+
+    #[test]
     fn bad_flags_are_errors() {
         for bad in [
             &["--nope"][..],
@@ -356,6 +506,10 @@ mod tests {
             &["--lb", "fastest"],
             &["--lb", "hash:header:bad header"],
             &["--lb", "hash:cookie:"],
+            &["--health-timeout", "-1"],
+            &["--healthy-threshold", "0"],
+            &["--eject-after", "x"],
+            &["--slow-start", "NaN"],
         ] {
             assert!(parse_strs(bad).is_err(), "{bad:?}");
         }

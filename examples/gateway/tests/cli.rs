@@ -39,6 +39,15 @@ async fn help_documents_every_flag() {
         "--tls-key",
         "--trusted-proxy",
         "--drain-timeout",
+        "--lb",
+        "--health-path",
+        "--health-interval",
+        "--health-timeout",
+        "--healthy-threshold",
+        "--unhealthy-threshold",
+        "--eject-after",
+        "--slow-start",
+        "--dns-refresh",
         "--help",
     ] {
         assert!(help.contains(flag), "--help does not mention {flag}");
@@ -59,6 +68,10 @@ async fn bad_flags_and_files_exit_2_with_one_line() {
             "/nonexistent/key.pem",
         ],
         &["--trusted-proxy", "10.0.0.0/99"],
+        &["--upstream", "a:1", "--health-path", "healthz"],
+        &["--health-interval", "soon"],
+        &["--unhealthy-threshold", "0"],
+        &["--dns-refresh", "0"],
     ] {
         let out = run_to_end(args).await;
         assert_eq!(out.status.code(), Some(2), "{args:?}");
@@ -154,5 +167,66 @@ async fn demo_mode_serves_its_curl_lines() {
     )
     .await;
     assert_eq!(raw::statuses(&res), [400]);
+    sigterm_and_wait(child).await;
+}
+
+#[tokio::test]
+async fn health_checks_take_a_failing_upstream_out_of_rotation() {
+    use gateway_core::Body;
+    use http::{Response, StatusCode};
+    let answer = |name: &'static str| {
+        move |req: http::Request<hyper::body::Incoming>| async move {
+            let mut res = Response::new(Body::from(name));
+            if name == "sick" && req.uri().path() == "/healthz" {
+                *res.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
+            }
+            Ok(res)
+        }
+    };
+    let well = TestUpstream::serve(answer("well")).await;
+    let sick = TestUpstream::serve(answer("sick")).await;
+    let (child, addr) = start(&[
+        "--listen",
+        "127.0.0.1:0",
+        "--upstream",
+        &well.url(),
+        "--upstream",
+        &sick.url(),
+        "--health-path",
+        "/healthz",
+        "--health-interval",
+        "0.05",
+        "--unhealthy-threshold",
+        "1",
+    ])
+    .await;
+    // Two probes of the sick one: the first has surely been judged.
+    let probed = || {
+        sick.requests()
+            .iter()
+            .filter(|r| r.uri.path() == "/healthz")
+            .count()
+    };
+    tokio::time::timeout(Duration::from_secs(10), async {
+        while probed() < 2 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .expect("the gateway must probe its upstreams");
+    for _ in 0..10 {
+        let res = raw::exchange(
+            addr,
+            b"GET / HTTP/1.1\r\nHost: gw\r\nConnection: close\r\n\r\n",
+            Duration::from_secs(5),
+        )
+        .await;
+        let res = String::from_utf8_lossy(&res);
+        assert!(res.ends_with("well"), "{res}");
+    }
+    assert!(
+        sick.requests().iter().all(|r| r.uri.path() == "/healthz"),
+        "only probes reach the sick upstream"
+    );
     sigterm_and_wait(child).await;
 }

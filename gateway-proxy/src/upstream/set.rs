@@ -63,7 +63,7 @@ pub struct UpstreamBuilder {
     all_unhealthy: WhenAllUnhealthy,
     slow_start: Option<Duration>,
     health: Option<HealthCheck>,
-    discovery: Option<StartDiscovery>,
+    discovery: Vec<StartDiscovery>,
 }
 
 /// What to do when no endpoint is available.
@@ -114,7 +114,7 @@ impl Upstream {
             all_unhealthy: WhenAllUnhealthy::default(),
             slow_start: None,
             health: None,
-            discovery: None,
+            discovery: Vec::new(),
         }
     }
     /// Smooth weighted round robin over `targets` (see [`Endpoint`]'s `FromStr` for the
@@ -364,14 +364,15 @@ impl UpstreamBuilder {
     /// nothing. Discovery errors are logged and the last set is kept.
     ///
     /// The endpoints given to [`Upstream::builder`] are the initial set; discovered ones
-    /// come in addition.
+    /// come in addition. Call it again to follow several sources (say, one per host name):
+    /// each adds and removes only its own endpoints.
     pub fn discover<D>(mut self, discover: D) -> Self
     where
         D: Discover<Service = Endpoint> + Send + 'static,
         D::Key: std::hash::Hash + fmt::Debug + Send,
         D::Error: Into<BoxError> + Send,
     {
-        self.discovery = Some(Box::new(move |upstream, cancel| {
+        self.discovery.push(Box::new(move |upstream, cancel| {
             discover::spawn(discover, upstream, cancel);
         }));
         self
@@ -400,7 +401,7 @@ impl UpstreamBuilder {
         if !self.endpoints.is_empty() {
             inner.apply(&[], self.endpoints);
         }
-        if let Some(start) = self.discovery {
+        for start in self.discovery {
             start(Arc::downgrade(&inner), inner.tasks.child_token());
         }
         Upstream { inner }

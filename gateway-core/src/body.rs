@@ -40,8 +40,18 @@ enum Kind {
     Incoming {
         body: Incoming,
         idle: Option<IdleTimer>,
+        guard: Option<Guard>,
     },
     Boxed(UnsyncBoxBody<Bytes, BoxError>),
+}
+
+/// Something kept alive for as long as a body streams (see [`Body::with_guard`]).
+type Guard = Box<dyn Send>;
+
+/// A body that is not an `Incoming`, with a guard.
+struct Guarded {
+    inner: Body,
+    guard: Option<Guard>,
 }
 
 /// A per-body idle timer; the `Sleep` is created lazily, the first time the body has to
@@ -104,15 +114,38 @@ impl Body {
     pub fn idle_timeout(self, timeout: Duration) -> Self {
         match self.kind {
             Kind::Empty | Kind::Full(_) => self,
-            Kind::Incoming { body, .. } => Self {
+            Kind::Incoming { body, guard, .. } => Self {
                 kind: Kind::Incoming {
                     body,
                     idle: Some(IdleTimer::new(timeout)),
+                    guard,
                 },
             },
             Kind::Boxed(inner) => Self::new(IdleBoxed {
                 inner,
                 idle: IdleTimer::new(timeout),
+            }),
+        }
+    }
+
+    /// Keeps `guard` alive until the body ends (its last frame or an error) or is dropped,
+    /// whichever comes first: for state that lasts as long as a response streams, such as
+    /// an upstream endpoint's count of requests in flight.
+    ///
+    /// An `Incoming` body keeps the guard inline; any other body is boxed once more.
+    pub fn with_guard(self, guard: impl Send + 'static) -> Self {
+        let guard: Guard = Box::new(guard);
+        match self.kind {
+            Kind::Incoming { body, idle, .. } => Self {
+                kind: Kind::Incoming {
+                    body,
+                    idle,
+                    guard: Some(guard),
+                },
+            },
+            kind => Self::new(Guarded {
+                inner: Self { kind },
+                guard: Some(guard),
             }),
         }
     }
@@ -151,7 +184,11 @@ impl fmt::Debug for Body {
 impl From<Incoming> for Body {
     fn from(body: Incoming) -> Self {
         Self {
-            kind: Kind::Incoming { body, idle: None },
+            kind: Kind::Incoming {
+                body,
+                idle: None,
+                guard: None,
+            },
         }
     }
 }
@@ -209,17 +246,16 @@ impl http_body::Body for Body {
         match &mut self.get_mut().kind {
             Kind::Empty => Poll::Ready(None),
             Kind::Full(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
-            Kind::Incoming { body, idle: None } => Pin::new(body)
-                .poll_frame(cx)
-                .map(|f| f.map(|r| r.map_err(Into::into))),
-            Kind::Incoming {
-                body,
-                idle: Some(idle),
-            } => {
+            Kind::Incoming { body, idle, guard } => {
                 let polled = Pin::new(body)
                     .poll_frame(cx)
                     .map(|f| f.map(|r| r.map_err(Into::into)));
-                idle.check(cx, polled)
+                let polled = match idle {
+                    Some(idle) => idle.check(cx, polled),
+                    None => polled,
+                };
+                release_at_end(guard, &polled);
+                polled
             }
             Kind::Boxed(body) => Pin::new(body).poll_frame(cx),
         }
@@ -334,11 +370,48 @@ impl fmt::Display for BodyIdleTimeout {
 
 impl std::error::Error for BodyIdleTimeout {}
 
+/// Drops `guard` once `polled` is the body's end (no more frames, or an error).
+fn release_at_end(
+    guard: &mut Option<Guard>,
+    polled: &Poll<Option<Result<Frame<Bytes>, BoxError>>>,
+) {
+    if matches!(polled, Poll::Ready(None | Some(Err(_)))) {
+        drop(guard.take());
+    }
+}
+
+// === impl Guarded ===
+
+impl http_body::Body for Guarded {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = self.get_mut();
+        let polled = Pin::new(&mut this.inner).poll_frame(cx);
+        release_at_end(&mut this.guard, &polled);
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use http_body::Body as _;
     use http_body_util::Full;
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
 
     #[test]
     fn body_is_returned_unchanged_by_new() {
@@ -360,6 +433,41 @@ mod tests {
         let b = Body::from(Bytes::new());
         assert!(b.is_end_stream());
         assert_eq!(b.size_hint().exact(), Some(0));
+    }
+
+    #[tokio::test]
+    async fn a_guard_lives_until_the_body_ends() {
+        struct Flag(Arc<AtomicBool>);
+        impl Drop for Flag {
+            fn drop(&mut self) {
+                self.0.store(true, Ordering::SeqCst);
+            }
+        }
+        let released = Arc::new(AtomicBool::new(false));
+        let (tx, body) = ChannelBody::new();
+        let mut body = Body::new(body).with_guard(Flag(Arc::clone(&released)));
+        tx.send(Bytes::from_static(b"a")).await.unwrap();
+        let frame = std::future::poll_fn(|cx| Pin::new(&mut body).poll_frame(cx)).await;
+        assert!(frame.is_some());
+        assert!(!released.load(Ordering::SeqCst), "still streaming");
+        drop(tx);
+        assert!(
+            std::future::poll_fn(|cx| Pin::new(&mut body).poll_frame(cx))
+                .await
+                .is_none()
+        );
+        assert!(
+            released.load(Ordering::SeqCst),
+            "released at the end, not at drop"
+        );
+        drop(body);
+
+        // Dropping a body half-read releases it too.
+        let released = Arc::new(AtomicBool::new(false));
+        let body = Body::from("x").with_guard(Flag(Arc::clone(&released)));
+        assert!(!released.load(Ordering::SeqCst));
+        drop(body);
+        assert!(released.load(Ordering::SeqCst));
     }
 
     #[tokio::test]

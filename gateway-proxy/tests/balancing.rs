@@ -103,3 +103,65 @@ async fn a_dead_endpoint_is_ejected_after_consecutive_failures() {
     assert!(statuses[4..].iter().all(|s| *s == 200), "{statuses:?}");
     assert_eq!(live.requests().len(), 18);
 }
+
+/// A response body fed by the test, chunk by chunk.
+struct ChannelBody(tokio::sync::mpsc::Receiver<bytes::Bytes>);
+
+impl http_body::Body for ChannelBody {
+    type Data = bytes::Bytes;
+    type Error = std::convert::Infallible;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<bytes::Bytes>, Self::Error>>> {
+        self.0
+            .poll_recv(cx)
+            .map(|chunk| chunk.map(|c| Ok(http_body::Frame::data(c))))
+    }
+}
+
+#[tokio::test]
+async fn a_request_is_in_flight_until_its_response_body_ends() {
+    let (tx, rx) = tokio::sync::mpsc::channel(1);
+    let rx = Arc::new(std::sync::Mutex::new(Some(rx)));
+    let upstream = TestUpstream::serve(move |_| {
+        let rx = rx.lock().unwrap().take();
+        async move {
+            let rx = rx.ok_or("one request only")?;
+            Ok(http::Response::new(Body::new(ChannelBody(rx))))
+        }
+    })
+    .await;
+    let target = Upstream::single(&upstream.url()).unwrap();
+    let endpoint = Arc::clone(&target.endpoints()[0]);
+    let gw =
+        Gateway::start(Router::new().route(Route::prefix("/"), ReverseProxy::new(target))).await;
+
+    let client = Client::builder(TokioExecutor::new()).build_http::<Body>();
+    tx.send(bytes::Bytes::from_static(b"first")).await.unwrap();
+    let res = client
+        .request(
+            Request::get(format!("http://{}/", gw.addr))
+                .body(Body::empty())
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    let mut body = res.into_body();
+    let first = body.frame().await.unwrap().unwrap().into_data().unwrap();
+    assert_eq!(first, "first");
+    assert_eq!(endpoint.in_flight(), 1, "the body is still streaming");
+
+    tx.send(bytes::Bytes::from_static(b"last")).await.unwrap();
+    drop(tx);
+    let rest = body.collect().await.unwrap().to_bytes();
+    assert_eq!(rest, "last");
+    tokio::time::timeout(Duration::from_secs(5), async {
+        while endpoint.in_flight() != 0 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await
+    .expect("the request leaves flight when its body ends");
+}

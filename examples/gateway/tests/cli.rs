@@ -106,6 +106,12 @@ async fn start(args: &[&str]) -> (Child, std::net::SocketAddr) {
     (child, addr)
 }
 
+/// `GET path` over a fresh connection; the whole raw answer.
+async fn get(addr: std::net::SocketAddr, path: &str) -> Vec<u8> {
+    let request = format!("GET {path} HTTP/1.1\r\nHost: gw\r\nConnection: close\r\n\r\n");
+    raw::exchange(addr, request.as_bytes(), Duration::from_secs(5)).await
+}
+
 async fn sigterm_and_wait(mut child: Child) {
     let pid = child.id().unwrap().to_string();
     let status = std::process::Command::new("kill")
@@ -132,12 +138,7 @@ async fn quick_start_proxy_forwards_and_stops_on_sigterm() {
         "1",
     ])
     .await;
-    let res = raw::exchange(
-        addr,
-        b"GET /any/path?q=1 HTTP/1.1\r\nHost: gw\r\nConnection: close\r\n\r\n",
-        Duration::from_secs(5),
-    )
-    .await;
+    let res = get(addr, "/any/path?q=1").await;
     assert_eq!(
         raw::statuses(&res),
         [200],
@@ -151,21 +152,11 @@ async fn quick_start_proxy_forwards_and_stops_on_sigterm() {
 #[tokio::test]
 async fn demo_mode_serves_its_curl_lines() {
     let (child, addr) = start(&["--listen", "127.0.0.1:0"]).await;
-    let res = raw::exchange(
-        addr,
-        b"GET /api/hello HTTP/1.1\r\nHost: gw\r\nConnection: close\r\n\r\n",
-        Duration::from_secs(5),
-    )
-    .await;
+    let res = get(addr, "/api/hello").await;
     let text = String::from_utf8_lossy(&res);
     assert!(text.starts_with("HTTP/1.1 200"), "{text}");
     assert!(text.contains("hello from the demo upstream"), "{text}");
-    let res = raw::exchange(
-        addr,
-        b"GET /api/%2e%2e%2fadmin HTTP/1.1\r\nHost: gw\r\nConnection: close\r\n\r\n",
-        Duration::from_secs(5),
-    )
-    .await;
+    let res = get(addr, "/api/%2e%2e%2fadmin").await;
     assert_eq!(raw::statuses(&res), [400]);
     sigterm_and_wait(child).await;
 }
@@ -215,12 +206,7 @@ async fn health_checks_take_a_failing_upstream_out_of_rotation() {
     .await
     .expect("the gateway must probe its upstreams");
     for _ in 0..10 {
-        let res = raw::exchange(
-            addr,
-            b"GET / HTTP/1.1\r\nHost: gw\r\nConnection: close\r\n\r\n",
-            Duration::from_secs(5),
-        )
-        .await;
+        let res = get(addr, "/").await;
         let res = String::from_utf8_lossy(&res);
         assert!(res.ends_with("well"), "{res}");
     }

@@ -120,7 +120,8 @@ impl Future for ResponseFuture {
             }
         };
         selected.record(classify::result(&outcome));
-        Poll::Ready(outcome)
+        // The request stays in flight on its endpoint until the response body ends.
+        Poll::Ready(outcome.map(|res| res.map(|body| body.with_guard(selected))))
     }
 }
 

@@ -2,10 +2,11 @@
 //!
 //! An [`Upstream`] is cheap to clone (one `Arc`) and shared by every proxy that sends to it.
 //! Each [`Endpoint`] carries its own live state (requests in flight, a peak-EWMA response
-//! time, consecutive failures),
-//! so balancers, the proxy and metrics read the same numbers. [`Upstream::select`] returns a
-//! [`Selected`] guard that counts the request in flight until it is dropped and takes the
-//! request's outcome via [`Selected::record`].
+//! time, consecutive failures, health), so balancers, the proxy and metrics read the same
+//! numbers. [`Upstream::select`] returns a [`Selected`] guard that counts the request in
+//! flight until it is dropped (the proxy drops it when the response body ends) and takes
+//! the request's outcome via [`Selected::record`]; the response time recorded is the time to
+//! the response head.
 //!
 //! Balancers (one per upstream, chosen at construction):
 //! - [`RoundRobin`]: smooth weighted round robin;

@@ -79,6 +79,9 @@ pub enum WhenAllUnhealthy {
 }
 
 /// The endpoint chosen for one request; counts the request as in flight until dropped.
+///
+/// [`ReverseProxy`](crate::ReverseProxy) keeps it with the response body, so a request is
+/// in flight until its response has streamed to the end (or failed, or was dropped).
 pub struct Selected {
     endpoint: Arc<Endpoint>,
     started: Instant,

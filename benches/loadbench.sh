@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# The gateway, nginx and HAProxy side by side, in one command (see README "Performance").
+# Installs what is missing (Debian/Ubuntu), builds in release mode, and pins the driver,
+# wrk and the origin to core 1 and each proxy to core 0. Extra arguments go to loadbench
+# (`--help` lists them), e.g. `bash benches/loadbench.sh --rounds 3 --secs 3`.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+need=()
+command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || need+=(nginx-light)
+command -v haproxy >/dev/null || [ -x /usr/sbin/haproxy ] || need+=(haproxy)
+command -v wrk >/dev/null || need+=(wrk)
+command -v taskset >/dev/null || need+=(util-linux)
+if ((${#need[@]})); then
+    sudo=""
+    [ "$(id -u)" = 0 ] || sudo=sudo
+    echo "installing ${need[*]}" >&2
+    $sudo apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${need[@]}" >/dev/null
+fi
+export PATH="$PATH:/usr/sbin:/sbin"
+# Thousands of idle connections need as many descriptors on both sides.
+ulimit -n 20000 2>/dev/null || ulimit -n "$(ulimit -Hn)"
+
+cargo build --release -p example-gateway --bin gateway -p gateway-benches --bin loadbench
+exec taskset -c 1 target/release/loadbench --gateway target/release/gateway "$@"

@@ -1,0 +1,320 @@
+//! The proxies under test, each started pinned to the proxy core with one worker, and what
+//! `/proc` says about them.
+
+use std::fmt::Write as _;
+use std::io::{self, BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+/// Clock ticks per second of `/proc/<pid>/stat` times (`USER_HZ`, 100 on Linux).
+const TICKS_PER_SEC: u64 = 100;
+
+/// Which proxy.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub(crate) enum Kind {
+    Gateway,
+    Nginx,
+    Haproxy,
+}
+
+/// A running proxy.
+pub(crate) struct Target {
+    pub(crate) kind: Kind,
+    pub(crate) addr: SocketAddr,
+    child: Child,
+}
+
+/// How to start the targets.
+pub(crate) struct Setup {
+    pub(crate) gateway: PathBuf,
+    pub(crate) origin: SocketAddr,
+    /// `taskset -c <core>` prefix for the proxies, when taskset exists.
+    pub(crate) core: Option<String>,
+    pub(crate) dir: PathBuf,
+}
+
+impl Kind {
+    pub(crate) const ALL: [Self; 3] = [Self::Gateway, Self::Nginx, Self::Haproxy];
+
+    pub(crate) const fn name(self) -> &'static str {
+        match self {
+            Self::Gateway => "gateway",
+            Self::Nginx => "nginx",
+            Self::Haproxy => "haproxy",
+        }
+    }
+}
+
+impl Setup {
+    fn command(&self, program: &Path) -> Command {
+        match &self.core {
+            Some(core) => {
+                let mut cmd = Command::new("taskset");
+                cmd.arg("-c").arg(core).arg(program);
+                cmd
+            }
+            None => Command::new(program),
+        }
+    }
+
+    /// Starts `kind` and waits until it accepts connections.
+    pub(crate) fn start(&self, kind: Kind) -> io::Result<Target> {
+        let target = match kind {
+            Kind::Gateway => self.start_gateway()?,
+            Kind::Nginx => self.start_nginx()?,
+            Kind::Haproxy => self.start_haproxy()?,
+        };
+        wait_accepting(target.addr)?;
+        Ok(target)
+    }
+
+    fn start_gateway(&self) -> io::Result<Target> {
+        let mut child = self
+            .command(&self.gateway)
+            .args([
+                "--listen",
+                "127.0.0.1:0",
+                "--threads",
+                "1",
+                "--eject-after",
+                "0",
+            ])
+            .arg("--upstream")
+            .arg(self.origin.to_string())
+            .env("RUST_LOG", "error")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()?;
+        let stdout = child
+            .stdout
+            .take()
+            .ok_or_else(|| io::Error::other("no stdout"))?;
+        let mut line = String::new();
+        BufReader::new(stdout).read_line(&mut line)?;
+        let addr = line
+            .trim()
+            .strip_prefix("gateway listening on http://")
+            .and_then(|a| a.parse().ok())
+            .ok_or_else(|| io::Error::other(format!("unexpected gateway output {line:?}")))?;
+        Ok(Target {
+            kind: Kind::Gateway,
+            addr,
+            child,
+        })
+    }
+
+    fn start_nginx(&self) -> io::Result<Target> {
+        let addr = free_addr()?;
+        let dir = self.dir.join("nginx");
+        std::fs::create_dir_all(&dir)?;
+        let conf = format!(
+            "worker_processes 1;
+worker_rlimit_nofile 20000;
+daemon off;
+pid {dir}/nginx.pid;
+error_log stderr error;
+events {{ worker_connections 20000; }}
+http {{
+    access_log off;
+    client_body_temp_path {dir}/body;
+    proxy_temp_path {dir}/proxy;
+    fastcgi_temp_path {dir}/fastcgi;
+    uwsgi_temp_path {dir}/uwsgi;
+    scgi_temp_path {dir}/scgi;
+    keepalive_requests 1000000;
+    upstream origin {{
+        server {origin};
+        keepalive 128;
+        keepalive_requests 1000000;
+    }}
+    server {{
+        listen {addr} backlog=4096;
+        location / {{
+            proxy_pass http://origin;
+            proxy_http_version 1.1;
+            proxy_set_header Connection \"\";
+        }}
+    }}
+}}
+",
+            dir = dir.display(),
+            origin = self.origin,
+        );
+        let path = dir.join("nginx.conf");
+        std::fs::write(&path, conf)?;
+        let child = self
+            .command(Path::new("nginx"))
+            .arg("-p")
+            .arg(&dir)
+            .arg("-c")
+            .arg(&path)
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()?;
+        Ok(Target {
+            kind: Kind::Nginx,
+            addr,
+            child,
+        })
+    }
+
+    fn start_haproxy(&self) -> io::Result<Target> {
+        let addr = free_addr()?;
+        let dir = self.dir.join("haproxy");
+        std::fs::create_dir_all(&dir)?;
+        let conf = format!(
+            "global
+    nbthread 1
+    maxconn 9000
+defaults
+    mode http
+    timeout connect 5s
+    timeout client 60s
+    timeout server 60s
+    timeout http-keep-alive 60s
+    option http-keep-alive
+    http-reuse always
+frontend fe
+    bind {addr}
+    default_backend be
+backend be
+    server origin {origin}
+",
+            origin = self.origin,
+        );
+        let path = dir.join("haproxy.cfg");
+        std::fs::write(&path, conf)?;
+        let child = self
+            .command(Path::new("haproxy"))
+            .arg("-db")
+            .arg("-f")
+            .arg(&path)
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()?;
+        Ok(Target {
+            kind: Kind::Haproxy,
+            addr,
+            child,
+        })
+    }
+}
+
+impl Target {
+    /// CPU time (user + system) of the proxy's process tree so far.
+    pub(crate) fn cpu(&self) -> io::Result<Duration> {
+        let ticks = tree(self.child.id())?
+            .iter()
+            .map(|pid| stat_ticks(*pid))
+            .sum::<io::Result<u64>>()?;
+        Ok(Duration::from_millis(ticks * 1000 / TICKS_PER_SEC))
+    }
+
+    /// Resident memory of the proxy's process tree, in KiB.
+    pub(crate) fn rss_kib(&self) -> io::Result<u64> {
+        tree(self.child.id())?.iter().map(|pid| vm_rss(*pid)).sum()
+    }
+}
+
+impl Drop for Target {
+    /// Stops the proxy and its children (SIGKILL: nothing here is worth a graceful stop),
+    /// also when the run fails half-way.
+    fn drop(&mut self) {
+        let pids = tree(self.child.id()).unwrap_or_default();
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        // A killed nginx master leaves its worker behind.
+        for pid in pids.into_iter().skip(1) {
+            let _ = Command::new("kill")
+                .arg("-KILL")
+                .arg(pid.to_string())
+                .status();
+        }
+    }
+}
+
+/// `pid` and its descendants.
+fn tree(pid: u32) -> io::Result<Vec<u32>> {
+    let mut all = vec![pid];
+    let mut i = 0;
+    while i < all.len() {
+        let task_dir = format!("/proc/{}/task", all[i]);
+        if let Ok(tasks) = std::fs::read_dir(&task_dir) {
+            for task in tasks.flatten() {
+                if let Ok(children) = std::fs::read_to_string(task.path().join("children")) {
+                    all.extend(
+                        children
+                            .split_whitespace()
+                            .filter_map(|c| c.parse::<u32>().ok()),
+                    );
+                }
+            }
+        }
+        i += 1;
+    }
+    Ok(all)
+}
+
+/// utime + stime of one process, in clock ticks.
+fn stat_ticks(pid: u32) -> io::Result<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // The command name may contain spaces; fields count from after its closing paren.
+    let rest = stat
+        .rsplit_once(')')
+        .map(|(_, rest)| rest)
+        .ok_or_else(|| io::Error::other("odd /proc stat"))?;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // Fields 14 and 15 of stat(5) are the 12th and 13th after the name.
+    let field = |i: usize| -> io::Result<u64> {
+        fields
+            .get(i)
+            .and_then(|f| f.parse().ok())
+            .ok_or_else(|| io::Error::other("odd /proc stat"))
+    };
+    Ok(field(11)? + field(12)?)
+}
+
+fn vm_rss(pid: u32) -> io::Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .ok_or_else(|| io::Error::other("no VmRSS"))
+}
+
+/// A loopback address nobody listens on right now.
+fn free_addr() -> io::Result<SocketAddr> {
+    std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()
+}
+
+fn wait_accepting(addr: SocketAddr) -> io::Result<()> {
+    for _ in 0..200 {
+        if std::net::TcpStream::connect(addr).is_ok() {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(25));
+    }
+    Err(io::Error::other(format!("nothing accepts on {addr}")))
+}
+
+/// One line about the machine: cores, CPU model, kernel.
+pub(crate) fn machine() -> String {
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let model = cpuinfo
+        .lines()
+        .find_map(|l| l.strip_prefix("model name"))
+        .map(|m| m.trim_start_matches([' ', '\t', ':']).to_owned())
+        .unwrap_or_else(|| "unknown CPU".into());
+    // Not `available_parallelism`: this process is pinned to one core.
+    let cores = cpuinfo
+        .lines()
+        .filter(|l| l.starts_with("processor"))
+        .count();
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    let mut out = String::new();
+    let _ = write!(out, "{cores} cores, {model}, Linux {}", kernel.trim());
+    out
+}

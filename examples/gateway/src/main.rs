@@ -261,9 +261,15 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .init();
 
-    let mut runtime = tokio::runtime::Builder::new_multi_thread();
+    // One thread: tokio's current-thread scheduler, which runs every task on the thread
+    // that polls the listener (no work-stealing queues, no cross-thread wake-ups).
+    let mut runtime = if args.threads == Some(1) {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+    };
     runtime.enable_all();
-    if let Some(n) = args.threads {
+    if let Some(n) = args.threads.filter(|n| *n > 1) {
         runtime.worker_threads(n);
     }
     let runtime = match runtime.build() {

@@ -300,15 +300,24 @@ fn min_max(values: &[f64]) -> (f64, f64) {
 }
 
 /// The gateway's per-round ratios to `other`.
+///
+/// Rounds where `other` is 0 (errors, say) have no ratio.
 fn ratios(gateway: &[f64], other: &[f64]) -> Vec<f64> {
-    gateway.iter().zip(other).map(|(g, o)| g / o).collect()
+    gateway
+        .iter()
+        .zip(other)
+        .filter(|(_, o)| **o != 0.0)
+        .map(|(g, o)| g / o)
+        .collect()
 }
 
 fn report(series: &Series) -> String {
     use std::fmt::Write as _;
     let cell = |v: &[f64]| {
         let (lo, hi) = min_max(v);
-        if v.len() > 1 {
+        if v.is_empty() {
+            "–".to_owned()
+        } else if v.len() > 1 {
             format!("{:.2} ({:.2}–{:.2})", median(v), lo, hi)
         } else {
             format!("{:.2}", median(v))

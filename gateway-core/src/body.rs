@@ -39,19 +39,20 @@ enum Kind {
     Full(Option<Bytes>),
     Incoming {
         body: Incoming,
-        idle: Option<IdleTimer>,
-        guard: Option<Guard>,
+        extras: Extras,
     },
-    Boxed(UnsyncBoxBody<Bytes, BoxError>),
+    Boxed {
+        body: UnsyncBoxBody<Bytes, BoxError>,
+        extras: Extras,
+    },
 }
 
-/// Something kept alive for as long as a body streams (see [`Body::with_guard`]).
-type Guard = Box<dyn Send>;
-
-/// A body that is not an `Incoming`, with a guard.
-struct Guarded {
-    inner: Body,
-    guard: Option<Guard>,
+/// What a streaming body may carry besides its frames, applied after each poll.
+#[derive(Default)]
+struct Extras {
+    idle: Option<IdleTimer>,
+    /// Kept alive until the body ends (see [`Body::with_guard`]).
+    guard: Option<Box<dyn Send>>,
 }
 
 /// A per-body idle timer; the `Sleep` is created lazily, the first time the body has to
@@ -90,9 +91,7 @@ impl Body {
             return Self::from(incoming);
         }
         match slot {
-            Some(body) => Self {
-                kind: Kind::Boxed(body.map_err(Into::into).boxed_unsync()),
-            },
+            Some(body) => Self::boxed(body.map_err(Into::into).boxed_unsync()),
             None => Self::empty(),
         }
     }
@@ -111,21 +110,11 @@ impl Body {
     ///
     /// Applies to streaming bodies; empty and full bodies are complete already and are
     /// returned unchanged. The timer is armed only while the body is actually waiting.
-    pub fn idle_timeout(self, timeout: Duration) -> Self {
-        match self.kind {
-            Kind::Empty | Kind::Full(_) => self,
-            Kind::Incoming { body, guard, .. } => Self {
-                kind: Kind::Incoming {
-                    body,
-                    idle: Some(IdleTimer::new(timeout)),
-                    guard,
-                },
-            },
-            Kind::Boxed(inner) => Self::new(IdleBoxed {
-                inner,
-                idle: IdleTimer::new(timeout),
-            }),
+    pub fn idle_timeout(mut self, timeout: Duration) -> Self {
+        if let Some(extras) = self.extras_mut() {
+            extras.idle = Some(IdleTimer::new(timeout));
         }
+        self
     }
 
     /// Keeps `guard` alive until the body ends (its last frame or an error) or is dropped,
@@ -134,19 +123,38 @@ impl Body {
     ///
     /// An `Incoming` body keeps the guard inline; any other body is boxed once more.
     pub fn with_guard(self, guard: impl Send + 'static) -> Self {
-        let guard: Guard = Box::new(guard);
-        match self.kind {
-            Kind::Incoming { body, idle, .. } => Self {
-                kind: Kind::Incoming {
-                    body,
-                    idle,
-                    guard: Some(guard),
+        let mut body = if matches!(self.kind, Kind::Empty | Kind::Full(_)) {
+            Self::boxed(self.boxed_unsync())
+        } else {
+            self
+        };
+        if let Some(extras) = body.extras_mut() {
+            // A second guard joins the first rather than releasing it early.
+            extras.guard = Some(match extras.guard.take() {
+                Some(earlier) => Box::new((earlier, guard)),
+                None => Box::new(guard),
+            });
+        }
+        body
+    }
+
+    const fn boxed(body: UnsyncBoxBody<Bytes, BoxError>) -> Self {
+        Self {
+            kind: Kind::Boxed {
+                body,
+                extras: Extras {
+                    idle: None,
+                    guard: None,
                 },
             },
-            kind => Self::new(Guarded {
-                inner: Self { kind },
-                guard: Some(guard),
-            }),
+        }
+    }
+
+    /// The extras of a streaming body; complete bodies have none.
+    fn extras_mut(&mut self) -> Option<&mut Extras> {
+        match &mut self.kind {
+            Kind::Empty | Kind::Full(_) => None,
+            Kind::Incoming { extras, .. } | Kind::Boxed { extras, .. } => Some(extras),
         }
     }
 
@@ -175,7 +183,7 @@ impl fmt::Debug for Body {
             Kind::Empty => "empty",
             Kind::Full(_) => "full",
             Kind::Incoming { .. } => "incoming",
-            Kind::Boxed(_) => "boxed",
+            Kind::Boxed { .. } => "boxed",
         };
         f.debug_tuple("Body").field(&kind).finish()
     }
@@ -186,8 +194,7 @@ impl From<Incoming> for Body {
         Self {
             kind: Kind::Incoming {
                 body,
-                idle: None,
-                guard: None,
+                extras: Extras::default(),
             },
         }
     }
@@ -246,18 +253,16 @@ impl http_body::Body for Body {
         match &mut self.get_mut().kind {
             Kind::Empty => Poll::Ready(None),
             Kind::Full(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
-            Kind::Incoming { body, idle, guard } => {
+            Kind::Incoming { body, extras } => {
                 let polled = Pin::new(body)
                     .poll_frame(cx)
                     .map(|f| f.map(|r| r.map_err(Into::into)));
-                let polled = match idle {
-                    Some(idle) => idle.check(cx, polled),
-                    None => polled,
-                };
-                release_at_end(guard, &polled);
-                polled
+                extras.after_poll(cx, polled)
             }
-            Kind::Boxed(body) => Pin::new(body).poll_frame(cx),
+            Kind::Boxed { body, extras } => {
+                let polled = Pin::new(body).poll_frame(cx);
+                extras.after_poll(cx, polled)
+            }
         }
     }
 
@@ -266,7 +271,7 @@ impl http_body::Body for Body {
             Kind::Empty => true,
             Kind::Full(bytes) => bytes.is_none(),
             Kind::Incoming { body, .. } => body.is_end_stream(),
-            Kind::Boxed(body) => body.is_end_stream(),
+            Kind::Boxed { body, .. } => body.is_end_stream(),
         }
     }
 
@@ -275,7 +280,7 @@ impl http_body::Body for Body {
             Kind::Empty => SizeHint::with_exact(0),
             Kind::Full(bytes) => SizeHint::with_exact(bytes.as_ref().map_or(0, |b| b.len() as u64)),
             Kind::Incoming { body, .. } => body.size_hint(),
-            Kind::Boxed(body) => body.size_hint(),
+            Kind::Boxed { body, .. } => body.size_hint(),
         }
     }
 }
@@ -326,30 +331,24 @@ impl IdleTimer {
     }
 }
 
-struct IdleBoxed {
-    inner: UnsyncBoxBody<Bytes, BoxError>,
-    idle: IdleTimer,
-}
+// === impl Extras ===
 
-impl http_body::Body for IdleBoxed {
-    type Data = Bytes;
-    type Error = BoxError;
-
-    fn poll_frame(
-        self: Pin<&mut Self>,
+impl Extras {
+    /// Applies the idle timer to a poll's result and releases the guard at the body's end
+    /// (no more frames, or an error).
+    fn after_poll(
+        &mut self,
         cx: &mut Context<'_>,
+        polled: Poll<Option<Result<Frame<Bytes>, BoxError>>>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        let this = self.get_mut();
-        let polled = Pin::new(&mut this.inner).poll_frame(cx);
-        this.idle.check(cx, polled)
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
+        let polled = match &mut self.idle {
+            Some(idle) => idle.check(cx, polled),
+            None => polled,
+        };
+        if matches!(polled, Poll::Ready(None | Some(Err(_)))) {
+            drop(self.guard.take());
+        }
+        polled
     }
 }
 
@@ -370,41 +369,6 @@ impl fmt::Display for BodyIdleTimeout {
 
 impl std::error::Error for BodyIdleTimeout {}
 
-/// Drops `guard` once `polled` is the body's end (no more frames, or an error).
-fn release_at_end(
-    guard: &mut Option<Guard>,
-    polled: &Poll<Option<Result<Frame<Bytes>, BoxError>>>,
-) {
-    if matches!(polled, Poll::Ready(None | Some(Err(_)))) {
-        drop(guard.take());
-    }
-}
-
-// === impl Guarded ===
-
-impl http_body::Body for Guarded {
-    type Data = Bytes;
-    type Error = BoxError;
-
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        let this = self.get_mut();
-        let polled = Pin::new(&mut this.inner).poll_frame(cx);
-        release_at_end(&mut this.guard, &polled);
-        polled
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -424,7 +388,7 @@ mod tests {
     #[test]
     fn other_bodies_are_boxed_once() {
         let b = Body::new(Full::new(Bytes::from_static(b"x")));
-        assert!(matches!(b.kind, Kind::Boxed(_)));
+        assert!(matches!(b.kind, Kind::Boxed { .. }));
         assert_eq!(b.size_hint().exact(), Some(1));
     }
 
@@ -468,6 +432,23 @@ mod tests {
         assert!(!released.load(Ordering::SeqCst));
         drop(body);
         assert!(released.load(Ordering::SeqCst));
+    }
+
+    #[tokio::test]
+    async fn a_second_guard_joins_the_first() {
+        let (first, second) = (Arc::new(()), Arc::new(()));
+        let body = Body::new(Full::new(Bytes::from_static(b"x")))
+            .with_guard(Arc::clone(&first))
+            .with_guard(Arc::clone(&second));
+        assert_eq!(
+            (Arc::strong_count(&first), Arc::strong_count(&second)),
+            (2, 2)
+        );
+        assert_eq!(body.collect_bytes().await.unwrap(), "x");
+        assert_eq!(
+            (Arc::strong_count(&first), Arc::strong_count(&second)),
+            (1, 1)
+        );
     }
 
     #[tokio::test]

@@ -37,7 +37,8 @@ OPTIONS:
     --rounds N         interleaved rounds [default: 5]
     --secs N           seconds per throughput and latency run [default: 5]
     --rate N           requests/s of the latency runs [default: 2000]
-    --idle N           idle connections of the memory run [default: 5000]
+    --idle N           idle connections of the memory run, 0 to skip it [default: 5000]
+    --targets LIST     which proxies, comma-separated [default: gateway,nginx,haproxy]
     --json PATH        where to write the results [default: target/loadbench.json]
     --proxy-core CPU   the core the proxies are pinned to [default: 0]
     --load-core CPU    the core wrk is pinned to [default: 1]
@@ -52,6 +53,7 @@ struct Opts {
     json: PathBuf,
     proxy_core: String,
     load_core: String,
+    targets: Vec<Kind>,
 }
 
 /// One metric's value per round for each target.
@@ -99,6 +101,7 @@ fn parse() -> Result<Option<Opts>, String> {
         json: "target/loadbench.json".into(),
         proxy_core: "0".into(),
         load_core: "1".into(),
+        targets: Kind::ALL.to_vec(),
     };
     let mut parser = lexopt::Parser::from_env();
     while let Some(arg) = parser.next().map_err(|e| e.to_string())? {
@@ -124,7 +127,23 @@ fn parse() -> Result<Option<Opts>, String> {
                 opts.rate = u32::try_from(number("rate", value(&mut parser)?)?)
                     .map_err(|e| e.to_string())?;
             }
-            Long("idle") => opts.idle = number("idle", value(&mut parser)?)? as usize,
+            Long("idle") => {
+                let v = value(&mut parser)?;
+                opts.idle = v
+                    .parse()
+                    .map_err(|_| format!("--idle: `{v}` is not a number"))?;
+            }
+            Long("targets") => {
+                opts.targets = value(&mut parser)?
+                    .split(',')
+                    .map(|name| {
+                        Kind::ALL
+                            .into_iter()
+                            .find(|k| k.name() == name)
+                            .ok_or(format!("--targets: unknown proxy `{name}`"))
+                    })
+                    .collect::<Result<_, _>>()?;
+            }
             Long("json") => opts.json = value(&mut parser)?.into(),
             Long("proxy-core") => opts.proxy_core = value(&mut parser)?,
             Long("load-core") => opts.load_core = value(&mut parser)?,
@@ -159,7 +178,7 @@ async fn run(opts: &Opts) -> io::Result<()> {
     );
 
     let mut running = Vec::new();
-    for kind in Kind::ALL {
+    for &kind in &opts.targets {
         running.push(setup.start(kind)?);
     }
     let mut series = Series::new();
@@ -235,7 +254,12 @@ async fn run(opts: &Opts) -> io::Result<()> {
     drop(running);
 
     // Memory per idle connection, each on a fresh process.
-    for kind in Kind::ALL {
+    let memory_targets = if opts.idle == 0 {
+        &[][..]
+    } else {
+        &opts.targets[..]
+    };
+    for &kind in memory_targets {
         let target = setup.start(kind)?;
         load::sequential(target.addr, 1000).await?;
         tokio::time::sleep(Duration::from_millis(500)).await;

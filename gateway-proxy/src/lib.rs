@@ -7,6 +7,7 @@
 //! - [`Server`]: hyper-util auto (HTTP/1.1 + HTTP/2), rustls termination, timeouts,
 //!   connection limits and graceful shutdown.
 
+mod io;
 pub mod proxy;
 pub mod router;
 pub mod server;

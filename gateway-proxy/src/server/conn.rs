@@ -23,6 +23,8 @@ use tower::Service;
 use tower::ServiceExt;
 use tower::util::Oneshot;
 
+use crate::io::Coalesce;
+
 /// What every connection task shares.
 pub(super) struct Shared {
     pub(super) builder: auto::Builder<TokioExecutor>,
@@ -61,7 +63,14 @@ pub(super) async fn serve<S, B>(
                 local: shared.local,
                 tls: false,
             };
-            run(TokioIo::new(stream), info, service, &shared, graceful).await;
+            run(
+                Coalesce::new(TokioIo::new(stream)),
+                info,
+                service,
+                &shared,
+                graceful,
+            )
+            .await;
         }
         Some(acceptor) => {
             let handshake =
@@ -82,7 +91,14 @@ pub(super) async fn serve<S, B>(
                 local: shared.local,
                 tls: true,
             };
-            run(TokioIo::new(stream), info, service, &shared, graceful).await;
+            run(
+                Coalesce::new(TokioIo::new(stream)),
+                info,
+                service,
+                &shared,
+                graceful,
+            )
+            .await;
         }
     }
 }

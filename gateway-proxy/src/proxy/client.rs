@@ -1,27 +1,62 @@
 //! The pooled HTTP client the proxy forwards with.
 
 use std::fmt;
+use std::future::Future;
 use std::path::Path;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use gateway_core::Body;
+use gateway_core::{Body, Error, ErrorKind};
+use http::{Request, Response};
+use hyper::body::Incoming;
+use hyper::client::conn::{TrySendError, http1, http2};
 use hyper_rustls::HttpsConnector;
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::connect::{Connection, HttpConnector};
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 use rustls::RootCertStore;
 use rustls_pki_types::CertificateDer;
 use rustls_pki_types::pem::PemObject;
+use tower::ServiceExt;
+
+use super::pool::{Checkin, Conn, Pool};
+use crate::io::Coalesce;
+use crate::upstream::Endpoint;
 
 /// A pooled HTTP/1.1 + HTTP/2 client with rustls, shared by any number of proxies.
 ///
-/// Cloning is cheap: clones share the connection pool.
+/// Connections are pooled per upstream endpoint (see the `pool` module): HTTP/1.1 ones
+/// are reused once a response body has been read to the end, HTTP/2 ones are shared.
+/// Cloning is cheap: clones share the pools.
 #[derive(Clone)]
 pub struct HttpClient {
-    inner: Client<HttpsConnector<HttpConnector>, Body>,
-    http2_only: bool,
+    inner: Arc<Inner>,
 }
+
+struct Inner {
+    /// Tells this client's pools apart from other clients' on a shared endpoint.
+    id: u64,
+    connector: HttpsConnector<HttpConnector>,
+    h1: http1::Builder,
+    h2: http2::Builder<TokioExecutor>,
+    http2_only: bool,
+    idle_timeout: Duration,
+    max_idle: usize,
+}
+
+/// The upstream's response head, and what returns its connection to the pool once the
+/// response body has been read.
+pub(crate) struct Sent {
+    pub(crate) response: Response<Incoming>,
+    pub(crate) checkin: Option<Checkin>,
+}
+
+/// The future of [`HttpClient::send`].
+pub(crate) type SendFuture = Pin<Box<dyn Future<Output = Result<Sent, Error>> + Send>>;
+
+/// How many pooled connections a request may find closed before it gets a new one.
+const STALE_RETRIES: usize = 2;
 
 /// Builds an [`HttpClient`].
 ///
@@ -62,22 +97,121 @@ impl HttpClient {
     }
 
     /// Whether every upstream connection speaks HTTP/2.
-    pub const fn is_http2_only(&self) -> bool {
-        self.http2_only
+    pub fn is_http2_only(&self) -> bool {
+        self.inner.http2_only
     }
 
-    pub(crate) fn request(
-        &self,
-        req: http::Request<Body>,
-    ) -> hyper_util::client::legacy::ResponseFuture {
-        self.inner.request(req)
+    /// Sends `req` to `endpoint` on a pooled connection or a new one. The request's URI
+    /// needs only a path: the client puts it in the form the connection's protocol wants
+    /// and adds `Host` to HTTP/1.1 requests that have none.
+    pub(crate) fn send(&self, endpoint: &Endpoint, req: Request<Body>) -> SendFuture {
+        let inner = &self.inner;
+        let pool = endpoint.pools.get(inner.id, || {
+            Pool::new(endpoint, inner.idle_timeout, inner.max_idle)
+        });
+        Box::pin(Arc::clone(inner).send(pool, req))
     }
+}
+
+impl Inner {
+    async fn send(self: Arc<Self>, pool: Arc<Pool>, mut req: Request<Body>) -> Result<Sent, Error> {
+        let mut stale = 0;
+        loop {
+            let (conn, pooled) = match pool.checkout() {
+                Some(conn) => (conn, true),
+                None if self.http2_only => {
+                    // One connection carries every request: wait for one being made.
+                    let _connecting = pool.h2_connecting.lock().await;
+                    match pool.checkout() {
+                        Some(conn) => (conn, true),
+                        None => (Box::pin(self.connect(&pool)).await?, false),
+                    }
+                }
+                None => (Box::pin(self.connect(&pool)).await?, false),
+            };
+            let mut refused: TrySendError<Request<Body>> = match conn {
+                Conn::H1(mut tx) => {
+                    pool.http1_form(&mut req);
+                    match tx.try_send_request(req).await {
+                        Ok(response) => {
+                            return Ok(Sent {
+                                response,
+                                checkin: Some(Checkin::new(pool, tx)),
+                            });
+                        }
+                        Err(err) => err,
+                    }
+                }
+                Conn::H2(mut tx) => {
+                    pool.http2_form(&mut req);
+                    match tx.try_send_request(req).await {
+                        Ok(response) => {
+                            return Ok(Sent {
+                                response,
+                                checkin: None,
+                            });
+                        }
+                        Err(err) => err,
+                    }
+                }
+            };
+            match refused.take_message() {
+                // Nothing was written: the pooled connection was closed under us.
+                Some(again) if pooled && stale < STALE_RETRIES => {
+                    stale += 1;
+                    req = again;
+                }
+                _ => return Err(exchange_error(refused.into_error())),
+            }
+        }
+    }
+
+    /// Dials the endpoint, negotiates the protocol and spawns the connection task.
+    async fn connect(&self, pool: &Pool) -> Result<Conn, Error> {
+        let io = self
+            .connector
+            .clone()
+            .oneshot(pool.target.clone())
+            .await
+            .map_err(|e| Error::with_source(ErrorKind::UpstreamConnect, e))?;
+        let h2 = self.http2_only || io.connected().is_negotiated_h2();
+        let io = Coalesce::new(io);
+        let handshake_failed = |e| Error::with_source(ErrorKind::UpstreamConnect, e);
+        if h2 {
+            let (tx, conn) = self.h2.handshake(io).await.map_err(handshake_failed)?;
+            drop(tokio::spawn(async move {
+                if let Err(err) = conn.await {
+                    tracing::debug!(error = %err, "upstream HTTP/2 connection failed");
+                }
+            }));
+            pool.set_h2(tx.clone());
+            Ok(Conn::H2(tx))
+        } else {
+            let (tx, conn) = self.h1.handshake(io).await.map_err(handshake_failed)?;
+            drop(tokio::spawn(async move {
+                if let Err(err) = conn.with_upgrades().await {
+                    tracing::debug!(error = %err, "upstream connection failed");
+                }
+            }));
+            Ok(Conn::H1(tx))
+        }
+    }
+}
+
+/// A failed exchange: a failure of our own request body (the client stalled: 408) keeps
+/// its kind; anything else broke the exchange with the upstream (502).
+fn exchange_error(err: hyper::Error) -> Error {
+    let kind = match Error::kind_of(&err) {
+        ErrorKind::Internal => ErrorKind::BadGateway,
+        kind => kind,
+    };
+    Error::with_source(kind, err)
 }
 
 impl fmt::Debug for HttpClient {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("HttpClient")
-            .field("http2_only", &self.http2_only)
+            .field("http2_only", &self.inner.http2_only)
             .finish_non_exhaustive()
     }
 }
@@ -255,16 +389,20 @@ impl HttpClientBuilder {
             https.enable_all_versions().wrap_connector(http)
         };
 
-        let inner = Client::builder(TokioExecutor::new())
-            .timer(TokioTimer::new())
-            .pool_timer(TokioTimer::new())
-            .pool_idle_timeout(self.pool_idle_timeout)
-            .pool_max_idle_per_host(self.pool_max_idle_per_host)
-            .http2_only(self.http2_only)
-            .build(https);
+        let h1 = http1::Builder::new();
+        let mut h2 = http2::Builder::new(TokioExecutor::new());
+        h2.timer(TokioTimer::new());
+        static NEXT_ID: AtomicU64 = AtomicU64::new(1);
         Ok(HttpClient {
-            inner,
-            http2_only: self.http2_only,
+            inner: Arc::new(Inner {
+                id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
+                connector: https,
+                h1,
+                h2,
+                http2_only: self.http2_only,
+                idle_timeout: self.pool_idle_timeout,
+                max_idle: self.pool_max_idle_per_host,
+            }),
         })
     }
 }

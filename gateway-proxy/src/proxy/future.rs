@@ -14,6 +14,7 @@ use hyper_util::rt::TokioIo;
 use pin_project_lite::pin_project;
 use tokio::time::Sleep;
 
+use super::client::{SendFuture, Sent};
 use super::headers;
 use super::service::Shared;
 use crate::upstream::Selected;
@@ -29,7 +30,7 @@ pin_project! {
 
 enum State {
     Waiting {
-        fut: hyper_util::client::legacy::ResponseFuture,
+        fut: SendFuture,
         shared: Arc<Shared>,
         selected: Selected,
         is_head: bool,
@@ -41,7 +42,7 @@ enum State {
 
 impl ResponseFuture {
     pub(super) fn new(
-        fut: hyper_util::client::legacy::ResponseFuture,
+        fut: SendFuture,
         shared: Arc<Shared>,
         selected: Selected,
         is_head: bool,
@@ -103,25 +104,16 @@ impl Future for ResponseFuture {
         else {
             unreachable!("matched as Waiting above")
         };
-        let outcome = match result {
-            Ok(res) => respond(res, &shared, is_head, upgrade),
-            Err(err) => {
-                let kind = if err.is_connect() {
-                    ErrorKind::UpstreamConnect
-                } else {
-                    // A failure of our own request body (the client stalled: 408) keeps its
-                    // kind; anything else broke the exchange with the upstream.
-                    match Error::kind_of(&err) {
-                        ErrorKind::Internal => ErrorKind::BadGateway,
-                        kind => kind,
-                    }
-                };
-                Err(Error::with_source(kind, err).into())
+        let (outcome, checkin) = match result {
+            Ok(Sent { response, checkin }) => {
+                (respond(response, &shared, is_head, upgrade), checkin)
             }
+            Err(err) => (Err(err.into()), None),
         };
         selected.record(classify::result(&outcome));
-        // The request stays in flight on its endpoint until the response body ends.
-        Poll::Ready(outcome.map(|res| res.map(|body| body.with_guard(selected))))
+        // The request stays in flight on its endpoint, and its connection out of the pool,
+        // until the response body ends.
+        Poll::Ready(outcome.map(|res| res.map(|body| body.with_guard((selected, checkin)))))
     }
 }
 

@@ -154,11 +154,34 @@ pub(crate) fn scrub_forwarding(headers: &mut HeaderMap, trusted_peer: bool) {
 /// An IP address as a header value (`1.2.3.4`, `2001:db8::1`), formatted without the heap.
 pub(crate) fn ip_value(ip: IpAddr) -> HeaderValue {
     let mut buf = [0u8; 64];
-    let len = {
-        let mut cursor = std::io::Cursor::new(&mut buf[..]);
-        // NOTE: an IPv6 address is at most 45 bytes, so it always fits the buffer.
-        let _ = write!(cursor, "{ip}");
-        usize::try_from(cursor.position()).unwrap_or(0)
+    let len = match ip {
+        // The common case without the formatting machinery.
+        IpAddr::V4(v4) => {
+            let mut len = 0;
+            for (i, octet) in v4.octets().into_iter().enumerate() {
+                if i > 0 {
+                    buf[len] = b'.';
+                    len += 1;
+                }
+                if octet >= 100 {
+                    buf[len] = b'0' + octet / 100;
+                    len += 1;
+                }
+                if octet >= 10 {
+                    buf[len] = b'0' + octet / 10 % 10;
+                    len += 1;
+                }
+                buf[len] = b'0' + octet % 10;
+                len += 1;
+            }
+            len
+        }
+        IpAddr::V6(_) => {
+            let mut cursor = std::io::Cursor::new(&mut buf[..]);
+            // NOTE: an IPv6 address is at most 45 bytes, so it always fits the buffer.
+            let _ = write!(cursor, "{ip}");
+            usize::try_from(cursor.position()).unwrap_or(0)
+        }
     };
     HeaderValue::from_bytes(&buf[..len]).unwrap_or(HeaderValue::from_static("unknown"))
 }
@@ -224,6 +247,23 @@ mod tests {
             h.append(*k, HeaderValue::from_static(v));
         }
         h
+    }
+
+    #[test]
+    fn ip_values_match_the_standard_formatting() {
+        for ip in [
+            "0.0.0.0",
+            "127.0.0.1",
+            "10.20.30.40",
+            "100.101.109.110",
+            "255.255.255.255",
+            "9.99.199.200",
+            "::1",
+            "2001:db8::8a2e:370:7334",
+        ] {
+            let parsed: IpAddr = ip.parse().unwrap();
+            assert_eq!(ip_value(parsed), ip, "{ip}");
+        }
     }
 
     #[test]

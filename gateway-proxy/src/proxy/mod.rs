@@ -52,8 +52,10 @@
 mod client;
 mod future;
 mod headers;
+mod pool;
 mod service;
 
 pub use client::{HttpClient, HttpClientBuilder, InvalidClient};
 pub use future::ResponseFuture;
+pub(crate) use pool::Pools;
 pub use service::{HostHeader, ReverseProxy, ReverseProxyBuilder};

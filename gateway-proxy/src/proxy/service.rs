@@ -161,7 +161,7 @@ where
 
         match &shared.host {
             HostHeader::Upstream => {
-                // hyper sets `Host` from the target URI.
+                // The client sets the endpoint's `Host` (HTTP/1.1) or `:authority` (HTTP/2).
                 head.headers.remove(HOST);
             }
             HostHeader::Preserve => {
@@ -186,30 +186,18 @@ where
             head.headers.append(VIA, via_for(via, head.version).clone());
         }
 
-        let endpoint = selected.endpoint();
-        let path = match shared.rewrite_path(&head.uri) {
-            Ok(path) => path,
+        head.uri = match shared.rewrite_path(&head.uri) {
+            Ok(path) => Uri::from(path),
             Err(err) => return ResponseFuture::failed(err),
-        };
-        let mut parts = http::uri::Parts::default();
-        parts.scheme = Some(endpoint.scheme().clone());
-        parts.authority = Some(endpoint.authority().clone());
-        parts.path_and_query = Some(path);
-        head.uri = match Uri::from_parts(parts) {
-            Ok(uri) => uri,
-            Err(e) => return ResponseFuture::failed(Error::with_source(ErrorKind::BadRequest, e)),
-        };
-        head.version = if shared.client.is_http2_only() {
-            Version::HTTP_2
-        } else {
-            Version::HTTP_11
         };
 
         let mut body = Body::new(body);
         if let Some(idle) = shared.body_idle_timeout {
             body = body.idle_timeout(idle);
         }
-        let fut = shared.client.request(Request::from_parts(head, body));
+        let fut = shared
+            .client
+            .send(selected.endpoint(), Request::from_parts(head, body));
         ResponseFuture::new(
             fut,
             Arc::clone(&self.shared),

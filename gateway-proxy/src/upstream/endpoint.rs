@@ -30,6 +30,8 @@ pub struct Endpoint {
     /// When the endpoint last joined or came back, in nanoseconds since [`epoch`]; 0 = it
     /// was there from the start. Slow start ramps its weight up from this point.
     ready_since: AtomicU64,
+    /// Pooled connections to this endpoint, per client.
+    pub(crate) pools: crate::proxy::Pools,
 }
 
 /// A point-in-time view of an endpoint's state, for metrics and admin endpoints.
@@ -110,6 +112,7 @@ impl Endpoint {
             ejections: AtomicU32::new(0),
             healthy: AtomicBool::new(true),
             ready_since: AtomicU64::new(0),
+            pools: crate::proxy::Pools::default(),
         }
     }
 

@@ -209,24 +209,22 @@ impl HealthCheck {
 
     /// One probe: `Ok` when the endpoint answered with an expected status.
     async fn probe(&self, endpoint: &Endpoint) -> Result<(), String> {
-        let uri = Uri::builder()
-            .scheme(endpoint.scheme().clone())
-            .authority(endpoint.authority().clone())
-            .path_and_query(self.path.clone())
-            .build()
-            .map_err(|e| e.to_string())?;
         let mut req = Request::new(Body::empty());
         *req.method_mut() = Method::GET;
-        *req.uri_mut() = uri;
+        *req.uri_mut() = Uri::from(self.path.clone());
         let headers = req.headers_mut();
         headers.insert(USER_AGENT, HeaderValue::from_static("gateway-health-check"));
         if let Some(host) = &self.host {
             headers.insert(HOST, host.clone());
         }
-        let response = self.client.request(req).await.map_err(|e| chain(&e))?;
-        let status = response.status().as_u16();
+        let sent = self
+            .client
+            .send(endpoint, req)
+            .await
+            .map_err(|e| chain(&e))?;
+        let status = sent.response.status().as_u16();
         // Read a small body to the end so the connection goes back to the pool.
-        let mut body = response.into_body();
+        let mut body = sent.response.into_body();
         let mut read = 0;
         while read <= MAX_PROBE_BODY {
             match poll_fn(|cx| http_body::Body::poll_frame(Pin::new(&mut body), cx)).await {
@@ -234,6 +232,8 @@ impl HealthCheck {
                 Some(Err(_)) | None => break,
             }
         }
+        drop(body);
+        drop(sent.checkin);
         if self.statuses.iter().any(|r| r.contains(&status)) {
             Ok(())
         } else {

@@ -204,3 +204,51 @@ async fn connections_over_the_cap_wait_for_a_free_slot() {
         .unwrap();
     assert_eq!(status(&res), 200, "{res}");
 }
+
+/// The server tells h2c prior knowledge (`PRI * HTTP/2.0…`) from HTTP/1.1 by the first three
+/// bytes: methods that start like it, and a first byte sent alone, are still HTTP/1.1.
+#[tokio::test]
+async fn http1_methods_that_start_like_the_h2_preface_stay_http1() {
+    let upstream = TestUpstream::echo().await;
+    let gw = Gateway::start(Router::new().route(Route::prefix("/"), proxy_to(&upstream))).await;
+
+    let res = raw(
+        gw.addr,
+        "PROPFIND /dav HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert_eq!(status(&res), 200, "{res}");
+    assert_eq!(upstream.last_request().method.as_str(), "PROPFIND");
+
+    let mut stream = TcpStream::connect(gw.addr).await.unwrap();
+    stream.write_all(b"P").await.unwrap();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    stream
+        .write_all(b"OST /p HTTP/1.1\r\nHost: a\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut res = String::new();
+    stream.read_to_string(&mut res).await.unwrap();
+    assert_eq!(status(&res), 200, "{res}");
+    assert_eq!(upstream.last_request().uri, "/p");
+}
+
+/// A client that connects and says nothing is dropped at the header-read timeout.
+#[tokio::test]
+async fn a_silent_connection_is_closed_at_the_header_read_timeout() {
+    let upstream = TestUpstream::echo().await;
+    let server = gateway_proxy::Server::bind("127.0.0.1:0")
+        .await
+        .unwrap()
+        .header_read_timeout(Duration::from_millis(200));
+    let addr = server.local_addr().unwrap();
+    let app = Router::new().route(Route::prefix("/"), proxy_to(&upstream));
+    let task = tokio::spawn(server.serve(app));
+    let mut stream = TcpStream::connect(addr).await.unwrap();
+    let mut buf = [0u8; 16];
+    let read = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut buf))
+        .await
+        .expect("the silent connection was never closed");
+    assert!(matches!(read, Ok(0) | Err(_)), "{read:?}");
+    task.abort();
+}

@@ -1,6 +1,7 @@
 //! One accepted connection: TLS, the hyper connection, idle tracking and graceful close.
 
 use std::future::Future;
+use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -12,8 +13,8 @@ use bytes::Bytes;
 use gateway_core::{BoxError, ConnectInfo, Drain};
 use http::{Request, Response};
 use hyper::body::Incoming;
+use hyper::server::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use hyper_util::server::conn::auto;
 use pin_project_lite::pin_project;
 use tokio::net::TcpStream;
 use tokio::sync::watch;
@@ -27,7 +28,8 @@ use crate::io::Coalesce;
 
 /// What every connection task shares.
 pub(super) struct Shared {
-    pub(super) builder: auto::Builder<TokioExecutor>,
+    pub(super) http1: http1::Builder,
+    pub(super) http2: http2::Builder<TokioExecutor>,
     pub(super) header_read_timeout: Duration,
     pub(super) keep_alive_timeout: Duration,
     pub(super) tls: Option<TlsAcceptor>,
@@ -63,14 +65,18 @@ pub(super) async fn serve<S, B>(
                 local: shared.local,
                 tls: false,
             };
-            run(
-                Coalesce::new(TokioIo::new(stream)),
-                info,
-                service,
-                &shared,
-                graceful,
-            )
-            .await;
+            let h2 =
+                match tokio::time::timeout(shared.header_read_timeout, sniff_h2c(&stream)).await {
+                    Ok(Ok(Some(h2))) => h2,
+                    // Closed, or failed, before sending a byte.
+                    Ok(Ok(None) | Err(_)) => return,
+                    Err(_) => {
+                        tracing::debug!(%peer, "no request within the header-read timeout");
+                        return;
+                    }
+                };
+            let io = Coalesce::new(TokioIo::new(stream));
+            run(io, h2, info, service, &shared, graceful).await;
         }
         Some(acceptor) => {
             let handshake =
@@ -91,24 +97,46 @@ pub(super) async fn serve<S, B>(
                 local: shared.local,
                 tls: true,
             };
-            run(
-                Coalesce::new(TokioIo::new(stream)),
-                info,
-                service,
-                &shared,
-                graceful,
-            )
-            .await;
+            let h2 = stream.get_ref().1.alpn_protocol() == Some(b"h2");
+            let io = Coalesce::new(TokioIo::new(stream));
+            run(io, h2, info, service, &shared, graceful).await;
         }
+    }
+}
+
+/// Whether a plain-text client opens with the HTTP/2 connection preface (h2c with prior
+/// knowledge), judged from the first bytes without consuming them; `None` when it closed
+/// before sending anything.
+///
+/// No HTTP/1.1 method starts with `PRI` (RFC 9113 §3.4 reserves it for the preface), and
+/// three bytes tell it from `POST`, `PUT`, `PATCH` and `PROPFIND`.
+async fn sniff_h2c(stream: &TcpStream) -> io::Result<Option<bool>> {
+    const PREFIX: &[u8] = b"PRI";
+    let mut buf = [0u8; PREFIX.len()];
+    loop {
+        let n = stream.peek(&mut buf).await?;
+        if n == 0 {
+            return Ok(None);
+        }
+        if buf[..n] != PREFIX[..n] {
+            return Ok(Some(false));
+        }
+        if n == PREFIX.len() {
+            return Ok(Some(true));
+        }
+        // A prefix of `PRI` so far: peeking again returns at once with the same bytes, so
+        // wait a little for more (the caller's timeout bounds this).
+        tokio::time::sleep(Duration::from_millis(1)).await;
     }
 }
 
 async fn run<I, S, B>(
     io: I,
+    h2: bool,
     info: ConnectInfo,
     service: S,
     shared: &Shared,
-    mut graceful: watch::Receiver<bool>,
+    graceful: watch::Receiver<bool>,
 ) where
     I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
     S: Service<Request<Incoming>, Response = Response<B>> + Clone + Send + 'static,
@@ -128,22 +156,86 @@ async fn run<I, S, B>(
         drain: shared.drain.clone(),
         activity: Arc::clone(&activity),
     };
-    let conn = shared.builder.serve_connection_with_upgrades(io, svc);
-    let mut conn = std::pin::pin!(conn);
     let keep_alive = shared.keep_alive_timeout;
+    if h2 {
+        // Boxed: HTTP/2 connections are few and their state is large; keeping it out of
+        // line keeps every HTTP/1.1 connection task small.
+        let conn = Box::pin(shared.http2.serve_connection(io, svc));
+        drive(conn, &activity, info, keep_alive, graceful).await;
+    } else {
+        let conn = shared.http1.serve_connection(io, svc).with_upgrades();
+        drive(std::pin::pin!(conn), &activity, info, keep_alive, graceful).await;
+    }
+}
+
+/// A hyper connection of either protocol.
+trait Connection: Future<Output = Result<(), hyper::Error>> {
+    fn graceful_shutdown(self: Pin<&mut Self>);
+}
+
+impl<I, S, B> Connection for http1::UpgradeableConnection<I, S>
+where
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+    S: hyper::service::HttpService<Incoming, ResBody = B>,
+    S::Error: Into<BoxError>,
+    B: http_body::Body + 'static,
+    B::Error: Into<BoxError>,
+{
+    fn graceful_shutdown(self: Pin<&mut Self>) {
+        Self::graceful_shutdown(self);
+    }
+}
+
+impl<I, S, B> Connection for http2::Connection<I, S, TokioExecutor>
+where
+    I: hyper::rt::Read + hyper::rt::Write + Unpin,
+    S: hyper::service::HttpService<Incoming, ResBody = B>,
+    S::Error: Into<BoxError>,
+    B: http_body::Body + 'static,
+    B::Error: Into<BoxError>,
+    TokioExecutor: hyper::rt::bounds::Http2ServerConnExec<S::Future, B>,
+{
+    fn graceful_shutdown(self: Pin<&mut Self>) {
+        Self::graceful_shutdown(self);
+    }
+}
+
+impl<C: Connection + ?Sized> Connection for Pin<Box<C>> {
+    fn graceful_shutdown(self: Pin<&mut Self>) {
+        self.get_mut().as_mut().graceful_shutdown();
+    }
+}
+
+impl<C: Connection + ?Sized> Connection for Pin<&mut C> {
+    fn graceful_shutdown(self: Pin<&mut Self>) {
+        self.get_mut().as_mut().graceful_shutdown();
+    }
+}
+
+/// Runs `conn` to the end, closing it gracefully once it has been idle for `keep_alive`
+/// or when the server drains.
+async fn drive<C>(
+    mut conn: C,
+    activity: &Activity,
+    info: ConnectInfo,
+    keep_alive: Duration,
+    mut graceful: watch::Receiver<bool>,
+) where
+    C: Connection + Unpin,
+{
     let idle = tokio::time::sleep(keep_alive);
     let mut idle = std::pin::pin!(idle);
     let mut closing = false;
     loop {
         tokio::select! {
-            res = conn.as_mut() => {
+            res = &mut conn => {
                 if let Err(err) = res {
                     tracing::debug!(peer = %info.peer, error = %err, "connection ended with an error");
                 }
                 return;
             }
             _ = graceful.wait_for(|draining| *draining), if !closing => {
-                conn.as_mut().graceful_shutdown();
+                Pin::new(&mut conn).graceful_shutdown();
                 closing = true;
             }
             () = idle.as_mut(), if !closing => {
@@ -151,7 +243,7 @@ async fn run<I, S, B>(
                     Some(deadline) if deadline > Instant::now() => idle.as_mut().reset(deadline),
                     Some(_) => {
                         tracing::trace!(peer = %info.peer, "closing idle keep-alive connection");
-                        conn.as_mut().graceful_shutdown();
+                        Pin::new(&mut conn).graceful_shutdown();
                         closing = true;
                     }
                     // A request is in flight: look again a full period later.

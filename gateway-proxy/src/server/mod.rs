@@ -1,7 +1,8 @@
 //! The server runner: accepts connections and serves a tower service on them.
 //!
-//! hyper-util's auto connection speaks HTTP/1.1 and HTTP/2 (h2c with prior knowledge, and
-//! h2 over TLS via ALPN) on the same port. Around it the server enforces the limits a
+//! HTTP/1.1 and HTTP/2 (h2c with prior knowledge, and h2 over TLS via ALPN) on the same
+//! port: the server tells them apart by ALPN or by the first bytes, then runs hyper's
+//! connection for that protocol only, so an HTTP/1.1 connection carries no HTTP/2 state. Around it the server enforces the limits a
 //! client must not control:
 //!
 //! - header-read timeout (HTTP/1: the whole head must arrive in time, with a real timer
@@ -51,8 +52,8 @@ use bytes::Bytes;
 use gateway_core::{BoxError, Drain};
 use http::{Request, Response};
 use hyper::body::Incoming;
+use hyper::server::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioTimer};
-use hyper_util::server::conn::auto;
 use tokio::net::{TcpListener, ToSocketAddrs};
 use tokio::sync::{Semaphore, watch};
 use tokio::task::JoinSet;
@@ -211,7 +212,8 @@ impl Server {
         } = self;
         let local = listener.local_addr()?;
         let shared = Arc::new(conn::Shared {
-            builder: http_builder(&config),
+            http1: http1_builder(&config),
+            http2: http2_builder(&config),
             header_read_timeout: config.header_read_timeout,
             keep_alive_timeout: config.keep_alive_timeout,
             tls: tls.map(|t| t.acceptor()),
@@ -306,17 +308,20 @@ async fn accept(
     Ok((stream, peer, permit))
 }
 
-fn http_builder(config: &Config) -> auto::Builder<TokioExecutor> {
-    let mut builder = auto::Builder::new(TokioExecutor::new());
+fn http1_builder(config: &Config) -> http1::Builder {
+    let mut builder = http1::Builder::new();
     builder
-        .http1()
         .timer(TokioTimer::new())
         .header_read_timeout(config.header_read_timeout)
         .max_headers(config.max_headers)
         .max_buf_size(config.max_header_bytes)
         .keep_alive(true);
     builder
-        .http2()
+}
+
+fn http2_builder(config: &Config) -> http2::Builder<TokioExecutor> {
+    let mut builder = http2::Builder::new(TokioExecutor::new());
+    builder
         .timer(TokioTimer::new())
         .max_concurrent_streams(config.h2_max_concurrent_streams)
         .max_header_list_size(u32::try_from(config.max_header_bytes).unwrap_or(u32::MAX))

@@ -58,50 +58,63 @@ pub(super) async fn serve<S, B>(
     B::Error: Into<BoxError>,
 {
     let _ = stream.set_nodelay(true);
-    match &shared.tls {
-        None => {
-            let info = ConnectInfo {
-                peer,
-                local: shared.local,
-                tls: false,
-            };
-            let h2 =
-                match tokio::time::timeout(shared.header_read_timeout, sniff_h2c(&stream)).await {
-                    Ok(Ok(Some(h2))) => h2,
-                    // Closed, or failed, before sending a byte.
-                    Ok(Ok(None) | Err(_)) => return,
-                    Err(_) => {
-                        tracing::debug!(%peer, "no request within the header-read timeout");
-                        return;
-                    }
-                };
-            let io = Coalesce::new(TokioIo::new(stream));
-            run(io, h2, info, service, &shared, graceful).await;
-        }
-        Some(acceptor) => {
-            let handshake =
-                tokio::time::timeout(shared.header_read_timeout, acceptor.accept(stream));
-            let stream = match handshake.await {
-                Ok(Ok(stream)) => stream,
-                Ok(Err(err)) => {
-                    tracing::debug!(%peer, error = %err, "TLS handshake failed");
-                    return;
-                }
-                Err(_) => {
-                    tracing::debug!(%peer, "TLS handshake timed out");
-                    return;
-                }
-            };
-            let info = ConnectInfo {
-                peer,
-                local: shared.local,
-                tls: true,
-            };
-            let h2 = stream.get_ref().1.alpn_protocol() == Some(b"h2");
-            let io = Coalesce::new(TokioIo::new(stream));
-            run(io, h2, info, service, &shared, graceful).await;
-        }
+    let info = ConnectInfo {
+        peer,
+        local: shared.local,
+        tls: shared.tls.is_some(),
+    };
+    if let Some(acceptor) = &shared.tls {
+        // Boxed: a TLS session is kilobytes of state, and plain connections should not
+        // reserve room for it in their task.
+        Box::pin(serve_tls(
+            stream, acceptor, info, service, &shared, graceful,
+        ))
+        .await;
+        return;
     }
+    let h2 = match tokio::time::timeout(shared.header_read_timeout, sniff_h2c(&stream)).await {
+        Ok(Ok(Some(h2))) => h2,
+        // Closed, or failed, before sending a byte.
+        Ok(Ok(None) | Err(_)) => return,
+        Err(_) => {
+            tracing::debug!(%peer, "no request within the header-read timeout");
+            return;
+        }
+    };
+    let io = Coalesce::new(TokioIo::new(stream));
+    run(io, h2, info, service, &shared, graceful).await;
+}
+
+async fn serve_tls<S, B>(
+    stream: TcpStream,
+    acceptor: &TlsAcceptor,
+    info: ConnectInfo,
+    service: S,
+    shared: &Shared,
+    graceful: watch::Receiver<bool>,
+) where
+    S: Service<Request<Incoming>, Response = Response<B>> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<BoxError>,
+    B: http_body::Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
+{
+    let peer = info.peer;
+    let handshake = tokio::time::timeout(shared.header_read_timeout, acceptor.accept(stream));
+    let stream = match handshake.await {
+        Ok(Ok(stream)) => stream,
+        Ok(Err(err)) => {
+            tracing::debug!(%peer, error = %err, "TLS handshake failed");
+            return;
+        }
+        Err(_) => {
+            tracing::debug!(%peer, "TLS handshake timed out");
+            return;
+        }
+    };
+    let h2 = stream.get_ref().1.alpn_protocol() == Some(b"h2");
+    let io = Coalesce::new(TokioIo::new(stream));
+    run(io, h2, info, service, shared, graceful).await;
 }
 
 /// Whether a plain-text client opens with the HTTP/2 connection preface (h2c with prior

@@ -66,6 +66,14 @@ pub(crate) fn accepts_trailers(headers: &HeaderMap) -> bool {
 /// `keep_content_length` (responses to `HEAD` and `304`s, whose length describes a body that
 /// is not sent).
 pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap, keep_content_length: bool) {
+    // Most messages carry none of these: one pass over the names is cheaper than a dozen
+    // removals, each of which hashes its name.
+    let any = headers
+        .keys()
+        .any(|name| HOP_BY_HOP.contains(name) || (!keep_content_length && name == CONTENT_LENGTH));
+    if !any {
+        return;
+    }
     // Collect first: the names borrow `headers`. Allocation only happens for tokens that are
     // not themselves hop-by-hop (`keep-alive`, `close`, `upgrade` are the common ones).
     let mut nominated: Vec<HeaderName> = Vec::new();

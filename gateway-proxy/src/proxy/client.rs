@@ -104,20 +104,45 @@ impl HttpClient {
     /// Sends `req` to `endpoint` on a pooled connection or a new one. The request's URI
     /// needs only a path: the client puts it in the form the connection's protocol wants
     /// and adds `Host` to HTTP/1.1 requests that have none.
-    pub(crate) fn send(&self, endpoint: &Endpoint, req: Request<Body>) -> SendFuture {
+    pub(crate) fn send(&self, endpoint: &Endpoint, mut req: Request<Body>) -> SendFuture {
         let inner = &self.inner;
         let pool = endpoint.pools.get(inner.id, || {
             Pool::new(endpoint, inner.idle_timeout, inner.max_idle)
         });
-        Box::pin(Arc::clone(inner).send(pool, req))
+        match pool.checkout() {
+            // The common case: an idle HTTP/1.1 connection takes the request at once, and
+            // the (small) future only waits for the response head.
+            Some(Conn::H1(mut tx)) => {
+                pool.http1_form(&mut req);
+                let sent = tx.try_send_request(req);
+                let inner = Arc::clone(inner);
+                Box::pin(async move {
+                    match sent.await {
+                        Ok(response) => Ok(Sent {
+                            response,
+                            checkin: Some(Checkin::new(pool, tx)),
+                        }),
+                        Err(refused) => inner.after_refusal(pool, refused).await,
+                    }
+                })
+            }
+            conn => Box::pin(Arc::clone(inner).send(pool, req, conn, 0)),
+        }
     }
 }
 
 impl Inner {
-    async fn send(self: Arc<Self>, pool: Arc<Pool>, mut req: Request<Body>) -> Result<Sent, Error> {
-        let mut stale = 0;
+    /// Sends `req` on `conn`, or on a connection from the pool or a new one; `stale`
+    /// pooled connections were already found closed.
+    async fn send(
+        self: Arc<Self>,
+        pool: Arc<Pool>,
+        mut req: Request<Body>,
+        mut conn: Option<Conn>,
+        mut stale: usize,
+    ) -> Result<Sent, Error> {
         loop {
-            let (conn, pooled) = match pool.checkout() {
+            let (conn, pooled) = match conn.take().or_else(|| pool.checkout()) {
                 Some(conn) => (conn, true),
                 None if self.http2_only => {
                     // One connection carries every request: wait for one being made.
@@ -162,6 +187,22 @@ impl Inner {
                     req = again;
                 }
                 _ => return Err(exchange_error(refused.into_error())),
+            }
+        }
+    }
+
+    /// What follows a request refused by a pooled connection: another connection when
+    /// nothing was written (it was closed under us), the error otherwise.
+    fn after_refusal(
+        self: Arc<Self>,
+        pool: Arc<Pool>,
+        mut refused: TrySendError<Request<Body>>,
+    ) -> SendFuture {
+        match refused.take_message() {
+            Some(req) if STALE_RETRIES > 0 => Box::pin(self.send(pool, req, None, 1)),
+            _ => {
+                let err = exchange_error(refused.into_error());
+                Box::pin(std::future::ready(Err(err)))
             }
         }
     }

@@ -170,11 +170,17 @@ fn balancer_pick_10(b: divan::Bencher<'_, '_>, balancer: &str) {
 fn client_request() -> Request<Body> {
     let mut req = Request::get("/api/users/42?expand=orders")
         .header("host", "gw.example")
-        .header("user-agent", "Mozilla/5.0 (X11; Linux x86_64) Gecko/20100101 Firefox/128.0")
+        .header(
+            "user-agent",
+            "Mozilla/5.0 (X11; Linux x86_64) Gecko/20100101 Firefox/128.0",
+        )
         .header("accept", "application/json")
         .header("accept-encoding", "gzip, deflate, br")
         .header("accept-language", "en-GB,en;q=0.5")
-        .header("authorization", "Bearer eyJhbGciOiJSUzI1NiJ9.e30.c2lnbmF0dXJl")
+        .header(
+            "authorization",
+            "Bearer eyJhbGciOiJSUzI1NiJ9.e30.c2lnbmF0dXJl",
+        )
         .header("cookie", "session=4f2a9c; theme=dark")
         .header("connection", "keep-alive")
         .header("x-forwarded-for", "203.0.113.66")

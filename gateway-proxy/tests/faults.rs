@@ -112,6 +112,47 @@ async fn slow_header_client_is_cut_by_the_header_read_timeout() {
     assert!(up.requests().is_empty());
 }
 
+/// The same limit holds for the next request on a keep-alive connection.
+#[tokio::test]
+async fn a_slow_second_head_on_a_keep_alive_connection_is_cut_too() {
+    let up = TestUpstream::echo().await;
+    let gw = Gateway::start_with(
+        Router::new().route(Route::prefix("/"), proxy_to(&up)),
+        gateway_core::client_ip::TrustedProxies::none(),
+        |s| s.header_read_timeout(Duration::from_millis(700)),
+    )
+    .await;
+    let mut stream = TcpStream::connect(gw.addr).await.unwrap();
+    stream
+        .write_all(b"GET /first HTTP/1.1\r\nHost: gw\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = [0u8; 4096];
+    let n = stream.read(&mut buf).await.unwrap();
+    assert!(buf[..n].starts_with(b"HTTP/1.1 200"));
+
+    let request = b"GET /second HTTP/1.1\r\nHost: gw\r\nX-Padding: aaaaaaaaaaaaaaaa\r\n\r\n";
+    let mut closed_after = None;
+    for (i, byte) in request.iter().enumerate() {
+        if stream.write_all(&[*byte]).await.is_err() {
+            closed_after = Some(i);
+            break;
+        }
+        let read = tokio::time::timeout(Duration::from_millis(250), stream.read(&mut buf)).await;
+        if let Ok(Ok(0) | Err(_)) = read {
+            closed_after = Some(i);
+            break;
+        }
+    }
+    let closed_after =
+        closed_after.expect("the connection must be closed before the second head completes");
+    assert!(
+        closed_after < request.len() - 1,
+        "closed only after {closed_after} bytes"
+    );
+    assert_eq!(up.requests().len(), 1);
+}
+
 #[tokio::test]
 async fn too_many_headers_are_refused() {
     let up = TestUpstream::echo().await;

@@ -169,15 +169,26 @@ async fn run<I, S, B>(
         drain: shared.drain.clone(),
         activity: Arc::clone(&activity),
     };
-    let keep_alive = shared.keep_alive_timeout;
     if h2 {
+        let idle = Idle {
+            limit: shared.keep_alive_timeout,
+            hard: false,
+        };
         // Boxed: HTTP/2 connections are few and their state is large; keeping it out of
         // line keeps every HTTP/1.1 connection task small.
         let conn = Box::pin(shared.http2.serve_connection(io, svc));
-        drive(conn, &activity, info, keep_alive, graceful).await;
+        drive(conn, &activity, info, idle, graceful).await;
     } else {
+        // The next request head must be complete within the header-read timeout of the
+        // connection going idle (or opening). hyper could time the head itself, but with a
+        // timer armed and dropped for every request; the idle check below costs nothing
+        // per request.
+        let idle = Idle {
+            limit: shared.keep_alive_timeout.min(shared.header_read_timeout),
+            hard: true,
+        };
         let conn = shared.http1.serve_connection(io, svc).with_upgrades();
-        drive(std::pin::pin!(conn), &activity, info, keep_alive, graceful).await;
+        drive(std::pin::pin!(conn), &activity, info, idle, graceful).await;
     }
 }
 
@@ -225,19 +236,29 @@ impl<C: Connection + ?Sized> Connection for Pin<&mut C> {
     }
 }
 
-/// Runs `conn` to the end, closing it gracefully once it has been idle for `keep_alive`
-/// or when the server drains.
+/// How long a connection may go without a request in flight, and how it is then closed.
+#[derive(Clone, Copy)]
+struct Idle {
+    limit: Duration,
+    /// Drop the connection (HTTP/1.1: nothing to say; a partial head is abandoned) rather
+    /// than shut it down gracefully (HTTP/2: `GOAWAY`).
+    hard: bool,
+}
+
+/// Runs `conn` to the end, closing it once it has gone without a request in flight for
+/// the idle limit, or gracefully when the server drains.
 async fn drive<C>(
     mut conn: C,
     activity: &Activity,
     info: ConnectInfo,
-    keep_alive: Duration,
+    idle: Idle,
     mut graceful: watch::Receiver<bool>,
 ) where
     C: Connection + Unpin,
 {
-    let idle = tokio::time::sleep(keep_alive);
-    let mut idle = std::pin::pin!(idle);
+    // One timer per connection, moved only when it fires: nothing per request.
+    let timer = tokio::time::sleep(idle.limit);
+    let mut timer = std::pin::pin!(timer);
     let mut closing = false;
     loop {
         tokio::select! {
@@ -251,16 +272,20 @@ async fn drive<C>(
                 Pin::new(&mut conn).graceful_shutdown();
                 closing = true;
             }
-            () = idle.as_mut(), if !closing => {
-                match activity.idle_deadline(keep_alive) {
-                    Some(deadline) if deadline > Instant::now() => idle.as_mut().reset(deadline),
+            () = timer.as_mut(), if !closing => {
+                match activity.idle_deadline(idle.limit) {
+                    Some(deadline) if deadline > Instant::now() => timer.as_mut().reset(deadline),
+                    Some(_) if idle.hard => {
+                        tracing::debug!(peer = %info.peer, "no request head within the idle limit; closing");
+                        return;
+                    }
                     Some(_) => {
                         tracing::trace!(peer = %info.peer, "closing idle keep-alive connection");
                         Pin::new(&mut conn).graceful_shutdown();
                         closing = true;
                     }
                     // A request is in flight: look again a full period later.
-                    None => idle.as_mut().reset(Instant::now() + keep_alive),
+                    None => timer.as_mut().reset(Instant::now() + idle.limit),
                 }
             }
         }

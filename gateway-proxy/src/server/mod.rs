@@ -309,10 +309,9 @@ async fn accept(
 }
 
 fn http1_builder(config: &Config) -> http1::Builder {
+    // No timer: the connection task enforces the header-read timeout (see `conn::run`).
     let mut builder = http1::Builder::new();
     builder
-        .timer(TokioTimer::new())
-        .header_read_timeout(config.header_read_timeout)
         .max_headers(config.max_headers)
         .max_buf_size(config.max_header_bytes)
         .keep_alive(true);

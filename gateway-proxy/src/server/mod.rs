@@ -5,9 +5,10 @@
 //! connection for that protocol only, so an HTTP/1.1 connection carries no HTTP/2 state. Around it the server enforces the limits a
 //! client must not control:
 //!
-//! - header-read timeout (HTTP/1: the whole head must arrive in time, with a real timer
-//!   installed; it also bounds the wait for the next request on a keep-alive connection)
-//!   and TLS-handshake timeout (the same value);
+//! - header-read timeout (HTTP/1: a connection without a request in flight must complete
+//!   the next request head within it, counted from when it opened or went idle, so it
+//!   bounds both a slow head and the wait between keep-alive requests; one timer per
+//!   connection enforces it) and TLS-handshake timeout (the same value);
 //! - header count and size (HTTP/1 read buffer; HTTP/2 header list size);
 //! - a keep-alive idle limit: a connection with no request in flight for that long is
 //!   closed (HTTP/2 gets a GOAWAY);

@@ -1,10 +1,10 @@
 //! The upstream side of the gateway: the reverse proxy, the router, upstreams and the
 //! server runner.
 //!
-//! - [`ReverseProxy`]: forwards to an [`Upstream`] with a pooled hyper client (HTTP/1.1,
-//!   HTTP/2, rustls), streaming bodies, WebSocket upgrades and trailers.
+//! - [`ReverseProxy`]: forwards to an [`Upstream`] with a hyper client pooled per endpoint
+//!   (HTTP/1.1, HTTP/2, rustls), streaming bodies, WebSocket upgrades and trailers.
 //! - [`Router`]: host + normalized path + method to per-route service stacks.
-//! - [`Server`]: hyper-util auto (HTTP/1.1 + HTTP/2), rustls termination, timeouts,
+//! - [`Server`]: HTTP/1.1 and HTTP/2 (by ALPN or the first bytes), rustls termination, timeouts,
 //!   connection limits and graceful shutdown.
 
 mod io;

@@ -78,19 +78,21 @@ async fn upstream_reset_mid_body_closes_the_client_connection() {
     assert!(body < 1_000_000, "body {body}");
 }
 
-#[tokio::test]
-async fn slow_header_client_is_cut_by_the_header_read_timeout() {
-    let up = TestUpstream::echo().await;
-    let gw = Gateway::start_with(
-        Router::new().route(Route::prefix("/"), proxy_to(&up)),
+/// A gateway whose header-read timeout is 700 ms.
+async fn gateway_with_short_header_timeout(up: &TestUpstream) -> Gateway {
+    Gateway::start_with(
+        Router::new().route(Route::prefix("/"), proxy_to(up)),
         gateway_core::client_ip::TrustedProxies::none(),
         |s| s.header_read_timeout(Duration::from_millis(700)),
     )
-    .await;
-    let mut stream = TcpStream::connect(gw.addr).await.unwrap();
-    let request = b"GET / HTTP/1.1\r\nHost: gw\r\nX-Padding: aaaaaaaaaaaaaaaa\r\n\r\n";
+    .await
+}
+
+/// Sends `head` one byte every 250 ms and asserts the server closes the connection before
+/// the head is complete.
+async fn assert_cut_while_trickling(stream: &mut TcpStream, head: &[u8]) {
     let mut closed_after = None;
-    for (i, byte) in request.iter().enumerate() {
+    for (i, byte) in head.iter().enumerate() {
         if stream.write_all(&[*byte]).await.is_err() {
             closed_after = Some(i);
             break;
@@ -106,9 +108,18 @@ async fn slow_header_client_is_cut_by_the_header_read_timeout() {
     let closed_after =
         closed_after.expect("the connection must be closed before the head completes");
     assert!(
-        closed_after < request.len() - 1,
+        closed_after < head.len() - 1,
         "closed only after {closed_after} bytes"
     );
+}
+
+#[tokio::test]
+async fn slow_header_client_is_cut_by_the_header_read_timeout() {
+    let up = TestUpstream::echo().await;
+    let gw = gateway_with_short_header_timeout(&up).await;
+    let mut stream = TcpStream::connect(gw.addr).await.unwrap();
+    let head = b"GET / HTTP/1.1\r\nHost: gw\r\nX-Padding: aaaaaaaaaaaaaaaa\r\n\r\n";
+    assert_cut_while_trickling(&mut stream, head).await;
     assert!(up.requests().is_empty());
 }
 
@@ -116,12 +127,7 @@ async fn slow_header_client_is_cut_by_the_header_read_timeout() {
 #[tokio::test]
 async fn a_slow_second_head_on_a_keep_alive_connection_is_cut_too() {
     let up = TestUpstream::echo().await;
-    let gw = Gateway::start_with(
-        Router::new().route(Route::prefix("/"), proxy_to(&up)),
-        gateway_core::client_ip::TrustedProxies::none(),
-        |s| s.header_read_timeout(Duration::from_millis(700)),
-    )
-    .await;
+    let gw = gateway_with_short_header_timeout(&up).await;
     let mut stream = TcpStream::connect(gw.addr).await.unwrap();
     stream
         .write_all(b"GET /first HTTP/1.1\r\nHost: gw\r\n\r\n")
@@ -131,25 +137,8 @@ async fn a_slow_second_head_on_a_keep_alive_connection_is_cut_too() {
     let n = stream.read(&mut buf).await.unwrap();
     assert!(buf[..n].starts_with(b"HTTP/1.1 200"));
 
-    let request = b"GET /second HTTP/1.1\r\nHost: gw\r\nX-Padding: aaaaaaaaaaaaaaaa\r\n\r\n";
-    let mut closed_after = None;
-    for (i, byte) in request.iter().enumerate() {
-        if stream.write_all(&[*byte]).await.is_err() {
-            closed_after = Some(i);
-            break;
-        }
-        let read = tokio::time::timeout(Duration::from_millis(250), stream.read(&mut buf)).await;
-        if let Ok(Ok(0) | Err(_)) = read {
-            closed_after = Some(i);
-            break;
-        }
-    }
-    let closed_after =
-        closed_after.expect("the connection must be closed before the second head completes");
-    assert!(
-        closed_after < request.len() - 1,
-        "closed only after {closed_after} bytes"
-    );
+    let head = b"GET /second HTTP/1.1\r\nHost: gw\r\nX-Padding: aaaaaaaaaaaaaaaa\r\n\r\n";
+    assert_cut_while_trickling(&mut stream, head).await;
     assert_eq!(up.requests().len(), 1);
 }
 

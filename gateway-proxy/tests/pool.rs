@@ -4,6 +4,7 @@
     reason = "the helpers panic on failure, like the tests"
 )]
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
@@ -134,6 +135,91 @@ async fn a_connection_the_upstream_closed_is_not_reused() {
     }
     assert_eq!(accepted.load(Ordering::SeqCst), 50);
     server.abort();
+}
+
+/// An upstream on its own thread (so it can act while the test's runtime is blocked) that
+/// answers one request per connection and closes it 5 ms later without saying so. It
+/// stops after accepting `limit` connections and one more.
+fn closing_upstream(limit: usize) -> (SocketAddr, Arc<AtomicUsize>, std::thread::JoinHandle<()>) {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.set_nonblocking(true).unwrap();
+    let addr = listener.local_addr().unwrap();
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let counter = Arc::clone(&accepted);
+    let server = std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        runtime.block_on(async move {
+            let listener = TcpListener::from_std(listener).unwrap();
+            while let Ok((mut stream, _)) = listener.accept().await {
+                if counter.fetch_add(1, Ordering::SeqCst) == limit {
+                    return;
+                }
+                if read_head(&mut stream).await {
+                    let _ = stream
+                        .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+                        .await;
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        });
+    });
+    (addr, accepted, server)
+}
+
+/// Blocks the test's runtime (no I/O is processed) while the upstream closes, so the pool
+/// cannot have noticed the close when the next request takes the connection.
+fn let_the_upstream_close_unnoticed() {
+    std::thread::sleep(Duration::from_millis(150));
+}
+
+/// The harder case: the upstream's close arrives while the pooled connection still looks
+/// ready, so the request is written to a connection that is already closed and no answer
+/// comes. A GET (idempotent, bodiless) on a connection that sat idle is sent again on a
+/// new connection instead of failing with 502.
+#[tokio::test(flavor = "current_thread")]
+async fn an_idempotent_request_on_a_connection_closed_under_it_is_sent_again() {
+    let (addr, accepted, server) = closing_upstream(10);
+    let proxy = proxy(
+        &format!("http://{addr}"),
+        HttpClient::builder().build().unwrap(),
+    );
+    for i in 0..10 {
+        assert_eq!(
+            get(&proxy).await,
+            (StatusCode::OK, "ok".to_owned()),
+            "request {i}"
+        );
+        let_the_upstream_close_unnoticed();
+    }
+    assert_eq!(accepted.load(Ordering::SeqCst), 10);
+    drop(tokio::net::TcpStream::connect(addr).await);
+    server.join().unwrap();
+}
+
+/// A POST with a body in the same spot is not sent twice: the client gets the 502.
+#[tokio::test(flavor = "current_thread")]
+async fn a_post_on_a_connection_closed_under_it_is_not_sent_again() {
+    let (addr, accepted, server) = closing_upstream(1);
+    let proxy = proxy(
+        &format!("http://{addr}"),
+        HttpClient::builder().build().unwrap(),
+    );
+    assert_eq!(get(&proxy).await.0, StatusCode::OK);
+    let_the_upstream_close_unnoticed();
+    let req = Request::post("/orders")
+        .body(Body::from("{\"qty\":1}"))
+        .unwrap();
+    let err = proxy.clone().oneshot(req).await.unwrap_err();
+    assert_eq!(
+        gateway_core::Error::kind_of(err.as_ref()),
+        gateway_core::ErrorKind::BadGateway
+    );
+    assert_eq!(accepted.load(Ordering::SeqCst), 1);
+    drop(tokio::net::TcpStream::connect(addr).await);
+    server.join().unwrap();
 }
 
 #[tokio::test]

@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use gateway_core::{Body, Error, ErrorKind};
-use http::{Request, Response};
+use http::{Method, Request, Response};
 use hyper::body::Incoming;
 use hyper::client::conn::{TrySendError, http1, http2};
 use hyper_rustls::HttpsConnector;
@@ -57,6 +57,11 @@ pub(crate) type SendFuture = Pin<Box<dyn Future<Output = Result<Sent, Error>> + 
 
 /// How many pooled connections a request may find closed before it gets a new one.
 const STALE_RETRIES: usize = 2;
+
+/// A pooled connection idle for at least this long may have been closed by the upstream's
+/// keep-alive timeout as we use it; a replayable request sent on it keeps a copy. Busier
+/// connections skip the copy: upstream keep-alive timeouts are seconds, not milliseconds.
+const REPLAY_AFTER_IDLE: Duration = Duration::from_millis(100);
 
 /// Builds an [`HttpClient`].
 ///
@@ -112,8 +117,13 @@ impl HttpClient {
         match pool.checkout() {
             // The common case: an idle HTTP/1.1 connection takes the request at once, and
             // the (small) future only waits for the response head.
-            Some(Conn::H1(mut tx)) => {
+            Some(Conn::H1(mut tx, idle_since)) => {
                 pool.http1_form(&mut req);
+                // A connection that sat idle may have been closed by the upstream just as
+                // we write to it. Keep what it takes to send a replayable request again.
+                let replay = idle_since
+                    .filter(|since| since.elapsed() >= REPLAY_AFTER_IDLE)
+                    .and_then(|_| replayable(&req));
                 let sent = tx.try_send_request(req);
                 let inner = Arc::clone(inner);
                 Box::pin(async move {
@@ -122,7 +132,7 @@ impl HttpClient {
                             response,
                             checkin: Some(Checkin::new(pool, tx)),
                         }),
-                        Err(refused) => inner.after_refusal(pool, refused).await,
+                        Err(refused) => inner.after_refusal(pool, refused, replay).await,
                     }
                 })
             }
@@ -155,7 +165,7 @@ impl Inner {
                 None => (Box::pin(self.connect(&pool)).await?, false),
             };
             let mut refused: TrySendError<Request<Body>> = match conn {
-                Conn::H1(mut tx) => {
+                Conn::H1(mut tx, _) => {
                     pool.http1_form(&mut req);
                     match tx.try_send_request(req).await {
                         Ok(response) => {
@@ -191,19 +201,31 @@ impl Inner {
         }
     }
 
-    /// What follows a request refused by a pooled connection: another connection when
-    /// nothing was written (it was closed under us), the error otherwise.
+    /// What follows a failed request on a pooled connection:
+    /// - nothing was written (the connection was closed under us): another connection;
+    /// - the connection had been idle, the request is idempotent and bodiless, and the
+    ///   upstream closed or reset it without an answer: the request again, on a new
+    ///   connection (RFC 9110 §9.2.2);
+    /// - otherwise the error.
     fn after_refusal(
         self: Arc<Self>,
         pool: Arc<Pool>,
         mut refused: TrySendError<Request<Body>>,
+        replay: Option<Request<Body>>,
     ) -> SendFuture {
-        match refused.take_message() {
-            Some(req) if STALE_RETRIES > 0 => Box::pin(self.send(pool, req, None, 1)),
-            _ => {
-                let err = exchange_error(refused.into_error());
-                Box::pin(std::future::ready(Err(err)))
+        if let Some(req) = refused.take_message() {
+            return Box::pin(self.send(pool, req, None, 1));
+        }
+        let err = refused.into_error();
+        match replay {
+            Some(req) if closed_without_answer(&err) => {
+                tracing::debug!(error = %err, "idle upstream connection closed under the request; sending it again");
+                Box::pin(async move {
+                    let conn = self.connect(&pool).await?;
+                    self.send(pool, req, Some(conn), STALE_RETRIES).await
+                })
             }
+            _ => Box::pin(std::future::ready(Err(exchange_error(err)))),
         }
     }
 
@@ -234,9 +256,34 @@ impl Inner {
                     tracing::debug!(error = %err, "upstream connection failed");
                 }
             }));
-            Ok(Conn::H1(tx))
+            Ok(Conn::H1(tx, None))
         }
     }
+}
+
+/// A copy of `req` to send again, if it may be: an idempotent method and no body.
+fn replayable(req: &Request<Body>) -> Option<Request<Body>> {
+    let idempotent = matches!(
+        *req.method(),
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE
+    );
+    if !idempotent || !http_body::Body::is_end_stream(req.body()) {
+        return None;
+    }
+    let mut copy = Request::new(Body::empty());
+    *copy.method_mut() = req.method().clone();
+    *copy.uri_mut() = req.uri().clone();
+    *copy.version_mut() = req.version();
+    *copy.headers_mut() = req.headers().clone();
+    Some(copy)
+}
+
+/// Whether the upstream closed or reset the connection without answering.
+fn closed_without_answer(err: &hyper::Error) -> bool {
+    err.is_incomplete_message()
+        || err.is_canceled()
+        || err.is_closed()
+        || std::error::Error::source(err).is_some_and(|e| e.is::<std::io::Error>())
 }
 
 /// A failed exchange: a failure of our own request body (the client stalled: 408) keeps

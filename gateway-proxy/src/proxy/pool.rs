@@ -68,7 +68,8 @@ struct Idle {
 
 /// A connection ready to take a request.
 pub(crate) enum Conn {
-    H1(http1::SendRequest<Body>),
+    /// With the moment it went idle in the pool (`None`: new).
+    H1(http1::SendRequest<Body>, Option<Instant>),
     H2(http2::SendRequest<Body>),
 }
 
@@ -151,7 +152,7 @@ impl Pool {
         // A connection that is not ready has been closed (or is closing) by its peer.
         while let Some(idle) = state.idle.pop() {
             if idle.tx.is_ready() {
-                return Some(Conn::H1(idle.tx));
+                return Some(Conn::H1(idle.tx, Some(idle.since)));
             }
         }
         None

@@ -15,7 +15,7 @@ use gateway_core::client_ip::TrustedProxies;
 use gateway_core::test_util::TestUpstream;
 use gateway_proxy::server::TlsConfig;
 use gateway_proxy::{HttpClient, ReverseProxy, Route, Router, Upstream};
-use http::{Request, Version};
+use http::{Request, StatusCode, Version};
 use http_body_util::BodyExt;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
@@ -251,4 +251,63 @@ async fn a_silent_connection_is_closed_at_the_header_read_timeout() {
         .expect("the silent connection was never closed");
     assert!(matches!(read, Ok(0) | Err(_)), "{read:?}");
     task.abort();
+}
+
+/// Once an HTTPS endpoint has negotiated HTTP/2 by ALPN, a burst of requests that finds no
+/// connection (the last one was closed) opens one, not one per request.
+#[tokio::test]
+async fn a_burst_to_an_alpn_http2_endpoint_shares_one_new_connection() {
+    let pki = Pki::localhost("upstream-h2");
+    let echo = TestUpstream::echo().await;
+    let tls = pki.tls();
+    let tls_upstream = Gateway::start_with(
+        Router::new().route(Route::prefix("/"), proxy_to(&echo)),
+        TrustedProxies::none(),
+        |s| s.tls(tls).keep_alive_timeout(Duration::from_millis(200)),
+    )
+    .await;
+    // A TCP relay in front of it counts the connections the proxy opens.
+    let relay = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let relay_port = relay.local_addr().unwrap().port();
+    let opened = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = Arc::clone(&opened);
+    let upstream_addr = tls_upstream.addr;
+    let relay_task = tokio::spawn(async move {
+        while let Ok((mut inbound, _)) = relay.accept().await {
+            counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            tokio::spawn(async move {
+                if let Ok(mut outbound) = TcpStream::connect(upstream_addr).await {
+                    let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                }
+            });
+        }
+    });
+
+    let mut client = HttpClient::builder();
+    client
+        .webpki_roots(false)
+        .add_root_pem(pki.cert_pem.as_bytes())
+        .unwrap();
+    let proxy = ReverseProxy::builder(
+        Upstream::single(&format!("https://localhost:{relay_port}")).unwrap(),
+    )
+    .client(client.build().unwrap())
+    .build()
+    .unwrap();
+    let call = |proxy: ReverseProxy| async move {
+        let req = Request::get("/").body(Body::empty()).unwrap();
+        let res = tower::ServiceExt::oneshot(proxy, req).await.unwrap();
+        let head = (res.status(), res.version());
+        drop(res.into_body().collect().await.unwrap());
+        head
+    };
+    assert_eq!(call(proxy.clone()).await, (StatusCode::OK, Version::HTTP_2));
+    // The upstream closes the idle HTTP/2 connection (GOAWAY after 200 ms).
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let burst: Vec<_> = (0..20).map(|_| tokio::spawn(call(proxy.clone()))).collect();
+    for req in burst {
+        assert_eq!(req.await.unwrap(), (StatusCode::OK, Version::HTTP_2));
+    }
+    assert_eq!(opened.load(std::sync::atomic::Ordering::SeqCst), 2);
+    relay_task.abort();
 }

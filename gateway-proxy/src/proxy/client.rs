@@ -154,7 +154,7 @@ impl Inner {
         loop {
             let (conn, pooled) = match conn.take().or_else(|| pool.checkout()) {
                 Some(conn) => (conn, true),
-                None if self.http2_only => {
+                None if self.http2_only || pool.speaks_h2() => {
                     // One connection carries every request: wait for one being made.
                     let _connecting = pool.h2_connecting.lock().await;
                     match pool.checkout() {

@@ -9,11 +9,14 @@
 //!   the end (the guard rides on the response body); one whose body was abandoned is never
 //!   reused. A request that a pooled connection could not take before writing anything
 //!   (the upstream closed it while idle) is retried on another connection.
-//! - HTTP/2: one shared connection per endpoint, multiplexed.
+//! - HTTP/2: one shared connection per endpoint, multiplexed. Requests that find none wait
+//!   for the one being made (with prior knowledge, or once the endpoint has negotiated
+//!   HTTP/2 by ALPN; only the very first burst to an ALPN endpoint may open several).
 //! - Idle connections close after the idle timeout: one timer per pool, not per
 //!   connection, that runs only while the pool holds idle connections.
 
 use std::fmt;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError, Weak};
 use std::time::Duration;
 
@@ -49,6 +52,9 @@ pub(crate) struct Pool {
     /// Held while an HTTP/2 connection is being made, so that concurrent requests wait for
     /// it instead of each opening their own.
     pub(super) h2_connecting: tokio::sync::Mutex<()>,
+    /// Whether the endpoint has negotiated HTTP/2 by ALPN before: from then on, new
+    /// connections are made one at a time as with prior knowledge.
+    speaks_h2: AtomicBool,
 }
 
 #[derive(Default)]
@@ -133,6 +139,7 @@ impl Pool {
             max_idle,
             state: Mutex::new(State::default()),
             h2_connecting: tokio::sync::Mutex::new(()),
+            speaks_h2: AtomicBool::new(false),
         }
     }
 
@@ -160,7 +167,13 @@ impl Pool {
 
     /// Shares a new HTTP/2 connection with the requests that follow.
     pub(crate) fn set_h2(&self, tx: http2::SendRequest<Body>) {
+        self.speaks_h2.store(true, Ordering::Relaxed);
         self.lock().h2 = Some(tx);
+    }
+
+    /// Whether the endpoint is known to speak HTTP/2.
+    pub(crate) fn speaks_h2(&self) -> bool {
+        self.speaks_h2.load(Ordering::Relaxed)
     }
 
     /// Puts an HTTP/1.1 connection that can take a request back on the stack.

@@ -63,12 +63,27 @@ pub(super) async fn serve<S, B>(
         local: shared.local,
         tls: shared.tls.is_some(),
     };
-    if let Some(acceptor) = &shared.tls {
+    if let Some(acceptor) = shared.tls.clone() {
         // Boxed: a TLS session is kilobytes of state, and plain connections should not
         // reserve room for it in their task.
-        Box::pin(serve_tls(
-            stream, acceptor, info, service, &shared, graceful,
-        ))
+        Box::pin(async move {
+            let handshake =
+                tokio::time::timeout(shared.header_read_timeout, acceptor.accept(stream));
+            let stream = match handshake.await {
+                Ok(Ok(stream)) => stream,
+                Ok(Err(err)) => {
+                    tracing::debug!(%peer, error = %err, "TLS handshake failed");
+                    return;
+                }
+                Err(_) => {
+                    tracing::debug!(%peer, "TLS handshake timed out");
+                    return;
+                }
+            };
+            let h2 = stream.get_ref().1.alpn_protocol() == Some(b"h2");
+            let io = Coalesce::new(TokioIo::new(stream));
+            run(io, h2, info, service, &shared, graceful).await;
+        })
         .await;
         return;
     }
@@ -83,38 +98,6 @@ pub(super) async fn serve<S, B>(
     };
     let io = Coalesce::new(TokioIo::new(stream));
     run(io, h2, info, service, &shared, graceful).await;
-}
-
-async fn serve_tls<S, B>(
-    stream: TcpStream,
-    acceptor: &TlsAcceptor,
-    info: ConnectInfo,
-    service: S,
-    shared: &Shared,
-    graceful: watch::Receiver<bool>,
-) where
-    S: Service<Request<Incoming>, Response = Response<B>> + Clone + Send + 'static,
-    S::Future: Send + 'static,
-    S::Error: Into<BoxError>,
-    B: http_body::Body<Data = Bytes> + Send + 'static,
-    B::Error: Into<BoxError>,
-{
-    let peer = info.peer;
-    let handshake = tokio::time::timeout(shared.header_read_timeout, acceptor.accept(stream));
-    let stream = match handshake.await {
-        Ok(Ok(stream)) => stream,
-        Ok(Err(err)) => {
-            tracing::debug!(%peer, error = %err, "TLS handshake failed");
-            return;
-        }
-        Err(_) => {
-            tracing::debug!(%peer, "TLS handshake timed out");
-            return;
-        }
-    };
-    let h2 = stream.get_ref().1.alpn_protocol() == Some(b"h2");
-    let io = Coalesce::new(TokioIo::new(stream));
-    run(io, h2, info, service, shared, graceful).await;
 }
 
 /// Whether a plain-text client opens with the HTTP/2 connection preface (h2c with prior

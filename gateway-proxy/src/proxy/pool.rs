@@ -22,7 +22,7 @@ use std::time::Duration;
 
 use gateway_core::Body;
 use http::header::{HOST, HeaderValue};
-use http::uri::{Authority, PathAndQuery, Scheme, Uri};
+use http::uri::{PathAndQuery, Scheme, Uri};
 use http::{Request, Version};
 use hyper::client::conn::{http1, http2};
 use tokio::time::Instant;
@@ -40,11 +40,9 @@ pub(crate) struct Pools {
 
 /// The connections of one client to one endpoint.
 pub(crate) struct Pool {
-    scheme: Scheme,
-    authority: Authority,
     /// `Host` for HTTP/1.1 requests that have none: the authority without a default port.
     host: HeaderValue,
-    /// What the connector dials.
+    /// What the connector dials, and the `:scheme` and `:authority` of HTTP/2 requests.
     pub(super) target: Uri,
     idle_timeout: Duration,
     max_idle: usize,
@@ -115,9 +113,8 @@ impl fmt::Debug for Pools {
 
 impl Pool {
     pub(crate) fn new(endpoint: &Endpoint, idle_timeout: Duration, max_idle: usize) -> Self {
-        let scheme = endpoint.scheme().clone();
-        let authority = endpoint.authority().clone();
-        let default_port = if scheme == Scheme::HTTPS { 443 } else { 80 };
+        let (scheme, authority) = (endpoint.scheme(), endpoint.authority());
+        let default_port = if *scheme == Scheme::HTTPS { 443 } else { 80 };
         let host = match authority.port_u16() {
             Some(port) if port != default_port => authority.as_str(),
             _ => authority.host(),
@@ -131,8 +128,6 @@ impl Pool {
             .build()
             .unwrap_or_else(|_| unreachable!("scheme and authority come from a valid URI"));
         Self {
-            scheme,
-            authority,
             host,
             target,
             idle_timeout,
@@ -196,12 +191,16 @@ impl Pool {
 
     /// Makes `req` an origin-form HTTP/1.1 request with a `Host`.
     pub(crate) fn http1_form(&self, req: &mut Request<Body>) {
-        let path = req
-            .uri()
-            .path_and_query()
-            .cloned()
-            .unwrap_or_else(|| PathAndQuery::from_static("/"));
-        *req.uri_mut() = Uri::from(path);
+        // The proxy and the health checks send origin-form already; a request that went to
+        // an HTTP/2 connection first (a retry) is absolute-form.
+        if req.uri().authority().is_some() {
+            let path = req
+                .uri()
+                .path_and_query()
+                .cloned()
+                .unwrap_or_else(|| PathAndQuery::from_static("/"));
+            *req.uri_mut() = Uri::from(path);
+        }
         *req.version_mut() = Version::HTTP_11;
         if !req.headers().contains_key(HOST) {
             req.headers_mut().insert(HOST, self.host.clone());
@@ -211,8 +210,8 @@ impl Pool {
     /// Makes `req` an absolute-form HTTP/2 request (`:scheme` and `:authority`).
     pub(crate) fn http2_form(&self, req: &mut Request<Body>) {
         let mut parts = http::uri::Parts::default();
-        parts.scheme = Some(self.scheme.clone());
-        parts.authority = Some(self.authority.clone());
+        parts.scheme = self.target.scheme().cloned();
+        parts.authority = self.target.authority().cloned();
         parts.path_and_query = Some(
             req.uri()
                 .path_and_query()

@@ -34,11 +34,13 @@ loadbench: the gateway, nginx and HAProxy side by side (see benches/loadbench.sh
 
 OPTIONS:
     --gateway PATH     the gateway binary [default: target/release/gateway]
+    --baseline PATH    another gateway build, measured in the same rounds (A/B a change)
     --rounds N         interleaved rounds [default: 5]
     --secs N           seconds per throughput and latency run [default: 5]
     --rate N           requests/s of the latency runs [default: 2000]
     --idle N           idle connections of the memory run, 0 to skip it [default: 5000]
-    --targets LIST     which proxies, comma-separated [default: gateway,nginx,haproxy]
+    --targets LIST     which proxies, comma-separated [default: gateway,baseline (with
+                       --baseline),nginx,haproxy]
     --json PATH        where to write the results [default: target/loadbench.json]
     --proxy-core CPU   the core the proxies are pinned to [default: 0]
     --load-core CPU    the core wrk is pinned to [default: 1]
@@ -46,6 +48,7 @@ OPTIONS:
 
 struct Opts {
     gateway: PathBuf,
+    baseline: Option<PathBuf>,
     rounds: usize,
     secs: u64,
     rate: u32,
@@ -94,6 +97,7 @@ fn parse() -> Result<Option<Opts>, String> {
     use lexopt::prelude::*;
     let mut opts = Opts {
         gateway: "target/release/gateway".into(),
+        baseline: None,
         rounds: 5,
         secs: 5,
         rate: 2000,
@@ -101,7 +105,7 @@ fn parse() -> Result<Option<Opts>, String> {
         json: "target/loadbench.json".into(),
         proxy_core: "0".into(),
         load_core: "1".into(),
-        targets: Kind::ALL.to_vec(),
+        targets: Vec::new(),
     };
     let mut parser = lexopt::Parser::from_env();
     while let Some(arg) = parser.next().map_err(|e| e.to_string())? {
@@ -121,6 +125,7 @@ fn parse() -> Result<Option<Opts>, String> {
         match arg {
             Short('h') | Long("help") => return Ok(None),
             Long("gateway") => opts.gateway = value(&mut parser)?.into(),
+            Long("baseline") => opts.baseline = Some(value(&mut parser)?.into()),
             Long("rounds") => opts.rounds = number("rounds", value(&mut parser)?)? as usize,
             Long("secs") => opts.secs = number("secs", value(&mut parser)?)?,
             Long("rate") => {
@@ -150,6 +155,15 @@ fn parse() -> Result<Option<Opts>, String> {
             other => return Err(other.unexpected().to_string()),
         }
     }
+    if opts.targets.is_empty() {
+        opts.targets = Kind::ALL
+            .into_iter()
+            .filter(|k| *k != Kind::Baseline || opts.baseline.is_some())
+            .collect();
+    }
+    if opts.targets.contains(&Kind::Baseline) && opts.baseline.is_none() {
+        return Err("--targets: `baseline` needs --baseline PATH".into());
+    }
     Ok(Some(opts))
 }
 
@@ -167,6 +181,7 @@ async fn run(opts: &Opts) -> io::Result<()> {
     std::fs::create_dir_all(&dir)?;
     let setup = Setup {
         gateway: opts.gateway.clone(),
+        baseline: opts.baseline.clone(),
         origin,
         core: pinned.then(|| opts.proxy_core.clone()),
         dir: dir.clone(),
@@ -347,24 +362,35 @@ fn report(series: &Series) -> String {
             format!("{:.2}", median(v))
         }
     };
+    // A baseline column (and the gateway's ratio to it) only in A/B runs.
+    let ab = series
+        .values()
+        .any(|by_kind| by_kind.contains_key(&Kind::Baseline));
     let mut out = String::new();
-    let _ = writeln!(
-        out,
-        "| metric | gateway | nginx | haproxy | gateway/nginx | gateway/haproxy |"
-    );
-    let _ = writeln!(out, "|---|---|---|---|---|---|");
+    let _ = write!(out, "| metric | gateway |");
+    if ab {
+        let _ = write!(out, " baseline |");
+    }
+    let _ = write!(out, " nginx | haproxy |");
+    if ab {
+        let _ = write!(out, " gateway/baseline |");
+    }
+    let _ = writeln!(out, " gateway/nginx | gateway/haproxy |");
+    let columns = if ab { 8 } else { 6 };
+    let _ = writeln!(out, "|{}", "---|".repeat(columns));
     for (metric, by_kind) in series {
         let get = |k: Kind| by_kind.get(&k).map_or(&[][..], Vec::as_slice);
-        let (g, n, h) = (get(Kind::Gateway), get(Kind::Nginx), get(Kind::Haproxy));
-        let _ = writeln!(
-            out,
-            "| {metric} | {} | {} | {} | {} | {} |",
-            cell(g),
-            cell(n),
-            cell(h),
-            cell(&ratios(g, n)),
-            cell(&ratios(g, h)),
-        );
+        let (g, b) = (get(Kind::Gateway), get(Kind::Baseline));
+        let (n, h) = (get(Kind::Nginx), get(Kind::Haproxy));
+        let _ = write!(out, "| {metric} | {} |", cell(g));
+        if ab {
+            let _ = write!(out, " {} |", cell(b));
+        }
+        let _ = write!(out, " {} | {} |", cell(n), cell(h));
+        if ab {
+            let _ = write!(out, " {} |", cell(&ratios(g, b)));
+        }
+        let _ = writeln!(out, " {} | {} |", cell(&ratios(g, n)), cell(&ratios(g, h)));
     }
     out
 }

@@ -15,6 +15,8 @@ const TICKS_PER_SEC: u64 = 100;
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub(crate) enum Kind {
     Gateway,
+    /// Another build of the gateway (`--baseline`), for A/B runs of a change.
+    Baseline,
     Nginx,
     Haproxy,
 }
@@ -29,6 +31,7 @@ pub(crate) struct Target {
 /// How to start the targets.
 pub(crate) struct Setup {
     pub(crate) gateway: PathBuf,
+    pub(crate) baseline: Option<PathBuf>,
     pub(crate) origin: SocketAddr,
     /// `taskset -c <core>` prefix for the proxies, when taskset exists.
     pub(crate) core: Option<String>,
@@ -36,11 +39,12 @@ pub(crate) struct Setup {
 }
 
 impl Kind {
-    pub(crate) const ALL: [Self; 3] = [Self::Gateway, Self::Nginx, Self::Haproxy];
+    pub(crate) const ALL: [Self; 4] = [Self::Gateway, Self::Baseline, Self::Nginx, Self::Haproxy];
 
     pub(crate) const fn name(self) -> &'static str {
         match self {
             Self::Gateway => "gateway",
+            Self::Baseline => "baseline",
             Self::Nginx => "nginx",
             Self::Haproxy => "haproxy",
         }
@@ -62,7 +66,11 @@ impl Setup {
     /// Starts `kind` and waits until it accepts connections.
     pub(crate) fn start(&self, kind: Kind) -> io::Result<Target> {
         let target = match kind {
-            Kind::Gateway => self.start_gateway()?,
+            Kind::Gateway => self.start_gateway(&self.gateway, kind)?,
+            Kind::Baseline => match &self.baseline {
+                Some(path) => self.start_gateway(path, kind)?,
+                None => return Err(io::Error::other("the baseline target needs --baseline")),
+            },
             Kind::Nginx => self.start_nginx()?,
             Kind::Haproxy => self.start_haproxy()?,
         };
@@ -70,9 +78,9 @@ impl Setup {
         Ok(target)
     }
 
-    fn start_gateway(&self) -> io::Result<Target> {
+    fn start_gateway(&self, program: &Path, kind: Kind) -> io::Result<Target> {
         let mut child = self
-            .command(&self.gateway)
+            .command(program)
             .args([
                 "--listen",
                 "127.0.0.1:0",
@@ -98,11 +106,7 @@ impl Setup {
             .strip_prefix("gateway listening on http://")
             .and_then(|a| a.parse().ok())
             .ok_or_else(|| io::Error::other(format!("unexpected gateway output {line:?}")))?;
-        Ok(Target {
-            kind: Kind::Gateway,
-            addr,
-            child,
-        })
+        Ok(Target { kind, addr, child })
     }
 
     fn start_nginx(&self) -> io::Result<Target> {

@@ -87,7 +87,7 @@ impl Default for Config {
             header_read_timeout: Duration::from_secs(10),
             keep_alive_timeout: Duration::from_secs(60),
             max_connections: 10_000,
-            max_headers: 100,
+            max_headers: HYPER_MAX_HEADERS,
             max_header_bytes: 64 * 1024,
             h2_max_concurrent_streams: 200,
             drain_timeout: Duration::from_secs(30),
@@ -309,13 +309,20 @@ async fn accept(
     Ok((stream, peer, permit))
 }
 
+/// hyper's default header count limit.
+const HYPER_MAX_HEADERS: usize = 100;
+
 fn http1_builder(config: &Config) -> http1::Builder {
     // No timer: the connection task enforces the header-read timeout (see `conn::run`).
     let mut builder = http1::Builder::new();
     builder
-        .max_headers(config.max_headers)
         .max_buf_size(config.max_header_bytes)
         .keep_alive(true);
+    // hyper parses into an array on the stack for its default count and into a
+    // vector it fills for every request otherwise.
+    if config.max_headers != HYPER_MAX_HEADERS {
+        builder.max_headers(config.max_headers);
+    }
     builder
 }
 

@@ -1,11 +1,12 @@
-//! One accepted connection: TLS, the hyper connection, idle tracking and graceful close.
+//! One accepted connection: TLS, the hyper connection, idle tracking, releasing idle
+//! HTTP/1.1 connections, and graceful close.
 
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU8, AtomicU64, AtomicUsize, Ordering};
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
@@ -17,13 +18,14 @@ use hyper::server::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use pin_project_lite::pin_project;
 use tokio::net::TcpStream;
-use tokio::sync::watch;
+use tokio::sync::{Semaphore, watch};
 use tokio::time::Instant;
 use tokio_rustls::TlsAcceptor;
 use tower::Service;
 use tower::ServiceExt;
 use tower::util::Oneshot;
 
+use super::park::{self, ParkIo};
 use crate::io::Coalesce;
 
 /// What every connection task shares.
@@ -32,16 +34,26 @@ pub(super) struct Shared {
     pub(super) http2: http2::Builder<TokioExecutor>,
     pub(super) header_read_timeout: Duration,
     pub(super) keep_alive_timeout: Duration,
+    pub(super) release_idle_after: Option<Duration>,
+    /// Above this many open connections, idle ones are released as soon as they are idle.
+    pub(super) release_idle_above: usize,
+    /// One permit per open connection, out of `max_connections`.
+    pub(super) permits: Arc<Semaphore>,
+    pub(super) max_connections: usize,
     pub(super) tls: Option<TlsAcceptor>,
     pub(super) drain: Drain,
     pub(super) local: SocketAddr,
 }
 
-/// Requests in flight and the last time the connection went idle.
-struct Activity {
+/// Requests in flight, the last time the connection went idle, and what its hyper
+/// connection was last seen doing.
+pub(super) struct Activity {
     started: Instant,
     in_flight: AtomicUsize,
     idle_since_ms: AtomicU64,
+    /// `Activity::*` bits: set and read by the connection's own task (the socket adapter,
+    /// the service), hence relaxed.
+    io: AtomicU8,
 }
 
 pub(super) async fn serve<S, B>(
@@ -96,8 +108,12 @@ pub(super) async fn serve<S, B>(
             return;
         }
     };
-    let io = Coalesce::new(TokioIo::new(stream));
-    run(io, h2, info, service, &shared, graceful).await;
+    if h2 {
+        let io = Coalesce::new(TokioIo::new(stream));
+        run(io, true, info, service, &shared, graceful).await;
+    } else {
+        run_http1(stream, info, service, &shared, graceful).await;
+    }
 }
 
 /// Whether a plain-text client opens with the HTTP/2 connection preface (h2c with prior
@@ -126,13 +142,25 @@ async fn sniff_h2c(stream: &TcpStream) -> io::Result<Option<bool>> {
     }
 }
 
+/// The connection's view of its requests, shared with its service and response bodies.
+fn activity() -> Arc<Activity> {
+    Arc::new(Activity {
+        started: Instant::now(),
+        in_flight: AtomicUsize::new(0),
+        idle_since_ms: AtomicU64::new(0),
+        io: AtomicU8::new(0),
+    })
+}
+
+/// HTTP/2 (either transport) and HTTP/1.1 over TLS: one hyper connection for the
+/// connection's lifetime.
 async fn run<I, S, B>(
     io: I,
     h2: bool,
     info: ConnectInfo,
     service: S,
     shared: &Shared,
-    graceful: watch::Receiver<bool>,
+    mut graceful: watch::Receiver<bool>,
 ) where
     I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
     S: Service<Request<Incoming>, Response = Response<B>> + Clone + Send + 'static,
@@ -141,37 +169,113 @@ async fn run<I, S, B>(
     B: http_body::Body<Data = Bytes> + Send + 'static,
     B::Error: Into<BoxError>,
 {
-    let activity = Arc::new(Activity {
-        started: Instant::now(),
-        in_flight: AtomicUsize::new(0),
-        idle_since_ms: AtomicU64::new(0),
-    });
-    let svc = ConnService {
-        inner: service,
-        info,
-        drain: shared.drain.clone(),
-        activity: Arc::clone(&activity),
-    };
+    let activity = activity();
+    let svc = ConnService::new(service, info, shared, &activity);
     if h2 {
         let idle = Idle {
             limit: shared.keep_alive_timeout,
             hard: false,
+            release_after: None,
         };
+        let mut timer = std::pin::pin!(tokio::time::sleep(idle.first_check()));
         // Boxed: HTTP/2 connections are few and their state is large; keeping it out of
         // line keeps every HTTP/1.1 connection task small.
-        let conn = Box::pin(shared.http2.serve_connection(io, svc));
-        drive(conn, &activity, info, idle, graceful).await;
+        let mut conn = Box::pin(shared.http2.serve_connection(io, svc));
+        drive(
+            &mut conn,
+            shared,
+            &activity,
+            info,
+            idle,
+            &mut graceful,
+            timer.as_mut(),
+        )
+        .await;
     } else {
-        // The next request head must be complete within the header-read timeout of the
-        // connection going idle (or opening). hyper could time the head itself, but with a
-        // timer armed and dropped for every request; the idle check below costs nothing
-        // per request.
-        let idle = Idle {
-            limit: shared.keep_alive_timeout.min(shared.header_read_timeout),
-            hard: true,
-        };
+        // A TLS session keeps its own buffers whatever hyper does, so the connection is
+        // not released when idle (see `run_http1`).
+        let idle = shared.http1_idle(None);
+        let mut timer = std::pin::pin!(tokio::time::sleep(idle.first_check()));
         let conn = shared.http1.serve_connection(io, svc).with_upgrades();
-        drive(std::pin::pin!(conn), &activity, info, idle, graceful).await;
+        let mut conn = std::pin::pin!(conn);
+        drive(
+            &mut conn,
+            shared,
+            &activity,
+            info,
+            idle,
+            &mut graceful,
+            timer.as_mut(),
+        )
+        .await;
+    }
+}
+
+/// Plain HTTP/1.1. Once the connection has had no request in flight for the release
+/// delay (at once while the server is crowded), its hyper connection (read and write
+/// buffers, parser state: about 17 KiB) is taken apart and the task waits for the next
+/// request with nothing but the socket, as nginx and HAProxy do with idle keep-alive
+/// connections; the next request gets a new hyper connection on the same socket.
+async fn run_http1<S, B>(
+    stream: TcpStream,
+    info: ConnectInfo,
+    service: S,
+    shared: &Shared,
+    mut graceful: watch::Receiver<bool>,
+) where
+    S: Service<Request<Incoming>, Response = Response<B>> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<BoxError>,
+    B: http_body::Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
+{
+    let activity = activity();
+    let idle = shared.http1_idle(shared.release_idle_after);
+    let mut timer = std::pin::pin!(tokio::time::sleep(idle.first_check()));
+    let mut io = ParkIo::new(TokioIo::new(stream), Arc::clone(&activity));
+    let mut svc = ConnService::new(service, info, shared, &activity);
+    loop {
+        let mut conn = shared.http1.serve_connection(io, svc).with_upgrades();
+        let driven = drive(
+            &mut conn,
+            shared,
+            &activity,
+            info,
+            idle,
+            &mut graceful,
+            timer.as_mut(),
+        );
+        if let Driven::Done = driven.await {
+            return;
+        }
+        let Some(parts) = conn.into_parts() else {
+            // Upgraded: only a finished connection is, and it never parks.
+            return;
+        };
+        (io, svc) = (parts.io, parts.service);
+        // NOTE: even empty, `read_buf` may share hyper's whole read buffer; it must not
+        // live on into the wait below.
+        let read_ahead = parts.read_buf;
+        if !read_ahead.is_empty() {
+            // The start of the next request head: hand it to the next connection.
+            io.rewind(read_ahead);
+            activity.flag(Activity::HELD, true);
+            continue;
+        }
+        drop(read_ahead);
+        #[cfg(test)]
+        park::RELEASED.with(|n| n.set(n.get() + 1));
+        tracing::trace!(peer = %info.peer, "idle connection released its buffers");
+        if !park::wait(io.socket(), &activity, idle, &mut graceful, timer.as_mut()).await {
+            return;
+        }
+        // The next request is arriving: look again a period from now, or at the
+        // deadline for its head, whichever comes first.
+        let now = Instant::now();
+        let deadline = activity.idle_since().map(|since| since + idle.limit);
+        timer
+            .as_mut()
+            .reset(deadline.map_or(now, |d| d.min(now + idle.period())));
     }
 }
 
@@ -219,58 +323,170 @@ impl<C: Connection + ?Sized> Connection for Pin<&mut C> {
     }
 }
 
-/// How long a connection may go without a request in flight, and how it is then closed.
+/// How long a connection may go without a request in flight, and what happens then.
 #[derive(Clone, Copy)]
-struct Idle {
-    limit: Duration,
+pub(super) struct Idle {
+    pub(super) limit: Duration,
     /// Drop the connection (HTTP/1.1: nothing to say; a partial head is abandoned) rather
     /// than shut it down gracefully (HTTP/2: `GOAWAY`).
-    hard: bool,
+    pub(super) hard: bool,
+    /// Release the hyper connection after this long without a request in flight.
+    pub(super) release_after: Option<Duration>,
 }
 
-/// Runs `conn` to the end, closing it once it has gone without a request in flight for
-/// the idle limit, or gracefully when the server drains.
+/// How [`drive`] ended.
+enum Driven {
+    /// The connection is finished.
+    Done,
+    /// The connection has been idle for the release delay and may be taken apart.
+    Release,
+}
+
+/// Runs `conn` until it ends, closing it once it has gone without a request in flight
+/// for the idle limit, or gracefully when the server drains; or until it has been idle
+/// long enough to be released.
 async fn drive<C>(
-    mut conn: C,
+    conn: &mut C,
+    shared: &Shared,
     activity: &Activity,
     info: ConnectInfo,
     idle: Idle,
-    mut graceful: watch::Receiver<bool>,
-) where
+    graceful: &mut watch::Receiver<bool>,
+    mut timer: Pin<&mut tokio::time::Sleep>,
+) -> Driven
+where
     C: Connection + Unpin,
 {
     // One timer per connection, moved only when it fires: nothing per request.
-    let timer = tokio::time::sleep(idle.limit);
-    let mut timer = std::pin::pin!(timer);
     let mut closing = false;
     loop {
+        let until = Until {
+            conn: &mut *conn,
+            activity,
+            eager: (idle.release_after.is_some() && !closing).then_some((idle, shared)),
+        };
         tokio::select! {
-            res = &mut conn => {
+            res = until => {
+                let Some(res) = res else {
+                    return Driven::Release;
+                };
                 if let Err(err) = res {
                     tracing::debug!(peer = %info.peer, error = %err, "connection ended with an error");
                 }
-                return;
+                return Driven::Done;
             }
             _ = graceful.wait_for(|draining| *draining), if !closing => {
-                Pin::new(&mut conn).graceful_shutdown();
+                Pin::new(&mut *conn).graceful_shutdown();
                 closing = true;
             }
             () = timer.as_mut(), if !closing => {
-                match activity.idle_deadline(idle.limit) {
-                    Some(deadline) if deadline > Instant::now() => timer.as_mut().reset(deadline),
-                    Some(_) if idle.hard => {
+                let now = Instant::now();
+                let Some(since) = activity.idle_since() else {
+                    // A request is in flight: look again a period later.
+                    timer.as_mut().reset(idle.next_check(None, now));
+                    continue;
+                };
+                if since + idle.limit <= now {
+                    if idle.hard {
                         tracing::debug!(peer = %info.peer, "no request head within the idle limit; closing");
-                        return;
+                        return Driven::Done;
                     }
-                    Some(_) => {
-                        tracing::trace!(peer = %info.peer, "closing idle keep-alive connection");
-                        Pin::new(&mut conn).graceful_shutdown();
-                        closing = true;
-                    }
-                    // A request is in flight: look again a full period later.
-                    None => timer.as_mut().reset(Instant::now() + idle.limit),
+                    tracing::trace!(peer = %info.peer, "closing idle keep-alive connection");
+                    Pin::new(&mut *conn).graceful_shutdown();
+                    closing = true;
+                    continue;
                 }
+                if idle.release_after.is_some_and(|after| since + after <= now)
+                    && activity.releasable()
+                {
+                    return Driven::Release;
+                }
+                timer.as_mut().reset(idle.next_check(Some(since), now));
             }
+        }
+    }
+}
+
+/// Polls a connection; completes with `None` as soon as the connection waits with
+/// nothing that releasing it would lose, if it may be released at once (`eager`: no
+/// release delay, or a crowded server).
+struct Until<'a, C> {
+    conn: &'a mut C,
+    activity: &'a Activity,
+    eager: Option<(Idle, &'a Shared)>,
+}
+
+impl<C: Connection + Unpin> Future for Until<'_, C> {
+    type Output = Option<Result<(), hyper::Error>>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.get_mut();
+        match Pin::new(&mut *this.conn).poll(cx) {
+            Poll::Ready(res) => Poll::Ready(Some(res)),
+            Poll::Pending
+                if this.eager.is_some_and(|(idle, shared)| {
+                    (idle.release_after == Some(Duration::ZERO) || shared.crowded())
+                        && this.activity.releasable()
+                }) =>
+            {
+                Poll::Ready(None)
+            }
+            Poll::Pending => Poll::Pending,
+        }
+    }
+}
+
+// === impl Idle ===
+
+impl Idle {
+    /// How often the timer looks at a connection with a request in flight.
+    fn period(self) -> Duration {
+        match self.release_after {
+            // Released as soon as it is idle (see `Until`), not by the timer.
+            Some(Duration::ZERO) | None => self.limit,
+            Some(after) => after.min(self.limit),
+        }
+    }
+
+    /// When the timer first looks at a new connection.
+    fn first_check(self) -> Duration {
+        self.period()
+    }
+
+    /// When to look at the connection next, given since when it has been idle.
+    ///
+    /// An idle connection is looked at when it may be released, and at its deadline; one
+    /// with a request in flight a period later. (A connection that was idle but not
+    /// releasable, because hyper was mid-message, is looked at again at its deadline
+    /// only: the moment it becomes releasable is not observed.)
+    fn next_check(self, idle_since: Option<Instant>, now: Instant) -> Instant {
+        let Some(since) = idle_since else {
+            return now + self.period();
+        };
+        let deadline = since + self.limit;
+        match self.release_after {
+            Some(after) if !after.is_zero() && since + after > now => deadline.min(since + after),
+            _ => deadline,
+        }
+    }
+}
+
+impl Shared {
+    /// Whether so many connections are open that idle ones release their buffers at once.
+    fn crowded(&self) -> bool {
+        let open = self.max_connections - self.permits.available_permits();
+        open > self.release_idle_above
+    }
+
+    /// The idle policy of HTTP/1.1 connections: the next request head must be complete
+    /// within the header-read timeout of the connection going idle (or opening). hyper
+    /// could time the head itself, but with a timer armed and dropped for every request;
+    /// the idle check costs nothing per request.
+    fn http1_idle(&self, release_after: Option<Duration>) -> Idle {
+        Idle {
+            limit: self.keep_alive_timeout.min(self.header_read_timeout),
+            hard: true,
+            release_after,
         }
     }
 }
@@ -278,8 +494,21 @@ async fn drive<C>(
 // === impl Activity ===
 
 impl Activity {
-    fn begin(&self) {
+    /// hyper's last read found no data: it waits for the client.
+    pub(super) const READ_BLOCKED: u8 = 1;
+    /// hyper wrote since its last completed flush.
+    pub(super) const WRITE_DIRTY: u8 = 2;
+    /// The last request came with a body. hyper may still be reading or discarding it
+    /// after the response, and nothing outside hyper can tell when it is done.
+    const BODY: u8 = 4;
+    /// The start of a head was handed to a new connection: keep that one until the head
+    /// is complete (releasing it again would only hand the same bytes on, forever).
+    const HELD: u8 = 8;
+
+    fn begin(&self, body: bool) {
         self.in_flight.fetch_add(1, Ordering::Relaxed);
+        self.flag(Self::BODY, body);
+        self.flag(Self::HELD, false);
     }
 
     fn end(&self) {
@@ -288,13 +517,33 @@ impl Activity {
         self.in_flight.fetch_sub(1, Ordering::Release);
     }
 
-    /// When the connection becomes idle for too long, or `None` while a request is in flight.
-    fn idle_deadline(&self, keep_alive: Duration) -> Option<Instant> {
+    /// Sets or clears `bit`.
+    pub(super) fn flag(&self, bit: u8, on: bool) {
+        let flags = self.io.load(Ordering::Relaxed);
+        let next = if on { flags | bit } else { flags & !bit };
+        if next != flags {
+            self.io.store(next, Ordering::Relaxed);
+        }
+    }
+
+    /// Since when the connection has had no request in flight; `None` while it has one.
+    pub(super) fn idle_since(&self) -> Option<Instant> {
         if self.in_flight.load(Ordering::Acquire) > 0 {
             return None;
         }
         let since = Duration::from_millis(self.idle_since_ms.load(Ordering::Relaxed));
-        Some(self.started + since + keep_alive)
+        Some(self.started + since)
+    }
+
+    /// Whether the hyper connection, as last polled, holds nothing that taking it apart
+    /// would lose: no request in flight, no request body that may be unread, everything
+    /// written flushed, and a read waiting for the client. (A read-ahead start of the next
+    /// head is not lost either: it is handed to the next connection.)
+    fn releasable(&self) -> bool {
+        let flags = self.io.load(Ordering::Relaxed);
+        self.in_flight.load(Ordering::Acquire) == 0
+            && flags & (Self::BODY | Self::WRITE_DIRTY | Self::HELD) == 0
+            && flags & Self::READ_BLOCKED != 0
     }
 }
 
@@ -316,6 +565,17 @@ struct ConnService<S> {
     activity: Arc<Activity>,
 }
 
+impl<S> ConnService<S> {
+    fn new(inner: S, info: ConnectInfo, shared: &Shared, activity: &Arc<Activity>) -> Self {
+        Self {
+            inner,
+            info,
+            drain: shared.drain.clone(),
+            activity: Arc::clone(activity),
+        }
+    }
+}
+
 impl<S, B> hyper::service::Service<Request<Incoming>> for ConnService<S>
 where
     S: Service<Request<Incoming>, Response = Response<B>> + Clone,
@@ -328,7 +588,8 @@ where
     fn call(&self, mut req: Request<Incoming>) -> Self::Future {
         req.extensions_mut().insert(self.info);
         req.extensions_mut().insert(self.drain.clone());
-        self.activity.begin();
+        self.activity
+            .begin(!http_body::Body::is_end_stream(req.body()));
         ConnFuture {
             fut: self.inner.clone().oneshot(req),
             guard: Some(InFlight(Arc::clone(&self.activity))),

@@ -12,6 +12,8 @@
 //! - header count and size (HTTP/1 read buffer; HTTP/2 header list size);
 //! - a keep-alive idle limit: a connection with no request in flight for that long is
 //!   closed (HTTP/2 gets a GOAWAY);
+//! - idle HTTP/1.1 connections release their buffers after a short delay and wait for the
+//!   next request with only the socket (see [`Server::release_idle_after`]);
 //! - a cap on concurrent connections: at the cap the server stops accepting and the kernel
 //!   backlog holds new clients;
 //! - graceful shutdown: stop accepting (new connections are refused), ask every connection
@@ -41,6 +43,7 @@
 //! ```
 
 mod conn;
+mod park;
 mod tls;
 
 use std::future::Future;
@@ -74,6 +77,8 @@ pub struct Server {
 struct Config {
     header_read_timeout: Duration,
     keep_alive_timeout: Duration,
+    release_idle_after: Option<Duration>,
+    release_idle_above: usize,
     max_connections: usize,
     max_headers: usize,
     max_header_bytes: usize,
@@ -86,6 +91,8 @@ impl Default for Config {
         Self {
             header_read_timeout: Duration::from_secs(10),
             keep_alive_timeout: Duration::from_secs(60),
+            release_idle_after: Some(Duration::from_secs(1)),
+            release_idle_above: 512,
             max_connections: 10_000,
             max_headers: HYPER_MAX_HEADERS,
             max_header_bytes: 64 * 1024,
@@ -136,6 +143,36 @@ impl Server {
     /// Closes a connection with no request in flight for this long (default 60 s).
     pub const fn keep_alive_timeout(mut self, timeout: Duration) -> Self {
         self.config.keep_alive_timeout = timeout;
+        self
+    }
+
+    /// How long a plain-text HTTP/1.1 connection may go without a request in flight
+    /// before it releases its protocol state and buffers (about 17 KiB: hyper's connection
+    /// with its read and write buffers) and waits for the next request holding only the
+    /// socket (default 1 s; `None` keeps them for the connection's life).
+    ///
+    /// The next request on a released connection pays for a new hyper connection (a few
+    /// allocations); connections busier than the delay never do. A connection whose last
+    /// request had a body is not released: hyper may still be reading that body, and
+    /// nothing outside hyper can tell when it is done. TLS connections are not released
+    /// either, as their TLS session keeps buffers of its own.
+    ///
+    /// See also [`Server::release_idle_above`].
+    pub const fn release_idle_after(mut self, after: Option<Duration>) -> Self {
+        self.config.release_idle_after = after;
+        self
+    }
+
+    /// While more than this many connections are open, an HTTP/1.1 connection releases
+    /// its buffers as soon as it is idle instead of after
+    /// [`release_idle_after`](Server::release_idle_after) (default 512).
+    ///
+    /// With many connections open, memory is what runs out first: a crowd of mostly idle
+    /// keep-alive connections then costs about 5 KiB each instead of about 20 KiB, for a
+    /// few allocations more on each request that follows an idle moment. With few
+    /// connections, each is busy and keeps its buffers. `usize::MAX` turns it off.
+    pub const fn release_idle_above(mut self, connections: usize) -> Self {
+        self.config.release_idle_above = connections;
         self
     }
 
@@ -212,16 +249,21 @@ impl Server {
             tls,
         } = self;
         let local = listener.local_addr()?;
+        let max_connections = config.max_connections.max(1);
+        let permits = Arc::new(Semaphore::new(max_connections));
         let shared = Arc::new(conn::Shared {
             http1: http1_builder(&config),
             http2: http2_builder(&config),
             header_read_timeout: config.header_read_timeout,
             keep_alive_timeout: config.keep_alive_timeout,
+            release_idle_after: config.release_idle_after,
+            release_idle_above: config.release_idle_above,
+            permits: Arc::clone(&permits),
+            max_connections,
             tls: tls.map(|t| t.acceptor()),
             drain: Drain::new(),
             local,
         });
-        let permits = Arc::new(Semaphore::new(config.max_connections.max(1)));
         let (graceful_tx, graceful_rx) = watch::channel(false);
         let mut conns = JoinSet::new();
         let mut signal = std::pin::pin!(signal);

@@ -171,43 +171,33 @@ async fn run<I, S, B>(
 {
     let activity = activity();
     let svc = ConnService::new(service, info, shared, &activity);
-    if h2 {
-        let idle = Idle {
+    let idle = if h2 {
+        Idle {
             limit: shared.keep_alive_timeout,
             hard: false,
             release_after: None,
-        };
-        let mut timer = std::pin::pin!(tokio::time::sleep(idle.first_check()));
-        // Boxed: HTTP/2 connections are few and their state is large; keeping it out of
-        // line keeps every HTTP/1.1 connection task small.
-        let mut conn = Box::pin(shared.http2.serve_connection(io, svc));
-        drive(
-            &mut conn,
-            shared,
-            &activity,
-            info,
-            idle,
-            &mut graceful,
-            timer.as_mut(),
-        )
-        .await;
+        }
     } else {
         // A TLS session keeps its own buffers whatever hyper does, so the connection is
         // not released when idle (see `run_http1`).
-        let idle = shared.http1_idle(None);
-        let mut timer = std::pin::pin!(tokio::time::sleep(idle.first_check()));
+        shared.http1_idle(None)
+    };
+    let scope = Scope {
+        shared,
+        activity: &activity,
+        info,
+        idle,
+    };
+    let mut timer = std::pin::pin!(tokio::time::sleep(idle.first_check()));
+    if h2 {
+        // Boxed: HTTP/2 connections are few and their state is large; keeping it out of
+        // line keeps every HTTP/1.1 connection task small.
+        let mut conn = Box::pin(shared.http2.serve_connection(io, svc));
+        drive(&mut conn, scope, &mut graceful, timer.as_mut()).await;
+    } else {
         let conn = shared.http1.serve_connection(io, svc).with_upgrades();
         let mut conn = std::pin::pin!(conn);
-        drive(
-            &mut conn,
-            shared,
-            &activity,
-            info,
-            idle,
-            &mut graceful,
-            timer.as_mut(),
-        )
-        .await;
+        drive(&mut conn, scope, &mut graceful, timer.as_mut()).await;
     }
 }
 
@@ -234,17 +224,15 @@ async fn run_http1<S, B>(
     let mut timer = std::pin::pin!(tokio::time::sleep(idle.first_check()));
     let mut io = ParkIo::new(TokioIo::new(stream), Arc::clone(&activity));
     let mut svc = ConnService::new(service, info, shared, &activity);
+    let scope = Scope {
+        shared,
+        activity: &activity,
+        info,
+        idle,
+    };
     loop {
         let mut conn = shared.http1.serve_connection(io, svc).with_upgrades();
-        let driven = drive(
-            &mut conn,
-            shared,
-            &activity,
-            info,
-            idle,
-            &mut graceful,
-            timer.as_mut(),
-        );
+        let driven = drive(&mut conn, scope, &mut graceful, timer.as_mut());
         if let Driven::Done = driven.await {
             return;
         }
@@ -334,6 +322,15 @@ pub(super) struct Idle {
     pub(super) release_after: Option<Duration>,
 }
 
+/// What [`drive`] looks at besides the connection.
+#[derive(Clone, Copy)]
+struct Scope<'a> {
+    shared: &'a Shared,
+    activity: &'a Activity,
+    info: ConnectInfo,
+    idle: Idle,
+}
+
 /// How [`drive`] ended.
 enum Driven {
     /// The connection is finished.
@@ -347,16 +344,19 @@ enum Driven {
 /// long enough to be released.
 async fn drive<C>(
     conn: &mut C,
-    shared: &Shared,
-    activity: &Activity,
-    info: ConnectInfo,
-    idle: Idle,
+    scope: Scope<'_>,
     graceful: &mut watch::Receiver<bool>,
     mut timer: Pin<&mut tokio::time::Sleep>,
 ) -> Driven
 where
     C: Connection + Unpin,
 {
+    let Scope {
+        shared,
+        activity,
+        info,
+        idle,
+    } = scope;
     // One timer per connection, moved only when it fires: nothing per request.
     let mut closing = false;
     loop {

@@ -188,7 +188,7 @@ async fn run<I, S, B>(
         info,
         idle,
     };
-    let mut timer = std::pin::pin!(tokio::time::sleep(idle.first_check()));
+    let mut timer = std::pin::pin!(tokio::time::sleep(idle.period()));
     if h2 {
         // Boxed: HTTP/2 connections are few and their state is large; keeping it out of
         // line keeps every HTTP/1.1 connection task small.
@@ -221,7 +221,7 @@ async fn run_http1<S, B>(
 {
     let activity = activity();
     let idle = shared.http1_idle(shared.release_idle_after);
-    let mut timer = std::pin::pin!(tokio::time::sleep(idle.first_check()));
+    let mut timer = std::pin::pin!(tokio::time::sleep(idle.period()));
     let mut io = ParkIo::new(TokioIo::new(stream), Arc::clone(&activity));
     let mut svc = ConnService::new(service, info, shared, &activity);
     let scope = Scope {
@@ -254,16 +254,17 @@ async fn run_http1<S, B>(
         #[cfg(test)]
         park::RELEASED.with(|n| n.set(n.get() + 1));
         tracing::trace!(peer = %info.peer, "idle connection released its buffers");
-        if !park::wait(io.socket(), &activity, idle, &mut graceful, timer.as_mut()).await {
+        // Released only with no request in flight, so it is idle; the next head is due
+        // within the limit of its going idle.
+        let deadline = activity.idle_since().unwrap_or_else(Instant::now) + idle.limit;
+        if !park::wait(io.socket(), deadline, &mut graceful, timer.as_mut()).await {
             return;
         }
         // The next request is arriving: look again a period from now, or at the
         // deadline for its head, whichever comes first.
-        let now = Instant::now();
-        let deadline = activity.idle_since().map(|since| since + idle.limit);
         timer
             .as_mut()
-            .reset(deadline.map_or(now, |d| d.min(now + idle.period())));
+            .reset(deadline.min(Instant::now() + idle.period()));
     }
 }
 
@@ -313,13 +314,13 @@ impl<C: Connection + ?Sized> Connection for Pin<&mut C> {
 
 /// How long a connection may go without a request in flight, and what happens then.
 #[derive(Clone, Copy)]
-pub(super) struct Idle {
-    pub(super) limit: Duration,
+struct Idle {
+    limit: Duration,
     /// Drop the connection (HTTP/1.1: nothing to say; a partial head is abandoned) rather
     /// than shut it down gracefully (HTTP/2: `GOAWAY`).
-    pub(super) hard: bool,
+    hard: bool,
     /// Release the hyper connection after this long without a request in flight.
-    pub(super) release_after: Option<Duration>,
+    release_after: Option<Duration>,
 }
 
 /// What [`drive`] looks at besides the connection.
@@ -446,11 +447,6 @@ impl Idle {
             Some(Duration::ZERO) | None => self.limit,
             Some(after) => after.min(self.limit),
         }
-    }
-
-    /// When the timer first looks at a new connection.
-    fn first_check(self) -> Duration {
-        self.period()
     }
 
     /// When to look at the connection next, given since when it has been idle.

@@ -250,7 +250,6 @@ impl Server {
         } = self;
         let local = listener.local_addr()?;
         let max_connections = config.max_connections.max(1);
-        let permits = Arc::new(Semaphore::new(max_connections));
         let shared = Arc::new(conn::Shared {
             http1: http1_builder(&config),
             http2: http2_builder(&config),
@@ -258,7 +257,7 @@ impl Server {
             keep_alive_timeout: config.keep_alive_timeout,
             release_idle_after: config.release_idle_after,
             release_idle_above: config.release_idle_above,
-            permits: Arc::clone(&permits),
+            permits: Arc::new(Semaphore::new(max_connections)),
             max_connections,
             tls: tls.map(|t| t.acceptor()),
             drain: Drain::new(),
@@ -277,7 +276,7 @@ impl Server {
                         tracing::error!(error = %err, "connection task panicked");
                     }
                 }
-                accepted = accept(&listener, &permits) => match accepted {
+                accepted = accept(&listener, &shared.permits) => match accepted {
                     Ok((stream, peer, permit)) => {
                         let svc = service.clone();
                         let shared = Arc::clone(&shared);

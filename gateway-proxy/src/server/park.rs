@@ -21,7 +21,7 @@ use tokio::net::TcpStream;
 use tokio::sync::watch;
 use tokio::time::{Instant, Sleep};
 
-use super::conn::{Activity, Idle};
+use super::conn::Activity;
 use crate::io::Coalesce;
 
 pin_project! {
@@ -116,20 +116,14 @@ impl Write for ParkIo {
     }
 }
 
-/// Waits, holding only the socket, until the client sends more (`true`), or the idle
-/// limit passes or the server drains (`false`: close it).
+/// Waits, holding only the socket, until the client sends more (`true`), or `deadline`
+/// passes or the server drains (`false`: close it).
 pub(super) async fn wait(
     socket: &TcpStream,
-    activity: &Activity,
-    idle: Idle,
+    deadline: Instant,
     graceful: &mut watch::Receiver<bool>,
     mut timer: Pin<&mut Sleep>,
 ) -> bool {
-    let Some(since) = activity.idle_since() else {
-        // Not released with a request in flight; nothing to wait for.
-        return true;
-    };
-    let deadline = since + idle.limit;
     if deadline <= Instant::now() {
         return false;
     }

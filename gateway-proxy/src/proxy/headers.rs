@@ -17,7 +17,10 @@ const HTTP2_SETTINGS: HeaderName = HeaderName::from_static("http2-settings");
 
 /// Headers that only ever describe one hop, whatever `Connection` says. `Trailer` is not
 /// among them: it announces trailers end to end (gRPC relies on them surviving).
-const HOP_BY_HOP: [HeaderName; 9] = [
+///
+/// NOTE: a `static`, not a `const`: every use of a `const` array builds and drops a
+/// temporary copy of all nine names, on every message.
+static HOP_BY_HOP: [HeaderName; 9] = [
     CONNECTION,
     PROXY_CONNECTION,
     KEEP_ALIVE,
@@ -66,39 +69,51 @@ pub(crate) fn accepts_trailers(headers: &HeaderMap) -> bool {
 /// `keep_content_length` (responses to `HEAD` and `304`s, whose length describes a body that
 /// is not sent).
 pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap, keep_content_length: bool) {
-    // Most messages carry none of these: one pass over the names is cheaper than a dozen
-    // removals, each of which hashes its name.
-    let any = headers
-        .keys()
-        .any(|name| HOP_BY_HOP.contains(name) || (!keep_content_length && name == CONTENT_LENGTH));
-    if !any {
-        return;
-    }
-    // Collect first: the names borrow `headers`. Allocation only happens for tokens that are
-    // not themselves hop-by-hop (`keep-alive`, `close`, `upgrade` are the common ones).
-    let mut nominated: Vec<HeaderName> = Vec::new();
-    for value in headers.get_all(CONNECTION) {
-        for token in value.as_bytes().split(|b| *b == b',') {
-            let token = token.trim_ascii();
-            if token.is_empty()
-                || token.eq_ignore_ascii_case(b"close")
-                || token.eq_ignore_ascii_case(b"keep-alive")
-                || token.eq_ignore_ascii_case(b"upgrade")
-            {
-                continue;
-            }
-            if let Ok(name) = HeaderName::from_bytes(token) {
-                nominated.push(name);
-            }
+    // One pass over the names finds which of these are present (a response usually has
+    // `Connection` and `Content-Length`, a request none): removing only those is cheaper
+    // than a dozen removals, each of which hashes its name and probes the map.
+    const CONTENT_LENGTH_BIT: u16 = 1 << HOP_BY_HOP.len();
+    let mut present = 0u16;
+    for name in headers.keys() {
+        if let Some(i) = HOP_BY_HOP.iter().position(|h| h == name) {
+            present |= 1 << i;
+        } else if !keep_content_length && name == CONTENT_LENGTH {
+            present |= CONTENT_LENGTH_BIT;
         }
     }
-    for name in &nominated {
-        headers.remove(name);
+    if present == 0 {
+        return;
     }
-    for name in &HOP_BY_HOP {
-        headers.remove(name);
+    // `Connection` is HOP_BY_HOP[0]. Collect first: the names borrow `headers`. Allocation
+    // only happens for tokens that are not themselves hop-by-hop (`keep-alive`, `close`,
+    // `upgrade` are the common ones).
+    if present & 1 != 0 {
+        let mut nominated: Vec<HeaderName> = Vec::new();
+        for value in headers.get_all(CONNECTION) {
+            for token in value.as_bytes().split(|b| *b == b',') {
+                let token = token.trim_ascii();
+                if token.is_empty()
+                    || token.eq_ignore_ascii_case(b"close")
+                    || token.eq_ignore_ascii_case(b"keep-alive")
+                    || token.eq_ignore_ascii_case(b"upgrade")
+                {
+                    continue;
+                }
+                if let Ok(name) = HeaderName::from_bytes(token) {
+                    nominated.push(name);
+                }
+            }
+        }
+        for name in &nominated {
+            headers.remove(name);
+        }
     }
-    if !keep_content_length {
+    for (i, name) in HOP_BY_HOP.iter().enumerate() {
+        if present & (1 << i) != 0 {
+            headers.remove(name);
+        }
+    }
+    if present & CONTENT_LENGTH_BIT != 0 {
         headers.remove(CONTENT_LENGTH);
     }
 }
@@ -293,6 +308,19 @@ mod tests {
         strip_hop_by_hop(&mut h, false);
         let left: Vec<_> = h.keys().map(HeaderName::as_str).collect();
         assert_eq!(left, ["x-kept", "trailer"]);
+    }
+
+    #[test]
+    fn without_connection_nothing_else_is_nominated() {
+        let mut h = map(&[
+            ("te", "trailers"),
+            ("x-secret", "1"),
+            ("content-length", "5"),
+        ]);
+        strip_hop_by_hop(&mut h, true);
+        let mut left: Vec<_> = h.keys().map(HeaderName::as_str).collect();
+        left.sort_unstable();
+        assert_eq!(left, ["content-length", "x-secret"]);
     }
 
     #[test]

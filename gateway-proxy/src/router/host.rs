@@ -69,8 +69,7 @@ fn split_authority(bytes: &[u8]) -> Option<(&str, Option<u16>)> {
     } else {
         let end = s.find(':').unwrap_or(s.len());
         let host = &s[..end];
-        let valid = |b: u8| b.is_ascii_alphanumeric() || b"-._~!$&'()*+,;=%".contains(&b);
-        if host.is_empty() || !host.bytes().all(valid) {
+        if host.is_empty() || !host.bytes().all(|b| REG_NAME[usize::from(b)]) {
             return None;
         }
         (host, &s[end..])
@@ -82,6 +81,37 @@ fn split_authority(bytes: &[u8]) -> Option<(&str, Option<u16>)> {
     };
     Some((host, port))
 }
+
+/// The bytes of a reg-name or IPv4 address: unreserved, sub-delims and `%` (RFC 3986 §3.2.2),
+/// as a table: this runs over every request's `Host`.
+static REG_NAME: [bool; 256] = {
+    let mut table = [false; 256];
+    let mut b = 0;
+    while b < 256 {
+        let c = b as u8;
+        table[b] = c.is_ascii_alphanumeric()
+            || matches!(
+                c,
+                b'-' | b'.'
+                    | b'_'
+                    | b'~'
+                    | b'!'
+                    | b'$'
+                    | b'&'
+                    | b'\''
+                    | b'('
+                    | b')'
+                    | b'*'
+                    | b'+'
+                    | b','
+                    | b';'
+                    | b'='
+                    | b'%'
+            );
+        b += 1;
+    }
+    table
+};
 
 fn normalize(host: &str) -> Cow<'_, str> {
     let host = host.strip_suffix('.').unwrap_or(host);
@@ -138,6 +168,14 @@ mod tests {
                 Err(HostError::Invalid),
                 "{bad:?}"
             );
+        }
+    }
+
+    #[test]
+    fn reg_name_table_is_rfc3986() {
+        for b in 0..=255u8 {
+            let expected = b.is_ascii_alphanumeric() || b"-._~!$&'()*+,;=%".contains(&b);
+            assert_eq!(REG_NAME[usize::from(b)], expected, "byte {b:#04x}");
         }
     }
 

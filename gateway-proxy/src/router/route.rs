@@ -52,6 +52,10 @@ struct Entry {
 struct Paths {
     exact: HashMap<Box<str>, Vec<Entry>>,
     prefix: HashMap<Box<str>, Vec<Entry>>,
+    /// `prefix_lens[n]`: some prefix key is `n` bytes long. A candidate of another length
+    /// is skipped without hashing it, so a deep path under `/` costs one probe, not one per
+    /// segment.
+    prefix_lens: Vec<bool>,
 }
 
 /// Every route, indexed for lookup in a few hash probes per request.
@@ -190,7 +194,9 @@ impl Paths {
             _ => path,
         };
         loop {
-            if let Some(i) = self.prefix.get(candidate).and_then(|e| pick(e, method)) {
+            if self.prefix_lens.get(candidate.len()) == Some(&true)
+                && let Some(i) = self.prefix.get(candidate).and_then(|e| pick(e, method))
+            {
                 return Some(i);
             }
             if candidate == "/" {
@@ -240,13 +246,17 @@ impl Table {
         };
         let (map, key) = match &route.path {
             PathPattern::Exact(p) => (&mut paths.exact, p.as_str()),
-            PathPattern::Prefix(p) => (
-                &mut paths.prefix,
-                match p.strip_suffix('/') {
+            PathPattern::Prefix(p) => {
+                let key = match p.strip_suffix('/') {
                     Some(k) if !k.is_empty() => k,
                     _ => p.as_str(),
-                },
-            ),
+                };
+                if paths.prefix_lens.len() <= key.len() {
+                    paths.prefix_lens.resize(key.len() + 1, false);
+                }
+                paths.prefix_lens[key.len()] = true;
+                (&mut paths.prefix, key)
+            }
         };
         let entries = map.entry(key.into()).or_default();
         let overlaps = |e: &Entry| match (&e.methods, &route.methods) {
@@ -349,6 +359,31 @@ mod tests {
         assert_eq!(l(Some("x.example.com"), "/", Method::GET), Some(6));
         assert_eq!(l(Some("example.com"), "/", Method::GET), Some(0));
         assert_eq!(l(Some("evil-example.com"), "/", Method::GET), Some(0));
+    }
+
+    #[test]
+    fn prefixes_of_every_length_are_found() {
+        // Lookup skips candidate lengths that no prefix has: the longest, the shortest and
+        // the ones between must all still be tried.
+        let t = table(vec![
+            Route::prefix("/a"),
+            Route::prefix("/a/bb/ccc"),
+            Route::prefix("/a/bb/ccc/dddd/eeeee"),
+            Route::prefix("/x").host("h.example"),
+        ]);
+        let get = |p| t.lookup(None, p, &Method::GET);
+        assert_eq!(get("/a/bb/ccc/dddd/eeeee/f"), Some(2));
+        assert_eq!(get("/a/bb/ccc/dddd/eeeee"), Some(2));
+        assert_eq!(get("/a/bb/ccc/dddd"), Some(1));
+        assert_eq!(get("/a/bb/cc"), Some(0));
+        assert_eq!(get("/a"), Some(0));
+        assert_eq!(get("/b/bb/ccc"), None);
+        // Each host has its own set of lengths.
+        assert_eq!(t.lookup(Some("h.example"), "/x/y", &Method::GET), Some(3));
+        assert_eq!(
+            t.lookup(Some("h.example"), "/a/bb/ccc", &Method::GET),
+            Some(1)
+        );
     }
 
     #[test]

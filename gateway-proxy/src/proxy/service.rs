@@ -142,10 +142,14 @@ where
         } else {
             None
         };
-        let on_upgrade = upgrade
-            .as_ref()
-            .and_then(|_| head.extensions.remove::<hyper::upgrade::OnUpgrade>());
-        let drain = head.extensions.get::<gateway_core::Drain>().cloned();
+        // The server's drain tracks the tunnel an upgrade becomes.
+        let on_upgrade = upgrade.as_ref().and_then(|_| {
+            let on_upgrade = head.extensions.remove::<hyper::upgrade::OnUpgrade>()?;
+            Some((
+                on_upgrade,
+                head.extensions.get::<gateway_core::Drain>().cloned(),
+            ))
+        });
 
         let te_trailers = headers::accepts_trailers(&head.headers);
         // The client's host, captured before `Connection` may nominate `Host` away.
@@ -198,13 +202,7 @@ where
         let fut = shared
             .client
             .send(selected.endpoint(), Request::from_parts(head, body));
-        ResponseFuture::new(
-            fut,
-            Arc::clone(&self.shared),
-            selected,
-            is_head,
-            on_upgrade.map(|u| (u, drain)),
-        )
+        ResponseFuture::new(fut, Arc::clone(&self.shared), selected, is_head, on_upgrade)
     }
 }
 

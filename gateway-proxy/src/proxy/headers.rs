@@ -1,5 +1,6 @@
 //! Header rules of a proxy hop (RFC 9110 §7.6.1) and the forwarding headers.
 
+use std::cell::RefCell;
 use std::io::Write as _;
 use std::net::IpAddr;
 
@@ -194,8 +195,27 @@ pub(crate) fn scrub_forwarding(headers: &mut HeaderMap, trusted_peer: bool) {
     }
 }
 
-/// An IP address as a header value (`1.2.3.4`, `2001:db8::1`), formatted without the heap.
+/// An IP address as a header value (`1.2.3.4`, `2001:db8::1`).
+///
+/// Each thread keeps the last address it formatted: the requests of one connection, which
+/// one thread serves back to back, then share one value (a reference count) instead of
+/// formatting, allocating and freeing it each time.
 pub(crate) fn ip_value(ip: IpAddr) -> HeaderValue {
+    thread_local! {
+        static LAST: RefCell<Option<(IpAddr, HeaderValue)>> = const { RefCell::new(None) };
+    }
+    LAST.with_borrow_mut(|last| match last {
+        Some((cached, value)) if *cached == ip => value.clone(),
+        _ => {
+            let value = format_ip(ip);
+            *last = Some((ip, value.clone()));
+            value
+        }
+    })
+}
+
+/// `ip` as a header value, formatted without the heap.
+fn format_ip(ip: IpAddr) -> HeaderValue {
     let mut buf = [0u8; 64];
     let len = match ip {
         // The common case without the formatting machinery.
@@ -305,6 +325,9 @@ mod tests {
             "2001:db8::8a2e:370:7334",
         ] {
             let parsed: IpAddr = ip.parse().unwrap();
+            assert_eq!(format_ip(parsed), ip, "{ip}");
+            // Twice: the second answer is the cached one.
+            assert_eq!(ip_value(parsed), ip, "{ip}");
             assert_eq!(ip_value(parsed), ip, "{ip}");
         }
     }

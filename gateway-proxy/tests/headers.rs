@@ -179,3 +179,41 @@ async fn host_is_rewritten_or_preserved_and_forwarded_via_added() {
     );
     assert_eq!(seen.header("via"), Some("1.1 gw-test"));
 }
+
+#[tokio::test]
+async fn expect_continue_is_answered_by_the_gateway_and_not_forwarded() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let up = TestUpstream::echo().await;
+    let gw = Gateway::start(Router::new().route(Route::prefix("/"), proxy_to(&up))).await;
+    let mut conn = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+    conn.write_all(
+        b"POST /up HTTP/1.1\r\nHost: gw\r\nConnection: close\r\nContent-Length: 5\r\nExpect: 100-continue\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    // The client holds its body back until the gateway says to go on.
+    let mut interim = vec![0u8; 25];
+    tokio::time::timeout(
+        std::time::Duration::from_secs(3),
+        conn.read_exact(&mut interim),
+    )
+    .await
+    .expect("the gateway must answer 100 Continue, not wait for the body")
+    .unwrap();
+    assert_eq!(&interim[..], b"HTTP/1.1 100 Continue\r\n\r\n");
+    conn.write_all(b"hello").await.unwrap();
+    let mut rest = Vec::new();
+    tokio::time::timeout(
+        std::time::Duration::from_secs(3),
+        conn.read_to_end(&mut rest),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    let rest = String::from_utf8_lossy(&rest);
+    assert_eq!(status(&rest), 200, "{rest}");
+    let seen = up.last_request();
+    assert_eq!(&seen.body[..], b"hello");
+    assert!(seen.header("expect").is_none(), "{:?}", seen.headers);
+}

@@ -135,7 +135,7 @@ fn respond(
         };
         let protocol = res.headers().get(UPGRADE).cloned();
         let upstream = hyper::upgrade::on(&mut res);
-        headers::strip_hop_by_hop(res.headers_mut(), true);
+        headers::strip_response(res.headers_mut(), true);
         if let Some(protocol) = protocol {
             res.headers_mut().insert(UPGRADE, protocol);
         }
@@ -149,7 +149,7 @@ fn respond(
         return Ok(res.map(|_| Body::empty()));
     }
     let keep_length = is_head || status == StatusCode::NOT_MODIFIED;
-    headers::strip_hop_by_hop(res.headers_mut(), keep_length);
+    headers::strip_response(res.headers_mut(), keep_length);
     if let Some(via) = shared.via_response(res.version()) {
         res.headers_mut().append(VIA, via.clone());
     }

@@ -5,8 +5,8 @@ use std::io::Write as _;
 use std::net::IpAddr;
 
 use http::header::{
-    CONNECTION, CONTENT_LENGTH, FORWARDED, HeaderMap, HeaderName, HeaderValue, PROXY_AUTHENTICATE,
-    PROXY_AUTHORIZATION, TE, TRANSFER_ENCODING, UPGRADE,
+    CONNECTION, CONTENT_LENGTH, EXPECT, FORWARDED, HeaderMap, HeaderName, HeaderValue,
+    PROXY_AUTHENTICATE, PROXY_AUTHORIZATION, TE, TRANSFER_ENCODING, UPGRADE,
 };
 
 pub(crate) const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
@@ -33,10 +33,15 @@ static HOP_BY_HOP: [HeaderName; 9] = [
     HTTP2_SETTINGS,
 ];
 
-/// The bit of `Content-Length` in [`hop_bit`]'s answers, after those of [`HOP_BY_HOP`].
+/// The bits of `Content-Length` and `Expect` in [`hop_bit`]'s answers, after those of
+/// [`HOP_BY_HOP`]: headers that one direction of a hop removes as well.
 const CONTENT_LENGTH_BIT: u16 = 1 << HOP_BY_HOP.len();
+const EXPECT_BIT: u16 = CONTENT_LENGTH_BIT << 1;
+/// The bits of [`HOP_BY_HOP`].
+const HOP_BY_HOP_BITS: u16 = CONTENT_LENGTH_BIT - 1;
 
-/// `1 << i` if `name` is `HOP_BY_HOP[i]`, [`CONTENT_LENGTH_BIT`] for `Content-Length`, else 0.
+/// `1 << i` if `name` is `HOP_BY_HOP[i]`, [`CONTENT_LENGTH_BIT`] for `Content-Length`,
+/// [`EXPECT_BIT`] for `Expect`, else 0.
 ///
 /// NOTE: a `match` on the name, which compiles to a switch on its length and one
 /// comparison, where searching the array costs nine `HeaderName` comparisons per header.
@@ -53,6 +58,7 @@ fn hop_bit(name: &HeaderName) -> u16 {
         "proxy-authenticate" => 7,
         "http2-settings" => 8,
         "content-length" => return CONTENT_LENGTH_BIT,
+        "expect" => return EXPECT_BIT,
         _ => return 0,
     };
     1 << i
@@ -90,18 +96,36 @@ pub(crate) fn accepts_trailers(headers: &HeaderMap) -> bool {
         })
 }
 
-/// Removes every header named in `Connection`, then the hop-by-hop headers, and the framing
-/// headers (hyper regenerates them for the next hop from the body itself) unless
-/// `keep_content_length` (responses to `HEAD` and `304`s, whose length describes a body that
-/// is not sent).
-pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap, keep_content_length: bool) {
+/// Prepares a request's headers for the next hop: removes every header named in
+/// `Connection`, the hop-by-hop headers, `Content-Length` (hyper sets the framing for the
+/// next hop from the body itself) and `Expect` (hyper answers `100-continue` to the client
+/// when the body is first read; the upstream gets a request without the expectation).
+pub(crate) fn strip_request(headers: &mut HeaderMap) {
+    strip(headers, CONTENT_LENGTH_BIT | EXPECT_BIT);
+}
+
+/// Prepares a response's headers for the next hop: removes every header named in
+/// `Connection`, the hop-by-hop headers, and `Content-Length` unless `keep_content_length`
+/// (responses to `HEAD` and `304`s, whose length describes a body that is not sent).
+pub(crate) fn strip_response(headers: &mut HeaderMap, keep_content_length: bool) {
+    strip(
+        headers,
+        if keep_content_length {
+            0
+        } else {
+            CONTENT_LENGTH_BIT
+        },
+    );
+}
+
+/// Removes the headers `Connection` nominates, the hop-by-hop headers, and those of the
+/// bits in `also`.
+fn strip(headers: &mut HeaderMap, also: u16) {
     // One pass over the names finds which of these are present (a response usually has
     // `Connection` and `Content-Length`, a request none): removing only those is cheaper
     // than a dozen removals, each of which hashes its name and probes the map.
-    let mut present = headers.keys().fold(0u16, |bits, name| bits | hop_bit(name));
-    if keep_content_length {
-        present &= !CONTENT_LENGTH_BIT;
-    }
+    let present =
+        headers.keys().fold(0u16, |bits, name| bits | hop_bit(name)) & (HOP_BY_HOP_BITS | also);
     if present == 0 {
         return;
     }
@@ -136,6 +160,9 @@ pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap, keep_content_length: boo
     }
     if present & CONTENT_LENGTH_BIT != 0 {
         headers.remove(CONTENT_LENGTH);
+    }
+    if present & EXPECT_BIT != 0 {
+        headers.remove(EXPECT);
     }
 }
 
@@ -345,12 +372,20 @@ mod tests {
             ("upgrade", "websocket"),
             ("proxy-authorization", "Basic x"),
             ("content-length", "5"),
+            ("expect", "100-continue"),
             ("x-kept", "3"),
             ("trailer", "grpc-status"),
         ]);
-        strip_hop_by_hop(&mut h, false);
-        let left: Vec<_> = h.keys().map(HeaderName::as_str).collect();
-        assert_eq!(left, ["x-kept", "trailer"]);
+        let mut response = h.clone();
+        strip_request(&mut h);
+        let mut left: Vec<_> = h.keys().map(HeaderName::as_str).collect();
+        left.sort_unstable();
+        assert_eq!(left, ["trailer", "x-kept"]);
+        // A response keeps `Expect` (it means nothing there), and drops the rest alike.
+        strip_response(&mut response, false);
+        let mut left: Vec<_> = response.keys().map(HeaderName::as_str).collect();
+        left.sort_unstable();
+        assert_eq!(left, ["expect", "trailer", "x-kept"]);
     }
 
     #[test]
@@ -359,6 +394,8 @@ mod tests {
             assert_eq!(hop_bit(name), 1 << i, "{name}");
         }
         assert_eq!(hop_bit(&CONTENT_LENGTH), CONTENT_LENGTH_BIT);
+        assert_eq!(hop_bit(&EXPECT), EXPECT_BIT);
+        assert_eq!(HOP_BY_HOP_BITS & (CONTENT_LENGTH_BIT | EXPECT_BIT), 0);
         assert_eq!(hop_bit(&http::header::TRAILER), 0);
         assert_eq!(hop_bit(&HeaderName::from_static("x-connection")), 0);
     }
@@ -370,7 +407,7 @@ mod tests {
             ("x-secret", "1"),
             ("content-length", "5"),
         ]);
-        strip_hop_by_hop(&mut h, true);
+        strip_response(&mut h, true);
         let mut left: Vec<_> = h.keys().map(HeaderName::as_str).collect();
         left.sort_unstable();
         assert_eq!(left, ["content-length", "x-secret"]);
@@ -379,8 +416,10 @@ mod tests {
     #[test]
     fn content_length_can_be_kept() {
         let mut h = map(&[("content-length", "5")]);
-        strip_hop_by_hop(&mut h, true);
+        strip_response(&mut h, true);
         assert_eq!(h["content-length"], "5");
+        strip_response(&mut h, false);
+        assert!(h.is_empty());
     }
 
     #[test]

@@ -202,9 +202,10 @@ impl Pool {
             *req.uri_mut() = Uri::from(path);
         }
         *req.version_mut() = Version::HTTP_11;
-        if !req.headers().contains_key(HOST) {
-            req.headers_mut().insert(HOST, self.host.clone());
-        }
+        // One lookup, where `contains_key` and `insert` would hash and probe twice.
+        req.headers_mut()
+            .entry(HOST)
+            .or_insert_with(|| self.host.clone());
     }
 
     /// Makes `req` an absolute-form HTTP/2 request (`:scheme` and `:authority`).

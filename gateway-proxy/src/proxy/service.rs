@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use gateway_core::{Body, BoxError, ClientIp, ConnectInfo, Error, ErrorKind};
-use http::header::{CONNECTION, EXPECT, HOST, HeaderValue, TE, UPGRADE, VIA};
+use http::header::{CONNECTION, HOST, HeaderValue, TE, UPGRADE, VIA};
 use http::uri::{PathAndQuery, Uri};
 use http::{Request, Response, Version, request};
 use tower::Service;
@@ -159,8 +159,7 @@ where
                 .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
         });
 
-        headers::strip_hop_by_hop(&mut head.headers, false);
-        head.headers.remove(EXPECT);
+        headers::strip_request(&mut head.headers);
         shared.forwarding(&mut head, client_host.as_ref());
 
         match &shared.host {

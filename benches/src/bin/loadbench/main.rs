@@ -1,5 +1,7 @@
 //! The end-to-end comparison: the example gateway, nginx and HAProxy as plain reverse proxies
-//! in front of one origin, measured back to back in the same run on the same machine.
+//! in front of one origin, measured back to back in the same run on the same machine, with
+//! a bare hyper proxy (`hyper-proxy`, built next to this driver) as the floor of a proxy
+//! built on hyper.
 //!
 //! Run it with `bash benches/loadbench.sh`, which installs what is missing, builds in
 //! release mode and pins this driver (with `wrk` and the origin) to one core and each proxy
@@ -13,8 +15,8 @@
 //!
 //! and once per target, on a fresh process, the RSS per idle client connection with
 //! thousands held open after one request each, and the RSS after they close. It prints one
-//! table of medians with min–max and the gateway's ratios to nginx and HAProxy (medians of
-//! the per-round ratios), and writes everything as JSON.
+//! table of medians with min–max and the gateway's ratios to the others (medians of the
+//! per-round ratios), and writes everything as JSON.
 
 mod load;
 mod origin;
@@ -40,7 +42,7 @@ OPTIONS:
     --rate N           requests/s of the latency runs [default: 2000]
     --idle N           idle connections of the memory run, 0 to skip it [default: 5000]
     --targets LIST     which proxies, comma-separated [default: gateway,baseline (with
-                       --baseline),nginx,haproxy]
+                       --baseline),hyper,nginx,haproxy]
     --json PATH        where to write the results [default: target/loadbench.json]
     --proxy-core CPU   the core the proxies are pinned to [default: 0]
     --load-core CPU    the core wrk is pinned to [default: 1]
@@ -182,6 +184,7 @@ async fn run(opts: &Opts) -> io::Result<()> {
     let setup = Setup {
         gateway: opts.gateway.clone(),
         baseline: opts.baseline.clone(),
+        hyper: std::env::current_exe()?.with_file_name("hyper-proxy"),
         origin,
         core: pinned.then(|| opts.proxy_core.clone()),
         dir: dir.clone(),
@@ -362,35 +365,34 @@ fn report(series: &Series) -> String {
             format!("{:.2}", median(v))
         }
     };
-    // A baseline column (and the gateway's ratio to it) only in A/B runs.
-    let ab = series
-        .values()
-        .any(|by_kind| by_kind.contains_key(&Kind::Baseline));
-    let mut out = String::new();
-    let _ = write!(out, "| metric | gateway |");
-    if ab {
-        let _ = write!(out, " baseline |");
+    // A column for each proxy measured, then the gateway's ratio to each of the others.
+    let kinds: Vec<Kind> = Kind::ALL
+        .into_iter()
+        .filter(|k| series.values().any(|by_kind| by_kind.contains_key(k)))
+        .collect();
+    let others: Vec<Kind> = kinds
+        .iter()
+        .copied()
+        .filter(|k| *k != Kind::Gateway)
+        .collect();
+    let mut out = String::from("| metric |");
+    for k in &kinds {
+        let _ = write!(out, " {} |", k.name());
     }
-    let _ = write!(out, " nginx | haproxy |");
-    if ab {
-        let _ = write!(out, " gateway/baseline |");
+    for k in &others {
+        let _ = write!(out, " gateway/{} |", k.name());
     }
-    let _ = writeln!(out, " gateway/nginx | gateway/haproxy |");
-    let columns = if ab { 8 } else { 6 };
-    let _ = writeln!(out, "|{}", "---|".repeat(columns));
+    let _ = writeln!(out, "\n|{}", "---|".repeat(1 + kinds.len() + others.len()));
     for (metric, by_kind) in series {
         let get = |k: Kind| by_kind.get(&k).map_or(&[][..], Vec::as_slice);
-        let (g, b) = (get(Kind::Gateway), get(Kind::Baseline));
-        let (n, h) = (get(Kind::Nginx), get(Kind::Haproxy));
-        let _ = write!(out, "| {metric} | {} |", cell(g));
-        if ab {
-            let _ = write!(out, " {} |", cell(b));
+        let _ = write!(out, "| {metric} |");
+        for k in &kinds {
+            let _ = write!(out, " {} |", cell(get(*k)));
         }
-        let _ = write!(out, " {} | {} |", cell(n), cell(h));
-        if ab {
-            let _ = write!(out, " {} |", cell(&ratios(g, b)));
+        for k in &others {
+            let _ = write!(out, " {} |", cell(&ratios(get(Kind::Gateway), get(*k))));
         }
-        let _ = writeln!(out, " {} | {} |", cell(&ratios(g, n)), cell(&ratios(g, h)));
+        out.push('\n');
     }
     out
 }

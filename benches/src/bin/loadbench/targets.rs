@@ -17,6 +17,8 @@ pub(crate) enum Kind {
     Gateway,
     /// Another build of the gateway (`--baseline`), for A/B runs of a change.
     Baseline,
+    /// A bare hyper + hyper-util proxy (`hyper-proxy`): the floor of a proxy on hyper.
+    Hyper,
     Nginx,
     Haproxy,
 }
@@ -32,6 +34,8 @@ pub(crate) struct Target {
 pub(crate) struct Setup {
     pub(crate) gateway: PathBuf,
     pub(crate) baseline: Option<PathBuf>,
+    /// The `hyper-proxy` binary.
+    pub(crate) hyper: PathBuf,
     pub(crate) origin: SocketAddr,
     /// `taskset -c <core>` prefix for the proxies, when taskset exists.
     pub(crate) core: Option<String>,
@@ -39,12 +43,19 @@ pub(crate) struct Setup {
 }
 
 impl Kind {
-    pub(crate) const ALL: [Self; 4] = [Self::Gateway, Self::Baseline, Self::Nginx, Self::Haproxy];
+    pub(crate) const ALL: [Self; 5] = [
+        Self::Gateway,
+        Self::Baseline,
+        Self::Hyper,
+        Self::Nginx,
+        Self::Haproxy,
+    ];
 
     pub(crate) const fn name(self) -> &'static str {
         match self {
             Self::Gateway => "gateway",
             Self::Baseline => "baseline",
+            Self::Hyper => "hyper",
             Self::Nginx => "nginx",
             Self::Haproxy => "haproxy",
         }
@@ -71,6 +82,7 @@ impl Setup {
                 Some(path) => self.start_gateway(path, kind)?,
                 None => return Err(io::Error::other("the baseline target needs --baseline")),
             },
+            Kind::Hyper => self.start_hyper()?,
             Kind::Nginx => self.start_nginx()?,
             Kind::Haproxy => self.start_haproxy()?,
         };
@@ -95,18 +107,25 @@ impl Setup {
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()?;
-        let stdout = child
-            .stdout
-            .take()
-            .ok_or_else(|| io::Error::other("no stdout"))?;
-        let mut line = String::new();
-        BufReader::new(stdout).read_line(&mut line)?;
-        let addr = line
-            .trim()
-            .strip_prefix("gateway listening on http://")
-            .and_then(|a| a.parse().ok())
-            .ok_or_else(|| io::Error::other(format!("unexpected gateway output {line:?}")))?;
+        let addr = listening_on(&mut child)?;
         Ok(Target { kind, addr, child })
+    }
+
+    fn start_hyper(&self) -> io::Result<Target> {
+        let mut child = self
+            .command(&self.hyper)
+            .args(["--listen", "127.0.0.1:0", "--upstream"])
+            .arg(format!("http://{}", self.origin))
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .map_err(|e| io::Error::other(format!("{}: {e}", self.hyper.display())))?;
+        let addr = listening_on(&mut child)?;
+        Ok(Target {
+            kind: Kind::Hyper,
+            addr,
+            child,
+        })
     }
 
     fn start_nginx(&self) -> io::Result<Target> {
@@ -204,6 +223,20 @@ backend be
             child,
         })
     }
+}
+
+/// The address in the `... listening on http://ADDR` line a child prints first.
+fn listening_on(child: &mut Child) -> io::Result<SocketAddr> {
+    let stdout = child
+        .stdout
+        .take()
+        .ok_or_else(|| io::Error::other("no stdout"))?;
+    let mut line = String::new();
+    BufReader::new(stdout).read_line(&mut line)?;
+    line.trim()
+        .split_once("listening on http://")
+        .and_then(|(_, a)| a.parse().ok())
+        .ok_or_else(|| io::Error::other(format!("unexpected output {line:?}")))
 }
 
 impl Target {

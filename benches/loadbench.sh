@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The gateway, nginx and HAProxy side by side, in one command (see README "Performance").
+# The gateway, nginx, HAProxy and a bare hyper proxy side by side, in one command (see
+# README "Performance").
 # Installs what is missing (Debian/Ubuntu), builds in release mode, and pins the driver,
 # wrk and the origin to core 1 and each proxy to core 0. Extra arguments go to loadbench
 # (`--help` lists them), e.g. `bash benches/loadbench.sh --rounds 3 --secs 3`.

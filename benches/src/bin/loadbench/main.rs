@@ -32,7 +32,8 @@ use serde_json::{Value, json};
 use targets::{Kind, Setup, Target};
 
 const HELP: &str = "\
-loadbench: the gateway, nginx and HAProxy side by side (see benches/loadbench.sh)
+loadbench: the gateway, nginx, HAProxy and a bare hyper proxy side by side (see
+benches/loadbench.sh)
 
 OPTIONS:
     --gateway PATH     the gateway binary [default: target/release/gateway]

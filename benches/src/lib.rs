@@ -19,3 +19,17 @@ pub fn ready<F: Future>(fut: F) -> F::Output {
         Poll::Pending => panic!("bench future was not ready on its first poll"),
     }
 }
+
+/// The value of the command-line option `parser` just returned, as UTF-8 (for the bench
+/// binaries' argument parsing).
+///
+/// # Errors
+///
+/// If the option has no value or it is not UTF-8.
+pub fn arg_value(parser: &mut lexopt::Parser) -> Result<String, String> {
+    parser
+        .value()
+        .map_err(|e| e.to_string())?
+        .into_string()
+        .map_err(|_| "arguments must be UTF-8".to_owned())
+}

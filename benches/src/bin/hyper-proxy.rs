@@ -12,6 +12,7 @@ use std::io;
 use std::net::SocketAddr;
 use std::process::ExitCode;
 
+use gateway_benches::arg_value;
 use http::uri::{Authority, Scheme, Uri};
 use hyper::body::Incoming;
 use hyper::server::conn::http1;
@@ -46,23 +47,16 @@ fn parse() -> Result<(SocketAddr, Authority), String> {
     let (mut listen, mut upstream) = (None, None);
     let mut parser = lexopt::Parser::from_env();
     while let Some(arg) = parser.next().map_err(|e| e.to_string())? {
-        let value = |parser: &mut lexopt::Parser| -> Result<String, String> {
-            parser
-                .value()
-                .map_err(|e| e.to_string())?
-                .into_string()
-                .map_err(|_| "arguments must be UTF-8".to_owned())
-        };
         match arg {
             Long("listen") => {
-                let v = value(&mut parser)?;
+                let v = arg_value(&mut parser)?;
                 listen = Some(
                     v.parse()
                         .map_err(|_| format!("--listen: bad address `{v}`"))?,
                 );
             }
             Long("upstream") => {
-                let v = value(&mut parser)?;
+                let v = arg_value(&mut parser)?;
                 let uri: Uri = v
                     .parse()
                     .map_err(|_| format!("--upstream: bad URL `{v}`"))?;

@@ -28,6 +28,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
+use gateway_benches::arg_value;
 use serde_json::{Value, json};
 use targets::{Kind, Setup, Target};
 
@@ -112,13 +113,6 @@ fn parse() -> Result<Option<Opts>, String> {
     };
     let mut parser = lexopt::Parser::from_env();
     while let Some(arg) = parser.next().map_err(|e| e.to_string())? {
-        let value = |parser: &mut lexopt::Parser| -> Result<String, String> {
-            parser
-                .value()
-                .map_err(|e| e.to_string())?
-                .into_string()
-                .map_err(|_| "arguments must be UTF-8".to_owned())
-        };
         let number = |flag: &str, v: String| -> Result<u64, String> {
             v.parse::<u64>()
                 .ok()
@@ -127,22 +121,22 @@ fn parse() -> Result<Option<Opts>, String> {
         };
         match arg {
             Short('h') | Long("help") => return Ok(None),
-            Long("gateway") => opts.gateway = value(&mut parser)?.into(),
-            Long("baseline") => opts.baseline = Some(value(&mut parser)?.into()),
-            Long("rounds") => opts.rounds = number("rounds", value(&mut parser)?)? as usize,
-            Long("secs") => opts.secs = number("secs", value(&mut parser)?)?,
+            Long("gateway") => opts.gateway = arg_value(&mut parser)?.into(),
+            Long("baseline") => opts.baseline = Some(arg_value(&mut parser)?.into()),
+            Long("rounds") => opts.rounds = number("rounds", arg_value(&mut parser)?)? as usize,
+            Long("secs") => opts.secs = number("secs", arg_value(&mut parser)?)?,
             Long("rate") => {
-                opts.rate = u32::try_from(number("rate", value(&mut parser)?)?)
+                opts.rate = u32::try_from(number("rate", arg_value(&mut parser)?)?)
                     .map_err(|e| e.to_string())?;
             }
             Long("idle") => {
-                let v = value(&mut parser)?;
+                let v = arg_value(&mut parser)?;
                 opts.idle = v
                     .parse()
                     .map_err(|_| format!("--idle: `{v}` is not a number"))?;
             }
             Long("targets") => {
-                opts.targets = value(&mut parser)?
+                opts.targets = arg_value(&mut parser)?
                     .split(',')
                     .map(|name| {
                         Kind::ALL
@@ -152,9 +146,9 @@ fn parse() -> Result<Option<Opts>, String> {
                     })
                     .collect::<Result<_, _>>()?;
             }
-            Long("json") => opts.json = value(&mut parser)?.into(),
-            Long("proxy-core") => opts.proxy_core = value(&mut parser)?,
-            Long("load-core") => opts.load_core = value(&mut parser)?,
+            Long("json") => opts.json = arg_value(&mut parser)?.into(),
+            Long("proxy-core") => opts.proxy_core = arg_value(&mut parser)?,
+            Long("load-core") => opts.load_core = arg_value(&mut parser)?,
             other => return Err(other.unexpected().to_string()),
         }
     }

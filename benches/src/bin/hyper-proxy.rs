@@ -76,7 +76,7 @@ fn parse() -> Result<(SocketAddr, Authority), String> {
 
 async fn run(listen: SocketAddr, upstream: Authority) -> io::Result<()> {
     let listener = TcpListener::bind(listen).await?;
-    // The same line the gateway prints, which is what loadbench waits for.
+    // The gateway's form of this line, which is what loadbench reads the address from.
     println!("hyper-proxy listening on http://{}", listener.local_addr()?);
     let mut connector = HttpConnector::new();
     connector.set_nodelay(true);

@@ -91,41 +91,26 @@ impl Setup {
     }
 
     fn start_gateway(&self, program: &Path, kind: Kind) -> io::Result<Target> {
-        let mut child = self
-            .command(program)
-            .args([
-                "--listen",
-                "127.0.0.1:0",
-                "--threads",
-                "1",
-                "--eject-after",
-                "0",
-            ])
-            .arg("--upstream")
-            .arg(self.origin.to_string())
-            .env("RUST_LOG", "error")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()?;
-        let addr = listening_on(&mut child)?;
-        Ok(Target { kind, addr, child })
+        let mut cmd = self.command(program);
+        cmd.args([
+            "--listen",
+            "127.0.0.1:0",
+            "--threads",
+            "1",
+            "--eject-after",
+            "0",
+        ])
+        .arg("--upstream")
+        .arg(self.origin.to_string())
+        .env("RUST_LOG", "error");
+        spawn_listening(cmd, program, kind)
     }
 
     fn start_hyper(&self) -> io::Result<Target> {
-        let mut child = self
-            .command(&self.hyper)
-            .args(["--listen", "127.0.0.1:0", "--upstream"])
-            .arg(format!("http://{}", self.origin))
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .map_err(|e| io::Error::other(format!("{}: {e}", self.hyper.display())))?;
-        let addr = listening_on(&mut child)?;
-        Ok(Target {
-            kind: Kind::Hyper,
-            addr,
-            child,
-        })
+        let mut cmd = self.command(&self.hyper);
+        cmd.args(["--listen", "127.0.0.1:0", "--upstream"])
+            .arg(format!("http://{}", self.origin));
+        spawn_listening(cmd, &self.hyper, Kind::Hyper)
     }
 
     fn start_nginx(&self) -> io::Result<Target> {
@@ -225,18 +210,26 @@ backend be
     }
 }
 
-/// The address in the `... listening on http://ADDR` line a child prints first.
-fn listening_on(child: &mut Child) -> io::Result<SocketAddr> {
+/// Spawns `cmd` (the gateway or `hyper-proxy`, both of which bind port 0) and reads the
+/// address from the `... listening on http://ADDR` line it prints first.
+fn spawn_listening(mut cmd: Command, program: &Path, kind: Kind) -> io::Result<Target> {
+    let mut child = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .map_err(|e| io::Error::other(format!("{}: {e}", program.display())))?;
     let stdout = child
         .stdout
         .take()
         .ok_or_else(|| io::Error::other("no stdout"))?;
     let mut line = String::new();
     BufReader::new(stdout).read_line(&mut line)?;
-    line.trim()
+    let addr = line
+        .trim()
         .split_once("listening on http://")
         .and_then(|(_, a)| a.parse().ok())
-        .ok_or_else(|| io::Error::other(format!("unexpected output {line:?}")))
+        .ok_or_else(|| io::Error::other(format!("unexpected output {line:?}")))?;
+    Ok(Target { kind, addr, child })
 }
 
 impl Target {

@@ -242,6 +242,7 @@ fn count(flag: &str, v: &str) -> Result<u32, String> {
 }
 
 fn main() -> ExitCode {
+    gateway_proxy::server::tune_malloc();
     let args = match parse(std::env::args_os().skip(1)) {
         Ok(Command::Help) => {
             print!("{HELP}");

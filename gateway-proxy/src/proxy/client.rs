@@ -242,23 +242,34 @@ impl Inner {
         let handshake_failed = |e| Error::with_source(ErrorKind::UpstreamConnect, e);
         if h2 {
             let (tx, conn) = self.h2.handshake(io).await.map_err(handshake_failed)?;
-            drop(tokio::spawn(async move {
-                if let Err(err) = conn.await {
-                    tracing::debug!(error = %err, "upstream HTTP/2 connection failed");
-                }
-            }));
+            spawn_conn(conn, "upstream HTTP/2 connection failed");
             pool.set_h2(tx.clone());
             Ok(Conn::H2(tx))
         } else {
             let (tx, conn) = self.h1.handshake(io).await.map_err(handshake_failed)?;
-            drop(tokio::spawn(async move {
-                if let Err(err) = conn.with_upgrades().await {
-                    tracing::debug!(error = %err, "upstream connection failed");
-                }
-            }));
+            spawn_conn(conn.with_upgrades(), "upstream connection failed");
             Ok(Conn::H1(tx, None))
         }
     }
+}
+
+/// Runs an upstream connection in its own task until it closes, logging how it failed.
+///
+/// NOTE: a `poll_fn` over the connection, not an `async` block awaiting it: the block
+/// would hold the connection twice (as its captured value and inside the `.await`), which
+/// doubles the task an idle pooled connection keeps (3,512 instead of 1,752 bytes for
+/// HTTP/1.1).
+fn spawn_conn<C>(mut conn: C, failed: &'static str)
+where
+    C: Future<Output = Result<(), hyper::Error>> + Unpin + Send + 'static,
+{
+    drop(tokio::spawn(std::future::poll_fn(move |cx| {
+        Pin::new(&mut conn).poll(cx).map(|result| {
+            if let Err(err) = result {
+                tracing::debug!(error = %err, "{failed}");
+            }
+        })
+    })));
 }
 
 /// A copy of `req` to send again, if it may be: an idempotent method and no body.

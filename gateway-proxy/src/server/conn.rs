@@ -231,11 +231,19 @@ async fn run_http1<S, B>(
         idle,
     };
     loop {
-        let mut conn = shared.http1.serve_connection(io, svc).with_upgrades();
-        let driven = drive(&mut conn, scope, &mut graceful, timer.as_mut());
+        // Boxed: the task waits for the next request with only the socket, so it should
+        // not keep room for a hyper connection (about 800 bytes) while it does.
+        let mut conn = Box::new(shared.http1.serve_connection(io, svc).with_upgrades());
+        let driven = drive(&mut *conn, scope, &mut graceful, timer.as_mut());
         if let Driven::Done = driven.await {
             return;
         }
+        // NOTE: moved out in a block of its own, so the box is freed here and not at the
+        // end of the iteration, after the wait.
+        let conn = {
+            let boxed = conn;
+            *boxed
+        };
         let Some(parts) = conn.into_parts() else {
             // Upgraded: only a finished connection is, and it never parks.
             return;

@@ -36,6 +36,10 @@ impl<I> Coalesce<I> {
     pub(crate) const fn get_ref(&self) -> &I {
         &self.inner
     }
+
+    pub(crate) fn into_inner(self) -> I {
+        self.inner
+    }
 }
 
 impl<I: Read> Read for Coalesce<I> {

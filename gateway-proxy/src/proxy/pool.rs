@@ -503,7 +503,7 @@ mod tests {
     use gateway_core::test_util::{TestUpstream, body_string};
     use http::{Request, StatusCode};
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    use tokio::net::TcpListener;
+    use tokio::net::{TcpListener, TcpStream};
     use tower::ServiceExt;
 
     use super::PARKED;
@@ -579,6 +579,22 @@ mod tests {
         assert_eq!(upstream.connections(), 1);
     }
 
+    /// Reads one request with a 7-byte body (what [`send`] sends) and answers `200 ok`.
+    async fn answer_one(stream: &mut TcpStream) {
+        let mut head = Vec::new();
+        let mut byte = [0u8; 1];
+        while !head.ends_with(b"\r\n\r\n") {
+            stream.read_exact(&mut byte).await.unwrap();
+            head.push(byte[0]);
+        }
+        let mut body = [0u8; 7];
+        stream.read_exact(&mut body).await.unwrap();
+        stream
+            .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+            .await
+            .unwrap();
+    }
+
     /// An upstream that answers one request per connection with `200 ok`, then does what
     /// `after` says with the connection once it has been parked.
     async fn one_shot_upstream(after: &'static [u8]) -> (String, tokio::task::JoinHandle<usize>) {
@@ -590,18 +606,7 @@ mod tests {
             while accepted < 2 {
                 let (mut stream, _) = listener.accept().await.unwrap();
                 accepted += 1;
-                let mut head = Vec::new();
-                let mut byte = [0u8; 1];
-                while !head.ends_with(b"\r\n\r\n") {
-                    stream.read_exact(&mut byte).await.unwrap();
-                    head.push(byte[0]);
-                }
-                let mut body = [0u8; 7];
-                stream.read_exact(&mut body).await.unwrap();
-                stream
-                    .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
-                    .await
-                    .unwrap();
+                answer_one(&mut stream).await;
                 if accepted == 1 {
                     // Let the pool park it, then close it or talk out of turn.
                     tokio::time::sleep(PARK_AFTER * 5).await;
@@ -648,21 +653,11 @@ mod tests {
         let url = format!("http://{}", listener.local_addr().unwrap());
         let upstream = tokio::spawn(async move {
             let (mut stream, _) = listener.accept().await.unwrap();
-            let mut head = Vec::new();
-            let mut byte = [0u8; 1];
-            while !head.ends_with(b"\r\n\r\n") {
-                stream.read_exact(&mut byte).await.unwrap();
-                head.push(byte[0]);
-            }
-            let mut body = [0u8; 7];
-            stream.read_exact(&mut body).await.unwrap();
-            stream
-                .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
-                .await
-                .unwrap();
+            answer_one(&mut stream).await;
             tokio::time::sleep(PARK_AFTER * 5).await;
             stream.shutdown().await.unwrap();
             // EOF once the gateway closes its side too.
+            let mut byte = [0u8; 1];
             tokio::time::timeout(Duration::from_secs(2), stream.read(&mut byte)).await
         });
         let proxy = proxy(&url, Some(PARK_AFTER));

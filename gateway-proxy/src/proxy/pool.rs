@@ -641,7 +641,9 @@ mod tests {
             // The upstream has closed it (or written to it) by now.
             tokio::time::sleep(PARK_AFTER * 10).await;
             assert_eq!(send(&proxy, "POST").await, (StatusCode::OK, "ok".into()));
-            assert_eq!(upstream.await.unwrap(), 2);
+            // Bounded: had the POST gone to the parked socket, no second connection comes.
+            let accepted = tokio::time::timeout(Duration::from_secs(2), upstream).await;
+            assert_eq!(accepted.unwrap().unwrap(), 2);
         }
     }
 

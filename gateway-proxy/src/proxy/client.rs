@@ -9,7 +9,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use gateway_core::{Body, Error, ErrorKind};
-use http::header::UPGRADE;
 use http::{Method, Request, Response};
 use hyper::body::Incoming;
 use hyper::client::conn::{TrySendError, http1, http2};
@@ -114,18 +113,7 @@ impl HttpClient {
     /// and adds `Host` to HTTP/1.1 requests that have none.
     pub(crate) fn send(&self, endpoint: &Endpoint, req: Request<Body>) -> SendFuture {
         let inner = &self.inner;
-        let pool = endpoint.pools.get(inner.id, || {
-            Pool::new(
-                endpoint,
-                inner.idle_timeout,
-                inner.park_after,
-                inner.max_idle,
-            )
-        });
-        if req.headers().contains_key(UPGRADE) && !inner.http2_only && !pool.speaks_h2() {
-            // A connection of its own, with hyper's upgrade support (see `Pool::spawn_h1`).
-            return Box::pin(Arc::clone(inner).send_upgrade(pool, req));
-        }
+        let pool = self.pool(endpoint);
         match pool.checkout() {
             // The common case: an idle HTTP/1.1 connection takes the request at once, and
             // the (small) future only waits for the response head.
@@ -139,6 +127,34 @@ impl HttpClient {
             }
             conn => Box::pin(Arc::clone(inner).send(pool, req, conn, 0)),
         }
+    }
+
+    /// Like [`send`](Self::send), for a request that asks to upgrade the connection: on
+    /// HTTP/1.1 it goes on a new connection of its own, which can become a tunnel (pooled
+    /// connections cannot, see `Pool::spawn_h1`).
+    pub(crate) fn send_upgrade(&self, endpoint: &Endpoint, req: Request<Body>) -> SendFuture {
+        let inner = Arc::clone(&self.inner);
+        let pool = self.pool(endpoint);
+        if inner.http2_only || pool.speaks_h2() {
+            return Box::pin(inner.send(pool, req, None, 0));
+        }
+        Box::pin(async move {
+            let conn = Box::pin(inner.connect(&pool, false)).await?;
+            inner.send(pool, req, Some(conn), STALE_RETRIES).await
+        })
+    }
+
+    /// This client's pool for `endpoint`.
+    fn pool(&self, endpoint: &Endpoint) -> Arc<Pool> {
+        let inner = &self.inner;
+        endpoint.pools.get(inner.id, || {
+            Pool::new(
+                endpoint,
+                inner.idle_timeout,
+                inner.park_after,
+                inner.max_idle,
+            )
+        })
     }
 }
 
@@ -170,6 +186,9 @@ impl Inner {
         since: tokio::time::Instant,
         mut req: Request<Body>,
     ) -> impl Future<Output = Result<Sent, Error>> + Send + use<> {
+        // NOTE: the request is handed to the connection here and the future only waits
+        // for the answer, which keeps the common case's future small (it is not
+        // `send_h1`, whose future would hold the request until first polled).
         pool.http1_form(&mut req);
         // A connection that sat idle may have been closed by the upstream just as we write
         // to it. Keep what it takes to send a replayable request again.
@@ -187,16 +206,6 @@ impl Inner {
                 Err(refused) => inner.after_refusal(pool, refused, replay).await,
             }
         }
-    }
-
-    /// Sends an upgrade request on a new connection that can become a tunnel.
-    async fn send_upgrade(
-        self: Arc<Self>,
-        pool: Arc<Pool>,
-        req: Request<Body>,
-    ) -> Result<Sent, Error> {
-        let conn = Box::pin(self.connect(&pool, false)).await?;
-        self.send(pool, req, Some(conn), STALE_RETRIES).await
     }
 
     /// Sends `req` on `conn`, or on a connection from the pool or a new one; `stale`
@@ -221,30 +230,26 @@ impl Inner {
                 }
                 None => (Box::pin(self.connect(&pool, true)).await?, false),
             };
-            let mut refused: TrySendError<Request<Body>> = match conn {
-                Conn::H1(conn, _) => match send_h1(&pool, conn, req).await {
-                    Ok(sent) => return Ok(sent),
-                    Err(err) => err,
-                },
-                Conn::Parked(io, _) => {
-                    let conn = pool.resume(&self.h1, io).await.map_err(handshake_failed)?;
-                    match send_h1(&pool, conn, req).await {
-                        Ok(sent) => return Ok(sent),
-                        Err(err) => err,
-                    }
+            let sent = match conn {
+                Conn::H1(conn, _) => send_h1(&pool, conn, req).await,
+                Conn::Parked(socket, _) => {
+                    let conn = pool
+                        .resume(&self.h1, socket)
+                        .await
+                        .map_err(handshake_failed)?;
+                    send_h1(&pool, conn, req).await
                 }
                 Conn::H2(mut tx) => {
                     pool.http2_form(&mut req);
-                    match tx.try_send_request(req).await {
-                        Ok(response) => {
-                            return Ok(Sent {
-                                response,
-                                checkin: None,
-                            });
-                        }
-                        Err(err) => err,
-                    }
+                    tx.try_send_request(req).await.map(|response| Sent {
+                        response,
+                        checkin: None,
+                    })
                 }
+            };
+            let mut refused = match sent {
+                Ok(sent) => return Ok(sent),
+                Err(refused) => refused,
             };
             match refused.take_message() {
                 // Nothing was written: the pooled connection was closed under us.

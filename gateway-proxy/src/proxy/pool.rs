@@ -244,20 +244,14 @@ impl Pool {
             let Some(running) = conn.as_mut() else {
                 return Poll::Ready(());
             };
-            let ended = ready!(running.poll_without_shutdown(cx));
-            let Some(ended_conn) = conn.take() else {
-                return Poll::Ready(());
-            };
-            match ended {
+            match ready!(running.poll_without_shutdown(cx)) {
                 Err(err) => tracing::debug!(error = %err, "upstream connection failed"),
                 Ok(()) => {
-                    let asked = handle
-                        .asked
-                        .lock()
-                        .unwrap_or_else(PoisonError::into_inner)
-                        .take();
-                    if let (Some(since), Some(pool)) = (asked, pool.upgrade()) {
-                        let parts = ended_conn.into_parts();
+                    if let Some(since) = handle.asked()
+                        && let Some(pool) = pool.upgrade()
+                        && let Some(ended) = conn.take()
+                    {
+                        let parts = ended.into_parts();
                         // Bytes the upstream sent unasked: not a socket to reuse.
                         if parts.read_buf.is_empty() {
                             pool.park(parts.io, since);
@@ -265,6 +259,7 @@ impl Pool {
                     }
                 }
             }
+            // The connection (if not parked) closes with the task.
             Poll::Ready(())
         })));
         H1 { tx, park }
@@ -401,8 +396,7 @@ async fn reap(pool: Weak<Pool>) {
                             // NOTE: asked before the entry (and with it the last handle
                             // that sends on the connection) is dropped: that drop is what
                             // ends the connection and makes its task look.
-                            *park.asked.lock().unwrap_or_else(PoisonError::into_inner) =
-                                Some(idle.since);
+                            park.ask(idle.since);
                             return false;
                         }
                         if let Some(after) = pool.park_after {
@@ -460,6 +454,22 @@ where
 thread_local! {
     /// How many connections this thread's pools have parked.
     pub(crate) static PARKED: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+// === impl Park ===
+
+impl Park {
+    fn ask(&self, since: Instant) {
+        *self.asked.lock().unwrap_or_else(PoisonError::into_inner) = Some(since);
+    }
+
+    /// When the connection went idle, if the pool asked for its socket.
+    fn asked(&self) -> Option<Instant> {
+        self.asked
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take()
+    }
 }
 
 // === impl Checkin ===

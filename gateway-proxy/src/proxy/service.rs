@@ -176,6 +176,7 @@ where
                 head.headers.insert(HOST, host.clone());
             }
         }
+        let upgrading = upgrade.is_some();
         if let Some(protocol) = upgrade {
             head.headers.insert(UPGRADE, protocol);
             head.headers
@@ -198,9 +199,12 @@ where
         if let Some(idle) = shared.body_idle_timeout {
             body = body.idle_timeout(idle);
         }
-        let fut = shared
-            .client
-            .send(selected.endpoint(), Request::from_parts(head, body));
+        let req = Request::from_parts(head, body);
+        let fut = if upgrading {
+            shared.client.send_upgrade(selected.endpoint(), req)
+        } else {
+            shared.client.send(selected.endpoint(), req)
+        };
         ResponseFuture::new(fut, Arc::clone(&self.shared), selected, is_head, on_upgrade)
     }
 }

@@ -1,12 +1,13 @@
 //! The upstream side of the gateway: the reverse proxy, the router, upstreams and the
 //! server runner.
 //!
-//! - [`ReverseProxy`]: forwards to an [`Upstream`] with a hyper client pooled per endpoint
+//! - [`ReverseProxy`]: forwards to an [`Upstream`] over connections pooled per endpoint
 //!   (HTTP/1.1, HTTP/2, rustls), streaming bodies, WebSocket upgrades and trailers.
 //! - [`Router`]: host + normalized path + method to per-route service stacks.
 //! - [`Server`]: HTTP/1.1 and HTTP/2 (by ALPN or the first bytes), rustls termination, timeouts,
 //!   connection limits and graceful shutdown.
 
+mod h1;
 mod io;
 pub mod proxy;
 pub mod router;

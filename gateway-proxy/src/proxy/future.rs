@@ -8,13 +8,13 @@ use gateway_core::classify::{self, Class};
 use gateway_core::{Body, BoxError, Drain, Error, ErrorKind};
 use http::header::{CONNECTION, HeaderValue, UPGRADE, VIA};
 use http::{Response, StatusCode};
-use hyper::body::Incoming;
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
 use pin_project_lite::pin_project;
 use tokio::time::Sleep;
 
 use super::client::{SendFuture, Sent};
+use super::exchange::Upgraded;
 use super::headers;
 use super::service::Shared;
 use crate::upstream::Selected;
@@ -104,23 +104,23 @@ impl Future for ResponseFuture {
         else {
             unreachable!("matched as Waiting above")
         };
-        let (outcome, checkin) = match result {
-            Ok(Sent { response, checkin }) => {
-                (respond(response, &shared, is_head, upgrade), checkin)
+        let outcome = match result {
+            Ok(Sent { response, upgraded }) => {
+                respond(response, upgraded, &shared, is_head, upgrade)
             }
-            Err(err) => (Err(err.into()), None),
+            Err(err) => Err(err.into()),
         };
         selected.record(classify::result(&outcome));
-        // The request stays in flight on its endpoint, and its connection out of the pool,
-        // until the response body ends.
-        Poll::Ready(outcome.map(|res| res.map(|body| body.with_guard((selected, checkin)))))
+        // The request stays in flight on its endpoint until the response body ends.
+        Poll::Ready(outcome.map(|res| res.map(|body| body.with_guard(selected))))
     }
 }
 
 /// Turns the upstream's response into the client's: header rules, body idle timeout, and
 /// the tunnel when the upstream switched protocols.
 fn respond(
-    mut res: Response<Incoming>,
+    mut res: Response<Body>,
+    upgraded: Option<Upgraded>,
     shared: &Shared,
     is_head: bool,
     upgrade: Option<(OnUpgrade, Option<Drain>)>,
@@ -128,13 +128,12 @@ fn respond(
     let status = res.status();
     if status == StatusCode::SWITCHING_PROTOCOLS {
         // NOTE: only a 101 answering an upgrade the client asked for becomes a tunnel.
-        let Some((client, drain)) = upgrade else {
+        let (Some((client, drain)), Some(upstream)) = (upgrade, upgraded) else {
             return Err(
                 Error::with_source(ErrorKind::BadGateway, "unsolicited 101 from upstream").into(),
             );
         };
         let protocol = res.headers().get(UPGRADE).cloned();
-        let upstream = hyper::upgrade::on(&mut res);
         headers::strip_response(res.headers_mut(), true);
         if let Some(protocol) = protocol {
             res.headers_mut().insert(UPGRADE, protocol);
@@ -146,34 +145,29 @@ fn respond(
             Some(drain) => drop(drain.spawn(tunnel)),
             None => drop(tokio::spawn(tunnel)),
         }
-        return Ok(res.map(|_| Body::empty()));
+        return Ok(res);
     }
     let keep_length = is_head || status == StatusCode::NOT_MODIFIED;
     headers::strip_response(res.headers_mut(), keep_length);
     if let Some(via) = shared.via_response(res.version()) {
         res.headers_mut().append(VIA, via.clone());
     }
-    let idle = shared.body_idle_timeout;
-    Ok(res.map(|body| {
-        let body = Body::from(body);
-        match idle {
-            Some(idle) => body.idle_timeout(idle),
-            None => body,
-        }
-    }))
+    Ok(match shared.body_idle_timeout {
+        Some(idle) => res.map(|body| body.idle_timeout(idle)),
+        None => res,
+    })
 }
 
-/// Copies bytes both ways between the client's and the upstream's upgraded connections.
-async fn tunnel(client: OnUpgrade, upstream: OnUpgrade) {
-    let (client, upstream) = match tokio::try_join!(client, upstream) {
-        Ok(pair) => pair,
+/// Copies bytes both ways between the client's upgraded connection and the upstream's.
+async fn tunnel(client: OnUpgrade, mut upstream: Upgraded) {
+    let client = match client.await {
+        Ok(client) => client,
         Err(err) => {
             tracing::debug!(error = %err, "upgrade failed");
             return;
         }
     };
     let mut client = TokioIo::new(client);
-    let mut upstream = TokioIo::new(upstream);
     match tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
         Ok((up, down)) => tracing::trace!(up, down, "tunnel closed"),
         Err(err) => tracing::debug!(error = %err, "tunnel failed"),

@@ -1,5 +1,8 @@
-//! A reverse proxy: forwards requests to an [`Upstream`](crate::Upstream) over a pooled
-//! hyper client and streams both bodies.
+//! A reverse proxy: forwards requests to an [`Upstream`](crate::Upstream) over pooled
+//! connections and streams both bodies.
+//!
+//! HTTP/1.1 upstream connections are driven by the task of the request they carry (our own
+//! codec on `httparse`; an idle connection is only its socket); HTTP/2 ones are hyper's.
 //!
 //! What it does on every hop (RFC 9110 §7.6.1):
 //!
@@ -7,8 +10,11 @@
 //!   (`Connection`, `Keep-Alive`, `Proxy-Connection`, `TE`, `Transfer-Encoding`, `Upgrade`,
 //!   `Proxy-Authorization`, `Proxy-Authenticate`, `HTTP2-Settings`), in both directions,
 //!   before adding any header of its own; `TE: trailers` is re-added when the client sent it;
-//! - regenerates framing: `Content-Length` and `Transfer-Encoding` are never copied; hyper
-//!   frames each hop from the body itself (responses to `HEAD` and 304s keep their length);
+//! - regenerates framing: `Content-Length` and `Transfer-Encoding` are never copied; each
+//!   hop is framed from the body itself (responses to `HEAD` and 304s keep their length);
+//!   an upstream answer that could be read two ways (`Content-Length` with
+//!   `Transfer-Encoding`, differing lengths, codings other than `chunked`) is a 502, and
+//!   its connection is closed;
 //! - scrubs client-sent forwarding headers (`X-Forwarded-*`, `Forwarded`, `X-Real-IP`, and
 //!   look-alikes such as `X_Forwarded_For`) unless the peer is a trusted proxy (as resolved
 //!   by [`ClientIpLayer`](gateway_core::ClientIpLayer)), then sets `X-Forwarded-For`,
@@ -50,6 +56,7 @@
 //! breaker layers see them as errors; `RescueLayer` turns them into responses.
 
 mod client;
+mod exchange;
 mod future;
 mod headers;
 mod pool;

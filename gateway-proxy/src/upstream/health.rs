@@ -233,7 +233,6 @@ impl HealthCheck {
             }
         }
         drop(body);
-        drop(sent.checkin);
         if self.statuses.iter().any(|r| r.contains(&status)) {
             Ok(())
         } else {

@@ -9,6 +9,8 @@
     reason = "set-up helpers panic on failure, like the tests"
 )]
 
+pub mod scripted;
+
 use std::net::SocketAddr;
 use std::time::Duration;
 

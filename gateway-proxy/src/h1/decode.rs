@@ -1,0 +1,378 @@
+//! Reading a message body the way its framing says (RFC 9112 §6.3, §7.1).
+
+use std::fmt;
+
+use bytes::{Buf, Bytes, BytesMut};
+use http::HeaderMap;
+
+use super::head::{self, MAX_HEADERS};
+
+/// The longest chunk-size line accepted, extensions included.
+const MAX_CHUNK_LINE: usize = 4 * 1024;
+/// The largest trailer section accepted.
+const MAX_TRAILERS: usize = 16 * 1024;
+
+/// How a body is delimited, and how far it has been read.
+#[derive(Debug)]
+pub(crate) enum Decoder {
+    /// `Content-Length`: this many bytes are left (0: complete).
+    Length(u64),
+    /// The chunked transfer coding.
+    Chunked(Chunked),
+    /// Everything until the peer closes the connection (a response without framing).
+    Eof,
+}
+
+/// Where a chunked body is.
+#[derive(Debug)]
+pub(crate) enum Chunked {
+    /// A chunk-size line comes next.
+    Size,
+    /// Inside a chunk: this many data bytes are left.
+    Data(u64),
+    /// The CRLF that ends a chunk's data comes next.
+    DataEnd,
+    /// The last chunk has been read; the trailer section comes next.
+    Trailers,
+    /// Complete.
+    Done,
+}
+
+/// What [`Decoder::decode`] found in the buffer.
+#[derive(Debug)]
+pub(crate) enum Decoded {
+    Data(Bytes),
+    Trailers(HeaderMap),
+    /// The body is complete.
+    End,
+    /// Nothing complete yet: read more.
+    More,
+}
+
+/// A body that breaks its framing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct InvalidBody(&'static str);
+
+// === impl Decoder ===
+
+impl Decoder {
+    /// Whether the whole body has been read.
+    pub(crate) const fn is_done(&self) -> bool {
+        matches!(self, Self::Length(0) | Self::Chunked(Chunked::Done))
+    }
+
+    /// How many body bytes are known to be left, if the framing says.
+    pub(crate) const fn remaining(&self) -> Option<u64> {
+        match self {
+            Self::Length(left) => Some(*left),
+            Self::Chunked(Chunked::Data(left)) => Some(*left),
+            _ => None,
+        }
+    }
+
+    /// Takes the next piece of the body out of `buf`; `eof` says the peer has closed the
+    /// connection, so nothing will be added to `buf`.
+    ///
+    /// Data comes out as slices of `buf`'s memory, never copied.
+    pub(crate) fn decode(&mut self, buf: &mut BytesMut, eof: bool) -> Result<Decoded, InvalidBody> {
+        match self {
+            Self::Length(0) => Ok(Decoded::End),
+            Self::Length(left) => {
+                if buf.is_empty() {
+                    return more(eof);
+                }
+                let n = take(left, buf.len());
+                Ok(Decoded::Data(buf.split_to(n).freeze()))
+            }
+            Self::Eof => {
+                if !buf.is_empty() {
+                    Ok(Decoded::Data(buf.split().freeze()))
+                } else if eof {
+                    *self = Self::Length(0);
+                    Ok(Decoded::End)
+                } else {
+                    Ok(Decoded::More)
+                }
+            }
+            Self::Chunked(state) => state.decode(buf, eof),
+        }
+    }
+}
+
+/// Takes up to `available` of the `left` bytes of a body or chunk.
+fn take(left: &mut u64, available: usize) -> usize {
+    // NOTE: the minimum is at most `available`, so it fits a `usize`.
+    let n = usize::try_from((*left).min(available as u64)).unwrap_or(available);
+    *left -= n as u64;
+    n
+}
+
+/// Nothing complete in the buffer: more is needed, unless the peer has closed.
+const fn more(eof: bool) -> Result<Decoded, InvalidBody> {
+    if eof {
+        Err(InvalidBody(
+            "the connection closed before the body was complete",
+        ))
+    } else {
+        Ok(Decoded::More)
+    }
+}
+
+// === impl Chunked ===
+
+impl Chunked {
+    fn decode(&mut self, buf: &mut BytesMut, eof: bool) -> Result<Decoded, InvalidBody> {
+        loop {
+            match self {
+                Self::Size => {
+                    let Some(line) = line_end(buf, MAX_CHUNK_LINE)? else {
+                        return more(eof);
+                    };
+                    let size = chunk_size(&buf[..line])?;
+                    buf.advance(line + 2);
+                    *self = if size == 0 {
+                        Self::Trailers
+                    } else {
+                        Self::Data(size)
+                    };
+                }
+                Self::Data(left) => {
+                    if buf.is_empty() {
+                        return more(eof);
+                    }
+                    let n = take(left, buf.len());
+                    if *left == 0 {
+                        *self = Self::DataEnd;
+                    }
+                    return Ok(Decoded::Data(buf.split_to(n).freeze()));
+                }
+                Self::DataEnd => {
+                    if buf.len() < 2 {
+                        return more(eof);
+                    }
+                    if &buf[..2] != b"\r\n" {
+                        return Err(InvalidBody("chunk data is not followed by CRLF"));
+                    }
+                    buf.advance(2);
+                    *self = Self::Size;
+                }
+                Self::Trailers => {
+                    if buf.starts_with(b"\r\n") {
+                        buf.advance(2);
+                        *self = Self::Done;
+                        return Ok(Decoded::End);
+                    }
+                    let Some(end) = section_end(buf)? else {
+                        return more(eof);
+                    };
+                    let section = buf.split_to(end).freeze();
+                    *self = Self::Done;
+                    return trailers(&section).map(Decoded::Trailers);
+                }
+                Self::Done => return Ok(Decoded::End),
+            }
+        }
+    }
+}
+
+/// Where the line at the start of `buf` ends (the index of its CR), once it is complete.
+/// Lines end with CRLF: a bare LF is refused rather than guessed at, as is a line longer
+/// than `max`.
+fn line_end(buf: &[u8], max: usize) -> Result<Option<usize>, InvalidBody> {
+    let window = &buf[..buf.len().min(max + 2)];
+    match window.iter().position(|&b| b == b'\n') {
+        Some(lf) if lf > 0 && window[lf - 1] == b'\r' => Ok(Some(lf - 1)),
+        Some(_) => Err(InvalidBody("a chunk line does not end with CRLF")),
+        None if window.len() > max => Err(InvalidBody("a chunk line is too long")),
+        None => Ok(None),
+    }
+}
+
+/// The size on a chunk-size line: hex digits, then optional extensions, which are checked
+/// for stray control characters and otherwise ignored (RFC 9112 §7.1.1).
+fn chunk_size(line: &[u8]) -> Result<u64, InvalidBody> {
+    let digits = line.iter().take_while(|b| b.is_ascii_hexdigit()).count();
+    if digits == 0 {
+        return Err(InvalidBody("a chunk size is not a hex number"));
+    }
+    let mut size: u64 = 0;
+    for &b in &line[..digits] {
+        let digit = u64::from(char::from(b).to_digit(16).unwrap_or(0));
+        size = size
+            .checked_mul(16)
+            .and_then(|s| s.checked_add(digit))
+            .ok_or(InvalidBody("a chunk size overflows"))?;
+    }
+    let rest = &line[digits..];
+    let ext = rest.trim_ascii_start();
+    let valid = ext.is_empty()
+        || (ext[0] == b';' && ext.iter().all(|&b| b == b'\t' || (b >= b' ' && b != 0x7f)));
+    if !valid {
+        return Err(InvalidBody("a chunk size is followed by something else"));
+    }
+    Ok(size)
+}
+
+/// The length of the trailer section at the start of `buf` (field lines and the empty
+/// line after them), once it is complete.
+fn section_end(buf: &[u8]) -> Result<Option<usize>, InvalidBody> {
+    let window = &buf[..buf.len().min(MAX_TRAILERS)];
+    match window.windows(4).position(|w| w == b"\r\n\r\n") {
+        Some(at) => Ok(Some(at + 4)),
+        None if buf.len() >= MAX_TRAILERS => Err(InvalidBody("the trailer section is too large")),
+        None => Ok(None),
+    }
+}
+
+/// The fields of a trailer section, without those a trailer must not carry: framing,
+/// routing and connection control (RFC 9110 §6.5.1), which a proxy never forwards.
+fn trailers(section: &Bytes) -> Result<HeaderMap, InvalidBody> {
+    let mut fields = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let parsed = match httparse::parse_headers(section, &mut fields) {
+        Ok(httparse::Status::Complete((_, parsed))) => parsed,
+        Ok(httparse::Status::Partial) | Err(_) => {
+            return Err(InvalidBody("the trailer section is malformed"));
+        }
+    };
+    let mut map =
+        head::fields(section, parsed).map_err(|_| InvalidBody("a trailer is malformed"))?;
+    for name in [
+        http::header::CONTENT_LENGTH,
+        http::header::TRANSFER_ENCODING,
+        http::header::HOST,
+        http::header::CONNECTION,
+        http::header::TE,
+        http::header::TRAILER,
+        http::header::UPGRADE,
+    ] {
+        map.remove(name);
+    }
+    Ok(map)
+}
+
+// === impl InvalidBody ===
+
+impl fmt::Display for InvalidBody {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.0)
+    }
+}
+
+impl std::error::Error for InvalidBody {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Feeds `input` to a decoder `step` bytes at a time; returns the data, the trailers
+    /// and whether the body ended.
+    fn run(
+        mut decoder: Decoder,
+        input: &[u8],
+        step: usize,
+    ) -> Result<(Vec<u8>, Option<HeaderMap>, bool), InvalidBody> {
+        let mut buf = BytesMut::new();
+        let (mut data, mut trailers) = (Vec::new(), None);
+        let mut fed = 0;
+        loop {
+            match decoder.decode(&mut buf, fed == input.len())? {
+                Decoded::Data(d) => data.extend_from_slice(&d),
+                Decoded::Trailers(t) => trailers = Some(t),
+                Decoded::End => return Ok((data, trailers, true)),
+                Decoded::More => {
+                    if fed == input.len() {
+                        return Ok((data, trailers, false));
+                    }
+                    let next = (fed + step).min(input.len());
+                    buf.extend_from_slice(&input[fed..next]);
+                    fed = next;
+                }
+            }
+        }
+    }
+
+    fn chunked() -> Decoder {
+        Decoder::Chunked(Chunked::Size)
+    }
+
+    #[test]
+    fn chunked_bodies_decode_whatever_the_read_sizes() {
+        let input = b"5\r\nhello\r\n7;ext=\"v\"\r\n, world\r\n0\r\nx-sum: 1\r\nx-n: 2\r\n\r\n";
+        for step in [1, 2, 3, 7, input.len()] {
+            let (data, trailers, done) = run(chunked(), input, step).unwrap();
+            assert_eq!(data, b"hello, world", "step {step}");
+            let trailers = trailers.unwrap();
+            assert_eq!(trailers["x-sum"], "1");
+            assert_eq!(trailers["x-n"], "2");
+            assert!(done);
+        }
+    }
+
+    #[test]
+    fn a_chunked_body_without_trailers_ends_at_the_empty_line() {
+        let (data, trailers, done) = run(chunked(), b"3\r\nabc\r\n0\r\n\r\n", 1).unwrap();
+        assert_eq!(
+            (data.as_slice(), trailers.is_none(), done),
+            (&b"abc"[..], true, true)
+        );
+    }
+
+    #[test]
+    fn malformed_chunked_bodies_are_refused() {
+        for bad in [
+            &b"x\r\n"[..],
+            b"5\nhello\r\n0\r\n\r\n",
+            b"5\r\nhelloXY0\r\n\r\n",
+            b"-5\r\nhello\r\n",
+            b"5 x\r\nhello\r\n",
+            b"5;a\x01b\r\nhello\r\n",
+            b"10000000000000000\r\n",
+            b"0\r\nbad trailer\r\n\r\n",
+        ] {
+            assert!(
+                run(chunked(), bad, 1).is_err(),
+                "{:?}",
+                String::from_utf8_lossy(bad)
+            );
+        }
+    }
+
+    #[test]
+    fn endless_chunk_lines_and_trailers_are_cut() {
+        let mut line = b"5;".to_vec();
+        line.resize(MAX_CHUNK_LINE + 10, b'a');
+        assert_eq!(
+            run(chunked(), &line, 1000).unwrap_err(),
+            InvalidBody("a chunk line is too long")
+        );
+        let mut trailer = b"0\r\nx: ".to_vec();
+        trailer.resize(MAX_TRAILERS + 10, b'a');
+        assert!(run(chunked(), &trailer, 1000).is_err());
+    }
+
+    #[test]
+    fn forbidden_trailers_are_dropped() {
+        let input = b"0\r\ncontent-length: 5\r\nx-ok: 1\r\n\r\n";
+        let (_, trailers, _) = run(chunked(), input, input.len()).unwrap();
+        let trailers = trailers.unwrap();
+        assert_eq!(trailers.len(), 1);
+        assert_eq!(trailers["x-ok"], "1");
+    }
+
+    #[test]
+    fn a_truncated_body_is_an_error_and_extra_bytes_are_left_alone() {
+        assert!(run(Decoder::Length(10), b"short", 2).is_err());
+        assert!(run(chunked(), b"5\r\nhel", 2).is_err());
+        let mut buf = BytesMut::from(&b"abcdef"[..]);
+        let mut decoder = Decoder::Length(4);
+        assert!(matches!(decoder.decode(&mut buf, false), Ok(Decoded::Data(d)) if d == "abcd"));
+        assert!(matches!(decoder.decode(&mut buf, false), Ok(Decoded::End)));
+        assert_eq!(&buf[..], b"ef");
+    }
+
+    #[test]
+    fn a_close_delimited_body_ends_with_the_connection() {
+        let (data, _, done) = run(Decoder::Eof, b"all of it", 4).unwrap();
+        assert_eq!((data.as_slice(), done), (&b"all of it"[..], true));
+    }
+}

@@ -1,0 +1,690 @@
+//! One request and its response on an upstream HTTP/1.1 connection, driven by the task of
+//! the request itself.
+//!
+//! [`Exchange`] writes the request head (and a small body with it, in one `send`), streams
+//! the rest of the body, and reads the response head; the response body ([`ResponseBody`])
+//! reads the rest from the socket as the client's side asks for it, and puts the
+//! connection back in its pool when the response ends, if the connection can carry
+//! another exchange. A small response that arrived whole with its head is handed over as
+//! one piece of bytes and its connection returned at once.
+//!
+//! An idle pooled connection is only its socket: no task, channel or buffer of its own.
+
+use std::fmt;
+use std::future::Future;
+use std::io;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll, ready};
+
+use bytes::{Buf, Bytes, BytesMut};
+use gateway_core::{Body, BoxError, Error, ErrorKind};
+use http::header::HOST;
+use http::{Method, Request, Response, StatusCode};
+use http_body::{Body as _, Frame, SizeHint};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+use super::pool::Pool;
+use crate::h1::decode::{Decoded, Decoder, InvalidBody};
+use crate::h1::encode::{Encoder, LengthMismatch, WriteBuf};
+use crate::h1::head::{self, BodyLength, InvalidHead, ResponseHead};
+use crate::io::Stream;
+
+/// A read buffer starts with this much room (a response head and a small body).
+const READ_START: usize = 8 * 1024;
+/// A body read makes room for at most this much at a time.
+const READ_MAX: usize = 64 * 1024;
+
+/// Sends a request on a connection and waits for the response head.
+pub(crate) struct Exchange {
+    /// `None` once the exchange has completed.
+    inner: Option<Box<Parts>>,
+}
+
+/// What the response head arrived with.
+pub(crate) struct Sent {
+    pub(crate) response: Response<Body>,
+    /// The connection, once the upstream switched protocols (`101`) for an upgrade.
+    pub(crate) upgraded: Option<Upgraded>,
+}
+
+/// Why an exchange failed, and whether its request may be sent again.
+pub(crate) struct Failed {
+    pub(crate) error: Error,
+    /// The head of a request that may be sent again on a new connection: idempotent and
+    /// bodiless, on a pooled connection the upstream closed before answering anything
+    /// (the keep-alive race, RFC 9110 §9.2.2).
+    pub(crate) replay: Option<Vec<u8>>,
+}
+
+/// A response body read from the upstream connection as it is polled.
+pub(crate) struct ResponseBody {
+    /// `None` once the body has ended (the connection pooled or closed).
+    wire: Option<Wire>,
+    out: Outgoing,
+    decoder: Decoder,
+    pool: Arc<Pool>,
+    /// The connection may carry another exchange once this one is complete.
+    persistent: bool,
+}
+
+/// An upstream connection that switched protocols, for the tunnel: what was read after the
+/// `101` head comes first.
+pub(crate) struct Upgraded {
+    io: Stream,
+    read_ahead: Bytes,
+}
+
+/// Everything an exchange holds until its response head arrives. Boxed: the request's
+/// future is moved around before it is first polled, and this is most of it.
+struct Parts {
+    wire: Wire,
+    out: Outgoing,
+    method: Method,
+    pool: Arc<Pool>,
+    /// The connection carried exchanges before: the upstream may close it as we write.
+    reused: bool,
+    /// Idempotent and bodiless: it may be sent again (see [`Failed::replay`]).
+    replayable: bool,
+    /// The request asks to switch protocols.
+    upgrade: bool,
+    /// Bytes of an answer have arrived.
+    answered: bool,
+    /// Bytes have arrived since the head was last parsed.
+    unparsed: bool,
+}
+
+/// The socket and what has been read from it.
+struct Wire {
+    io: Stream,
+    read: BytesMut,
+    /// The upstream has closed its side: nothing more will be read.
+    eof: bool,
+}
+
+/// The request on its way out.
+struct Outgoing {
+    buf: WriteBuf,
+    encoder: Encoder,
+    /// The body still to read and send; `None` once its end is queued, or without one.
+    body: Option<Body>,
+    state: Sending,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Sending {
+    Writing,
+    /// All of it has been written.
+    Done,
+    /// The socket refused more (the upstream closed its side): the answer may still come.
+    Refused,
+}
+
+/// What broke an exchange.
+#[derive(Debug)]
+enum Broken {
+    Io(io::Error),
+    /// The upstream closed the connection before its response was complete.
+    Closed,
+    Head(InvalidHead),
+    Body(InvalidBody),
+    /// The request body did not match its length.
+    Length(LengthMismatch),
+    /// The request body failed: the client's upload stalled or broke.
+    Upload(BoxError),
+    /// A `101` to a request that did not ask to switch protocols.
+    Unsolicited,
+}
+
+/// The upstream closed the connection before its response was complete.
+#[derive(Debug)]
+struct UpstreamClosed;
+
+/// The upstream switched protocols unasked.
+#[derive(Debug)]
+struct UnsolicitedSwitch;
+
+// === impl Sent ===
+
+impl Sent {
+    /// A response that came over HTTP/2.
+    pub(crate) fn h2(response: Response<hyper::body::Incoming>) -> Self {
+        Self {
+            response: response.map(Body::from),
+            upgraded: None,
+        }
+    }
+}
+
+// === impl Exchange ===
+
+impl Exchange {
+    /// Starts sending `req` on `io`, a new connection or one from `pool` (`reused`).
+    /// `upgrade`: the request asks to switch protocols, and a `101` makes the connection a
+    /// tunnel.
+    pub(crate) fn new(
+        io: Stream,
+        reused: bool,
+        pool: Arc<Pool>,
+        req: Request<Body>,
+        upgrade: bool,
+    ) -> Self {
+        let (parts, body) = req.into_parts();
+        let length = if http_body::Body::is_end_stream(&body) {
+            // An empty body is announced where the method is meant to carry one.
+            if matches!(parts.method, Method::POST | Method::PUT | Method::PATCH) {
+                BodyLength::Known(0)
+            } else {
+                BodyLength::None
+            }
+        } else {
+            match http_body::Body::size_hint(&body).exact() {
+                Some(n) => BodyLength::Known(n),
+                None => BodyLength::Chunked,
+            }
+        };
+        let target = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+        let host = (!parts.headers.contains_key(HOST)).then_some(&pool.host);
+        let mut head = Vec::new();
+        head::write_request(
+            &mut head,
+            &parts.method,
+            target,
+            host,
+            &parts.headers,
+            length,
+        );
+        let (encoder, body) = match length {
+            BodyLength::None | BodyLength::Known(0) => (Encoder::Length(0), None),
+            BodyLength::Known(n) => (Encoder::Length(n), Some(body)),
+            BodyLength::Chunked => (Encoder::Chunked, Some(body)),
+        };
+        let replayable = body.is_none() && parts.method.is_idempotent();
+        Self::start(
+            io,
+            reused,
+            pool,
+            head,
+            encoder,
+            body,
+            parts.method,
+            replayable,
+            upgrade,
+        )
+    }
+
+    /// Sends again, on a new connection, the head of a request that failed as [`Failed`]
+    /// says it may be.
+    pub(crate) fn replay(
+        io: Stream,
+        pool: Arc<Pool>,
+        head: Vec<u8>,
+        method: Method,
+        upgrade: bool,
+    ) -> Self {
+        // Not replayable twice: a new connection closed before answering is an answer.
+        Self::start(
+            io,
+            false,
+            pool,
+            head,
+            Encoder::Length(0),
+            None,
+            method,
+            false,
+            upgrade,
+        )
+    }
+
+    #[expect(
+        clippy::too_many_arguments,
+        reason = "one private constructor behind two"
+    )]
+    fn start(
+        io: Stream,
+        reused: bool,
+        pool: Arc<Pool>,
+        head: Vec<u8>,
+        encoder: Encoder,
+        body: Option<Body>,
+        method: Method,
+        replayable: bool,
+        upgrade: bool,
+    ) -> Self {
+        Self {
+            inner: Some(Box::new(Parts {
+                wire: Wire {
+                    io,
+                    read: BytesMut::new(),
+                    eof: false,
+                },
+                out: Outgoing {
+                    buf: WriteBuf::new(head),
+                    encoder,
+                    body,
+                    state: Sending::Writing,
+                },
+                method,
+                pool,
+                reused,
+                replayable,
+                upgrade,
+                answered: false,
+                unparsed: false,
+            })),
+        }
+    }
+}
+
+impl Future for Exchange {
+    type Output = Result<Sent, Failed>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.get_mut();
+        let Some(parts) = this.inner.as_mut() else {
+            return Poll::Ready(Err(Failed {
+                error: Error::new(ErrorKind::Internal),
+                replay: None,
+            }));
+        };
+        let result = ready!(parts.poll_head(cx));
+        let Some(parts) = this.inner.take() else {
+            unreachable!("taken only here, and checked above")
+        };
+        Poll::Ready(match result {
+            Ok(head) => parts.respond(head),
+            Err(broken) => Err(parts.fail(broken)),
+        })
+    }
+}
+
+impl fmt::Debug for Exchange {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Exchange").finish_non_exhaustive()
+    }
+}
+
+// === impl Parts ===
+
+impl Parts {
+    /// Writes the request while waiting for the response head: the upstream may answer
+    /// before it has read the whole body. Informational responses are skipped.
+    fn poll_head(&mut self, cx: &mut Context<'_>) -> Poll<Result<ResponseHead, Broken>> {
+        loop {
+            self.out.poll_send(&mut self.wire.io, cx)?;
+            // Parsed only when something new has arrived: a head is parsed once, not at
+            // every wake-up.
+            if self.unparsed {
+                self.unparsed = false;
+                match head::parse_response(&mut self.wire.read) {
+                    Err(invalid) => return Poll::Ready(Err(Broken::Head(invalid))),
+                    // 100 Continue, 103 Early Hints: not forwarded; what follows them may be
+                    // here already.
+                    Ok(Some(head))
+                        if head.status.is_informational()
+                            && head.status != StatusCode::SWITCHING_PROTOCOLS =>
+                    {
+                        self.unparsed = !self.wire.read.is_empty();
+                        continue;
+                    }
+                    Ok(Some(head)) => return Poll::Ready(Ok(head)),
+                    Ok(None) => {}
+                }
+            }
+            if self.wire.eof {
+                return Poll::Ready(Err(Broken::Closed));
+            }
+            if ready!(self.wire.poll_fill(cx, READ_START)).map_err(Broken::Io)? > 0 {
+                self.answered = true;
+                self.unparsed = true;
+            }
+        }
+    }
+
+    /// The response to hand on, once its head has arrived.
+    fn respond(self: Box<Self>, head: ResponseHead) -> Result<Sent, Failed> {
+        let mut parts = self;
+        if head.status == StatusCode::SWITCHING_PROTOCOLS {
+            if !parts.upgrade {
+                return Err(parts.fail(Broken::Unsolicited));
+            }
+            let Self { mut wire, .. } = *parts;
+            let read_ahead = wire.read.split().freeze();
+            return Ok(Sent {
+                response: response(head, Body::empty()),
+                upgraded: Some(Upgraded {
+                    io: wire.io,
+                    read_ahead,
+                }),
+            });
+        }
+        let decoder = match head.body(&parts.method) {
+            Ok(decoder) => decoder,
+            Err(invalid) => return Err(parts.fail(Broken::Head(invalid))),
+        };
+        let persistent =
+            head.meta.persistent(head.version) && !matches!(decoder, Some(Decoder::Eof));
+        let body = match decoder {
+            None | Some(Decoder::Length(0)) => {
+                parts.release(persistent);
+                Body::empty()
+            }
+            // The whole body is here: one piece of bytes, and the connection is free now.
+            Some(Decoder::Length(len)) if len <= parts.wire.read.len() as u64 => {
+                let len = usize::try_from(len).unwrap_or(usize::MAX);
+                let bytes = parts.wire.read.split_to(len).freeze();
+                parts.release(persistent);
+                Body::from(bytes)
+            }
+            Some(decoder) => {
+                let Self {
+                    wire, out, pool, ..
+                } = *parts;
+                Body::new(ResponseBody {
+                    wire: Some(wire),
+                    out,
+                    decoder,
+                    pool,
+                    persistent,
+                })
+            }
+        };
+        Ok(Sent {
+            response: response(head, body),
+            upgraded: None,
+        })
+    }
+
+    /// Returns the connection to its pool if it can carry another exchange: persistent,
+    /// the request all written, and nothing read beyond the response.
+    fn release(self: Box<Self>, persistent: bool) {
+        let Self {
+            wire, out, pool, ..
+        } = *self;
+        wire.release(&out, &pool, persistent);
+    }
+
+    fn fail(self: Box<Self>, broken: Broken) -> Failed {
+        let closed = match &broken {
+            Broken::Closed => true,
+            Broken::Io(err) => matches!(
+                err.kind(),
+                io::ErrorKind::ConnectionReset
+                    | io::ErrorKind::ConnectionAborted
+                    | io::ErrorKind::BrokenPipe
+                    | io::ErrorKind::UnexpectedEof
+            ),
+            _ => false,
+        };
+        let replay = if closed && self.reused && self.replayable && !self.answered {
+            Some(self.out.buf.into_bytes())
+        } else {
+            None
+        };
+        Failed {
+            error: broken.into_error(),
+            replay,
+        }
+    }
+}
+
+/// A response with `head` and `body`.
+fn response(head: ResponseHead, body: Body) -> Response<Body> {
+    let mut res = Response::new(body);
+    *res.status_mut() = head.status;
+    *res.version_mut() = head.version;
+    *res.headers_mut() = head.headers;
+    res
+}
+
+// === impl Wire ===
+
+impl Wire {
+    /// Reads what the socket has into the buffer, making room for `want` bytes if it is
+    /// short of room; `Ok(0)` when the upstream has closed.
+    fn poll_fill(&mut self, cx: &mut Context<'_>, want: usize) -> Poll<io::Result<usize>> {
+        if self.read.capacity() - self.read.len() < want.min(READ_START) {
+            self.read.reserve(want);
+        }
+        let n = ready!(tokio_util::io::poll_read_buf(
+            Pin::new(&mut self.io),
+            cx,
+            &mut self.read
+        ))?;
+        if n == 0 {
+            self.eof = true;
+        }
+        Poll::Ready(Ok(n))
+    }
+
+    /// Returns the connection to `pool` if it can carry another exchange; otherwise it
+    /// closes here.
+    fn release(self, out: &Outgoing, pool: &Arc<Pool>, persistent: bool) {
+        if persistent && out.state == Sending::Done && self.read.is_empty() && !self.eof {
+            pool.put(self.io);
+        }
+    }
+}
+
+// === impl Outgoing ===
+
+impl Outgoing {
+    /// Writes what it can of the request. The socket refusing more is not an error here
+    /// (the upstream may have answered and closed); the request body failing is.
+    fn poll_send(&mut self, io: &mut Stream, cx: &mut Context<'_>) -> Result<(), Broken> {
+        if self.state != Sending::Writing {
+            return Ok(());
+        }
+        loop {
+            // Take what the body has ready while the queue is short, so that small pieces
+            // leave together (a head and a small body in one `send`).
+            while self.buf.has_room() {
+                let Some(body) = self.body.as_mut() else {
+                    break;
+                };
+                let Poll::Ready(frame) = Pin::new(body).poll_frame(cx) else {
+                    break;
+                };
+                match frame {
+                    None => {
+                        self.body = None;
+                        self.buf.end(&self.encoder, None).map_err(Broken::Length)?;
+                    }
+                    Some(Err(err)) => return Err(Broken::Upload(err)),
+                    Some(Ok(frame)) => match frame.into_data() {
+                        Ok(data) => self
+                            .buf
+                            .data(&mut self.encoder, data)
+                            .map_err(Broken::Length)?,
+                        Err(frame) => {
+                            if let Ok(trailers) = frame.into_trailers() {
+                                self.body = None;
+                                self.buf
+                                    .end(&self.encoder, Some(&trailers))
+                                    .map_err(Broken::Length)?;
+                            }
+                        }
+                    },
+                }
+            }
+            if self.buf.is_empty() {
+                if self.body.is_none() {
+                    self.state = Sending::Done;
+                }
+                // Otherwise the body is not ready; it wakes the task when it is.
+                return Ok(());
+            }
+            match self.buf.poll_write(io, cx) {
+                Poll::Ready(Ok(())) => {}
+                Poll::Pending => return Ok(()),
+                Poll::Ready(Err(err)) => {
+                    tracing::debug!(error = %err, "upstream stopped reading the request");
+                    self.state = Sending::Refused;
+                    return Ok(());
+                }
+            }
+        }
+    }
+}
+
+// === impl ResponseBody ===
+
+impl ResponseBody {
+    /// The body has ended: its connection goes back to the pool if it can.
+    fn finish(&mut self) {
+        if let Some(wire) = self.wire.take() {
+            wire.release(&self.out, &self.pool, self.persistent);
+        }
+    }
+}
+
+impl http_body::Body for ResponseBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = self.get_mut();
+        loop {
+            let Some(wire) = this.wire.as_mut() else {
+                return Poll::Ready(None);
+            };
+            if let Err(broken) = this.out.poll_send(&mut wire.io, cx) {
+                this.wire = None;
+                return Poll::Ready(Some(Err(broken.into_error().into())));
+            }
+            let frame = match this.decoder.decode(&mut wire.read, wire.eof) {
+                Ok(Decoded::Data(data)) => Frame::data(data),
+                Ok(Decoded::Trailers(trailers)) => Frame::trailers(trailers),
+                Ok(Decoded::End) => {
+                    this.finish();
+                    return Poll::Ready(None);
+                }
+                Ok(Decoded::More) => {
+                    let want = this.decoder.remaining().map_or(READ_START, |left| {
+                        usize::try_from(left).map_or(READ_MAX, |left| left.clamp(1, READ_MAX))
+                    });
+                    if let Err(err) = ready!(wire.poll_fill(cx, want)) {
+                        this.wire = None;
+                        return Poll::Ready(Some(Err(Broken::Io(err).into_error().into())));
+                    }
+                    continue;
+                }
+                Err(invalid) => {
+                    this.wire = None;
+                    return Poll::Ready(Some(Err(Broken::Body(invalid).into_error().into())));
+                }
+            };
+            // NOTE: the connection is released with the last piece, not when the body is
+            // polled once more: a reader may stop at `is_end_stream`, or after trailers.
+            if this.decoder.is_done() {
+                this.finish();
+            }
+            return Poll::Ready(Some(Ok(frame)));
+        }
+    }
+    fn is_end_stream(&self) -> bool {
+        self.wire.is_none()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self.decoder {
+            Decoder::Length(left) => SizeHint::with_exact(left),
+            _ => SizeHint::default(),
+        }
+    }
+}
+
+impl fmt::Debug for ResponseBody {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ResponseBody")
+            .field("decoder", &self.decoder)
+            .finish_non_exhaustive()
+    }
+}
+
+// === impl Upgraded ===
+
+impl AsyncRead for Upgraded {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        if !this.read_ahead.is_empty() {
+            let n = this.read_ahead.len().min(buf.remaining());
+            buf.put_slice(&this.read_ahead[..n]);
+            this.read_ahead.advance(n);
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut this.io).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Upgraded {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().io).poll_write(cx, buf)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
+    }
+}
+
+impl fmt::Debug for Upgraded {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Upgraded").finish_non_exhaustive()
+    }
+}
+
+// === impl Broken ===
+
+impl Broken {
+    /// The gateway error: a failure of the client's own upload keeps its kind (a stalled
+    /// upload is the client's 408); anything else broke the exchange with the upstream
+    /// (502).
+    fn into_error(self) -> Error {
+        match self {
+            Self::Upload(err) => {
+                let kind = match Error::kind_of(&*err) {
+                    ErrorKind::Internal => ErrorKind::BadGateway,
+                    kind => kind,
+                };
+                Error::with_source(kind, err)
+            }
+            Self::Io(err) => Error::with_source(ErrorKind::BadGateway, err),
+            Self::Closed => Error::with_source(ErrorKind::BadGateway, UpstreamClosed),
+            Self::Head(err) => Error::with_source(ErrorKind::BadGateway, err),
+            Self::Body(err) => Error::with_source(ErrorKind::BadGateway, err),
+            Self::Length(err) => Error::with_source(ErrorKind::BadGateway, err),
+            Self::Unsolicited => Error::with_source(ErrorKind::BadGateway, UnsolicitedSwitch),
+        }
+    }
+}
+
+impl fmt::Display for UpstreamClosed {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("the upstream closed the connection before its response was complete")
+    }
+}
+
+impl std::error::Error for UpstreamClosed {}
+
+impl fmt::Display for UnsolicitedSwitch {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("the upstream switched protocols for a request that did not ask to")
+    }
+}
+
+impl std::error::Error for UnsolicitedSwitch {}

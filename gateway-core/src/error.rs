@@ -34,10 +34,17 @@ pub enum ErrorKind {
     RequestTimeout,
     /// The request body is over the configured limit: 413.
     PayloadTooLarge,
+    /// The request line is over the server's head size limit: 414.
+    UriTooLong,
+    /// The request head has too many fields or is over the size limit: 431.
+    HeaderFieldsTooLarge,
     /// A rate limit was hit: 429, with `Retry-After` when known.
     TooManyRequests,
     /// A bug or an unexpected failure inside the gateway: 500.
     Internal,
+    /// The request uses a protocol feature the gateway does not implement (a transfer
+    /// coding other than `chunked`): 501.
+    NotImplemented,
     /// The upstream could not be reached (refused, unreachable, TLS failure); nothing was
     /// sent, so the request is safe to retry elsewhere: 502.
     UpstreamConnect,
@@ -51,6 +58,8 @@ pub enum ErrorKind {
     Overloaded,
     /// The upstream did not answer in time: 504.
     GatewayTimeout,
+    /// The request is not HTTP/1.x (on an HTTP/1 connection): 505.
+    VersionNotSupported,
 }
 
 /// A gateway error: a kind, an optional cause for the log, and the few response details a
@@ -98,14 +107,18 @@ status_table! {
     NotFound => 404 NOT_FOUND "no route matches the request",
     RequestTimeout => 408 REQUEST_TIMEOUT "request timed out",
     PayloadTooLarge => 413 PAYLOAD_TOO_LARGE "request body too large",
+    UriTooLong => 414 URI_TOO_LONG "request line too long",
+    HeaderFieldsTooLarge => 431 REQUEST_HEADER_FIELDS_TOO_LARGE "request header fields too large",
     TooManyRequests => 429 TOO_MANY_REQUESTS "too many requests",
     Internal => 500 INTERNAL_SERVER_ERROR "internal error",
+    NotImplemented => 501 NOT_IMPLEMENTED "not implemented",
     UpstreamConnect => 502 BAD_GATEWAY "upstream unreachable",
     BadGateway => 502 BAD_GATEWAY "upstream failed",
     CircuitOpen => 503 SERVICE_UNAVAILABLE "upstream circuit open",
     NoHealthyUpstream => 503 SERVICE_UNAVAILABLE "no healthy upstream",
     Overloaded => 503 SERVICE_UNAVAILABLE "gateway overloaded",
     GatewayTimeout => 504 GATEWAY_TIMEOUT "upstream timed out",
+    VersionNotSupported => 505 HTTP_VERSION_NOT_SUPPORTED "HTTP version not supported",
 }
 
 impl fmt::Display for ErrorKind {

@@ -135,10 +135,6 @@ impl<I> Coalesce<I> {
     pub(crate) const fn new(inner: I) -> Self {
         Self { inner }
     }
-
-    pub(crate) const fn get_ref(&self) -> &I {
-        &self.inner
-    }
 }
 
 impl<I: Read> Read for Coalesce<I> {

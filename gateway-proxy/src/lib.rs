@@ -7,6 +7,7 @@
 //! - [`Server`]: HTTP/1.1 and HTTP/2 (by ALPN or the first bytes), rustls termination, timeouts,
 //!   connection limits and graceful shutdown.
 
+mod buffers;
 mod h1;
 mod io;
 pub mod proxy;

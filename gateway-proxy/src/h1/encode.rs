@@ -22,6 +22,8 @@ pub(crate) enum Encoder {
     Length(u64),
     /// The chunked transfer coding.
     Chunked,
+    /// Raw bytes until the connection closes.
+    Close,
 }
 
 /// Bytes waiting for the socket, in order: small pieces copied into one buffer, then at
@@ -64,6 +66,20 @@ impl WriteBuf {
         self.data.is_none() && self.suffix.is_empty() && self.buf.len() - self.pos < COPY_MAX
     }
 
+    /// Queues raw bytes (a message head, an interim response).
+    pub(crate) fn put(&mut self, bytes: &[u8]) {
+        self.compact();
+        self.buf.extend_from_slice(bytes);
+    }
+
+    /// The buffer to write a message head into, after what is queued. Call only when
+    /// nothing large is queued.
+    pub(crate) fn head(&mut self) -> &mut Vec<u8> {
+        debug_assert!(self.data.is_none() && self.suffix.is_empty());
+        self.compact();
+        &mut self.buf
+    }
+
     /// Everything queued from the start, written or not: the head of a bodiless request,
     /// kept to send it again.
     pub(crate) fn into_bytes(self) -> Vec<u8> {
@@ -83,6 +99,9 @@ impl WriteBuf {
         }
         self.compact();
         match encoder {
+            Encoder::Close => {
+                self.push(data);
+            }
             Encoder::Length(left) => {
                 let len = data.len() as u64;
                 if len > *left {
@@ -113,7 +132,7 @@ impl WriteBuf {
         trailers: Option<&HeaderMap>,
     ) -> Result<(), LengthMismatch> {
         match encoder {
-            Encoder::Length(0) => Ok(()),
+            Encoder::Length(0) | Encoder::Close => Ok(()),
             Encoder::Length(_) => Err(LengthMismatch(
                 "the body is shorter than its Content-Length",
             )),
@@ -121,7 +140,7 @@ impl WriteBuf {
                 self.compact();
                 self.buf.extend_from_slice(b"0\r\n");
                 if let Some(trailers) = trailers {
-                    head::write_fields(&mut self.buf, trailers);
+                    head::write_fields(&mut self.buf, trailers, false);
                 }
                 self.buf.extend_from_slice(b"\r\n");
                 Ok(())

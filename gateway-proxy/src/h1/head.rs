@@ -1,22 +1,49 @@
-//! Message heads: parsing a response head into `http` types, writing a request head.
+//! Message heads: parsing request and response heads into `http` types, and writing them.
 
 use std::fmt;
 use std::mem::MaybeUninit;
 
 use bytes::{Bytes, BytesMut};
-use http::header::{CONNECTION, CONTENT_LENGTH, HeaderName, HeaderValue, TRANSFER_ENCODING};
-use http::{HeaderMap, Method, StatusCode, Version};
+use http::header::{
+    CONNECTION, CONTENT_LENGTH, DATE, EXPECT, HeaderName, HeaderValue, TRANSFER_ENCODING,
+};
+use http::{HeaderMap, Method, StatusCode, Uri, Version};
 
 use super::decode::{Chunked, Decoder};
 
 /// The most fields a head may have.
 pub(crate) const MAX_HEADERS: usize = 100;
-/// The largest head accepted (so that offsets into it fit a `u16`).
-pub(crate) const MAX_HEAD: usize = 64 * 1024 - 1;
+/// The largest response head accepted.
+pub(crate) const MAX_RESPONSE_HEAD: usize = 64 * 1024;
 
 /// A head that is not valid HTTP/1.1, or that this implementation refuses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct InvalidHead(pub(crate) &'static str);
+
+/// Why a request head is refused, by the status it is answered with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Refused {
+    /// 400: malformed, or framed ambiguously.
+    Malformed(&'static str),
+    /// 431: too many fields, or a head over the size limit.
+    TooLarge,
+    /// 414: the request line alone is over the size limit.
+    UriTooLong,
+    /// 501: a transfer coding other than `chunked`.
+    Coding,
+    /// 505: not HTTP/1.x.
+    Version,
+}
+
+/// A parsed request head.
+#[derive(Debug)]
+pub(crate) struct RequestHead {
+    pub(crate) method: Method,
+    pub(crate) uri: Uri,
+    pub(crate) version: Version,
+    pub(crate) headers: HeaderMap,
+    pub(crate) meta: Meta,
+}
 
 /// A parsed response head.
 #[derive(Debug)]
@@ -24,7 +51,6 @@ pub(crate) struct ResponseHead {
     pub(crate) status: StatusCode,
     pub(crate) version: Version,
     pub(crate) headers: HeaderMap,
-    /// What the framing and connection fields said.
     pub(crate) meta: Meta,
 }
 
@@ -33,22 +59,93 @@ pub(crate) struct ResponseHead {
 pub(crate) struct Meta {
     /// The one `Content-Length` value (several equal values count as one).
     content_length: Option<u64>,
+    /// `Content-Length` fields that are malformed or disagree.
+    bad_length: bool,
     /// A `Transfer-Encoding` field is present.
     transfer_encoding: bool,
-    /// `Transfer-Encoding` is exactly `chunked`.
-    chunked: bool,
+    /// `Transfer-Encoding` lists `chunked` once, last.
+    chunked_last: bool,
+    /// `Transfer-Encoding` lists anything but one `chunked`.
+    other_coding: bool,
     /// `Connection: close`.
     close: bool,
     /// `Connection: keep-alive`.
     keep_alive: bool,
+    /// `Connection: upgrade`.
+    pub(crate) upgrade: bool,
+    /// `Expect: 100-continue`.
+    pub(crate) expect_continue: bool,
+    /// A `Date` field is present.
+    pub(crate) date: bool,
 }
 
 /// Where one field's name and value lie in the head they were parsed from: start and end
-/// of each. Small, because a parse clears an array of them.
+/// of each.
 #[derive(Clone, Copy)]
-struct Span([u16; 4]);
+struct Span([u32; 4]);
 
 // === parsing ===
+
+/// Parses a request head at the start of `buf` with at most `max_headers` fields (up to
+/// [`MAX_HEADERS`]) and `max_head` bytes; once it is complete, removes it from `buf` and
+/// returns it (its field values share the buffer's memory). `Ok(None)`: not complete yet.
+pub(crate) fn parse_request(
+    buf: &mut BytesMut,
+    max_headers: usize,
+    max_head: usize,
+) -> Result<Option<RequestHead>, Refused> {
+    let mut spans = [Span::EMPTY; MAX_HEADERS];
+    let max_headers = max_headers.min(MAX_HEADERS);
+    let (len, method, target, version, count) = {
+        let mut fields = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
+        let mut req = httparse::Request::new(&mut []);
+        let parsed = req.parse_with_uninit_headers(buf, &mut fields[..max_headers]);
+        let len = match parsed {
+            Ok(httparse::Status::Complete(len)) if len <= max_head => len,
+            Ok(httparse::Status::Partial) if buf.len() <= max_head => return Ok(None),
+            // Over the limit: the request line itself, or the fields.
+            Ok(_)
+                if req.version.is_none()
+                    || req.path.map_or(0, str::len) + "OPTIONS  HTTP/1.1\r\n".len() > max_head =>
+            {
+                return Err(Refused::UriTooLong);
+            }
+            Ok(_) | Err(httparse::Error::TooManyHeaders) => return Err(Refused::TooLarge),
+            Err(httparse::Error::Version) => return Err(Refused::Version),
+            Err(_) => return Err(Refused::Malformed("the request head is malformed")),
+        };
+        let method = req.method.unwrap_or_default();
+        let method = Method::from_bytes(method.as_bytes())
+            .map_err(|_| Refused::Malformed("the method is invalid"))?;
+        let version = match req.version {
+            Some(0) => Version::HTTP_10,
+            _ => Version::HTTP_11,
+        };
+        let base = buf.as_ptr() as usize;
+        let target = req
+            .path
+            .map(|p| Span::range(base, p.as_bytes()))
+            .unwrap_or_default();
+        for (span, field) in spans.iter_mut().zip(req.headers.iter()) {
+            *span = Span::of(base, field.name.as_bytes(), field.value);
+        }
+        (len, method, target, version, req.headers.len())
+    };
+    let head = buf.split_to(len).freeze();
+    let uri = Uri::from_maybe_shared(head.slice(target.0..target.1))
+        .map_err(|_| Refused::Malformed("the request target is invalid"))?;
+    // Room for the fields a proxy adds (`X-Forwarded-*`, `Forwarded`, `Via`) without
+    // growing the map.
+    let (headers, meta) = build(&head, &spans[..count], count + 5)
+        .map_err(|InvalidHead(why)| Refused::Malformed(why))?;
+    Ok(Some(RequestHead {
+        method,
+        uri,
+        version,
+        headers,
+        meta,
+    }))
+}
 
 /// Parses a response head at the start of `buf`; once it is complete, removes it from
 /// `buf` and returns it (its field values share the buffer's memory). `Ok(None)`: not
@@ -64,19 +161,14 @@ pub(crate) fn parse_response(buf: &mut BytesMut) -> Result<Option<ResponseHead>,
             &mut fields,
         );
         let len = match parsed {
-            Ok(httparse::Status::Complete(len)) => len,
-            Ok(httparse::Status::Partial) if buf.len() > MAX_HEAD => {
-                return Err(InvalidHead("the response head is too large"));
-            }
-            Ok(httparse::Status::Partial) => return Ok(None),
+            Ok(httparse::Status::Complete(len)) if len <= MAX_RESPONSE_HEAD => len,
+            Ok(httparse::Status::Partial) if buf.len() <= MAX_RESPONSE_HEAD => return Ok(None),
+            Ok(_) => return Err(InvalidHead("the response head is too large")),
             Err(httparse::Error::TooManyHeaders) => {
                 return Err(InvalidHead("the response has too many header fields"));
             }
             Err(_) => return Err(InvalidHead("the response head is malformed")),
         };
-        if len > MAX_HEAD {
-            return Err(InvalidHead("the response head is too large"));
-        }
         let status = res
             .code
             .and_then(|code| StatusCode::from_u16(code).ok())
@@ -92,7 +184,7 @@ pub(crate) fn parse_response(buf: &mut BytesMut) -> Result<Option<ResponseHead>,
         (len, status, version, res.headers.len())
     };
     let head = buf.split_to(len).freeze();
-    let (headers, meta) = build(&head, &spans[..count])?;
+    let (headers, meta) = build(&head, &spans[..count], count + 1)?;
     Ok(Some(ResponseHead {
         status,
         version,
@@ -111,33 +203,21 @@ pub(crate) fn fields(
     for (span, field) in spans.iter_mut().zip(parsed) {
         *span = Span::of(base, field.name.as_bytes(), field.value);
     }
-    build(src, &spans[..parsed.len()]).map(|(map, _)| map)
+    build(src, &spans[..parsed.len()], parsed.len()).map(|(map, _)| map)
 }
 
-/// Builds the header map of a head whose fields lie in `src` at `spans`, noting what the
-/// framing and connection fields say.
-fn build(src: &Bytes, spans: &[Span]) -> Result<(HeaderMap, Meta), InvalidHead> {
-    let mut map = HeaderMap::with_capacity(spans.len());
+/// Builds the header map (with room for `room` fields) of a head whose fields lie in `src`
+/// at `spans`, noting what the framing and connection fields say.
+fn build(src: &Bytes, spans: &[Span], room: usize) -> Result<(HeaderMap, Meta), InvalidHead> {
+    let mut map = HeaderMap::with_capacity(room);
     let mut meta = Meta::default();
     for &Span([name_start, name_end, value_start, value_end]) in spans {
-        let name = HeaderName::from_bytes(&src[usize::from(name_start)..usize::from(name_end)])
+        let name = HeaderName::from_bytes(&src[name_start as usize..name_end as usize])
             .map_err(|_| InvalidHead("a field name is invalid"))?;
-        let value = src.slice(usize::from(value_start)..usize::from(value_end));
+        let value = src.slice(value_start as usize..value_end as usize);
         let value = HeaderValue::from_maybe_shared(value)
             .map_err(|_| InvalidHead("a field value is invalid"))?;
-        if name == CONTENT_LENGTH {
-            meta.content_length(value.as_bytes())?;
-        } else if name == TRANSFER_ENCODING {
-            meta.transfer_encoding(value.as_bytes())?;
-        } else if name == CONNECTION {
-            for token in tokens(value.as_bytes()) {
-                if token.eq_ignore_ascii_case(b"close") {
-                    meta.close = true;
-                } else if token.eq_ignore_ascii_case(b"keep-alive") {
-                    meta.keep_alive = true;
-                }
-            }
-        }
+        meta.note(&name, value.as_bytes());
         map.append(name, value);
     }
     Ok((map, meta))
@@ -156,50 +236,67 @@ fn tokens(value: &[u8]) -> impl Iterator<Item = &[u8]> {
 impl Span {
     const EMPTY: Self = Self([0; 4]);
 
-    /// The span of a field parsed from the buffer that starts at `base`, within the first
-    /// [`MAX_HEAD`] bytes of it.
+    /// Where `s` lies in the buffer that starts at `base`.
+    fn range(base: usize, s: &[u8]) -> (usize, usize) {
+        let start = s.as_ptr() as usize - base;
+        (start, start + s.len())
+    }
+
+    /// The span of a field parsed from the buffer that starts at `base`.
     fn of(base: usize, name: &[u8], value: &[u8]) -> Self {
-        // NOTE: callers check the head's length first, so every offset fits.
-        let at = |s: &[u8]| u16::try_from(s.as_ptr() as usize - base).unwrap_or(u16::MAX);
-        let (name_start, value_start) = (at(name), at(value));
-        Self([
-            name_start,
-            name_start.saturating_add(u16::try_from(name.len()).unwrap_or(u16::MAX)),
-            value_start,
-            value_start.saturating_add(u16::try_from(value.len()).unwrap_or(u16::MAX)),
-        ])
+        // NOTE: heads are limited far below 4 GiB, so every offset fits.
+        let at = |s: &[u8]| {
+            let (start, end) = Self::range(base, s);
+            (
+                u32::try_from(start).unwrap_or(u32::MAX),
+                u32::try_from(end).unwrap_or(u32::MAX),
+            )
+        };
+        let ((name_start, name_end), (value_start, value_end)) = (at(name), at(value));
+        Self([name_start, name_end, value_start, value_end])
     }
 }
 
 // === impl Meta ===
 
 impl Meta {
-    fn content_length(&mut self, value: &[u8]) -> Result<(), InvalidHead> {
-        // Several fields, or a list, are accepted only when every value is the same
-        // (RFC 9110 §8.6).
-        for token in value.split(|&b| b == b',').map(<[u8]>::trim_ascii) {
-            let n = parse_length(token).ok_or(InvalidHead("the Content-Length is invalid"))?;
-            match self.content_length {
-                Some(seen) if seen != n => {
-                    return Err(InvalidHead("the Content-Length values differ"));
+    /// Notes what a field says about framing and the connection.
+    fn note(&mut self, name: &HeaderName, value: &[u8]) {
+        if name == CONTENT_LENGTH {
+            // Several fields, or a list, are accepted only when every value is the same
+            // (RFC 9110 §8.6).
+            for token in value.split(|&b| b == b',').map(<[u8]>::trim_ascii) {
+                match parse_length(token) {
+                    Some(n) if self.content_length.is_none_or(|seen| seen == n) => {
+                        self.content_length = Some(n);
+                    }
+                    _ => self.bad_length = true,
                 }
-                _ => self.content_length = Some(n),
             }
-        }
-        Ok(())
-    }
-
-    fn transfer_encoding(&mut self, value: &[u8]) -> Result<(), InvalidHead> {
-        for token in value.split(|&b| b == b',').map(<[u8]>::trim_ascii) {
-            // Only `chunked`, once: a proxy that removes the field must undo every coding
-            // it lists, and no other transfer coding is in use.
-            if !token.eq_ignore_ascii_case(b"chunked") || self.chunked {
-                return Err(InvalidHead("the Transfer-Encoding is not plain chunked"));
+        } else if name == TRANSFER_ENCODING {
+            self.transfer_encoding = true;
+            for token in value.split(|&b| b == b',').map(<[u8]>::trim_ascii) {
+                let chunked = token.eq_ignore_ascii_case(b"chunked");
+                // Only `chunked`, once: a proxy that removes the field must undo every
+                // coding it lists, and no other transfer coding is in use.
+                self.other_coding |= !chunked || self.chunked_last;
+                self.chunked_last = chunked;
             }
-            self.chunked = true;
+        } else if name == CONNECTION {
+            for token in tokens(value) {
+                if token.eq_ignore_ascii_case(b"close") {
+                    self.close = true;
+                } else if token.eq_ignore_ascii_case(b"keep-alive") {
+                    self.keep_alive = true;
+                } else if token.eq_ignore_ascii_case(b"upgrade") {
+                    self.upgrade = true;
+                }
+            }
+        } else if name == EXPECT {
+            self.expect_continue |= value.eq_ignore_ascii_case(b"100-continue");
+        } else if name == DATE {
+            self.date = true;
         }
-        self.transfer_encoding = true;
-        Ok(())
     }
 
     /// Whether the connection may carry another exchange after this message, as far as
@@ -228,6 +325,43 @@ fn parse_length(value: &[u8]) -> Option<u64> {
 
 // === framing ===
 
+impl RequestHead {
+    /// How the body of this request is delimited; `Ok(None)` when it has none (RFC 9112
+    /// §6.3). Framing that could be read two ways is refused, never guessed at: that is
+    /// what request smuggling feeds on.
+    pub(crate) fn body(&self) -> Result<Option<Decoder>, Refused> {
+        let meta = &self.meta;
+        if meta.bad_length {
+            return Err(Refused::Malformed("the Content-Length is invalid"));
+        }
+        if meta.transfer_encoding {
+            if self.version == Version::HTTP_10 {
+                return Err(Refused::Malformed(
+                    "an HTTP/1.0 request has a Transfer-Encoding",
+                ));
+            }
+            if meta.content_length.is_some() {
+                return Err(Refused::Malformed(
+                    "a request has both Content-Length and Transfer-Encoding",
+                ));
+            }
+            if !meta.chunked_last {
+                return Err(Refused::Malformed(
+                    "the Transfer-Encoding does not end in chunked",
+                ));
+            }
+            if meta.other_coding {
+                return Err(Refused::Coding);
+            }
+            return Ok(Some(Decoder::Chunked(Chunked::Size)));
+        }
+        Ok(match meta.content_length {
+            None | Some(0) => None,
+            Some(len) => Some(Decoder::Length(len)),
+        })
+    }
+}
+
 impl ResponseHead {
     /// How the body of this response is delimited, given the request's method; `Ok(None)`
     /// when it has none (RFC 9112 §6.3).
@@ -241,6 +375,11 @@ impl ResponseHead {
         {
             return Ok(None);
         }
+        if meta.bad_length {
+            return Err(InvalidHead(
+                "the Content-Length is invalid or the values differ",
+            ));
+        }
         if meta.transfer_encoding {
             if self.version == Version::HTTP_10 {
                 return Err(InvalidHead("an HTTP/1.0 response has a Transfer-Encoding"));
@@ -250,6 +389,9 @@ impl ResponseHead {
                 return Err(InvalidHead(
                     "a response has both Content-Length and Transfer-Encoding",
                 ));
+            }
+            if meta.other_coding || !meta.chunked_last {
+                return Err(InvalidHead("the Transfer-Encoding is not plain chunked"));
             }
             return Ok(Some(Decoder::Chunked(Chunked::Size)));
         }
@@ -262,7 +404,7 @@ impl ResponseHead {
 
 // === writing ===
 
-/// How a request body goes on the wire.
+/// How a message body goes on the wire.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum BodyLength {
     /// No body and no framing field.
@@ -271,6 +413,9 @@ pub(crate) enum BodyLength {
     Known(u64),
     /// `Transfer-Encoding: chunked`.
     Chunked,
+    /// No framing field: the body ends when the connection closes (responses to HTTP/1.0
+    /// clients of unknown length).
+    Close,
 }
 
 /// Writes a request head for `target` (origin-form), with `host` as its first field when
@@ -293,9 +438,59 @@ pub(crate) fn write_request(
         out.extend_from_slice(host.as_bytes());
         out.extend_from_slice(b"\r\n");
     }
-    write_fields(out, headers);
+    write_fields(out, headers, false);
+    write_length(out, length);
+    out.extend_from_slice(b"\r\n");
+}
+
+/// The connection-control field a response carries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Persist {
+    /// None: HTTP/1.1 keep-alive is the default.
+    Default,
+    /// `Connection: keep-alive` (to an HTTP/1.0 client that asked for it).
+    KeepAlive,
+    /// `Connection: close`.
+    Close,
+}
+
+/// Writes a response head. Framing fields in `headers` are skipped, but for a
+/// `Content-Length` kept as given (`keep_length`: responses to `HEAD` and `304`s describe a
+/// body that is not sent); `length` decides the rest. `date` is added unless `headers`
+/// has one.
+pub(crate) fn write_response(
+    out: &mut Vec<u8>,
+    status: StatusCode,
+    headers: &HeaderMap,
+    keep_length: bool,
+    length: BodyLength,
+    persist: Persist,
+    date: Option<&[u8]>,
+) {
+    out.reserve(128 + headers.len() * 32);
+    out.extend_from_slice(b"HTTP/1.1 ");
+    out.extend_from_slice(status.as_str().as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(status.canonical_reason().unwrap_or("").as_bytes());
+    out.extend_from_slice(b"\r\n");
+    write_fields(out, headers, keep_length);
+    if let Some(date) = date {
+        out.extend_from_slice(b"date: ");
+        out.extend_from_slice(date);
+        out.extend_from_slice(b"\r\n");
+    }
+    write_length(out, length);
+    match persist {
+        Persist::Default => {}
+        Persist::KeepAlive => out.extend_from_slice(b"connection: keep-alive\r\n"),
+        Persist::Close => out.extend_from_slice(b"connection: close\r\n"),
+    }
+    out.extend_from_slice(b"\r\n");
+}
+
+fn write_length(out: &mut Vec<u8>, length: BodyLength) {
     match length {
-        BodyLength::None => {}
+        BodyLength::None | BodyLength::Close => {}
         BodyLength::Known(n) => {
             out.extend_from_slice(b"content-length: ");
             out.extend_from_slice(itoa::Buffer::new().format(n).as_bytes());
@@ -303,13 +498,13 @@ pub(crate) fn write_request(
         }
         BodyLength::Chunked => out.extend_from_slice(b"transfer-encoding: chunked\r\n"),
     }
-    out.extend_from_slice(b"\r\n");
 }
 
-/// Writes header fields (or trailer fields), skipping the framing ones.
-pub(crate) fn write_fields(out: &mut Vec<u8>, headers: &HeaderMap) {
+/// Writes header fields (or trailer fields), skipping the framing ones (but for
+/// `Content-Length`, if `keep_length`).
+pub(crate) fn write_fields(out: &mut Vec<u8>, headers: &HeaderMap, keep_length: bool) {
     for (name, value) in headers {
-        if name == CONTENT_LENGTH || name == TRANSFER_ENCODING {
+        if (name == CONTENT_LENGTH && !keep_length) || name == TRANSFER_ENCODING {
             continue;
         }
         out.extend_from_slice(name.as_str().as_bytes());
@@ -329,142 +524,19 @@ impl fmt::Display for InvalidHead {
 
 impl std::error::Error for InvalidHead {}
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn parse(raw: &str) -> Result<Option<ResponseHead>, InvalidHead> {
-        parse_response(&mut BytesMut::from(raw.as_bytes()))
-    }
-
-    fn body(raw: &str, method: Method) -> Result<Option<Decoder>, InvalidHead> {
-        parse(raw)
-            .map(|head| head.expect("a complete head"))
-            .and_then(|h| h.body(&method))
-    }
-
-    #[test]
-    fn a_response_head_is_parsed_and_taken_off_the_buffer() {
-        let mut buf = BytesMut::from(
-            &b"HTTP/1.1 201 Created\r\nX-A: 1\r\nx-a: 2\r\nContent-Length: 3\r\n\r\nabc"[..],
-        );
-        let head = parse_response(&mut buf).unwrap().unwrap();
-        assert_eq!(head.status, StatusCode::CREATED);
-        assert_eq!(head.version, Version::HTTP_11);
-        let values: Vec<_> = head.headers.get_all("x-a").iter().collect();
-        assert_eq!(values, ["1", "2"]);
-        assert_eq!(&buf[..], b"abc");
-        assert!(matches!(
-            head.body(&Method::GET),
-            Ok(Some(Decoder::Length(3)))
-        ));
-        assert!(head.meta.persistent(head.version));
-    }
-
-    #[test]
-    fn a_partial_head_waits_and_an_oversized_one_is_refused() {
-        assert!(parse("HTTP/1.1 200 OK\r\nx: y\r\n").unwrap().is_none());
-        let mut big = String::from("HTTP/1.1 200 OK\r\nx: ");
-        big.push_str(&"a".repeat(MAX_HEAD));
-        assert!(parse(&big).is_err());
-        let mut many = String::from("HTTP/1.1 200 OK\r\n");
-        for i in 0..=MAX_HEADERS {
-            many.push_str(&format!("x-{i}: 1\r\n"));
+impl fmt::Display for Refused {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Malformed(why) => f.write_str(why),
+            Self::TooLarge => f.write_str("the request head is too large"),
+            Self::UriTooLong => f.write_str("the request line is too long"),
+            Self::Coding => f.write_str("a transfer coding other than chunked"),
+            Self::Version => f.write_str("not an HTTP/1.x request"),
         }
-        many.push_str("\r\n");
-        assert_eq!(
-            parse(&many).unwrap_err(),
-            InvalidHead("the response has too many header fields")
-        );
-    }
-
-    #[test]
-    fn framing_follows_rfc_9112() {
-        let chunked = "HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n";
-        assert!(matches!(
-            body(chunked, Method::GET),
-            Ok(Some(Decoder::Chunked(_)))
-        ));
-        assert!(matches!(body(chunked, Method::HEAD), Ok(None)));
-        let plain = "HTTP/1.1 200 OK\r\n\r\n";
-        assert!(matches!(body(plain, Method::GET), Ok(Some(Decoder::Eof))));
-        for status in ["204 No Content", "304 Not Modified", "100 Continue"] {
-            let raw = format!("HTTP/1.1 {status}\r\ncontent-length: 10\r\n\r\n");
-            assert!(matches!(body(&raw, Method::GET), Ok(None)), "{status}");
-        }
-        let same = "HTTP/1.1 200 OK\r\ncontent-length: 5\r\ncontent-length: 5, 5\r\n\r\n";
-        assert!(matches!(
-            body(same, Method::GET),
-            Ok(Some(Decoder::Length(5)))
-        ));
-    }
-
-    #[test]
-    fn ambiguous_framing_is_refused() {
-        for raw in [
-            "HTTP/1.1 200 OK\r\ncontent-length: 5\r\ntransfer-encoding: chunked\r\n\r\n",
-            "HTTP/1.1 200 OK\r\ncontent-length: 5\r\ncontent-length: 6\r\n\r\n",
-            "HTTP/1.1 200 OK\r\ncontent-length: +5\r\n\r\n",
-            "HTTP/1.1 200 OK\r\ncontent-length: 99999999999999999999\r\n\r\n",
-            "HTTP/1.1 200 OK\r\ntransfer-encoding: gzip, chunked\r\n\r\n",
-            "HTTP/1.1 200 OK\r\ntransfer-encoding: chunked, chunked\r\n\r\n",
-            "HTTP/1.0 200 OK\r\ntransfer-encoding: chunked\r\n\r\n",
-        ] {
-            assert!(body(raw, Method::GET).is_err(), "{raw}");
-        }
-    }
-
-    #[test]
-    fn persistence_follows_the_version_and_connection() {
-        let head = |raw: &str| parse(raw).unwrap().unwrap();
-        let h = head("HTTP/1.1 200 OK\r\nconnection: keep-alive, Close\r\n\r\n");
-        assert!(!h.meta.persistent(h.version));
-        let h = head("HTTP/1.0 200 OK\r\n\r\n");
-        assert!(!h.meta.persistent(h.version));
-        let h = head("HTTP/1.0 200 OK\r\nConnection: Keep-Alive\r\n\r\n");
-        assert!(h.meta.persistent(h.version));
-    }
-
-    #[test]
-    fn obs_fold_and_bad_fields_are_refused() {
-        assert!(parse("HTTP/1.1 200 OK\r\nx: a\r\n b\r\n\r\n").is_err());
-        assert!(parse("HTTP/1.1 200 OK\r\nx y: a\r\n\r\n").is_err());
-        assert!(parse("HTTP/1.1 2000 OK\r\n\r\n").is_err());
-    }
-
-    #[test]
-    fn a_request_head_carries_its_framing_and_never_the_callers() {
-        let mut headers = HeaderMap::new();
-        headers.insert("host", HeaderValue::from_static("up:80"));
-        headers.insert("content-length", HeaderValue::from_static("999"));
-        headers.insert("transfer-encoding", HeaderValue::from_static("gzip"));
-        let mut out = Vec::new();
-        write_request(
-            &mut out,
-            &Method::POST,
-            "/a?b",
-            None,
-            &headers,
-            BodyLength::Known(3),
-        );
-        assert_eq!(
-            String::from_utf8(out).unwrap(),
-            "POST /a?b HTTP/1.1\r\nhost: up:80\r\ncontent-length: 3\r\n\r\n"
-        );
-        let mut out = Vec::new();
-        headers.remove("host");
-        let host = HeaderValue::from_static("up:81");
-        write_request(
-            &mut out,
-            &Method::PUT,
-            "/",
-            Some(&host),
-            &headers,
-            BodyLength::Chunked,
-        );
-        assert_eq!(
-            String::from_utf8(out).unwrap(),
-            "PUT / HTTP/1.1\r\nhost: up:81\r\ntransfer-encoding: chunked\r\n\r\n"
-        );
     }
 }
+
+impl std::error::Error for Refused {}
+
+#[cfg(test)]
+mod tests;

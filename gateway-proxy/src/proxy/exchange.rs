@@ -25,13 +25,14 @@ use http_body::{Body as _, Frame, SizeHint};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use super::pool::Pool;
+use crate::buffers;
 use crate::h1::decode::{Decoded, Decoder, InvalidBody};
 use crate::h1::encode::{Encoder, LengthMismatch, WriteBuf};
 use crate::h1::head::{self, BodyLength, InvalidHead, ResponseHead};
 use crate::io::Stream;
 
-/// A read buffer starts with this much room (a response head and a small body).
-const READ_START: usize = 8 * 1024;
+/// A read buffer has this much room (a response head and a small body).
+const READ_START: usize = buffers::SIZE;
 /// A body read makes room for at most this much at a time.
 const READ_MAX: usize = 64 * 1024;
 
@@ -195,7 +196,9 @@ impl Exchange {
             length,
         );
         let (encoder, body) = match length {
-            BodyLength::None | BodyLength::Known(0) => (Encoder::Length(0), None),
+            BodyLength::None | BodyLength::Close | BodyLength::Known(0) => {
+                (Encoder::Length(0), None)
+            }
             BodyLength::Known(n) => (Encoder::Length(n), Some(body)),
             BodyLength::Chunked => (Encoder::Chunked, Some(body)),
         };
@@ -443,6 +446,9 @@ impl Wire {
     /// Reads what the socket has into the buffer, making room for `want` bytes if it is
     /// short of room; `Ok(0)` when the upstream has closed.
     fn poll_fill(&mut self, cx: &mut Context<'_>, want: usize) -> Poll<io::Result<usize>> {
+        if self.read.capacity() == 0 {
+            self.read = buffers::take();
+        }
         if self.read.capacity() - self.read.len() < want.min(READ_START) {
             self.read.reserve(want);
         }
@@ -460,9 +466,11 @@ impl Wire {
     /// Returns the connection to `pool` if it can carry another exchange; otherwise it
     /// closes here.
     fn release(self, out: &Outgoing, pool: &Arc<Pool>, persistent: bool) {
-        if persistent && out.state == Sending::Done && self.read.is_empty() && !self.eof {
-            pool.put(self.io);
+        let Self { io, read, eof } = self;
+        if persistent && out.state == Sending::Done && read.is_empty() && !eof {
+            pool.put(io);
         }
+        buffers::give(read);
     }
 }
 

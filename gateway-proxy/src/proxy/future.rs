@@ -8,8 +8,6 @@ use gateway_core::classify::{self, Class};
 use gateway_core::{Body, BoxError, Drain, Error, ErrorKind};
 use http::header::{CONNECTION, HeaderValue, UPGRADE, VIA};
 use http::{Response, StatusCode};
-use hyper::upgrade::OnUpgrade;
-use hyper_util::rt::TokioIo;
 use pin_project_lite::pin_project;
 use tokio::time::Sleep;
 
@@ -17,6 +15,7 @@ use super::client::{SendFuture, Sent};
 use super::exchange::Upgraded;
 use super::headers;
 use super::service::Shared;
+use crate::server::OnUpgrade;
 use crate::upstream::Selected;
 
 pin_project! {
@@ -160,14 +159,13 @@ fn respond(
 
 /// Copies bytes both ways between the client's upgraded connection and the upstream's.
 async fn tunnel(client: OnUpgrade, mut upstream: Upgraded) {
-    let client = match client.await {
+    let mut client = match client.await {
         Ok(client) => client,
         Err(err) => {
             tracing::debug!(error = %err, "upgrade failed");
             return;
         }
     };
-    let mut client = TokioIo::new(client);
     match tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
         Ok((up, down)) => tracing::trace!(up, down, "tunnel closed"),
         Err(err) => tracing::debug!(error = %err, "tunnel failed"),

@@ -13,6 +13,7 @@ use tower::Service;
 use super::client::{HttpClient, InvalidClient};
 use super::future::ResponseFuture;
 use super::headers::{self, X_FORWARDED_HOST, X_FORWARDED_PROTO};
+use crate::server::OnUpgrade;
 use crate::upstream::{InvalidEndpoint, Upstream};
 
 /// Forwards requests to an [`Upstream`]; see the [module docs](super).
@@ -144,7 +145,7 @@ where
         };
         // The server's drain tracks the tunnel an upgrade becomes.
         let on_upgrade = upgrade.as_ref().and_then(|_| {
-            let on_upgrade = head.extensions.remove::<hyper::upgrade::OnUpgrade>()?;
+            let on_upgrade = head.extensions.remove::<OnUpgrade>()?;
             Some((
                 on_upgrade,
                 head.extensions.get::<gateway_core::Drain>().cloned(),

@@ -1,20 +1,20 @@
-//! One accepted connection: TLS, the hyper connection, idle tracking, releasing idle
-//! HTTP/1.1 connections, and graceful close.
+//! One accepted connection: TLS, the protocol, idle tracking and graceful close.
 
+use std::fmt;
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU8, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
 use bytes::Bytes;
-use gateway_core::{BoxError, ConnectInfo, Drain};
+use gateway_core::{Body, BoxError, ConnectInfo, Drain};
 use http::{Request, Response};
 use hyper::body::Incoming;
-use hyper::server::conn::{http1, http2};
+use hyper::server::conn::http2;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use pin_project_lite::pin_project;
 use tokio::net::TcpStream;
@@ -25,35 +25,27 @@ use tower::Service;
 use tower::ServiceExt;
 use tower::util::Oneshot;
 
-use super::park::{self, ParkIo};
+use super::h1::{self, Limits, Transport};
 use crate::io::Coalesce;
 
 /// What every connection task shares.
 pub(super) struct Shared {
-    pub(super) http1: http1::Builder,
     pub(super) http2: http2::Builder<TokioExecutor>,
+    pub(super) limits: Limits,
     pub(super) header_read_timeout: Duration,
     pub(super) keep_alive_timeout: Duration,
-    pub(super) release_idle_after: Option<Duration>,
-    /// Above this many open connections, idle ones are released as soon as they are idle.
-    pub(super) release_idle_above: usize,
-    /// One permit per open connection, out of `max_connections`.
+    /// One permit per open connection.
     pub(super) permits: Arc<Semaphore>,
-    pub(super) max_connections: usize,
     pub(super) tls: Option<TlsAcceptor>,
     pub(super) drain: Drain,
     pub(super) local: SocketAddr,
 }
 
-/// Requests in flight, the last time the connection went idle, and what its hyper
-/// connection was last seen doing.
+/// Requests in flight, and the last time the connection went idle.
 pub(super) struct Activity {
     started: Instant,
     in_flight: AtomicUsize,
     idle_since_ms: AtomicU64,
-    /// `Activity::*` bits: set and read by the connection's own task (the socket adapter,
-    /// the service), hence relaxed.
-    io: AtomicU8,
 }
 
 pub(super) async fn serve<S, B>(
@@ -63,7 +55,7 @@ pub(super) async fn serve<S, B>(
     shared: Arc<Shared>,
     graceful: watch::Receiver<bool>,
 ) where
-    S: Service<Request<Incoming>, Response = Response<B>> + Clone + Send + 'static,
+    S: Service<Request<Body>, Response = Response<B>> + Clone + Send + 'static,
     S::Future: Send + 'static,
     S::Error: Into<BoxError>,
     B: http_body::Body<Data = Bytes> + Send + 'static,
@@ -92,9 +84,18 @@ pub(super) async fn serve<S, B>(
                     return;
                 }
             };
-            let h2 = stream.get_ref().1.alpn_protocol() == Some(b"h2");
-            let io = Coalesce::new(TokioIo::new(stream));
-            run(io, h2, info, service, &shared, graceful).await;
+            if stream.get_ref().1.alpn_protocol() == Some(b"h2") {
+                run_h2(
+                    Coalesce::new(TokioIo::new(stream)),
+                    info,
+                    service,
+                    &shared,
+                    graceful,
+                )
+                .await;
+            } else {
+                run_h1(stream, info, service, &shared, graceful).await;
+            }
         })
         .await;
         return;
@@ -110,9 +111,9 @@ pub(super) async fn serve<S, B>(
     };
     if h2 {
         let io = Coalesce::new(TokioIo::new(stream));
-        run(io, true, info, service, &shared, graceful).await;
+        Box::pin(run_h2(io, info, service, &shared, graceful)).await;
     } else {
-        run_http1(stream, info, service, &shared, graceful).await;
+        run_h1(stream, info, service, &shared, graceful).await;
     }
 }
 
@@ -148,22 +149,59 @@ fn activity() -> Arc<Activity> {
         started: Instant::now(),
         in_flight: AtomicUsize::new(0),
         idle_since_ms: AtomicU64::new(0),
-        io: AtomicU8::new(0),
     })
 }
 
-/// HTTP/2 (either transport) and HTTP/1.1 over TLS: one hyper connection for the
-/// connection's lifetime.
-async fn run<I, S, B>(
+/// HTTP/1.1, on the gateway's own connection (see `h1`): the next request head must be
+/// complete within the header-read timeout of the connection opening or going idle.
+async fn run_h1<I, S, B>(
     io: I,
-    h2: bool,
+    info: ConnectInfo,
+    service: S,
+    shared: &Shared,
+    mut graceful: watch::Receiver<bool>,
+) where
+    I: Transport,
+    S: Service<Request<Body>, Response = Response<B>> + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<BoxError>,
+    B: http_body::Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
+{
+    let activity = activity();
+    let idle = Idle {
+        limit: shared.keep_alive_timeout.min(shared.header_read_timeout),
+        hard: true,
+    };
+    let scope = Scope {
+        activity: &activity,
+        info,
+        idle,
+    };
+    let mut timer = std::pin::pin!(tokio::time::sleep(idle.limit));
+    let conn = h1::Conn::new(
+        io,
+        service,
+        shared.limits,
+        info,
+        shared.drain.clone(),
+        Arc::clone(&activity),
+    );
+    let mut conn = std::pin::pin!(conn);
+    drive(&mut conn, scope, &mut graceful, timer.as_mut()).await;
+}
+
+/// HTTP/2 (either transport): hyper's connection, with the requests' bodies passed on as
+/// [`Body`].
+async fn run_h2<I, S, B>(
+    io: I,
     info: ConnectInfo,
     service: S,
     shared: &Shared,
     mut graceful: watch::Receiver<bool>,
 ) where
     I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
-    S: Service<Request<Incoming>, Response = Response<B>> + Clone + Send + 'static,
+    S: Service<Request<Body>, Response = Response<B>> + Clone + Send + 'static,
     S::Future: Send + 'static,
     S::Error: Into<BoxError>,
     B: http_body::Body<Data = Bytes> + Send + 'static,
@@ -171,127 +209,25 @@ async fn run<I, S, B>(
 {
     let activity = activity();
     let svc = ConnService::new(service, info, shared, &activity);
-    let idle = if h2 {
-        Idle {
-            limit: shared.keep_alive_timeout,
-            hard: false,
-            release_after: None,
-        }
-    } else {
-        // A TLS session keeps its own buffers whatever hyper does, so the connection is
-        // not released when idle (see `run_http1`).
-        shared.http1_idle(None)
+    let idle = Idle {
+        limit: shared.keep_alive_timeout,
+        hard: false,
     };
     let scope = Scope {
-        shared,
         activity: &activity,
         info,
         idle,
     };
-    let mut timer = std::pin::pin!(tokio::time::sleep(idle.period()));
-    if h2 {
-        // Boxed: HTTP/2 connections are few and their state is large; keeping it out of
-        // line keeps every HTTP/1.1 connection task small.
-        let mut conn = Box::pin(shared.http2.serve_connection(io, svc));
-        drive(&mut conn, scope, &mut graceful, timer.as_mut()).await;
-    } else {
-        let conn = shared.http1.serve_connection(io, svc).with_upgrades();
-        let mut conn = std::pin::pin!(conn);
-        drive(&mut conn, scope, &mut graceful, timer.as_mut()).await;
-    }
+    let mut timer = std::pin::pin!(tokio::time::sleep(idle.limit));
+    // Boxed: HTTP/2 connections are few and their state is large.
+    let mut conn = Box::pin(shared.http2.serve_connection(io, svc));
+    drive(&mut conn, scope, &mut graceful, timer.as_mut()).await;
 }
 
-/// Plain HTTP/1.1. Once the connection has had no request in flight for the release
-/// delay (at once while the server is crowded), its hyper connection (read and write
-/// buffers, parser state: about 17 KiB) is taken apart and the task waits for the next
-/// request with nothing but the socket, as nginx and HAProxy do with idle keep-alive
-/// connections; the next request gets a new hyper connection on the same socket.
-async fn run_http1<S, B>(
-    stream: TcpStream,
-    info: ConnectInfo,
-    service: S,
-    shared: &Shared,
-    mut graceful: watch::Receiver<bool>,
-) where
-    S: Service<Request<Incoming>, Response = Response<B>> + Clone + Send + 'static,
-    S::Future: Send + 'static,
-    S::Error: Into<BoxError>,
-    B: http_body::Body<Data = Bytes> + Send + 'static,
-    B::Error: Into<BoxError>,
-{
-    let activity = activity();
-    let idle = shared.http1_idle(shared.release_idle_after);
-    let mut timer = std::pin::pin!(tokio::time::sleep(idle.period()));
-    let mut io = ParkIo::new(TokioIo::new(stream), Arc::clone(&activity));
-    let mut svc = ConnService::new(service, info, shared, &activity);
-    let scope = Scope {
-        shared,
-        activity: &activity,
-        info,
-        idle,
-    };
-    loop {
-        // Boxed: the task waits for the next request with only the socket, so it should
-        // not keep room for a hyper connection (about 800 bytes) while it does.
-        let mut conn = Box::new(shared.http1.serve_connection(io, svc).with_upgrades());
-        let driven = drive(&mut *conn, scope, &mut graceful, timer.as_mut());
-        if let Driven::Done = driven.await {
-            return;
-        }
-        // NOTE: moved out in a block of its own, so the box is freed here and not at the
-        // end of the iteration, after the wait.
-        let conn = {
-            let boxed = conn;
-            *boxed
-        };
-        let Some(parts) = conn.into_parts() else {
-            // Upgraded: only a finished connection is, and it never parks.
-            return;
-        };
-        (io, svc) = (parts.io, parts.service);
-        // NOTE: even empty, `read_buf` may share hyper's whole read buffer; it must not
-        // live on into the wait below.
-        let read_ahead = parts.read_buf;
-        if !read_ahead.is_empty() {
-            // The start of the next request head: hand it to the next connection.
-            io.rewind(read_ahead);
-            activity.flag(Activity::HELD, true);
-            continue;
-        }
-        drop(read_ahead);
-        #[cfg(test)]
-        park::RELEASED.with(|n| n.set(n.get() + 1));
-        tracing::trace!(peer = %info.peer, "idle connection released its buffers");
-        // Released only with no request in flight, so it is idle; the next head is due
-        // within the limit of its going idle.
-        let deadline = activity.idle_since().unwrap_or_else(Instant::now) + idle.limit;
-        if !park::wait(io.socket(), deadline, &mut graceful, timer.as_mut()).await {
-            return;
-        }
-        // The next request is arriving: look again a period from now, or at the
-        // deadline for its head, whichever comes first.
-        timer
-            .as_mut()
-            .reset(deadline.min(Instant::now() + idle.period()));
-    }
-}
-
-/// A hyper connection of either protocol.
-trait Connection: Future<Output = Result<(), hyper::Error>> {
+/// A connection of either protocol.
+pub(super) trait Connection: Future {
+    /// Finishes what is in flight, takes nothing new, then closes.
     fn graceful_shutdown(self: Pin<&mut Self>);
-}
-
-impl<I, S, B> Connection for http1::UpgradeableConnection<I, S>
-where
-    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
-    S: hyper::service::HttpService<Incoming, ResBody = B>,
-    S::Error: Into<BoxError>,
-    B: http_body::Body + 'static,
-    B::Error: Into<BoxError>,
-{
-    fn graceful_shutdown(self: Pin<&mut Self>) {
-        Self::graceful_shutdown(self);
-    }
 }
 
 impl<I, S, B> Connection for http2::Connection<I, S, TokioExecutor>
@@ -327,41 +263,28 @@ struct Idle {
     /// Drop the connection (HTTP/1.1: nothing to say; a partial head is abandoned) rather
     /// than shut it down gracefully (HTTP/2: `GOAWAY`).
     hard: bool,
-    /// Release the hyper connection after this long without a request in flight.
-    release_after: Option<Duration>,
 }
 
 /// What [`drive`] looks at besides the connection.
 #[derive(Clone, Copy)]
 struct Scope<'a> {
-    shared: &'a Shared,
     activity: &'a Activity,
     info: ConnectInfo,
     idle: Idle,
 }
 
-/// How [`drive`] ended.
-enum Driven {
-    /// The connection is finished.
-    Done,
-    /// The connection has been idle for the release delay and may be taken apart.
-    Release,
-}
-
 /// Runs `conn` until it ends, closing it once it has gone without a request in flight
-/// for the idle limit, or gracefully when the server drains; or until it has been idle
-/// long enough to be released.
-async fn drive<C>(
+/// for the idle limit, or gracefully when the server drains.
+async fn drive<C, E>(
     conn: &mut C,
     scope: Scope<'_>,
     graceful: &mut watch::Receiver<bool>,
     mut timer: Pin<&mut tokio::time::Sleep>,
-) -> Driven
-where
-    C: Connection + Unpin,
+) where
+    C: Connection<Output = Result<(), E>> + Unpin,
+    E: fmt::Display,
 {
     let Scope {
-        shared,
         activity,
         info,
         idle,
@@ -369,20 +292,12 @@ where
     // One timer per connection, moved only when it fires: nothing per request.
     let mut closing = false;
     loop {
-        let until = Until {
-            conn: &mut *conn,
-            activity,
-            eager: (idle.release_after.is_some() && !closing).then_some((idle, shared)),
-        };
         tokio::select! {
-            res = until => {
-                let Some(res) = res else {
-                    return Driven::Release;
-                };
+            res = &mut *conn => {
                 if let Err(err) = res {
                     tracing::debug!(peer = %info.peer, error = %err, "connection ended with an error");
                 }
-                return Driven::Done;
+                return;
             }
             _ = graceful.wait_for(|draining| *draining), if !closing => {
                 Pin::new(&mut *conn).graceful_shutdown();
@@ -392,105 +307,21 @@ where
                 let now = Instant::now();
                 let Some(since) = activity.idle_since() else {
                     // A request is in flight: look again a period later.
-                    timer.as_mut().reset(idle.next_check(None, now));
+                    timer.as_mut().reset(now + idle.limit);
                     continue;
                 };
                 if since + idle.limit <= now {
                     if idle.hard {
                         tracing::debug!(peer = %info.peer, "no request head within the idle limit; closing");
-                        return Driven::Done;
+                        return;
                     }
                     tracing::trace!(peer = %info.peer, "closing idle keep-alive connection");
                     Pin::new(&mut *conn).graceful_shutdown();
                     closing = true;
                     continue;
                 }
-                if idle.release_after.is_some_and(|after| since + after <= now)
-                    && activity.releasable()
-                {
-                    return Driven::Release;
-                }
-                timer.as_mut().reset(idle.next_check(Some(since), now));
+                timer.as_mut().reset(since + idle.limit);
             }
-        }
-    }
-}
-
-/// Polls a connection; completes with `None` as soon as the connection waits with
-/// nothing that releasing it would lose, if it may be released at once (`eager`: no
-/// release delay, or a crowded server).
-struct Until<'a, C> {
-    conn: &'a mut C,
-    activity: &'a Activity,
-    eager: Option<(Idle, &'a Shared)>,
-}
-
-impl<C: Connection + Unpin> Future for Until<'_, C> {
-    type Output = Option<Result<(), hyper::Error>>;
-
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let this = self.get_mut();
-        match Pin::new(&mut *this.conn).poll(cx) {
-            Poll::Ready(res) => Poll::Ready(Some(res)),
-            Poll::Pending
-                if this.eager.is_some_and(|(idle, shared)| {
-                    (idle.release_after == Some(Duration::ZERO) || shared.crowded())
-                        && this.activity.releasable()
-                }) =>
-            {
-                Poll::Ready(None)
-            }
-            Poll::Pending => Poll::Pending,
-        }
-    }
-}
-
-// === impl Idle ===
-
-impl Idle {
-    /// How often the timer looks at a connection with a request in flight.
-    fn period(self) -> Duration {
-        match self.release_after {
-            // Released as soon as it is idle (see `Until`), not by the timer.
-            Some(Duration::ZERO) | None => self.limit,
-            Some(after) => after.min(self.limit),
-        }
-    }
-
-    /// When to look at the connection next, given since when it has been idle.
-    ///
-    /// An idle connection is looked at when it may be released, and at its deadline; one
-    /// with a request in flight a period later. (A connection that was idle but not
-    /// releasable, because hyper was mid-message, is looked at again at its deadline
-    /// only: the moment it becomes releasable is not observed.)
-    fn next_check(self, idle_since: Option<Instant>, now: Instant) -> Instant {
-        let Some(since) = idle_since else {
-            return now + self.period();
-        };
-        let deadline = since + self.limit;
-        match self.release_after {
-            Some(after) if !after.is_zero() && since + after > now => deadline.min(since + after),
-            _ => deadline,
-        }
-    }
-}
-
-impl Shared {
-    /// Whether so many connections are open that idle ones release their buffers at once.
-    fn crowded(&self) -> bool {
-        let open = self.max_connections - self.permits.available_permits();
-        open > self.release_idle_above
-    }
-
-    /// The idle policy of HTTP/1.1 connections: the next request head must be complete
-    /// within the header-read timeout of the connection going idle (or opening). hyper
-    /// could time the head itself, but with a timer armed and dropped for every request;
-    /// the idle check costs nothing per request.
-    fn http1_idle(&self, release_after: Option<Duration>) -> Idle {
-        Idle {
-            limit: self.keep_alive_timeout.min(self.header_read_timeout),
-            hard: true,
-            release_after,
         }
     }
 }
@@ -498,36 +329,14 @@ impl Shared {
 // === impl Activity ===
 
 impl Activity {
-    /// hyper's last read found no data: it waits for the client.
-    pub(super) const READ_BLOCKED: u8 = 1;
-    /// hyper wrote since its last completed flush.
-    pub(super) const WRITE_DIRTY: u8 = 2;
-    /// The last request came with a body. hyper may still be reading or discarding it
-    /// after the response, and nothing outside hyper can tell when it is done.
-    const BODY: u8 = 4;
-    /// The start of a head was handed to a new connection: keep that one until the head
-    /// is complete (releasing it again would only hand the same bytes on, forever).
-    const HELD: u8 = 8;
-
-    fn begin(&self, body: bool) {
+    pub(super) fn begin(&self) {
         self.in_flight.fetch_add(1, Ordering::Relaxed);
-        self.flag(Self::BODY, body);
-        self.flag(Self::HELD, false);
     }
 
-    fn end(&self) {
+    pub(super) fn end(&self) {
         let ms = u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX);
         self.idle_since_ms.store(ms, Ordering::Relaxed);
         self.in_flight.fetch_sub(1, Ordering::Release);
-    }
-
-    /// Sets or clears `bit`.
-    pub(super) fn flag(&self, bit: u8, on: bool) {
-        let flags = self.io.load(Ordering::Relaxed);
-        let next = if on { flags | bit } else { flags & !bit };
-        if next != flags {
-            self.io.store(next, Ordering::Relaxed);
-        }
     }
 
     /// Since when the connection has had no request in flight; `None` while it has one.
@@ -537,17 +346,6 @@ impl Activity {
         }
         let since = Duration::from_millis(self.idle_since_ms.load(Ordering::Relaxed));
         Some(self.started + since)
-    }
-
-    /// Whether the hyper connection, as last polled, holds nothing that taking it apart
-    /// would lose: no request in flight, no request body that may be unread, everything
-    /// written flushed, and a read waiting for the client. (A read-ahead start of the next
-    /// head is not lost either: it is handed to the next connection.)
-    fn releasable(&self) -> bool {
-        let flags = self.io.load(Ordering::Relaxed);
-        self.in_flight.load(Ordering::Acquire) == 0
-            && flags & (Self::BODY | Self::WRITE_DIRTY | Self::HELD) == 0
-            && flags & Self::READ_BLOCKED != 0
     }
 }
 
@@ -582,21 +380,21 @@ impl<S> ConnService<S> {
 
 impl<S, B> hyper::service::Service<Request<Incoming>> for ConnService<S>
 where
-    S: Service<Request<Incoming>, Response = Response<B>> + Clone,
+    S: Service<Request<Body>, Response = Response<B>> + Clone,
     S::Error: Into<BoxError>,
 {
     type Response = Response<TrackedBody<B>>;
     type Error = BoxError;
     type Future = ConnFuture<S>;
 
-    fn call(&self, mut req: Request<Incoming>) -> Self::Future {
+    fn call(&self, req: Request<Incoming>) -> Self::Future {
+        let mut req = req.map(Body::from);
         if req.extensions().is_empty() {
             *req.extensions_mut() = roomy_extensions();
         }
         req.extensions_mut().insert(self.info);
         req.extensions_mut().insert(self.drain.clone());
-        self.activity
-            .begin(!http_body::Body::is_end_stream(req.body()));
+        self.activity.begin();
         ConnFuture {
             fut: self.inner.clone().oneshot(req),
             guard: Some(InFlight(Arc::clone(&self.activity))),
@@ -610,7 +408,7 @@ where
 /// than that (the two above, the client IP, the route, an identity...): the fourth insert
 /// would grow the table, allocating a new one and moving the others, on every request.
 /// Cloning an empty table of the right size costs the same allocation as the first insert.
-fn roomy_extensions() -> http::Extensions {
+pub(super) fn roomy_extensions() -> http::Extensions {
     #[derive(Clone)]
     struct Slot<const N: usize>;
 
@@ -632,17 +430,17 @@ fn roomy_extensions() -> http::Extensions {
 pin_project! {
     struct ConnFuture<S>
     where
-        S: Service<Request<Incoming>>,
+        S: Service<Request<Body>>,
     {
         #[pin]
-        fut: Oneshot<S, Request<Incoming>>,
+        fut: Oneshot<S, Request<Body>>,
         guard: Option<InFlight>,
     }
 }
 
 impl<S, B> Future for ConnFuture<S>
 where
-    S: Service<Request<Incoming>, Response = Response<B>>,
+    S: Service<Request<Body>, Response = Response<B>>,
     S::Error: Into<BoxError>,
 {
     type Output = Result<Response<TrackedBody<B>>, BoxError>;

@@ -1,19 +1,21 @@
 //! The server runner: accepts connections and serves a tower service on them.
 //!
 //! HTTP/1.1 and HTTP/2 (h2c with prior knowledge, and h2 over TLS via ALPN) on the same
-//! port: the server tells them apart by ALPN or by the first bytes, then runs hyper's
-//! connection for that protocol only, so an HTTP/1.1 connection carries no HTTP/2 state. Around it the server enforces the limits a
-//! client must not control:
+//! port: the server tells them apart by ALPN or by the first bytes, then runs that
+//! protocol only. HTTP/1.1 runs on the gateway's own connection and codec (no task, buffer
+//! or protocol state beyond the socket between requests; see the `h1` module), HTTP/2 on
+//! hyper's. Around them the server enforces the limits a client must not control:
 //!
 //! - header-read timeout (HTTP/1: a connection without a request in flight must complete
 //!   the next request head within it, counted from when it opened or went idle, so it
 //!   bounds both a slow head and the wait between keep-alive requests; one timer per
 //!   connection enforces it) and TLS-handshake timeout (the same value);
-//! - header count and size (HTTP/1 read buffer; HTTP/2 header list size);
+//! - header count and size (431; HTTP/2: header list size), request framing (anything
+//!   that could be read two ways is refused with 400 and the connection closed);
 //! - a keep-alive idle limit: a connection with no request in flight for that long is
 //!   closed (HTTP/2 gets a GOAWAY);
-//! - idle HTTP/1.1 connections release their buffers after a short delay and wait for the
-//!   next request with only the socket (see [`Server::release_idle_after`]);
+//! - an idle HTTP/1.1 connection holds no buffer: it waits for the next request with only
+//!   the socket;
 //! - a cap on concurrent connections: at the cap the server stops accepting and the kernel
 //!   backlog holds new clients;
 //! - graceful shutdown: stop accepting (new connections are refused), ask every connection
@@ -21,7 +23,8 @@
 //!   tracked tunnels, and at the drain deadline cut whatever is left.
 //!
 //! Every request carries [`ConnectInfo`](gateway_core::ConnectInfo) and the server's
-//! [`Drain`] in its extensions.
+//! [`Drain`] in its extensions, and an HTTP/1.1 request that asks to switch protocols an
+//! [`OnUpgrade`].
 //!
 //! # Example
 //!
@@ -43,8 +46,10 @@
 //! ```
 
 mod conn;
-mod park;
+mod h1;
+mod incoming;
 mod tls;
+mod upgrade;
 
 use std::future::Future;
 use std::io;
@@ -53,10 +58,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
+use gateway_core::Body;
 use gateway_core::{BoxError, Drain};
 use http::{Request, Response};
-use hyper::body::Incoming;
-use hyper::server::conn::{http1, http2};
+use hyper::server::conn::http2;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 use tokio::net::{TcpListener, ToSocketAddrs};
 use tokio::sync::{Semaphore, watch};
@@ -64,6 +69,7 @@ use tokio::task::JoinSet;
 use tower::Service;
 
 pub use tls::{InvalidTls, TlsConfig};
+pub use upgrade::{NotUpgraded, OnUpgrade, Upgraded};
 
 /// Serves a tower service on a listener; see the [module docs](self).
 #[must_use]
@@ -77,8 +83,6 @@ pub struct Server {
 struct Config {
     header_read_timeout: Duration,
     keep_alive_timeout: Duration,
-    release_idle_after: Option<Duration>,
-    release_idle_above: usize,
     max_connections: usize,
     max_headers: usize,
     max_header_bytes: usize,
@@ -91,10 +95,8 @@ impl Default for Config {
         Self {
             header_read_timeout: Duration::from_secs(10),
             keep_alive_timeout: Duration::from_secs(60),
-            release_idle_after: Some(Duration::from_secs(1)),
-            release_idle_above: 512,
             max_connections: 10_000,
-            max_headers: HYPER_MAX_HEADERS,
+            max_headers: h1::MAX_HEADERS,
             max_header_bytes: 64 * 1024,
             h2_max_concurrent_streams: 200,
             drain_timeout: Duration::from_secs(30),
@@ -146,45 +148,19 @@ impl Server {
         self
     }
 
-    /// How long a plain-text HTTP/1.1 connection may go without a request in flight
-    /// before it releases its protocol state and buffers (about 17 KiB: hyper's connection
-    /// with its read and write buffers) and waits for the next request holding only the
-    /// socket (default 1 s; `None` keeps them for the connection's life).
-    ///
-    /// The next request on a released connection pays for a new hyper connection (a few
-    /// allocations); connections busier than the delay never do. A connection whose last
-    /// request had a body is not released: hyper may still be reading that body, and
-    /// nothing outside hyper can tell when it is done. TLS connections are not released
-    /// either, as their TLS session keeps buffers of its own.
-    ///
-    /// See also [`Server::release_idle_above`].
-    pub const fn release_idle_after(mut self, after: Option<Duration>) -> Self {
-        self.config.release_idle_after = after;
-        self
-    }
-
-    /// While more than this many connections are open, an HTTP/1.1 connection releases
-    /// its buffers as soon as it is idle instead of after
-    /// [`release_idle_after`](Server::release_idle_after) (default 512).
-    ///
-    /// With many connections open, memory is what runs out first: a crowd of mostly idle
-    /// keep-alive connections then costs about 5 KiB each instead of about 20 KiB, for a
-    /// few allocations more on each request that follows an idle moment. With few
-    /// connections, each is busy and keeps its buffers. `usize::MAX` turns it off.
-    pub const fn release_idle_above(mut self, connections: usize) -> Self {
-        self.config.release_idle_above = connections;
-        self
-    }
-
     /// At most this many connections at once (default 10,000).
     pub const fn max_connections(mut self, max: usize) -> Self {
         self.config.max_connections = max;
         self
     }
 
-    /// At most this many request headers (HTTP/1; default 100); more gets 431.
+    /// At most this many request headers (HTTP/1; default and most 100); more gets 431.
     pub const fn max_headers(mut self, max: usize) -> Self {
-        self.config.max_headers = max;
+        self.config.max_headers = if max > h1::MAX_HEADERS {
+            h1::MAX_HEADERS
+        } else {
+            max
+        };
         self
     }
 
@@ -220,7 +196,7 @@ impl Server {
     /// Only when the listener itself fails for good; per-connection errors are logged.
     pub async fn serve<S, B>(self, service: S) -> io::Result<()>
     where
-        S: Service<Request<Incoming>, Response = Response<B>> + Clone + Send + 'static,
+        S: Service<Request<Body>, Response = Response<B>> + Clone + Send + 'static,
         S::Future: Send + 'static,
         S::Error: Into<BoxError>,
         B: http_body::Body<Data = Bytes> + Send + 'static,
@@ -236,7 +212,7 @@ impl Server {
     /// Only when the listener itself fails for good; per-connection errors are logged.
     pub async fn serve_with_shutdown<S, B, F>(self, service: S, signal: F) -> io::Result<()>
     where
-        S: Service<Request<Incoming>, Response = Response<B>> + Clone + Send + 'static,
+        S: Service<Request<Body>, Response = Response<B>> + Clone + Send + 'static,
         S::Future: Send + 'static,
         S::Error: Into<BoxError>,
         B: http_body::Body<Data = Bytes> + Send + 'static,
@@ -251,14 +227,14 @@ impl Server {
         let local = listener.local_addr()?;
         let max_connections = config.max_connections.max(1);
         let shared = Arc::new(conn::Shared {
-            http1: http1_builder(&config),
             http2: http2_builder(&config),
+            limits: h1::Limits {
+                max_headers: config.max_headers,
+                max_head: config.max_header_bytes,
+            },
             header_read_timeout: config.header_read_timeout,
             keep_alive_timeout: config.keep_alive_timeout,
-            release_idle_after: config.release_idle_after,
-            release_idle_above: config.release_idle_above,
             permits: Arc::new(Semaphore::new(max_connections)),
-            max_connections,
             tls: tls.map(|t| t.acceptor()),
             drain: Drain::new(),
             local,
@@ -351,22 +327,6 @@ async fn accept(
 }
 
 /// hyper's default header count limit.
-const HYPER_MAX_HEADERS: usize = 100;
-
-fn http1_builder(config: &Config) -> http1::Builder {
-    // No timer: the connection task enforces the header-read timeout (see `conn::run`).
-    let mut builder = http1::Builder::new();
-    builder
-        .max_buf_size(config.max_header_bytes)
-        .keep_alive(true);
-    // hyper parses into an array on the stack for its default count and into a
-    // vector it fills for every request otherwise.
-    if config.max_headers != HYPER_MAX_HEADERS {
-        builder.max_headers(config.max_headers);
-    }
-    builder
-}
-
 fn http2_builder(config: &Config) -> http2::Builder<TokioExecutor> {
     let mut builder = http2::Builder::new(TokioExecutor::new());
     builder

@@ -39,7 +39,7 @@ impl Gateway {
         tune: impl FnOnce(Server) -> Server,
     ) -> Self
     where
-        S: Service<Request<hyper::body::Incoming>, Response = Response<B>>
+        S: Service<Request<gateway_core::Body>, Response = Response<B>>
             + Clone
             + Send
             + Sync
@@ -70,7 +70,7 @@ impl Gateway {
 
     pub async fn start<S, B>(app: S) -> Self
     where
-        S: Service<Request<hyper::body::Incoming>, Response = Response<B>>
+        S: Service<Request<gateway_core::Body>, Response = Response<B>>
             + Clone
             + Send
             + Sync

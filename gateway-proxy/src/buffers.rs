@@ -94,7 +94,11 @@ mod tests {
         assert_ne!(other.as_ptr(), ptr);
         drop(piece);
         let again = take();
-        assert_eq!(again.as_ptr(), ptr, "reclaimed whole once the piece is gone");
+        assert_eq!(
+            again.as_ptr(),
+            ptr,
+            "reclaimed whole once the piece is gone"
+        );
         assert!(again.capacity() >= SIZE && again.is_empty());
         give(other);
         give(again);

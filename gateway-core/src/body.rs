@@ -37,6 +37,11 @@ pub struct Body {
 enum Kind {
     Empty,
     Full(Option<Bytes>),
+    /// A complete body (empty, or one piece of bytes) with a guard: no box for the body.
+    Guarded {
+        bytes: Option<Bytes>,
+        guard: Option<Box<dyn Send>>,
+    },
     Incoming {
         body: Incoming,
         extras: Extras,
@@ -121,21 +126,33 @@ impl Body {
     /// whichever comes first: for state that lasts as long as a response streams, such as
     /// an upstream endpoint's count of requests in flight.
     ///
-    /// An `Incoming` body keeps the guard inline; any other body is boxed once more.
-    pub fn with_guard(self, guard: impl Send + 'static) -> Self {
-        let mut body = if matches!(self.kind, Kind::Empty | Kind::Full(_)) {
-            Self::boxed(self.boxed_unsync())
-        } else {
-            self
+    /// The guard is boxed; the body itself stays as it is (empty, full, `Incoming` or
+    /// boxed).
+    pub fn with_guard(mut self, guard: impl Send + 'static) -> Self {
+        let slot = match &mut self.kind {
+            Kind::Empty => {
+                self.kind = Kind::Guarded {
+                    bytes: None,
+                    guard: None,
+                };
+                return self.with_guard(guard);
+            }
+            Kind::Full(bytes) => {
+                self.kind = Kind::Guarded {
+                    bytes: bytes.take(),
+                    guard: None,
+                };
+                return self.with_guard(guard);
+            }
+            Kind::Guarded { guard: slot, .. } => slot,
+            Kind::Incoming { extras, .. } | Kind::Boxed { extras, .. } => &mut extras.guard,
         };
-        if let Some(extras) = body.extras_mut() {
-            // A second guard joins the first rather than releasing it early.
-            extras.guard = Some(match extras.guard.take() {
-                Some(earlier) => Box::new((earlier, guard)),
-                None => Box::new(guard),
-            });
-        }
-        body
+        // A second guard joins the first rather than releasing it early.
+        *slot = Some(match slot.take() {
+            Some(earlier) => Box::new((earlier, guard)),
+            None => Box::new(guard),
+        });
+        self
     }
 
     const fn boxed(body: UnsyncBoxBody<Bytes, BoxError>) -> Self {
@@ -153,7 +170,7 @@ impl Body {
     /// The extras of a streaming body; complete bodies have none.
     fn extras_mut(&mut self) -> Option<&mut Extras> {
         match &mut self.kind {
-            Kind::Empty | Kind::Full(_) => None,
+            Kind::Empty | Kind::Full(_) | Kind::Guarded { .. } => None,
             Kind::Incoming { extras, .. } | Kind::Boxed { extras, .. } => Some(extras),
         }
     }
@@ -182,6 +199,7 @@ impl fmt::Debug for Body {
         let kind = match &self.kind {
             Kind::Empty => "empty",
             Kind::Full(_) => "full",
+            Kind::Guarded { .. } => "guarded",
             Kind::Incoming { .. } => "incoming",
             Kind::Boxed { .. } => "boxed",
         };
@@ -253,6 +271,13 @@ impl http_body::Body for Body {
         match &mut self.get_mut().kind {
             Kind::Empty => Poll::Ready(None),
             Kind::Full(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
+            Kind::Guarded { bytes, guard } => Poll::Ready(match bytes.take() {
+                Some(bytes) => Some(Ok(Frame::data(bytes))),
+                None => {
+                    drop(guard.take());
+                    None
+                }
+            }),
             Kind::Incoming { body, extras } => {
                 let polled = Pin::new(body)
                     .poll_frame(cx)
@@ -269,7 +294,7 @@ impl http_body::Body for Body {
     fn is_end_stream(&self) -> bool {
         match &self.kind {
             Kind::Empty => true,
-            Kind::Full(bytes) => bytes.is_none(),
+            Kind::Full(bytes) | Kind::Guarded { bytes, .. } => bytes.is_none(),
             Kind::Incoming { body, .. } => body.is_end_stream(),
             Kind::Boxed { body, .. } => body.is_end_stream(),
         }
@@ -278,7 +303,9 @@ impl http_body::Body for Body {
     fn size_hint(&self) -> SizeHint {
         match &self.kind {
             Kind::Empty => SizeHint::with_exact(0),
-            Kind::Full(bytes) => SizeHint::with_exact(bytes.as_ref().map_or(0, |b| b.len() as u64)),
+            Kind::Full(bytes) | Kind::Guarded { bytes, .. } => {
+                SizeHint::with_exact(bytes.as_ref().map_or(0, |b| b.len() as u64))
+            }
             Kind::Incoming { body, .. } => body.size_hint(),
             Kind::Boxed { body, .. } => body.size_hint(),
         }

@@ -77,6 +77,8 @@ pub(crate) struct Meta {
     pub(crate) expect_continue: bool,
     /// A `Date` field is present.
     pub(crate) date: bool,
+    /// `Connection` names a field (beyond `close`, `keep-alive` and `upgrade`).
+    pub(crate) nominates: bool,
 }
 
 /// Where one field's name and value lie in the head they were parsed from: start and end
@@ -136,7 +138,7 @@ pub(crate) fn parse_request(
         .map_err(|_| Refused::Malformed("the request target is invalid"))?;
     // Room for the fields a proxy adds (`X-Forwarded-*`, `Forwarded`, `Via`) without
     // growing the map.
-    let (headers, meta) = build(&head, &spans[..count], count + 5)
+    let (headers, meta) = build(&head, &spans[..count], count + 5, |_| false)
         .map_err(|InvalidHead(why)| Refused::Malformed(why))?;
     Ok(Some(RequestHead {
         method,
@@ -150,7 +152,14 @@ pub(crate) fn parse_request(
 /// Parses a response head at the start of `buf`; once it is complete, removes it from
 /// `buf` and returns it (its field values share the buffer's memory). `Ok(None)`: not
 /// complete yet.
-pub(crate) fn parse_response(buf: &mut BytesMut) -> Result<Option<ResponseHead>, InvalidHead> {
+///
+/// Fields for which `skip(name, status)` holds are read for what they say about framing
+/// and the connection, but left out of the header map: a proxy drops the hop-by-hop ones
+/// this way without inserting them first.
+pub(crate) fn parse_response(
+    buf: &mut BytesMut,
+    skip: impl Fn(&HeaderName, StatusCode) -> bool,
+) -> Result<Option<ResponseHead>, InvalidHead> {
     let mut spans = [Span::EMPTY; MAX_HEADERS];
     let (len, status, version, count) = {
         let mut fields = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
@@ -184,7 +193,7 @@ pub(crate) fn parse_response(buf: &mut BytesMut) -> Result<Option<ResponseHead>,
         (len, status, version, res.headers.len())
     };
     let head = buf.split_to(len).freeze();
-    let (headers, meta) = build(&head, &spans[..count], count + 1)?;
+    let (headers, meta) = build(&head, &spans[..count], count + 1, |name| skip(name, status))?;
     Ok(Some(ResponseHead {
         status,
         version,
@@ -203,22 +212,44 @@ pub(crate) fn fields(
     for (span, field) in spans.iter_mut().zip(parsed) {
         *span = Span::of(base, field.name.as_bytes(), field.value);
     }
-    build(src, &spans[..parsed.len()], parsed.len()).map(|(map, _)| map)
+    build(src, &spans[..parsed.len()], parsed.len(), |_| false).map(|(map, _)| map)
 }
 
 /// Builds the header map (with room for `room` fields) of a head whose fields lie in `src`
-/// at `spans`, noting what the framing and connection fields say.
-fn build(src: &Bytes, spans: &[Span], room: usize) -> Result<(HeaderMap, Meta), InvalidHead> {
+/// at `spans`, noting what the framing and connection fields say, and leaving out those
+/// `skip` names.
+fn build(
+    src: &Bytes,
+    spans: &[Span],
+    room: usize,
+    skip: impl Fn(&HeaderName) -> bool,
+) -> Result<(HeaderMap, Meta), InvalidHead> {
     let mut map = HeaderMap::with_capacity(room);
     let mut meta = Meta::default();
     for &Span([name_start, name_end, value_start, value_end]) in spans {
         let name = HeaderName::from_bytes(&src[name_start as usize..name_end as usize])
             .map_err(|_| InvalidHead("a field name is invalid"))?;
-        let value = src.slice(value_start as usize..value_end as usize);
-        let value = HeaderValue::from_maybe_shared(value)
+        let range = value_start as usize..value_end as usize;
+        meta.note(&name, &src[range.clone()]);
+        if skip(&name) {
+            continue;
+        }
+        let value = HeaderValue::from_maybe_shared(src.slice(range))
             .map_err(|_| InvalidHead("a field value is invalid"))?;
-        meta.note(&name, value.as_bytes());
         map.append(name, value);
+    }
+    if meta.nominates && skip(&CONNECTION) {
+        // `Connection` is left out, so the fields it names go too (RFC 9110 §7.6.1).
+        for &Span([name_start, name_end, value_start, value_end]) in spans {
+            if !src[name_start as usize..name_end as usize].eq_ignore_ascii_case(b"connection") {
+                continue;
+            }
+            for token in tokens(&src[value_start as usize..value_end as usize]) {
+                if let Ok(name) = HeaderName::from_bytes(token) {
+                    map.remove(name);
+                }
+            }
+        }
     }
     Ok((map, meta))
 }
@@ -290,6 +321,8 @@ impl Meta {
                     self.keep_alive = true;
                 } else if token.eq_ignore_ascii_case(b"upgrade") {
                     self.upgrade = true;
+                } else {
+                    self.nominates = true;
                 }
             }
         } else if name == EXPECT {

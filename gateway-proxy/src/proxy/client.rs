@@ -6,6 +6,7 @@ use std::path::Path;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
 use gateway_core::{Body, Error, ErrorKind};
@@ -36,7 +37,7 @@ pub struct HttpClient {
     inner: Arc<Inner>,
 }
 
-struct Inner {
+pub(crate) struct Inner {
     /// Tells this client's pools apart from other clients' on a shared endpoint.
     id: u64,
     connector: HttpConnector,
@@ -48,7 +49,15 @@ struct Inner {
 }
 
 /// The future of [`HttpClient::send`].
-pub(crate) type SendFuture = Pin<Box<dyn Future<Output = Result<Sent, Error>> + Send>>;
+pub(crate) enum Sending {
+    /// An exchange on a pooled HTTP/1.1 connection: the common case, not boxed.
+    Pooled {
+        exchange: Exchange,
+        client: Arc<Inner>,
+    },
+    /// Anything else: a new connection, HTTP/2, a request sent again.
+    Other(Pin<Box<dyn Future<Output = Result<Sent, Error>> + Send>>),
+}
 
 /// Builds an [`HttpClient`].
 ///
@@ -96,24 +105,27 @@ impl HttpClient {
     /// Sends `req` to `endpoint` on a pooled connection or a new one. The request's URI
     /// needs only a path: the client puts it in the form the connection's protocol wants
     /// and adds `Host` to HTTP/1.1 requests that have none.
-    pub(crate) fn send(&self, endpoint: &Endpoint, req: Request<Body>) -> SendFuture {
+    pub(crate) fn send(&self, endpoint: &Endpoint, req: Request<Body>) -> Sending {
         self.start(endpoint, req, false)
     }
 
     /// Like [`send`](Self::send), for a request that asks to switch protocols: on HTTP/1.1,
     /// a `101` hands the connection over for a tunnel ([`Sent::upgraded`]).
-    pub(crate) fn send_upgrade(&self, endpoint: &Endpoint, req: Request<Body>) -> SendFuture {
+    pub(crate) fn send_upgrade(&self, endpoint: &Endpoint, req: Request<Body>) -> Sending {
         self.start(endpoint, req, true)
     }
 
-    fn start(&self, endpoint: &Endpoint, req: Request<Body>, upgrade: bool) -> SendFuture {
-        let inner = Arc::clone(&self.inner);
+    fn start(&self, endpoint: &Endpoint, req: Request<Body>, upgrade: bool) -> Sending {
+        let client = Arc::clone(&self.inner);
         let pool = self.pool(endpoint);
         match pool.checkout() {
             // The common case: the exchange runs at once on an idle connection.
-            Some(Conn::H1(io, reused)) => Box::pin(inner.exchange(pool, io, reused, req, upgrade)),
-            Some(Conn::H2(tx)) => Box::pin(inner.send_h2(pool, tx, req)),
-            None => Box::pin(inner.send_new(pool, req, upgrade)),
+            Some(Conn::H1(io, reused)) => Sending::Pooled {
+                exchange: Exchange::new(io, reused, pool, req, upgrade),
+                client,
+            },
+            Some(Conn::H2(tx)) => Sending::Other(Box::pin(client.send_h2(pool, tx, req))),
+            None => Sending::Other(Box::pin(client.send_new(pool, req, upgrade))),
         }
     }
 
@@ -138,25 +150,31 @@ impl Inner {
         req: Request<Body>,
         upgrade: bool,
     ) -> Result<Sent, Error> {
-        let method = req.method().clone();
-        let error = match Exchange::new(io, reused, Arc::clone(&pool), req, upgrade).await {
-            Ok(sent) => return Ok(sent),
-            Err(Failed {
-                error,
-                replay: Some(head),
-            }) => {
-                tracing::debug!(%error, "pooled upstream connection closed under the request; sending it again");
-                if let Conn::H1(io, _) = Box::pin(self.connect(&pool)).await? {
-                    return Exchange::replay(io, pool, head, method, upgrade)
-                        .await
-                        .map_err(|failed| failed.error);
-                }
-                // The endpoint answered the new connection with HTTP/2: a head written for
-                // HTTP/1.1 cannot go on it.
-                error
-            }
-            Err(failed) => failed.error,
+        match Exchange::new(io, reused, pool, req, upgrade).await {
+            Ok(sent) => Ok(sent),
+            Err(failed) => self.after(failed).await,
+        }
+    }
+
+    /// After a failed exchange: the request again on a new connection, if it may be sent
+    /// again; otherwise the error.
+    async fn after(self: Arc<Self>, failed: Failed) -> Result<Sent, Error> {
+        let Failed {
+            error,
+            replay: Some(replay),
+        } = failed
+        else {
+            return Err(failed.error);
         };
+        tracing::debug!(%error, "pooled upstream connection closed under the request; sending it again");
+        let pool = Arc::clone(&replay.pool);
+        if let Conn::H1(io, _) = Box::pin(self.connect(&pool)).await? {
+            return Exchange::replay(io, *replay)
+                .await
+                .map_err(|failed| failed.error);
+        }
+        // The endpoint answered the new connection with HTTP/2: a head written for HTTP/1.1
+        // cannot go on it.
         Err(error)
     }
 
@@ -244,6 +262,37 @@ impl Inner {
         spawn_conn(conn, "upstream HTTP/2 connection failed");
         pool.set_h2(tx.clone());
         Ok(Conn::H2(tx))
+    }
+}
+
+// === impl Sending ===
+
+impl Future for Sending {
+    type Output = Result<Sent, Error>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.get_mut();
+        loop {
+            match this {
+                Self::Pooled { exchange, client } => {
+                    let failed = match ready!(Pin::new(exchange).poll(cx)) {
+                        Ok(sent) => return Poll::Ready(Ok(sent)),
+                        Err(failed) if failed.replay.is_none() => {
+                            return Poll::Ready(Err(failed.error));
+                        }
+                        Err(failed) => failed,
+                    };
+                    *this = Self::Other(Box::pin(Arc::clone(client).after(failed)));
+                }
+                Self::Other(fut) => return fut.as_mut().poll(cx),
+            }
+        }
+    }
+}
+
+impl fmt::Debug for Sending {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Sending").finish_non_exhaustive()
     }
 }
 

@@ -19,11 +19,12 @@ use std::task::{Context, Poll, ready};
 
 use bytes::{Buf, Bytes, BytesMut};
 use gateway_core::{Body, BoxError, Error, ErrorKind};
-use http::header::HOST;
+use http::header::{CONTENT_LENGTH, HOST};
 use http::{Method, Request, Response, StatusCode};
 use http_body::{Body as _, Frame, SizeHint};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
+use super::headers;
 use super::pool::Pool;
 use crate::buffers;
 use crate::h1::decode::{Decoded, Decoder, InvalidBody};
@@ -45,6 +46,8 @@ pub(crate) struct Exchange {
 /// What the response head arrived with.
 pub(crate) struct Sent {
     pub(crate) response: Response<Body>,
+    /// The response's hop-by-hop fields are gone already (see [`Parts::poll_head`]).
+    pub(crate) stripped: bool,
     /// The connection, once the upstream switched protocols (`101`) for an upgrade.
     pub(crate) upgraded: Option<Upgraded>,
 }
@@ -52,10 +55,18 @@ pub(crate) struct Sent {
 /// Why an exchange failed, and whether its request may be sent again.
 pub(crate) struct Failed {
     pub(crate) error: Error,
-    /// The head of a request that may be sent again on a new connection: idempotent and
-    /// bodiless, on a pooled connection the upstream closed before answering anything
-    /// (the keep-alive race, RFC 9110 §9.2.2).
-    pub(crate) replay: Option<Vec<u8>>,
+    /// A request that may be sent again on a new connection: idempotent and bodiless, on
+    /// a pooled connection the upstream closed before answering anything (the keep-alive
+    /// race, RFC 9110 §9.2.2).
+    pub(crate) replay: Option<Box<Replay>>,
+}
+
+/// What it takes to send a request again: see [`Failed::replay`].
+pub(crate) struct Replay {
+    pub(crate) head: Vec<u8>,
+    pub(crate) method: Method,
+    pub(crate) upgrade: bool,
+    pub(crate) pool: Arc<Pool>,
 }
 
 /// A response body read from the upstream connection as it is polled.
@@ -152,6 +163,7 @@ impl Sent {
     pub(crate) fn h2(response: Response<hyper::body::Incoming>) -> Self {
         Self {
             response: response.map(Body::from),
+            stripped: false,
             upgraded: None,
         }
     }
@@ -216,15 +228,15 @@ impl Exchange {
         )
     }
 
-    /// Sends again, on a new connection, the head of a request that failed as [`Failed`]
-    /// says it may be.
-    pub(crate) fn replay(
-        io: Stream,
-        pool: Arc<Pool>,
-        head: Vec<u8>,
-        method: Method,
-        upgrade: bool,
-    ) -> Self {
+    /// Sends again, on a new connection, a request that failed as [`Failed`] says it may
+    /// be.
+    pub(crate) fn replay(io: Stream, replay: Replay) -> Self {
+        let Replay {
+            head,
+            method,
+            upgrade,
+            pool,
+        } = replay;
         // Not replayable twice: a new connection closed before answering is an answer.
         Self::start(
             io,
@@ -319,7 +331,19 @@ impl Parts {
             // every wake-up.
             if self.unparsed {
                 self.unparsed = false;
-                match head::parse_response(&mut self.wire.read) {
+                let head_request = self.method == Method::HEAD;
+                let parsed = head::parse_response(&mut self.wire.read, |name, status| {
+                    // The hop-by-hop fields go as they are parsed (but for a `101`, whose
+                    // `Upgrade` the tunnel needs), and so does `Content-Length`, which the
+                    // body's own framing replaces (but where it describes a body that is
+                    // not sent: answers to `HEAD`, and 304s).
+                    status != StatusCode::SWITCHING_PROTOCOLS
+                        && (headers::is_hop_by_hop(name)
+                            || (name == CONTENT_LENGTH
+                                && !head_request
+                                && status != StatusCode::NOT_MODIFIED))
+                });
+                match parsed {
                     Err(invalid) => return Poll::Ready(Err(Broken::Head(invalid))),
                     // 100 Continue, 103 Early Hints: not forwarded; what follows them may be
                     // here already.
@@ -355,6 +379,7 @@ impl Parts {
             let read_ahead = wire.read.split().freeze();
             return Ok(Sent {
                 response: response(head, Body::empty()),
+                stripped: false,
                 upgraded: Some(Upgraded {
                     io: wire.io,
                     read_ahead,
@@ -394,6 +419,7 @@ impl Parts {
         };
         Ok(Sent {
             response: response(head, body),
+            stripped: true,
             upgraded: None,
         })
     }
@@ -420,7 +446,19 @@ impl Parts {
             _ => false,
         };
         let replay = if closed && self.reused && self.replayable && !self.answered {
-            Some(self.out.buf.into_bytes())
+            let Self {
+                out,
+                method,
+                upgrade,
+                pool,
+                ..
+            } = *self;
+            Some(Box::new(Replay {
+                head: out.buf.into_bytes(),
+                method,
+                upgrade,
+                pool,
+            }))
         } else {
             None
         };

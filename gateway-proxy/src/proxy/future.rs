@@ -11,7 +11,7 @@ use http::{Response, StatusCode};
 use pin_project_lite::pin_project;
 use tokio::time::Sleep;
 
-use super::client::{SendFuture, Sent};
+use super::client::{Sending, Sent};
 use super::exchange::Upgraded;
 use super::headers;
 use super::service::Shared;
@@ -29,7 +29,7 @@ pin_project! {
 
 enum State {
     Waiting {
-        fut: SendFuture,
+        fut: Sending,
         shared: Arc<Shared>,
         selected: Selected,
         is_head: bool,
@@ -41,7 +41,7 @@ enum State {
 
 impl ResponseFuture {
     pub(super) fn new(
-        fut: SendFuture,
+        fut: Sending,
         shared: Arc<Shared>,
         selected: Selected,
         is_head: bool,
@@ -104,9 +104,11 @@ impl Future for ResponseFuture {
             unreachable!("matched as Waiting above")
         };
         let outcome = match result {
-            Ok(Sent { response, upgraded }) => {
-                respond(response, upgraded, &shared, is_head, upgrade)
-            }
+            Ok(Sent {
+                response,
+                stripped,
+                upgraded,
+            }) => respond(response, stripped, upgraded, &shared, is_head, upgrade),
             Err(err) => Err(err.into()),
         };
         selected.record(classify::result(&outcome));
@@ -119,6 +121,7 @@ impl Future for ResponseFuture {
 /// the tunnel when the upstream switched protocols.
 fn respond(
     mut res: Response<Body>,
+    stripped: bool,
     upgraded: Option<Upgraded>,
     shared: &Shared,
     is_head: bool,
@@ -146,8 +149,10 @@ fn respond(
         }
         return Ok(res);
     }
-    let keep_length = is_head || status == StatusCode::NOT_MODIFIED;
-    headers::strip_response(res.headers_mut(), keep_length);
+    if !stripped {
+        let keep_length = is_head || status == StatusCode::NOT_MODIFIED;
+        headers::strip_response(res.headers_mut(), keep_length);
+    }
     if let Some(via) = shared.via_response(res.version()) {
         res.headers_mut().append(VIA, via.clone());
     }

@@ -114,8 +114,6 @@ pin_project! {
     enum State<F> {
         // Reading a request head.
         Head,
-        // Waiting for the service to take the request.
-        Ready { req: Option<Request<Body>> },
         // Waiting for the response.
         Waiting { #[pin] fut: F },
         // Writing the response.
@@ -222,7 +220,20 @@ where
                         });
                         continue;
                     }
-                    if std::mem::take(this.unparsed) {
+                    if *this.unparsed {
+                        // The service takes a request as soon as it is parsed: it must be
+                        // ready for one first (and requests wait in the socket until it is).
+                        match this.service.poll_ready(cx) {
+                            Poll::Ready(Ok(())) => {}
+                            Poll::Ready(Err(err)) => {
+                                this.activity.begin();
+                                let next = fail(&mut this, err.into());
+                                this.state.set(next);
+                                continue;
+                            }
+                            Poll::Pending => return Poll::Pending,
+                        }
+                        *this.unparsed = false;
                         let parsed = head::parse_request(
                             this.read,
                             this.limits.max_headers,
@@ -231,7 +242,9 @@ where
                         match parsed {
                             Ok(Some(head)) => {
                                 let next = match start(&mut this, head) {
-                                    Ok(req) => State::Ready { req: Some(req) },
+                                    Ok(req) => State::Waiting {
+                                        fut: this.service.call(req),
+                                    },
                                     Err(refused) => refuse(&mut this, refused),
                                 };
                                 this.state.set(next);
@@ -273,19 +286,6 @@ where
                             return Poll::Pending;
                         }
                     }
-                }
-                StateProj::Ready { req } => {
-                    if let Err(err) = ready!(this.service.poll_ready(cx)) {
-                        let next = fail(&mut this, err.into());
-                        this.state.set(next);
-                        continue;
-                    }
-                    let Some(req) = req.take() else {
-                        this.state.set(State::Done);
-                        continue;
-                    };
-                    let fut = this.service.call(req);
-                    this.state.set(State::Waiting { fut });
                 }
                 StateProj::Waiting { fut } => match fut.poll(cx) {
                     Poll::Ready(Ok(res)) => {

@@ -1,7 +1,7 @@
 use super::*;
 
 fn parse(raw: &str) -> Result<Option<ResponseHead>, InvalidHead> {
-    parse_response(&mut BytesMut::from(raw.as_bytes()))
+    parse_response(&mut BytesMut::from(raw.as_bytes()), |_, _| false)
 }
 
 fn body(raw: &str, method: Method) -> Result<Option<Decoder>, InvalidHead> {
@@ -23,7 +23,7 @@ fn a_response_head_is_parsed_and_taken_off_the_buffer() {
     let mut buf = BytesMut::from(
         &b"HTTP/1.1 201 Created\r\nX-A: 1\r\nx-a: 2\r\nContent-Length: 3\r\n\r\nabc"[..],
     );
-    let head = parse_response(&mut buf).unwrap().unwrap();
+    let head = parse_response(&mut buf, |_, _| false).unwrap().unwrap();
     assert_eq!(head.status, StatusCode::CREATED);
     assert_eq!(head.version, Version::HTTP_11);
     let values: Vec<_> = head.headers.get_all("x-a").iter().collect();
@@ -88,6 +88,27 @@ fn ambiguous_response_framing_is_refused() {
     ] {
         assert!(body(raw, Method::GET).is_err(), "{raw}");
     }
+}
+
+#[test]
+fn skipped_fields_still_say_what_they_mean() {
+    let mut buf = BytesMut::from(
+        &b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 2\r\nX-A: 1\r\n\r\nok"[..],
+    );
+    let head = parse_response(&mut buf, |name, _| name != "x-a")
+        .unwrap()
+        .unwrap();
+    assert_eq!(head.headers.len(), 1);
+    assert!(!head.meta.persistent(head.version));
+    assert!(matches!(
+        head.body(&Method::GET),
+        Ok(Some(Decoder::Length(2)))
+    ));
+    assert!(!head.meta.nominates);
+    let head = parse("HTTP/1.1 200 OK\r\nConnection: x-secret\r\n\r\n")
+        .unwrap()
+        .unwrap();
+    assert!(head.meta.nominates);
 }
 
 #[test]

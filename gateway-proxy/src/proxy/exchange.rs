@@ -484,11 +484,13 @@ impl Wire {
     /// Reads what the socket has into the buffer, making room for `want` bytes if it is
     /// short of room; `Ok(0)` when the upstream has closed.
     fn poll_fill(&mut self, cx: &mut Context<'_>, want: usize) -> Poll<io::Result<usize>> {
-        if self.read.capacity() == 0 {
-            self.read = buffers::take();
-        }
         if self.read.capacity() - self.read.len() < want.min(READ_START) {
-            self.read.reserve(want);
+            if self.read.capacity() == 0 && want <= buffers::SIZE {
+                self.read = buffers::take();
+            } else {
+                // A large body: room for as much of it as a read may bring.
+                self.read.reserve(want);
+            }
         }
         let n = ready!(tokio_util::io::poll_read_buf(
             Pin::new(&mut self.io),
@@ -734,3 +736,68 @@ impl fmt::Display for UnsolicitedSwitch {
 }
 
 impl std::error::Error for UnsolicitedSwitch {}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use http::uri::Scheme;
+    use http_body_util::BodyExt;
+    use tokio::io::AsyncWriteExt;
+    use tokio::net::{TcpListener, TcpStream};
+
+    use super::*;
+    use crate::upstream::Endpoint;
+
+    /// An exchange on a fresh loopback connection whose upstream has already written
+    /// `answer`.
+    async fn exchange(answer: &[u8]) -> Sent {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let client = TcpStream::connect(addr).await.unwrap();
+        let (mut upstream, _) = listener.accept().await.unwrap();
+        upstream.write_all(answer).await.unwrap();
+        let endpoint = Endpoint::new(Scheme::HTTP, addr.to_string().parse().unwrap());
+        let pool = Arc::new(Pool::new(&endpoint, Duration::from_secs(60), 8));
+        let req = Request::get("/").body(Body::empty()).unwrap();
+        let sent = Exchange::new(Stream::Plain(client), false, pool, req, false).await;
+        // Keep the upstream's side open until the answer has been read.
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_secs(5)).await;
+            drop(upstream);
+        });
+        sent.ok().unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_large_body_is_read_in_large_pieces() {
+        let body = vec![b'x'; 64 * 1024];
+        let mut answer =
+            format!("HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n", body.len()).into_bytes();
+        answer.extend_from_slice(&body);
+        let mut body = exchange(&answer).await.response.into_body();
+        let (mut frames, mut len) = (0, 0);
+        while let Some(frame) = body.frame().await {
+            len += frame.unwrap().into_data().unwrap().len();
+            frames += 1;
+        }
+        assert_eq!(len, 64 * 1024);
+        // The first read is a head-sized buffer; the rest of the body comes in one.
+        assert!(frames <= 2, "{frames} pieces");
+    }
+
+    #[tokio::test]
+    async fn a_small_answer_that_arrived_whole_is_one_piece() {
+        let sent =
+            exchange(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n\r\nok").await;
+        assert!(sent.stripped);
+        assert!(
+            sent.response.headers().is_empty(),
+            "{:?}",
+            sent.response.headers()
+        );
+        let body = sent.response.into_body();
+        assert_eq!(http_body::Body::size_hint(&body).exact(), Some(2));
+        assert_eq!(body.collect_bytes().await.unwrap(), "ok");
+    }
+}

@@ -4,9 +4,7 @@ use std::fmt;
 use std::mem::MaybeUninit;
 
 use bytes::{Bytes, BytesMut};
-use http::header::{
-    CONNECTION, CONTENT_LENGTH, DATE, EXPECT, HeaderName, HeaderValue, TRANSFER_ENCODING,
-};
+use http::header::{CONTENT_LENGTH, HeaderName, HeaderValue, TRANSFER_ENCODING};
 use http::{HeaderMap, Method, StatusCode, Uri, Version};
 
 use super::decode::{Chunked, Decoder};
@@ -86,6 +84,22 @@ pub(crate) struct Meta {
 #[derive(Clone, Copy)]
 struct Span([u32; 4]);
 
+/// The fields the codec reads, and those a proxy drops, told apart by their raw name (so a
+/// field that is dropped never becomes a `HeaderName`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Field {
+    ContentLength,
+    TransferEncoding,
+    Connection,
+    Expect,
+    Date,
+    /// Another field that only ever describes one hop (RFC 9110 §7.6.1): `Keep-Alive`,
+    /// `Proxy-Connection`, `TE`, `Upgrade`, `Proxy-Authorization`, `Proxy-Authenticate`,
+    /// `HTTP2-Settings`.
+    HopByHop,
+    Other,
+}
+
 // === parsing ===
 
 /// Parses a request head at the start of `buf` with at most `max_headers` fields (up to
@@ -153,12 +167,12 @@ pub(crate) fn parse_request(
 /// `buf` and returns it (its field values share the buffer's memory). `Ok(None)`: not
 /// complete yet.
 ///
-/// Fields for which `skip(name, status)` holds are read for what they say about framing
+/// Fields for which `skip(field, status)` holds are read for what they say about framing
 /// and the connection, but left out of the header map: a proxy drops the hop-by-hop ones
 /// this way without inserting them first.
 pub(crate) fn parse_response(
     buf: &mut BytesMut,
-    skip: impl Fn(&HeaderName, StatusCode) -> bool,
+    skip: impl Fn(Field, StatusCode) -> bool,
 ) -> Result<Option<ResponseHead>, InvalidHead> {
     let mut spans = [Span::EMPTY; MAX_HEADERS];
     let (len, status, version, count) = {
@@ -193,7 +207,9 @@ pub(crate) fn parse_response(
         (len, status, version, res.headers.len())
     };
     let head = buf.split_to(len).freeze();
-    let (headers, meta) = build(&head, &spans[..count], count + 1, |name| skip(name, status))?;
+    let (headers, meta) = build(&head, &spans[..count], count + 1, |field| {
+        skip(field, status)
+    })?;
     Ok(Some(ResponseHead {
         status,
         version,
@@ -222,26 +238,28 @@ fn build(
     src: &Bytes,
     spans: &[Span],
     room: usize,
-    skip: impl Fn(&HeaderName) -> bool,
+    skip: impl Fn(Field) -> bool,
 ) -> Result<(HeaderMap, Meta), InvalidHead> {
     let mut map = HeaderMap::with_capacity(room);
     let mut meta = Meta::default();
     for &Span([name_start, name_end, value_start, value_end]) in spans {
-        let name = HeaderName::from_bytes(&src[name_start as usize..name_end as usize])
-            .map_err(|_| InvalidHead("a field name is invalid"))?;
+        let name = &src[name_start as usize..name_end as usize];
         let range = value_start as usize..value_end as usize;
-        meta.note(&name, &src[range.clone()]);
-        if skip(&name) {
+        let field = Field::of(name);
+        meta.note(field, &src[range.clone()]);
+        if skip(field) {
             continue;
         }
+        let name =
+            HeaderName::from_bytes(name).map_err(|_| InvalidHead("a field name is invalid"))?;
         let value = HeaderValue::from_maybe_shared(src.slice(range))
             .map_err(|_| InvalidHead("a field value is invalid"))?;
         map.append(name, value);
     }
-    if meta.nominates && skip(&CONNECTION) {
+    if meta.nominates && skip(Field::Connection) {
         // `Connection` is left out, so the fields it names go too (RFC 9110 §7.6.1).
         for &Span([name_start, name_end, value_start, value_end]) in spans {
-            if !src[name_start as usize..name_end as usize].eq_ignore_ascii_case(b"connection") {
+            if Field::of(&src[name_start as usize..name_end as usize]) != Field::Connection {
                 continue;
             }
             for token in tokens(&src[value_start as usize..value_end as usize]) {
@@ -288,12 +306,48 @@ impl Span {
     }
 }
 
+// === impl Field ===
+
+impl Field {
+    /// The field a raw name stands for, in any case.
+    pub(crate) fn of(name: &[u8]) -> Self {
+        let is = |known: &[u8]| name.eq_ignore_ascii_case(known);
+        // NOTE: a switch on the length, then one or two comparisons.
+        match name.len() {
+            2 if is(b"te") => Self::HopByHop,
+            4 if is(b"date") => Self::Date,
+            6 if is(b"expect") => Self::Expect,
+            7 if is(b"upgrade") => Self::HopByHop,
+            10 if is(b"connection") => Self::Connection,
+            10 if is(b"keep-alive") => Self::HopByHop,
+            14 if is(b"content-length") => Self::ContentLength,
+            14 if is(b"http2-settings") => Self::HopByHop,
+            16 if is(b"proxy-connection") => Self::HopByHop,
+            17 if is(b"transfer-encoding") => Self::TransferEncoding,
+            18 if is(b"proxy-authenticate") => Self::HopByHop,
+            19 if is(b"proxy-authorization") => Self::HopByHop,
+            _ => Self::Other,
+        }
+    }
+
+    /// Whether the field only ever describes one hop (RFC 9110 §7.6.1).
+    pub(crate) const fn is_hop_by_hop(self) -> bool {
+        matches!(
+            self,
+            Self::Connection | Self::TransferEncoding | Self::HopByHop
+        )
+    }
+}
+
 // === impl Meta ===
 
 impl Meta {
     /// Notes what a field says about framing and the connection.
-    fn note(&mut self, name: &HeaderName, value: &[u8]) {
-        if name == CONTENT_LENGTH {
+    fn note(&mut self, field: Field, value: &[u8]) {
+        if field == Field::Other || field == Field::HopByHop {
+            return;
+        }
+        if field == Field::ContentLength {
             // Several fields, or a list, are accepted only when every value is the same
             // (RFC 9110 §8.6).
             for token in value.split(|&b| b == b',').map(<[u8]>::trim_ascii) {
@@ -304,7 +358,7 @@ impl Meta {
                     _ => self.bad_length = true,
                 }
             }
-        } else if name == TRANSFER_ENCODING {
+        } else if field == Field::TransferEncoding {
             self.transfer_encoding = true;
             for token in value.split(|&b| b == b',').map(<[u8]>::trim_ascii) {
                 let chunked = token.eq_ignore_ascii_case(b"chunked");
@@ -313,7 +367,7 @@ impl Meta {
                 self.other_coding |= !chunked || self.chunked_last;
                 self.chunked_last = chunked;
             }
-        } else if name == CONNECTION {
+        } else if field == Field::Connection {
             for token in tokens(value) {
                 if token.eq_ignore_ascii_case(b"close") {
                     self.close = true;
@@ -325,9 +379,9 @@ impl Meta {
                     self.nominates = true;
                 }
             }
-        } else if name == EXPECT {
+        } else if field == Field::Expect {
             self.expect_continue |= value.eq_ignore_ascii_case(b"100-continue");
-        } else if name == DATE {
+        } else if field == Field::Date {
             self.date = true;
         }
     }

@@ -19,17 +19,16 @@ use std::task::{Context, Poll, ready};
 
 use bytes::{Buf, Bytes, BytesMut};
 use gateway_core::{Body, BoxError, Error, ErrorKind};
-use http::header::{CONTENT_LENGTH, HOST};
+use http::header::HOST;
 use http::{Method, Request, Response, StatusCode};
 use http_body::{Body as _, Frame, SizeHint};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
-use super::headers;
 use super::pool::Pool;
 use crate::buffers;
 use crate::h1::decode::{Decoded, Decoder, InvalidBody};
 use crate::h1::encode::{Encoder, LengthMismatch, WriteBuf};
-use crate::h1::head::{self, BodyLength, InvalidHead, ResponseHead};
+use crate::h1::head::{self, BodyLength, Field, InvalidHead, ResponseHead};
 use crate::io::Stream;
 
 /// A read buffer has this much room (a response head and a small body).
@@ -332,14 +331,14 @@ impl Parts {
             if self.unparsed {
                 self.unparsed = false;
                 let head_request = self.method == Method::HEAD;
-                let parsed = head::parse_response(&mut self.wire.read, |name, status| {
+                let parsed = head::parse_response(&mut self.wire.read, |field, status| {
                     // The hop-by-hop fields go as they are parsed (but for a `101`, whose
                     // `Upgrade` the tunnel needs), and so does `Content-Length`, which the
                     // body's own framing replaces (but where it describes a body that is
                     // not sent: answers to `HEAD`, and 304s).
                     status != StatusCode::SWITCHING_PROTOCOLS
-                        && (headers::is_hop_by_hop(name)
-                            || (name == CONTENT_LENGTH
+                        && (field.is_hop_by_hop()
+                            || (field == Field::ContentLength
                                 && !head_request
                                 && status != StatusCode::NOT_MODIFIED))
                 });

@@ -64,11 +64,6 @@ fn hop_bit(name: &HeaderName) -> u16 {
     1 << i
 }
 
-/// Whether `name` only ever describes one hop (RFC 9110 §7.6.1).
-pub(crate) fn is_hop_by_hop(name: &HeaderName) -> bool {
-    hop_bit(name) & HOP_BY_HOP_BITS != 0
-}
-
 /// Whether a `Connection` header lists `token`.
 pub(crate) fn connection_has(headers: &HeaderMap, token: &str) -> bool {
     headers

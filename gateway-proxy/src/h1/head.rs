@@ -4,7 +4,7 @@ use std::fmt;
 use std::mem::MaybeUninit;
 
 use bytes::{Bytes, BytesMut};
-use http::header::{CONTENT_LENGTH, HeaderName, HeaderValue, TRANSFER_ENCODING};
+use http::header::{CONTENT_LENGTH, HOST, HeaderName, HeaderValue, TRANSFER_ENCODING};
 use http::{HeaderMap, Method, StatusCode, Uri, Version};
 
 use super::decode::{Chunked, Decoder};
@@ -505,28 +505,44 @@ pub(crate) enum BodyLength {
     Close,
 }
 
-/// Writes a request head for `target` (origin-form), with `host` as its first field when
-/// given. Framing fields in `headers` are skipped: `length` decides them.
-pub(crate) fn write_request(
+/// Writes a request head for `target` (origin-form): `host` as its first field when given
+/// (in place of any `Host` in `headers`), then `headers`, then `extra`. Framing fields in
+/// `headers` are skipped: `length` decides them.
+pub(crate) fn write_request<'a>(
     out: &mut Vec<u8>,
     method: &Method,
     target: &str,
     host: Option<&HeaderValue>,
     headers: &HeaderMap,
+    extra: impl Iterator<Item = &'a (HeaderName, HeaderValue)>,
     length: BodyLength,
 ) {
-    out.reserve(64 + target.len() + headers.len() * 32);
+    out.reserve(128 + target.len() + headers.len() * 32);
     out.extend_from_slice(method.as_str().as_bytes());
     out.push(b' ');
     out.extend_from_slice(target.as_bytes());
     out.extend_from_slice(b" HTTP/1.1\r\n");
     if let Some(host) = host {
-        out.extend_from_slice(b"host: ");
-        out.extend_from_slice(host.as_bytes());
-        out.extend_from_slice(b"\r\n");
+        write_field(out, HOST.as_str(), host);
     }
-    write_fields(out, headers, false);
+    for (name, value) in headers {
+        let skip =
+            name == CONTENT_LENGTH || name == TRANSFER_ENCODING || (host.is_some() && name == HOST);
+        if !skip {
+            write_field(out, name.as_str(), value);
+        }
+    }
+    for (name, value) in extra {
+        write_field(out, name.as_str(), value);
+    }
     write_length(out, length);
+    out.extend_from_slice(b"\r\n");
+}
+
+fn write_field(out: &mut Vec<u8>, name: &str, value: &HeaderValue) {
+    out.extend_from_slice(name.as_bytes());
+    out.extend_from_slice(b": ");
+    out.extend_from_slice(value.as_bytes());
     out.extend_from_slice(b"\r\n");
 }
 
@@ -594,10 +610,7 @@ pub(crate) fn write_fields(out: &mut Vec<u8>, headers: &HeaderMap, keep_length: 
         if (name == CONTENT_LENGTH && !keep_length) || name == TRANSFER_ENCODING {
             continue;
         }
-        out.extend_from_slice(name.as_str().as_bytes());
-        out.extend_from_slice(b": ");
-        out.extend_from_slice(value.as_bytes());
-        out.extend_from_slice(b"\r\n");
+        write_field(out, name.as_str(), value);
     }
 }
 

@@ -20,7 +20,7 @@ use rustls_pki_types::pem::PemObject;
 use tokio_rustls::TlsConnector;
 use tower::ServiceExt;
 
-use super::exchange::{Exchange, Failed};
+use super::exchange::{Exchange, Failed, Outbound};
 use super::pool::{Conn, Pool, spawn_conn};
 use crate::io::{Coalesce, Stream};
 use crate::upstream::Endpoint;
@@ -102,30 +102,20 @@ impl HttpClient {
         self.inner.http2_only
     }
 
-    /// Sends `req` to `endpoint` on a pooled connection or a new one. The request's URI
-    /// needs only a path: the client puts it in the form the connection's protocol wants
-    /// and adds `Host` to HTTP/1.1 requests that have none.
-    pub(crate) fn send(&self, endpoint: &Endpoint, req: Request<Body>) -> Sending {
-        self.start(endpoint, req, false)
-    }
-
-    /// Like [`send`](Self::send), for a request that asks to switch protocols: on HTTP/1.1,
-    /// a `101` hands the connection over for a tunnel ([`Sent::upgraded`]).
-    pub(crate) fn send_upgrade(&self, endpoint: &Endpoint, req: Request<Body>) -> Sending {
-        self.start(endpoint, req, true)
-    }
-
-    fn start(&self, endpoint: &Endpoint, req: Request<Body>, upgrade: bool) -> Sending {
+    /// Sends `req` to `endpoint` on a pooled connection or a new one, as `out` says. The
+    /// request's URI needs only a path: the client puts it in the form the connection's
+    /// protocol wants and adds `Host` to HTTP/1.1 requests that have none.
+    pub(crate) fn send(&self, endpoint: &Endpoint, req: Request<Body>, out: Outbound) -> Sending {
         let client = Arc::clone(&self.inner);
         let pool = self.pool(endpoint);
         match pool.checkout() {
             // The common case: the exchange runs at once on an idle connection.
             Some(Conn::H1(io, reused)) => Sending::Pooled {
-                exchange: Exchange::new(io, reused, pool, req, upgrade),
+                exchange: Exchange::new(io, reused, pool, req, out),
                 client,
             },
-            Some(Conn::H2(tx)) => Sending::Other(Box::pin(client.send_h2(pool, tx, req))),
-            None => Sending::Other(Box::pin(client.send_new(pool, req, upgrade))),
+            Some(Conn::H2(tx)) => Sending::Other(Box::pin(client.send_h2(pool, tx, req, out))),
+            None => Sending::Other(Box::pin(client.send_new(pool, req, out))),
         }
     }
 
@@ -148,9 +138,9 @@ impl Inner {
         io: Stream,
         reused: bool,
         req: Request<Body>,
-        upgrade: bool,
+        out: Outbound,
     ) -> Result<Sent, Error> {
-        match Exchange::new(io, reused, pool, req, upgrade).await {
+        match Exchange::new(io, reused, pool, req, out).await {
             Ok(sent) => Ok(sent),
             Err(failed) => self.after(failed).await,
         }
@@ -183,7 +173,7 @@ impl Inner {
         self: Arc<Self>,
         pool: Arc<Pool>,
         req: Request<Body>,
-        upgrade: bool,
+        out: Outbound,
     ) -> Result<Sent, Error> {
         let conn = if self.http2_only || pool.speaks_h2() {
             // One connection carries every request: wait for one being made.
@@ -196,8 +186,8 @@ impl Inner {
             Box::pin(self.connect(&pool)).await?
         };
         match conn {
-            Conn::H1(io, reused) => self.exchange(pool, io, reused, req, upgrade).await,
-            Conn::H2(tx) => self.send_h2(pool, tx, req).await,
+            Conn::H1(io, reused) => self.exchange(pool, io, reused, req, out).await,
+            Conn::H2(tx) => self.send_h2(pool, tx, req, out).await,
         }
     }
 
@@ -208,7 +198,9 @@ impl Inner {
         pool: Arc<Pool>,
         mut tx: http2::SendRequest<Body>,
         mut req: Request<Body>,
+        mut out: Outbound,
     ) -> Result<Sent, Error> {
+        out.apply(req.headers_mut());
         pool.http2_form(&mut req);
         let refused = match tx.try_send_request(req).await {
             Ok(response) => return Ok(Sent::h2(response)),

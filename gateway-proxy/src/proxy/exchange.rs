@@ -19,8 +19,8 @@ use std::task::{Context, Poll, ready};
 
 use bytes::{Buf, Bytes, BytesMut};
 use gateway_core::{Body, BoxError, Error, ErrorKind};
-use http::header::HOST;
-use http::{Method, Request, Response, StatusCode};
+use http::header::{HOST, HeaderName, HeaderValue};
+use http::{HeaderMap, Method, Request, Response, StatusCode};
 use http_body::{Body as _, Frame, SizeHint};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
@@ -35,6 +35,21 @@ use crate::io::Stream;
 const READ_START: usize = buffers::SIZE;
 /// A body read makes room for at most this much at a time.
 const READ_MAX: usize = 64 * 1024;
+
+/// How a request goes out, beyond the request itself.
+#[derive(Debug, Default)]
+pub(crate) struct Outbound {
+    /// Fields the proxy adds (the forwarding ones), none of which the request has. They are
+    /// kept apart from the request's own: an HTTP/1.1 head is written once, so writing
+    /// them after the request's fields costs nothing, where inserting them into its header
+    /// map first costs a hash and a probe each. An HTTP/2 request gets them inserted.
+    fields: [Option<(HeaderName, HeaderValue)>; 3],
+    /// The endpoint's `Host` replaces the request's own.
+    pub(crate) endpoint_host: bool,
+    /// The request asks to switch protocols: on HTTP/1.1, a `101` hands the connection over
+    /// for a tunnel ([`Sent::upgraded`]).
+    pub(crate) upgrade: bool,
+}
 
 /// Sends a request on a connection and waits for the response head.
 pub(crate) struct Exchange {
@@ -155,6 +170,30 @@ struct UpstreamClosed;
 #[derive(Debug)]
 struct UnsolicitedSwitch;
 
+// === impl Outbound ===
+
+impl Outbound {
+    /// Adds a field the request does not have.
+    pub(crate) fn add(&mut self, name: HeaderName, value: HeaderValue) {
+        match self.fields.iter_mut().find(|slot| slot.is_none()) {
+            Some(slot) => *slot = Some((name, value)),
+            None => debug_assert!(false, "more fields than `Outbound` holds"),
+        }
+    }
+
+    /// Moves what the request goes out with into it: for an HTTP/2 request, which is not
+    /// written here.
+    pub(crate) fn apply(&mut self, headers: &mut HeaderMap) {
+        if self.endpoint_host {
+            // `:authority` says it.
+            headers.remove(HOST);
+        }
+        for (name, value) in self.fields.iter_mut().filter_map(Option::take) {
+            headers.insert(name, value);
+        }
+    }
+}
+
 // === impl Sent ===
 
 impl Sent {
@@ -172,14 +211,12 @@ impl Sent {
 
 impl Exchange {
     /// Starts sending `req` on `io`, a new connection or one from `pool` (`reused`).
-    /// `upgrade`: the request asks to switch protocols, and a `101` makes the connection a
-    /// tunnel.
     pub(crate) fn new(
         io: Stream,
         reused: bool,
         pool: Arc<Pool>,
         req: Request<Body>,
-        upgrade: bool,
+        out: Outbound,
     ) -> Self {
         let (parts, body) = req.into_parts();
         let length = if http_body::Body::is_end_stream(&body) {
@@ -196,7 +233,7 @@ impl Exchange {
             }
         };
         let target = parts.uri.path_and_query().map_or("/", |p| p.as_str());
-        let host = (!parts.headers.contains_key(HOST)).then_some(&pool.host);
+        let host = (out.endpoint_host || !parts.headers.contains_key(HOST)).then_some(&pool.host);
         let mut head = Vec::new();
         head::write_request(
             &mut head,
@@ -204,6 +241,7 @@ impl Exchange {
             target,
             host,
             &parts.headers,
+            out.fields.iter().flatten(),
             length,
         );
         let (encoder, body) = match length {
@@ -223,7 +261,7 @@ impl Exchange {
             body,
             parts.method,
             replayable,
-            upgrade,
+            out.upgrade,
         )
     }
 
@@ -759,7 +797,8 @@ mod tests {
         let endpoint = Endpoint::new(Scheme::HTTP, addr.to_string().parse().unwrap());
         let pool = Arc::new(Pool::new(&endpoint, Duration::from_secs(60), 8));
         let req = Request::get("/").body(Body::empty()).unwrap();
-        let sent = Exchange::new(Stream::Plain(client), false, pool, req, false).await;
+        let sent =
+            Exchange::new(Stream::Plain(client), false, pool, req, Outbound::default()).await;
         // Keep the upstream's side open until the answer has been read.
         tokio::spawn(async move {
             tokio::time::sleep(Duration::from_secs(5)).await;

@@ -63,6 +63,7 @@ mod pool;
 mod service;
 
 pub use client::{HttpClient, HttpClientBuilder, InvalidClient};
+pub(crate) use exchange::Outbound;
 pub use future::ResponseFuture;
 pub(crate) use pool::Pools;
 pub use service::{HostHeader, ReverseProxy, ReverseProxyBuilder};

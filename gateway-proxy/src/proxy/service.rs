@@ -11,6 +11,7 @@ use http::{Request, Response, Version, request};
 use tower::Service;
 
 use super::client::{HttpClient, InvalidClient};
+use super::exchange::Outbound;
 use super::future::ResponseFuture;
 use super::headers::{self, X_FORWARDED_HOST, X_FORWARDED_PROTO};
 use crate::server::OnUpgrade;
@@ -160,13 +161,15 @@ where
                 .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
         });
 
+        let mut out = Outbound::default();
+        out.upgrade = upgrade.is_some();
         headers::strip_request(&mut head.headers);
-        shared.forwarding(&mut head, client_host.as_ref());
+        shared.forwarding(&mut head, client_host.as_ref(), &mut out);
 
         match &shared.host {
             HostHeader::Upstream => {
                 // The client sets the endpoint's `Host` (HTTP/1.1) or `:authority` (HTTP/2).
-                head.headers.remove(HOST);
+                out.endpoint_host = true;
             }
             HostHeader::Preserve => {
                 if let Some(host) = client_host {
@@ -177,7 +180,6 @@ where
                 head.headers.insert(HOST, host.clone());
             }
         }
-        let upgrading = upgrade.is_some();
         if let Some(protocol) = upgrade {
             head.headers.insert(UPGRADE, protocol);
             head.headers
@@ -201,11 +203,7 @@ where
             body = body.idle_timeout(idle);
         }
         let req = Request::from_parts(head, body);
-        let fut = if upgrading {
-            shared.client.send_upgrade(selected.endpoint(), req)
-        } else {
-            shared.client.send(selected.endpoint(), req)
-        };
+        let fut = shared.client.send(selected.endpoint(), req, out);
         ResponseFuture::new(fut, Arc::clone(&self.shared), selected, is_head, on_upgrade)
     }
 }
@@ -221,8 +219,14 @@ fn via_for(via: &[HeaderValue; 3], version: Version) -> &HeaderValue {
 // === impl Shared ===
 
 impl Shared {
-    /// Scrubs client-sent forwarding headers and adds this hop's.
-    fn forwarding(&self, head: &mut request::Parts, client_host: Option<&HeaderValue>) {
+    /// Scrubs client-sent forwarding headers and adds this hop's: to `out` where the request
+    /// does not have them, to the request where this hop extends them.
+    fn forwarding(
+        &self,
+        head: &mut request::Parts,
+        client_host: Option<&HeaderValue>,
+        out: &mut Outbound,
+    ) {
         let conn = head.extensions.get::<ConnectInfo>().copied();
         let client = head.extensions.get::<ClientIp>().copied();
         let trusted = client.is_some_and(|c| c.trusted_peer());
@@ -233,23 +237,23 @@ impl Shared {
         } else {
             "http"
         };
+        // NOTE: from an untrusted peer, `scrub_forwarding` has removed every forwarding
+        // header, so the request has none of those added to `out`.
         if self.x_forwarded {
             if let Some(peer) = peer {
                 if trusted {
                     headers::append_forwarded_for(&mut head.headers, peer);
                 } else {
-                    head.headers
-                        .insert(headers::X_FORWARDED_FOR, headers::ip_value(peer));
+                    out.add(headers::X_FORWARDED_FOR, headers::ip_value(peer));
                 }
             }
             if !(trusted && head.headers.contains_key(X_FORWARDED_PROTO)) {
-                head.headers
-                    .insert(X_FORWARDED_PROTO, HeaderValue::from_static(proto));
+                out.add(X_FORWARDED_PROTO, HeaderValue::from_static(proto));
             }
             if !(trusted && head.headers.contains_key(X_FORWARDED_HOST))
                 && let Some(host) = client_host
             {
-                head.headers.insert(X_FORWARDED_HOST, host.clone());
+                out.add(X_FORWARDED_HOST, host.clone());
             }
         }
         if self.forwarded {

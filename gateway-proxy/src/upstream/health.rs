@@ -219,7 +219,7 @@ impl HealthCheck {
         }
         let sent = self
             .client
-            .send(endpoint, req)
+            .send(endpoint, req, crate::proxy::Outbound::default())
             .await
             .map_err(|e| chain(&e))?;
         let status = sent.response.status().as_u16();

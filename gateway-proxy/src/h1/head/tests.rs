@@ -226,6 +226,10 @@ fn a_request_head_carries_its_framing_and_never_the_callers() {
     headers.insert("host", HeaderValue::from_static("up:80"));
     headers.insert("content-length", HeaderValue::from_static("999"));
     headers.insert("transfer-encoding", HeaderValue::from_static("gzip"));
+    let extra = (
+        HeaderName::from_static("x-forwarded-for"),
+        HeaderValue::from_static("10.0.0.1"),
+    );
     let mut out = Vec::new();
     write_request(
         &mut out,
@@ -233,14 +237,15 @@ fn a_request_head_carries_its_framing_and_never_the_callers() {
         "/a?b",
         None,
         &headers,
+        [&extra].into_iter(),
         BodyLength::Known(3),
     );
     assert_eq!(
         String::from_utf8(out).unwrap(),
-        "POST /a?b HTTP/1.1\r\nhost: up:80\r\ncontent-length: 3\r\n\r\n"
+        "POST /a?b HTTP/1.1\r\nhost: up:80\r\nx-forwarded-for: 10.0.0.1\r\ncontent-length: 3\r\n\r\n"
     );
+    // The endpoint's host replaces the request's own.
     let mut out = Vec::new();
-    headers.remove("host");
     let host = HeaderValue::from_static("up:81");
     write_request(
         &mut out,
@@ -248,6 +253,7 @@ fn a_request_head_carries_its_framing_and_never_the_callers() {
         "/",
         Some(&host),
         &headers,
+        std::iter::empty(),
         BodyLength::Chunked,
     );
     assert_eq!(

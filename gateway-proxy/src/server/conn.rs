@@ -289,24 +289,49 @@ async fn drive<C, E>(
         info,
         idle,
     } = scope;
+    let mut drained = std::pin::pin!(graceful.wait_for(|draining| *draining));
     // One timer per connection, moved only when it fires: nothing per request.
     let mut closing = false;
     loop {
-        tokio::select! {
-            res = &mut *conn => {
+        let event = std::future::poll_fn(|cx| {
+            if let Poll::Ready(res) = Pin::new(&mut *conn).poll(cx) {
+                return Poll::Ready(Event::Done(res));
+            }
+            if closing {
+                return Poll::Pending;
+            }
+            // NOTE: while a request is in flight the idle limit cannot be due, and an
+            // HTTP/1.1 connection closes after its request anyway once the server drains:
+            // both are looked at when the connection is idle again, not at every wake-up
+            // of a busy connection. (The timer and the drain signal keep the wakers they
+            // were last polled with.)
+            let busy = activity.idle_since().is_none();
+            if busy && idle.hard {
+                return Poll::Pending;
+            }
+            if drained.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(Event::Drain);
+            }
+            if !busy && timer.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(Event::Timer);
+            }
+            Poll::Pending
+        })
+        .await;
+        match event {
+            Event::Done(res) => {
                 if let Err(err) = res {
                     tracing::debug!(peer = %info.peer, error = %err, "connection ended with an error");
                 }
                 return;
             }
-            _ = graceful.wait_for(|draining| *draining), if !closing => {
+            Event::Drain => {
                 Pin::new(&mut *conn).graceful_shutdown();
                 closing = true;
             }
-            () = timer.as_mut(), if !closing => {
+            Event::Timer => {
                 let now = Instant::now();
                 let Some(since) = activity.idle_since() else {
-                    // A request is in flight: look again a period later.
                     timer.as_mut().reset(now + idle.limit);
                     continue;
                 };
@@ -324,6 +349,13 @@ async fn drive<C, E>(
             }
         }
     }
+}
+
+/// What [`drive`] woke up for.
+enum Event<E> {
+    Done(Result<(), E>),
+    Drain,
+    Timer,
 }
 
 // === impl Activity ===

@@ -449,6 +449,11 @@ impl Selected {
         &self.endpoint
     }
 
+    /// When the endpoint was chosen: the start of the request's time on it.
+    pub fn started(&self) -> Instant {
+        self.started
+    }
+
     /// Records the request's outcome (as judged by [`gateway_core::classify`]) and, as a
     /// response-time sample, the time since the endpoint was selected.
     pub fn record(&self, class: Class) {

@@ -3,6 +3,8 @@
 //!
 //! `cargo bench -p gateway-benches --bench hot_path`
 
+#![forbid(unsafe_code)]
+
 use std::convert::Infallible;
 use std::net::IpAddr;
 

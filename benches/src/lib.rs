@@ -3,6 +3,8 @@
 //! The micro benches drive services whose futures complete on their first poll, so they are
 //! polled directly with a no-op waker: no runtime is measured, only the layer.
 
+#![forbid(unsafe_code)]
+
 use std::future::Future;
 use std::pin::pin;
 use std::task::{Context, Poll, Waker};

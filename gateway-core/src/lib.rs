@@ -13,6 +13,8 @@
 //! - [`classify`]: one judgement of upstream outcomes for retries, breakers, health and
 //!   metrics.
 //! - `test_util` (feature `test-util`): in-process upstreams and raw-socket helpers.
+
+#![forbid(unsafe_code)]
 #![doc = include_str!("../../docs/plugins.md")]
 
 mod body;

@@ -7,4 +7,6 @@
 //! are read from request extensions, and upstream outcomes are judged by
 //! [`gateway_core::classify`].
 
+#![forbid(unsafe_code)]
+
 pub use gateway_core::{Error, ErrorKind};

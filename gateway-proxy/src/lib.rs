@@ -7,6 +7,8 @@
 //! - [`Server`]: HTTP/1.1 and HTTP/2 (by ALPN or the first bytes), rustls termination, timeouts,
 //!   connection limits and graceful shutdown.
 
+#![forbid(unsafe_code)]
+
 mod buffers;
 mod h1;
 mod io;

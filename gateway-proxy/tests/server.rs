@@ -311,3 +311,46 @@ async fn a_burst_to_an_alpn_http2_endpoint_shares_one_new_connection() {
     assert_eq!(opened.load(std::sync::atomic::Ordering::SeqCst), 2);
     relay_task.abort();
 }
+
+/// Once a crowd of connections has come and gone, the server runs its shrink hook (once),
+/// and not while connections are only coming.
+#[tokio::test]
+async fn a_crowd_that_closes_runs_the_shrink_hook_once() {
+    let up = TestUpstream::echo().await;
+    let shrunk = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let count = Arc::clone(&shrunk);
+    let gw = Gateway::start_with(
+        Router::new().route(Route::prefix("/"), proxy_to(&up)),
+        TrustedProxies::none(),
+        move |s| {
+            s.shrink_after_close(8, move || {
+                count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            })
+        },
+    )
+    .await;
+    let mut crowd = Vec::new();
+    for i in 0..10 {
+        let mut conn = TcpStream::connect(gw.addr).await.unwrap();
+        let req = format!("GET /{i} HTTP/1.1\r\nHost: gw\r\n\r\n");
+        conn.write_all(req.as_bytes()).await.unwrap();
+        let mut buf = [0u8; 1024];
+        assert!(conn.read(&mut buf).await.unwrap() > 0);
+        crowd.push(conn);
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(
+        shrunk.load(std::sync::atomic::Ordering::SeqCst),
+        0,
+        "not while they are open"
+    );
+    drop(crowd);
+    for _ in 0..100 {
+        if shrunk.load(std::sync::atomic::Ordering::SeqCst) > 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(shrunk.load(std::sync::atomic::Ordering::SeqCst), 1);
+}

@@ -8,6 +8,8 @@
 //! hyper-proxy --listen 127.0.0.1:0 --upstream http://127.0.0.1:9000
 //! ```
 
+#![forbid(unsafe_code)]
+
 use std::io;
 use std::net::SocketAddr;
 use std::process::ExitCode;

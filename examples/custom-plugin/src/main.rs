@@ -14,6 +14,8 @@
 //! curl -i http://127.0.0.1:8081/orders                          # 400 problem+json
 //! ```
 
+#![forbid(unsafe_code)]
+
 use std::collections::HashSet;
 use std::convert::Infallible;
 use std::sync::Arc;

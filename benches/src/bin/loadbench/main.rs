@@ -18,6 +18,8 @@
 //! table of medians with min–max and the gateway's ratios to the others (medians of the
 //! per-round ratios), and writes everything as JSON.
 
+#![forbid(unsafe_code)]
+
 mod load;
 mod origin;
 mod targets;

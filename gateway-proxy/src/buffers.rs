@@ -1,4 +1,4 @@
-//! Read buffers, recycled per thread.
+//! Read buffers and request extensions, recycled per thread.
 //!
 //! Every request needs a read buffer on each side of the proxy (its head, and a small body
 //! with it). Allocating and freeing 8 KiB for each costs glibc thousands of instructions
@@ -10,11 +10,16 @@
 //! A buffer given back may still be shared with pieces cut from it (the field values of a
 //! head, a body handed on): it waits among the retired until those are gone and it can be
 //! reused whole.
+//!
+//! A request's extensions are a boxed table that every layer inserts into; the proxy gives
+//! them back, emptied, once it has sent the request on, and the server's next request
+//! starts with them.
 
 use std::cell::RefCell;
 use std::collections::VecDeque;
 
 use bytes::BytesMut;
+use http::Extensions;
 
 /// The size of a buffer.
 pub(crate) const SIZE: usize = 8 * 1024;
@@ -31,6 +36,8 @@ struct Stock {
     free: Vec<BytesMut>,
     /// Empty, but possibly still shared with pieces cut from them; oldest first.
     retired: VecDeque<BytesMut>,
+    /// Emptied request extensions.
+    extensions: Vec<Extensions>,
 }
 
 thread_local! {
@@ -77,9 +84,67 @@ pub(crate) fn give(mut buf: BytesMut) {
     });
 }
 
+/// Empty extensions for a request, with room for the entries a gateway inserts.
+///
+/// A request's extensions start as a table of three entries, and a gateway inserts more
+/// than that (the connection's details, its drain, the client IP, the route, an
+/// identity...): the fourth insert would grow the table, allocating a new one and moving
+/// the others, on every request. So fresh ones are clones of an empty table of seven (one
+/// allocation, as the first insert would be), and used ones come back emptied.
+pub(crate) fn extensions() -> Extensions {
+    #[derive(Clone)]
+    struct Slot<const N: usize>;
+
+    thread_local! {
+        static ROOMY: Extensions = {
+            let mut ext = Extensions::new();
+            ext.insert(Slot::<0>);
+            ext.insert(Slot::<1>);
+            ext.insert(Slot::<2>);
+            ext.insert(Slot::<3>);
+            // NOTE: `clear` keeps the table's allocation, and a clone copies its size.
+            ext.clear();
+            ext
+        };
+    }
+    STOCK
+        .try_with(|stock| stock.borrow_mut().extensions.pop())
+        .ok()
+        .flatten()
+        .or_else(|| ROOMY.try_with(Extensions::clone).ok())
+        .unwrap_or_default()
+}
+
+/// Gives back a request's extensions once the request is gone: emptied here (what they
+/// hold is dropped), their table is reused.
+pub(crate) fn give_extensions(mut ext: Extensions) {
+    if ext.is_empty() {
+        // Never used: there may be no table to keep.
+        return;
+    }
+    ext.clear();
+    let _ = STOCK.try_with(|stock| {
+        let mut stock = stock.borrow_mut();
+        if stock.extensions.len() < KEEP {
+            stock.extensions.push(ext);
+        }
+    });
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn extensions_come_back_empty() {
+        let mut ext = extensions();
+        ext.insert(7u32);
+        ext.insert("route");
+        give_extensions(ext);
+        let again = extensions();
+        assert!(again.is_empty());
+        assert_eq!(again.get::<u32>(), None);
+    }
 
     #[test]
     fn a_buffer_is_reused_once_the_pieces_cut_from_it_are_gone() {

@@ -252,6 +252,11 @@ impl Exchange {
             BodyLength::Chunked => (Encoder::Chunked, Some(body)),
         };
         let replayable = body.is_none() && parts.method.is_idempotent();
+        let http::request::Parts {
+            method, extensions, ..
+        } = parts;
+        // The request is written: its extensions' table serves the next request.
+        buffers::give_extensions(extensions);
         Self::start(
             io,
             reused,
@@ -259,7 +264,7 @@ impl Exchange {
             head,
             encoder,
             body,
-            parts.method,
+            method,
             replayable,
             out.upgrade,
         )

@@ -422,7 +422,7 @@ where
     fn call(&self, req: Request<Incoming>) -> Self::Future {
         let mut req = req.map(Body::from);
         if req.extensions().is_empty() {
-            *req.extensions_mut() = roomy_extensions();
+            *req.extensions_mut() = crate::buffers::extensions();
         }
         req.extensions_mut().insert(self.info);
         req.extensions_mut().insert(self.drain.clone());
@@ -432,31 +432,6 @@ where
             guard: Some(InFlight(Arc::clone(&self.activity))),
         }
     }
-}
-
-/// Empty extensions with room for seven entries.
-///
-/// A request's extensions start as a table of three entries, and a gateway inserts more
-/// than that (the two above, the client IP, the route, an identity...): the fourth insert
-/// would grow the table, allocating a new one and moving the others, on every request.
-/// Cloning an empty table of the right size costs the same allocation as the first insert.
-pub(super) fn roomy_extensions() -> http::Extensions {
-    #[derive(Clone)]
-    struct Slot<const N: usize>;
-
-    thread_local! {
-        static ROOMY: http::Extensions = {
-            let mut ext = http::Extensions::new();
-            ext.insert(Slot::<0>);
-            ext.insert(Slot::<1>);
-            ext.insert(Slot::<2>);
-            ext.insert(Slot::<3>);
-            // NOTE: `clear` keeps the table's allocation, and a clone copies its size.
-            ext.clear();
-            ext
-        };
-    }
-    ROOMY.with(http::Extensions::clone)
 }
 
 pin_project! {

@@ -455,7 +455,7 @@ where
     let upgrade = meta.upgrade && headers.contains_key(UPGRADE);
     *req.headers_mut() = headers;
     let extensions = req.extensions_mut();
-    *extensions = super::conn::roomy_extensions();
+    *extensions = buffers::extensions();
     extensions.insert(*this.info);
     extensions.insert(this.drain.clone());
     if upgrade {

@@ -42,6 +42,15 @@ pub(crate) struct WriteBuf {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct LengthMismatch(&'static str);
 
+/// Why [`WriteBuf::fill`] stopped.
+#[derive(Debug)]
+pub(crate) enum FillError<E> {
+    /// The body failed.
+    Body(E),
+    /// The body broke the length it announced.
+    Length(LengthMismatch),
+}
+
 // === impl WriteBuf ===
 
 impl WriteBuf {
@@ -119,6 +128,48 @@ impl WriteBuf {
                 } else {
                     self.suffix = b"\r\n";
                 }
+            }
+        }
+        Ok(())
+    }
+
+    /// Queues what `body` has ready, in `encoder`'s framing, while the queue is short, so
+    /// that small pieces leave together (a head and a small body in one `send`). `body`
+    /// becomes `None` once its end is queued; its trailers go only where `trailers` allows
+    /// (and the framing is chunked).
+    pub(crate) fn fill<B>(
+        &mut self,
+        body: &mut Option<B>,
+        encoder: &mut Encoder,
+        trailers: bool,
+        cx: &mut Context<'_>,
+    ) -> Result<(), FillError<B::Error>>
+    where
+        B: http_body::Body<Data = Bytes> + Unpin,
+    {
+        while self.has_room() {
+            let Some(pending) = body.as_mut() else {
+                break;
+            };
+            let Poll::Ready(frame) = Pin::new(pending).poll_frame(cx) else {
+                break;
+            };
+            match frame {
+                None => {
+                    *body = None;
+                    self.end(encoder, None).map_err(FillError::Length)?;
+                }
+                Some(Err(err)) => return Err(FillError::Body(err)),
+                Some(Ok(frame)) => match frame.into_data() {
+                    Ok(data) => self.data(encoder, data).map_err(FillError::Length)?,
+                    Err(frame) => {
+                        if let Ok(fields) = frame.into_trailers() {
+                            *body = None;
+                            self.end(encoder, trailers.then_some(&fields))
+                                .map_err(FillError::Length)?;
+                        }
+                    }
+                },
             }
         }
         Ok(())

@@ -17,19 +17,18 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll, ready};
 
-use bytes::{Buf, Bytes, BytesMut};
+use bytes::{Bytes, BytesMut};
 use gateway_core::{Body, BoxError, Error, ErrorKind};
 use http::header::{HOST, HeaderName, HeaderValue};
 use http::{HeaderMap, Method, Request, Response, StatusCode};
-use http_body::{Body as _, Frame, SizeHint};
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use http_body::{Frame, SizeHint};
 
 use super::pool::Pool;
 use crate::buffers;
 use crate::h1::decode::{Decoded, Decoder, InvalidBody};
-use crate::h1::encode::{Encoder, LengthMismatch, WriteBuf};
+use crate::h1::encode::{Encoder, FillError, LengthMismatch, WriteBuf};
 use crate::h1::head::{self, BodyLength, Field, InvalidHead, ResponseHead};
-use crate::io::Stream;
+use crate::io::{Rewind, Stream};
 
 /// A read buffer has this much room (a response head and a small body).
 const READ_START: usize = buffers::SIZE;
@@ -96,10 +95,7 @@ pub(crate) struct ResponseBody {
 
 /// An upstream connection that switched protocols, for the tunnel: what was read after the
 /// `101` head comes first.
-pub(crate) struct Upgraded {
-    io: Stream,
-    read_ahead: Bytes,
-}
+pub(crate) type Upgraded = Rewind<Stream>;
 
 /// Everything an exchange holds until its response head arrives. Boxed: the request's
 /// future is moved around before it is first polled, and this is most of it.
@@ -422,10 +418,7 @@ impl Parts {
             return Ok(Sent {
                 response: response(head, Body::empty()),
                 stripped: false,
-                upgraded: Some(Upgraded {
-                    io: wire.io,
-                    read_ahead,
-                }),
+                upgraded: Some(Rewind::new(wire.io, read_ahead)),
             });
         }
         let decoder = match head.body(&parts.method) {
@@ -566,36 +559,10 @@ impl Outgoing {
             return Ok(());
         }
         loop {
-            // Take what the body has ready while the queue is short, so that small pieces
-            // leave together (a head and a small body in one `send`).
-            while self.buf.has_room() {
-                let Some(body) = self.body.as_mut() else {
-                    break;
-                };
-                let Poll::Ready(frame) = Pin::new(body).poll_frame(cx) else {
-                    break;
-                };
-                match frame {
-                    None => {
-                        self.body = None;
-                        self.buf.end(&self.encoder, None).map_err(Broken::Length)?;
-                    }
-                    Some(Err(err)) => return Err(Broken::Upload(err)),
-                    Some(Ok(frame)) => match frame.into_data() {
-                        Ok(data) => self
-                            .buf
-                            .data(&mut self.encoder, data)
-                            .map_err(Broken::Length)?,
-                        Err(frame) => {
-                            if let Ok(trailers) = frame.into_trailers() {
-                                self.body = None;
-                                self.buf
-                                    .end(&self.encoder, Some(&trailers))
-                                    .map_err(Broken::Length)?;
-                            }
-                        }
-                    },
-                }
+            match self.buf.fill(&mut self.body, &mut self.encoder, true, cx) {
+                Ok(()) => {}
+                Err(FillError::Body(err)) => return Err(Broken::Upload(err)),
+                Err(FillError::Length(mismatch)) => return Err(Broken::Length(mismatch)),
             }
             if self.buf.is_empty() {
                 if self.body.is_none() {
@@ -692,49 +659,6 @@ impl fmt::Debug for ResponseBody {
         f.debug_struct("ResponseBody")
             .field("decoder", &self.decoder)
             .finish_non_exhaustive()
-    }
-}
-
-// === impl Upgraded ===
-
-impl AsyncRead for Upgraded {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        let this = self.get_mut();
-        if !this.read_ahead.is_empty() {
-            let n = this.read_ahead.len().min(buf.remaining());
-            buf.put_slice(&this.read_ahead[..n]);
-            this.read_ahead.advance(n);
-            return Poll::Ready(Ok(()));
-        }
-        Pin::new(&mut this.io).poll_read(cx, buf)
-    }
-}
-
-impl AsyncWrite for Upgraded {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().io).poll_write(cx, buf)
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().io).poll_flush(cx)
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
-    }
-}
-
-impl fmt::Debug for Upgraded {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Upgraded").finish_non_exhaustive()
     }
 }
 

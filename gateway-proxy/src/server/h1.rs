@@ -37,7 +37,7 @@ use super::conn::{Activity, Connection};
 use super::incoming::{self, Fed, Feed};
 use super::upgrade;
 use crate::buffers;
-use crate::h1::encode::{Encoder, WriteBuf};
+use crate::h1::encode::{Encoder, FillError, WriteBuf};
 use crate::h1::head::{self, BodyLength, Persist, Refused, RequestHead};
 
 pub(super) use crate::h1::head::MAX_HEADERS;
@@ -640,32 +640,11 @@ impl Writing {
         trailers: bool,
     ) -> Poll<Result<(), BoxError>> {
         loop {
-            // Take what the body has ready while the queue is short: a small body leaves
-            // with its head in one `send`.
-            while write.has_room() {
-                let Some(body) = self.body.as_mut() else {
-                    break;
-                };
-                let Poll::Ready(frame) = Pin::new(body).poll_frame(cx) else {
-                    break;
-                };
-                match frame {
-                    None => {
-                        self.body = None;
-                        write.end(&self.encoder, None)?;
-                    }
-                    Some(Err(err)) => return Poll::Ready(Err(err)),
-                    Some(Ok(frame)) => match frame.into_data() {
-                        Ok(data) => write.data(&mut self.encoder, data)?,
-                        Err(frame) => {
-                            if let Ok(fields) = frame.into_trailers() {
-                                self.body = None;
-                                // Trailers go to a client that asked for them (`TE: trailers`).
-                                write.end(&self.encoder, trailers.then_some(&fields))?;
-                            }
-                        }
-                    },
-                }
+            // Trailers go to a client that asked for them (`TE: trailers`).
+            match write.fill(&mut self.body, &mut self.encoder, trailers, cx) {
+                Ok(()) => {}
+                Err(FillError::Body(err)) => return Poll::Ready(Err(err)),
+                Err(FillError::Length(mismatch)) => return Poll::Ready(Err(mismatch.into())),
             }
             if write.is_empty() {
                 return if self.body.is_none() {

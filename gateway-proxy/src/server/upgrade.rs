@@ -13,9 +13,11 @@ use std::pin::Pin;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll, ready};
 
-use bytes::{Buf, Bytes};
+use bytes::Bytes;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::oneshot;
+
+use crate::io::Rewind;
 
 /// Resolves to the connection once the server has answered the request with `101`.
 ///
@@ -26,11 +28,10 @@ pub struct OnUpgrade {
     rx: Arc<Mutex<Option<oneshot::Receiver<Upgraded>>>>,
 }
 
-/// A connection handed over after `101 Switching Protocols`.
+/// A connection handed over after `101 Switching Protocols`: what the client sent after
+/// its request, read before the switch, comes first.
 pub struct Upgraded {
-    io: Box<dyn Io>,
-    /// What the client sent after its request, read before the switch.
-    read_ahead: Bytes,
+    inner: Rewind<Box<dyn Io>>,
 }
 
 /// The upgrade did not happen: the service did not answer `101`, or the connection failed
@@ -61,8 +62,7 @@ impl Pending {
     pub(super) fn fulfill(self, io: impl Io, read_ahead: Bytes) {
         // The receiver may be gone (the service dropped it): the connection closes.
         let _ = self.tx.send(Upgraded {
-            io: Box::new(io),
-            read_ahead,
+            inner: Rewind::new(Box::new(io), read_ahead),
         });
     }
 }
@@ -97,14 +97,7 @@ impl AsyncRead for Upgraded {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        let this = self.get_mut();
-        if !this.read_ahead.is_empty() {
-            let n = this.read_ahead.len().min(buf.remaining());
-            buf.put_slice(&this.read_ahead[..n]);
-            this.read_ahead.advance(n);
-            return Poll::Ready(Ok(()));
-        }
-        Pin::new(&mut this.io).poll_read(cx, buf)
+        Pin::new(&mut self.get_mut().inner).poll_read(cx, buf)
     }
 }
 
@@ -114,23 +107,21 @@ impl AsyncWrite for Upgraded {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().io).poll_write(cx, buf)
+        Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().io).poll_flush(cx)
+        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
+        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
     }
 }
 
 impl fmt::Debug for Upgraded {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Upgraded")
-            .field("read_ahead", &self.read_ahead.len())
-            .finish_non_exhaustive()
+        f.debug_struct("Upgraded").finish_non_exhaustive()
     }
 }
 

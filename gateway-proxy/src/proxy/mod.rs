@@ -58,7 +58,7 @@
 mod client;
 mod exchange;
 mod future;
-mod headers;
+pub(crate) mod headers;
 mod pool;
 mod service;
 

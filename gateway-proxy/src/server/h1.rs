@@ -25,8 +25,8 @@ use std::time::SystemTime;
 
 use bytes::{Bytes, BytesMut};
 use gateway_core::{Body, BoxError, ConnectInfo, Drain, Error, ErrorKind};
-use http::header::{CONNECTION, CONTENT_LENGTH, TE, UPGRADE};
-use http::{HeaderMap, Method, Request, Response, StatusCode, Version};
+use http::header::{CONTENT_LENGTH, UPGRADE};
+use http::{Method, Request, Response, StatusCode, Version};
 use http_body::Body as _;
 use pin_project_lite::pin_project;
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -39,6 +39,7 @@ use super::upgrade;
 use crate::buffers;
 use crate::h1::encode::{Encoder, FillError, WriteBuf};
 use crate::h1::head::{self, BodyLength, Persist, Refused, RequestHead};
+use crate::proxy::headers::{accepts_trailers, connection_has};
 
 pub(super) use crate::h1::head::MAX_HEADERS;
 
@@ -385,11 +386,9 @@ where
     }
 }
 
-type Proj<'a, I, S> = ConnProj<'a, I, S>;
-
 /// Feeds the request body to its reader as far as it can now; whether the reader has
 /// something new (a piece, or the end).
-fn feed<I, S>(this: &mut Proj<'_, I, S>, cx: &mut Context<'_>) -> bool
+fn feed<I, S>(this: &mut ConnProj<'_, I, S>, cx: &mut Context<'_>) -> bool
 where
     I: Transport,
     S: Service<Request<Body>>,
@@ -416,7 +415,7 @@ where
 }
 
 /// Turns a parsed head into the request for the service.
-fn start<I, S>(this: &mut Proj<'_, I, S>, head: RequestHead) -> Result<Request<Body>, Refused>
+fn start<I, S>(this: &mut ConnProj<'_, I, S>, head: RequestHead) -> Result<Request<Body>, Refused>
 where
     S: Service<Request<Body>>,
 {
@@ -468,7 +467,7 @@ where
 }
 
 /// Answers a refused head, then closes.
-fn refuse<I, S, F>(this: &mut Proj<'_, I, S>, refused: Refused) -> State<F>
+fn refuse<I, S, F>(this: &mut ConnProj<'_, I, S>, refused: Refused) -> State<F>
 where
     S: Service<Request<Body>>,
 {
@@ -489,7 +488,7 @@ where
 
 /// Answers a service that failed (it should have turned its errors into responses), then
 /// closes.
-fn fail<I, S, F>(this: &mut Proj<'_, I, S>, err: BoxError) -> State<F>
+fn fail<I, S, F>(this: &mut ConnProj<'_, I, S>, err: BoxError) -> State<F>
 where
     S: Service<Request<Body>>,
 {
@@ -500,7 +499,7 @@ where
 }
 
 /// Writes the head of `res` and sets up its body.
-fn respond<I, S, F>(this: &mut Proj<'_, I, S>, res: Response<Body>) -> State<F>
+fn respond<I, S, F>(this: &mut ConnProj<'_, I, S>, res: Response<Body>) -> State<F>
 where
     S: Service<Request<Body>>,
 {
@@ -515,7 +514,7 @@ where
         switching = false;
         this.request.keep_alive = false;
     }
-    if connection_close(&parts.headers) {
+    if connection_has(&parts.headers, "close") {
         this.request.keep_alive = false;
     }
     for feed in [this.feed.as_mut(), this.abandoned.as_mut()]
@@ -589,7 +588,7 @@ where
 }
 
 /// After a response: hands the connection over for a switch, reads on, or closes.
-fn finish<I, S, F>(this: &mut Proj<'_, I, S>) -> State<F>
+fn finish<I, S, F>(this: &mut ConnProj<'_, I, S>) -> State<F>
 where
     I: Transport,
     S: Service<Request<Body>>,
@@ -656,24 +655,6 @@ impl Writing {
             ready!(write.poll_write(io, cx))?;
         }
     }
-}
-
-/// Whether a client accepts trailers (`TE: trailers`).
-fn accepts_trailers(headers: &HeaderMap) -> bool {
-    headers.get_all(TE).iter().any(|v| {
-        v.as_bytes()
-            .split(|&b| b == b',')
-            .any(|t| t.trim_ascii().eq_ignore_ascii_case(b"trailers"))
-    })
-}
-
-/// Whether a response says its connection closes after it.
-fn connection_close(headers: &HeaderMap) -> bool {
-    headers.get_all(CONNECTION).iter().any(|v| {
-        v.as_bytes()
-            .split(|&b| b == b',')
-            .any(|t| t.trim_ascii().eq_ignore_ascii_case(b"close"))
-    })
 }
 
 /// Today's `Date` value, formatted once a second per thread.

@@ -290,36 +290,31 @@ impl Feed {
 
     /// Fails the body: the reader gets an error, and the connection is done.
     fn fail(&mut self, why: &'static str) -> Fed {
+        self.truncate(why);
+        Fed::Broken
+    }
+
+    /// Ends a body that is not complete with an error, so that a reader still waiting
+    /// gets the error, not a hang.
+    fn truncate(&self, why: &'static str) {
         let wake = {
             let mut slot = lock(&self.slot);
+            if slot.end || slot.error.is_some() {
+                return;
+            }
             slot.error = Some(Error::with_source(ErrorKind::BadRequest, Truncated(why)).into());
             slot.reader.take()
         };
         if let Some(reader) = wake {
             reader.wake();
         }
-        Fed::Broken
     }
 }
 
 impl Drop for Feed {
     fn drop(&mut self) {
-        // The connection moved on (or closed) before the body was complete: a reader still
-        // waiting gets an error, not a hang.
-        let wake = {
-            let mut slot = lock(&self.slot);
-            if slot.end || slot.error.is_some() {
-                return;
-            }
-            slot.error = Some(
-                Error::with_source(ErrorKind::BadRequest, Truncated("the request ended first"))
-                    .into(),
-            );
-            slot.reader.take()
-        };
-        if let Some(reader) = wake {
-            reader.wake();
-        }
+        // The connection moved on (or closed) before the body was complete.
+        self.truncate("the request ended first");
     }
 }
 

@@ -73,8 +73,6 @@ pub(crate) struct Meta {
     pub(crate) upgrade: bool,
     /// `Expect: 100-continue`.
     pub(crate) expect_continue: bool,
-    /// A `Date` field is present.
-    pub(crate) date: bool,
     /// `Connection` names a field (beyond `close`, `keep-alive` and `upgrade`).
     pub(crate) nominates: bool,
 }
@@ -92,7 +90,6 @@ pub(crate) enum Field {
     TransferEncoding,
     Connection,
     Expect,
-    Date,
     /// Another field that only ever describes one hop (RFC 9110 §7.6.1): `Keep-Alive`,
     /// `Proxy-Connection`, `TE`, `Upgrade`, `Proxy-Authorization`, `Proxy-Authenticate`,
     /// `HTTP2-Settings`.
@@ -315,7 +312,6 @@ impl Field {
         // NOTE: a switch on the length, then one or two comparisons.
         match name.len() {
             2 if is(b"te") => Self::HopByHop,
-            4 if is(b"date") => Self::Date,
             6 if is(b"expect") => Self::Expect,
             7 if is(b"upgrade") => Self::HopByHop,
             10 if is(b"connection") => Self::Connection,
@@ -344,45 +340,46 @@ impl Field {
 impl Meta {
     /// Notes what a field says about framing and the connection.
     fn note(&mut self, field: Field, value: &[u8]) {
-        if field == Field::Other || field == Field::HopByHop {
-            return;
-        }
-        if field == Field::ContentLength {
-            // Several fields, or a list, are accepted only when every value is the same
-            // (RFC 9110 §8.6).
-            for token in value.split(|&b| b == b',').map(<[u8]>::trim_ascii) {
-                match parse_length(token) {
-                    Some(n) if self.content_length.is_none_or(|seen| seen == n) => {
-                        self.content_length = Some(n);
+        match field {
+            Field::ContentLength => {
+                // Several fields, or a list, are accepted only when every value is the
+                // same (RFC 9110 §8.6).
+                for token in value.split(|&b| b == b',').map(<[u8]>::trim_ascii) {
+                    match parse_length(token) {
+                        Some(n) if self.content_length.is_none_or(|seen| seen == n) => {
+                            self.content_length = Some(n);
+                        }
+                        _ => self.bad_length = true,
                     }
-                    _ => self.bad_length = true,
                 }
             }
-        } else if field == Field::TransferEncoding {
-            self.transfer_encoding = true;
-            for token in value.split(|&b| b == b',').map(<[u8]>::trim_ascii) {
-                let chunked = token.eq_ignore_ascii_case(b"chunked");
-                // Only `chunked`, once: a proxy that removes the field must undo every
-                // coding it lists, and no other transfer coding is in use.
-                self.other_coding |= !chunked || self.chunked_last;
-                self.chunked_last = chunked;
-            }
-        } else if field == Field::Connection {
-            for token in tokens(value) {
-                if token.eq_ignore_ascii_case(b"close") {
-                    self.close = true;
-                } else if token.eq_ignore_ascii_case(b"keep-alive") {
-                    self.keep_alive = true;
-                } else if token.eq_ignore_ascii_case(b"upgrade") {
-                    self.upgrade = true;
-                } else {
-                    self.nominates = true;
+            Field::TransferEncoding => {
+                self.transfer_encoding = true;
+                for token in value.split(|&b| b == b',').map(<[u8]>::trim_ascii) {
+                    let chunked = token.eq_ignore_ascii_case(b"chunked");
+                    // Only `chunked`, once: a proxy that removes the field must undo every
+                    // coding it lists, and no other transfer coding is in use.
+                    self.other_coding |= !chunked || self.chunked_last;
+                    self.chunked_last = chunked;
                 }
             }
-        } else if field == Field::Expect {
-            self.expect_continue |= value.eq_ignore_ascii_case(b"100-continue");
-        } else if field == Field::Date {
-            self.date = true;
+            Field::Connection => {
+                for token in tokens(value) {
+                    if token.eq_ignore_ascii_case(b"close") {
+                        self.close = true;
+                    } else if token.eq_ignore_ascii_case(b"keep-alive") {
+                        self.keep_alive = true;
+                    } else if token.eq_ignore_ascii_case(b"upgrade") {
+                        self.upgrade = true;
+                    } else {
+                        self.nominates = true;
+                    }
+                }
+            }
+            Field::Expect => {
+                self.expect_continue |= value.eq_ignore_ascii_case(b"100-continue");
+            }
+            Field::HopByHop | Field::Other => {}
         }
     }
 

@@ -1,10 +1,11 @@
 //! HTTP/1.1 on the wire (RFC 9112): message heads to and from the `http` types, and bodies
 //! in their framing.
 //!
-//! This is the codec under the proxy's upstream connections (see `proxy::exchange`), which
-//! run in the task of the request they carry: hyper's client connection runs a task of its
-//! own per connection, with channels for requests, responses and body data between the two,
-//! and keeps its buffers while the connection sits idle in the pool.
+//! This is the codec under both ends of an HTTP/1.1 exchange: the server's connections
+//! (see `server::h1`) and the proxy's upstream connections (see `proxy::exchange`), which
+//! run in the task of the request they carry. hyper's connections run a task each, with
+//! channels for requests, responses and body data between it and the caller, and keep their
+//! buffers while the connection sits idle; here an idle connection holds its socket only.
 //!
 //! Parsing is `httparse` (what hyper uses); what is built on it is strict where a lenient
 //! reading could be exploited: ambiguous framing (`Content-Length` with

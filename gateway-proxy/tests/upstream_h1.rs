@@ -274,3 +274,36 @@ async fn request_bodies_keep_their_length_or_are_chunked() {
         "{seen:?}"
     );
 }
+
+/// Finding 1 on the client side: an answer whose trailer section ends in a bare LF ends
+/// there; what follows it is not part of it and is never served as the next answer.
+#[tokio::test]
+async fn an_answer_whose_trailers_end_in_bare_lf_ends_there() {
+    // Ends in CRLF CRLF: cut there, the section would take these bytes with it unparsed,
+    // and the connection, its buffer empty, would be reused.
+    let smuggled = "HTTP/1.1 200 OK\r\nx-smuggled: 1\r\n\r\n";
+    for trailers in ["x-sum: 1\n\n", "\n"] {
+        let up = Scripted::start(move |n| match n {
+            0 => Reply::keep(format!(
+                "HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n\
+                 5\r\nfirst\r\n0\r\n{trailers}{smuggled}"
+            )),
+            _ => Reply::ok("fresh"),
+        })
+        .await;
+        let gw = gateway(&up).await;
+        let res = raw(gw.addr, &get("/")).await;
+        assert_eq!(
+            (status(&res), content(&res)),
+            (200, "first".into()),
+            "{res}"
+        );
+        let res = raw(gw.addr, &get("/")).await;
+        assert_eq!(
+            (status(&res), body_of(&res)),
+            (200, "fresh"),
+            "{trailers:?}"
+        );
+        assert_eq!(up.connections(), 2, "{trailers:?}");
+    }
+}

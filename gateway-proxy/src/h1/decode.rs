@@ -4,6 +4,7 @@ use std::fmt;
 
 use bytes::{Buf, Bytes, BytesMut};
 use http::HeaderMap;
+use http_body::SizeHint;
 
 use super::head::{self, MAX_HEADERS};
 
@@ -67,6 +68,22 @@ impl Decoder {
             Self::Length(left) => Some(*left),
             Self::Chunked(Chunked::Data(left)) => Some(*left),
             _ => None,
+        }
+    }
+
+    /// What is known of the body's length left, for [`http_body::Body::size_hint`]: exact
+    /// with `Content-Length`; with chunks, only a lower bound (the rest of the current
+    /// chunk), never an exact size, or a layer that asks would frame the body by it.
+    pub(crate) fn size_hint(&self) -> SizeHint {
+        match self {
+            Self::Length(left) => SizeHint::with_exact(*left),
+            Self::Chunked(Chunked::Done) => SizeHint::with_exact(0),
+            Self::Chunked(Chunked::Data(left)) => {
+                let mut hint = SizeHint::new();
+                hint.set_lower(*left);
+                hint
+            }
+            _ => SizeHint::new(),
         }
     }
 
@@ -157,17 +174,15 @@ impl Chunked {
                     *self = Self::Size;
                 }
                 Self::Trailers => {
-                    if buf.starts_with(b"\r\n") {
-                        buf.advance(2);
-                        *self = Self::Done;
-                        return Ok(Decoded::End);
-                    }
                     let Some(end) = section_end(buf)? else {
                         return more(eof);
                     };
                     let section = buf.split_to(end).freeze();
                     *self = Self::Done;
-                    return trailers(&section).map(Decoded::Trailers);
+                    return match trailers(&section)? {
+                        Some(fields) => Ok(Decoded::Trailers(fields)),
+                        None => Ok(Decoded::End),
+                    };
                 }
                 Self::Done => return Ok(Decoded::End),
             }
@@ -215,25 +230,36 @@ fn chunk_size(line: &[u8]) -> Result<u64, InvalidBody> {
 
 /// The length of the trailer section at the start of `buf` (field lines and the empty
 /// line after them), once it is complete.
+///
+/// NOTE: the end is found by the parser that reads the fields, by the same rules as the
+/// end of a head (a line may end in a bare LF, RFC 9112 §2.2), never by looking for CRLF
+/// CRLF: a section the parser ends earlier than such a search would leave bytes that
+/// belong to no message (the next request, pipelined behind the body).
 fn section_end(buf: &[u8]) -> Result<Option<usize>, InvalidBody> {
     let window = &buf[..buf.len().min(MAX_TRAILERS)];
-    match window.windows(4).position(|w| w == b"\r\n\r\n") {
-        Some(at) => Ok(Some(at + 4)),
-        None if buf.len() >= MAX_TRAILERS => Err(InvalidBody("the trailer section is too large")),
-        None => Ok(None),
+    let mut fields = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    match httparse::parse_headers(window, &mut fields) {
+        Ok(httparse::Status::Complete((len, _))) => Ok(Some(len)),
+        Ok(httparse::Status::Partial) if buf.len() >= MAX_TRAILERS => {
+            Err(InvalidBody("the trailer section is too large"))
+        }
+        Ok(httparse::Status::Partial) => Ok(None),
+        Err(_) => Err(InvalidBody("the trailer section is malformed")),
     }
 }
 
-/// The fields of a trailer section, without those a trailer must not carry: framing,
-/// routing and connection control (RFC 9110 §6.5.1), which a proxy never forwards.
-fn trailers(section: &Bytes) -> Result<HeaderMap, InvalidBody> {
+/// The fields of a complete trailer section (`None` when it has none), without those a
+/// trailer must not carry: framing, routing and connection control (RFC 9110 §6.5.1),
+/// which a proxy never forwards.
+fn trailers(section: &Bytes) -> Result<Option<HeaderMap>, InvalidBody> {
     let mut fields = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let parsed = match httparse::parse_headers(section, &mut fields) {
-        Ok(httparse::Status::Complete((_, parsed))) => parsed,
-        Ok(httparse::Status::Partial) | Err(_) => {
-            return Err(InvalidBody("the trailer section is malformed"));
-        }
+        Ok(httparse::Status::Complete((len, parsed))) if len == section.len() => parsed,
+        _ => return Err(InvalidBody("the trailer section is malformed")),
     };
+    if parsed.is_empty() {
+        return Ok(None);
+    }
     let mut map =
         head::fields(section, parsed).map_err(|_| InvalidBody("a trailer is malformed"))?;
     for name in [
@@ -247,7 +273,7 @@ fn trailers(section: &Bytes) -> Result<HeaderMap, InvalidBody> {
     ] {
         map.remove(name);
     }
-    Ok(map)
+    Ok(Some(map))
 }
 
 // === impl InvalidBody ===
@@ -368,6 +394,53 @@ mod tests {
         assert!(matches!(decoder.decode(&mut buf, false), Ok(Decoded::Data(d)) if d == "abcd"));
         assert!(matches!(decoder.decode(&mut buf, false), Ok(Decoded::End)));
         assert_eq!(&buf[..], b"ef");
+    }
+
+    /// Every byte after a body belongs to the next message: the end of a trailer section
+    /// is where the field parser ends it, bare LF included (it used to be cut at the first
+    /// CRLF CRLF, and what lay between was lost: a pipelined request vanished).
+    #[test]
+    fn a_trailer_section_ends_where_its_fields_end() {
+        for (input, trailers) in [
+            (&b"3\r\nabc\r\n0\r\nX: 1\n\n"[..], 1),
+            (b"3\r\nabc\r\n0\r\n\n", 0),
+            (b"3\r\nabc\r\n0\r\nX: y\n\r\n", 1),
+            (b"3\r\nabc\r\n0\r\nX: y\r\n\n", 1),
+            (b"3\r\nabc\r\n0\r\n\r\n", 0),
+        ] {
+            let next = b"GET /next HTTP/1.1\r\nhost: x\r\n\r\n";
+            let mut buf = BytesMut::from(&[input, &next[..]].concat()[..]);
+            let mut decoder = chunked();
+            let mut fields = None;
+            loop {
+                match decoder.decode(&mut buf, false).unwrap() {
+                    Decoded::Data(d) => assert_eq!(d, "abc"),
+                    Decoded::Trailers(t) => fields = Some(t),
+                    Decoded::End => break,
+                    Decoded::More => panic!("complete: {input:?}"),
+                }
+                if decoder.is_done() {
+                    break;
+                }
+            }
+            assert_eq!(&buf[..], next, "{:?}", String::from_utf8_lossy(input));
+            assert_eq!(fields.map_or(0, |f| f.len()), trailers);
+        }
+    }
+
+    /// Finding 4c of the hardening review: a chunked body's size is never exact (it was the
+    /// rest of the current chunk, and a layer asking would have framed the body by it).
+    #[test]
+    fn a_chunked_body_has_no_exact_size() {
+        let mut decoder = chunked();
+        let mut buf = BytesMut::from(&b"5\r\nhel"[..]);
+        assert!(matches!(
+            decoder.decode(&mut buf, false),
+            Ok(Decoded::Data(_))
+        ));
+        let hint = decoder.size_hint();
+        assert_eq!((hint.lower(), hint.exact()), (2, None));
+        assert_eq!(Decoder::Length(7).size_hint().exact(), Some(7));
     }
 
     #[test]

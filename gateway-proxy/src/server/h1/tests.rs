@@ -315,3 +315,25 @@ async fn an_idle_connection_is_closed_when_the_server_drains() {
     let done = tokio::time::timeout(Duration::from_secs(5), &mut h.task).await;
     assert!(matches!(done, Ok(Ok(Ok(())))), "the server stops at once");
 }
+
+/// Finding 1 of the hardening review: a trailer section that ends in a bare LF used to
+/// swallow the request pipelined behind it (the section was cut at the first CRLF CRLF).
+/// Every byte belongs to exactly one message: both requests are answered and seen.
+#[tokio::test]
+async fn a_trailer_section_ending_in_bare_lf_never_swallows_the_next_request() {
+    for trailers in ["X: 1\n\n", "\n", "X: y\n\r\n", "X: y\r\n\n"] {
+        let h = Harness::start(Reads::Echo, |s| s).await;
+        let mut c = TcpStream::connect(h.addr).await.unwrap();
+        let req = format!(
+            "POST /a HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n\
+             3\r\nabc\r\n0\r\n{trailers}\
+             GET /next HTTP/1.1\r\nHost: x\r\nconnection: close\r\n\r\n"
+        );
+        c.write_all(req.as_bytes()).await.unwrap();
+        let all = rest(&mut c).await;
+        let answers: Vec<_> = all.split("HTTP/1.1 200 OK").skip(1).collect();
+        assert_eq!(answers.len(), 2, "{trailers:?}: {all}");
+        assert!(answers[0].ends_with("\r\n\r\nabc"), "{trailers:?}: {all}");
+        assert_eq!(h.seen(), ["POST /a", "GET /next"], "{trailers:?}");
+    }
+}

@@ -111,6 +111,15 @@ impl Body {
         Self::from(bytes.into())
     }
 
+    /// Whether the whole body is in memory (empty, or one piece of bytes): reading it
+    /// never waits for anyone.
+    pub const fn is_complete(&self) -> bool {
+        matches!(
+            self.kind,
+            Kind::Empty | Kind::Full(_) | Kind::Guarded { .. }
+        )
+    }
+
     /// Fails the body with [`BodyIdleTimeout`] when no frame arrives for `timeout`.
     ///
     /// Applies to streaming bodies; empty and full bodies are complete already and are
@@ -335,7 +344,11 @@ impl IdleTimer {
             self.armed = false;
             return polled;
         }
-        let deadline = Instant::now() + self.timeout;
+        // NOTE: saturating: a timeout of "forever" (`Duration::MAX`) must not overflow.
+        let now = Instant::now();
+        let deadline = now
+            .checked_add(self.timeout)
+            .unwrap_or(now + Duration::from_secs(86_400 * 365 * 30));
         let sleep = match &mut self.sleep {
             Some(sleep) => {
                 if !self.armed {
@@ -481,6 +494,15 @@ mod tests {
     #[tokio::test]
     async fn full_body_yields_once() {
         assert_eq!(Body::from("hello").collect_bytes().await.unwrap(), "hello");
+    }
+
+    #[test]
+    fn only_bodies_in_memory_are_complete() {
+        assert!(Body::empty().is_complete());
+        assert!(Body::from("x").is_complete());
+        assert!(Body::from("x").with_guard(()).is_complete());
+        let (_tx, streaming) = ChannelBody::new();
+        assert!(!Body::new(streaming).is_complete());
     }
 
     #[tokio::test(start_paused = true)]

@@ -7,10 +7,14 @@
 //! | 502, 503, 504 response                         | [`Class::Retryable`]      |
 //! | other 5xx response                             | [`Class::Failure`]        |
 //! | error before the request left the gateway: `UpstreamConnect`, `CircuitOpen`, `NoHealthyUpstream`, `Overloaded` | [`Class::Retryable`] |
+//! | error of a 4xx kind: the client's side broke the exchange (its body aborted, malformed or stalled: `BadRequest`, `RequestTimeout`, `PayloadTooLarge`, ...) | [`Class::Client`] |
 //! | any other error (timeout, reset after sending, protocol) | [`Class::Failure`] |
 //!
-//! A 4xx is the client's problem, not the upstream's, so it counts as a success for health
-//! and breaking. Whether a `Retryable` outcome is actually retried (method idempotency,
+//! A 4xx response is the client's problem, not the upstream's, so it counts as a success
+//! for health and breaking. An *error* of a 4xx kind says nothing about the upstream at all
+//! (the exchange broke on the client's side before the upstream could answer), so it is
+//! [`Class::Client`]: neither a success nor a failure. Were it a failure, any client could
+//! get healthy endpoints ejected by aborting its uploads. Whether a `Retryable` outcome is actually retried (method idempotency,
 //! budgets) is the retry policy's decision; `Failure` means "the upstream may have acted on
 //! the request".
 
@@ -27,12 +31,22 @@ pub enum Class {
     Failure,
     /// The upstream failed in a way that is safe to try again elsewhere.
     Retryable,
+    /// The client's side broke the exchange (its request body aborted, malformed or too
+    /// slow, its connection gone). It says nothing about the upstream: passive health,
+    /// balancer latency and breakers leave it out, and it is never retried.
+    Client,
 }
 
 impl Class {
-    /// Whether the outcome is a failure, retryable or not.
+    /// Whether the outcome is a failure of the upstream, retryable or not.
     pub const fn is_failure(self) -> bool {
-        !matches!(self, Self::Success)
+        matches!(self, Self::Failure | Self::Retryable)
+    }
+
+    /// Whether the outcome says something about the upstream (anything but
+    /// [`Class::Client`]).
+    pub const fn is_upstream(self) -> bool {
+        !matches!(self, Self::Client)
     }
 }
 
@@ -57,6 +71,7 @@ pub fn error(err: &BoxError) -> Class {
         | ErrorKind::CircuitOpen
         | ErrorKind::NoHealthyUpstream
         | ErrorKind::Overloaded => Class::Retryable,
+        kind if kind.status().is_client_error() => Class::Client,
         _ => Class::Failure,
     }
 }
@@ -103,6 +118,14 @@ mod tests {
             Class::Failure
         );
         assert_eq!(error(&"boom".into()), Class::Failure);
+        // The client's side broke the exchange: nothing is said of the upstream.
+        for kind in [ErrorKind::BadRequest, ErrorKind::RequestTimeout] {
+            let wrapped: BoxError = Error::with_source(ErrorKind::BadGateway, e(kind)).into();
+            assert_eq!(error(&e(kind)), Class::Client, "{kind:?}");
+            // Wrapped in a gateway error of another kind, the outer kind decides.
+            assert_eq!(error(&wrapped), Class::Failure);
+        }
+        assert!(!Class::Client.is_failure() && !Class::Client.is_upstream());
         let ok: Result<Response<()>, BoxError> = Ok(Response::new(()));
         assert_eq!(result(&ok), Class::Success);
         assert!(!Class::Success.is_failure());

@@ -1,29 +1,73 @@
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::Arc;
-use std::task::{Context, Poll, ready};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::task::{Context, Poll, Waker, ready};
 
+use bytes::Bytes;
 use gateway_core::classify::{self, Class};
 use gateway_core::{Body, BoxError, Drain, Error, ErrorKind};
 use http::header::{CONNECTION, HeaderValue, UPGRADE, VIA};
 use http::{Response, StatusCode};
+use http_body::{Frame, SizeHint};
 use pin_project_lite::pin_project;
-use tokio::time::Sleep;
+use tokio::time::{Instant, Sleep};
 
 use super::client::{Sending, Sent};
 use super::exchange::Upgraded;
 use super::headers;
 use super::service::Shared;
 use crate::server::OnUpgrade;
+use crate::time::deadline;
 use crate::upstream::Selected;
 
 pin_project! {
     /// Response future of [`ReverseProxy`](super::ReverseProxy).
     pub struct ResponseFuture {
+        // The response-header timer: armed once the whole request has been sent.
         #[pin]
         timeout: Option<Sleep>,
+        // The request's body streams from the client: the timer waits for its end.
+        uploading: Option<Arc<Uploaded>>,
+        // The response-header timer is armed (or there is none).
+        armed: bool,
         state: State,
+    }
+}
+
+/// How a request body that streams from the client went out: when it was all sent (its
+/// last frame taken, or the body dropped), and whether it failed.
+///
+/// NOTE: the response-header timeout counts from the end of the upload, not from the
+/// endpoint's selection: a client's slow upload is not the upstream's slowness, and must
+/// neither time out a healthy upstream nor count against it. A failed upload (aborted,
+/// malformed, stalled) is the client's doing, whatever error the exchange then saw: it
+/// is recorded as [`Class::Client`].
+#[derive(Debug, Default)]
+pub(super) struct Uploaded {
+    state: Mutex<UploadState>,
+}
+
+#[derive(Debug, Default)]
+struct UploadState {
+    at: Option<Instant>,
+    failed: bool,
+    waiter: Option<Waker>,
+}
+
+pin_project! {
+    /// A request body streaming from the client, reporting to its [`Uploaded`].
+    pub(super) struct UploadBody {
+        #[pin]
+        inner: Body,
+        uploaded: Arc<Uploaded>,
+    }
+
+    impl PinnedDrop for UploadBody {
+        fn drop(this: Pin<&mut Self>) {
+            // Dropped before its end: the exchange is done with it.
+            this.uploaded.finish(false);
+        }
     }
 }
 
@@ -40,18 +84,25 @@ enum State {
 }
 
 impl ResponseFuture {
+    /// `uploading`: the request's body streams, and the response-header timer starts when
+    /// it has all been sent; otherwise (a body in memory, written with the head) the
+    /// timer starts at the endpoint's selection.
     pub(super) fn new(
         fut: Sending,
         shared: Arc<Shared>,
         selected: Selected,
         is_head: bool,
         upgrade: Option<(OnUpgrade, Option<Drain>)>,
+        uploading: Option<Arc<Uploaded>>,
     ) -> Self {
         Self {
             // From the selection's clock reading: one clock read fewer per request.
-            timeout: shared
-                .response_header_timeout
-                .map(|timeout| tokio::time::sleep_until(selected.started() + timeout)),
+            timeout: match uploading {
+                Some(_) => None,
+                None => header_timer(&shared, selected.started()),
+            },
+            armed: uploading.is_none(),
+            uploading,
             state: State::Waiting {
                 fut,
                 shared,
@@ -65,9 +116,19 @@ impl ResponseFuture {
     pub(super) const fn failed(err: Error) -> Self {
         Self {
             timeout: None,
+            uploading: None,
+            armed: true,
             state: State::Failed(Some(err)),
         }
     }
+}
+
+/// The response-header timer for a request sent at `sent`; none without a timeout.
+fn header_timer(shared: &Shared, sent: Instant) -> Option<Sleep> {
+    Some(tokio::time::sleep_until(deadline(
+        sent,
+        shared.response_header_timeout?,
+    )))
 }
 
 impl Future for ResponseFuture {
@@ -75,7 +136,14 @@ impl Future for ResponseFuture {
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.project();
-        let State::Waiting { fut, .. } = this.state else {
+        let mut timeout = this.timeout;
+        let State::Waiting {
+            fut,
+            selected,
+            shared,
+            ..
+        } = this.state
+        else {
             return Poll::Ready(match std::mem::replace(this.state, State::Done) {
                 State::Failed(Some(err)) => Err(err.into()),
                 _ => Err(Error::new(ErrorKind::Internal).into()),
@@ -84,7 +152,18 @@ impl Future for ResponseFuture {
         let result = match Pin::new(fut).poll(cx) {
             Poll::Ready(result) => result,
             Poll::Pending => {
-                if let Some(timeout) = this.timeout.as_pin_mut() {
+                if !*this.armed
+                    && let Some(uploading) = this.uploading
+                {
+                    // The timer starts once the body is all sent.
+                    let Some(at) = uploading.poll_sent(cx) else {
+                        return Poll::Pending;
+                    };
+                    *this.armed = true;
+                    selected.request_sent(at);
+                    timeout.set(header_timer(shared, at));
+                }
+                if let Some(timeout) = timeout.as_pin_mut() {
                     ready!(timeout.poll(cx));
                     if let State::Waiting { selected, .. } =
                         std::mem::replace(this.state, State::Done)
@@ -114,9 +193,103 @@ impl Future for ResponseFuture {
             }) => respond(response, stripped, upgraded, &shared, is_head, upgrade),
             Err(err) => Err(err.into()),
         };
-        selected.record(classify::result(&outcome));
+        let class = match &outcome {
+            Err(_) if this.uploading.as_ref().is_some_and(|u| u.failed()) => Class::Client,
+            outcome => classify::result(outcome),
+        };
+        selected.record(class);
         // The request stays in flight on its endpoint until the response body ends.
         Poll::Ready(outcome.map(|res| res.map(|body| body.with_guard(selected))))
+    }
+}
+
+// === impl Uploaded ===
+
+impl Uploaded {
+    /// When the body was all sent, once it has been; until then `cx` is woken when it is.
+    fn poll_sent(&self, cx: &Context<'_>) -> Option<Instant> {
+        let mut state = self.lock();
+        if state.at.is_none() {
+            match &state.waiter {
+                Some(waker) if waker.will_wake(cx.waker()) => {}
+                _ => state.waiter = Some(cx.waker().clone()),
+            }
+        }
+        state.at
+    }
+
+    /// Whether the body failed (on the client's side) before its end.
+    fn failed(&self) -> bool {
+        self.lock().failed
+    }
+
+    /// The body ended (or `failed`); the first call counts.
+    fn finish(&self, failed: bool) {
+        let waiter = {
+            let mut state = self.lock();
+            if state.at.is_some() {
+                return;
+            }
+            state.at = Some(Instant::now());
+            state.failed = failed;
+            state.waiter.take()
+        };
+        if let Some(waker) = waiter {
+            waker.wake();
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, UploadState> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+// === impl UploadBody ===
+
+impl UploadBody {
+    pub(super) fn new(inner: Body) -> (Self, Arc<Uploaded>) {
+        let uploaded = Arc::new(Uploaded::default());
+        let body = Self {
+            inner,
+            uploaded: Arc::clone(&uploaded),
+        };
+        (body, uploaded)
+    }
+}
+
+impl http_body::Body for UploadBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = self.project();
+        let polled = ready!(this.inner.poll_frame(cx));
+        match &polled {
+            None => this.uploaded.finish(false),
+            Some(Err(_)) => this.uploaded.finish(true),
+            Some(Ok(_)) => {}
+        }
+        Poll::Ready(polled.map(|frame| {
+            frame.map_err(|err| {
+                // The client's body failed: its kind if it has one (a stall is 408), 400
+                // otherwise (an HTTP/2 client reset its stream), never the upstream's 502.
+                match Error::kind_of(&*err) {
+                    ErrorKind::Internal => Error::with_source(ErrorKind::BadRequest, err).into(),
+                    _ => err,
+                }
+            })
+        }))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
     }
 }
 

@@ -12,7 +12,7 @@ use tower::Service;
 
 use super::client::{HttpClient, InvalidClient};
 use super::exchange::Outbound;
-use super::future::ResponseFuture;
+use super::future::{ResponseFuture, UploadBody};
 use super::headers::{self, X_FORWARDED_HOST, X_FORWARDED_PROTO};
 use crate::server::OnUpgrade;
 use crate::upstream::{InvalidEndpoint, Upstream};
@@ -202,9 +202,24 @@ where
         if let Some(idle) = shared.body_idle_timeout {
             body = body.idle_timeout(idle);
         }
+        // A body that streams in from the client: the response-header timer waits for
+        // its end, and its failure is the client's (see `future::Uploaded`).
+        let (body, uploading) = if body.is_complete() {
+            (body, None)
+        } else {
+            let (body, uploaded) = UploadBody::new(body);
+            (Body::new(body), Some(uploaded))
+        };
         let req = Request::from_parts(head, body);
         let fut = shared.client.send(selected.endpoint(), req, out);
-        ResponseFuture::new(fut, Arc::clone(&self.shared), selected, is_head, on_upgrade)
+        ResponseFuture::new(
+            fut,
+            Arc::clone(&self.shared),
+            selected,
+            is_head,
+            on_upgrade,
+            uploading,
+        )
     }
 }
 

@@ -449,14 +449,30 @@ impl Selected {
         &self.endpoint
     }
 
-    /// When the endpoint was chosen: the start of the request's time on it.
+    /// The start of the request's time on the endpoint: when the endpoint was chosen, or
+    /// when the request's body had all been sent, once [`request_sent`](Self::request_sent)
+    /// has said so.
     pub fn started(&self) -> Instant {
         self.started
     }
 
+    /// Says the request's streamed body was all sent at `at`: the endpoint's time (its
+    /// response-time sample) starts then, so that a client's slow upload is not counted as
+    /// the upstream's latency.
+    pub fn request_sent(&mut self, at: Instant) {
+        self.started = self.started.max(at);
+    }
+
     /// Records the request's outcome (as judged by [`gateway_core::classify`]) and, as a
-    /// response-time sample, the time since the endpoint was selected.
+    /// response-time sample, the time since [`started`](Self::started).
+    ///
+    /// An outcome of [`Class::Client`] (the client's side broke the exchange) says
+    /// nothing about the endpoint and is not recorded at all: neither as a failure for
+    /// outlier detection nor as a response time for the balancer.
     pub fn record(&self, class: Class) {
+        if !class.is_upstream() {
+            return;
+        }
         let now = Instant::now();
         self.endpoint
             .observe_rtt(now.saturating_duration_since(self.started), now);
@@ -558,6 +574,28 @@ mod tests {
         assert_eq!(s.endpoint().consecutive_failures(), 2);
         s.record(Class::Success);
         assert_eq!(s.endpoint().consecutive_failures(), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn client_caused_outcomes_say_nothing_about_the_endpoint() {
+        let up = Upstream::single("a:1").unwrap();
+        let s = up.select(&parts()).unwrap();
+        tokio::time::advance(Duration::from_millis(100)).await;
+        s.record(Class::Failure);
+        let slow = up.select(&parts()).unwrap();
+        tokio::time::advance(Duration::from_secs(1)).await;
+        let now = Instant::now();
+        let before = s.endpoint().rtt_estimate(now);
+        for _ in 0..10 {
+            slow.record(Class::Client);
+        }
+        // Neither failures, nor a success that resets the count, nor a 1 s sample.
+        assert_eq!(s.endpoint().consecutive_failures(), 1);
+        assert_eq!(s.endpoint().rtt_estimate(now), before);
+        // An outcome of the upstream's is recorded (the test can fail).
+        slow.record(Class::Success);
+        assert_eq!(s.endpoint().consecutive_failures(), 0);
+        assert_ne!(s.endpoint().rtt_estimate(now), before);
     }
 
     fn outlier_upstream(n: usize, outlier: OutlierDetection, all: WhenAllUnhealthy) -> Upstream {

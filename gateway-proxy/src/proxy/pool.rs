@@ -239,23 +239,31 @@ impl Pool {
 /// Closes idle connections once they have been idle for the pool's timeout, and those the
 /// upstream has closed; ends when the pool has no idle connection left or is gone.
 async fn reap(pool: Weak<Pool>) {
+    let mut closing = Vec::new();
     loop {
         let next = {
             let Some(pool) = pool.upgrade() else { return };
             let mut state = pool.lock();
             let now = Instant::now();
-            let timeout = pool.idle_timeout;
-            state
+            let expiry = |since: Instant| crate::time::deadline(since, pool.idle_timeout);
+            // NOTE: the sockets are closed below, outside the lock every checkout takes.
+            let expired = state.idle.extract_if(.., |idle| {
+                expiry(idle.since) <= now || !idle.io.is_idle_and_open()
+            });
+            closing.extend(expired.map(|idle| idle.io));
+            let next = state
                 .idle
-                .retain(|idle| now < idle.since + timeout && idle.io.is_idle_and_open());
-            match state.idle.iter().map(|idle| idle.since).min() {
-                Some(oldest) => (oldest + timeout).min(now + CLOSED_CHECK),
-                None => {
-                    state.reaping = false;
-                    return;
-                }
+                .iter()
+                .map(|idle| idle.since)
+                .min()
+                .map(|oldest| expiry(oldest).min(now + CLOSED_CHECK));
+            if next.is_none() {
+                state.reaping = false;
             }
+            next
         };
+        closing.clear();
+        let Some(next) = next else { return };
         tokio::time::sleep_until(next).await;
     }
 }

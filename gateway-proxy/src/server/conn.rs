@@ -10,9 +10,12 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use gateway_core::{Body, BoxError, ConnectInfo, Drain};
+use http::header::{CONTENT_LENGTH, COOKIE, HeaderValue};
 use http::{Request, Response};
+use http_body::Body as _;
+use http_body_util::BodyExt as _;
 use hyper::body::Incoming;
 use hyper::server::conn::http2;
 use hyper_util::rt::{TokioExecutor, TokioIo};
@@ -26,7 +29,9 @@ use tower::ServiceExt;
 use tower::util::Oneshot;
 
 use super::h1::{self, Limits, Transport};
-use crate::io::Coalesce;
+use crate::buffers;
+use crate::io::{Coalesce, Rewind};
+use crate::time::deadline;
 
 /// What every connection task shares.
 pub(super) struct Shared {
@@ -94,52 +99,65 @@ pub(super) async fn serve<S, B>(
                 )
                 .await;
             } else {
-                run_h1(stream, info, service, &shared, graceful).await;
+                run_h1(stream, BytesMut::new(), info, service, &shared, graceful).await;
             }
         })
         .await;
         return;
     }
-    let h2 = match tokio::time::timeout(shared.header_read_timeout, sniff_h2c(&stream)).await {
-        Ok(Ok(Some(h2))) => h2,
-        // Closed, or failed, before sending a byte.
-        Ok(Ok(None) | Err(_)) => return,
-        Err(_) => {
-            tracing::debug!(%peer, "no request within the header-read timeout");
-            return;
-        }
-    };
+    let (h2, first) =
+        match tokio::time::timeout(shared.header_read_timeout, sniff_h2c(&stream)).await {
+            Ok(Ok(Some(sniffed))) => sniffed,
+            // Closed, or failed, before sending a byte.
+            Ok(Ok(None) | Err(_)) => return,
+            Err(_) => {
+                tracing::debug!(%peer, "no request within the header-read timeout");
+                return;
+            }
+        };
     if h2 {
-        let io = Coalesce::new(TokioIo::new(stream));
+        let io = Coalesce::new(TokioIo::new(Rewind::new(stream, first.freeze())));
         Box::pin(run_h2(io, info, service, &shared, graceful)).await;
     } else {
-        run_h1(stream, info, service, &shared, graceful).await;
+        run_h1(stream, first, info, service, &shared, graceful).await;
     }
 }
 
 /// Whether a plain-text client opens with the HTTP/2 connection preface (h2c with prior
-/// knowledge), judged from the first bytes without consuming them; `None` when it closed
-/// before sending anything.
+/// knowledge), judged from its first bytes, which are returned with the answer for the
+/// protocol to read first; `None` when it closed before sending anything.
 ///
 /// No HTTP/1.1 method starts with `PRI` (RFC 9113 §3.4 reserves it for the preface), and
 /// three bytes tell it from `POST`, `PUT`, `PATCH` and `PROPFIND`.
-async fn sniff_h2c(stream: &TcpStream) -> io::Result<Option<bool>> {
+///
+/// NOTE: the bytes are read, not peeked: a peek returns at once with the same bytes for
+/// as long as no more arrive, so a client that sends `P` and stops would have the sniff
+/// spin (it once slept 1 ms between peeks: a thousand such clients cost most of a core).
+async fn sniff_h2c(stream: &TcpStream) -> io::Result<Option<(bool, BytesMut)>> {
     const PREFIX: &[u8] = b"PRI";
-    let mut buf = [0u8; PREFIX.len()];
+    let mut buf = BytesMut::new();
     loop {
-        let n = stream.peek(&mut buf).await?;
-        if n == 0 {
-            return Ok(None);
+        stream.readable().await?;
+        if buf.capacity() == 0 {
+            // Taken once the client has sent something, as a connection's read buffer is.
+            buf = buffers::take();
         }
+        match stream.try_read_buf(&mut buf) {
+            Ok(0) => {
+                buffers::give(buf);
+                return Ok(None);
+            }
+            Ok(_) => {}
+            Err(err) if err.kind() == io::ErrorKind::WouldBlock => continue,
+            Err(err) => return Err(err),
+        }
+        let n = buf.len().min(PREFIX.len());
         if buf[..n] != PREFIX[..n] {
-            return Ok(Some(false));
+            return Ok(Some((false, buf)));
         }
         if n == PREFIX.len() {
-            return Ok(Some(true));
+            return Ok(Some((true, buf)));
         }
-        // A prefix of `PRI` so far: peeking again returns at once with the same bytes, so
-        // wait a little for more (the caller's timeout bounds this).
-        tokio::time::sleep(Duration::from_millis(1)).await;
     }
 }
 
@@ -156,6 +174,7 @@ fn activity() -> Arc<Activity> {
 /// complete within the header-read timeout of the connection opening or going idle.
 async fn run_h1<I, S, B>(
     io: I,
+    first: BytesMut,
     info: ConnectInfo,
     service: S,
     shared: &Shared,
@@ -181,6 +200,7 @@ async fn run_h1<I, S, B>(
     let mut timer = std::pin::pin!(tokio::time::sleep(idle.limit));
     let conn = h1::Conn::new(
         io,
+        first,
         service,
         shared.limits,
         info,
@@ -332,10 +352,10 @@ async fn drive<C, E>(
             Event::Timer => {
                 let now = Instant::now();
                 let Some(since) = activity.idle_since() else {
-                    timer.as_mut().reset(now + idle.limit);
+                    timer.as_mut().reset(deadline(now, idle.limit));
                     continue;
                 };
-                if since + idle.limit <= now {
+                if deadline(since, idle.limit) <= now {
                     if idle.hard {
                         tracing::debug!(peer = %info.peer, "no request head within the idle limit; closing");
                         return;
@@ -345,7 +365,7 @@ async fn drive<C, E>(
                     closing = true;
                     continue;
                 }
-                timer.as_mut().reset(since + idle.limit);
+                timer.as_mut().reset(deadline(since, idle.limit));
             }
         }
     }
@@ -397,6 +417,8 @@ struct ConnService<S> {
     info: ConnectInfo,
     drain: Drain,
     activity: Arc<Activity>,
+    /// How long a request may hold its stream open after its head: see [`Admit::Hold`].
+    hold_timeout: Duration,
 }
 
 impl<S> ConnService<S> {
@@ -406,6 +428,7 @@ impl<S> ConnService<S> {
             info,
             drain: shared.drain.clone(),
             activity: Arc::clone(activity),
+            hold_timeout: shared.header_read_timeout,
         }
     }
 }
@@ -427,11 +450,99 @@ where
         req.extensions_mut().insert(self.info);
         req.extensions_mut().insert(self.drain.clone());
         self.activity.begin();
-        ConnFuture {
-            fut: self.inner.clone().oneshot(req),
-            guard: Some(InFlight(Arc::clone(&self.activity))),
-        }
+        let guard = Some(InFlight(Arc::clone(&self.activity)));
+        let (state, fut) = match downgrade(&mut req) {
+            Err(malformed) => {
+                tracing::debug!(peer = %self.info.peer, reason = malformed, "malformed HTTP/2 request");
+                (Admit::Malformed, None)
+            }
+            Ok(Declared::Empty) if !http_body::Body::is_end_stream(req.body()) => {
+                let held = Held {
+                    svc: self.inner.clone(),
+                    req,
+                    timeout: Box::pin(tokio::time::sleep(self.hold_timeout)),
+                };
+                (Admit::Hold(Box::new(held)), None)
+            }
+            Ok(_) => (Admit::Ready, Some(self.inner.clone().oneshot(req))),
+        };
+        ConnFuture { fut, state, guard }
     }
+}
+
+/// What an HTTP/2 request's head says of its body.
+enum Declared {
+    /// `content-length: 0`.
+    Empty,
+    Other,
+}
+
+/// What becomes of an HTTP/2 request before the service sees it.
+enum Admit<S> {
+    /// Passed on.
+    Ready,
+    /// Malformed (RFC 9113 §8.1.1): the stream is reset with `PROTOCOL_ERROR`.
+    Malformed,
+    /// It declares an empty body but its stream is open: held until the stream ends, so
+    /// that DATA contradicting the declaration is refused before anything reaches the
+    /// upstream (as nginx and HAProxy do), at no cost in buffering.
+    Hold(Box<Held<S>>),
+}
+
+struct Held<S> {
+    svc: S,
+    req: Request<Body>,
+    timeout: Pin<Box<tokio::time::Sleep>>,
+}
+
+/// The checks an HTTP/2 request needs before it can become an HTTP/1.1 one upstream
+/// (those `h2` itself does not make), and the one rewrite: split `cookie` fields are
+/// joined (RFC 9113 §8.2.3).
+fn downgrade(req: &mut Request<Body>) -> Result<Declared, &'static str> {
+    // RFC 9113 §8.3.1: `:authority` MUST NOT include userinfo; it would otherwise travel
+    // on in `Host` or `X-Forwarded-Host`.
+    if req
+        .uri()
+        .authority()
+        .is_some_and(|a| a.as_str().contains('@'))
+    {
+        return Err("userinfo in :authority");
+    }
+    let mut cookies = req.headers().get_all(COOKIE).iter();
+    if cookies.next().is_some() && cookies.next().is_some() {
+        let joined = req
+            .headers()
+            .get_all(COOKIE)
+            .iter()
+            .map(HeaderValue::as_bytes)
+            .collect::<Vec<_>>()
+            .join(&b"; "[..]);
+        let joined = HeaderValue::from_bytes(&joined).map_err(|_| "a cookie field is malformed")?;
+        req.headers_mut().insert(COOKIE, joined);
+    }
+    let mut lengths = req.headers().get_all(CONTENT_LENGTH).iter();
+    let Some(length) = lengths.next() else {
+        return Ok(Declared::Other);
+    };
+    let length = std::str::from_utf8(length.as_bytes())
+        .ok()
+        .and_then(|l| l.parse::<u64>().ok())
+        .filter(|_| lengths.next().is_none())
+        .ok_or("content-length is malformed")?;
+    // RFC 9113 §8.1.1: a body that ends with the head must be what the head declared.
+    if length > 0 && http_body::Body::is_end_stream(req.body()) {
+        return Err("content-length with no body");
+    }
+    Ok(if length == 0 {
+        Declared::Empty
+    } else {
+        Declared::Other
+    })
+}
+
+/// The stream error of a malformed request.
+fn malformed() -> BoxError {
+    h2::Error::from(h2::Reason::PROTOCOL_ERROR).into()
 }
 
 pin_project! {
@@ -440,7 +551,8 @@ pin_project! {
         S: Service<Request<Body>>,
     {
         #[pin]
-        fut: Oneshot<S, Request<Body>>,
+        fut: Option<Oneshot<S, Request<Body>>>,
+        state: Admit<S>,
         guard: Option<InFlight>,
     }
 }
@@ -453,13 +565,62 @@ where
     type Output = Result<Response<TrackedBody<B>>, BoxError>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let this = self.project();
-        let res = ready!(this.fut.poll(cx)).map_err(Into::into)?;
+        let mut this = self.project();
+        match this.state {
+            Admit::Ready => {}
+            Admit::Malformed => return Poll::Ready(Err(malformed())),
+            Admit::Hold(held) => {
+                let body = ready!(held.poll_end(cx))?;
+                let Admit::Hold(held) = std::mem::replace(this.state, Admit::Ready) else {
+                    unreachable!("matched as Hold above")
+                };
+                let Held { svc, mut req, .. } = *held;
+                *req.body_mut() = body;
+                this.fut.set(Some(svc.oneshot(req)));
+            }
+        }
+        let Some(fut) = this.fut.as_pin_mut() else {
+            return Poll::Ready(Err(malformed()));
+        };
+        let res = ready!(fut.poll(cx)).map_err(Into::into)?;
         let guard = this.guard.take();
         Poll::Ready(Ok(res.map(|inner| TrackedBody {
             inner,
             _guard: guard,
         })))
+    }
+}
+
+impl<S> Held<S> {
+    /// Waits for the end of a body declared empty: its stream ends (perhaps with trailers,
+    /// which the body then carries) or an empty DATA frame comes first; any data is
+    /// malformed, and so is a stream left open past the header-read timeout.
+    fn poll_end(&mut self, cx: &mut Context<'_>) -> Poll<Result<Body, BoxError>> {
+        loop {
+            let frame = match Pin::new(self.req.body_mut()).poll_frame(cx) {
+                Poll::Ready(frame) => frame,
+                Poll::Pending => {
+                    ready!(self.timeout.as_mut().poll(cx));
+                    return Poll::Ready(Err(malformed()));
+                }
+            };
+            let frame = match frame {
+                None => return Poll::Ready(Ok(Body::empty())),
+                Some(Err(err)) => return Poll::Ready(Err(err)),
+                Some(Ok(frame)) => frame,
+            };
+            match frame.into_data() {
+                Ok(data) if data.is_empty() => {}
+                Ok(_) => return Poll::Ready(Err(malformed())),
+                Err(frame) => {
+                    let Ok(trailers) = frame.into_trailers() else {
+                        continue;
+                    };
+                    let trailers = std::future::ready(Some(Ok(trailers)));
+                    return Poll::Ready(Ok(Body::new(Body::empty().with_trailers(trailers))));
+                }
+            }
+        }
     }
 }
 

@@ -158,8 +158,10 @@ where
     B: http_body::Body<Data = Bytes> + Send + 'static,
     B::Error: Into<BoxError>,
 {
+    /// A connection on `io`, whose client has sent `first` already.
     pub(super) fn new(
         io: I,
+        first: BytesMut,
         service: S,
         limits: Limits,
         info: ConnectInfo,
@@ -168,8 +170,8 @@ where
     ) -> Self {
         Self {
             io: Some(io),
-            read: BytesMut::new(),
-            unparsed: false,
+            unparsed: !first.is_empty(),
+            read: first,
             eof: false,
             write: WriteBuf::default(),
             service,

@@ -64,8 +64,8 @@ struct Slot {
     error: Option<BoxError>,
     /// The reader asked for the next piece and has none.
     wants: bool,
-    /// Body bytes still to come, when the framing says.
-    remaining: Option<u64>,
+    /// What the framing says of the body bytes still to come.
+    hint: SizeHint,
     reader: Option<Waker>,
     conn: Option<Waker>,
     /// The reader is gone.
@@ -79,7 +79,7 @@ struct Truncated(&'static str);
 /// A body and the feed that fills it.
 pub(super) fn channel(decoder: Decoder, expect_continue: bool) -> (RequestBody, Feed) {
     let slot = Arc::new(Mutex::new(Slot {
-        remaining: decoder.remaining(),
+        hint: decoder.size_hint(),
         ..Slot::default()
     }));
     let body = RequestBody {
@@ -150,10 +150,12 @@ impl http_body::Body for RequestBody {
             Some(piece) => piece.data_ref().map_or(0, |d| d.len() as u64),
             None => 0,
         };
-        match slot.remaining {
-            Some(left) => SizeHint::with_exact(left + buffered),
-            None => SizeHint::default(),
+        let mut hint = SizeHint::new();
+        hint.set_lower(slot.hint.lower() + buffered);
+        if let Some(upper) = slot.hint.upper() {
+            hint.set_upper(upper + buffered);
         }
+        hint
     }
 }
 
@@ -228,7 +230,7 @@ impl Feed {
                 let fed = match self.decoder.decode(read, self.eof) {
                     Ok(Decoded::More) => None,
                     Ok(Decoded::Data(data)) => {
-                        slot.remaining = self.decoder.remaining();
+                        slot.hint = self.decoder.size_hint();
                         slot.piece = Some(Frame::data(data));
                         slot.end = self.decoder.is_done();
                         Some(slot.end.then_some(Fed::Complete))

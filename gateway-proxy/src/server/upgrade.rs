@@ -10,22 +10,33 @@ use std::fmt;
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
-use std::sync::{Arc, Mutex, PoisonError};
-use std::task::{Context, Poll, ready};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::task::{Context, Poll, Waker};
 
 use bytes::Bytes;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::sync::oneshot;
 
 use crate::io::Rewind;
 
 /// Resolves to the connection once the server has answered the request with `101`.
 ///
 /// Take it out of the request's extensions before the request is consumed. Clones share
-/// the one connection: the first to be polled gets it.
+/// the one connection: the first to be polled once it is there gets it, the others fail
+/// with [`NotUpgraded`]. Every clone being polled is woken when the switch happens or
+/// fails, whichever task polls it.
 #[derive(Clone)]
 pub struct OnUpgrade {
-    rx: Arc<Mutex<Option<oneshot::Receiver<Upgraded>>>>,
+    shared: Arc<Mutex<Handover>>,
+}
+
+/// The state an [`OnUpgrade`] and its clones share with the server's [`Pending`].
+enum Handover {
+    /// Not decided yet: the tasks waiting for it.
+    Waiting(Vec<Waker>),
+    /// Switched: the connection, for the first clone to take it.
+    Ready(Upgraded),
+    /// Taken by a clone, or the switch did not happen.
+    Gone,
 }
 
 /// A connection handed over after `101 Switching Protocols`: what the client sent after
@@ -44,26 +55,55 @@ pub(crate) trait Io: AsyncRead + AsyncWrite + Send + Unpin + 'static {}
 
 impl<T: AsyncRead + AsyncWrite + Send + Unpin + 'static> Io for T {}
 
-/// The server's half: hands the connection over.
+/// The server's half: hands the connection over (or, dropped, says it will not).
 pub(super) struct Pending {
-    tx: oneshot::Sender<Upgraded>,
+    shared: Arc<Mutex<Handover>>,
 }
 
 /// A pair for one request that asks to switch protocols.
 pub(super) fn pending() -> (Pending, OnUpgrade) {
-    let (tx, rx) = oneshot::channel();
-    let rx = Arc::new(Mutex::new(Some(rx)));
-    (Pending { tx }, OnUpgrade { rx })
+    let shared = Arc::new(Mutex::new(Handover::Waiting(Vec::new())));
+    (
+        Pending {
+            shared: Arc::clone(&shared),
+        },
+        OnUpgrade { shared },
+    )
+}
+
+fn lock(shared: &Mutex<Handover>) -> MutexGuard<'_, Handover> {
+    shared.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 // === impl Pending ===
 
 impl Pending {
     pub(super) fn fulfill(self, io: impl Io, read_ahead: Bytes) {
-        // The receiver may be gone (the service dropped it): the connection closes.
-        let _ = self.tx.send(Upgraded {
+        // Nobody may be left to take it (the service dropped every clone): then the
+        // connection closes with the last reference.
+        let upgraded = Upgraded {
             inner: Rewind::new(Box::new(io), read_ahead),
-        });
+        };
+        self.decide(Handover::Ready(upgraded));
+    }
+
+    fn decide(&self, outcome: Handover) {
+        let waiting = match std::mem::replace(&mut *lock(&self.shared), outcome) {
+            Handover::Waiting(wakers) => wakers,
+            _ => Vec::new(),
+        };
+        for waker in waiting {
+            waker.wake();
+        }
+    }
+}
+
+impl Drop for Pending {
+    fn drop(&mut self) {
+        // Not fulfilled (a fulfilled one has moved on from `Waiting`): no switch.
+        if matches!(*lock(&self.shared), Handover::Waiting(_)) {
+            self.decide(Handover::Gone);
+        }
     }
 }
 
@@ -73,13 +113,22 @@ impl Future for OnUpgrade {
     type Output = Result<Upgraded, NotUpgraded>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let mut rx = self.rx.lock().unwrap_or_else(PoisonError::into_inner);
-        let Some(pending) = rx.as_mut() else {
-            return Poll::Ready(Err(NotUpgraded));
-        };
-        let upgraded = ready!(Pin::new(pending).poll(cx)).map_err(|_| NotUpgraded);
-        *rx = None;
-        Poll::Ready(upgraded)
+        let mut shared = lock(&self.shared);
+        match &mut *shared {
+            Handover::Waiting(wakers) => {
+                // NOTE: one waker per task polling a clone, not one for them all: a clone
+                // polled from a second task must not take the first task's wake-up.
+                if !wakers.iter().any(|w| w.will_wake(cx.waker())) {
+                    wakers.push(cx.waker().clone());
+                }
+                Poll::Pending
+            }
+            Handover::Ready(_) => match std::mem::replace(&mut *shared, Handover::Gone) {
+                Handover::Ready(upgraded) => Poll::Ready(Ok(upgraded)),
+                _ => unreachable!("matched as Ready above"),
+            },
+            Handover::Gone => Poll::Ready(Err(NotUpgraded)),
+        }
     }
 }
 
@@ -134,3 +183,38 @@ impl fmt::Display for NotUpgraded {
 }
 
 impl std::error::Error for NotUpgraded {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Finding 4e of the hardening review: clones polled from two tasks both wake up (they
+    /// shared one receiver, which kept one waker: the other task was never woken).
+    #[tokio::test]
+    async fn every_clone_polled_is_woken() {
+        let (pending, on_upgrade) = pending();
+        let first = tokio::spawn(on_upgrade.clone());
+        let second = tokio::spawn(on_upgrade);
+        tokio::task::yield_now().await;
+        tokio::task::yield_now().await;
+        let (client, _server) = tokio::io::duplex(64);
+        pending.fulfill(client, Bytes::new());
+        let woken = |task| tokio::time::timeout(std::time::Duration::from_secs(5), task);
+        let results = [
+            woken(first).await.expect("woken").unwrap().is_ok(),
+            woken(second).await.expect("woken").unwrap().is_ok(),
+        ];
+        // One of them got the connection; the other was told, not left waiting.
+        assert_eq!(results.iter().filter(|ok| **ok).count(), 1, "{results:?}");
+    }
+
+    #[tokio::test]
+    async fn a_switch_that_does_not_happen_fails_every_clone() {
+        let (pending, on_upgrade) = pending();
+        let waiting = tokio::spawn(on_upgrade.clone());
+        tokio::task::yield_now().await;
+        drop(pending);
+        assert!(waiting.await.unwrap().is_err());
+        assert!(on_upgrade.await.is_err());
+    }
+}

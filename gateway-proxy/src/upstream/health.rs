@@ -17,6 +17,7 @@ use tokio_util::sync::CancellationToken;
 use super::Endpoint;
 use super::balance::fast_random;
 use crate::HttpClient;
+use crate::time::deadline;
 
 /// Active HTTP health checking, Kong- and Envoy-style.
 ///
@@ -175,11 +176,11 @@ impl HealthCheck {
 
     async fn run(&self, endpoint: &Endpoint) {
         let (mut passes, mut failures) = (0_u32, 0_u32);
-        let mut next = Instant::now() + self.random_jitter();
+        let mut next = deadline(Instant::now(), self.random_jitter());
         loop {
             sleep_until(next).await;
             let started = Instant::now();
-            next = started + self.interval + self.random_jitter();
+            next = deadline(started, self.interval.saturating_add(self.random_jitter()));
             let verdict = match timeout(self.timeout, self.probe(endpoint)).await {
                 Ok(verdict) => verdict,
                 Err(_) => Err(format!("no response within {:?}", self.timeout)),

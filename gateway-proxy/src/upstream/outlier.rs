@@ -7,6 +7,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use super::Endpoint;
+use crate::time::deadline;
 
 /// Passive health checking: endpoints whose requests keep failing (as judged by
 /// [`gateway_core::classify`]: connect errors, resets, timeouts, 5xx) are ejected for a
@@ -104,7 +105,7 @@ impl OutlierDetection {
             .base_ejection
             .saturating_mul(count)
             .min(self.max_ejection);
-        endpoint.eject_until(now + duration);
+        endpoint.eject_until(deadline(now, duration));
         endpoint.failures.store(0, Ordering::Relaxed);
         tracing::warn!(%endpoint, ?duration, ejections = count, "ejecting failing endpoint");
     }

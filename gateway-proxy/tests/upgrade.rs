@@ -70,3 +70,37 @@ async fn h2c_upgrade_is_never_forwarded() {
     assert!(seen.header("upgrade").is_none());
     assert!(seen.header("http2-settings").is_none());
 }
+
+/// Issue 18, item 4: a tunnel with no bytes either way for the idle timeout is closed; one
+/// that keeps talking is not, however long it lives.
+#[tokio::test]
+async fn an_idle_tunnel_is_closed_and_an_active_one_is_not() {
+    use std::time::Duration;
+
+    let up = ws_echo_upstream().await;
+    let proxy =
+        gateway_proxy::ReverseProxy::builder(gateway_proxy::Upstream::single(&up.url()).unwrap())
+            .tunnel_idle_timeout(Some(Duration::from_millis(400)))
+            .build()
+            .unwrap();
+    let gw = Gateway::start(Router::new().route(Route::prefix("/"), proxy)).await;
+    let (mut ws, _) = tokio_tungstenite::connect_async(format!("ws://{}/ws", gw.addr))
+        .await
+        .unwrap();
+    // Active for three times the idle timeout: a message every 100 ms.
+    for i in 0..12 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let text = format!("ping {i}");
+        ws.send(Message::text(text.clone())).await.unwrap();
+        let echoed = ws.next().await.unwrap().unwrap();
+        assert_eq!(echoed.into_text().unwrap().as_str(), text);
+    }
+    // Then quiet: the gateway closes the tunnel (the stream ends or fails), well before
+    // the bound of this wait.
+    let ended = tokio::time::timeout(Duration::from_secs(5), ws.next()).await;
+    match ended {
+        Ok(None | Some(Err(_))) => {}
+        Ok(Some(Ok(msg))) => assert!(msg.is_close(), "{msg:?}"),
+        Err(_) => panic!("the idle tunnel was not closed"),
+    }
+}

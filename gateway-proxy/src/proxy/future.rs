@@ -1,8 +1,10 @@
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll, Waker, ready};
+use std::time::Duration;
 
 use bytes::Bytes;
 use gateway_core::classify::{self, Class};
@@ -11,6 +13,7 @@ use http::header::{CONNECTION, HeaderValue, UPGRADE, VIA};
 use http::{Response, StatusCode};
 use http_body::{Frame, SizeHint};
 use pin_project_lite::pin_project;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::{Instant, Sleep};
 
 use super::client::{Sending, Sent};
@@ -318,7 +321,7 @@ fn respond(
         }
         res.headers_mut()
             .insert(CONNECTION, HeaderValue::from_static("upgrade"));
-        let tunnel = tunnel(client, upstream);
+        let tunnel = tunnel(client, upstream, shared.tunnel_idle_timeout);
         match drain {
             Some(drain) => drop(drain.spawn(tunnel)),
             None => drop(tokio::spawn(tunnel)),
@@ -338,8 +341,9 @@ fn respond(
     })
 }
 
-/// Copies bytes both ways between the client's upgraded connection and the upstream's.
-async fn tunnel(client: OnUpgrade, mut upstream: Upgraded) {
+/// Copies bytes both ways between the client's upgraded connection and the upstream's,
+/// closing both once neither has sent anything for `idle`.
+async fn tunnel(client: OnUpgrade, mut upstream: Upgraded, idle: Option<Duration>) {
     let mut client = match client.await {
         Ok(client) => client,
         Err(err) => {
@@ -347,9 +351,85 @@ async fn tunnel(client: OnUpgrade, mut upstream: Upgraded) {
             return;
         }
     };
-    match tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
-        Ok((up, down)) => tracing::trace!(up, down, "tunnel closed"),
-        Err(err) => tracing::debug!(error = %err, "tunnel failed"),
+    let base = Instant::now();
+    // Milliseconds since `base` of the last bytes read from either side.
+    let last = AtomicU64::new(0);
+    let copied = {
+        let mut client = Active {
+            io: &mut client,
+            base,
+            last: &last,
+        };
+        let mut upstream = Active {
+            io: &mut upstream,
+            base,
+            last: &last,
+        };
+        let copy = tokio::io::copy_bidirectional(&mut client, &mut upstream);
+        match idle {
+            None => Some(copy.await),
+            Some(idle) => {
+                let mut copy = std::pin::pin!(copy);
+                loop {
+                    let quiet_since = base + Duration::from_millis(last.load(Ordering::Relaxed));
+                    let due = deadline(quiet_since, idle);
+                    if due <= Instant::now() {
+                        break None;
+                    }
+                    tokio::select! {
+                        copied = &mut copy => break Some(copied),
+                        () = tokio::time::sleep_until(due) => {}
+                    }
+                }
+            }
+        }
+    };
+    match copied {
+        Some(Ok((up, down))) => tracing::trace!(up, down, "tunnel closed"),
+        Some(Err(err)) => tracing::debug!(error = %err, "tunnel failed"),
+        None => tracing::debug!(?idle, "tunnel idle; closing it"),
+    }
+}
+
+/// One side of a tunnel, noting when it last had bytes to read.
+struct Active<'a, I> {
+    io: &'a mut I,
+    base: Instant,
+    last: &'a AtomicU64,
+}
+
+impl<I: AsyncRead + Unpin> AsyncRead for Active<'_, I> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        let before = buf.filled().len();
+        ready!(Pin::new(&mut *this.io).poll_read(cx, buf))?;
+        if buf.filled().len() > before {
+            let ms = u64::try_from(this.base.elapsed().as_millis()).unwrap_or(u64::MAX);
+            this.last.store(ms, Ordering::Relaxed);
+        }
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl<I: AsyncWrite + Unpin> AsyncWrite for Active<'_, I> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut *self.get_mut().io).poll_write(cx, buf)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut *self.get_mut().io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut *self.get_mut().io).poll_shutdown(cx)
     }
 }
 

@@ -37,6 +37,7 @@ pub struct ReverseProxyBuilder {
     rewrite: Option<(String, String)>,
     response_header_timeout: Option<Duration>,
     body_idle_timeout: Option<Duration>,
+    tunnel_idle_timeout: Option<Duration>,
 }
 
 /// What `Host` the upstream receives.
@@ -62,6 +63,7 @@ pub(super) struct Shared {
     rewrite: Option<(String, String)>,
     pub(super) response_header_timeout: Option<Duration>,
     pub(super) body_idle_timeout: Option<Duration>,
+    pub(super) tunnel_idle_timeout: Option<Duration>,
 }
 
 // === impl ReverseProxy ===
@@ -99,6 +101,7 @@ impl ReverseProxy {
             rewrite: None,
             response_header_timeout: Some(Duration::from_secs(60)),
             body_idle_timeout: Some(Duration::from_secs(60)),
+            tunnel_idle_timeout: Some(Duration::from_secs(300)),
         }
     }
 
@@ -400,8 +403,11 @@ impl ReverseProxyBuilder {
         self
     }
 
-    /// How long to wait for the upstream's response head after sending the request head
-    /// (default 60 s); `None` waits forever. Elapsed → 504.
+    /// How long to wait for the upstream's response head once the request is sent (default
+    /// 60 s); `None` waits forever. Elapsed → 504.
+    ///
+    /// A request body that streams from the client is sent when its last byte is: the timer
+    /// starts then, so a slow upload is never the upstream's timeout.
     ///
     /// ```
     /// # use gateway_proxy::{ReverseProxy, Upstream}; use std::time::Duration;
@@ -422,6 +428,19 @@ impl ReverseProxyBuilder {
     /// ```
     pub fn body_idle_timeout(&mut self, timeout: Option<Duration>) -> &mut Self {
         self.body_idle_timeout = timeout;
+        self
+    }
+
+    /// How long an upgraded connection (a WebSocket, say) may carry no bytes in either
+    /// direction before both sides are closed (default 5 min); `None` keeps idle tunnels
+    /// open until a side closes them, or the server drains.
+    ///
+    /// ```
+    /// # use gateway_proxy::{ReverseProxy, Upstream}; use std::time::Duration;
+    /// ReverseProxy::builder(Upstream::single("a:80").unwrap()).tunnel_idle_timeout(Some(Duration::from_secs(60)));
+    /// ```
+    pub fn tunnel_idle_timeout(&mut self, timeout: Option<Duration>) -> &mut Self {
+        self.tunnel_idle_timeout = timeout;
         self
     }
 
@@ -457,6 +476,7 @@ impl ReverseProxyBuilder {
                 rewrite: self.rewrite.clone(),
                 response_header_timeout: self.response_header_timeout,
                 body_idle_timeout: self.body_idle_timeout,
+                tunnel_idle_timeout: self.tunnel_idle_timeout,
             }),
         })
     }

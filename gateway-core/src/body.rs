@@ -344,11 +344,7 @@ impl IdleTimer {
             self.armed = false;
             return polled;
         }
-        // NOTE: saturating: a timeout of "forever" (`Duration::MAX`) must not overflow.
-        let now = Instant::now();
-        let deadline = now
-            .checked_add(self.timeout)
-            .unwrap_or(now + Duration::from_secs(86_400 * 365 * 30));
+        let deadline = crate::time::deadline(Instant::now(), self.timeout);
         let sleep = match &mut self.sleep {
             Some(sleep) => {
                 if !self.armed {

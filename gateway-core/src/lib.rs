@@ -12,6 +12,7 @@
 //!   [`Drain`].
 //! - [`classify`]: one judgement of upstream outcomes for retries, breakers, health and
 //!   metrics.
+//! - [`time::deadline`]: configured durations as deadlines, "forever" included.
 //! - `test_util` (feature `test-util`): in-process upstreams and raw-socket helpers.
 
 #![forbid(unsafe_code)]
@@ -26,6 +27,7 @@ pub mod plugin;
 pub mod rescue;
 #[cfg(feature = "test-util")]
 pub mod test_util;
+pub mod time;
 
 pub use body::{Body, BodyIdleTimeout};
 pub use client_ip::ClientIpLayer;

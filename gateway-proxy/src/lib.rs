@@ -15,7 +15,6 @@ mod io;
 pub mod proxy;
 pub mod router;
 pub mod server;
-mod time;
 pub mod upstream;
 
 pub use proxy::{HostHeader, HttpClient, HttpClientBuilder, ReverseProxy};

@@ -21,8 +21,8 @@ use super::exchange::Upgraded;
 use super::headers;
 use super::service::Shared;
 use crate::server::OnUpgrade;
-use crate::time::deadline;
 use crate::upstream::Selected;
+use gateway_core::time::deadline;
 
 pin_project! {
     /// Response future of [`ReverseProxy`](super::ReverseProxy).

@@ -245,7 +245,7 @@ async fn reap(pool: Weak<Pool>) {
             let Some(pool) = pool.upgrade() else { return };
             let mut state = pool.lock();
             let now = Instant::now();
-            let expiry = |since: Instant| crate::time::deadline(since, pool.idle_timeout);
+            let expiry = |since: Instant| gateway_core::time::deadline(since, pool.idle_timeout);
             // NOTE: the sockets are closed below, outside the lock every checkout takes.
             let expired = state.idle.extract_if(.., |idle| {
                 expiry(idle.since) <= now || !idle.io.is_idle_and_open()

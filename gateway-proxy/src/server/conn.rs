@@ -31,7 +31,7 @@ use tower::util::Oneshot;
 use super::h1::{self, Limits, Transport};
 use crate::buffers;
 use crate::io::{Coalesce, Rewind};
-use crate::time::deadline;
+use gateway_core::time::deadline;
 
 /// What every connection task shares.
 pub(super) struct Shared {

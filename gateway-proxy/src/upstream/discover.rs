@@ -262,7 +262,7 @@ impl Stream for DnsDiscovery {
             if let Some(resolving) = this.resolving.as_mut() {
                 let result = ready!(resolving.as_mut().poll(cx));
                 this.resolving = None;
-                let deadline = crate::time::deadline(Instant::now(), this.interval);
+                let deadline = gateway_core::time::deadline(Instant::now(), this.interval);
                 match this.next.as_mut() {
                     Some(next) => next.as_mut().reset(deadline),
                     None => this.next = Some(Box::pin(sleep_until(deadline))),

@@ -17,7 +17,7 @@ use tokio_util::sync::CancellationToken;
 use super::Endpoint;
 use super::balance::fast_random;
 use crate::HttpClient;
-use crate::time::deadline;
+use gateway_core::time::deadline;
 
 /// Active HTTP health checking, Kong- and Envoy-style.
 ///

@@ -7,7 +7,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use super::Endpoint;
-use crate::time::deadline;
+use gateway_core::time::deadline;
 
 /// Passive health checking: endpoints whose requests keep failing (as judged by
 /// [`gateway_core::classify`]: connect errors, resets, timeouts, 5xx) are ejected for a

@@ -15,6 +15,7 @@ mod io;
 pub mod proxy;
 pub mod router;
 pub mod server;
+mod task;
 pub mod upstream;
 
 pub use proxy::{HostHeader, HttpClient, HttpClientBuilder, ReverseProxy};

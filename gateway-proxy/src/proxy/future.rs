@@ -21,6 +21,7 @@ use super::exchange::Upgraded;
 use super::headers;
 use super::service::Shared;
 use crate::server::OnUpgrade;
+use crate::task::register;
 use crate::upstream::Selected;
 use gateway_core::time::deadline;
 
@@ -30,10 +31,7 @@ pin_project! {
         // The response-header timer: armed once the whole request has been sent.
         #[pin]
         timeout: Option<Sleep>,
-        // The request's body streams from the client: the timer waits for its end.
-        uploading: Option<Arc<Uploaded>>,
-        // The response-header timer is armed (or there is none).
-        armed: bool,
+        upload: Upload,
         state: State,
     }
 }
@@ -49,6 +47,16 @@ pin_project! {
 #[derive(Debug, Default)]
 pub(super) struct Uploaded {
     state: Mutex<UploadState>,
+}
+
+/// Where the request's body is, for the response-header timer and the outcome's class.
+enum Upload {
+    /// In memory, written with the head: the timer runs from the endpoint's selection.
+    InMemory,
+    /// Streaming from the client: the timer waits for its end.
+    Streaming(Arc<Uploaded>),
+    /// All sent (or failed): the timer runs.
+    Sent { failed: bool },
 }
 
 #[derive(Debug, Default)]
@@ -87,7 +95,7 @@ enum State {
 }
 
 impl ResponseFuture {
-    /// `uploading`: the request's body streams, and the response-header timer starts when
+    /// `streaming`: the request's body streams, and the response-header timer starts when
     /// it has all been sent; otherwise (a body in memory, written with the head) the
     /// timer starts at the endpoint's selection.
     pub(super) fn new(
@@ -96,16 +104,16 @@ impl ResponseFuture {
         selected: Selected,
         is_head: bool,
         upgrade: Option<(OnUpgrade, Option<Drain>)>,
-        uploading: Option<Arc<Uploaded>>,
+        streaming: Option<Arc<Uploaded>>,
     ) -> Self {
-        Self {
+        let (timeout, upload) = match streaming {
+            Some(uploaded) => (None, Upload::Streaming(uploaded)),
             // From the selection's clock reading: one clock read fewer per request.
-            timeout: match uploading {
-                Some(_) => None,
-                None => header_timer(&shared, selected.started()),
-            },
-            armed: uploading.is_none(),
-            uploading,
+            None => (header_timer(&shared, selected.started()), Upload::InMemory),
+        };
+        Self {
+            timeout,
+            upload,
             state: State::Waiting {
                 fut,
                 shared,
@@ -119,8 +127,7 @@ impl ResponseFuture {
     pub(super) const fn failed(err: Error) -> Self {
         Self {
             timeout: None,
-            uploading: None,
-            armed: true,
+            upload: Upload::InMemory,
             state: State::Failed(Some(err)),
         }
     }
@@ -155,14 +162,12 @@ impl Future for ResponseFuture {
         let result = match Pin::new(fut).poll(cx) {
             Poll::Ready(result) => result,
             Poll::Pending => {
-                if !*this.armed
-                    && let Some(uploading) = this.uploading
-                {
+                if let Upload::Streaming(uploaded) = this.upload {
                     // The timer starts once the body is all sent.
-                    let Some(at) = uploading.poll_sent(cx) else {
+                    let Some((at, failed)) = uploaded.poll_sent(cx) else {
                         return Poll::Pending;
                     };
-                    *this.armed = true;
+                    *this.upload = Upload::Sent { failed };
                     selected.request_sent(at);
                     timeout.set(header_timer(shared, at));
                 }
@@ -197,7 +202,7 @@ impl Future for ResponseFuture {
             Err(err) => Err(err.into()),
         };
         let class = match &outcome {
-            Err(_) if this.uploading.as_ref().is_some_and(|u| u.failed()) => Class::Client,
+            Err(_) if this.upload.failed() => Class::Client,
             outcome => classify::result(outcome),
         };
         selected.record(class);
@@ -209,16 +214,14 @@ impl Future for ResponseFuture {
 // === impl Uploaded ===
 
 impl Uploaded {
-    /// When the body was all sent, once it has been; until then `cx` is woken when it is.
-    fn poll_sent(&self, cx: &Context<'_>) -> Option<Instant> {
+    /// When the body was all sent and whether it failed, once it is over; until then `cx`
+    /// is woken when it is.
+    fn poll_sent(&self, cx: &Context<'_>) -> Option<(Instant, bool)> {
         let mut state = self.lock();
         if state.at.is_none() {
-            match &state.waiter {
-                Some(waker) if waker.will_wake(cx.waker()) => {}
-                _ => state.waiter = Some(cx.waker().clone()),
-            }
+            register(&mut state.waiter, cx);
         }
-        state.at
+        state.at.map(|at| (at, state.failed))
     }
 
     /// Whether the body failed (on the client's side) before its end.
@@ -244,6 +247,19 @@ impl Uploaded {
 
     fn lock(&self) -> std::sync::MutexGuard<'_, UploadState> {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+// === impl Upload ===
+
+impl Upload {
+    /// Whether the request's body failed on the client's side (so far).
+    fn failed(&self) -> bool {
+        match self {
+            Self::InMemory => false,
+            Self::Streaming(uploaded) => uploaded.failed(),
+            Self::Sent { failed } => *failed,
+        }
     }
 }
 

@@ -20,6 +20,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 
 use crate::h1::decode::{Decoded, Decoder, InvalidBody};
 use crate::h1::encode::WriteBuf;
+use crate::task::register;
 
 /// A body read at most this much at a time.
 const READ_MAX: usize = 64 * 1024;
@@ -97,14 +98,6 @@ pub(super) fn channel(decoder: Decoder, expect_continue: bool) -> (RequestBody, 
 
 fn lock(slot: &Mutex<Slot>) -> MutexGuard<'_, Slot> {
     slot.lock().unwrap_or_else(PoisonError::into_inner)
-}
-
-/// Stores `cx`'s waker in `slot` unless the same one is there.
-fn register(slot: &mut Option<Waker>, cx: &Context<'_>) {
-    match slot {
-        Some(waker) if waker.will_wake(cx.waker()) => {}
-        _ => *slot = Some(cx.waker().clone()),
-    }
 }
 
 // === impl RequestBody ===

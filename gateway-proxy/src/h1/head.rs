@@ -397,7 +397,7 @@ impl Meta {
 }
 
 /// A `Content-Length` value: digits only, no sign, no overflow.
-fn parse_length(value: &[u8]) -> Option<u64> {
+pub(crate) fn parse_length(value: &[u8]) -> Option<u64> {
     if value.is_empty() || value.len() > 19 {
         return None;
     }

@@ -30,6 +30,7 @@ use tower::util::Oneshot;
 
 use super::h1::{self, Limits, Transport};
 use crate::buffers;
+use crate::h1::head::parse_length;
 use crate::io::{Coalesce, Rewind};
 use gateway_core::time::deadline;
 
@@ -451,22 +452,23 @@ where
         req.extensions_mut().insert(self.drain.clone());
         self.activity.begin();
         let guard = Some(InFlight(Arc::clone(&self.activity)));
-        let (state, fut) = match downgrade(&mut req) {
+        let state = match downgrade(&mut req) {
             Err(malformed) => {
                 tracing::debug!(peer = %self.info.peer, reason = malformed, "malformed HTTP/2 request");
-                (Admit::Malformed, None)
+                Admit::Malformed
             }
-            Ok(Declared::Empty) if !http_body::Body::is_end_stream(req.body()) => {
-                let held = Held {
+            Ok(Declared::Empty) if !http_body::Body::is_end_stream(req.body()) => Admit::Hold {
+                held: Box::new(Held {
                     svc: self.inner.clone(),
                     req,
                     timeout: Box::pin(tokio::time::sleep(self.hold_timeout)),
-                };
-                (Admit::Hold(Box::new(held)), None)
-            }
-            Ok(_) => (Admit::Ready, Some(self.inner.clone().oneshot(req))),
+                }),
+            },
+            Ok(_) => Admit::Ready {
+                fut: self.inner.clone().oneshot(req),
+            },
         };
-        ConnFuture { fut, state, guard }
+        ConnFuture { state, guard }
     }
 }
 
@@ -477,16 +479,22 @@ enum Declared {
     Other,
 }
 
-/// What becomes of an HTTP/2 request before the service sees it.
-enum Admit<S> {
-    /// Passed on.
-    Ready,
-    /// Malformed (RFC 9113 §8.1.1): the stream is reset with `PROTOCOL_ERROR`.
-    Malformed,
-    /// It declares an empty body but its stream is open: held until the stream ends, so
-    /// that DATA contradicting the declaration is refused before anything reaches the
-    /// upstream (as nginx and HAProxy do), at no cost in buffering.
-    Hold(Box<Held<S>>),
+pin_project! {
+    /// What becomes of an HTTP/2 request before the service sees it.
+    #[project = AdmitProj]
+    enum Admit<S>
+    where
+        S: Service<Request<Body>>,
+    {
+        /// Passed on: the service's answer.
+        Ready { #[pin] fut: Oneshot<S, Request<Body>> },
+        /// Malformed (RFC 9113 §8.1.1): the stream is reset with `PROTOCOL_ERROR`.
+        Malformed,
+        /// It declares an empty body but its stream is open: held until the stream ends,
+        /// so that DATA contradicting the declaration is refused before anything reaches
+        /// the upstream (as nginx and HAProxy do), at no cost in buffering.
+        Hold { held: Box<Held<S>> },
+    }
 }
 
 struct Held<S> {
@@ -524,9 +532,7 @@ fn downgrade(req: &mut Request<Body>) -> Result<Declared, &'static str> {
     let Some(length) = lengths.next() else {
         return Ok(Declared::Other);
     };
-    let length = std::str::from_utf8(length.as_bytes())
-        .ok()
-        .and_then(|l| l.parse::<u64>().ok())
+    let length = parse_length(length.as_bytes())
         .filter(|_| lengths.next().is_none())
         .ok_or("content-length is malformed")?;
     // RFC 9113 §8.1.1: a body that ends with the head must be what the head declared.
@@ -551,7 +557,6 @@ pin_project! {
         S: Service<Request<Body>>,
     {
         #[pin]
-        fut: Option<Oneshot<S, Request<Body>>>,
         state: Admit<S>,
         guard: Option<InFlight>,
     }
@@ -559,35 +564,34 @@ pin_project! {
 
 impl<S, B> Future for ConnFuture<S>
 where
-    S: Service<Request<Body>, Response = Response<B>>,
+    S: Service<Request<Body>, Response = Response<B>> + Clone,
     S::Error: Into<BoxError>,
 {
     type Output = Result<Response<TrackedBody<B>>, BoxError>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let mut this = self.project();
-        match this.state {
-            Admit::Ready => {}
-            Admit::Malformed => return Poll::Ready(Err(malformed())),
-            Admit::Hold(held) => {
-                let body = ready!(held.poll_end(cx))?;
-                let Admit::Hold(held) = std::mem::replace(this.state, Admit::Ready) else {
-                    unreachable!("matched as Hold above")
-                };
-                let Held { svc, mut req, .. } = *held;
-                *req.body_mut() = body;
-                this.fut.set(Some(svc.oneshot(req)));
+        loop {
+            match this.state.as_mut().project() {
+                AdmitProj::Ready { fut } => {
+                    let res = ready!(fut.poll(cx)).map_err(Into::into)?;
+                    let guard = this.guard.take();
+                    return Poll::Ready(Ok(res.map(|inner| TrackedBody {
+                        inner,
+                        _guard: guard,
+                    })));
+                }
+                AdmitProj::Malformed => return Poll::Ready(Err(malformed())),
+                AdmitProj::Hold { held } => {
+                    let body = ready!(held.poll_end(cx))?;
+                    // NOTE: a clone of the held service (this path is rare): the state is
+                    // pinned, so the one it holds cannot be moved out.
+                    let req = std::mem::take(&mut held.req).map(|_| body);
+                    let fut = held.svc.clone().oneshot(req);
+                    this.state.set(Admit::Ready { fut });
+                }
             }
         }
-        let Some(fut) = this.fut.as_pin_mut() else {
-            return Poll::Ready(Err(malformed()));
-        };
-        let res = ready!(fut.poll(cx)).map_err(Into::into)?;
-        let guard = this.guard.take();
-        Poll::Ready(Ok(res.map(|inner| TrackedBody {
-            inner,
-            _guard: guard,
-        })))
     }
 }
 

@@ -14,9 +14,10 @@
 //! for health and breaking. An *error* of a 4xx kind says nothing about the upstream at all
 //! (the exchange broke on the client's side before the upstream could answer), so it is
 //! [`Class::Client`]: neither a success nor a failure. Were it a failure, any client could
-//! get healthy endpoints ejected by aborting its uploads. Whether a `Retryable` outcome is actually retried (method idempotency,
-//! budgets) is the retry policy's decision; `Failure` means "the upstream may have acted on
-//! the request".
+//! get healthy endpoints ejected by aborting its uploads.
+//!
+//! Whether a `Retryable` outcome is actually retried (method idempotency, budgets) is the
+//! retry policy's decision; `Failure` means "the upstream may have acted on the request".
 
 use http::{Response, StatusCode};
 

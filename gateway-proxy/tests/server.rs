@@ -233,6 +233,76 @@ async fn http1_methods_that_start_like_the_h2_preface_stay_http1() {
     assert_eq!(upstream.last_request().uri, "/p");
 }
 
+/// RFC 9113 §3.4: an invalid connection preface is a connection error of type
+/// PROTOCOL_ERROR. A client that starts like the preface and is not it, or whose first line
+/// is not an HTTP/1.1 request line (h2spec 3.5/2), gets the server's empty SETTINGS and a
+/// GOAWAY with PROTOCOL_ERROR, then the connection closes; the upstream hears nothing.
+#[tokio::test]
+async fn an_invalid_preface_gets_goaway_protocol_error() {
+    let upstream = TestUpstream::echo().await;
+    let gw = Gateway::start(Router::new().route(Route::prefix("/"), proxy_to(&upstream))).await;
+
+    let cases: [&[&[u8]]; 5] = [
+        // h2spec 3.5/2.
+        &[b"INVALID CONNECTION PREFACE\r\n\r\n"],
+        // The preface with its last byte wrong, at once and a byte at a time.
+        &[b"PRI * HTTP/2.0\r\n\r\nSM\r\n\rQ"],
+        &[b"PRI * HTTP/2.0\r\n\r\nSM\r", b"\n", b"\r", b"Q"],
+        // Starts with PRI, then is something else.
+        &[b"PRI", b" / HTTP/1.1\r\nHost: a\r\n\r\n"],
+        // Cut short.
+        &[b"PRI * HTTP/2.0\r\n"],
+    ];
+    for (i, writes) in cases.iter().enumerate() {
+        let mut stream = TcpStream::connect(gw.addr).await.unwrap();
+        for write in *writes {
+            stream.write_all(write).await.unwrap();
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        if i == 4 {
+            stream.shutdown().await.unwrap();
+        }
+        let mut got = Vec::new();
+        tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut got))
+            .await
+            .expect("the connection closes")
+            .unwrap();
+        // SETTINGS: empty, type 0x4, stream 0.
+        assert_eq!(
+            got.get(..9),
+            Some(&[0, 0, 0, 4, 0, 0, 0, 0, 0][..]),
+            "case {i}: {got:?}"
+        );
+        // GOAWAY: type 0x7, stream 0, last stream 0, PROTOCOL_ERROR.
+        let goaway = &got[9..];
+        let len = usize::from(goaway[1]) << 8 | usize::from(goaway[2]);
+        assert_eq!(
+            goaway.len(),
+            9 + len,
+            "case {i}: one GOAWAY, then EOF: {got:?}"
+        );
+        assert_eq!(goaway[3], 0x7, "case {i}: {got:?}");
+        assert_eq!(&goaway[5..9], &[0, 0, 0, 0], "case {i}");
+        assert_eq!(&goaway[9..13], &[0, 0, 0, 0], "case {i}: last stream id");
+        assert_eq!(&goaway[13..17], &[0, 0, 0, 1], "case {i}: PROTOCOL_ERROR");
+    }
+    assert!(upstream.requests().is_empty());
+
+    // HTTP/1.1 requests for another version still get an HTTP/1.1 answer.
+    let res = raw(gw.addr, "GET / HTTP/2.0\r\nHost: a\r\n\r\n").await;
+    assert_eq!(status(&res), 505, "{res}");
+    // A valid preface is HTTP/2, as always.
+    let mut stream = TcpStream::connect(gw.addr).await.unwrap();
+    stream
+        .write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+        .await
+        .unwrap();
+    let mut head = [0u8; 9];
+    stream.read_exact(&mut head).await.unwrap();
+    assert_eq!(head[3], 0x4, "the server's SETTINGS");
+    assert!(upstream.requests().is_empty());
+}
+
 /// A client that connects and says nothing is dropped at the header-read timeout.
 #[tokio::test]
 async fn a_silent_connection_is_closed_at_the_header_read_timeout() {

@@ -106,36 +106,61 @@ pub(super) async fn serve<S, B>(
         .await;
         return;
     }
-    let (h2, first) =
-        match tokio::time::timeout(shared.header_read_timeout, sniff_h2c(&stream)).await {
-            Ok(Ok(Some(sniffed))) => sniffed,
-            // Closed, or failed, before sending a byte.
-            Ok(Ok(None) | Err(_)) => return,
-            Err(_) => {
-                tracing::debug!(%peer, "no request within the header-read timeout");
-                return;
-            }
-        };
-    if h2 {
-        let io = Coalesce::new(TokioIo::new(Rewind::new(stream, first.freeze())));
-        Box::pin(run_h2(io, info, service, &shared, graceful)).await;
-    } else {
-        run_h1(stream, first, info, service, &shared, graceful).await;
+    let sniffed = tokio::time::timeout(shared.header_read_timeout, sniff(&stream)).await;
+    let (protocol, first) = match sniffed {
+        Ok(Ok(Some(sniffed))) => sniffed,
+        // Closed, or failed, before sending a byte.
+        Ok(Ok(None) | Err(_)) => return,
+        Err(_) => {
+            tracing::debug!(%peer, "no request within the header-read timeout");
+            return;
+        }
+    };
+    match protocol {
+        Sniffed::Http1 => run_h1(stream, first, info, service, &shared, graceful).await,
+        Sniffed::Http2 => {
+            let io = Coalesce::new(TokioIo::new(Rewind::new(stream, first.freeze())));
+            Box::pin(run_h2(io, info, service, &shared, graceful)).await;
+        }
+        Sniffed::Neither => {
+            buffers::give(first);
+            tracing::debug!(%peer, "neither an HTTP/1.1 request nor the HTTP/2 preface");
+            refuse_preface(stream, shared.header_read_timeout).await;
+        }
     }
 }
 
-/// Whether a plain-text client opens with the HTTP/2 connection preface (h2c with prior
-/// knowledge), judged from its first bytes, which are returned with the answer for the
-/// protocol to read first; `None` when it closed before sending anything.
+/// The HTTP/2 connection preface (RFC 9113 §3.4).
+const PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// What a plain-text client speaks, judged from its first bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Sniffed {
+    Http1,
+    /// h2c with prior knowledge.
+    Http2,
+    /// Started like the preface and then was not it, or a first line that is not an
+    /// HTTP/1.x request line.
+    Neither,
+}
+
+/// Tells h2c prior knowledge (`PRI * HTTP/2.0…`) from HTTP/1.1 by a plain-text client's
+/// first bytes, which are returned with the answer for the protocol to read first; `None`
+/// when it closed before sending anything.
 ///
-/// No HTTP/1.1 method starts with `PRI` (RFC 9113 §3.4 reserves it for the preface), and
-/// three bytes tell it from `POST`, `PUT`, `PATCH` and `PROPFIND`.
+/// No HTTP/1.1 method starts with `PRI` (RFC 9113 §3.4 reserves it for the preface): three
+/// bytes tell it from `POST`, `PUT`, `PATCH` and `PROPFIND`. A client that starts with them
+/// must then send the whole preface; one that does not is refused as HTTP/2 refuses an
+/// invalid preface, with a connection error of type PROTOCOL_ERROR (`refuse_preface`). So is
+/// a client whose first line, complete in what it has sent, does not end in `HTTP/`: it
+/// does not speak HTTP/1.1, and an HTTP/1.1 error page means nothing to it (h2spec 3.5/2
+/// opens with `INVALID CONNECTION PREFACE`). HTTP/1.1 requests are handed on as soon as
+/// they cannot be the preface, usually after the first read.
 ///
 /// NOTE: the bytes are read, not peeked: a peek returns at once with the same bytes for
 /// as long as no more arrive, so a client that sends `P` and stops would have the sniff
 /// spin (it once slept 1 ms between peeks: a thousand such clients cost most of a core).
-async fn sniff_h2c(stream: &TcpStream) -> io::Result<Option<(bool, BytesMut)>> {
-    const PREFIX: &[u8] = b"PRI";
+async fn sniff(stream: &TcpStream) -> io::Result<Option<(Sniffed, BytesMut)>> {
     let mut buf = BytesMut::new();
     loop {
         stream.readable().await?;
@@ -143,23 +168,93 @@ async fn sniff_h2c(stream: &TcpStream) -> io::Result<Option<(bool, BytesMut)>> {
             // Taken once the client has sent something, as a connection's read buffer is.
             buf = buffers::take();
         }
-        match stream.try_read_buf(&mut buf) {
-            Ok(0) => {
+        let eof = match stream.try_read_buf(&mut buf) {
+            Ok(0) if buf.is_empty() => {
                 buffers::give(buf);
                 return Ok(None);
             }
-            Ok(_) => {}
+            Ok(0) => true,
+            Ok(_) => false,
             Err(err) if err.kind() == io::ErrorKind::WouldBlock => continue,
             Err(err) => return Err(err),
-        }
-        let n = buf.len().min(PREFIX.len());
-        if buf[..n] != PREFIX[..n] {
-            return Ok(Some((false, buf)));
-        }
-        if n == PREFIX.len() {
-            return Ok(Some((true, buf)));
+        };
+        if let Some(sniffed) = judge(&buf, eof) {
+            return Ok(Some((sniffed, buf)));
         }
     }
+}
+
+/// What the first bytes a client sent say it speaks; `None` while they could still be the
+/// preface.
+fn judge(first: &[u8], eof: bool) -> Option<Sniffed> {
+    let n = first.len().min(PREFACE.len());
+    if first[..n] == PREFACE[..n] {
+        return match n {
+            24 => Some(Sniffed::Http2),
+            _ if eof => Some(if n < 3 {
+                Sniffed::Http1
+            } else {
+                Sniffed::Neither
+            }),
+            _ => None,
+        };
+    }
+    if n >= 3 && first.starts_with(b"PRI") {
+        return Some(Sniffed::Neither);
+    }
+    // The request line, if it is all here: its last word is its version.
+    let Some(end) = first.iter().position(|&b| b == b'\n') else {
+        return Some(Sniffed::Http1);
+    };
+    let line = &first[..end];
+    let line = line.strip_suffix(b"\r").unwrap_or(line);
+    let version = line.rsplit(|&b| b == b' ').next().unwrap_or_default();
+    // An empty line before the request line is allowed (RFC 9112 §2.2).
+    if line.is_empty() || version.starts_with(b"HTTP/") {
+        Some(Sniffed::Http1)
+    } else {
+        Some(Sniffed::Neither)
+    }
+}
+
+/// Refuses a client that is not speaking HTTP/1.1 and sent an invalid HTTP/2 preface: the
+/// server's preface (an empty SETTINGS frame), then GOAWAY with PROTOCOL_ERROR (RFC 9113
+/// §3.4, §5.4.1), then close. Bounded by `limit`, as a client that reads nothing must not
+/// keep the connection.
+async fn refuse_preface(mut stream: TcpStream, limit: Duration) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    const DEBUG: &[u8] = b"invalid connection preface";
+    const FRAMES: [u8; 9 + 9 + 8 + DEBUG.len()] = {
+        let mut out = [0u8; 9 + 9 + 8 + DEBUG.len()];
+        // SETTINGS: length 0, type 0x4, no flags, stream 0.
+        out[3] = 0x4;
+        // GOAWAY: length 8 + debug, type 0x7, stream 0; last stream 0, PROTOCOL_ERROR (0x1).
+        out[9 + 2] = (8 + DEBUG.len()) as u8;
+        out[9 + 3] = 0x7;
+        out[9 + 9 + 7] = 0x1;
+        let mut i = 0;
+        while i < DEBUG.len() {
+            out[9 + 9 + 8 + i] = DEBUG[i];
+            i += 1;
+        }
+        out
+    };
+    let refuse = async {
+        stream.write_all(&FRAMES).await?;
+        stream.shutdown().await?;
+        // What the client sent meanwhile is read and dropped (up to a bound), so that
+        // closing with it unread does not reset the connection before the GOAWAY is read.
+        let mut sink = [0u8; 4096];
+        let mut left: usize = 64 * 1024;
+        while left > 0 {
+            match stream.read(&mut sink).await? {
+                0 => break,
+                n => left = left.saturating_sub(n),
+            }
+        }
+        io::Result::Ok(())
+    };
+    let _ = tokio::time::timeout(limit, refuse).await;
 }
 
 /// The connection's view of its requests, shared with its service and response bodies.

@@ -10,6 +10,8 @@
 #![forbid(unsafe_code)]
 
 mod buffers;
+#[cfg(test)]
+mod fuzz;
 mod h1;
 mod io;
 pub mod proxy;

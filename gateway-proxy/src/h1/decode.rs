@@ -203,8 +203,8 @@ fn line_end(buf: &[u8], max: usize) -> Result<Option<usize>, InvalidBody> {
     }
 }
 
-/// The size on a chunk-size line: hex digits, then optional extensions, which are checked
-/// for stray control characters and otherwise ignored (RFC 9112 §7.1.1).
+/// The size on a chunk-size line: hex digits, then optional extensions, which must follow
+/// their grammar and are otherwise ignored (RFC 9112 §7.1.1).
 fn chunk_size(line: &[u8]) -> Result<u64, InvalidBody> {
     let digits = line.iter().take_while(|b| b.is_ascii_hexdigit()).count();
     if digits == 0 {
@@ -218,14 +218,68 @@ fn chunk_size(line: &[u8]) -> Result<u64, InvalidBody> {
             .and_then(|s| s.checked_add(digit))
             .ok_or(InvalidBody("a chunk size overflows"))?;
     }
-    let rest = &line[digits..];
-    let ext = rest.trim_ascii_start();
-    let valid = ext.is_empty()
-        || (ext[0] == b';' && ext.iter().all(|&b| b == b'\t' || (b >= b' ' && b != 0x7f)));
-    if !valid {
+    if !is_chunk_ext(&line[digits..]) {
         return Err(InvalidBody("a chunk size is followed by something else"));
     }
     Ok(size)
+}
+
+/// Whether `ext` is `*( BWS ";" BWS ext-name [ BWS "=" BWS ext-value ] )`, where a name is
+/// a token and a value a token or a quoted string.
+///
+/// NOTE: strict, although extensions are dropped: a lenient reading (anything up to the
+/// line end) is where parsers disagree about where a chunk line ends, and nothing sends
+/// anything but the grammar.
+fn is_chunk_ext(mut ext: &[u8]) -> bool {
+    loop {
+        ext = skip_bws(ext);
+        let Some(rest) = ext.strip_prefix(b";") else {
+            return ext.is_empty();
+        };
+        ext = skip_bws(rest);
+        let name = head::token_len(ext);
+        if name == 0 {
+            return false;
+        }
+        ext = skip_bws(&ext[name..]);
+        let Some(rest) = ext.strip_prefix(b"=") else {
+            continue;
+        };
+        ext = skip_bws(rest);
+        let value = match ext.strip_prefix(b"\"") {
+            Some(quoted) => match quoted_len(quoted) {
+                Some(len) => len + 1,
+                None => return false,
+            },
+            None => head::token_len(ext),
+        };
+        if value == 0 {
+            return false;
+        }
+        ext = &ext[value..];
+    }
+}
+
+/// `BWS`: optional spaces and tabs.
+fn skip_bws(s: &[u8]) -> &[u8] {
+    let n = s.iter().take_while(|&&b| b == b' ' || b == b'\t').count();
+    &s[n..]
+}
+
+/// The length of a quoted string's rest, after its opening quote and up to and with its
+/// closing one (RFC 9110 §5.6.4); `None` when it is malformed or not closed.
+fn quoted_len(s: &[u8]) -> Option<usize> {
+    let text = |b: u8| b == b'\t' || (b >= b' ' && b != 0x7f);
+    let mut i = 0;
+    loop {
+        match *s.get(i)? {
+            b'"' => return Some(i + 1),
+            b'\\' if s.get(i + 1).is_some_and(|&b| text(b)) => i += 2,
+            b'\\' => return None,
+            b if text(b) => i += 1,
+            _ => return None,
+        }
+    }
 }
 
 /// The length of the trailer section at the start of `buf` (field lines and the empty
@@ -354,6 +408,36 @@ mod tests {
             b"5;a\x01b\r\nhello\r\n",
             b"10000000000000000\r\n",
             b"0\r\nbad trailer\r\n\r\n",
+        ] {
+            assert!(
+                run(chunked(), bad, 1).is_err(),
+                "{:?}",
+                String::from_utf8_lossy(bad)
+            );
+        }
+    }
+
+    /// Found by the `server_h1` fuzz target: extensions were checked for control bytes
+    /// only, so `1;a<"q"` was read as a chunk line, where a strict parser refuses it.
+    #[test]
+    fn chunk_extensions_follow_their_grammar() {
+        for good in [
+            &b"1;a\r\nx\r\n0\r\n\r\n"[..],
+            b"1 ; a = b\r\nx\r\n0\r\n\r\n",
+            b"1;a=\"q \\\" ;\";b\r\nx\r\n0;z=1\r\n\r\n",
+        ] {
+            let (data, _, done) = run(chunked(), good, 1).unwrap();
+            assert_eq!((data.as_slice(), done), (&b"x"[..], true));
+        }
+        for bad in [
+            &b"1;a<\"q\"\r\nx\r\n0\r\n\r\n"[..],
+            b"1;\r\nx\r\n",
+            b"1;=b\r\nx\r\n",
+            b"1;a=\r\nx\r\n",
+            b"1;a=\"open\r\nx\r\n",
+            b"1;a b\r\nx\r\n",
+            b"1\x0c;a\r\nx\r\n",
+            b"1;a=\"\x01\"\r\nx\r\n",
         ] {
             assert!(
                 run(chunked(), bad, 1).is_err(),

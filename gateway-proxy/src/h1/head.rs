@@ -277,6 +277,33 @@ fn tokens(value: &[u8]) -> impl Iterator<Item = &[u8]> {
         .filter(|t| !t.is_empty())
 }
 
+/// How many bytes at the start of `s` are `tchar`s (RFC 9110 §5.6.2): the length of the
+/// token there.
+pub(crate) fn token_len(s: &[u8]) -> usize {
+    s.iter()
+        .take_while(|&&b| {
+            b.is_ascii_alphanumeric()
+                || matches!(
+                    b,
+                    b'!' | b'#'
+                        | b'$'
+                        | b'%'
+                        | b'&'
+                        | b'\''
+                        | b'*'
+                        | b'+'
+                        | b'-'
+                        | b'.'
+                        | b'^'
+                        | b'_'
+                        | b'`'
+                        | b'|'
+                        | b'~'
+                )
+        })
+        .count()
+}
+
 // === impl Span ===
 
 impl Span {

@@ -258,7 +258,7 @@ async fn refuse_preface(mut stream: TcpStream, limit: Duration) {
 }
 
 /// The connection's view of its requests, shared with its service and response bodies.
-fn activity() -> Arc<Activity> {
+pub(super) fn activity() -> Arc<Activity> {
     Arc::new(Activity {
         started: Instant::now(),
         in_flight: AtomicUsize::new(0),

@@ -687,4 +687,6 @@ thread_local! {
 }
 
 #[cfg(test)]
+mod fuzz;
+#[cfg(test)]
 mod tests;

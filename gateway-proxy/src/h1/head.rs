@@ -478,6 +478,13 @@ impl ResponseHead {
     /// when it has none (RFC 9112 §6.3).
     pub(crate) fn body(&self, method: &Method) -> Result<Option<Decoder>, InvalidHead> {
         let meta = &self.meta;
+        // NOTE: checked first: an invalid Content-Length is an unrecoverable error whatever
+        // the message (RFC 9112 §6.3), and one on an answer to HEAD would be forwarded.
+        if meta.bad_length {
+            return Err(InvalidHead(
+                "the Content-Length is invalid or the values differ",
+            ));
+        }
         if *method == Method::HEAD
             || self.status.is_informational()
             || self.status == StatusCode::NO_CONTENT
@@ -485,11 +492,6 @@ impl ResponseHead {
             || (*method == Method::CONNECT && self.status.is_success())
         {
             return Ok(None);
-        }
-        if meta.bad_length {
-            return Err(InvalidHead(
-                "the Content-Length is invalid or the values differ",
-            ));
         }
         if meta.transfer_encoding {
             if self.version == Version::HTTP_10 {

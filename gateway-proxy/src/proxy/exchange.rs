@@ -704,6 +704,9 @@ impl fmt::Display for UnsolicitedSwitch {
 impl std::error::Error for UnsolicitedSwitch {}
 
 #[cfg(test)]
+mod fuzz;
+
+#[cfg(test)]
 mod tests {
     use std::time::Duration;
 

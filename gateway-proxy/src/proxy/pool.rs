@@ -183,6 +183,12 @@ impl Pool {
         conn
     }
 
+    /// How many HTTP/1.1 connections are idle in the pool, open or not.
+    #[cfg(test)]
+    pub(crate) fn idle_len(&self) -> usize {
+        self.lock().idle.len()
+    }
+
     /// Puts an HTTP/1.1 connection that can take another request back on the stack.
     pub(crate) fn put(self: &Arc<Self>, io: Stream) {
         let mut state = self.lock();

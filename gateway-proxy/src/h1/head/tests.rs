@@ -90,6 +90,33 @@ fn ambiguous_response_framing_is_refused() {
     }
 }
 
+/// Found by the `client_h1` fuzz target: an answer to HEAD (or a 204, 304) was not
+/// checked, so its invalid `Content-Length` was forwarded (RFC 9112 §6.3: a proxy answers
+/// 502 instead).
+#[test]
+fn an_invalid_content_length_is_refused_on_bodiless_answers_too() {
+    for (raw, method) in [
+        (
+            "HTTP/1.1 200 OK\r\ncontent-length: t-length:10\r\n\r\n",
+            Method::HEAD,
+        ),
+        (
+            "HTTP/1.1 200 OK\r\ncontent-length: 1\r\ncontent-length: 2\r\n\r\n",
+            Method::HEAD,
+        ),
+        (
+            "HTTP/1.1 304 Not Modified\r\ncontent-length: -1\r\n\r\n",
+            Method::GET,
+        ),
+        (
+            "HTTP/1.1 204 No Content\r\ncontent-length: x\r\n\r\n",
+            Method::GET,
+        ),
+    ] {
+        assert!(body(raw, method).is_err(), "{raw}");
+    }
+}
+
 #[test]
 fn skipped_fields_still_say_what_they_mean() {
     let mut buf = BytesMut::from(

@@ -40,7 +40,9 @@ use proptest::test_runner::TestCaseError;
 use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
 
 use super::{Conn, Limits, Transport};
-use crate::fuzz::{self, ensure};
+use crate::fuzz::rfc9112::fields;
+use crate::fuzz::spell::{Framing, Style, add, field, framing, style};
+use crate::fuzz::{self, Mutation, ensure, mutate, split};
 
 mod reference;
 
@@ -163,21 +165,6 @@ fn check(case: Case) -> Result<(), TestCaseError> {
     Ok(())
 }
 
-fn split(input: &Bytes, cuts: &[usize]) -> Vec<Bytes> {
-    let mut cuts: Vec<usize> = cuts.iter().map(|&c| c.min(input.len())).collect();
-    cuts.sort_unstable();
-    cuts.dedup();
-    let mut writes = Vec::new();
-    let mut at = 0;
-    for cut in cuts.into_iter().chain([input.len()]) {
-        if cut > at {
-            writes.push(input.slice(at..cut));
-            at = cut;
-        }
-    }
-    writes
-}
-
 /// Writes `writes` one at a time, letting the server run between them, then half-closes;
 /// returns everything the server wrote until it closed.
 async fn client(io: DuplexStream, writes: &[Bytes]) -> Bytes {
@@ -219,17 +206,6 @@ where
         body,
         trailers,
     }
-}
-
-fn fields(map: &HeaderMap) -> Vec<(String, Bytes)> {
-    map.iter()
-        .map(|(name, value)| {
-            (
-                name.as_str().to_owned(),
-                Bytes::copy_from_slice(value.as_bytes()),
-            )
-        })
-        .collect()
 }
 
 fn answer(seen: &Seen) -> Response<Body> {
@@ -333,38 +309,6 @@ struct Msg {
     close: bool,
 }
 
-#[derive(Debug, Clone)]
-enum Framing {
-    None,
-    Length(Vec<u8>),
-    Chunked {
-        chunks: Vec<Vec<u8>>,
-        trailers: Vec<(String, String)>,
-    },
-}
-
-/// How a request is spelled.
-#[derive(Debug, Clone)]
-struct Style {
-    /// Per line, cycled: a bare LF instead of CRLF (start line and fields only).
-    bare_lf: Vec<bool>,
-    /// Optional whitespace around field values.
-    ows: (&'static str, &'static str),
-    upper_names: bool,
-    upper_hex: bool,
-    zeros: usize,
-    ext: &'static str,
-}
-
-#[derive(Debug, Clone)]
-enum Mutation {
-    None,
-    Flip(Index, u8),
-    Delete(Index, usize),
-    Repeat(Index, usize),
-    Insert(Index, &'static [u8]),
-}
-
 /// Pieces of framing a mutation inserts.
 const TOKENS: &[&[u8]] = &[
     b"\r\n",
@@ -403,43 +347,12 @@ const TARGETS: &[&str] = &[
     "http://h/abs?q",
     "/a//b/./c/../d",
 ];
-const NAMES: &[&str] = &[
-    "x-a",
-    "x-b",
-    "accept",
-    "user-agent",
-    "cookie",
-    "x-forwarded-for",
-    "cache-control",
-    "x-long-name-with-dashes",
-];
-
-fn value() -> impl Strategy<Value = String> {
-    "([!-~]([ \t!-~]{0,10}[!-~])?)?"
-}
-
-fn field() -> impl Strategy<Value = (String, String)> {
-    (proptest::sample::select(NAMES), value()).prop_map(|(n, v)| (n.to_owned(), v))
-}
-
-fn framing() -> impl Strategy<Value = Framing> {
-    prop_oneof![
-        Just(Framing::None),
-        proptest::collection::vec(any::<u8>(), 0..40).prop_map(Framing::Length),
-        (
-            proptest::collection::vec(proptest::collection::vec(any::<u8>(), 1..24), 0..4),
-            proptest::collection::vec(field(), 0..3),
-        )
-            .prop_map(|(chunks, trailers)| Framing::Chunked { chunks, trailers }),
-    ]
-}
-
 fn msg() -> impl Strategy<Value = Msg> {
     (
         proptest::sample::select(METHODS),
         proptest::sample::select(TARGETS),
         proptest::collection::vec(field(), 0..5),
-        framing(),
+        framing(false),
         proptest::bool::weighted(0.1),
     )
         .prop_map(|(method, target, fields, body, close)| Msg {
@@ -451,50 +364,19 @@ fn msg() -> impl Strategy<Value = Msg> {
         })
 }
 
-fn style() -> impl Strategy<Value = Style> {
-    (
-        proptest::collection::vec(proptest::bool::weighted(0.2), 1..8),
-        proptest::sample::select(&[("", ""), (" ", ""), ("\t", " "), ("  ", " \t")][..]),
-        any::<bool>(),
-        any::<bool>(),
-        0..3usize,
-        proptest::sample::select(&["", ";a", ";a=b", ";a=\"q ;\""][..]),
-    )
-        .prop_map(|(bare_lf, ows, upper_names, upper_hex, zeros, ext)| Style {
-            bare_lf,
-            ows,
-            upper_names,
-            upper_hex,
-            zeros,
-            ext,
-        })
-}
-
-fn mutation() -> impl Strategy<Value = Mutation> {
-    prop_oneof![
-        1 => Just(Mutation::None),
-        1 => (any::<Index>(), 0..8u8).prop_map(|(at, bit)| Mutation::Flip(at, bit)),
-        1 => (any::<Index>(), 1..8usize).prop_map(|(at, n)| Mutation::Delete(at, n)),
-        1 => (any::<Index>(), 1..16usize).prop_map(|(at, n)| Mutation::Repeat(at, n)),
-        2 => (any::<Index>(), proptest::sample::select(TOKENS))
-            .prop_map(|(at, token)| Mutation::Insert(at, token)),
-    ]
-}
-
 fn case() -> impl Strategy<Value = Case> {
     (
         proptest::collection::vec(msg(), 1..4),
         style(),
-        mutation(),
+        fuzz::mutation(TOKENS),
         proptest::collection::vec(any::<Index>(), 0..6),
     )
-        .prop_map(|(msgs, style, mutation, cuts)| {
+        .prop_map(|(msgs, mut style, mutation, cuts)| {
             let mut input = Vec::new();
             let mut expected = Vec::new();
-            let mut line = 0;
             let mut open = true;
             for msg in &msgs {
-                render(msg, &style, &mut line, &mut input);
+                render(msg, &mut style, &mut input);
                 if open {
                     expected.push(model(msg));
                     open = !msg.close;
@@ -511,107 +393,33 @@ fn case() -> impl Strategy<Value = Case> {
         })
 }
 
-fn render(msg: &Msg, style: &Style, line: &mut usize, out: &mut Vec<u8>) {
-    let mut end = |out: &mut Vec<u8>, bare_ok: bool| {
-        let bare = bare_ok && style.bare_lf[*line % style.bare_lf.len()];
-        *line += 1;
-        out.extend_from_slice(if bare { b"\n" } else { b"\r\n" });
-    };
-    let field = |out: &mut Vec<u8>, name: &str, value: &str| {
-        if style.upper_names {
-            out.extend(name.bytes().map(|b| b.to_ascii_uppercase()));
-        } else {
-            out.extend_from_slice(name.as_bytes());
-        }
-        out.push(b':');
-        out.extend_from_slice(style.ows.0.as_bytes());
-        out.extend_from_slice(value.as_bytes());
-        out.extend_from_slice(style.ows.1.as_bytes());
-    };
+fn render(msg: &Msg, style: &mut Style, out: &mut Vec<u8>) {
     out.extend_from_slice(format!("{} {} HTTP/1.1", msg.method, msg.target).as_bytes());
-    end(out, true);
-    field(out, "host", "h");
-    end(out, true);
+    style.end(out);
+    style.field(out, "host", "h");
     for (name, value) in &msg.fields {
-        field(out, name, value);
-        end(out, true);
+        style.field(out, name, value);
     }
-    match &msg.body {
-        Framing::None => {}
-        Framing::Length(body) => {
-            field(out, "content-length", &body.len().to_string());
-            end(out, true);
-        }
-        Framing::Chunked { .. } => {
-            field(out, "transfer-encoding", "chunked");
-            end(out, true);
-        }
-    }
+    style.framing_field(out, &msg.body);
     if msg.close {
-        field(out, "connection", "close");
-        end(out, true);
+        style.field(out, "connection", "close");
     }
-    end(out, true);
-    match &msg.body {
-        Framing::None => {}
-        Framing::Length(body) => out.extend_from_slice(body),
-        Framing::Chunked { chunks, trailers } => {
-            for chunk in chunks {
-                let size = if style.upper_hex {
-                    format!("{:0w$X}", chunk.len(), w = style.zeros + 1)
-                } else {
-                    format!("{:0w$x}", chunk.len(), w = style.zeros + 1)
-                };
-                out.extend_from_slice(size.as_bytes());
-                out.extend_from_slice(style.ext.as_bytes());
-                out.extend_from_slice(b"\r\n");
-                out.extend_from_slice(chunk);
-                out.extend_from_slice(b"\r\n");
-            }
-            out.extend_from_slice(b"0");
-            out.extend_from_slice(style.ext.as_bytes());
-            out.extend_from_slice(b"\r\n");
-            for (name, value) in trailers {
-                field(out, name, value);
-                end(out, true);
-            }
-            end(out, true);
-        }
-    }
+    style.end(out);
+    style.body(out, &msg.body);
 }
 
 /// What a correct server sees of `msg`.
 fn model(msg: &Msg) -> Seen {
     let mut fields = HeaderMap::new();
-    let add = |fields: &mut HeaderMap, name: &str, value: &str| {
-        let name =
-            http::HeaderName::from_bytes(name.as_bytes()).expect("generated names are tokens");
-        let value = http::HeaderValue::from_str(value.trim_matches([' ', '\t']))
-            .expect("generated values are visible ASCII");
-        fields.append(name, value);
-    };
     add(&mut fields, "host", "h");
     for (name, value) in &msg.fields {
         add(&mut fields, name, value);
     }
-    let (body, trailers) = match &msg.body {
-        Framing::None => (Bytes::new(), Vec::new()),
-        Framing::Length(body) => {
-            add(&mut fields, "content-length", &body.len().to_string());
-            (Bytes::from(body.clone()), Vec::new())
-        }
-        Framing::Chunked { chunks, trailers } => {
-            add(&mut fields, "transfer-encoding", "chunked");
-            let mut map = HeaderMap::new();
-            for (name, value) in trailers {
-                add(&mut map, name, value);
-            }
-            (Bytes::from(chunks.concat()), self::fields(&map))
-        }
-    };
+    msg.body.model_field(&mut fields);
     if msg.close {
         add(&mut fields, "connection", "close");
     }
+    let (body, trailers) = msg.body.model();
     Seen {
         method: msg.method.to_owned(),
         target: msg.target.to_owned(),
@@ -619,35 +427,6 @@ fn model(msg: &Msg) -> Seen {
         fields: self::fields(&fields),
         body: Some(body),
         trailers,
-    }
-}
-
-fn mutate(input: &mut Vec<u8>, mutation: &Mutation) {
-    let len = input.len();
-    match *mutation {
-        Mutation::None => {}
-        Mutation::Flip(at, bit) => {
-            if len > 0 {
-                input[at.index(len)] ^= 1 << bit;
-            }
-        }
-        Mutation::Delete(at, n) => {
-            if len > 0 {
-                let at = at.index(len);
-                input.drain(at..(at + n).min(len));
-            }
-        }
-        Mutation::Repeat(at, n) => {
-            if len > 0 {
-                let at = at.index(len);
-                let run = input[at..(at + n).min(len)].to_vec();
-                input.splice(at..at, run);
-            }
-        }
-        Mutation::Insert(at, token) => {
-            let at = at.index(len + 1);
-            input.splice(at..at, token.iter().copied());
-        }
     }
 }
 

@@ -12,7 +12,7 @@
 //! | target | where | oracle |
 //! |---|---|---|
 //! | `server_h1` | `server::h1::fuzz` | differential against a strict RFC 9112 reader written for it: every request the service sees, the reader sees the same way, in order; stopping earlier is allowed only with an error response; what is written back is whole responses, one per request; valid input yields exactly the generated requests |
-//! | `client_h1` | `proxy::exchange::fuzz` | differential against hyper's HTTP/1.1 client: an answer we accept is the one hyper reads; a connection with bytes left after it is never reused |
+//! | `client_h1` | `proxy::exchange::fuzz` | differential against a strict RFC 9112 response reader: an answer we read whole is the one the reader reads; a connection is pooled only when the reader says it can carry another exchange (persistent, delimited, nothing after the answer); valid answers are read as generated |
 //! | `path` | `router::path::fuzz` | normalization is idempotent, never yields `.`/`..` segments, `//` or an encoded separator; the route chosen is the route of the path the upstream receives |
 //! | `headers` | `proxy::headers::fuzz` | no hop-by-hop field, and no field a `Connection` header names, survives; every other field survives unchanged and in order |
 //!
@@ -26,11 +26,16 @@
 //! which prints, per target, how many cases ran. A failure prints the minimal input; turn
 //! it into a regression test next to the code it broke.
 
+pub(crate) mod rfc9112;
+pub(crate) mod spell;
+
 use std::cell::Cell;
 use std::fmt::Debug;
 use std::time::Duration;
 
-use proptest::strategy::Strategy;
+use bytes::Bytes;
+use proptest::prelude::*;
+use proptest::sample::Index;
 use proptest::test_runner::{Config, FileFailurePersistence, TestCaseError, TestRunner};
 
 /// Runs `check` on inputs from `strategy` for the time budget, after the `corpus`.
@@ -90,6 +95,74 @@ pub(crate) fn run<S>(
         cases.get(),
         started.elapsed().as_secs_f64()
     );
+}
+
+#[derive(Debug, Clone)]
+/// A byte-level change to a generated input.
+pub(crate) enum Mutation {
+    None,
+    Flip(Index, u8),
+    Delete(Index, usize),
+    Repeat(Index, usize),
+    Insert(Index, &'static [u8]),
+}
+
+/// A mutation, inserting one of `tokens` when it inserts.
+pub(crate) fn mutation(tokens: &'static [&'static [u8]]) -> impl Strategy<Value = Mutation> {
+    prop_oneof![
+        1 => Just(Mutation::None),
+        1 => (any::<Index>(), 0..8u8).prop_map(|(at, bit)| Mutation::Flip(at, bit)),
+        1 => (any::<Index>(), 1..8usize).prop_map(|(at, n)| Mutation::Delete(at, n)),
+        1 => (any::<Index>(), 1..16usize).prop_map(|(at, n)| Mutation::Repeat(at, n)),
+        2 => (any::<Index>(), proptest::sample::select(tokens))
+            .prop_map(|(at, token)| Mutation::Insert(at, token)),
+    ]
+}
+
+/// Applies `mutation` to `input`.
+pub(crate) fn mutate(input: &mut Vec<u8>, mutation: &Mutation) {
+    let len = input.len();
+    match *mutation {
+        Mutation::None => {}
+        Mutation::Flip(at, bit) => {
+            if len > 0 {
+                input[at.index(len)] ^= 1 << bit;
+            }
+        }
+        Mutation::Delete(at, n) => {
+            if len > 0 {
+                let at = at.index(len);
+                input.drain(at..(at + n).min(len));
+            }
+        }
+        Mutation::Repeat(at, n) => {
+            if len > 0 {
+                let at = at.index(len);
+                let run = input[at..(at + n).min(len)].to_vec();
+                input.splice(at..at, run);
+            }
+        }
+        Mutation::Insert(at, token) => {
+            let at = at.index(len + 1);
+            input.splice(at..at, token.iter().copied());
+        }
+    }
+}
+
+/// `input` cut at `cuts` (positions, in any order) into the writes that send it.
+pub(crate) fn split(input: &Bytes, cuts: &[usize]) -> Vec<Bytes> {
+    let mut cuts: Vec<usize> = cuts.iter().map(|&c| c.min(input.len())).collect();
+    cuts.sort_unstable();
+    cuts.dedup();
+    let mut writes = Vec::new();
+    let mut at = 0;
+    for cut in cuts.into_iter().chain([input.len()]) {
+        if cut > at {
+            writes.push(input.slice(at..cut));
+            at = cut;
+        }
+    }
+    writes
 }
 
 /// How long each target runs: `GATEWAY_FUZZ_SECS`, or 6 s.

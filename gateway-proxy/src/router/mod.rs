@@ -47,6 +47,8 @@
 //! # }
 //! ```
 
+#[cfg(test)]
+mod fuzz;
 mod host;
 mod path;
 mod route;

@@ -8,14 +8,15 @@
 mod support;
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use gateway_core::Body;
 use gateway_core::client_ip::TrustedProxies;
-use gateway_core::test_util::TestUpstream;
+use gateway_core::test_util::{RepeatBody, TestUpstream};
 use gateway_proxy::server::TlsConfig;
 use gateway_proxy::{HttpClient, ReverseProxy, Route, Router, Upstream};
-use http::{Request, StatusCode, Version};
+use http::{Request, Response, StatusCode, Version};
 use http_body_util::BodyExt;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
@@ -24,6 +25,7 @@ use rustls_pki_types::pem::PemObject;
 use support::{Gateway, get, proxy_to, raw, status};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
+use tokio::time::Instant;
 
 struct Pki {
     cert_pem: String,
@@ -423,4 +425,73 @@ async fn a_crowd_that_closes_runs_the_shrink_hook_once() {
     }
     tokio::time::sleep(Duration::from_millis(100)).await;
     assert_eq!(shrunk.load(std::sync::atomic::Ordering::SeqCst), 1);
+}
+
+/// Set when dropped: the response body it guards was dropped, its connection cut.
+struct Dropped(Arc<AtomicBool>);
+
+impl Drop for Dropped {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::SeqCst);
+    }
+}
+
+/// A client reads a 256 MiB response, for twice the write timeout, and is not cut while it
+/// reads; once it stops reading, the server cuts it at the write timeout and drops the
+/// response.
+///
+/// NOTE: progress is what the socket takes: the kernel wakes a writer only once a third
+/// of its send buffer (up to megabytes) is free, so a reader is "slow" for the timeout
+/// below some rate (for the 60 s default, about 25 KB/s), as with nginx's `send_timeout`.
+#[tokio::test]
+async fn a_client_that_stops_reading_is_cut_at_the_write_timeout() {
+    let dropped = Arc::new(AtomicBool::new(false));
+    let flag = Arc::clone(&dropped);
+    let app = tower::service_fn(move |_: Request<Body>| {
+        let guard = Dropped(Arc::clone(&flag));
+        async move {
+            let body = Body::new(RepeatBody::new(256 << 20)).with_guard(guard);
+            Ok::<_, std::convert::Infallible>(Response::new(body))
+        }
+    });
+    let gw = Gateway::start_with(app, TrustedProxies::none(), |s| {
+        s.write_timeout(Duration::from_secs(2))
+    })
+    .await;
+    // A small receive buffer, so that what the client reads opens the window at once.
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(64 * 1024).unwrap();
+    let mut client = socket.connect(gw.addr).await.unwrap();
+    client.write_all(get("/", "").as_bytes()).await.unwrap();
+
+    // Four seconds of reading, 64 KiB every 20 ms: progress within every timeout, so the
+    // response goes on.
+    let mut buf = vec![0u8; 64 * 1024];
+    let reading = Instant::now();
+    while reading.elapsed() < Duration::from_secs(4) {
+        let n = client.read(&mut buf).await.unwrap();
+        assert!(n > 0);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(!dropped.load(Ordering::SeqCst), "cut while the client read");
+
+    // Then it stops reading: cut once the socket buffers are full and the timeout passed.
+    let stopped = Instant::now();
+    while !dropped.load(Ordering::SeqCst) {
+        assert!(
+            stopped.elapsed() < Duration::from_secs(20),
+            "a client that stopped reading was never cut"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // What the kernel buffered still arrives, then the connection ends.
+    let mut total = 0usize;
+    loop {
+        match tokio::time::timeout(Duration::from_secs(5), client.read(&mut buf)).await {
+            Ok(Ok(0) | Err(_)) => break,
+            Ok(Ok(n)) => total += n,
+            Err(_) => panic!("the cut connection stays open"),
+        }
+    }
+    assert!(total < 256 << 20, "the whole response arrived: {total}");
 }

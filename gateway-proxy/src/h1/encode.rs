@@ -36,6 +36,8 @@ pub(crate) struct WriteBuf {
     pos: usize,
     data: Option<Bytes>,
     suffix: &'static [u8],
+    /// Bytes written since the buffer was made: progress, for a write timeout.
+    written: u64,
 }
 
 /// A body that does not match the length it announced.
@@ -61,6 +63,7 @@ impl WriteBuf {
             pos: 0,
             data: None,
             suffix: b"",
+            written: 0,
         }
     }
 
@@ -246,7 +249,13 @@ impl WriteBuf {
         Pin::new(io).poll_flush(cx)
     }
 
+    /// How many bytes have been written, in all.
+    pub(crate) const fn written(&self) -> u64 {
+        self.written
+    }
+
     fn advance(&mut self, mut n: usize) {
+        self.written += n as u64;
         let head = (self.buf.len() - self.pos).min(n);
         self.pos += head;
         n -= head;

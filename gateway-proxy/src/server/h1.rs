@@ -21,7 +21,7 @@ use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll, ready};
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use bytes::{Bytes, BytesMut};
 use gateway_core::{Body, BoxError, ConnectInfo, Drain, Error, ErrorKind};
@@ -31,6 +31,7 @@ use http_body::Body as _;
 use pin_project_lite::pin_project;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
+use tokio::time::{Instant, Sleep};
 use tower::Service;
 
 use super::conn::{Activity, Connection};
@@ -40,6 +41,7 @@ use crate::buffers;
 use crate::h1::encode::{Encoder, FillError, WriteBuf};
 use crate::h1::head::{self, BodyLength, Persist, Refused, RequestHead};
 use crate::proxy::headers::{accepts_trailers, connection_has};
+use gateway_core::time::deadline;
 
 pub(super) use crate::h1::head::MAX_HEADERS;
 
@@ -74,6 +76,8 @@ impl Transport for tokio_rustls::server::TlsStream<TcpStream> {
 pub(super) struct Limits {
     pub(super) max_headers: usize,
     pub(super) max_head: usize,
+    /// How long a response write may wait for the client to take a byte.
+    pub(super) write_timeout: Duration,
 }
 
 pin_project! {
@@ -107,7 +111,15 @@ pin_project! {
         draining: bool,
         // The current request asked to switch protocols.
         upgrade: Option<upgrade::Pending>,
+        // Armed while the client takes no bytes of a response: see `stalled`.
+        stall: Option<Stall>,
     }
+}
+
+/// The write timeout's timer, and how much had been written when it was last set.
+struct Stall {
+    timer: Pin<Box<Sleep>>,
+    written: u64,
 }
 
 pin_project! {
@@ -191,6 +203,7 @@ where
             activity,
             draining: false,
             upgrade: None,
+            stall: None,
         }
     }
 }
@@ -324,6 +337,10 @@ where
                             if feed(&mut this, cx) {
                                 continue;
                             }
+                            if stalled(&mut this, cx) {
+                                this.state.set(State::Done);
+                                return Poll::Ready(Err(STALLED.into()));
+                            }
                             return Poll::Pending;
                         }
                     }
@@ -334,8 +351,17 @@ where
                     lingered,
                 } => {
                     if !*shut {
-                        if ready!(this.write.poll_write(io, cx)).is_err()
-                            || ready!(Pin::new(&mut *io).poll_shutdown(cx)).is_err()
+                        let written = match this.write.poll_write(io, cx) {
+                            Poll::Ready(written) => written,
+                            Poll::Pending => {
+                                if stalled(&mut this, cx) {
+                                    this.state.set(State::Done);
+                                    return Poll::Ready(Err(STALLED.into()));
+                                }
+                                return Poll::Pending;
+                            }
+                        };
+                        if written.is_err() || ready!(Pin::new(&mut *io).poll_shutdown(cx)).is_err()
                         {
                             this.state.set(State::Done);
                             continue;
@@ -386,6 +412,40 @@ where
         *this.draining = true;
         this.request.keep_alive = false;
     }
+}
+
+/// Why a connection was cut while writing.
+const STALLED: &str = "the client took no response bytes within the write timeout";
+
+/// Whether the client has taken no bytes of what is queued for it for the write timeout;
+/// called when a write is pending on the socket (not on the response body). The timer is
+/// made on the first stall of a connection and kept: a client that reads never has one.
+fn stalled<I, S>(this: &mut ConnProj<'_, I, S>, cx: &mut Context<'_>) -> bool
+where
+    S: Service<Request<Body>>,
+{
+    if this.write.is_empty() {
+        // Waiting for the body, not for the client.
+        return false;
+    }
+    let written = this.write.written();
+    let limit = this.limits.write_timeout;
+    let stall = this.stall.get_or_insert_with(|| Stall {
+        timer: Box::pin(tokio::time::sleep(limit)),
+        written,
+    });
+    if stall.written != written {
+        stall.written = written;
+        stall.timer.as_mut().reset(deadline(Instant::now(), limit));
+    }
+    if stall.timer.as_mut().poll(cx).is_pending() {
+        return false;
+    }
+    tracing::debug!(peer = %this.info.peer, "{STALLED}; closing");
+    *this.io = None;
+    *this.feed = None;
+    *this.abandoned = None;
+    true
 }
 
 /// Feeds the request body to its reader as far as it can now; whether the reader has

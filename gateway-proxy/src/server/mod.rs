@@ -14,6 +14,8 @@
 //!   that could be read two ways is refused with 400 and the connection closed);
 //! - a keep-alive idle limit: a connection with no request in flight for that long is
 //!   closed (HTTP/2 gets a GOAWAY);
+//! - a write timeout (HTTP/1): a client that takes no bytes of its response for that long
+//!   is cut;
 //! - an idle HTTP/1.1 connection holds no buffer: it waits for the next request with only
 //!   the socket;
 //! - a cap on concurrent connections: at the cap the server stops accepting and the kernel
@@ -91,6 +93,7 @@ struct Shrink {
 struct Config {
     header_read_timeout: Duration,
     keep_alive_timeout: Duration,
+    write_timeout: Duration,
     max_connections: usize,
     max_headers: usize,
     max_header_bytes: usize,
@@ -103,6 +106,7 @@ impl Default for Config {
         Self {
             header_read_timeout: Duration::from_secs(10),
             keep_alive_timeout: Duration::from_secs(60),
+            write_timeout: Duration::from_secs(60),
             max_connections: 10_000,
             max_headers: h1::MAX_HEADERS,
             max_header_bytes: 64 * 1024,
@@ -154,6 +158,16 @@ impl Server {
     /// Closes a connection with no request in flight for this long (default 60 s).
     pub const fn keep_alive_timeout(mut self, timeout: Duration) -> Self {
         self.config.keep_alive_timeout = timeout;
+        self
+    }
+
+    /// Closes an HTTP/1.1 connection whose client has taken no bytes of a response for this
+    /// long (default 60 s, as nginx's `send_timeout`): a client that stops reading a large
+    /// response is cut instead of holding its connection, and the upstream response behind
+    /// it, for ever. Any progress restarts the timer. (HTTP/2 connections are bounded by
+    /// flow control, and one whose client stops reading misses the keep-alive pings.)
+    pub const fn write_timeout(mut self, timeout: Duration) -> Self {
+        self.config.write_timeout = timeout;
         self
     }
 
@@ -272,6 +286,7 @@ impl Server {
             limits: h1::Limits {
                 max_headers: config.max_headers,
                 max_head: config.max_header_bytes,
+                write_timeout: config.write_timeout,
             },
             header_read_timeout: config.header_read_timeout,
             keep_alive_timeout: config.keep_alive_timeout,

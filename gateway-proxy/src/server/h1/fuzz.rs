@@ -240,6 +240,7 @@ async fn ours(writes: &[Bytes]) -> Outcome {
         Limits {
             max_headers: 100,
             max_head: 64 * 1024,
+            write_timeout: Duration::from_secs(60),
         },
         ConnectInfo {
             peer: addr,

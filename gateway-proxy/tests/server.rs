@@ -325,6 +325,30 @@ async fn a_silent_connection_is_closed_at_the_header_read_timeout() {
     task.abort();
 }
 
+/// The header-read timeout counts from the connection's opening, across the protocol
+/// sniff: a first byte sent late does not start the time for the head afresh (it did, so a
+/// client had twice the timeout).
+#[tokio::test]
+async fn the_first_head_is_due_within_the_timeout_of_the_connection_opening() {
+    let upstream = TestUpstream::echo().await;
+    let gw = Gateway::start_with(
+        Router::new().route(Route::prefix("/"), proxy_to(&upstream)),
+        TrustedProxies::none(),
+        |s| s.header_read_timeout(Duration::from_millis(1000)),
+    )
+    .await;
+    let mut stream = TcpStream::connect(gw.addr).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    stream.write_all(b"G").await.unwrap();
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    // 1.4 s after opening: the connection is gone, whatever the client sends now.
+    let _ = stream.write_all(b"ET / HTTP/1.1\r\nHost: a\r\n\r\n").await;
+    let mut got = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut got)).await;
+    assert!(got.is_empty(), "{}", String::from_utf8_lossy(&got));
+    assert!(upstream.requests().is_empty());
+}
+
 /// Once an HTTPS endpoint has negotiated HTTP/2 by ALPN, a burst of requests that finds no
 /// connection (the last one was closed) opens one, not one per request.
 #[tokio::test]

@@ -67,6 +67,9 @@ pub(super) async fn serve<S, B>(
     B: http_body::Body<Data = Bytes> + Send + 'static,
     B::Error: Into<BoxError>,
 {
+    // The header-read timeout counts from here: the TLS handshake or the protocol sniff,
+    // then the first head, all within it.
+    let opened = Instant::now();
     let _ = stream.set_nodelay(true);
     let info = ConnectInfo {
         peer,
@@ -93,6 +96,7 @@ pub(super) async fn serve<S, B>(
             if stream.get_ref().1.alpn_protocol() == Some(b"h2") {
                 run_h2(
                     Coalesce::new(TokioIo::new(stream)),
+                    opened,
                     info,
                     service,
                     &shared,
@@ -100,7 +104,16 @@ pub(super) async fn serve<S, B>(
                 )
                 .await;
             } else {
-                run_h1(stream, BytesMut::new(), info, service, &shared, graceful).await;
+                run_h1(
+                    stream,
+                    BytesMut::new(),
+                    opened,
+                    info,
+                    service,
+                    &shared,
+                    graceful,
+                )
+                .await;
             }
         })
         .await;
@@ -117,10 +130,10 @@ pub(super) async fn serve<S, B>(
         }
     };
     match protocol {
-        Sniffed::Http1 => run_h1(stream, first, info, service, &shared, graceful).await,
+        Sniffed::Http1 => run_h1(stream, first, opened, info, service, &shared, graceful).await,
         Sniffed::Http2 => {
             let io = Coalesce::new(TokioIo::new(Rewind::new(stream, first.freeze())));
-            Box::pin(run_h2(io, info, service, &shared, graceful)).await;
+            Box::pin(run_h2(io, opened, info, service, &shared, graceful)).await;
         }
         Sniffed::Neither => {
             buffers::give(first);
@@ -257,10 +270,11 @@ async fn refuse_preface(mut stream: TcpStream, limit: Duration) {
     let _ = tokio::time::timeout(limit, refuse).await;
 }
 
-/// The connection's view of its requests, shared with its service and response bodies.
-pub(super) fn activity() -> Arc<Activity> {
+/// The connection's view of its requests, shared with its service and response bodies;
+/// idle since `opened`.
+pub(super) fn activity(opened: Instant) -> Arc<Activity> {
     Arc::new(Activity {
-        started: Instant::now(),
+        started: opened,
         in_flight: AtomicUsize::new(0),
         idle_since_ms: AtomicU64::new(0),
     })
@@ -271,6 +285,7 @@ pub(super) fn activity() -> Arc<Activity> {
 async fn run_h1<I, S, B>(
     io: I,
     first: BytesMut,
+    opened: Instant,
     info: ConnectInfo,
     service: S,
     shared: &Shared,
@@ -283,7 +298,7 @@ async fn run_h1<I, S, B>(
     B: http_body::Body<Data = Bytes> + Send + 'static,
     B::Error: Into<BoxError>,
 {
-    let activity = activity();
+    let activity = activity(opened);
     let idle = Idle {
         limit: shared.keep_alive_timeout.min(shared.header_read_timeout),
         hard: true,
@@ -293,7 +308,7 @@ async fn run_h1<I, S, B>(
         info,
         idle,
     };
-    let mut timer = std::pin::pin!(tokio::time::sleep(idle.limit));
+    let mut timer = std::pin::pin!(tokio::time::sleep_until(deadline(opened, idle.limit)));
     let conn = h1::Conn::new(
         io,
         first,
@@ -311,6 +326,7 @@ async fn run_h1<I, S, B>(
 /// [`Body`].
 async fn run_h2<I, S, B>(
     io: I,
+    opened: Instant,
     info: ConnectInfo,
     service: S,
     shared: &Shared,
@@ -323,7 +339,7 @@ async fn run_h2<I, S, B>(
     B: http_body::Body<Data = Bytes> + Send + 'static,
     B::Error: Into<BoxError>,
 {
-    let activity = activity();
+    let activity = activity(opened);
     let svc = ConnService::new(service, info, shared, &activity);
     let idle = Idle {
         limit: shared.keep_alive_timeout,
@@ -334,7 +350,7 @@ async fn run_h2<I, S, B>(
         info,
         idle,
     };
-    let mut timer = std::pin::pin!(tokio::time::sleep(idle.limit));
+    let mut timer = std::pin::pin!(tokio::time::sleep_until(deadline(opened, idle.limit)));
     // Boxed: HTTP/2 connections are few and their state is large.
     let mut conn = Box::pin(shared.http2.serve_connection(io, svc));
     drive(&mut conn, scope, &mut graceful, timer.as_mut()).await;

@@ -206,6 +206,29 @@ fn chunk_ext(mut ext: &[u8]) -> Result<(), &'static str> {
     }
 }
 
+/// The body length `Content-Length` says (`None` without one): digits only, and the same
+/// in every field and list element (RFC 9110 §8.6).
+pub(crate) fn content_length(map: &HeaderMap) -> Result<Option<u64>, &'static str> {
+    if !map.contains_key("content-length") {
+        return Ok(None);
+    }
+    let mut length = None;
+    for element in list(map, "content-length") {
+        if !element.iter().all(u8::is_ascii_digit) {
+            return Err("a Content-Length is not digits");
+        }
+        let n = std::str::from_utf8(element)
+            .ok()
+            .and_then(|s| s.parse::<u64>().ok())
+            .ok_or("a Content-Length overflows")?;
+        if length.is_some_and(|l| l != n) {
+            return Err("Content-Lengths disagree");
+        }
+        length = Some(n);
+    }
+    length.map(Some).ok_or("an empty Content-Length")
+}
+
 /// A header map's fields, in its order, as comparable values.
 pub(crate) fn fields(map: &HeaderMap) -> Vec<(String, Bytes)> {
     map.iter()

@@ -25,7 +25,7 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 
 use super::{Exchange, Outbound};
-use crate::fuzz::rfc9112::{chunked, field_lines, fields, line, list, map};
+use crate::fuzz::rfc9112::{chunked, content_length, field_lines, fields, line, list, map};
 use crate::fuzz::spell::{Framing, Style, add, field, framing, style};
 use crate::fuzz::{self, Mutation, ensure, mutate, split};
 use crate::io::Stream;
@@ -280,28 +280,11 @@ fn reference(input: &[u8], head: bool) -> Result<Read, &'static str> {
         let has = |token: &[u8]| connection.iter().any(|t| t.eq_ignore_ascii_case(token));
         let mut persistent = !has(b"close") && (version == Version::HTTP_11 || has(b"keep-alive"));
         let te = list(&headers, "transfer-encoding");
-        let cl = list(&headers, "content-length");
         let (has_te, has_cl) = (
             headers.contains_key("transfer-encoding"),
             headers.contains_key("content-length"),
         );
-        let mut length = None;
-        for element in &cl {
-            if !element.iter().all(u8::is_ascii_digit) {
-                return Err("a Content-Length is not digits");
-            }
-            let n = std::str::from_utf8(element)
-                .ok()
-                .and_then(|s| s.parse::<u64>().ok())
-                .ok_or("a Content-Length overflows")?;
-            if length.is_some_and(|l| l != n) {
-                return Err("Content-Lengths disagree");
-            }
-            length = Some(n);
-        }
-        if has_cl && length.is_none() {
-            return Err("an empty Content-Length");
-        }
+        let length = content_length(&headers)?;
         let bodiless = head || status == 204 || status == 304;
         let (body, trailers, rest) = if bodiless {
             (Bytes::new(), Vec::new(), rest)

@@ -13,7 +13,9 @@ use bytes::Bytes;
 use http::Version;
 
 use super::Seen;
-use crate::fuzz::rfc9112::{chunked, field_lines, fields, is_token, line, list, map};
+use crate::fuzz::rfc9112::{
+    chunked, content_length, field_lines, fields, is_token, line, list, map,
+};
 
 /// How the reading ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -120,7 +122,6 @@ fn head_and_body(input: &[u8]) -> Result<Step<'_>, &'static str> {
     let uri = http::Uri::try_from(target).map_err(|_| "the target is not a URI")?;
     let headers = map(&lines)?;
     let te = list(&headers, "transfer-encoding");
-    let cl = list(&headers, "content-length");
     let has_te = headers.contains_key("transfer-encoding");
     let has_cl = headers.contains_key("content-length");
     let connection = list(&headers, "connection");
@@ -149,22 +150,8 @@ fn head_and_body(input: &[u8]) -> Result<Step<'_>, &'static str> {
             Ok(None) => return Ok(Step::BodyCut(seen)),
             Err(why) => return Ok(Step::BodyBroken(seen, why)),
         }
-    } else if has_cl {
-        let mut length = None;
-        for element in &cl {
-            if element.is_empty() || !element.iter().all(u8::is_ascii_digit) {
-                return Err("a Content-Length is not digits");
-            }
-            let n = std::str::from_utf8(element)
-                .ok()
-                .and_then(|s| s.parse::<u64>().ok())
-                .ok_or("a Content-Length overflows")?;
-            if length.is_some_and(|l| l != n) {
-                return Err("Content-Lengths disagree");
-            }
-            length = Some(n);
-        }
-        let n = usize::try_from(length.ok_or("an empty Content-Length")?).unwrap_or(usize::MAX);
+    } else if let Some(n) = content_length(&headers)? {
+        let n = usize::try_from(n).unwrap_or(usize::MAX);
         if rest.len() < n {
             return Ok(Step::BodyCut(seen));
         }

@@ -6,6 +6,7 @@ use bytes::{Buf, Bytes, BytesMut};
 use http::HeaderMap;
 use http_body::SizeHint;
 
+use super::fields::{self, Fields};
 use super::head::{self, MAX_HEADERS};
 
 /// The longest chunk-size line accepted, extensions included.
@@ -316,17 +317,7 @@ fn trailers(section: &Bytes) -> Result<Option<HeaderMap>, InvalidBody> {
     }
     let mut map =
         head::fields(section, parsed).map_err(|_| InvalidBody("a trailer is malformed"))?;
-    for name in [
-        http::header::CONTENT_LENGTH,
-        http::header::TRANSFER_ENCODING,
-        http::header::HOST,
-        http::header::CONNECTION,
-        http::header::TE,
-        http::header::TRAILER,
-        http::header::UPGRADE,
-    ] {
-        map.remove(name);
-    }
+    fields::remove(&mut map, Fields::NOT_IN_TRAILERS);
     Ok(Some(map))
 }
 

@@ -8,6 +8,7 @@ use http::header::{CONTENT_LENGTH, HOST, HeaderName, HeaderValue, TRANSFER_ENCOD
 use http::{HeaderMap, Method, StatusCode, Uri, Version};
 
 use super::decode::{Chunked, Decoder};
+use super::fields::{Field, is_te_trailers, tokens};
 
 /// The most fields a head may have.
 pub(crate) const MAX_HEADERS: usize = 100;
@@ -75,27 +76,14 @@ pub(crate) struct Meta {
     pub(crate) expect_continue: bool,
     /// `Connection` names a field (beyond `close`, `keep-alive` and `upgrade`).
     pub(crate) nominates: bool,
+    /// `TE: trailers`: the client accepts trailers.
+    pub(crate) te_trailers: bool,
 }
 
 /// Where one field's name and value lie in the head they were parsed from: start and end
 /// of each.
 #[derive(Clone, Copy)]
 struct Span([u32; 4]);
-
-/// The fields the codec reads, and those a proxy drops, told apart by their raw name (so a
-/// field that is dropped never becomes a `HeaderName`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum Field {
-    ContentLength,
-    TransferEncoding,
-    Connection,
-    Expect,
-    /// Another field that only ever describes one hop (RFC 9110 §7.6.1): `Keep-Alive`,
-    /// `Proxy-Connection`, `TE`, `Upgrade`, `Proxy-Authorization`, `Proxy-Authenticate`,
-    /// `HTTP2-Settings`.
-    HopByHop,
-    Other,
-}
 
 // === parsing ===
 
@@ -269,14 +257,6 @@ fn build(
     Ok((map, meta))
 }
 
-/// The comma-separated elements of a field value, trimmed, empty ones skipped.
-fn tokens(value: &[u8]) -> impl Iterator<Item = &[u8]> {
-    value
-        .split(|&b| b == b',')
-        .map(<[u8]>::trim_ascii)
-        .filter(|t| !t.is_empty())
-}
-
 /// How many bytes at the start of `s` are `tchar`s (RFC 9110 §5.6.2): the length of the
 /// token there.
 pub(crate) fn token_len(s: &[u8]) -> usize {
@@ -330,38 +310,6 @@ impl Span {
     }
 }
 
-// === impl Field ===
-
-impl Field {
-    /// The field a raw name stands for, in any case.
-    pub(crate) fn of(name: &[u8]) -> Self {
-        let is = |known: &[u8]| name.eq_ignore_ascii_case(known);
-        // NOTE: a switch on the length, then one or two comparisons.
-        match name.len() {
-            2 if is(b"te") => Self::HopByHop,
-            6 if is(b"expect") => Self::Expect,
-            7 if is(b"upgrade") => Self::HopByHop,
-            10 if is(b"connection") => Self::Connection,
-            10 if is(b"keep-alive") => Self::HopByHop,
-            14 if is(b"content-length") => Self::ContentLength,
-            14 if is(b"http2-settings") => Self::HopByHop,
-            16 if is(b"proxy-connection") => Self::HopByHop,
-            17 if is(b"transfer-encoding") => Self::TransferEncoding,
-            18 if is(b"proxy-authenticate") => Self::HopByHop,
-            19 if is(b"proxy-authorization") => Self::HopByHop,
-            _ => Self::Other,
-        }
-    }
-
-    /// Whether the field only ever describes one hop (RFC 9110 §7.6.1).
-    pub(crate) const fn is_hop_by_hop(self) -> bool {
-        matches!(
-            self,
-            Self::Connection | Self::TransferEncoding | Self::HopByHop
-        )
-    }
-}
-
 // === impl Meta ===
 
 impl Meta {
@@ -406,7 +354,8 @@ impl Meta {
             Field::Expect => {
                 self.expect_continue |= value.eq_ignore_ascii_case(b"100-continue");
             }
-            Field::HopByHop | Field::Other => {}
+            Field::Te => self.te_trailers |= tokens(value).any(is_te_trailers),
+            _ => {}
         }
     }
 

@@ -15,4 +15,5 @@
 
 pub(crate) mod decode;
 pub(crate) mod encode;
+pub(crate) mod fields;
 pub(crate) mod head;

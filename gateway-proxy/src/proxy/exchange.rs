@@ -27,7 +27,8 @@ use super::pool::Pool;
 use crate::buffers;
 use crate::h1::decode::{Decoded, Decoder, InvalidBody};
 use crate::h1::encode::{Encoder, FillError, LengthMismatch, WriteBuf};
-use crate::h1::head::{self, BodyLength, Field, InvalidHead, ResponseHead};
+use crate::h1::fields::Field;
+use crate::h1::head::{self, BodyLength, InvalidHead, ResponseHead};
 use crate::io::{Rewind, Stream};
 
 /// A read buffer has this much room (a response head and a small body).

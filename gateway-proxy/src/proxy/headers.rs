@@ -4,176 +4,37 @@ use std::cell::RefCell;
 use std::io::Write as _;
 use std::net::IpAddr;
 
-use http::header::{
-    CONNECTION, CONTENT_LENGTH, EXPECT, FORWARDED, HeaderMap, HeaderName, HeaderValue,
-    PROXY_AUTHENTICATE, PROXY_AUTHORIZATION, TE, TRANSFER_ENCODING, UPGRADE,
-};
+use http::header::{FORWARDED, HeaderMap, HeaderName, HeaderValue};
+
+use crate::h1::fields::{self, Field, Fields};
 
 pub(crate) const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 pub(crate) const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 pub(crate) const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
-const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
-const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
-const HTTP2_SETTINGS: HeaderName = HeaderName::from_static("http2-settings");
-
-/// Headers that only ever describe one hop, whatever `Connection` says. `Trailer` is not
-/// among them: it announces trailers end to end (gRPC relies on them surviving).
-///
-/// NOTE: a `static`, not a `const`: every use of a `const` array builds and drops a
-/// temporary copy of all nine names, on every message.
-static HOP_BY_HOP: [HeaderName; 9] = [
-    CONNECTION,
-    PROXY_CONNECTION,
-    KEEP_ALIVE,
-    TRANSFER_ENCODING,
-    TE,
-    UPGRADE,
-    PROXY_AUTHORIZATION,
-    PROXY_AUTHENTICATE,
-    HTTP2_SETTINGS,
-];
-
-/// The bits of `Content-Length` and `Expect` in [`hop_bit`]'s answers, after those of
-/// [`HOP_BY_HOP`]: headers that one direction of a hop removes as well.
-const CONTENT_LENGTH_BIT: u16 = 1 << HOP_BY_HOP.len();
-const EXPECT_BIT: u16 = CONTENT_LENGTH_BIT << 1;
-/// The bit of a field named `close`: `Connection: close` nominates it like any other
-/// (found by the `headers` fuzz target: it survived, as `close` was skipped as an option).
-const CLOSE_BIT: u16 = EXPECT_BIT << 1;
-/// The bits of [`HOP_BY_HOP`].
-const HOP_BY_HOP_BITS: u16 = CONTENT_LENGTH_BIT - 1;
-
-/// `1 << i` if `name` is `HOP_BY_HOP[i]`, [`CONTENT_LENGTH_BIT`] for `Content-Length`,
-/// [`EXPECT_BIT`] for `Expect`, else 0.
-///
-/// NOTE: a `match` on the name, which compiles to a switch on its length and one
-/// comparison, where searching the array costs nine `HeaderName` comparisons per header.
-/// A test keeps the two in step.
-fn hop_bit(name: &HeaderName) -> u16 {
-    let i = match name.as_str() {
-        "connection" => 0,
-        "proxy-connection" => 1,
-        "keep-alive" => 2,
-        "transfer-encoding" => 3,
-        "te" => 4,
-        "upgrade" => 5,
-        "proxy-authorization" => 6,
-        "proxy-authenticate" => 7,
-        "http2-settings" => 8,
-        "content-length" => return CONTENT_LENGTH_BIT,
-        "expect" => return EXPECT_BIT,
-        "close" => return CLOSE_BIT,
-        _ => return 0,
-    };
-    1 << i
-}
-
-/// Whether a `Connection` header lists `token`.
-pub(crate) fn connection_has(headers: &HeaderMap, token: &str) -> bool {
-    headers
-        .get_all(CONNECTION)
-        .iter()
-        .flat_map(|v| v.as_bytes().split(|b| *b == b','))
-        .any(|t| t.trim_ascii().eq_ignore_ascii_case(token.as_bytes()))
-}
-
-/// The `Upgrade` value of an HTTP/1.1 upgrade request that may be tunnelled: `Connection`
-/// lists `upgrade` and the protocol is not `h2c` (an h2c upgrade is never forwarded).
-pub(crate) fn upgrade_request(headers: &HeaderMap) -> Option<HeaderValue> {
-    let upgrade = headers.get(UPGRADE)?;
-    let h2c = upgrade
-        .as_bytes()
-        .split(|b| *b == b',')
-        .any(|p| p.trim_ascii().eq_ignore_ascii_case(b"h2c"));
-    (!h2c && connection_has(headers, "upgrade")).then(|| upgrade.clone())
-}
-
-/// Whether the client accepts trailers (`TE: trailers`).
-pub(crate) fn accepts_trailers(headers: &HeaderMap) -> bool {
-    headers
-        .get_all(TE)
-        .iter()
-        .flat_map(|v| v.as_bytes().split(|b| *b == b','))
-        .any(|t| {
-            let t = t.split(|b| *b == b';').next().unwrap_or_default();
-            t.trim_ascii().eq_ignore_ascii_case(b"trailers")
-        })
-}
 
 /// Prepares a request's headers for the next hop: removes every header named in
-/// `Connection`, the hop-by-hop headers, `Content-Length` (hyper sets the framing for the
-/// next hop from the body itself) and `Expect` (hyper answers `100-continue` to the client
+/// `Connection`, the hop-by-hop headers, `Content-Length` (the framing is set for the next
+/// hop from the body itself) and `Expect` (the gateway answers `100-continue` to the client
 /// when the body is first read; the upstream gets a request without the expectation).
 pub(crate) fn strip_request(headers: &mut HeaderMap) {
-    strip(headers, CONTENT_LENGTH_BIT | EXPECT_BIT);
+    fields::remove(
+        headers,
+        Fields::HOP_BY_HOP
+            .with(Field::ContentLength)
+            .with(Field::Expect),
+    );
 }
 
 /// Prepares a response's headers for the next hop: removes every header named in
 /// `Connection`, the hop-by-hop headers, and `Content-Length` unless `keep_content_length`
 /// (responses to `HEAD` and `304`s, whose length describes a body that is not sent).
 pub(crate) fn strip_response(headers: &mut HeaderMap, keep_content_length: bool) {
-    strip(
-        headers,
-        if keep_content_length {
-            0
-        } else {
-            CONTENT_LENGTH_BIT
-        },
-    );
-}
-
-/// Removes the headers `Connection` nominates, the hop-by-hop headers, and those of the
-/// bits in `also`.
-fn strip(headers: &mut HeaderMap, also: u16) {
-    // One pass over the names finds which of these are present (a response usually has
-    // `Connection` and `Content-Length`, a request none): removing only those is cheaper
-    // than a dozen removals, each of which hashes its name and probes the map.
-    let present = headers.keys().fold(0u16, |bits, name| bits | hop_bit(name))
-        & (HOP_BY_HOP_BITS | also | CLOSE_BIT);
-    if present & !CLOSE_BIT == 0 {
-        return;
-    }
-    // `Connection` is HOP_BY_HOP[0]. Collect first: the names borrow `headers`. Allocation
-    // only happens for tokens that are not themselves hop-by-hop (`keep-alive`, `close`,
-    // `upgrade` are the common ones).
-    if present & 1 != 0 {
-        let mut nominated: Vec<HeaderName> = Vec::new();
-        for value in headers.get_all(CONNECTION) {
-            for token in value.as_bytes().split(|b| *b == b',') {
-                let token = token.trim_ascii();
-                if token.eq_ignore_ascii_case(b"close") {
-                    if present & CLOSE_BIT != 0 {
-                        nominated.push(HeaderName::from_static("close"));
-                    }
-                    continue;
-                }
-                // Hop-by-hop themselves: removed below.
-                if token.is_empty()
-                    || token.eq_ignore_ascii_case(b"keep-alive")
-                    || token.eq_ignore_ascii_case(b"upgrade")
-                {
-                    continue;
-                }
-                if let Ok(name) = HeaderName::from_bytes(token) {
-                    nominated.push(name);
-                }
-            }
-        }
-        for name in &nominated {
-            headers.remove(name);
-        }
-    }
-    for (i, name) in HOP_BY_HOP.iter().enumerate() {
-        if present & (1 << i) != 0 {
-            headers.remove(name);
-        }
-    }
-    if present & CONTENT_LENGTH_BIT != 0 {
-        headers.remove(CONTENT_LENGTH);
-    }
-    if present & EXPECT_BIT != 0 {
-        headers.remove(EXPECT);
-    }
+    let set = if keep_content_length {
+        Fields::HOP_BY_HOP
+    } else {
+        Fields::HOP_BY_HOP.with(Field::ContentLength)
+    };
+    fields::remove(headers, set);
 }
 
 /// Forwarding headers and their look-alikes, by their name with `-`, `_` and `.` removed,
@@ -402,22 +263,6 @@ mod tests {
     }
 
     #[test]
-    fn hop_bits_follow_the_table() {
-        for (i, name) in HOP_BY_HOP.iter().enumerate() {
-            assert_eq!(hop_bit(name), 1 << i, "{name}");
-        }
-        assert_eq!(hop_bit(&CONTENT_LENGTH), CONTENT_LENGTH_BIT);
-        assert_eq!(hop_bit(&EXPECT), EXPECT_BIT);
-        assert_eq!(hop_bit(&HeaderName::from_static("close")), CLOSE_BIT);
-        assert_eq!(
-            HOP_BY_HOP_BITS & (CONTENT_LENGTH_BIT | EXPECT_BIT | CLOSE_BIT),
-            0
-        );
-        assert_eq!(hop_bit(&http::header::TRAILER), 0);
-        assert_eq!(hop_bit(&HeaderName::from_static("x-connection")), 0);
-    }
-
-    #[test]
     fn without_connection_nothing_else_is_nominated() {
         let mut h = map(&[
             ("te", "trailers"),
@@ -437,25 +282,6 @@ mod tests {
         assert_eq!(h["content-length"], "5");
         strip_response(&mut h, false);
         assert!(h.is_empty());
-    }
-
-    #[test]
-    fn upgrade_detection() {
-        assert!(
-            upgrade_request(&map(&[("connection", "Upgrade"), ("upgrade", "websocket")])).is_some()
-        );
-        assert!(upgrade_request(&map(&[("upgrade", "websocket")])).is_none());
-        assert!(upgrade_request(&map(&[("connection", "upgrade"), ("upgrade", "h2c")])).is_none());
-        assert!(
-            upgrade_request(&map(&[("connection", "upgrade"), ("upgrade", "foo, H2C")])).is_none()
-        );
-    }
-
-    #[test]
-    fn trailers_acceptance() {
-        assert!(accepts_trailers(&map(&[("te", "gzip, trailers")])));
-        assert!(accepts_trailers(&map(&[("te", "trailers;q=1")])));
-        assert!(!accepts_trailers(&map(&[("te", "gzip")])));
     }
 
     #[test]

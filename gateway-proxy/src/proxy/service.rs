@@ -14,6 +14,7 @@ use super::client::{HttpClient, InvalidClient};
 use super::exchange::Outbound;
 use super::future::{ResponseFuture, UploadBody};
 use super::headers::{self, X_FORWARDED_HOST, X_FORWARDED_PROTO};
+use crate::h1::fields;
 use crate::server::OnUpgrade;
 use crate::upstream::{InvalidEndpoint, Upstream};
 
@@ -143,7 +144,7 @@ where
         };
         let is_head = head.method == http::Method::HEAD;
         let upgrade = if head.version == Version::HTTP_11 {
-            headers::upgrade_request(&head.headers)
+            fields::upgrade_request(&head.headers)
         } else {
             None
         };
@@ -156,7 +157,7 @@ where
             ))
         });
 
-        let te_trailers = headers::accepts_trailers(&head.headers);
+        let te_trailers = fields::accepts_trailers(&head.headers);
         // The client's host, captured before `Connection` may nominate `Host` away.
         let client_host = head.headers.get(HOST).cloned().or_else(|| {
             head.uri

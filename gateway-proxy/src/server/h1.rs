@@ -39,8 +39,8 @@ use super::incoming::{self, Fed, Feed};
 use super::upgrade;
 use crate::buffers;
 use crate::h1::encode::{Encoder, FillError, WriteBuf};
+use crate::h1::fields::connection_has;
 use crate::h1::head::{self, BodyLength, Persist, Refused, RequestHead};
-use crate::proxy::headers::{accepts_trailers, connection_has};
 use gateway_core::time::deadline;
 
 pub(super) use crate::h1::head::MAX_HEADERS;
@@ -492,7 +492,7 @@ where
     *this.request = Current {
         version,
         head: method == Method::HEAD,
-        trailers: accepts_trailers(&headers),
+        trailers: meta.te_trailers,
         keep_alive: meta.persistent(version) && !*this.draining,
         refused: false,
     };

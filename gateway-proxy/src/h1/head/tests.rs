@@ -1,4 +1,5 @@
 use super::*;
+use crate::h1::fields::Field;
 
 fn parse(raw: &str) -> Result<Option<ResponseHead>, InvalidHead> {
     parse_response(&mut BytesMut::from(raw.as_bytes()), |_, _| false)
@@ -144,10 +145,10 @@ fn field_names_are_told_apart_in_any_case() {
         (&b"Content-Length"[..], Field::ContentLength),
         (b"TRANSFER-ENCODING", Field::TransferEncoding),
         (b"connection", Field::Connection),
-        (b"Keep-Alive", Field::HopByHop),
-        (b"TE", Field::HopByHop),
-        (b"Upgrade", Field::HopByHop),
-        (b"Proxy-Authorization", Field::HopByHop),
+        (b"Keep-Alive", Field::KeepAlive),
+        (b"TE", Field::Te),
+        (b"Upgrade", Field::Upgrade),
+        (b"Proxy-Authorization", Field::ProxyAuthorization),
         (b"Date", Field::Other),
         (b"content-lengths", Field::Other),
         (b"x-te", Field::Other),

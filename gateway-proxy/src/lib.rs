@@ -18,12 +18,13 @@ pub mod proxy;
 pub mod router;
 pub mod server;
 mod task;
+pub mod upgrade;
 pub mod upstream;
 
-pub use proxy::{HostHeader, HttpClient, HttpClientBuilder, ReverseProxy};
+pub use proxy::{HostHeader, ReverseProxy};
 pub use router::{Route, Router};
 pub use server::Server;
-pub use upstream::{Endpoint, Upstream};
+pub use upstream::{Endpoint, HttpClient, HttpClientBuilder, Upstream};
 
 /// The README's composition example, compiled as a doctest.
 #[cfg(doctest)]

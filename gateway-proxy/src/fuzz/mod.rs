@@ -12,7 +12,7 @@
 //! | target | where | oracle |
 //! |---|---|---|
 //! | `server_h1` | `server::h1::fuzz` | differential against a strict RFC 9112 reader written for it: every request the service sees, the reader sees the same way, in order; stopping earlier is allowed only with an error response; what is written back is whole responses, one per request; valid input yields exactly the generated requests |
-//! | `client_h1` | `proxy::exchange::fuzz` | differential against a strict RFC 9112 response reader: an answer we read whole is the one the reader reads; a connection is pooled only when the reader says it can carry another exchange (persistent, delimited, nothing after the answer); valid answers are read as generated |
+//! | `client_h1` | `upstream::exchange::fuzz` | differential against a strict RFC 9112 response reader: an answer we read whole is the one the reader reads; a connection is pooled only when the reader says it can carry another exchange (persistent, delimited, nothing after the answer); valid answers are read as generated |
 //! | `path` | `router::fuzz` | normalization is idempotent, never yields `.`/`..` segments, `//` or an encoded separator; the route chosen is the route of the path the upstream receives |
 //! | `headers` | `proxy::headers::fuzz` | no hop-by-hop field, and no field a `Connection` header names, survives; every other field survives, its values in order |
 //!

@@ -16,13 +16,12 @@ use pin_project_lite::pin_project;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::{Instant, Sleep};
 
-use super::client::{Sending, Sent};
-use super::exchange::Upgraded;
 use super::headers;
 use super::service::Shared;
-use crate::server::OnUpgrade;
 use crate::task::register;
+use crate::upgrade::OnUpgrade;
 use crate::upstream::Selected;
+use crate::upstream::{Sending, Sent, Upgraded};
 use gateway_core::time::deadline;
 
 pin_project! {

@@ -55,15 +55,9 @@
 //! `GatewayTimeout` (504), and an empty upstream `NoHealthyUpstream` (503). Retry and
 //! breaker layers see them as errors; `RescueLayer` turns them into responses.
 
-mod client;
-mod exchange;
 mod future;
 pub(crate) mod headers;
-mod pool;
 mod service;
 
-pub use client::{HttpClient, HttpClientBuilder, InvalidClient};
-pub(crate) use exchange::Outbound;
 pub use future::ResponseFuture;
-pub(crate) use pool::Pools;
 pub use service::{HostHeader, ReverseProxy, ReverseProxyBuilder};

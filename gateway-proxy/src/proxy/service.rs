@@ -10,12 +10,11 @@ use http::uri::{PathAndQuery, Uri};
 use http::{Request, Response, Version, request};
 use tower::Service;
 
-use super::client::{HttpClient, InvalidClient};
-use super::exchange::Outbound;
 use super::future::{ResponseFuture, UploadBody};
 use super::headers::{self, X_FORWARDED_HOST, X_FORWARDED_PROTO};
 use crate::h1::fields;
-use crate::server::OnUpgrade;
+use crate::upgrade::OnUpgrade;
+use crate::upstream::{HttpClient, InvalidClient, Outbound};
 use crate::upstream::{InvalidEndpoint, Upstream};
 
 /// Forwards requests to an [`Upstream`]; see the [module docs](super).

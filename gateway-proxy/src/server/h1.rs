@@ -36,11 +36,11 @@ use tower::Service;
 
 use super::conn::{Activity, Connection};
 use super::incoming::{self, Fed, Feed};
-use super::upgrade;
 use crate::buffers;
 use crate::h1::encode::{Encoder, FillError, WriteBuf};
 use crate::h1::fields::connection_has;
 use crate::h1::head::{self, BodyLength, Persist, Refused, RequestHead};
+use crate::upgrade;
 use gateway_core::time::deadline;
 
 pub(super) use crate::h1::head::MAX_HEADERS;

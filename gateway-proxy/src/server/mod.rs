@@ -26,7 +26,7 @@
 //!
 //! Every request carries [`ConnectInfo`](gateway_core::ConnectInfo) and the server's
 //! [`Drain`] in its extensions, and an HTTP/1.1 request that asks to switch protocols an
-//! [`OnUpgrade`].
+//! [`OnUpgrade`](crate::upgrade::OnUpgrade).
 //!
 //! # Example
 //!
@@ -51,7 +51,6 @@ mod conn;
 mod h1;
 mod incoming;
 mod tls;
-mod upgrade;
 
 use std::future::Future;
 use std::io;
@@ -71,7 +70,6 @@ use tokio::task::JoinSet;
 use tower::Service;
 
 pub use tls::{InvalidTls, TlsConfig};
-pub use upgrade::{NotUpgraded, OnUpgrade, Upgraded};
 
 /// Serves a tower service on a listener; see the [module docs](self).
 #[must_use]

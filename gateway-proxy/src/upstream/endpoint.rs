@@ -31,7 +31,7 @@ pub struct Endpoint {
     /// was there from the start. Slow start ramps its weight up from this point.
     ready_since: AtomicU64,
     /// Pooled connections to this endpoint, per client.
-    pub(crate) pools: crate::proxy::Pools,
+    pub(crate) pools: super::pool::Pools,
 }
 
 /// A point-in-time view of an endpoint's state, for metrics and admin endpoints.
@@ -112,7 +112,7 @@ impl Endpoint {
             ejections: AtomicU32::new(0),
             healthy: AtomicBool::new(true),
             ready_since: AtomicU64::new(0),
-            pools: crate::proxy::Pools::default(),
+            pools: super::pool::Pools::default(),
         }
     }
 

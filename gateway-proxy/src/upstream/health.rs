@@ -15,8 +15,8 @@ use tokio::time::{Instant, sleep_until, timeout};
 use tokio_util::sync::CancellationToken;
 
 use super::Endpoint;
+use super::HttpClient;
 use super::balance::fast_random;
-use crate::HttpClient;
 use gateway_core::time::deadline;
 
 /// Active HTTP health checking, Kong- and Envoy-style.
@@ -220,7 +220,7 @@ impl HealthCheck {
         }
         let sent = self
             .client
-            .send(endpoint, req, crate::proxy::Outbound::default())
+            .send(endpoint, req, super::Outbound::default())
             .await
             .map_err(|e| chain(&e))?;
         let status = sent.response.status().as_u16();

@@ -1,4 +1,7 @@
-//! Upstreams: a set of endpoints and the balancer that picks one per request.
+//! Upstreams: a set of endpoints, the balancer that picks one per request, and the
+//! [`HttpClient`] that talks to them over pooled connections (HTTP/1.1 on the gateway's own
+//! codec, HTTP/2 on hyper's; each endpoint carries its pools, see `pool`). The proxy, the
+//! health checks and any layer that calls an upstream share it.
 //!
 //! An [`Upstream`] is cheap to clone (one `Arc`) and shared by every proxy that sends to it.
 //! Each [`Endpoint`] carries its own live state (requests in flight, a peak-EWMA response
@@ -44,16 +47,22 @@
 //! ```
 
 mod balance;
+mod client;
 mod discover;
 mod endpoint;
+mod exchange;
 mod hash;
 mod health;
 mod outlier;
+mod pool;
 mod set;
 
 pub use balance::{Balance, BalanceClone, LeastRequest, PeakEwma, PickContext, Random, RoundRobin};
+pub use client::{HttpClient, HttpClientBuilder, InvalidClient};
+pub(crate) use client::{Sending, Sent};
 pub use discover::{DnsDiscovery, Resolve, ResolveFuture, SystemResolver};
 pub use endpoint::{Endpoint, EndpointState, InvalidEndpoint};
+pub(crate) use exchange::{Outbound, Upgraded};
 pub use hash::{ConsistentHash, HashKey};
 pub use health::{HealthCheck, InvalidHealthCheck};
 pub use outlier::OutlierDetection;

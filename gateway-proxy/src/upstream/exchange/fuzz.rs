@@ -29,8 +29,8 @@ use crate::fuzz::rfc9112::{chunked, content_length, field_lines, fields, line, l
 use crate::fuzz::spell::{Framing, Style, add, field, framing, style};
 use crate::fuzz::{self, Mutation, ensure, mutate, split};
 use crate::io::Stream;
-use crate::proxy::pool::Pool;
 use crate::upstream::Endpoint;
+use crate::upstream::pool::Pool;
 use gateway_core::Body;
 
 /// An answer as read.

@@ -56,12 +56,12 @@ pub(crate) trait Io: AsyncRead + AsyncWrite + Send + Unpin + 'static {}
 impl<T: AsyncRead + AsyncWrite + Send + Unpin + 'static> Io for T {}
 
 /// The server's half: hands the connection over (or, dropped, says it will not).
-pub(super) struct Pending {
+pub(crate) struct Pending {
     shared: Arc<Mutex<Handover>>,
 }
 
 /// A pair for one request that asks to switch protocols.
-pub(super) fn pending() -> (Pending, OnUpgrade) {
+pub(crate) fn pending() -> (Pending, OnUpgrade) {
     let shared = Arc::new(Mutex::new(Handover::Waiting(Vec::new())));
     (
         Pending {

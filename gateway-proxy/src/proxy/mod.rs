@@ -22,7 +22,7 @@
 //! - tunnels an HTTP/1.1 `Upgrade` (WebSocket) only once the upstream answered `101`; any
 //!   other answer is an ordinary response and the client connection stays HTTP; `h2c`
 //!   upgrades are never forwarded;
-//! - passes trailers through (gRPC over HTTP/2 with [`HttpClientBuilder::http2_only`]).
+//! - passes trailers through (gRPC over HTTP/2 with [`HttpClientBuilder::http2_only`](crate::HttpClientBuilder::http2_only)).
 //!
 //! # Example
 //!

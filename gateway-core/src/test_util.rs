@@ -234,9 +234,22 @@ impl Drop for TestUpstream {
 }
 
 /// An address on which nothing listens (connections are refused).
+///
+/// The port is bound and never listened on, and stays bound for the life of the test
+/// process, so no other test can take it (binding a listener and dropping it left the port
+/// free for anyone's next `127.0.0.1:0`).
+///
+/// # Panics
+///
+/// If loopback cannot be bound (the test cannot run).
 pub async fn refused_addr() -> SocketAddr {
-    let listener = bind().await;
-    local_addr(&listener)
+    let socket = tokio::net::TcpSocket::new_v4().expect("a TCP socket");
+    socket
+        .bind(SocketAddr::from(([127, 0, 0, 1], 0)))
+        .expect("bind 127.0.0.1:0");
+    let addr = socket.local_addr().expect("a bound socket's address");
+    std::mem::forget(socket);
+    addr
 }
 
 /// Binds `127.0.0.1:0`.

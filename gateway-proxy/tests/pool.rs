@@ -139,14 +139,23 @@ async fn a_connection_the_upstream_closed_is_not_reused() {
 
 /// An upstream on its own thread (so it can act while the test's runtime is blocked) that
 /// answers one request per connection and closes it 5 ms later without saying so. It
-/// stops after accepting `limit` connections and one more.
-fn closing_upstream(limit: usize) -> (SocketAddr, Arc<AtomicUsize>, std::thread::JoinHandle<()>) {
+/// stops after accepting `limit` connections and one more. Counts the connections it
+/// accepted and those it closed.
+struct ClosingUpstream {
+    addr: SocketAddr,
+    accepted: Arc<AtomicUsize>,
+    closed: Arc<AtomicUsize>,
+    thread: std::thread::JoinHandle<()>,
+}
+
+fn closing_upstream(limit: usize) -> ClosingUpstream {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     listener.set_nonblocking(true).unwrap();
     let addr = listener.local_addr().unwrap();
     let accepted = Arc::new(AtomicUsize::new(0));
-    let counter = Arc::clone(&accepted);
-    let server = std::thread::spawn(move || {
+    let closed = Arc::new(AtomicUsize::new(0));
+    let (counter, closes) = (Arc::clone(&accepted), Arc::clone(&closed));
+    let thread = std::thread::spawn(move || {
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
@@ -163,16 +172,31 @@ fn closing_upstream(limit: usize) -> (SocketAddr, Arc<AtomicUsize>, std::thread:
                         .await;
                 }
                 tokio::time::sleep(Duration::from_millis(5)).await;
+                drop(stream);
+                closes.fetch_add(1, Ordering::SeqCst);
             }
         });
     });
-    (addr, accepted, server)
+    ClosingUpstream {
+        addr,
+        accepted,
+        closed,
+        thread,
+    }
 }
 
-/// Blocks the test's runtime (no I/O is processed) while the upstream closes, so the pool
-/// cannot have noticed the close when the next request takes the connection.
-fn let_the_upstream_close_unnoticed() {
-    std::thread::sleep(Duration::from_millis(150));
+/// Blocks the test's runtime (no I/O is processed) until the upstream has closed `n`
+/// connections, so the pool cannot have noticed the last close when the next request takes
+/// the connection.
+fn let_the_upstream_close_unnoticed(up: &ClosingUpstream, n: usize) {
+    let waited = std::time::Instant::now();
+    while up.closed.load(Ordering::SeqCst) < n {
+        assert!(
+            waited.elapsed() < Duration::from_secs(10),
+            "the upstream never closed"
+        );
+        std::thread::yield_now();
+    }
 }
 
 /// The harder case: the upstream's close arrives while the pooled connection still looks
@@ -181,9 +205,9 @@ fn let_the_upstream_close_unnoticed() {
 /// new connection instead of failing with 502.
 #[tokio::test(flavor = "current_thread")]
 async fn an_idempotent_request_on_a_connection_closed_under_it_is_sent_again() {
-    let (addr, accepted, server) = closing_upstream(10);
+    let up = closing_upstream(10);
     let proxy = proxy(
-        &format!("http://{addr}"),
+        &format!("http://{}", up.addr),
         HttpClient::builder().build().unwrap(),
     );
     for i in 0..10 {
@@ -192,23 +216,23 @@ async fn an_idempotent_request_on_a_connection_closed_under_it_is_sent_again() {
             (StatusCode::OK, "ok".to_owned()),
             "request {i}"
         );
-        let_the_upstream_close_unnoticed();
+        let_the_upstream_close_unnoticed(&up, i + 1);
     }
-    assert_eq!(accepted.load(Ordering::SeqCst), 10);
-    drop(tokio::net::TcpStream::connect(addr).await);
-    server.join().unwrap();
+    assert_eq!(up.accepted.load(Ordering::SeqCst), 10);
+    drop(tokio::net::TcpStream::connect(up.addr).await);
+    up.thread.join().unwrap();
 }
 
 /// A POST with a body in the same spot is not sent twice: the client gets the 502.
 #[tokio::test(flavor = "current_thread")]
 async fn a_post_on_a_connection_closed_under_it_is_not_sent_again() {
-    let (addr, accepted, server) = closing_upstream(1);
+    let up = closing_upstream(1);
     let proxy = proxy(
-        &format!("http://{addr}"),
+        &format!("http://{}", up.addr),
         HttpClient::builder().build().unwrap(),
     );
     assert_eq!(get(&proxy).await.0, StatusCode::OK);
-    let_the_upstream_close_unnoticed();
+    let_the_upstream_close_unnoticed(&up, 1);
     let req = Request::post("/orders")
         .body(Body::from("{\"qty\":1}"))
         .unwrap();
@@ -217,9 +241,9 @@ async fn a_post_on_a_connection_closed_under_it_is_not_sent_again() {
         gateway_core::Error::kind_of(err.as_ref()),
         gateway_core::ErrorKind::BadGateway
     );
-    assert_eq!(accepted.load(Ordering::SeqCst), 1);
-    drop(tokio::net::TcpStream::connect(addr).await);
-    server.join().unwrap();
+    assert_eq!(up.accepted.load(Ordering::SeqCst), 1);
+    drop(tokio::net::TcpStream::connect(up.addr).await);
+    up.thread.join().unwrap();
 }
 
 #[tokio::test]

@@ -390,18 +390,42 @@ mod tests {
 
     #[test]
     fn malformed_chunked_bodies_are_refused() {
-        for bad in [
-            &b"x\r\n"[..],
-            b"5\nhello\r\n0\r\n\r\n",
-            b"5\r\nhelloXY0\r\n\r\n",
-            b"-5\r\nhello\r\n",
-            b"5 x\r\nhello\r\n",
-            b"5;a\x01b\r\nhello\r\n",
-            b"10000000000000000\r\n",
-            b"0\r\nbad trailer\r\n\r\n",
+        // Each input is whole (it ends as a body ends), so what fails is the flaw named,
+        // not the end of the input.
+        for (bad, why) in [
+            (&b"x\r\n0\r\n\r\n"[..], "a chunk size is not a hex number"),
+            (
+                b"5\nhello\r\n0\r\n\r\n",
+                "a chunk line does not end with CRLF",
+            ),
+            (
+                b"5\r\nhelloXY0\r\n\r\n",
+                "chunk data is not followed by CRLF",
+            ),
+            (
+                b"-5\r\nhello\r\n0\r\n\r\n",
+                "a chunk size is not a hex number",
+            ),
+            (
+                b"5 x\r\nhello\r\n0\r\n\r\n",
+                "a chunk size is followed by something else",
+            ),
+            (
+                b"5;a\x01b\r\nhello\r\n0\r\n\r\n",
+                "a chunk size is followed by something else",
+            ),
+            (
+                b"10000000000000000\r\nx\r\n0\r\n\r\n",
+                "a chunk size overflows",
+            ),
+            (
+                b"0\r\nbad trailer\r\n\r\n",
+                "the trailer section is malformed",
+            ),
         ] {
-            assert!(
-                run(chunked(), bad, 1).is_err(),
+            assert_eq!(
+                run(chunked(), bad, 1).err(),
+                Some(InvalidBody(why)),
                 "{:?}",
                 String::from_utf8_lossy(bad)
             );
@@ -422,16 +446,17 @@ mod tests {
         }
         for bad in [
             &b"1;a<\"q\"\r\nx\r\n0\r\n\r\n"[..],
-            b"1;\r\nx\r\n",
-            b"1;=b\r\nx\r\n",
-            b"1;a=\r\nx\r\n",
-            b"1;a=\"open\r\nx\r\n",
-            b"1;a b\r\nx\r\n",
-            b"1\x0c;a\r\nx\r\n",
-            b"1;a=\"\x01\"\r\nx\r\n",
+            b"1;\r\nx\r\n0\r\n\r\n",
+            b"1;=b\r\nx\r\n0\r\n\r\n",
+            b"1;a=\r\nx\r\n0\r\n\r\n",
+            b"1;a=\"open\r\nx\r\n0\r\n\r\n",
+            b"1;a b\r\nx\r\n0\r\n\r\n",
+            b"1\x0c;a\r\nx\r\n0\r\n\r\n",
+            b"1;a=\"\x01\"\r\nx\r\n0\r\n\r\n",
         ] {
-            assert!(
-                run(chunked(), bad, 1).is_err(),
+            assert_eq!(
+                run(chunked(), bad, 1).err(),
+                Some(InvalidBody("a chunk size is followed by something else")),
                 "{:?}",
                 String::from_utf8_lossy(bad)
             );

@@ -166,6 +166,13 @@ fn persistence_follows_the_version_and_connection() {
     assert!(!h.meta.persistent(h.version));
     let h = head("HTTP/1.0 200 OK\r\nConnection: Keep-Alive\r\n\r\n");
     assert!(h.meta.persistent(h.version));
+    // HTTP/1.1 is persistent by default, whatever else `Connection` lists.
+    let h = head("HTTP/1.1 200 OK\r\n\r\n");
+    assert!(h.meta.persistent(h.version));
+    let h = head("HTTP/1.1 200 OK\r\nConnection: x-a, upgrade\r\n\r\n");
+    assert!(h.meta.persistent(h.version));
+    let h = head("HTTP/1.1 200 OK\r\nConnection: x-close\r\n\r\n");
+    assert!(h.meta.persistent(h.version));
 }
 
 #[test]

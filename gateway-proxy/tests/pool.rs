@@ -189,7 +189,7 @@ fn closing_upstream(limit: usize) -> ClosingUpstream {
 /// connections, so the pool cannot have noticed the last close when the next request takes
 /// the connection.
 fn let_the_upstream_close_unnoticed(up: &ClosingUpstream, n: usize) {
-    let waited = std::time::Instant::now();
+    let waited = tokio::time::Instant::now();
     while up.closed.load(Ordering::SeqCst) < n {
         assert!(
             waited.elapsed() < Duration::from_secs(10),

@@ -1,4 +1,4 @@
-//! Hop-by-hop and forwarding header rules, over real sockets (DESIGN §6).
+//! Hop-by-hop and forwarding header rules, over real sockets.
 
 mod support;
 

@@ -1,4 +1,4 @@
-//! Path normalization and host checks, with the hostile inputs sent as raw bytes (DESIGN §6).
+//! Path normalization and host checks, with the hostile inputs sent as raw bytes.
 
 mod support;
 

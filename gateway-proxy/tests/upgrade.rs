@@ -1,5 +1,4 @@
-//! WebSocket tunnelling, and upgrades the upstream declines (DESIGN §6: only a 101 makes a
-//! tunnel).
+//! WebSocket tunnelling, and upgrades the upstream declines (only a 101 makes a tunnel).
 
 mod support;
 

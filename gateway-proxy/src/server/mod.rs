@@ -145,15 +145,19 @@ impl Server {
         self.listener.local_addr()
     }
 
-    /// How long a client may take to send a request head, or to finish the TLS handshake
-    /// (default 10 s). For HTTP/1.1 this also bounds the wait for the next request on a
-    /// keep-alive connection (hyper arms the timer as soon as it waits for a head).
+    /// How long a client may take to send a request head, counted from when the connection
+    /// opened (TLS handshake included) or last went idle (default 10 s). For HTTP/1.1 it
+    /// also bounds the wait for the next request on a keep-alive connection: the idle limit
+    /// there is the smaller of this and [`keep_alive_timeout`](Self::keep_alive_timeout).
     pub const fn header_read_timeout(mut self, timeout: Duration) -> Self {
         self.config.header_read_timeout = timeout;
         self
     }
 
-    /// Closes a connection with no request in flight for this long (default 60 s).
+    /// Closes a connection with no request in flight for this long (default 60 s). An
+    /// HTTP/1.1 connection waits for its next request head, so it gets the smaller of this
+    /// and the [`header_read_timeout`](Self::header_read_timeout); an HTTP/2 connection gets
+    /// a GOAWAY.
     pub const fn keep_alive_timeout(mut self, timeout: Duration) -> Self {
         self.config.keep_alive_timeout = timeout;
         self
@@ -391,7 +395,7 @@ async fn accept(
     Ok((stream, peer, permit))
 }
 
-/// hyper's default header count limit.
+/// hyper's HTTP/2 server, with the server's limits.
 fn http2_builder(config: &Config) -> http2::Builder<TokioExecutor> {
     let mut builder = http2::Builder::new(TokioExecutor::new());
     builder

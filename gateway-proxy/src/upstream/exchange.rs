@@ -44,6 +44,8 @@ pub(crate) struct Outbound {
     /// them after the request's fields costs nothing, where inserting them into its header
     /// map first costs a hash and a probe each. An HTTP/2 request gets them inserted.
     fields: [Option<(HeaderName, HeaderValue)>; 3],
+    /// Fields beyond the three the proxy adds (none today; no allocation while empty).
+    more: Vec<(HeaderName, HeaderValue)>,
     /// The endpoint's `Host` replaces the request's own.
     pub(crate) endpoint_host: bool,
     /// The request asks to switch protocols: on HTTP/1.1, a `101` hands the connection over
@@ -174,7 +176,7 @@ impl Outbound {
     pub(crate) fn add(&mut self, name: HeaderName, value: HeaderValue) {
         match self.fields.iter_mut().find(|slot| slot.is_none()) {
             Some(slot) => *slot = Some((name, value)),
-            None => debug_assert!(false, "more fields than `Outbound` holds"),
+            None => self.more.push((name, value)),
         }
     }
 
@@ -185,7 +187,12 @@ impl Outbound {
             // `:authority` says it.
             headers.remove(HOST);
         }
-        for (name, value) in self.fields.iter_mut().filter_map(Option::take) {
+        for (name, value) in self
+            .fields
+            .iter_mut()
+            .filter_map(Option::take)
+            .chain(self.more.drain(..))
+        {
             headers.insert(name, value);
         }
     }
@@ -238,7 +245,7 @@ impl Exchange {
             target,
             host,
             &parts.headers,
-            out.fields.iter().flatten(),
+            out.fields.iter().flatten().chain(&out.more),
             length,
         );
         let (encoder, body) = match length {

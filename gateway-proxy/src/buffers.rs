@@ -23,6 +23,10 @@ use http::Extensions;
 
 /// The size of a buffer.
 pub(crate) const SIZE: usize = 8 * 1024;
+/// A connection's read buffer starts with this much room: a head and a small body.
+pub(crate) const READ_START: usize = SIZE;
+/// A body is read at most this much at a time, on either side of the proxy.
+pub(crate) const READ_MAX: usize = 64 * 1024;
 /// At most this many buffers wait, free or retired, per thread (512 KiB each way).
 const KEEP: usize = 64;
 /// Buffers that grew beyond this are not kept.

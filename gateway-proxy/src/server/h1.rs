@@ -36,7 +36,7 @@ use tower::Service;
 
 use super::conn::{Activity, Connection};
 use super::incoming::{self, Fed, Feed};
-use crate::buffers;
+use crate::buffers::{self, READ_START};
 use crate::h1::encode::{Encoder, FillError, WriteBuf};
 use crate::h1::fields::connection_has;
 use crate::h1::head::{self, BodyLength, Persist, Refused, RequestHead};
@@ -45,8 +45,6 @@ use gateway_core::time::deadline;
 
 pub(super) use crate::h1::head::MAX_HEADERS;
 
-/// A read buffer has this much room: a request head and a small body.
-const READ_START: usize = buffers::SIZE;
 /// What a closing connection reads and drops of a body the client is still sending, so
 /// that its response is not lost to a reset.
 const LINGER_MAX: usize = 256 * 1024;

@@ -18,12 +18,11 @@ use gateway_core::{BoxError, Error, ErrorKind};
 use http_body::{Frame, SizeHint};
 use tokio::io::{AsyncRead, AsyncWrite};
 
+use crate::buffers::READ_MAX;
 use crate::h1::decode::{Decoded, Decoder, InvalidBody};
 use crate::h1::encode::WriteBuf;
 use crate::task::register;
 
-/// A body read at most this much at a time.
-const READ_MAX: usize = 64 * 1024;
 /// A read buffer with less room than this grows before a read.
 const READ_MIN: usize = 4 * 1024;
 

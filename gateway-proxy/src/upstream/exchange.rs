@@ -24,17 +24,12 @@ use http::{HeaderMap, Method, Request, Response, StatusCode};
 use http_body::{Frame, SizeHint};
 
 use super::pool::Pool;
-use crate::buffers;
+use crate::buffers::{self, READ_MAX, READ_START};
 use crate::h1::decode::{Decoded, Decoder, InvalidBody};
 use crate::h1::encode::{Encoder, FillError, LengthMismatch, WriteBuf};
 use crate::h1::fields::Field;
 use crate::h1::head::{self, BodyLength, InvalidHead, ResponseHead};
 use crate::io::{Rewind, Stream};
-
-/// A read buffer has this much room (a response head and a small body).
-const READ_START: usize = buffers::SIZE;
-/// A body read makes room for at most this much at a time.
-const READ_MAX: usize = 64 * 1024;
 
 /// How a request goes out, beyond the request itself.
 #[derive(Debug, Default)]

@@ -35,8 +35,8 @@ async fn refused_upstream_is_502_problem_json() {
 #[tokio::test]
 async fn hung_upstream_is_504_after_the_timeout() {
     let up = TestUpstream::hang().await;
-    let mut proxy = ReverseProxy::builder(Upstream::single(&up.url()).unwrap());
-    proxy.response_header_timeout(Some(Duration::from_millis(300)));
+    let proxy = ReverseProxy::builder(Upstream::single(&up.url()).unwrap())
+        .response_header_timeout(Some(Duration::from_millis(300)));
     let gw = Gateway::start(Router::new().route(Route::prefix("/"), proxy.build().unwrap())).await;
     let started = tokio::time::Instant::now();
     let res = raw(gw.addr, &get("/", "")).await;
@@ -165,8 +165,8 @@ async fn too_many_headers_are_refused() {
 /// Sends `request` on a keep-alive connection through a proxy with a 300 ms body idle
 /// timeout, and reads until the gateway closes the connection (a hang fails with `hang`).
 async fn exchange_with_idle_timeout(up: &TestUpstream, request: &[u8], hang: &str) -> String {
-    let mut proxy = ReverseProxy::builder(Upstream::single(&up.url()).unwrap());
-    proxy.body_idle_timeout(Some(Duration::from_millis(300)));
+    let proxy = ReverseProxy::builder(Upstream::single(&up.url()).unwrap())
+        .body_idle_timeout(Some(Duration::from_millis(300)));
     let gw = Gateway::start(Router::new().route(Route::prefix("/"), proxy.build().unwrap())).await;
     let mut stream = TcpStream::connect(gw.addr).await.unwrap();
     stream.write_all(request).await.unwrap();

@@ -152,8 +152,7 @@ async fn trusted_proxy_chain_is_extended_not_replaced() {
 async fn host_is_rewritten_or_preserved_and_forwarded_via_added() {
     let up = TestUpstream::echo().await;
     let rewrite = proxy_to(&up);
-    let mut preserve = ReverseProxy::builder(Upstream::single(&up.url()).unwrap());
-    preserve
+    let preserve = ReverseProxy::builder(Upstream::single(&up.url()).unwrap())
         .host(HostHeader::Preserve)
         .forwarded(true)
         .via("gw-test")

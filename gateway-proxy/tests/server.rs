@@ -118,13 +118,12 @@ async fn https_upstreams_are_verified_against_the_configured_ca() {
     .await;
     let target = format!("https://localhost:{}", tls_upstream.addr.port());
 
-    let mut trusting = HttpClient::builder();
-    trusting
+    let trusting = HttpClient::builder()
         .webpki_roots(false)
         .add_root_pem(pki.cert_pem.as_bytes())
         .unwrap();
-    let mut good = ReverseProxy::builder(Upstream::single(&target).unwrap());
-    good.client(trusting.build().unwrap());
+    let good =
+        ReverseProxy::builder(Upstream::single(&target).unwrap()).client(trusting.build().unwrap());
     // Default roots only: the private CA is unknown, so the handshake must fail.
     let bad = ReverseProxy::new(Upstream::single(&target).unwrap());
 
@@ -379,8 +378,7 @@ async fn a_burst_to_an_alpn_http2_endpoint_shares_one_new_connection() {
         }
     });
 
-    let mut client = HttpClient::builder();
-    client
+    let client = HttpClient::builder()
         .webpki_roots(false)
         .add_root_pem(pki.cert_pem.as_bytes())
         .unwrap();

@@ -40,8 +40,7 @@ async fn trailers_pass_from_an_h2_upstream_to_an_h2_client() {
     .await;
 
     let client = HttpClient::builder().http2_only(true).build().unwrap();
-    let mut proxy = ReverseProxy::builder(Upstream::single(&up.url()).unwrap());
-    proxy.client(client);
+    let proxy = ReverseProxy::builder(Upstream::single(&up.url()).unwrap()).client(client);
     let gw = Gateway::start(Router::new().route(Route::prefix("/"), proxy.build().unwrap())).await;
 
     let h2 = Client::builder(TokioExecutor::new())

@@ -318,10 +318,11 @@ async fn run(args: Args) -> Result<(), Failure> {
         let demo = demo::start()
             .await
             .map_err(|e| Failure::Runtime(format!("cannot start the demo upstream: {e}")))?;
-        let mut api =
-            ReverseProxy::builder(Upstream::single(&demo.to_string()).map_err(|e| config(&e))?);
-        api.strip_prefix("/api");
-        let api = api.build().map_err(|e| config(&e))?;
+        let api =
+            ReverseProxy::builder(Upstream::single(&demo.to_string()).map_err(|e| config(&e))?)
+                .strip_prefix("/api")
+                .build()
+                .map_err(|e| config(&e))?;
         (
             Router::new().route(Route::prefix("/api").id("api"), api),
             true,

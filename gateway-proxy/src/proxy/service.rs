@@ -27,6 +27,7 @@ pub struct ReverseProxy {
 
 /// Builds a [`ReverseProxy`].
 #[derive(Clone)]
+#[must_use]
 pub struct ReverseProxyBuilder {
     upstream: Upstream,
     client: Option<HttpClient>,
@@ -323,7 +324,7 @@ impl ReverseProxyBuilder {
     /// let b = ReverseProxy::builder(Upstream::single("b:80").unwrap()).client(client).build().unwrap();
     /// # drop((a, b));
     /// ```
-    pub fn client(&mut self, client: HttpClient) -> &mut Self {
+    pub fn client(mut self, client: HttpClient) -> Self {
         self.client = Some(client);
         self
     }
@@ -334,7 +335,7 @@ impl ReverseProxyBuilder {
     /// use gateway_proxy::{HostHeader, ReverseProxy, Upstream};
     /// ReverseProxy::builder(Upstream::single("a:80").unwrap()).host(HostHeader::Preserve);
     /// ```
-    pub fn host(&mut self, host: HostHeader) -> &mut Self {
+    pub fn host(mut self, host: HostHeader) -> Self {
         self.host = host;
         self
     }
@@ -346,7 +347,7 @@ impl ReverseProxyBuilder {
     /// # use gateway_proxy::{ReverseProxy, Upstream};
     /// ReverseProxy::builder(Upstream::single("a:80").unwrap()).x_forwarded(false);
     /// ```
-    pub fn x_forwarded(&mut self, enabled: bool) -> &mut Self {
+    pub fn x_forwarded(mut self, enabled: bool) -> Self {
         self.x_forwarded = enabled;
         self
     }
@@ -357,7 +358,7 @@ impl ReverseProxyBuilder {
     /// # use gateway_proxy::{ReverseProxy, Upstream};
     /// ReverseProxy::builder(Upstream::single("a:80").unwrap()).forwarded(true);
     /// ```
-    pub fn forwarded(&mut self, enabled: bool) -> &mut Self {
+    pub fn forwarded(mut self, enabled: bool) -> Self {
         self.forwarded = enabled;
         self
     }
@@ -368,7 +369,7 @@ impl ReverseProxyBuilder {
     /// # use gateway_proxy::{ReverseProxy, Upstream};
     /// ReverseProxy::builder(Upstream::single("a:80").unwrap()).via("gateway");
     /// ```
-    pub fn via(&mut self, pseudonym: impl Into<String>) -> &mut Self {
+    pub fn via(mut self, pseudonym: impl Into<String>) -> Self {
         self.via = Some(pseudonym.into());
         self
     }
@@ -380,7 +381,7 @@ impl ReverseProxyBuilder {
     /// # use gateway_proxy::{ReverseProxy, Upstream};
     /// ReverseProxy::builder(Upstream::single("a:80").unwrap()).strip_prefix("/api");
     /// ```
-    pub fn strip_prefix(&mut self, prefix: &str) -> &mut Self {
+    pub fn strip_prefix(self, prefix: &str) -> Self {
         self.replace_prefix(prefix, "/")
     }
 
@@ -390,7 +391,7 @@ impl ReverseProxyBuilder {
     /// # use gateway_proxy::{ReverseProxy, Upstream};
     /// ReverseProxy::builder(Upstream::single("a:80").unwrap()).replace_prefix("/v1", "/internal/v1");
     /// ```
-    pub fn replace_prefix(&mut self, from: &str, to: &str) -> &mut Self {
+    pub fn replace_prefix(mut self, from: &str, to: &str) -> Self {
         let norm = |p: &str| {
             let p = p.trim_end_matches('/');
             if p.starts_with('/') {
@@ -413,7 +414,7 @@ impl ReverseProxyBuilder {
     /// # use gateway_proxy::{ReverseProxy, Upstream}; use std::time::Duration;
     /// ReverseProxy::builder(Upstream::single("a:80").unwrap()).response_header_timeout(Some(Duration::from_secs(5)));
     /// ```
-    pub fn response_header_timeout(&mut self, timeout: Option<Duration>) -> &mut Self {
+    pub fn response_header_timeout(mut self, timeout: Option<Duration>) -> Self {
         self.response_header_timeout = timeout;
         self
     }
@@ -426,7 +427,7 @@ impl ReverseProxyBuilder {
     /// # use gateway_proxy::{ReverseProxy, Upstream}; use std::time::Duration;
     /// ReverseProxy::builder(Upstream::single("a:80").unwrap()).body_idle_timeout(Some(Duration::from_secs(30)));
     /// ```
-    pub fn body_idle_timeout(&mut self, timeout: Option<Duration>) -> &mut Self {
+    pub fn body_idle_timeout(mut self, timeout: Option<Duration>) -> Self {
         self.body_idle_timeout = timeout;
         self
     }
@@ -439,7 +440,7 @@ impl ReverseProxyBuilder {
     /// # use gateway_proxy::{ReverseProxy, Upstream}; use std::time::Duration;
     /// ReverseProxy::builder(Upstream::single("a:80").unwrap()).tunnel_idle_timeout(Some(Duration::from_secs(60)));
     /// ```
-    pub fn tunnel_idle_timeout(&mut self, timeout: Option<Duration>) -> &mut Self {
+    pub fn tunnel_idle_timeout(mut self, timeout: Option<Duration>) -> Self {
         self.tunnel_idle_timeout = timeout;
         self
     }
@@ -450,7 +451,7 @@ impl ReverseProxyBuilder {
     ///
     /// When no client was given and the default one cannot be built, or the `Via`
     /// pseudonym is not a valid header value.
-    pub fn build(&self) -> Result<ReverseProxy, InvalidClient> {
+    pub fn build(self) -> Result<ReverseProxy, InvalidClient> {
         let client = match &self.client {
             Some(c) => c.clone(),
             None => HttpClient::builder().build()?,

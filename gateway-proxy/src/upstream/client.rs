@@ -73,6 +73,7 @@ pub(crate) enum Sending {
 /// # drop(client);
 /// ```
 #[derive(Debug, Clone)]
+#[must_use]
 pub struct HttpClientBuilder {
     connect_timeout: Duration,
     pool_idle_timeout: Duration,
@@ -330,7 +331,7 @@ impl HttpClientBuilder {
     /// # use std::time::Duration;
     /// gateway_proxy::HttpClient::builder().connect_timeout(Duration::from_millis(500));
     /// ```
-    pub fn connect_timeout(&mut self, timeout: Duration) -> &mut Self {
+    pub fn connect_timeout(mut self, timeout: Duration) -> Self {
         self.connect_timeout = timeout;
         self
     }
@@ -342,7 +343,7 @@ impl HttpClientBuilder {
     /// # use std::time::Duration;
     /// gateway_proxy::HttpClient::builder().pool_idle_timeout(Duration::from_secs(20));
     /// ```
-    pub fn pool_idle_timeout(&mut self, timeout: Duration) -> &mut Self {
+    pub fn pool_idle_timeout(mut self, timeout: Duration) -> Self {
         self.pool_idle_timeout = timeout;
         self
     }
@@ -352,7 +353,7 @@ impl HttpClientBuilder {
     /// ```
     /// gateway_proxy::HttpClient::builder().pool_max_idle_per_host(32);
     /// ```
-    pub fn pool_max_idle_per_host(&mut self, max: usize) -> &mut Self {
+    pub fn pool_max_idle_per_host(mut self, max: usize) -> Self {
         self.pool_max_idle_per_host = max;
         self
     }
@@ -362,7 +363,7 @@ impl HttpClientBuilder {
     /// ```
     /// gateway_proxy::HttpClient::builder().tcp_keepalive(None);
     /// ```
-    pub fn tcp_keepalive(&mut self, interval: Option<Duration>) -> &mut Self {
+    pub fn tcp_keepalive(mut self, interval: Option<Duration>) -> Self {
         self.tcp_keepalive = interval;
         self
     }
@@ -374,7 +375,7 @@ impl HttpClientBuilder {
     /// ```
     /// gateway_proxy::HttpClient::builder().http2_only(true);
     /// ```
-    pub fn http2_only(&mut self, enabled: bool) -> &mut Self {
+    pub fn http2_only(mut self, enabled: bool) -> Self {
         self.http2_only = enabled;
         self
     }
@@ -384,7 +385,7 @@ impl HttpClientBuilder {
     /// ```
     /// gateway_proxy::HttpClient::builder().webpki_roots(false);
     /// ```
-    pub fn webpki_roots(&mut self, enabled: bool) -> &mut Self {
+    pub fn webpki_roots(mut self, enabled: bool) -> Self {
         self.webpki_roots = enabled;
         self
     }
@@ -392,14 +393,14 @@ impl HttpClientBuilder {
     /// Trusts the CA certificates of a PEM bundle as well, for private upstream PKIs.
     ///
     /// ```
-    /// let mut builder = gateway_proxy::HttpClient::builder();
+    /// let builder = gateway_proxy::HttpClient::builder();
     /// assert!(builder.add_root_pem(b"not a pem").is_err());
     /// ```
     ///
     /// # Errors
     ///
     /// When the bundle holds no certificate or cannot be parsed.
-    pub fn add_root_pem(&mut self, pem: &[u8]) -> Result<&mut Self, InvalidClient> {
+    pub fn add_root_pem(mut self, pem: &[u8]) -> Result<Self, InvalidClient> {
         let certs = CertificateDer::pem_slice_iter(pem)
             .collect::<Result<Vec<_>, _>>()
             .map_err(|e| InvalidClient {
@@ -417,17 +418,14 @@ impl HttpClientBuilder {
     /// Reads a PEM CA bundle from `path` (see [`HttpClientBuilder::add_root_pem`]).
     ///
     /// ```
-    /// let mut builder = gateway_proxy::HttpClient::builder();
+    /// let builder = gateway_proxy::HttpClient::builder();
     /// assert!(builder.add_root_pem_file("/nonexistent/ca.pem").is_err());
     /// ```
     ///
     /// # Errors
     ///
     /// When the file cannot be read or parsed.
-    pub fn add_root_pem_file(
-        &mut self,
-        path: impl AsRef<Path>,
-    ) -> Result<&mut Self, InvalidClient> {
+    pub fn add_root_pem_file(self, path: impl AsRef<Path>) -> Result<Self, InvalidClient> {
         let path = path.as_ref();
         let pem = std::fs::read(path).map_err(|e| InvalidClient {
             reason: format!("cannot read {}: {e}", path.display()),
@@ -440,7 +438,7 @@ impl HttpClientBuilder {
     /// # Errors
     ///
     /// When the TLS configuration cannot be built (no root certificate at all).
-    pub fn build(&self) -> Result<HttpClient, InvalidClient> {
+    pub fn build(self) -> Result<HttpClient, InvalidClient> {
         let mut roots = RootCertStore::empty();
         if self.webpki_roots {
             roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());

@@ -85,7 +85,7 @@ async fn gateway_with_short_header_timeout(up: &TestUpstream) -> Gateway {
     Gateway::start_with(
         Router::new().route(Route::prefix("/"), proxy_to(up)),
         gateway_core::client_ip::TrustedProxies::none(),
-        |s| s.header_read_timeout(Duration::from_millis(700)),
+        |s| s.header_read_timeout(Some(Duration::from_millis(700))),
     )
     .await
 }

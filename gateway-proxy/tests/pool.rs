@@ -284,7 +284,7 @@ async fn idle_connections_close_after_the_idle_timeout() {
         let _ = closed_tx.send((served.elapsed(), rest.len()));
     });
     let client = HttpClient::builder()
-        .pool_idle_timeout(Duration::from_millis(300))
+        .pool_idle_timeout(Some(Duration::from_millis(300)))
         .build()
         .unwrap();
     let proxy = proxy(&format!("http://{addr}"), client);

@@ -148,8 +148,8 @@ async fn idle_keep_alive_connections_are_closed() {
         Router::new().route(Route::prefix("/"), proxy_to(&up)),
         TrustedProxies::none(),
         |s| {
-            s.keep_alive_timeout(Duration::from_millis(300))
-                .header_read_timeout(Duration::from_secs(30))
+            s.keep_alive_timeout(Some(Duration::from_millis(300)))
+                .header_read_timeout(Some(Duration::from_secs(30)))
         },
     )
     .await;
@@ -311,7 +311,7 @@ async fn a_silent_connection_is_closed_at_the_header_read_timeout() {
     let server = gateway_proxy::Server::bind("127.0.0.1:0")
         .await
         .unwrap()
-        .header_read_timeout(Duration::from_millis(200));
+        .header_read_timeout(Some(Duration::from_millis(200)));
     let addr = server.local_addr().unwrap();
     let app = Router::new().route(Route::prefix("/"), proxy_to(&upstream));
     let task = tokio::spawn(server.serve(app));
@@ -333,7 +333,7 @@ async fn the_first_head_is_due_within_the_timeout_of_the_connection_opening() {
     let gw = Gateway::start_with(
         Router::new().route(Route::prefix("/"), proxy_to(&upstream)),
         TrustedProxies::none(),
-        |s| s.header_read_timeout(Duration::from_millis(1000)),
+        |s| s.header_read_timeout(Some(Duration::from_millis(1000))),
     )
     .await;
     let mut stream = TcpStream::connect(gw.addr).await.unwrap();
@@ -358,7 +358,10 @@ async fn a_burst_to_an_alpn_http2_endpoint_shares_one_new_connection() {
     let tls_upstream = Gateway::start_with(
         Router::new().route(Route::prefix("/"), proxy_to(&echo)),
         TrustedProxies::none(),
-        |s| s.tls(tls).keep_alive_timeout(Duration::from_millis(200)),
+        |s| {
+            s.tls(tls)
+                .keep_alive_timeout(Some(Duration::from_millis(200)))
+        },
     )
     .await;
     // A TCP relay in front of it counts the connections the proxy opens.
@@ -477,7 +480,7 @@ async fn a_client_that_stops_reading_is_cut_at_the_write_timeout() {
         }
     });
     let gw = Gateway::start_with(app, TrustedProxies::none(), |s| {
-        s.write_timeout(Duration::from_secs(2))
+        s.write_timeout(Some(Duration::from_secs(2)))
     })
     .await;
     // A small receive buffer, so that what the client reads opens the window at once.

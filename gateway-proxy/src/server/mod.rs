@@ -40,7 +40,7 @@
 //! let app = Router::new().route(Route::prefix("/"), ReverseProxy::to("http://127.0.0.1:3000")?);
 //! Server::bind("0.0.0.0:8080")
 //!     .await?
-//!     .header_read_timeout(Duration::from_secs(10))
+//!     .header_read_timeout(Some(Duration::from_secs(10)))
 //!     .max_connections(50_000)
 //!     .serve(ServiceBuilder::new().layer(RescueLayer::new()).service(app))
 //!     .await?;
@@ -146,30 +146,33 @@ impl Server {
     }
 
     /// How long a client may take to send a request head, counted from when the connection
-    /// opened (TLS handshake included) or last went idle (default 10 s). For HTTP/1.1 it
+    /// opened (TLS handshake included) or last went idle (default 10 s; `None` for none,
+    /// which lets any client hold a connection for ever). For HTTP/1.1 it
     /// also bounds the wait for the next request on a keep-alive connection: the idle limit
     /// there is the smaller of this and [`keep_alive_timeout`](Self::keep_alive_timeout).
-    pub const fn header_read_timeout(mut self, timeout: Duration) -> Self {
-        self.config.header_read_timeout = timeout;
+    pub const fn header_read_timeout(mut self, timeout: Option<Duration>) -> Self {
+        self.config.header_read_timeout = forever_if_none(timeout);
         self
     }
 
-    /// Closes a connection with no request in flight for this long (default 60 s). An
+    /// Closes a connection with no request in flight for this long (default 60 s; `None`
+    /// for never). An
     /// HTTP/1.1 connection waits for its next request head, so it gets the smaller of this
     /// and the [`header_read_timeout`](Self::header_read_timeout); an HTTP/2 connection gets
     /// a GOAWAY.
-    pub const fn keep_alive_timeout(mut self, timeout: Duration) -> Self {
-        self.config.keep_alive_timeout = timeout;
+    pub const fn keep_alive_timeout(mut self, timeout: Option<Duration>) -> Self {
+        self.config.keep_alive_timeout = forever_if_none(timeout);
         self
     }
 
     /// Closes an HTTP/1.1 connection whose client has taken no bytes of a response for this
-    /// long (default 60 s, as nginx's `send_timeout`): a client that stops reading a large
+    /// long (default 60 s, as nginx's `send_timeout`; `None` for never): a client that stops
+    /// reading a large
     /// response is cut instead of holding its connection, and the upstream response behind
     /// it, for ever. Any progress restarts the timer. (HTTP/2 connections are bounded by
     /// flow control, and one whose client stops reading misses the keep-alive pings.)
-    pub const fn write_timeout(mut self, timeout: Duration) -> Self {
-        self.config.write_timeout = timeout;
+    pub const fn write_timeout(mut self, timeout: Option<Duration>) -> Self {
+        self.config.write_timeout = forever_if_none(timeout);
         self
     }
 
@@ -393,6 +396,15 @@ async fn accept(
         .map_err(io::Error::other)?;
     let (stream, peer) = listener.accept().await?;
     Ok((stream, peer, permit))
+}
+
+/// A timeout that may be turned off: `None` is a duration no deadline reaches (see
+/// [`gateway_core::time::deadline`]).
+const fn forever_if_none(timeout: Option<Duration>) -> Duration {
+    match timeout {
+        Some(timeout) => timeout,
+        None => Duration::MAX,
+    }
 }
 
 /// hyper's HTTP/2 server, with the server's limits.

@@ -66,8 +66,8 @@ pub(crate) enum Sending {
 /// use std::time::Duration;
 ///
 /// let client = HttpClient::builder()
-///     .connect_timeout(Duration::from_secs(2))
-///     .pool_idle_timeout(Duration::from_secs(30))
+///     .connect_timeout(Some(Duration::from_secs(2)))
+///     .pool_idle_timeout(Some(Duration::from_secs(30)))
 ///     .build()
 ///     .unwrap();
 /// # drop(client);
@@ -324,27 +324,29 @@ impl Default for HttpClientBuilder {
 }
 
 impl HttpClientBuilder {
-    /// How long establishing a TCP connection may take (default 5 s). A connect that times
+    /// How long establishing a TCP connection may take (default 5 s; `None` for as long as
+    /// the system allows). A connect that times
     /// out is an unreachable upstream (502).
     ///
     /// ```
     /// # use std::time::Duration;
-    /// gateway_proxy::HttpClient::builder().connect_timeout(Duration::from_millis(500));
+    /// gateway_proxy::HttpClient::builder().connect_timeout(Some(Duration::from_millis(500)));
     /// ```
-    pub fn connect_timeout(mut self, timeout: Duration) -> Self {
-        self.connect_timeout = timeout;
+    pub fn connect_timeout(mut self, timeout: Option<Duration>) -> Self {
+        self.connect_timeout = timeout.unwrap_or(Duration::MAX);
         self
     }
 
-    /// How long an idle pooled connection is kept (default 60 s); keep it below the
+    /// How long an idle pooled connection is kept (default 60 s; `None` for as long as the
+    /// upstream keeps it); keep it below the
     /// upstream's own keep-alive timeout so the gateway closes first.
     ///
     /// ```
     /// # use std::time::Duration;
-    /// gateway_proxy::HttpClient::builder().pool_idle_timeout(Duration::from_secs(20));
+    /// gateway_proxy::HttpClient::builder().pool_idle_timeout(Some(Duration::from_secs(20)));
     /// ```
-    pub fn pool_idle_timeout(mut self, timeout: Duration) -> Self {
-        self.pool_idle_timeout = timeout;
+    pub fn pool_idle_timeout(mut self, timeout: Option<Duration>) -> Self {
+        self.pool_idle_timeout = timeout.unwrap_or(Duration::MAX);
         self
     }
 

@@ -210,7 +210,7 @@ async fn an_unread_request_body_is_never_parsed_as_a_request() {
 #[tokio::test]
 async fn a_slow_head_is_cut_at_the_header_read_timeout() {
     let h = Harness::start(Reads::Nothing, |s| {
-        s.header_read_timeout(Duration::from_millis(300))
+        s.header_read_timeout(Some(Duration::from_millis(300)))
     })
     .await;
     let mut c = TcpStream::connect(h.addr).await.unwrap();

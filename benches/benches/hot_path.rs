@@ -141,7 +141,7 @@ fn ten_endpoints() -> impl Iterator<Item = Endpoint> {
         format!("10.0.0.{i}:8080")
             .parse::<Endpoint>()
             .expect("valid endpoint")
-            .weight(i + 1)
+            .with_weight(std::num::NonZeroU32::new(i + 1).expect("i + 1 is not 0"))
     })
 }
 

@@ -4,6 +4,7 @@
     reason = "the helpers panic on failure, like the tests"
 )]
 
+use std::num::NonZeroU32;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -72,8 +73,8 @@ async fn a_failing_health_path_takes_an_endpoint_out_until_it_passes_again() {
         .interval(INTERVAL)
         .jitter(JITTER)
         .timeout(TIMEOUT)
-        .unhealthy_threshold(3)
-        .healthy_threshold(2);
+        .unhealthy_threshold(NonZeroU32::new(3).unwrap())
+        .healthy_threshold(NonZeroU32::new(2).unwrap());
     let endpoints = [sick.url(), well.url()].map(|u| u.parse::<Endpoint>().unwrap());
     let upstream = Upstream::builder(endpoints, RoundRobin::default())
         .health_check(check)
@@ -138,7 +139,7 @@ async fn refused_connections_and_hung_probes_fail_the_check() {
         .interval(INTERVAL)
         .jitter(Duration::ZERO)
         .timeout(TIMEOUT)
-        .unhealthy_threshold(2);
+        .unhealthy_threshold(NonZeroU32::new(2).unwrap());
     let endpoints = [refused.to_string(), hung.url()].map(|u| u.parse::<Endpoint>().unwrap());
     let upstream = Upstream::builder(endpoints, RoundRobin::default())
         .health_check(check)

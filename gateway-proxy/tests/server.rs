@@ -520,3 +520,26 @@ async fn a_client_that_stops_reading_is_cut_at_the_write_timeout() {
     }
     assert!(total < 256 << 20, "the whole response arrived: {total}");
 }
+
+/// Settings out of range are refused when the server starts, not clamped.
+#[tokio::test]
+async fn out_of_range_settings_are_refused_at_start() {
+    for tune in [
+        (|s: gateway_proxy::Server| s.max_headers(0))
+            as fn(gateway_proxy::Server) -> gateway_proxy::Server,
+        |s| s.max_headers(101),
+        |s| s.max_header_bytes(4096),
+        |s| s.max_connections(0),
+    ] {
+        let server = tune(gateway_proxy::Server::bind("127.0.0.1:0").await.unwrap());
+        let app = tower::service_fn(|_: Request<Body>| async {
+            Ok::<_, std::convert::Infallible>(Response::new(Body::empty()))
+        });
+        let err = server.serve(app).await.unwrap_err();
+        assert_eq!(err.kind(), std::io::ErrorKind::InvalidInput, "{err}");
+        let source = err
+            .get_ref()
+            .and_then(|e| e.downcast_ref::<gateway_proxy::server::InvalidServer>());
+        assert!(source.is_some(), "{err:?}");
+    }
+}

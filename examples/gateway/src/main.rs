@@ -24,6 +24,7 @@ mod demo;
 
 use std::ffi::OsString;
 use std::net::{IpAddr, SocketAddr};
+use std::num::NonZeroU32;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
@@ -91,8 +92,8 @@ struct Args {
     health_path: Option<String>,
     health_interval: Duration,
     health_timeout: Duration,
-    healthy_threshold: u32,
-    unhealthy_threshold: u32,
+    healthy_threshold: NonZeroU32,
+    unhealthy_threshold: NonZeroU32,
     eject_after: usize,
     slow_start: Duration,
     dns_refresh: Option<Duration>,
@@ -152,8 +153,8 @@ fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Command, String> {
         health_path: None,
         health_interval: Duration::from_secs(10),
         health_timeout: Duration::from_secs(2),
-        healthy_threshold: 2,
-        unhealthy_threshold: 3,
+        healthy_threshold: NonZeroU32::new(2).expect("2 is not 0"),
+        unhealthy_threshold: NonZeroU32::new(3).expect("3 is not 0"),
         eject_after: 5,
         slow_start: Duration::ZERO,
         dns_refresh: None,
@@ -234,11 +235,9 @@ fn secs(flag: &str, v: &str) -> Result<Duration, String> {
 }
 
 /// A count of at least 1 for `--flag`.
-fn count(flag: &str, v: &str) -> Result<u32, String> {
-    match v.parse::<u32>() {
-        Ok(n) if n > 0 => Ok(n),
-        _ => Err(format!("--{flag}: `{v}` is not a number of at least 1")),
-    }
+fn count(flag: &str, v: &str) -> Result<NonZeroU32, String> {
+    v.parse::<NonZeroU32>()
+        .map_err(|_| format!("--{flag}: `{v}` is not a number of at least 1"))
 }
 
 fn main() -> ExitCode {
@@ -510,7 +509,10 @@ mod tests {
         assert_eq!(a.health_path.as_deref(), Some("/healthz"));
         assert_eq!(a.health_interval, Duration::from_millis(2500));
         assert_eq!(a.health_timeout, Duration::from_millis(500));
-        assert_eq!((a.healthy_threshold, a.unhealthy_threshold), (4, 6));
+        assert_eq!(
+            (a.healthy_threshold.get(), a.unhealthy_threshold.get()),
+            (4, 6)
+        );
         assert_eq!(a.eject_after, 0);
         assert_eq!(a.slow_start, Duration::from_secs(30));
         assert_eq!(a.dns_refresh, Some(Duration::from_secs(1)));

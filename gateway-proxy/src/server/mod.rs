@@ -52,6 +52,7 @@ mod h1;
 mod incoming;
 mod tls;
 
+use std::fmt;
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
@@ -111,6 +112,35 @@ impl Default for Config {
             h2_max_concurrent_streams: 200,
             drain_timeout: Duration::from_secs(30),
         }
+    }
+}
+
+/// A [`Server`] setting out of its range.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InvalidServer {
+    reason: &'static str,
+}
+
+impl fmt::Display for InvalidServer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "invalid server settings: {}", self.reason)
+    }
+}
+
+impl std::error::Error for InvalidServer {}
+
+impl Config {
+    const fn validate(&self) -> Result<(), InvalidServer> {
+        let reason = if self.max_connections == 0 {
+            "max_connections must be at least 1"
+        } else if self.max_headers == 0 || self.max_headers > h1::MAX_HEADERS {
+            "max_headers must be 1 to 100"
+        } else if self.max_header_bytes < 8192 {
+            "max_header_bytes must be at least 8 KiB"
+        } else {
+            return Ok(());
+        };
+        Err(InvalidServer { reason })
     }
 }
 
@@ -176,26 +206,25 @@ impl Server {
         self
     }
 
-    /// At most this many connections at once (default 10,000).
+    /// At most this many connections at once (default 10,000; at least 1, or
+    /// [`serve`](Self::serve) fails with [`InvalidServer`]).
     pub const fn max_connections(mut self, max: usize) -> Self {
         self.config.max_connections = max;
         self
     }
 
-    /// At most this many request headers (HTTP/1; default and most 100); more gets 431.
+    /// At most this many request headers (HTTP/1; 1 to 100, default 100); more gets 431.
+    /// Out of range, [`serve`](Self::serve) fails with [`InvalidServer`].
     pub const fn max_headers(mut self, max: usize) -> Self {
-        self.config.max_headers = if max > h1::MAX_HEADERS {
-            h1::MAX_HEADERS
-        } else {
-            max
-        };
+        self.config.max_headers = max;
         self
     }
 
-    /// At most this many bytes of request head (default 64 KiB, at least 8 KiB); more gets
-    /// 431 (HTTP/1) or a stream error (HTTP/2).
+    /// At most this many bytes of request head (default 64 KiB, at least 8 KiB, or
+    /// [`serve`](Self::serve) fails with [`InvalidServer`]); more gets 431 (HTTP/1) or a
+    /// stream error (HTTP/2).
     pub const fn max_header_bytes(mut self, max: usize) -> Self {
-        self.config.max_header_bytes = if max < 8192 { 8192 } else { max };
+        self.config.max_header_bytes = max;
         self
     }
 
@@ -266,7 +295,9 @@ impl Server {
     ///
     /// # Errors
     ///
-    /// Only when the listener itself fails for good; per-connection errors are logged.
+    /// When a setting is out of range (an [`io::ErrorKind::InvalidInput`] error whose
+    /// source is [`InvalidServer`]), or when the listener itself fails for good;
+    /// per-connection errors are logged.
     pub async fn serve_with_shutdown<S, B, F>(self, service: S, signal: F) -> io::Result<()>
     where
         S: Service<Request<Body>, Response = Response<B>> + Clone + Send + 'static,
@@ -282,10 +313,13 @@ impl Server {
             tls,
             shrink,
         } = self;
+        config
+            .validate()
+            .map_err(|invalid| io::Error::new(io::ErrorKind::InvalidInput, invalid))?;
         // The most connections open since the last shrink.
         let mut peak = 0;
         let local = listener.local_addr()?;
-        let max_connections = config.max_connections.max(1);
+        let max_connections = config.max_connections;
         let shared = Arc::new(conn::Shared {
             http2: http2_builder(&config),
             limits: h1::Limits {

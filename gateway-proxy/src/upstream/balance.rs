@@ -112,7 +112,7 @@ impl<'a> PickContext<'a> {
     /// `endpoint`'s effective weight now: its configured weight, scaled down while it warms
     /// up after joining or recovering when the upstream has slow start.
     pub fn weight(&self, endpoint: &Endpoint) -> f64 {
-        let weight = f64::from(endpoint.get_weight());
+        let weight = f64::from(endpoint.weight());
         match self.slow_start {
             Some(window) => weight * endpoint.warmup(self.now, window),
             None => weight,
@@ -169,10 +169,7 @@ const MAX_SCHEDULE: u64 = 1 << 16;
 
 impl Balance for RoundRobin {
     fn prepare(&mut self, endpoints: &[Arc<Endpoint>]) {
-        let mut weights: Vec<u64> = endpoints
-            .iter()
-            .map(|e| u64::from(e.get_weight()))
-            .collect();
+        let mut weights: Vec<u64> = endpoints.iter().map(|e| u64::from(e.weight())).collect();
         let g = weights.iter().copied().fold(0, gcd).max(1);
         weights.iter_mut().for_each(|w| *w /= g);
         let total: u64 = weights.iter().sum();
@@ -237,7 +234,7 @@ impl Balance for Random {
         self.cumulative = endpoints
             .iter()
             .map(|e| {
-                sum += u64::from(e.get_weight());
+                sum += u64::from(e.weight());
                 sum
             })
             .collect();
@@ -372,7 +369,14 @@ mod tests {
         weights
             .iter()
             .enumerate()
-            .map(|(i, w)| Arc::new(format!("e{i}:80").parse::<Endpoint>().unwrap().weight(*w)))
+            .map(|(i, w)| {
+                Arc::new(
+                    format!("e{i}:80")
+                        .parse::<Endpoint>()
+                        .unwrap()
+                        .with_weight(std::num::NonZeroU32::new(*w).unwrap()),
+                )
+            })
             .collect()
     }
 

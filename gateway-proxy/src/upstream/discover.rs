@@ -6,6 +6,7 @@ use std::future::{Future, poll_fn};
 use std::hash::Hash;
 use std::io;
 use std::net::SocketAddr;
+use std::num::NonZeroU32;
 use std::pin::{Pin, pin};
 use std::sync::{Arc, Weak};
 use std::task::{Context, Poll, ready};
@@ -51,7 +52,7 @@ pub struct DnsDiscovery {
     host: String,
     port: u16,
     interval: Duration,
-    weight: u32,
+    weight: NonZeroU32,
     resolver: Arc<dyn Resolve>,
     current: BTreeSet<SocketAddr>,
     pending: VecDeque<Change<SocketAddr, Endpoint>>,
@@ -155,7 +156,7 @@ impl Known {
             id: endpoint.id(),
             scheme: endpoint.scheme().clone(),
             authority: endpoint.authority().clone(),
-            weight: endpoint.get_weight(),
+            weight: endpoint.weight(),
         }
     }
 
@@ -163,7 +164,7 @@ impl Known {
     fn is(&self, endpoint: &Endpoint) -> bool {
         self.scheme == *endpoint.scheme()
             && self.authority == *endpoint.authority()
-            && self.weight == endpoint.get_weight()
+            && self.weight == endpoint.weight()
     }
 }
 
@@ -203,7 +204,7 @@ impl DnsDiscovery {
             host: host.to_owned(),
             port: authority.port_u16().unwrap_or(80),
             interval: Duration::from_secs(5),
-            weight: 1,
+            weight: NonZeroU32::MIN,
             resolver: Arc::new(SystemResolver),
             current: BTreeSet::new(),
             pending: VecDeque::new(),
@@ -221,8 +222,8 @@ impl DnsDiscovery {
 
     /// The weight of every discovered endpoint.
     #[must_use]
-    pub fn weight(mut self, weight: u32) -> Self {
-        self.weight = weight.max(1);
+    pub fn weight(mut self, weight: NonZeroU32) -> Self {
+        self.weight = weight;
         self
     }
 
@@ -243,7 +244,7 @@ impl DnsDiscovery {
             let Ok(authority) = new.to_string().parse::<Authority>() else {
                 continue;
             };
-            let endpoint = Endpoint::new(Scheme::HTTP, authority).weight(self.weight);
+            let endpoint = Endpoint::new(Scheme::HTTP, authority).with_weight(self.weight);
             self.pending.push_back(Change::Insert(*new, endpoint));
         }
         self.current = next;

@@ -1,6 +1,7 @@
 //! One upstream address and its live state.
 
 use std::fmt;
+use std::num::NonZeroU32;
 use std::str::FromStr;
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
@@ -116,10 +117,10 @@ impl Endpoint {
         }
     }
 
-    /// Sets the endpoint's weight (at least 1) for weighted balancers.
+    /// Sets the endpoint's weight for weighted balancers (default 1).
     #[must_use]
-    pub fn weight(mut self, weight: u32) -> Self {
-        self.weight = weight.max(1);
+    pub fn with_weight(mut self, weight: NonZeroU32) -> Self {
+        self.weight = weight.get();
         self
     }
 
@@ -139,7 +140,7 @@ impl Endpoint {
     }
 
     /// The configured weight.
-    pub const fn get_weight(&self) -> u32 {
+    pub const fn weight(&self) -> u32 {
         self.weight
     }
 
@@ -394,10 +395,11 @@ mod tests {
     }
 
     #[test]
-    fn ids_are_unique_and_weights_at_least_one() {
+    fn ids_are_unique_and_weights_default_to_one() {
         let a: Endpoint = "a:1".parse().unwrap();
         let b: Endpoint = "a:1".parse().unwrap();
         assert_ne!(a.id(), b.id());
-        assert_eq!(a.weight(0).get_weight(), 1);
+        assert_eq!(a.weight(), 1);
+        assert_eq!(b.with_weight(NonZeroU32::new(3).unwrap()).weight(), 3);
     }
 }

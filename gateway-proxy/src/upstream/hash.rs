@@ -126,7 +126,7 @@ fn maglev(endpoints: &[Arc<Endpoint>]) -> Vec<u32> {
             (offset, skip)
         })
         .collect();
-    let max_weight = endpoints.iter().map(|e| e.get_weight()).max().unwrap_or(1);
+    let max_weight = endpoints.iter().map(|e| e.weight()).max().unwrap_or(1);
     let mut next = vec![0u64; endpoints.len()];
     let mut credit = vec![0u64; endpoints.len()];
     let mut table = vec![u32::MAX; TABLE_SIZE];
@@ -135,7 +135,7 @@ fn maglev(endpoints: &[Arc<Endpoint>]) -> Vec<u32> {
         for (i, &(offset, skip)) in prefs.iter().enumerate() {
             // Weighted Maglev: an endpoint takes a turn each time its credit reaches the
             // largest weight.
-            credit[i] += u64::from(endpoints[i].get_weight());
+            credit[i] += u64::from(endpoints[i].weight());
             if credit[i] < u64::from(max_weight) {
                 continue;
             }
@@ -237,7 +237,14 @@ mod tests {
         let eps: Vec<Arc<Endpoint>> = [1u32, 3]
             .iter()
             .enumerate()
-            .map(|(i, w)| Arc::new(format!("h{i}:80").parse::<Endpoint>().unwrap().weight(*w)))
+            .map(|(i, w)| {
+                Arc::new(
+                    format!("h{i}:80")
+                        .parse::<Endpoint>()
+                        .unwrap()
+                        .with_weight(std::num::NonZeroU32::new(*w).unwrap()),
+                )
+            })
             .collect();
         let table = maglev(&eps);
         let share = table.iter().filter(|&&i| i == 1).count() as f64 / TABLE_SIZE as f64;

@@ -2,6 +2,7 @@
 
 use std::fmt;
 use std::future::poll_fn;
+use std::num::NonZeroU32;
 use std::ops::RangeInclusive;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -32,6 +33,7 @@ use gateway_core::time::deadline;
 ///
 /// ```
 /// use gateway_proxy::upstream::{HealthCheck, Upstream, RoundRobin};
+/// use std::num::NonZeroU32;
 /// use std::time::Duration;
 ///
 /// # #[tokio::main(flavor = "current_thread")] async fn main() {
@@ -39,7 +41,7 @@ use gateway_core::time::deadline;
 ///     .unwrap()
 ///     .interval(Duration::from_secs(5))
 ///     .timeout(Duration::from_secs(1))
-///     .unhealthy_threshold(2);
+///     .unhealthy_threshold(NonZeroU32::new(2).unwrap());
 /// let endpoints = ["10.0.0.1:80", "10.0.0.2:80"].map(|t| t.parse().unwrap());
 /// let upstream = Upstream::builder(endpoints, RoundRobin::default())
 ///     .health_check(check)
@@ -128,17 +130,17 @@ impl HealthCheck {
         self
     }
 
-    /// Passing probes in a row that make an unhealthy endpoint healthy (at least 1).
+    /// Passing probes in a row that make an unhealthy endpoint healthy.
     #[must_use]
-    pub fn healthy_threshold(mut self, n: u32) -> Self {
-        self.healthy_threshold = n.max(1);
+    pub fn healthy_threshold(mut self, n: NonZeroU32) -> Self {
+        self.healthy_threshold = n.get();
         self
     }
 
-    /// Failed probes in a row that make a healthy endpoint unhealthy (at least 1).
+    /// Failed probes in a row that make a healthy endpoint unhealthy.
     #[must_use]
-    pub fn unhealthy_threshold(mut self, n: u32) -> Self {
-        self.unhealthy_threshold = n.max(1);
+    pub fn unhealthy_threshold(mut self, n: NonZeroU32) -> Self {
+        self.unhealthy_threshold = n.get();
         self
     }
 

@@ -453,32 +453,6 @@ fn http2_builder(config: &Config) -> http2::Builder<TokioExecutor> {
     builder
 }
 
-/// Raises glibc malloc's heap-trim threshold from 128 KiB to 4 MiB (and the size from which
-/// it maps an allocation on its own from 128 KiB to 2 MiB). Call it once, first thing in
-/// `main`; on other C libraries it only allocates and frees 2 MiB.
-///
-/// A proxy that streams large bodies allocates a read buffer per response (sized to the
-/// body, up to 64 KiB at a time) and frees it once the client has the bytes. With
-/// glibc's default threshold, such frees keep shrinking the heap with `brk` and the next
-/// responses grow it again, so `recv` faults in fresh zeroed pages: measured, about 1.7
-/// page faults per proxied 64 KiB response, none with this call, and about 6% less CPU
-/// per such response (the median of 12 alternating runs). Small responses are unaffected.
-/// The cost is up to 4 MiB of freed heap kept for reuse instead of returned.
-///
-/// ```no_run
-/// // First thing in `main`, before the runtime starts:
-/// gateway_proxy::server::tune_malloc();
-/// ```
-pub fn tune_malloc() {
-    // NOTE: this uses glibc's own adaptation instead of `mallopt`, which would need FFI:
-    // freeing a chunk that malloc served with `mmap` sets the mmap threshold to that
-    // chunk's size and the trim threshold to twice that (mallopt(3), M_MMAP_THRESHOLD),
-    // unless the thresholds were set explicitly (`mallopt` or the `MALLOC_*_` variables),
-    // which this then leaves alone. `black_box` keeps the compiler from eliding the pair.
-    const PRIME: usize = 2 << 20;
-    drop(std::hint::black_box(Vec::<u8>::with_capacity(PRIME)));
-}
-
 /// Completes on Ctrl-C or, on Unix, SIGTERM.
 pub async fn shutdown_signal() {
     let ctrl_c = async {

@@ -60,4 +60,4 @@ pub(crate) mod headers;
 mod service;
 
 pub use future::ResponseFuture;
-pub use service::{HostHeader, ReverseProxy, ReverseProxyBuilder};
+pub use service::{HostHeader, InvalidProxy, ReverseProxy, ReverseProxyBuilder};

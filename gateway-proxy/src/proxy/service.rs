@@ -450,18 +450,20 @@ impl ReverseProxyBuilder {
     /// # Errors
     ///
     /// When no client was given and the default one cannot be built, or the `Via`
-    /// pseudonym is not a valid header value.
-    pub fn build(self) -> Result<ReverseProxy, InvalidClient> {
+    /// pseudonym is not a valid header value; the cause is the error's `source`.
+    pub fn build(self) -> Result<ReverseProxy, InvalidProxy> {
         let client = match &self.client {
             Some(c) => c.clone(),
-            None => HttpClient::builder().build()?,
+            None => HttpClient::builder()
+                .build()
+                .map_err(InvalidProxy::Client)?,
         };
         let via = match &self.via {
             None => None,
             Some(p) => {
                 let v = |ver: &str| {
                     HeaderValue::try_from(format!("{ver} {p}"))
-                        .map_err(|_| InvalidClient::new(format!("invalid Via pseudonym `{p}`")))
+                        .map_err(|e| InvalidProxy::Via(p.clone(), e))
                 };
                 Some([v("1.0")?, v("1.1")?, v("2")?])
             }
@@ -480,6 +482,39 @@ impl ReverseProxyBuilder {
                 tunnel_idle_timeout: self.tunnel_idle_timeout,
             }),
         })
+    }
+}
+
+/// Why a [`ReverseProxy`] could not be built.
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum InvalidProxy {
+    /// The default client could not be built.
+    Client(InvalidClient),
+    /// The `Via` pseudonym is not a valid header value.
+    Via(String, http::header::InvalidHeaderValue),
+}
+
+impl fmt::Display for InvalidProxy {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Client(_) => f.write_str("invalid reverse proxy: its client cannot be built"),
+            Self::Via(pseudonym, _) => {
+                write!(
+                    f,
+                    "invalid reverse proxy: the Via pseudonym `{pseudonym}` is not a header value"
+                )
+            }
+        }
+    }
+}
+
+impl std::error::Error for InvalidProxy {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            Self::Client(err) => Some(err),
+            Self::Via(_, err) => Some(err),
+        }
     }
 }
 

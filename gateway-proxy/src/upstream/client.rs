@@ -84,10 +84,12 @@ pub struct HttpClientBuilder {
     extra_roots: Vec<CertificateDer<'static>>,
 }
 
-/// A client configuration that cannot be used.
+/// A client configuration that cannot be used: what is wrong, and the cause (if any) as
+/// the error's `source`.
 #[derive(Debug)]
 pub struct InvalidClient {
     reason: String,
+    source: Option<Box<dyn std::error::Error + Send + Sync>>,
 }
 
 // === impl HttpClient ===
@@ -405,13 +407,9 @@ impl HttpClientBuilder {
     pub fn add_root_pem(mut self, pem: &[u8]) -> Result<Self, InvalidClient> {
         let certs = CertificateDer::pem_slice_iter(pem)
             .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| InvalidClient {
-                reason: format!("bad CA bundle: {e}"),
-            })?;
+            .map_err(|e| InvalidClient::because("the CA bundle cannot be parsed", e))?;
         if certs.is_empty() {
-            return Err(InvalidClient {
-                reason: "the CA bundle holds no certificate".into(),
-            });
+            return Err(InvalidClient::new("the CA bundle holds no certificate"));
         }
         self.extra_roots.extend(certs);
         Ok(self)
@@ -429,9 +427,8 @@ impl HttpClientBuilder {
     /// When the file cannot be read or parsed.
     pub fn add_root_pem_file(self, path: impl AsRef<Path>) -> Result<Self, InvalidClient> {
         let path = path.as_ref();
-        let pem = std::fs::read(path).map_err(|e| InvalidClient {
-            reason: format!("cannot read {}: {e}", path.display()),
-        })?;
+        let pem = std::fs::read(path)
+            .map_err(|e| InvalidClient::because(format!("cannot read {}", path.display()), e))?;
         self.add_root_pem(&pem)
     }
 
@@ -446,21 +443,17 @@ impl HttpClientBuilder {
             roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
         }
         for cert in &self.extra_roots {
-            roots.add(cert.clone()).map_err(|e| InvalidClient {
-                reason: format!("unusable CA certificate: {e}"),
-            })?;
+            roots
+                .add(cert.clone())
+                .map_err(|e| InvalidClient::because("a CA certificate cannot be used", e))?;
         }
         if roots.is_empty() {
-            return Err(InvalidClient {
-                reason: "no root certificate is trusted".into(),
-            });
+            return Err(InvalidClient::new("no root certificate is trusted"));
         }
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let tls = rustls::ClientConfig::builder_with_provider(provider)
             .with_safe_default_protocol_versions()
-            .map_err(|e| InvalidClient {
-                reason: format!("TLS: {e}"),
-            })?
+            .map_err(|e| InvalidClient::because("the TLS configuration is refused", e))?
             .with_root_certificates(roots)
             .with_no_client_auth();
 
@@ -498,15 +491,34 @@ impl HttpClientBuilder {
 // === impl InvalidClient ===
 
 impl InvalidClient {
-    pub(crate) const fn new(reason: String) -> Self {
-        Self { reason }
+    fn new(reason: impl Into<String>) -> Self {
+        Self {
+            reason: reason.into(),
+            source: None,
+        }
+    }
+
+    fn because(
+        reason: impl Into<String>,
+        source: impl std::error::Error + Send + Sync + 'static,
+    ) -> Self {
+        Self {
+            reason: reason.into(),
+            source: Some(Box::new(source)),
+        }
     }
 }
 
 impl fmt::Display for InvalidClient {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "invalid proxy client: {}", self.reason)
+        write!(f, "invalid HTTP client: {}", self.reason)
     }
 }
 
-impl std::error::Error for InvalidClient {}
+impl std::error::Error for InvalidClient {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        self.source
+            .as_deref()
+            .map(|e| e as &(dyn std::error::Error + 'static))
+    }
+}

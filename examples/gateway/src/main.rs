@@ -300,7 +300,17 @@ enum Failure {
 }
 
 async fn run(args: Args) -> Result<(), Failure> {
-    let config = |e: &dyn std::fmt::Display| Failure::Config(e.to_string());
+    // A configuration error and its causes, one line.
+    let config = |e: &dyn std::error::Error| {
+        let mut text = e.to_string();
+        let mut source = e.source();
+        while let Some(cause) = source {
+            text.push_str(": ");
+            text.push_str(&cause.to_string());
+            source = cause.source();
+        }
+        Failure::Config(text)
+    };
     let tls = match (&args.tls_cert, &args.tls_key) {
         (Some(cert), Some(key)) => {
             Some(TlsConfig::from_pem_files(cert, key).map_err(|e| config(&e))?)
@@ -327,7 +337,7 @@ async fn run(args: Args) -> Result<(), Failure> {
             true,
         )
     } else {
-        let upstream = upstream(&args).map_err(|e| config(&e))?;
+        let upstream = upstream(&args).map_err(|e| config(&*e))?;
         let proxy = ReverseProxy::builder(upstream)
             .build()
             .map_err(|e| config(&e))?;
@@ -339,7 +349,7 @@ async fn run(args: Args) -> Result<(), Failure> {
 
     let server = Server::bind(args.listen)
         .await
-        .map_err(|e| config(&format_args!("cannot listen on {}: {e}", args.listen)))?;
+        .map_err(|e| Failure::Config(format!("cannot listen on {}: {e}", args.listen)))?;
     let local = server
         .local_addr()
         .map_err(|e| Failure::Runtime(e.to_string()))?;

@@ -15,10 +15,12 @@ pub struct TlsConfig {
     config: Arc<ServerConfig>,
 }
 
-/// A certificate or key that cannot be used.
+/// A certificate or key that cannot be used: what is wrong, and the cause (if any) as
+/// the error's `source`.
 #[derive(Debug)]
 pub struct InvalidTls {
     reason: String,
+    source: Option<Box<dyn std::error::Error + Send + Sync>>,
 }
 
 impl TlsConfig {
@@ -32,9 +34,8 @@ impl TlsConfig {
         key: impl AsRef<Path>,
     ) -> Result<Self, InvalidTls> {
         let read = |p: &Path| {
-            std::fs::read(p).map_err(|e| InvalidTls {
-                reason: format!("cannot read {}: {e}", p.display()),
-            })
+            std::fs::read(p)
+                .map_err(|e| InvalidTls::because(format!("cannot read {}", p.display()), e))
         };
         Self::from_pem(&read(cert.as_ref())?, &read(key.as_ref())?)
     }
@@ -47,24 +48,20 @@ impl TlsConfig {
     pub fn from_pem(cert_chain: &[u8], key: &[u8]) -> Result<Self, InvalidTls> {
         let certs = CertificateDer::pem_slice_iter(cert_chain)
             .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| InvalidTls {
-                reason: format!("bad certificate PEM: {e}"),
-            })?;
+            .map_err(|e| InvalidTls::because("the certificate PEM cannot be parsed", e))?;
         if certs.is_empty() {
             return Err(InvalidTls {
                 reason: "no certificate in the certificate file".into(),
+                source: None,
             });
         }
-        let key = PrivateKeyDer::from_pem_slice(key).map_err(|e| InvalidTls {
-            reason: format!("no usable private key: {e}"),
-        })?;
+        let key = PrivateKeyDer::from_pem_slice(key)
+            .map_err(|e| InvalidTls::because("no usable private key", e))?;
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let mut config = ServerConfig::builder_with_provider(provider)
             .with_safe_default_protocol_versions()
             .and_then(|b| b.with_no_client_auth().with_single_cert(certs, key))
-            .map_err(|e| InvalidTls {
-                reason: format!("certificate and key do not work together: {e}"),
-            })?;
+            .map_err(|e| InvalidTls::because("the certificate and key do not work together", e))?;
         config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
         Ok(Self {
             config: Arc::new(config),
@@ -95,4 +92,22 @@ impl fmt::Display for InvalidTls {
     }
 }
 
-impl std::error::Error for InvalidTls {}
+impl InvalidTls {
+    fn because(
+        reason: impl Into<String>,
+        source: impl std::error::Error + Send + Sync + 'static,
+    ) -> Self {
+        Self {
+            reason: reason.into(),
+            source: Some(Box::new(source)),
+        }
+    }
+}
+
+impl std::error::Error for InvalidTls {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        self.source
+            .as_deref()
+            .map(|e| e as &(dyn std::error::Error + 'static))
+    }
+}

@@ -225,82 +225,11 @@ where
                 return Poll::Ready(Ok(()));
             };
             match this.state.as_mut().project() {
-                StateProj::Head => {
-                    if *this.draining && this.read.is_empty() {
-                        this.state.set(State::Closing {
-                            shut: false,
-                            linger: false,
-                            lingered: 0,
-                        });
-                        continue;
-                    }
-                    if *this.unparsed {
-                        // The service takes a request as soon as it is parsed: it must be
-                        // ready for one first (and requests wait in the socket until it is).
-                        match this.service.poll_ready(cx) {
-                            Poll::Ready(Ok(())) => {}
-                            Poll::Ready(Err(err)) => {
-                                this.activity.begin();
-                                let next = fail(&mut this, err.into());
-                                this.state.set(next);
-                                continue;
-                            }
-                            Poll::Pending => return Poll::Pending,
-                        }
-                        *this.unparsed = false;
-                        let parsed = head::parse_request(
-                            this.read,
-                            this.limits.max_headers,
-                            this.limits.max_head,
-                        );
-                        match parsed {
-                            Ok(Some(head)) => {
-                                let next = match start(&mut this, head) {
-                                    Ok(req) => State::Waiting {
-                                        fut: this.service.call(req),
-                                    },
-                                    Err(refused) => refuse(&mut this, refused),
-                                };
-                                this.state.set(next);
-                                continue;
-                            }
-                            Ok(None) => {}
-                            Err(refused) => {
-                                let next = refuse(&mut this, refused);
-                                this.state.set(next);
-                                continue;
-                            }
-                        }
-                    }
-                    if *this.eof {
-                        // Closed between requests, or in the middle of a head.
-                        this.state.set(State::Done);
-                        continue;
-                    }
-                    if this.read.capacity() == 0 {
-                        // Nothing buffered: wait for the client before taking memory.
-                        if let Err(err) = ready!(io.poll_read_ready(cx)) {
-                            return Poll::Ready(Err(err.into()));
-                        }
-                        *this.read = buffers::take();
-                    } else if this.read.capacity() - this.read.len() < 1024 {
-                        this.read.reserve(READ_START);
-                    }
-                    match tokio_util::io::poll_read_buf(Pin::new(&mut *io), cx, this.read) {
-                        Poll::Ready(Ok(0)) => *this.eof = true,
-                        Poll::Ready(Ok(_)) => *this.unparsed = true,
-                        Poll::Ready(Err(err)) => return Poll::Ready(Err(err.into())),
-                        Poll::Pending => {
-                            if this.read.is_empty() && this.read.capacity() > 0 {
-                                // Idle: hold no buffer while waiting.
-                                buffers::give(std::mem::take(this.read));
-                                #[cfg(test)]
-                                FREED.with(|n| n.set(n.get() + 1));
-                            }
-                            return Poll::Pending;
-                        }
-                    }
-                }
+                StateProj::Head => match poll_head(&mut this, cx) {
+                    Poll::Ready(Ok(next)) => this.state.set(next),
+                    Poll::Ready(Err(err)) => return Poll::Ready(Err(err)),
+                    Poll::Pending => return Poll::Pending,
+                },
                 StateProj::Waiting { fut } => match fut.poll(cx) {
                     Poll::Ready(Ok(res)) => {
                         let next = respond(&mut this, res.map(Body::new));
@@ -348,42 +277,14 @@ where
                     linger,
                     lingered,
                 } => {
-                    if !*shut {
-                        let written = match this.write.poll_write(io, cx) {
-                            Poll::Ready(written) => written,
-                            Poll::Pending => {
-                                if stalled(&mut this, cx) {
-                                    this.state.set(State::Done);
-                                    return Poll::Ready(Err(STALLED.into()));
-                                }
-                                return Poll::Pending;
-                            }
-                        };
-                        if written.is_err() || ready!(Pin::new(&mut *io).poll_shutdown(cx)).is_err()
-                        {
+                    let (shut, linger, lingered) = (*shut, *linger, *lingered);
+                    match poll_close(&mut this, cx, shut, linger, lingered) {
+                        Poll::Ready(Ok(())) => this.state.set(State::Done),
+                        Poll::Ready(Err(err)) => {
                             this.state.set(State::Done);
-                            continue;
+                            return Poll::Ready(Err(err));
                         }
-                        *shut = true;
-                    }
-                    // Read (and drop) what the client still sends until it closes too: a
-                    // close with unread data would reset the connection, and the client
-                    // could lose the response.
-                    if !*linger || *this.eof || *lingered >= LINGER_MAX {
-                        this.state.set(State::Done);
-                        continue;
-                    }
-                    this.read.clear();
-                    if this.read.capacity() < READ_START {
-                        this.read.reserve(READ_START);
-                    }
-                    match ready!(tokio_util::io::poll_read_buf(
-                        Pin::new(&mut *io),
-                        cx,
-                        this.read
-                    )) {
-                        Ok(0) | Err(_) => *this.eof = true,
-                        Ok(n) => *lingered += n,
+                        Poll::Pending => return Poll::Pending,
                     }
                 }
                 StateProj::Done => {
@@ -409,6 +310,143 @@ where
         let this = self.project();
         *this.draining = true;
         this.request.keep_alive = false;
+    }
+}
+
+/// Reads the next request head and hands it to the service: the state that follows (the
+/// service's future, a refusal, or the end of the connection).
+fn poll_head<I, S, B>(
+    this: &mut ConnProj<'_, I, S>,
+    cx: &mut Context<'_>,
+) -> Poll<Result<State<S::Future>, BoxError>>
+where
+    I: Transport,
+    S: Service<Request<Body>, Response = Response<B>>,
+    S::Error: Into<BoxError>,
+{
+    loop {
+        // As in every state: the request body, read off the socket as it is asked for.
+        feed(this, cx);
+        if *this.draining && this.read.is_empty() {
+            return Poll::Ready(Ok(State::Closing {
+                shut: false,
+                linger: false,
+                lingered: 0,
+            }));
+        }
+        if *this.unparsed {
+            // The service takes a request as soon as it is parsed: it must be ready for one
+            // first (and requests wait in the socket until it is).
+            if let Err(err) = ready!(this.service.poll_ready(cx)) {
+                this.activity.begin();
+                return Poll::Ready(Ok(fail(this, err.into())));
+            }
+            *this.unparsed = false;
+            match head::parse_request(this.read, this.limits.max_headers, this.limits.max_head) {
+                Ok(Some(head)) => {
+                    return Poll::Ready(Ok(match start(this, head) {
+                        Ok(req) => State::Waiting {
+                            fut: this.service.call(req),
+                        },
+                        Err(refused) => refuse(this, refused),
+                    }));
+                }
+                Ok(None) => {}
+                Err(refused) => return Poll::Ready(Ok(refuse(this, refused))),
+            }
+        }
+        if *this.eof {
+            // Closed between requests, or in the middle of a head.
+            return Poll::Ready(Ok(State::Done));
+        }
+        let Some(io) = this.io.as_mut() else {
+            return Poll::Ready(Ok(State::Done));
+        };
+        if this.read.capacity() == 0 {
+            // Nothing buffered: wait for the client before taking memory.
+            ready!(io.poll_read_ready(cx))?;
+            *this.read = buffers::take();
+        } else if this.read.capacity() - this.read.len() < 1024 {
+            this.read.reserve(READ_START);
+        }
+        match tokio_util::io::poll_read_buf(Pin::new(&mut *io), cx, this.read) {
+            Poll::Ready(Ok(0)) => *this.eof = true,
+            Poll::Ready(Ok(_)) => *this.unparsed = true,
+            Poll::Ready(Err(err)) => return Poll::Ready(Err(err.into())),
+            Poll::Pending => {
+                if this.read.is_empty() && this.read.capacity() > 0 {
+                    // Idle: hold no buffer while waiting.
+                    buffers::give(std::mem::take(this.read));
+                    #[cfg(test)]
+                    FREED.with(|n| n.set(n.get() + 1));
+                }
+                return Poll::Pending;
+            }
+        }
+    }
+}
+
+/// Closes the connection: writes what is left, shuts the sending side, then reads (and
+/// drops) what the client still sends until it closes too, up to a bound (a close with
+/// unread data would reset the connection, and the client could lose the response).
+/// `Ready(Ok)` once the connection can be dropped.
+fn poll_close<I, S>(
+    this: &mut ConnProj<'_, I, S>,
+    cx: &mut Context<'_>,
+    mut shut: bool,
+    linger: bool,
+    mut lingered: usize,
+) -> Poll<Result<(), BoxError>>
+where
+    I: Transport,
+    S: Service<Request<Body>>,
+{
+    loop {
+        feed(this, cx);
+        let Some(io) = this.io.as_mut() else {
+            return Poll::Ready(Ok(()));
+        };
+        if !shut {
+            let written = match this.write.poll_write(io, cx) {
+                Poll::Ready(written) => written,
+                Poll::Pending => {
+                    if stalled(this, cx) {
+                        return Poll::Ready(Err(STALLED.into()));
+                    }
+                    return Poll::Pending;
+                }
+            };
+            if written.is_err() || ready!(Pin::new(&mut *io).poll_shutdown(cx)).is_err() {
+                return Poll::Ready(Ok(()));
+            }
+            shut = true;
+            this.state.set(State::Closing {
+                shut,
+                linger,
+                lingered,
+            });
+        }
+        if !linger || *this.eof || lingered >= LINGER_MAX {
+            return Poll::Ready(Ok(()));
+        }
+        this.read.clear();
+        if this.read.capacity() < READ_START {
+            this.read.reserve(READ_START);
+        }
+        match ready!(tokio_util::io::poll_read_buf(
+            Pin::new(&mut *io),
+            cx,
+            this.read
+        )) {
+            Ok(0) | Err(_) => *this.eof = true,
+            Ok(n) => lingered += n,
+        }
+        // Progress survives a `Pending`.
+        this.state.set(State::Closing {
+            shut,
+            linger,
+            lingered,
+        });
     }
 }
 

@@ -14,7 +14,7 @@ use super::future::{ResponseFuture, UploadBody};
 use super::headers::{self, X_FORWARDED_HOST, X_FORWARDED_PROTO};
 use crate::h1::fields;
 use crate::upgrade::OnUpgrade;
-use crate::upstream::{HttpClient, InvalidClient, Outbound};
+use crate::upstream::{Forwarding, HttpClient, InvalidClient, Outbound};
 use crate::upstream::{InvalidEndpoint, Upstream};
 
 /// Forwards requests to an [`Upstream`]; see the [module docs](super).
@@ -263,16 +263,16 @@ impl Shared {
                 if trusted {
                     headers::append_forwarded_for(&mut head.headers, peer);
                 } else {
-                    out.add(headers::X_FORWARDED_FOR, headers::ip_value(peer));
+                    out.add(Forwarding::For, headers::ip_value(peer));
                 }
             }
             if !(trusted && head.headers.contains_key(X_FORWARDED_PROTO)) {
-                out.add(X_FORWARDED_PROTO, HeaderValue::from_static(proto));
+                out.add(Forwarding::Proto, HeaderValue::from_static(proto));
             }
             if !(trusted && head.headers.contains_key(X_FORWARDED_HOST))
                 && let Some(host) = client_host
             {
-                out.add(X_FORWARDED_HOST, host.clone());
+                out.add(Forwarding::Host, host.clone());
             }
         }
         if self.forwarded {

@@ -34,18 +34,39 @@ use crate::io::{Rewind, Stream};
 /// How a request goes out, beyond the request itself.
 #[derive(Debug, Default)]
 pub(crate) struct Outbound {
-    /// Fields the proxy adds (the forwarding ones), none of which the request has. They are
-    /// kept apart from the request's own: an HTTP/1.1 head is written once, so writing
-    /// them after the request's fields costs nothing, where inserting them into its header
-    /// map first costs a hash and a probe each. An HTTP/2 request gets them inserted.
+    /// The forwarding fields the proxy adds, none of which the request has, one slot per
+    /// [`Forwarding`] field. They are kept apart from the request's own: an HTTP/1.1 head
+    /// is written once, so writing them after the request's fields costs nothing, where
+    /// inserting them into its header map first costs a hash and a probe each. An HTTP/2
+    /// request gets them inserted.
     fields: [Option<(HeaderName, HeaderValue)>; 3],
-    /// Fields beyond the three the proxy adds (none today; no allocation while empty).
-    more: Vec<(HeaderName, HeaderValue)>,
     /// The endpoint's `Host` replaces the request's own.
     pub(crate) endpoint_host: bool,
     /// The request asks to switch protocols: on HTTP/1.1, a `101` hands the connection over
     /// for a tunnel ([`Sent::upgraded`]).
     pub(crate) upgrade: bool,
+}
+
+/// The forwarding fields a proxy adds to a request ([`Outbound::add`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Forwarding {
+    For,
+    Proto,
+    Host,
+}
+
+impl Forwarding {
+    const fn name(self) -> HeaderName {
+        // NOTE: constants, so that the names are checked at compile time, not per request.
+        const FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+        const PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+        const HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+        match self {
+            Self::For => FOR,
+            Self::Proto => PROTO,
+            Self::Host => HOST,
+        }
+    }
 }
 
 /// Sends a request on a connection and waits for the response head.
@@ -167,12 +188,10 @@ struct UnsolicitedSwitch;
 // === impl Outbound ===
 
 impl Outbound {
-    /// Adds a field the request does not have.
-    pub(crate) fn add(&mut self, name: HeaderName, value: HeaderValue) {
-        match self.fields.iter_mut().find(|slot| slot.is_none()) {
-            Some(slot) => *slot = Some((name, value)),
-            None => self.more.push((name, value)),
-        }
+    /// Adds a forwarding field the request does not have (a second value replaces the
+    /// first).
+    pub(crate) fn add(&mut self, field: Forwarding, value: HeaderValue) {
+        self.fields[field as usize] = Some((field.name(), value));
     }
 
     /// Moves what the request goes out with into it: for an HTTP/2 request, which is not
@@ -182,12 +201,7 @@ impl Outbound {
             // `:authority` says it.
             headers.remove(HOST);
         }
-        for (name, value) in self
-            .fields
-            .iter_mut()
-            .filter_map(Option::take)
-            .chain(self.more.drain(..))
-        {
+        for (name, value) in self.fields.iter_mut().filter_map(Option::take) {
             headers.insert(name, value);
         }
     }
@@ -240,7 +254,7 @@ impl Exchange {
             target,
             host,
             &parts.headers,
-            out.fields.iter().flatten().chain(&out.more),
+            out.fields.iter().flatten(),
             length,
         );
         let (encoder, body) = match length {

@@ -62,7 +62,7 @@ pub use client::{HttpClient, HttpClientBuilder, InvalidClient};
 pub(crate) use client::{Sending, Sent};
 pub use discover::{DnsDiscovery, Resolve, ResolveFuture, SystemResolver};
 pub use endpoint::{Endpoint, EndpointState, InvalidEndpoint};
-pub(crate) use exchange::{Outbound, Upgraded};
+pub(crate) use exchange::{Forwarding, Outbound, Upgraded};
 pub use hash::{ConsistentHash, HashKey};
 pub use health::{HealthCheck, InvalidHealthCheck};
 pub use outlier::OutlierDetection;

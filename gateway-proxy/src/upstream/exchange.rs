@@ -270,57 +270,38 @@ impl Exchange {
         } = parts;
         // The request is written: its extensions' table serves the next request.
         buffers::give_extensions(extensions);
-        Self::start(
-            io,
-            reused,
-            pool,
+        let request = Replay {
             head,
-            encoder,
-            body,
             method,
-            replayable,
-            out.upgrade,
-        )
+            upgrade: out.upgrade,
+            pool,
+        };
+        Self::start(io, reused, request, encoder, body, replayable)
     }
 
     /// Sends again, on a new connection, a request that failed as [`Failed`] says it may
     /// be.
     pub(crate) fn replay(io: Stream, replay: Replay) -> Self {
+        // Not replayable twice: a new connection closed before answering is an answer.
+        Self::start(io, false, replay, Encoder::Length(0), None, false)
+    }
+
+    /// Starts sending `request` (its head written out, where it goes, on `io`), with
+    /// `body` after it as `encoder` frames it.
+    fn start(
+        io: Stream,
+        reused: bool,
+        request: Replay,
+        encoder: Encoder,
+        body: Option<Body>,
+        replayable: bool,
+    ) -> Self {
         let Replay {
             head,
             method,
             upgrade,
             pool,
-        } = replay;
-        // Not replayable twice: a new connection closed before answering is an answer.
-        Self::start(
-            io,
-            false,
-            pool,
-            head,
-            Encoder::Length(0),
-            None,
-            method,
-            false,
-            upgrade,
-        )
-    }
-
-    #[expect(
-        clippy::too_many_arguments,
-        reason = "one private constructor behind two"
-    )]
-    fn start(
-        io: Stream,
-        reused: bool,
-        pool: Arc<Pool>,
-        head: Vec<u8>,
-        encoder: Encoder,
-        body: Option<Body>,
-        method: Method,
-        replayable: bool,
-        upgrade: bool,
-    ) -> Self {
+        } = request;
         Self {
             inner: Some(Box::new(Parts {
                 wire: Wire {

@@ -383,7 +383,6 @@ async fn run(args: Args) -> Result<(), Failure> {
     Ok(())
 }
 
-/// The upstream the `--upstream`, `--lb`, health and discovery flags describe.
 /// After this many connections were open and most of them closed, the heap they freed goes
 /// back to the system.
 const SHRINK_CROWD: usize = 1024;
@@ -428,6 +427,7 @@ fn give_back_heap() {
 #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
 fn give_back_heap() {}
 
+/// The upstream the `--upstream`, `--lb`, health and discovery flags describe.
 fn upstream(args: &Args) -> Result<Upstream, Box<dyn std::error::Error>> {
     let mut fixed = Vec::new();
     let mut discovered = Vec::new();

@@ -35,7 +35,7 @@ use crate::io::{Coalesce, Rewind};
 use gateway_core::time::deadline;
 
 /// What every connection task shares.
-pub(super) struct Shared {
+pub(super) struct ConnShared {
     pub(super) http2: http2::Builder<TokioExecutor>,
     pub(super) limits: Limits,
     pub(super) header_read_timeout: Duration,
@@ -58,7 +58,7 @@ pub(super) async fn serve<S, B>(
     stream: TcpStream,
     peer: SocketAddr,
     service: S,
-    shared: Arc<Shared>,
+    shared: Arc<ConnShared>,
     graceful: watch::Receiver<bool>,
 ) where
     S: Service<Request<Body>, Response = Response<B>> + Clone + Send + 'static,
@@ -288,7 +288,7 @@ async fn run_h1<I, S, B>(
     opened: Instant,
     info: ConnectInfo,
     service: S,
-    shared: &Shared,
+    shared: &ConnShared,
     mut graceful: watch::Receiver<bool>,
 ) where
     I: Transport,
@@ -299,7 +299,7 @@ async fn run_h1<I, S, B>(
     B::Error: Into<BoxError>,
 {
     let activity = activity(opened);
-    let idle = Idle {
+    let idle = IdleLimit {
         limit: shared.keep_alive_timeout.min(shared.header_read_timeout),
         hard: true,
     };
@@ -329,7 +329,7 @@ async fn run_h2<I, S, B>(
     opened: Instant,
     info: ConnectInfo,
     service: S,
-    shared: &Shared,
+    shared: &ConnShared,
     mut graceful: watch::Receiver<bool>,
 ) where
     I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
@@ -341,7 +341,7 @@ async fn run_h2<I, S, B>(
 {
     let activity = activity(opened);
     let svc = ConnService::new(service, info, shared, &activity);
-    let idle = Idle {
+    let idle = IdleLimit {
         limit: shared.keep_alive_timeout,
         hard: false,
     };
@@ -390,7 +390,7 @@ impl<C: Connection + ?Sized> Connection for Pin<&mut C> {
 
 /// How long a connection may go without a request in flight, and what happens then.
 #[derive(Clone, Copy)]
-struct Idle {
+struct IdleLimit {
     limit: Duration,
     /// Drop the connection (HTTP/1.1: nothing to say; a partial head is abandoned) rather
     /// than shut it down gracefully (HTTP/2: `GOAWAY`).
@@ -402,7 +402,7 @@ struct Idle {
 struct Scope<'a> {
     activity: &'a Activity,
     info: ConnectInfo,
-    idle: Idle,
+    idle: IdleLimit,
 }
 
 /// Runs `conn` until it ends, closing it once it has gone without a request in flight
@@ -534,7 +534,7 @@ struct ConnService<S> {
 }
 
 impl<S> ConnService<S> {
-    fn new(inner: S, info: ConnectInfo, shared: &Shared, activity: &Arc<Activity>) -> Self {
+    fn new(inner: S, info: ConnectInfo, shared: &ConnShared, activity: &Arc<Activity>) -> Self {
         Self {
             inner,
             info,

@@ -320,7 +320,7 @@ impl Server {
         let mut peak = 0;
         let local = listener.local_addr()?;
         let max_connections = config.max_connections;
-        let shared = Arc::new(conn::Shared {
+        let shared = Arc::new(conn::ConnShared {
             http2: http2_builder(&config),
             limits: h1::Limits {
                 max_headers: config.max_headers,

@@ -21,7 +21,7 @@ use tokio_rustls::TlsConnector;
 use tower::ServiceExt;
 
 use super::exchange::{Exchange, Failed, Outbound};
-use super::pool::{Conn, Pool, spawn_conn};
+use super::pool::{Pool, Ready, spawn_conn};
 use crate::io::{Coalesce, Stream};
 use crate::upstream::Endpoint;
 
@@ -113,11 +113,11 @@ impl HttpClient {
         let pool = self.pool(endpoint);
         match pool.checkout() {
             // The common case: the exchange runs at once on an idle connection.
-            Some(Conn::H1(io, reused)) => Sending::Pooled {
+            Some(Ready::H1(io, reused)) => Sending::Pooled {
                 exchange: Exchange::new(io, reused, pool, req, out),
                 client,
             },
-            Some(Conn::H2(tx)) => Sending::Other(Box::pin(client.send_h2(pool, tx, req, out))),
+            Some(Ready::H2(tx)) => Sending::Other(Box::pin(client.send_h2(pool, tx, req, out))),
             None => Sending::Other(Box::pin(client.send_new(pool, req, out))),
         }
     }
@@ -161,7 +161,7 @@ impl Inner {
         };
         tracing::debug!(%error, "pooled upstream connection closed under the request; sending it again");
         let pool = Arc::clone(&replay.pool);
-        if let Conn::H1(io, _) = Box::pin(self.connect(&pool)).await? {
+        if let Ready::H1(io, _) = Box::pin(self.connect(&pool)).await? {
             return Exchange::replay(io, *replay)
                 .await
                 .map_err(|failed| failed.error);
@@ -189,8 +189,8 @@ impl Inner {
             Box::pin(self.connect(&pool)).await?
         };
         match conn {
-            Conn::H1(io, reused) => self.exchange(pool, io, reused, req, out).await,
-            Conn::H2(tx) => self.send_h2(pool, tx, req, out).await,
+            Ready::H1(io, reused) => self.exchange(pool, io, reused, req, out).await,
+            Ready::H2(tx) => self.send_h2(pool, tx, req, out).await,
         }
     }
 
@@ -214,7 +214,7 @@ impl Inner {
             return Err(exchange_error(refused.into_error()));
         };
         // Nothing was sent: the connection had closed under us.
-        let Conn::H2(mut tx) = Box::pin(self.connect(&pool)).await? else {
+        let Ready::H2(mut tx) = Box::pin(self.connect(&pool)).await? else {
             return Err(exchange_error(refused.into_error()));
         };
         tx.send_request(req)
@@ -225,7 +225,7 @@ impl Inner {
 
     /// Dials the endpoint, with TLS for `https`, and sets up the protocol it speaks: an
     /// HTTP/1.1 connection is its socket; an HTTP/2 one runs in a task and is shared.
-    async fn connect(&self, pool: &Arc<Pool>) -> Result<Conn, Error> {
+    async fn connect(&self, pool: &Arc<Pool>) -> Result<Ready, Error> {
         let connect_failed =
             |e: gateway_core::BoxError| Error::with_source(ErrorKind::UpstreamConnect, e);
         let tcp = self
@@ -247,7 +247,7 @@ impl Inner {
             }
         };
         if !(self.http2_only || io.is_h2()) {
-            return Ok(Conn::H1(io, false));
+            return Ok(Ready::H1(io, false));
         }
         let (tx, conn) = self
             .h2
@@ -256,7 +256,7 @@ impl Inner {
             .map_err(|e| connect_failed(e.into()))?;
         spawn_conn(conn, "upstream HTTP/2 connection failed");
         pool.set_h2(tx.clone());
-        Ok(Conn::H2(tx))
+        Ok(Ready::H2(tx))
     }
 }
 

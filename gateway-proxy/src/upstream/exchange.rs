@@ -149,11 +149,11 @@ struct Outgoing {
     encoder: Encoder,
     /// The body still to read and send; `None` once its end is queued, or without one.
     body: Option<Body>,
-    state: Sending,
+    state: SendState,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
-enum Sending {
+enum SendState {
     Writing,
     /// All of it has been written.
     Done,
@@ -313,7 +313,7 @@ impl Exchange {
                     buf: WriteBuf::new(head),
                     encoder,
                     body,
-                    state: Sending::Writing,
+                    state: SendState::Writing,
                 },
                 method,
                 pool,
@@ -540,7 +540,7 @@ impl Wire {
     /// closes here.
     fn release(self, out: &Outgoing, pool: &Arc<Pool>, persistent: bool) {
         let Self { io, read, eof } = self;
-        if persistent && out.state == Sending::Done && read.is_empty() && !eof {
+        if persistent && out.state == SendState::Done && read.is_empty() && !eof {
             pool.put(io);
         }
         buffers::give(read);
@@ -553,7 +553,7 @@ impl Outgoing {
     /// Writes what it can of the request. The socket refusing more is not an error here
     /// (the upstream may have answered and closed); the request body failing is.
     fn poll_send(&mut self, io: &mut Stream, cx: &mut Context<'_>) -> Result<(), Broken> {
-        if self.state != Sending::Writing {
+        if self.state != SendState::Writing {
             return Ok(());
         }
         loop {
@@ -564,7 +564,7 @@ impl Outgoing {
             }
             if self.buf.is_empty() {
                 if self.body.is_none() {
-                    self.state = Sending::Done;
+                    self.state = SendState::Done;
                 }
                 // Otherwise the body is not ready; it wakes the task when it is.
                 return Ok(());
@@ -574,7 +574,7 @@ impl Outgoing {
                 Poll::Pending => return Ok(()),
                 Poll::Ready(Err(err)) => {
                     tracing::debug!(error = %err, "upstream stopped reading the request");
-                    self.state = Sending::Refused;
+                    self.state = SendState::Refused;
                     return Ok(());
                 }
             }

@@ -71,20 +71,20 @@ pub(crate) struct Pool {
 #[derive(Default)]
 struct State {
     /// Idle HTTP/1.1 connections, most recently used last.
-    idle: Vec<Idle>,
+    idle: Vec<IdleConn>,
     /// The shared HTTP/2 connection.
     h2: Option<http2::SendRequest<Body>>,
     /// Whether the expiry task is running.
     reaping: bool,
 }
 
-struct Idle {
+struct IdleConn {
     io: Stream,
     since: Instant,
 }
 
 /// A connection ready to take a request.
-pub(crate) enum Conn {
+pub(crate) enum Ready {
     /// An HTTP/1.1 connection, and whether it comes from the pool (rather than new).
     H1(Stream, bool),
     H2(http2::SendRequest<Body>),
@@ -158,20 +158,20 @@ impl Pool {
     }
 
     /// A pooled connection that can take a request now, if there is one.
-    pub(crate) fn checkout(&self) -> Option<Conn> {
+    pub(crate) fn checkout(&self) -> Option<Ready> {
         let mut closed = Vec::new();
         let conn = {
             let mut state = self.lock();
             if let Some(h2) = &state.h2 {
                 if h2.is_ready() {
-                    return Some(Conn::H2(h2.clone()));
+                    return Some(Ready::H2(h2.clone()));
                 }
                 state.h2 = None;
             }
             loop {
                 match state.idle.pop() {
                     Some(idle) if idle.io.is_idle_and_open() => {
-                        break Some(Conn::H1(idle.io, true));
+                        break Some(Ready::H1(idle.io, true));
                     }
                     // Closed (or talking out of turn): dropped below, outside the lock.
                     Some(idle) => closed.push(idle.io),
@@ -196,7 +196,7 @@ impl Pool {
             drop(state);
             return;
         }
-        state.idle.push(Idle {
+        state.idle.push(IdleConn {
             io,
             since: Instant::now(),
         });

@@ -327,3 +327,31 @@ async fn an_unreachable_endpoint_is_a_connect_error() {
         gateway_core::ErrorKind::UpstreamConnect
     );
 }
+
+/// The client is a tower `Service` of its own (for layers that call upstreams, such as a
+/// JWKS fetch): requests with absolute URIs go to their origin, on pooled connections; a
+/// request without scheme and authority is refused without a connection.
+#[tokio::test]
+async fn the_client_serves_absolute_uris_on_pooled_connections() {
+    let up = TestUpstream::echo().await;
+    let client = HttpClient::builder().build().unwrap();
+    for i in 0..3 {
+        let req = Request::post(format!("{}/keys?n={i}", up.url()))
+            .body(Body::from("x"))
+            .unwrap();
+        let res = client.clone().oneshot(req).await.unwrap();
+        assert_eq!(res.status(), StatusCode::OK);
+        assert_eq!(res.into_body().collect().await.unwrap().to_bytes(), "x");
+    }
+    assert_eq!(up.requests().len(), 3);
+    assert_eq!(up.requests()[2].uri, "/keys?n=2");
+    assert_eq!(up.connections(), 1, "one pooled connection for the three");
+
+    let relative = Request::get("/keys").body(Body::empty()).unwrap();
+    let err = client.oneshot(relative).await.unwrap_err();
+    assert_eq!(
+        gateway_core::Error::kind_of(err.as_ref()),
+        gateway_core::ErrorKind::Internal
+    );
+    assert_eq!(up.requests().len(), 3);
+}

@@ -1,16 +1,18 @@
 //! The pooled HTTP client the proxy forwards with.
 
+use std::collections::HashMap;
 use std::fmt;
 use std::future::Future;
 use std::path::Path;
 use std::pin::Pin;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
-use gateway_core::{Body, Error, ErrorKind};
-use http::Request;
+use gateway_core::{Body, BoxError, Error, ErrorKind};
+use http::uri::{Authority, Scheme};
+use http::{Request, Response};
 use hyper::client::conn::http2;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -46,7 +48,14 @@ pub(crate) struct Inner {
     http2_only: bool,
     idle_timeout: Duration,
     max_idle: usize,
+    /// The endpoints of the requests sent through [`Service::call`], by scheme and
+    /// authority, so that their connections are pooled: at most [`MAX_ORIGINS`] of them.
+    origins: Mutex<HashMap<(Scheme, Authority), Arc<Endpoint>>>,
 }
+
+/// The most origins a client called as a `Service` keeps pools for; past that, the pools of
+/// one it knows are let go (their connections close once idle) to make room.
+const MAX_ORIGINS: usize = 64;
 
 /// The future of [`HttpClient::send`].
 pub(crate) enum Sending {
@@ -257,6 +266,97 @@ impl Inner {
         spawn_conn(conn, "upstream HTTP/2 connection failed");
         pool.set_h2(tx.clone());
         Ok(Ready::H2(tx))
+    }
+}
+
+/// Sends a request whose URI is absolute (`http://host:port/path`, `https://host/path`)
+/// to that origin, on a pooled connection: for layers that call upstreams of their own (a
+/// JWKS fetch, a probe). Errors are [`gateway_core::Error`]s, as the proxy's are; a URI
+/// without scheme and authority is refused without a connection.
+///
+/// ```no_run
+/// use gateway_core::Body;
+/// use gateway_proxy::HttpClient;
+/// use tower::ServiceExt;
+///
+/// # async fn run() -> Result<(), gateway_core::BoxError> {
+/// let client = HttpClient::builder().build()?;
+/// let req = http::Request::get("https://idp.example/.well-known/jwks.json").body(Body::empty())?;
+/// let res = client.oneshot(req).await?;
+/// # drop(res); Ok(()) }
+/// ```
+impl tower::Service<Request<Body>> for HttpClient {
+    type Response = Response<Body>;
+    type Error = BoxError;
+    type Future = ResponseFuture;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: Request<Body>) -> ResponseFuture {
+        let (Some(scheme), Some(authority)) = (req.uri().scheme(), req.uri().authority()) else {
+            let err = Error::with_source(
+                ErrorKind::Internal,
+                "a request sent through HttpClient needs an absolute URI",
+            );
+            return ResponseFuture(CallState::Refused(Some(err)));
+        };
+        let endpoint = {
+            let key = (scheme.clone(), authority.clone());
+            let mut origins = self
+                .inner
+                .origins
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            if !origins.contains_key(&key) && origins.len() >= MAX_ORIGINS {
+                let evicted = origins.keys().next().cloned();
+                if let Some(evicted) = evicted {
+                    origins.remove(&evicted);
+                }
+            }
+            Arc::clone(
+                origins
+                    .entry(key)
+                    .or_insert_with(|| Arc::new(Endpoint::new(scheme.clone(), authority.clone()))),
+            )
+        };
+        ResponseFuture(CallState::Sending(self.send(
+            &endpoint,
+            req,
+            Outbound::default(),
+        )))
+    }
+}
+
+/// The future of an [`HttpClient`] called as a `Service`.
+pub struct ResponseFuture(CallState);
+
+enum CallState {
+    Sending(Sending),
+    Refused(Option<Error>),
+}
+
+impl Future for ResponseFuture {
+    type Output = Result<Response<Body>, BoxError>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match &mut self.0 {
+            CallState::Sending(sending) => match ready!(Pin::new(sending).poll(cx)) {
+                Ok(sent) => Poll::Ready(Ok(sent.response)),
+                Err(err) => Poll::Ready(Err(err.into())),
+            },
+            CallState::Refused(err) => Poll::Ready(Err(err
+                .take()
+                .unwrap_or_else(|| Error::new(ErrorKind::Internal))
+                .into())),
+        }
+    }
+}
+
+impl fmt::Debug for ResponseFuture {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ResponseFuture").finish_non_exhaustive()
     }
 }
 
@@ -483,6 +583,7 @@ impl HttpClientBuilder {
                 http2_only: self.http2_only,
                 idle_timeout: self.pool_idle_timeout,
                 max_idle: self.pool_max_idle_per_host,
+                origins: Mutex::new(HashMap::new()),
             }),
         })
     }

@@ -58,7 +58,7 @@ mod pool;
 mod set;
 
 pub use balance::{Balance, BalanceClone, LeastRequest, PeakEwma, PickContext, Random, RoundRobin};
-pub use client::{HttpClient, HttpClientBuilder, InvalidClient};
+pub use client::{HttpClient, HttpClientBuilder, InvalidClient, ResponseFuture};
 pub(crate) use client::{Sending, Sent};
 pub use discover::{DnsDiscovery, Resolve, ResolveFuture, SystemResolver};
 pub use endpoint::{Endpoint, EndpointState, InvalidEndpoint};

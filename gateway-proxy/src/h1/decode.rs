@@ -238,7 +238,7 @@ fn is_chunk_ext(mut ext: &[u8]) -> bool {
             return ext.is_empty();
         };
         ext = skip_bws(rest);
-        let name = head::token_len(ext);
+        let name = fields::token_len(ext);
         if name == 0 {
             return false;
         }
@@ -252,7 +252,7 @@ fn is_chunk_ext(mut ext: &[u8]) -> bool {
                 Some(len) => len + 1,
                 None => return false,
             },
-            None => head::token_len(ext),
+            None => fields::token_len(ext),
         };
         if value == 0 {
             return false;

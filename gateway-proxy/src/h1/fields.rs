@@ -27,8 +27,8 @@ pub(crate) enum Field {
     Expect,
     Host,
     Trailer,
-    /// A field named like the `close` option: removed when `Connection: close` nominates
-    /// it, without making a `HeaderName` of the option on every message that closes.
+    /// A field named like the `close` option: known, so that `Connection: close` (on
+    /// every message that closes) makes no `HeaderName` of the option to remove it.
     Close,
     Other,
 }
@@ -139,57 +139,48 @@ impl Fields {
         self.0 == 0
     }
 
-    /// The fields of this set present in `map`.
-    fn present_in(self, map: &HeaderMap) -> Self {
-        map.keys()
-            .fold(Self::default(), |set, name| {
-                set.with(Field::of(name.as_str().as_bytes()))
-            })
-            .intersect(self)
+    /// The known fields `map` has.
+    fn in_map(map: &HeaderMap) -> Self {
+        map.keys().fold(Self::default(), |set, name| {
+            set.with(Field::of(name.as_str().as_bytes()))
+        })
     }
 }
 
 /// Removes from `map` the fields of `set`, and when `Connection` is among them, every field
 /// it nominates (RFC 9110 §7.6.1).
 pub(crate) fn remove(map: &mut HeaderMap, set: Fields) {
-    // One pass over the names finds which of these are present (a response usually has
+    // One pass over the names finds which known fields are there (a response usually has
     // `Connection` and `Content-Length`, a request none): removing only those is cheaper
     // than a dozen removals, each of which hashes its name and probes the map.
-    let mut present = set.with(Field::Close).present_in(map);
-    if present.intersect(set).is_empty() {
+    let present = Fields::in_map(map);
+    let mut doomed = present.intersect(set);
+    if doomed.is_empty() {
         return;
     }
     let mut nominated: Vec<HeaderName> = Vec::new();
-    if set.contains(Field::Connection) && present.contains(Field::Connection) {
-        let has_close = present.contains(Field::Close);
-        present = present.intersect(set);
+    if doomed.contains(Field::Connection) {
         for value in map.get_all(CONNECTION) {
             for token in tokens(value.as_bytes()) {
                 match Field::of(token) {
-                    // Known names need no allocation; a field named `close` is rare, and
-                    // looked for only when the map has one.
-                    Field::Close => {
-                        if has_close {
-                            present = present.with(Field::Close);
-                        }
-                    }
                     Field::Other => {
                         if let Ok(name) = HeaderName::from_bytes(token) {
                             nominated.push(name);
                         }
                     }
-                    field => present = present.with(field),
+                    // A known name needs no allocation (`close`, `keep-alive`, `upgrade`
+                    // are the usual tokens), and is removed below if the map has it.
+                    field => doomed = doomed.with(field),
                 }
             }
         }
-    } else {
-        present = present.intersect(set);
+        doomed = doomed.intersect(present);
     }
     for name in &nominated {
         map.remove(name);
     }
     for field in Field::ALL {
-        if present.contains(field)
+        if doomed.contains(field)
             && let Some(name) = field.name()
         {
             map.remove(name);
@@ -204,6 +195,33 @@ pub(crate) fn tokens(value: &[u8]) -> impl Iterator<Item = &[u8]> {
         .split(|&b| b == b',')
         .map(<[u8]>::trim_ascii)
         .filter(|t| !t.is_empty())
+}
+
+/// How many bytes at the start of `s` are `tchar`s (RFC 9110 §5.6.2): the length of the
+/// token there.
+pub(crate) fn token_len(s: &[u8]) -> usize {
+    s.iter()
+        .take_while(|&&b| {
+            b.is_ascii_alphanumeric()
+                || matches!(
+                    b,
+                    b'!' | b'#'
+                        | b'$'
+                        | b'%'
+                        | b'&'
+                        | b'\''
+                        | b'*'
+                        | b'+'
+                        | b'-'
+                        | b'.'
+                        | b'^'
+                        | b'_'
+                        | b'`'
+                        | b'|'
+                        | b'~'
+                )
+        })
+        .count()
 }
 
 /// Whether a `Connection` header lists `token`.

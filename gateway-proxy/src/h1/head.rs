@@ -257,33 +257,6 @@ fn build(
     Ok((map, meta))
 }
 
-/// How many bytes at the start of `s` are `tchar`s (RFC 9110 §5.6.2): the length of the
-/// token there.
-pub(crate) fn token_len(s: &[u8]) -> usize {
-    s.iter()
-        .take_while(|&&b| {
-            b.is_ascii_alphanumeric()
-                || matches!(
-                    b,
-                    b'!' | b'#'
-                        | b'$'
-                        | b'%'
-                        | b'&'
-                        | b'\''
-                        | b'*'
-                        | b'+'
-                        | b'-'
-                        | b'.'
-                        | b'^'
-                        | b'_'
-                        | b'`'
-                        | b'|'
-                        | b'~'
-                )
-        })
-        .count()
-}
-
 // === impl Span ===
 
 impl Span {

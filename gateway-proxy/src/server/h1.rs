@@ -277,14 +277,22 @@ where
                     linger,
                     lingered,
                 } => {
-                    let (shut, linger, lingered) = (*shut, *linger, *lingered);
-                    match poll_close(&mut this, cx, shut, linger, lingered) {
+                    // Copied out (the state is borrowed from `this`), and back on `Pending`.
+                    let (mut shut, linger, mut lingered) = (*shut, *linger, *lingered);
+                    match poll_close(&mut this, cx, &mut shut, linger, &mut lingered) {
                         Poll::Ready(Ok(())) => this.state.set(State::Done),
                         Poll::Ready(Err(err)) => {
                             this.state.set(State::Done);
                             return Poll::Ready(Err(err));
                         }
-                        Poll::Pending => return Poll::Pending,
+                        Poll::Pending => {
+                            this.state.set(State::Closing {
+                                shut,
+                                linger,
+                                lingered,
+                            });
+                            return Poll::Pending;
+                        }
                     }
                 }
                 StateProj::Done => {
@@ -389,13 +397,13 @@ where
 /// Closes the connection: writes what is left, shuts the sending side, then reads (and
 /// drops) what the client still sends until it closes too, up to a bound (a close with
 /// unread data would reset the connection, and the client could lose the response).
-/// `Ready(Ok)` once the connection can be dropped.
+/// `Ready(Ok)` once the connection can be dropped; `shut` and `lingered` keep the progress.
 fn poll_close<I, S>(
     this: &mut ConnProj<'_, I, S>,
     cx: &mut Context<'_>,
-    mut shut: bool,
+    shut: &mut bool,
     linger: bool,
-    mut lingered: usize,
+    lingered: &mut usize,
 ) -> Poll<Result<(), BoxError>>
 where
     I: Transport,
@@ -406,7 +414,7 @@ where
         let Some(io) = this.io.as_mut() else {
             return Poll::Ready(Ok(()));
         };
-        if !shut {
+        if !*shut {
             let written = match this.write.poll_write(io, cx) {
                 Poll::Ready(written) => written,
                 Poll::Pending => {
@@ -419,14 +427,9 @@ where
             if written.is_err() || ready!(Pin::new(&mut *io).poll_shutdown(cx)).is_err() {
                 return Poll::Ready(Ok(()));
             }
-            shut = true;
-            this.state.set(State::Closing {
-                shut,
-                linger,
-                lingered,
-            });
+            *shut = true;
         }
-        if !linger || *this.eof || lingered >= LINGER_MAX {
+        if !linger || *this.eof || *lingered >= LINGER_MAX {
             return Poll::Ready(Ok(()));
         }
         this.read.clear();
@@ -439,14 +442,8 @@ where
             this.read
         )) {
             Ok(0) | Err(_) => *this.eof = true,
-            Ok(n) => lingered += n,
+            Ok(n) => *lingered += n,
         }
-        // Progress survives a `Pending`.
-        this.state.set(State::Closing {
-            shut,
-            linger,
-            lingered,
-        });
     }
 }
 

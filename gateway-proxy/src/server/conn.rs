@@ -570,7 +570,7 @@ where
             }
             Ok(Declared::Empty) if !http_body::Body::is_end_stream(req.body()) => Admit::Hold {
                 held: Box::new(Held {
-                    svc: self.inner.clone(),
+                    svc: Some(self.inner.clone()),
                     req,
                     timeout: Box::pin(tokio::time::sleep(self.hold_timeout)),
                 }),
@@ -609,7 +609,8 @@ pin_project! {
 }
 
 struct Held<S> {
-    svc: S,
+    /// Taken when the request is passed on.
+    svc: Option<S>,
     req: Request<Body>,
     timeout: Pin<Box<tokio::time::Sleep>>,
 }
@@ -675,7 +676,7 @@ pin_project! {
 
 impl<S, B> Future for ConnFuture<S>
 where
-    S: Service<Request<Body>, Response = Response<B>> + Clone,
+    S: Service<Request<Body>, Response = Response<B>>,
     S::Error: Into<BoxError>,
 {
     type Output = Result<Response<TrackedBody<B>>, BoxError>;
@@ -695,10 +696,11 @@ where
                 AdmitProj::Malformed => return Poll::Ready(Err(malformed())),
                 AdmitProj::Hold { held } => {
                     let body = ready!(held.poll_end(cx))?;
-                    // NOTE: a clone of the held service (this path is rare): the state is
-                    // pinned, so the one it holds cannot be moved out.
                     let req = std::mem::take(&mut held.req).map(|_| body);
-                    let fut = held.svc.clone().oneshot(req);
+                    let Some(svc) = held.svc.take() else {
+                        return Poll::Ready(Err(malformed()));
+                    };
+                    let fut = svc.oneshot(req);
                     this.state.set(Admit::Ready { fut });
                 }
             }

@@ -87,10 +87,18 @@ impl Pending {
         self.decide(Handover::Ready(upgraded));
     }
 
+    /// Settles the handover, if it is still waiting, and wakes whoever waits.
     fn decide(&self, outcome: Handover) {
-        let waiting = match std::mem::replace(&mut *lock(&self.shared), outcome) {
-            Handover::Waiting(wakers) => wakers,
-            _ => Vec::new(),
+        let waiting = {
+            let mut shared = lock(&self.shared);
+            match &mut *shared {
+                Handover::Waiting(wakers) => {
+                    let wakers = std::mem::take(wakers);
+                    *shared = outcome;
+                    wakers
+                }
+                _ => return,
+            }
         };
         for waker in waiting {
             waker.wake();
@@ -101,9 +109,7 @@ impl Pending {
 impl Drop for Pending {
     fn drop(&mut self) {
         // Not fulfilled (a fulfilled one has moved on from `Waiting`): no switch.
-        if matches!(*lock(&self.shared), Handover::Waiting(_)) {
-            self.decide(Handover::Gone);
-        }
+        self.decide(Handover::Gone);
     }
 }
 
@@ -114,19 +120,17 @@ impl Future for OnUpgrade {
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let mut shared = lock(&self.shared);
-        match &mut *shared {
-            Handover::Waiting(wakers) => {
+        match std::mem::replace(&mut *shared, Handover::Gone) {
+            Handover::Waiting(mut wakers) => {
                 // NOTE: one waker per task polling a clone, not one for them all: a clone
                 // polled from a second task must not take the first task's wake-up.
                 if !wakers.iter().any(|w| w.will_wake(cx.waker())) {
                     wakers.push(cx.waker().clone());
                 }
+                *shared = Handover::Waiting(wakers);
                 Poll::Pending
             }
-            Handover::Ready(_) => match std::mem::replace(&mut *shared, Handover::Gone) {
-                Handover::Ready(upgraded) => Poll::Ready(Ok(upgraded)),
-                _ => unreachable!("matched as Ready above"),
-            },
+            Handover::Ready(upgraded) => Poll::Ready(Ok(upgraded)),
             Handover::Gone => Poll::Ready(Err(NotUpgraded)),
         }
     }

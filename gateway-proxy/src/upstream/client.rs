@@ -309,7 +309,7 @@ impl tower::Service<Request<Body>> for HttpClient {
                 .origins
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner);
-            if !origins.contains_key(&key) && origins.len() >= MAX_ORIGINS {
+            if origins.len() >= MAX_ORIGINS && !origins.contains_key(&key) {
                 let evicted = origins.keys().next().cloned();
                 if let Some(evicted) = evicted {
                     origins.remove(&evicted);

@@ -13,6 +13,7 @@ mod buffers;
 #[cfg(test)]
 mod fuzz;
 mod h1;
+mod invalid;
 mod io;
 pub mod proxy;
 pub mod router;

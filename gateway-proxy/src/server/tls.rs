@@ -9,6 +9,8 @@ use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use tokio_rustls::TlsAcceptor;
 
+use crate::invalid::Invalid;
+
 /// A server certificate and key, with ALPN `h2` and `http/1.1`.
 #[derive(Clone)]
 pub struct TlsConfig {
@@ -18,10 +20,7 @@ pub struct TlsConfig {
 /// A certificate or key that cannot be used: what is wrong, and the cause (if any) as
 /// the error's `source`.
 #[derive(Debug)]
-pub struct InvalidTls {
-    reason: String,
-    source: Option<Box<dyn std::error::Error + Send + Sync>>,
-}
+pub struct InvalidTls(Invalid);
 
 impl TlsConfig {
     /// Reads a PEM certificate chain and a PEM private key (PKCS#8, PKCS#1 or SEC1).
@@ -34,8 +33,9 @@ impl TlsConfig {
         key: impl AsRef<Path>,
     ) -> Result<Self, InvalidTls> {
         let read = |p: &Path| {
-            std::fs::read(p)
-                .map_err(|e| InvalidTls::because(format!("cannot read {}", p.display()), e))
+            std::fs::read(p).map_err(|e| {
+                InvalidTls(Invalid::because(format!("cannot read {}", p.display()), e))
+            })
         };
         Self::from_pem(&read(cert.as_ref())?, &read(key.as_ref())?)
     }
@@ -48,20 +48,24 @@ impl TlsConfig {
     pub fn from_pem(cert_chain: &[u8], key: &[u8]) -> Result<Self, InvalidTls> {
         let certs = CertificateDer::pem_slice_iter(cert_chain)
             .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| InvalidTls::because("the certificate PEM cannot be parsed", e))?;
+            .map_err(|e| InvalidTls(Invalid::because("the certificate PEM cannot be parsed", e)))?;
         if certs.is_empty() {
-            return Err(InvalidTls {
-                reason: "no certificate in the certificate file".into(),
-                source: None,
-            });
+            return Err(InvalidTls(Invalid::new(
+                "no certificate in the certificate file",
+            )));
         }
         let key = PrivateKeyDer::from_pem_slice(key)
-            .map_err(|e| InvalidTls::because("no usable private key", e))?;
+            .map_err(|e| InvalidTls(Invalid::because("no usable private key", e)))?;
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let mut config = ServerConfig::builder_with_provider(provider)
             .with_safe_default_protocol_versions()
             .and_then(|b| b.with_no_client_auth().with_single_cert(certs, key))
-            .map_err(|e| InvalidTls::because("the certificate and key do not work together", e))?;
+            .map_err(|e| {
+                InvalidTls(Invalid::because(
+                    "the certificate and key do not work together",
+                    e,
+                ))
+            })?;
         config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
         Ok(Self {
             config: Arc::new(config),
@@ -88,26 +92,12 @@ impl fmt::Debug for TlsConfig {
 
 impl fmt::Display for InvalidTls {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "invalid TLS configuration: {}", self.reason)
-    }
-}
-
-impl InvalidTls {
-    fn because(
-        reason: impl Into<String>,
-        source: impl std::error::Error + Send + Sync + 'static,
-    ) -> Self {
-        Self {
-            reason: reason.into(),
-            source: Some(Box::new(source)),
-        }
+        write!(f, "invalid TLS configuration: {}", self.0.reason)
     }
 }
 
 impl std::error::Error for InvalidTls {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
-        self.source
-            .as_deref()
-            .map(|e| e as &(dyn std::error::Error + 'static))
+        self.0.source()
     }
 }

@@ -24,6 +24,7 @@ use tower::ServiceExt;
 
 use super::exchange::{Exchange, Failed, Outbound};
 use super::pool::{Pool, Ready, spawn_conn};
+use crate::invalid::Invalid;
 use crate::io::{Coalesce, Stream};
 use crate::upstream::Endpoint;
 
@@ -96,10 +97,7 @@ pub struct HttpClientBuilder {
 /// A client configuration that cannot be used: what is wrong, and the cause (if any) as
 /// the error's `source`.
 #[derive(Debug)]
-pub struct InvalidClient {
-    reason: String,
-    source: Option<Box<dyn std::error::Error + Send + Sync>>,
-}
+pub struct InvalidClient(Invalid);
 
 // === impl HttpClient ===
 
@@ -507,9 +505,11 @@ impl HttpClientBuilder {
     pub fn add_root_pem(mut self, pem: &[u8]) -> Result<Self, InvalidClient> {
         let certs = CertificateDer::pem_slice_iter(pem)
             .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| InvalidClient::because("the CA bundle cannot be parsed", e))?;
+            .map_err(|e| InvalidClient(Invalid::because("the CA bundle cannot be parsed", e)))?;
         if certs.is_empty() {
-            return Err(InvalidClient::new("the CA bundle holds no certificate"));
+            return Err(InvalidClient(Invalid::new(
+                "the CA bundle holds no certificate",
+            )));
         }
         self.extra_roots.extend(certs);
         Ok(self)
@@ -527,8 +527,12 @@ impl HttpClientBuilder {
     /// When the file cannot be read or parsed.
     pub fn add_root_pem_file(self, path: impl AsRef<Path>) -> Result<Self, InvalidClient> {
         let path = path.as_ref();
-        let pem = std::fs::read(path)
-            .map_err(|e| InvalidClient::because(format!("cannot read {}", path.display()), e))?;
+        let pem = std::fs::read(path).map_err(|e| {
+            InvalidClient(Invalid::because(
+                format!("cannot read {}", path.display()),
+                e,
+            ))
+        })?;
         self.add_root_pem(&pem)
     }
 
@@ -543,17 +547,19 @@ impl HttpClientBuilder {
             roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
         }
         for cert in &self.extra_roots {
-            roots
-                .add(cert.clone())
-                .map_err(|e| InvalidClient::because("a CA certificate cannot be used", e))?;
+            roots.add(cert.clone()).map_err(|e| {
+                InvalidClient(Invalid::because("a CA certificate cannot be used", e))
+            })?;
         }
         if roots.is_empty() {
-            return Err(InvalidClient::new("no root certificate is trusted"));
+            return Err(InvalidClient(Invalid::new(
+                "no root certificate is trusted",
+            )));
         }
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let tls = rustls::ClientConfig::builder_with_provider(provider)
             .with_safe_default_protocol_versions()
-            .map_err(|e| InvalidClient::because("the TLS configuration is refused", e))?
+            .map_err(|e| InvalidClient(Invalid::because("the TLS configuration is refused", e)))?
             .with_root_certificates(roots)
             .with_no_client_auth();
 
@@ -591,35 +597,14 @@ impl HttpClientBuilder {
 
 // === impl InvalidClient ===
 
-impl InvalidClient {
-    fn new(reason: impl Into<String>) -> Self {
-        Self {
-            reason: reason.into(),
-            source: None,
-        }
-    }
-
-    fn because(
-        reason: impl Into<String>,
-        source: impl std::error::Error + Send + Sync + 'static,
-    ) -> Self {
-        Self {
-            reason: reason.into(),
-            source: Some(Box::new(source)),
-        }
-    }
-}
-
 impl fmt::Display for InvalidClient {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "invalid HTTP client: {}", self.reason)
+        write!(f, "invalid HTTP client: {}", self.0.reason)
     }
 }
 
 impl std::error::Error for InvalidClient {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
-        self.source
-            .as_deref()
-            .map(|e| e as &(dyn std::error::Error + 'static))
+        self.0.source()
     }
 }

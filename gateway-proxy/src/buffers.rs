@@ -27,6 +27,8 @@ pub(crate) const SIZE: usize = 8 * 1024;
 pub(crate) const READ_START: usize = SIZE;
 /// A body is read at most this much at a time, on either side of the proxy.
 pub(crate) const READ_MAX: usize = 64 * 1024;
+/// A read buffer with less room than this (or than the read wants) grows before a read.
+const MIN_ROOM: usize = 4 * 1024;
 /// At most this many buffers wait, free or retired, per thread (512 KiB each way).
 const KEEP: usize = 64;
 /// Buffers that grew beyond this are not kept.
@@ -68,6 +70,22 @@ pub(crate) fn take() -> BytesMut {
         .ok()
         .flatten()
         .unwrap_or_else(|| BytesMut::with_capacity(SIZE))
+}
+
+/// Makes room in `read` before a read of up to `want` bytes (a head: [`READ_START`]; a
+/// body: what its decoder says is left). The one read-buffer policy of both sides of the
+/// proxy: a buffer with no memory takes one from the stock; one with less room than the
+/// read wants (or than [`MIN_ROOM`]) grows by what it wants, between [`MIN_ROOM`] and
+/// [`READ_MAX`], so a large body is read in large pieces.
+pub(crate) fn make_room(read: &mut BytesMut, want: usize) {
+    if read.capacity() - read.len() >= want.min(MIN_ROOM) {
+        return;
+    }
+    if read.capacity() == 0 && want <= SIZE {
+        *read = take();
+    } else {
+        read.reserve(want.clamp(MIN_ROOM, READ_MAX));
+    }
 }
 
 /// Gives back a buffer whose contents are no longer needed.

@@ -8,6 +8,7 @@ use http_body::SizeHint;
 
 use super::fields::{self, Fields};
 use super::head::{self, MAX_HEADERS};
+use crate::buffers::{READ_MAX, READ_START};
 
 /// The longest chunk-size line accepted, extensions included.
 const MAX_CHUNK_LINE: usize = 4 * 1024;
@@ -70,6 +71,37 @@ impl Decoder {
             Self::Chunked(Chunked::Data(left)) => Some(*left),
             _ => None,
         }
+    }
+
+    /// How much to read off the connection for the next piece: what the framing says is
+    /// left of the body or of the current chunk, at most [`READ_MAX`]; a buffer's worth
+    /// when it does not say.
+    pub(crate) fn read_size(&self) -> usize {
+        self.remaining().map_or(READ_START, |left| {
+            usize::try_from(left).map_or(READ_MAX, |left| left.clamp(1, READ_MAX))
+        })
+    }
+
+    /// Whether the rest of the body is all in `buf` already.
+    pub(crate) fn is_buffered(&self, buf: &BytesMut) -> bool {
+        matches!(self, Self::Length(left) if *left <= buf.len() as u64)
+    }
+
+    /// The rest of the body in one piece, if it is all in `buf` already (a small body that
+    /// came with its head, or what a reader left of one): taken out of `buf`, and the
+    /// decoder is done. Nothing to feed piece by piece, and the connection is free at once.
+    pub(crate) fn take_buffered(&mut self, buf: &mut BytesMut) -> Option<Bytes> {
+        if !self.is_buffered(buf) {
+            return None;
+        }
+        let Self::Length(left) = std::mem::replace(self, Self::Length(0)) else {
+            return None;
+        };
+        // NOTE: no larger than `buf`, so it fits.
+        Some(
+            buf.split_to(usize::try_from(left).unwrap_or(buf.len()))
+                .freeze(),
+        )
     }
 
     /// What is known of the body's length left, for [`http_body::Body::size_hint`]: exact

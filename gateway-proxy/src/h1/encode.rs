@@ -9,7 +9,8 @@ use bytes::{Buf, Bytes};
 use http::HeaderMap;
 use tokio::io::AsyncWrite;
 
-use super::head;
+use super::head::{self, BodyLength};
+use gateway_core::BoxError;
 
 /// Data up to this size is copied next to what precedes it, so that a head and a small
 /// body leave in one `send`; larger data is written from its own memory (`writev`).
@@ -44,13 +45,30 @@ pub(crate) struct WriteBuf {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct LengthMismatch(&'static str);
 
-/// Why [`WriteBuf::fill`] stopped.
+/// Why [`WriteBuf::poll_send`] stopped.
 #[derive(Debug)]
-pub(crate) enum FillError<E> {
+pub(crate) enum SendError<E> {
     /// The body failed.
     Body(E),
     /// The body broke the length it announced.
     Length(LengthMismatch),
+    /// The socket failed.
+    Io(io::Error),
+}
+
+// === impl Encoder ===
+
+impl Encoder {
+    /// How a body announced as `length` goes on the wire, and the body, if there is any to
+    /// send (none is polled where none is announced).
+    pub(crate) fn for_body<B>(length: BodyLength, body: B) -> (Self, Option<B>) {
+        match length {
+            BodyLength::None | BodyLength::Known(0) => (Self::Length(0), None),
+            BodyLength::Known(n) => (Self::Length(n), Some(body)),
+            BodyLength::Chunked => (Self::Chunked, Some(body)),
+            BodyLength::Close => (Self::Close, Some(body)),
+        }
+    }
 }
 
 // === impl WriteBuf ===
@@ -140,13 +158,13 @@ impl WriteBuf {
     /// that small pieces leave together (a head and a small body in one `send`). `body`
     /// becomes `None` once its end is queued; its trailers go only where `trailers` allows
     /// (and the framing is chunked).
-    pub(crate) fn fill<B>(
+    fn fill<B>(
         &mut self,
         body: &mut Option<B>,
         encoder: &mut Encoder,
         trailers: bool,
         cx: &mut Context<'_>,
-    ) -> Result<(), FillError<B::Error>>
+    ) -> Result<(), SendError<B::Error>>
     where
         B: http_body::Body<Data = Bytes> + Unpin,
     {
@@ -160,22 +178,51 @@ impl WriteBuf {
             match frame {
                 None => {
                     *body = None;
-                    self.end(encoder, None).map_err(FillError::Length)?;
+                    self.end(encoder, None).map_err(SendError::Length)?;
                 }
-                Some(Err(err)) => return Err(FillError::Body(err)),
+                Some(Err(err)) => return Err(SendError::Body(err)),
                 Some(Ok(frame)) => match frame.into_data() {
-                    Ok(data) => self.data(encoder, data).map_err(FillError::Length)?,
+                    Ok(data) => self.data(encoder, data).map_err(SendError::Length)?,
                     Err(frame) => {
                         if let Ok(fields) = frame.into_trailers() {
                             *body = None;
                             self.end(encoder, trailers.then_some(&fields))
-                                .map_err(FillError::Length)?;
+                                .map_err(SendError::Length)?;
                         }
                     }
                 },
             }
         }
         Ok(())
+    }
+
+    /// Sends `body` in `encoder`'s framing: queues what it has ready (see
+    /// [`fill`](Self::fill)) and writes it as the socket takes it, flushing once the queue is
+    /// empty. Ready once the body's end has been written; pending while the socket or the
+    /// body is (the body wakes the task when it has more).
+    pub(crate) fn poll_send<B, W>(
+        &mut self,
+        body: &mut Option<B>,
+        encoder: &mut Encoder,
+        trailers: bool,
+        io: &mut W,
+        cx: &mut Context<'_>,
+    ) -> Poll<Result<(), SendError<B::Error>>>
+    where
+        B: http_body::Body<Data = Bytes> + Unpin,
+        W: AsyncWrite + Unpin,
+    {
+        loop {
+            self.fill(body, encoder, trailers, cx)?;
+            if self.is_empty() {
+                return if body.is_none() {
+                    Poll::Ready(Ok(()))
+                } else {
+                    Poll::Pending
+                };
+            }
+            ready!(self.poll_write(io, cx)).map_err(SendError::Io)?;
+        }
     }
 
     /// Queues the end of a body: the last chunk and the trailers, if chunked. Call only
@@ -283,6 +330,18 @@ fn hex_size(mut n: usize, out: &mut [u8; 16]) -> &[u8] {
         n >>= 4;
         if n == 0 {
             return &out[at..];
+        }
+    }
+}
+
+// === impl SendError ===
+
+impl<E: Into<BoxError>> SendError<E> {
+    pub(crate) fn into_box(self) -> BoxError {
+        match self {
+            Self::Body(err) => err.into(),
+            Self::Length(mismatch) => mismatch.into(),
+            Self::Io(err) => err.into(),
         }
     }
 }

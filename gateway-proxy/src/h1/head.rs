@@ -6,6 +6,7 @@ use std::mem::MaybeUninit;
 use bytes::{Bytes, BytesMut};
 use http::header::{CONTENT_LENGTH, HOST, HeaderName, HeaderValue, TRANSFER_ENCODING};
 use http::{HeaderMap, Method, StatusCode, Uri, Version};
+use http_body::SizeHint;
 
 use super::decode::{Chunked, Decoder};
 use super::fields::{Field, is_te_trailers, tokens};
@@ -451,6 +452,18 @@ pub(crate) enum BodyLength {
     /// No framing field: the body ends when the connection closes (responses to HTTP/1.0
     /// clients of unknown length).
     Close,
+}
+
+impl BodyLength {
+    /// How a body of `hint`'s size is announced: by its length where that is known; else in
+    /// chunks, to a peer that reads them (`chunked`: HTTP/1.1); else by the close.
+    pub(crate) fn of(hint: &SizeHint, chunked: bool) -> Self {
+        match hint.exact() {
+            Some(n) => Self::Known(n),
+            None if chunked => Self::Chunked,
+            None => Self::Close,
+        }
+    }
 }
 
 /// Writes a request head for `target` (origin-form): `host` as its first field when given

@@ -47,8 +47,9 @@ pub(super) struct ConnShared {
     pub(super) local: SocketAddr,
 }
 
-/// Requests in flight, and the last time the connection went idle.
-pub(super) struct Activity {
+/// An HTTP/2 connection's requests in flight, and the last time it went idle. (An
+/// HTTP/1.1 connection knows from its own state: see `h1::Conn`.)
+struct Activity {
     started: Instant,
     in_flight: AtomicUsize,
     idle_since_ms: AtomicU64,
@@ -270,9 +271,9 @@ async fn refuse_preface(mut stream: TcpStream, limit: Duration) {
     let _ = tokio::time::timeout(limit, refuse).await;
 }
 
-/// The connection's view of its requests, shared with its service and response bodies;
-/// idle since `opened`.
-pub(super) fn activity(opened: Instant) -> Arc<Activity> {
+/// An HTTP/2 connection's view of its requests, shared with its service and response
+/// bodies; idle since `opened`.
+fn activity(opened: Instant) -> Arc<Activity> {
     Arc::new(Activity {
         started: opened,
         in_flight: AtomicUsize::new(0),
@@ -298,16 +299,11 @@ async fn run_h1<I, S, B>(
     B: http_body::Body<Data = Bytes> + Send + 'static,
     B::Error: Into<BoxError>,
 {
-    let activity = activity(opened);
     let idle = IdleLimit {
         limit: shared.keep_alive_timeout.min(shared.header_read_timeout),
         hard: true,
     };
-    let scope = Scope {
-        activity: &activity,
-        info,
-        idle,
-    };
+    let scope = Scope { info, idle };
     let mut timer = std::pin::pin!(tokio::time::sleep_until(deadline(opened, idle.limit)));
     let conn = h1::Conn::new(
         io,
@@ -316,7 +312,7 @@ async fn run_h1<I, S, B>(
         shared.limits,
         info,
         shared.drain.clone(),
-        Arc::clone(&activity),
+        opened,
     );
     let mut conn = std::pin::pin!(conn);
     drive(&mut conn, scope, &mut graceful, timer.as_mut()).await;
@@ -345,14 +341,13 @@ async fn run_h2<I, S, B>(
         limit: shared.keep_alive_timeout,
         hard: false,
     };
-    let scope = Scope {
-        activity: &activity,
-        info,
-        idle,
-    };
+    let scope = Scope { info, idle };
     let mut timer = std::pin::pin!(tokio::time::sleep_until(deadline(opened, idle.limit)));
-    // Boxed: HTTP/2 connections are few and their state is large.
-    let mut conn = Box::pin(shared.http2.serve_connection(io, svc));
+    let mut conn = H2 {
+        // Boxed: HTTP/2 connections are few and their state is large.
+        conn: Box::pin(shared.http2.serve_connection(io, svc)),
+        activity,
+    };
     drive(&mut conn, scope, &mut graceful, timer.as_mut()).await;
 }
 
@@ -360,9 +355,37 @@ async fn run_h2<I, S, B>(
 pub(super) trait Connection: Future {
     /// Finishes what is in flight, takes nothing new, then closes.
     fn graceful_shutdown(self: Pin<&mut Self>);
+
+    /// Since when the connection has had no request in flight; `None` while it has one.
+    fn idle_since(&self) -> Option<Instant>;
 }
 
-impl<I, S, B> Connection for http2::Connection<I, S, TokioExecutor>
+impl<C: Connection + ?Sized> Connection for Pin<&mut C> {
+    fn graceful_shutdown(self: Pin<&mut Self>) {
+        self.get_mut().as_mut().graceful_shutdown();
+    }
+
+    fn idle_since(&self) -> Option<Instant> {
+        (**self).idle_since()
+    }
+}
+
+/// hyper's HTTP/2 connection, with its requests counted: they run concurrently, in tasks
+/// of their own, and their bodies outlive their handlers (see [`Activity`]).
+struct H2<C> {
+    conn: Pin<Box<C>>,
+    activity: Arc<Activity>,
+}
+
+impl<C: Future> Future for H2<C> {
+    type Output = C::Output;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        self.get_mut().conn.as_mut().poll(cx)
+    }
+}
+
+impl<I, S, B> Connection for H2<http2::Connection<I, S, TokioExecutor>>
 where
     I: hyper::rt::Read + hyper::rt::Write + Unpin,
     S: hyper::service::HttpService<Incoming, ResBody = B>,
@@ -372,19 +395,11 @@ where
     TokioExecutor: hyper::rt::bounds::Http2ServerConnExec<S::Future, B>,
 {
     fn graceful_shutdown(self: Pin<&mut Self>) {
-        Self::graceful_shutdown(self);
+        self.get_mut().conn.as_mut().graceful_shutdown();
     }
-}
 
-impl<C: Connection + ?Sized> Connection for Pin<Box<C>> {
-    fn graceful_shutdown(self: Pin<&mut Self>) {
-        self.get_mut().as_mut().graceful_shutdown();
-    }
-}
-
-impl<C: Connection + ?Sized> Connection for Pin<&mut C> {
-    fn graceful_shutdown(self: Pin<&mut Self>) {
-        self.get_mut().as_mut().graceful_shutdown();
+    fn idle_since(&self) -> Option<Instant> {
+        self.activity.idle_since()
     }
 }
 
@@ -399,8 +414,7 @@ struct IdleLimit {
 
 /// What [`drive`] looks at besides the connection.
 #[derive(Clone, Copy)]
-struct Scope<'a> {
-    activity: &'a Activity,
+struct Scope {
     info: ConnectInfo,
     idle: IdleLimit,
 }
@@ -409,18 +423,14 @@ struct Scope<'a> {
 /// for the idle limit, or gracefully when the server drains.
 async fn drive<C, E>(
     conn: &mut C,
-    scope: Scope<'_>,
+    scope: Scope,
     graceful: &mut watch::Receiver<bool>,
     mut timer: Pin<&mut tokio::time::Sleep>,
 ) where
     C: Connection<Output = Result<(), E>> + Unpin,
     E: fmt::Display,
 {
-    let Scope {
-        activity,
-        info,
-        idle,
-    } = scope;
+    let Scope { info, idle } = scope;
     let mut drained = std::pin::pin!(graceful.wait_for(|draining| *draining));
     // One timer per connection, moved only when it fires: nothing per request.
     let mut closing = false;
@@ -437,7 +447,7 @@ async fn drive<C, E>(
             // both are looked at when the connection is idle again, not at every wake-up
             // of a busy connection. (The timer and the drain signal keep the wakers they
             // were last polled with.)
-            let busy = activity.idle_since().is_none();
+            let busy = conn.idle_since().is_none();
             if busy && idle.hard {
                 return Poll::Pending;
             }
@@ -463,7 +473,7 @@ async fn drive<C, E>(
             }
             Event::Timer => {
                 let now = Instant::now();
-                let Some(since) = activity.idle_since() else {
+                let Some(since) = conn.idle_since() else {
                     timer.as_mut().reset(deadline(now, idle.limit));
                     continue;
                 };
@@ -493,18 +503,18 @@ enum Event<E> {
 // === impl Activity ===
 
 impl Activity {
-    pub(super) fn begin(&self) {
+    fn begin(&self) {
         self.in_flight.fetch_add(1, Ordering::Relaxed);
     }
 
-    pub(super) fn end(&self) {
+    fn end(&self) {
         let ms = u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX);
         self.idle_since_ms.store(ms, Ordering::Relaxed);
         self.in_flight.fetch_sub(1, Ordering::Release);
     }
 
     /// Since when the connection has had no request in flight; `None` while it has one.
-    pub(super) fn idle_since(&self) -> Option<Instant> {
+    fn idle_since(&self) -> Option<Instant> {
         if self.in_flight.load(Ordering::Acquire) > 0 {
             return None;
         }

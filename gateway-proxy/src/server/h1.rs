@@ -19,7 +19,6 @@ use std::cell::RefCell;
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
-use std::sync::Arc;
 use std::task::{Context, Poll, ready};
 use std::time::{Duration, SystemTime};
 
@@ -34,10 +33,10 @@ use tokio::net::TcpStream;
 use tokio::time::{Instant, Sleep};
 use tower::Service;
 
-use super::conn::{Activity, Connection};
+use super::conn::Connection;
 use super::incoming::{self, Fed, Feed};
 use crate::buffers::{self, READ_START};
-use crate::h1::encode::{Encoder, FillError, WriteBuf};
+use crate::h1::encode::{Encoder, WriteBuf};
 use crate::h1::fields::connection_has;
 use crate::h1::head::{self, BodyLength, Persist, Refused, RequestHead};
 use crate::upgrade;
@@ -95,16 +94,16 @@ pin_project! {
         service: S,
         #[pin]
         state: State<S::Future>,
-        // The current request's body, still being read off the connection.
-        feed: Option<Feed>,
-        // The current request's body, left unread by its reader.
-        abandoned: Option<Feed>,
+        // The current request's body, as far as the connection is concerned.
+        body: Inbound,
         // What the current request said that its response needs.
         request: Current,
         limits: Limits,
         info: ConnectInfo,
         drain: Drain,
-        activity: Arc<Activity>,
+        // When the last response went out (or the connection opened): the connection has
+        // been idle since, unless a request is in flight (see `Connection::idle_since`).
+        idle_since: Instant,
         // The server asked the connection to finish.
         draining: bool,
         // The current request asked to switch protocols.
@@ -136,17 +135,43 @@ pin_project! {
     }
 }
 
-/// What a response needs to know of its request.
+/// The current request's body, as the connection sees it.
+enum Inbound {
+    /// None, or all of it read off the connection.
+    Done,
+    /// Read off the connection as its reader asks for it.
+    Feeding(Feed),
+    /// Left unread by its reader: skipped once the response is out, if it is all here.
+    Abandoned(Feed),
+    /// It broke its framing, or the connection failed under it.
+    Broken,
+}
+
+/// What a response needs to know of its request, and what decides whether another
+/// request may follow (see [`persists`]).
 #[derive(Debug, Clone, Copy)]
 struct Current {
     version: Version,
     head: bool,
     trailers: bool,
-    /// Another request may follow this one.
-    keep_alive: bool,
+    /// The request's head allows another request after it.
+    persistent: bool,
+    outcome: Outcome,
+    /// The response allows another request after it: no `Connection: close`, and a body
+    /// that ends by its framing, not by the close. Known once the response head is out.
+    response_persistent: bool,
+}
+
+/// How an exchange went, as far as the connection is concerned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Outcome {
+    /// The service answered.
+    Served,
     /// The request was refused before the service saw it: the client may still be
     /// sending it.
-    refused: bool,
+    Refused,
+    /// The service failed, or answered with what cannot be sent as it is.
+    Failed,
 }
 
 /// A response on its way out.
@@ -156,6 +181,23 @@ struct Writing {
     encoder: Encoder,
     /// A `101`: the connection is handed over once the head is out.
     switching: bool,
+}
+
+/// Whether the connection reads another request after the current exchange: the one
+/// place it is decided (RFC 9112 §9.3, §9.6). Asked when the response head is written (a
+/// `Connection: close` tells the client) and again once the response is out, when the
+/// request body may have broken since, or been left where it cannot be skipped.
+fn persists(request: &Current, body: &Inbound, read: &BytesMut, draining: bool) -> bool {
+    request.persistent
+        && request.outcome == Outcome::Served
+        && request.response_persistent
+        && !draining
+        && match body {
+            Inbound::Done => true,
+            // Unread, it may never be read; all here, it can be skipped.
+            Inbound::Feeding(feed) | Inbound::Abandoned(feed) => feed.is_buffered(read),
+            Inbound::Broken => false,
+        }
 }
 
 // === impl Conn ===
@@ -168,7 +210,7 @@ where
     B: http_body::Body<Data = Bytes> + Send + 'static,
     B::Error: Into<BoxError>,
 {
-    /// A connection on `io`, whose client has sent `first` already.
+    /// A connection on `io`, opened at `opened`, whose client has sent `first` already.
     pub(super) fn new(
         io: I,
         first: BytesMut,
@@ -176,7 +218,7 @@ where
         limits: Limits,
         info: ConnectInfo,
         drain: Drain,
-        activity: Arc<Activity>,
+        opened: Instant,
     ) -> Self {
         Self {
             io: Some(io),
@@ -186,19 +228,12 @@ where
             write: WriteBuf::default(),
             service,
             state: State::Head,
-            feed: None,
-            abandoned: None,
-            request: Current {
-                version: Version::HTTP_11,
-                head: false,
-                trailers: false,
-                keep_alive: true,
-                refused: false,
-            },
+            body: Inbound::Done,
+            request: Current::unparsed(Outcome::Served),
             limits,
             info,
             drain,
-            activity,
+            idle_since: opened,
             draining: false,
             upgrade: None,
             stall: None,
@@ -224,52 +259,35 @@ where
             let Some(io) = this.io.as_mut() else {
                 return Poll::Ready(Ok(()));
             };
-            match this.state.as_mut().project() {
-                StateProj::Head => match poll_head(&mut this, cx) {
-                    Poll::Ready(Ok(next)) => this.state.set(next),
-                    Poll::Ready(Err(err)) => return Poll::Ready(Err(err)),
+            let next = match this.state.as_mut().project() {
+                StateProj::Head => ready!(poll_head(&mut this, cx))?,
+                StateProj::Waiting { fut } => match fut.poll(cx) {
+                    Poll::Ready(Ok(res)) => respond(&mut this, res.map(Body::new)),
+                    Poll::Ready(Err(err)) => fail(&mut this, err.into()),
+                    // The service may have just asked for body it can have at once.
+                    Poll::Pending if feed(&mut this, cx) => continue,
                     Poll::Pending => return Poll::Pending,
                 },
-                StateProj::Waiting { fut } => match fut.poll(cx) {
-                    Poll::Ready(Ok(res)) => {
-                        let next = respond(&mut this, res.map(Body::new));
-                        this.state.set(next);
-                    }
-                    Poll::Ready(Err(err)) => {
-                        let next = fail(&mut this, err.into());
-                        this.state.set(next);
-                    }
-                    Poll::Pending => {
-                        // The service may have just asked for body it can have at once.
-                        if feed(&mut this, cx) {
-                            continue;
-                        }
-                        return Poll::Pending;
-                    }
-                },
                 StateProj::Writing { out } => {
-                    match out.poll_send(cx, io, this.write, this.request.trailers) {
-                        Poll::Ready(Ok(())) => {
-                            let next = finish(&mut this);
-                            this.state.set(next);
-                        }
+                    let trailers = this.request.trailers;
+                    match this
+                        .write
+                        .poll_send(&mut out.body, &mut out.encoder, trailers, io, cx)
+                    {
+                        Poll::Ready(Ok(())) => finish(&mut this),
                         Poll::Ready(Err(err)) => {
                             // The client is gone, or the body failed halfway: the response
                             // cannot be completed, so the connection is cut short.
                             this.state.set(State::Done);
                             *this.io = None;
-                            return Poll::Ready(Err(err));
+                            return Poll::Ready(Err(err.into_box()));
                         }
-                        Poll::Pending => {
-                            if feed(&mut this, cx) {
-                                continue;
-                            }
-                            if stalled(&mut this, cx) {
-                                this.state.set(State::Done);
-                                return Poll::Ready(Err(STALLED.into()));
-                            }
-                            return Poll::Pending;
+                        Poll::Pending if feed(&mut this, cx) => continue,
+                        Poll::Pending if stalled(&mut this, cx) => {
+                            this.state.set(State::Done);
+                            return Poll::Ready(Err(STALLED.into()));
                         }
+                        Poll::Pending => return Poll::Pending,
                     }
                 }
                 StateProj::Closing {
@@ -280,7 +298,7 @@ where
                     // Copied out (the state is borrowed from `this`), and back on `Pending`.
                     let (mut shut, linger, mut lingered) = (*shut, *linger, *lingered);
                     match poll_close(&mut this, cx, &mut shut, linger, &mut lingered) {
-                        Poll::Ready(Ok(())) => this.state.set(State::Done),
+                        Poll::Ready(Ok(())) => State::Done,
                         Poll::Ready(Err(err)) => {
                             this.state.set(State::Done);
                             return Poll::Ready(Err(err));
@@ -297,11 +315,11 @@ where
                 }
                 StateProj::Done => {
                     *this.io = None;
-                    *this.feed = None;
-                    *this.abandoned = None;
+                    *this.body = Inbound::Done;
                     return Poll::Ready(Ok(()));
                 }
-            }
+            };
+            this.state.set(next);
         }
     }
 }
@@ -315,9 +333,16 @@ where
     B::Error: Into<BoxError>,
 {
     fn graceful_shutdown(self: Pin<&mut Self>) {
-        let this = self.project();
-        *this.draining = true;
-        this.request.keep_alive = false;
+        *self.project().draining = true;
+    }
+
+    /// A request is in flight from its head to the end of its response: a head still
+    /// arriving is the header-read timeout's business, not a request.
+    fn idle_since(&self) -> Option<Instant> {
+        match self.state {
+            State::Waiting { .. } | State::Writing { .. } => None,
+            State::Head | State::Closing { .. } | State::Done => Some(self.idle_since),
+        }
     }
 }
 
@@ -346,7 +371,7 @@ where
             // The service takes a request as soon as it is parsed: it must be ready for one
             // first (and requests wait in the socket until it is).
             if let Err(err) = ready!(this.service.poll_ready(cx)) {
-                this.activity.begin();
+                *this.request = Current::unparsed(Outcome::Failed);
                 return Poll::Ready(Ok(fail(this, err.into())));
             }
             *this.unparsed = false;
@@ -373,10 +398,8 @@ where
         if this.read.capacity() == 0 {
             // Nothing buffered: wait for the client before taking memory.
             ready!(io.poll_read_ready(cx))?;
-            *this.read = buffers::take();
-        } else if this.read.capacity() - this.read.len() < 1024 {
-            this.read.reserve(READ_START);
         }
+        buffers::make_room(this.read, READ_START);
         match tokio_util::io::poll_read_buf(Pin::new(&mut *io), cx, this.read) {
             Poll::Ready(Ok(0)) => *this.eof = true,
             Poll::Ready(Ok(_)) => *this.unparsed = true,
@@ -433,9 +456,7 @@ where
             return Poll::Ready(Ok(()));
         }
         this.read.clear();
-        if this.read.capacity() < READ_START {
-            this.read.reserve(READ_START);
-        }
+        buffers::make_room(this.read, READ_START);
         match ready!(tokio_util::io::poll_read_buf(
             Pin::new(&mut *io),
             cx,
@@ -476,8 +497,7 @@ where
     }
     tracing::debug!(peer = %this.info.peer, "{STALLED}; closing");
     *this.io = None;
-    *this.feed = None;
-    *this.abandoned = None;
+    *this.body = Inbound::Done;
     true
 }
 
@@ -488,25 +508,21 @@ where
     I: Transport,
     S: Service<Request<Body>>,
 {
-    let (Some(feed), Some(io)) = (this.feed.as_mut(), this.io.as_mut()) else {
+    let (Inbound::Feeding(feed), Some(io)) = (&mut *this.body, this.io.as_mut()) else {
         return false;
     };
-    match feed.poll_feed(cx, io, this.read, this.write) {
-        Poll::Pending => feed.take_delivered(),
-        Poll::Ready(fed) => {
-            match fed {
-                Fed::Complete => *this.feed = None,
-                Fed::Broken => {
-                    *this.feed = None;
-                    this.request.keep_alive = false;
-                }
-                // The rest of the body stays on the connection: skipped or closed on once
-                // the response is out.
-                Fed::Abandoned => *this.abandoned = this.feed.take(),
-            }
-            true
-        }
-    }
+    let fed = match feed.poll_feed(cx, io, this.read, this.write) {
+        Poll::Pending => return feed.take_delivered(),
+        Poll::Ready(fed) => fed,
+    };
+    *this.body = match (fed, std::mem::replace(this.body, Inbound::Done)) {
+        // The rest of the body stays on the connection: skipped or closed on once the
+        // response is out.
+        (Fed::Abandoned, Inbound::Feeding(feed)) => Inbound::Abandoned(feed),
+        (Fed::Broken, _) => Inbound::Broken,
+        _ => Inbound::Done,
+    };
+    true
 }
 
 /// Turns a parsed head into the request for the service.
@@ -526,21 +542,21 @@ where
         version,
         head: method == Method::HEAD,
         trailers: meta.te_trailers,
-        keep_alive: meta.persistent(version) && !*this.draining,
-        refused: false,
+        persistent: meta.persistent(version),
+        outcome: Outcome::Served,
+        response_persistent: true,
     };
     let body = match framing {
         None => Body::empty(),
-        // The whole body came with the head: one piece of bytes, no feeding.
-        Some(crate::h1::decode::Decoder::Length(len)) if len <= this.read.len() as u64 => {
-            let len = usize::try_from(len).unwrap_or(usize::MAX);
-            Body::from(this.read.split_to(len).freeze())
-        }
-        Some(decoder) => {
-            let (body, feed) = incoming::channel(decoder, meta.expect_continue);
-            *this.feed = Some(feed);
-            Body::new(body)
-        }
+        Some(mut decoder) => match decoder.take_buffered(this.read) {
+            // The whole body came with the head: one piece of bytes, no feeding.
+            Some(whole) => Body::from(whole),
+            None => {
+                let (body, feed) = incoming::channel(decoder, meta.expect_continue);
+                *this.body = Inbound::Feeding(feed);
+                Body::new(body)
+            }
+        },
     };
     let mut req = Request::new(body);
     *req.method_mut() = method;
@@ -557,7 +573,6 @@ where
         extensions.insert(on_upgrade);
         *this.upgrade = Some(pending);
     }
-    this.activity.begin();
     Ok(req)
 }
 
@@ -574,10 +589,7 @@ where
         Refused::Version => ErrorKind::VersionNotSupported,
     };
     tracing::debug!(peer = %this.info.peer, reason = %refused, "request refused");
-    this.activity.begin();
-    this.request.keep_alive = false;
-    this.request.head = false;
-    this.request.refused = true;
+    *this.request = Current::unparsed(Outcome::Refused);
     respond(this, Error::new(kind).to_response())
 }
 
@@ -589,7 +601,7 @@ where
 {
     let err = Error::from_box(err);
     err.log();
-    this.request.keep_alive = false;
+    this.request.outcome = Outcome::Failed;
     respond(this, err.to_response())
 }
 
@@ -604,55 +616,22 @@ where
         // Only a requested switch may answer `101`; other interim responses are not
         // forwarded as final ones.
         tracing::warn!(status = %parts.status, "the service answered with an interim status");
-        let fallback = Error::new(ErrorKind::Internal).to_response();
-        (parts, _) = fallback.into_parts();
+        (parts, _) = Error::new(ErrorKind::Internal).to_response().into_parts();
         switching = false;
-        this.request.keep_alive = false;
+        this.request.outcome = Outcome::Failed;
     }
-    if connection_has(&parts.headers, "close") {
-        this.request.keep_alive = false;
-    }
-    for feed in [this.feed.as_mut(), this.abandoned.as_mut()]
-        .into_iter()
-        .flatten()
-    {
+    if let Inbound::Feeding(feed) | Inbound::Abandoned(feed) = this.body {
         // No `100 Continue` once the answer has started.
         feed.expect_continue = false;
-        // A body not read yet may never be: announce the close it would take.
-        if !feed.is_buffered(this.read) {
-            this.request.keep_alive = false;
-        }
     }
-    let current = *this.request;
-    let status = parts.status;
-    let bodiless = current.head
-        || status.is_informational()
-        || status == StatusCode::NO_CONTENT
-        || status == StatusCode::NOT_MODIFIED;
-    let exact = body.size_hint().exact();
-    let keep_length = current.head || status == StatusCode::NOT_MODIFIED;
-    let length = if bodiless {
-        // A `HEAD` answer announces the length of the body it does not send.
-        match exact {
-            Some(len) if current.head && !parts.headers.contains_key(CONTENT_LENGTH) => {
-                BodyLength::Known(len)
-            }
-            _ => BodyLength::None,
-        }
-    } else if let Some(len) = exact {
-        BodyLength::Known(len)
-    } else if current.version == Version::HTTP_11 {
-        BodyLength::Chunked
-    } else {
-        // An HTTP/1.0 client learns where the body ends from the connection closing.
-        this.request.keep_alive = false;
-        BodyLength::Close
-    };
+    let (length, sent) = response_length(this.request, parts.status, &parts.headers, &body);
+    this.request.response_persistent =
+        !connection_has(&parts.headers, "close") && length != BodyLength::Close;
     let persist = if switching {
         Persist::Default
-    } else if !this.request.keep_alive {
+    } else if !persists(this.request, this.body, this.read, *this.draining) {
         Persist::Close
-    } else if current.version == Version::HTTP_10 {
+    } else if this.request.version == Version::HTTP_10 {
         Persist::KeepAlive
     } else {
         Persist::Default
@@ -660,26 +639,50 @@ where
     let date = (!parts.headers.contains_key(http::header::DATE)).then(date);
     head::write_response(
         this.write.head(),
-        status,
+        parts.status,
         &parts.headers,
-        keep_length,
+        // Answers to `HEAD` and 304s describe a body they do not send.
+        this.request.head || parts.status == StatusCode::NOT_MODIFIED,
         length,
         persist,
         date.as_ref().map(|d| d.as_slice()),
     );
-    let encoder = match length {
-        BodyLength::Known(len) if !bodiless => Encoder::Length(len),
-        BodyLength::Chunked => Encoder::Chunked,
-        BodyLength::Close => Encoder::Close,
-        _ => Encoder::Length(0),
-    };
+    let (encoder, body) = Encoder::for_body(sent, body);
     State::Writing {
         out: Writing {
-            body: (!bodiless).then_some(body),
+            body,
             encoder,
             switching,
         },
     }
+}
+
+/// How a response body is announced, and how much of it is sent: none for 1xx, 204 and
+/// 304, nor for an answer to `HEAD`, which announces the length of the body it does not
+/// send; a body of unknown length goes in chunks to an HTTP/1.1 client, and ends with the
+/// connection for an HTTP/1.0 one.
+fn response_length(
+    request: &Current,
+    status: StatusCode,
+    headers: &http::HeaderMap,
+    body: &Body,
+) -> (BodyLength, BodyLength) {
+    let hint = body.size_hint();
+    let bodiless = request.head
+        || status.is_informational()
+        || status == StatusCode::NO_CONTENT
+        || status == StatusCode::NOT_MODIFIED;
+    if !bodiless {
+        let length = BodyLength::of(&hint, request.version == Version::HTTP_11);
+        return (length, length);
+    }
+    let announced = match hint.exact() {
+        Some(len) if request.head && !headers.contains_key(CONTENT_LENGTH) => {
+            BodyLength::Known(len)
+        }
+        _ => BodyLength::None,
+    };
+    (announced, BodyLength::None)
 }
 
 /// After a response: hands the connection over for a switch, reads on, or closes.
@@ -688,7 +691,7 @@ where
     I: Transport,
     S: Service<Request<Body>>,
 {
-    this.activity.end();
+    *this.idle_since = Instant::now();
     let switching = matches!(
         this.state.as_mut().project(),
         StateProj::Writing { out } if out.switching
@@ -701,17 +704,21 @@ where
         pending.fulfill(io, this.read.split().freeze());
         return State::Done;
     }
-    let mut linger = this.request.refused;
-    if let Some(mut feed) = this.feed.take().or_else(|| this.abandoned.take()) {
+    let mut linger = this.request.outcome == Outcome::Refused;
+    if let Inbound::Feeding(feed) | Inbound::Abandoned(feed) = this.body {
         // The service answered without reading the whole body: skip the rest if it is
         // here already; otherwise the connection cannot find the next request, and the
         // client may still be sending it.
-        if !feed.skip_buffered(this.read) {
-            this.request.keep_alive = false;
+        if feed.skip_buffered(this.read) {
+            *this.body = Inbound::Done;
+        } else {
             linger = true;
         }
     }
-    if !this.request.keep_alive || *this.draining {
+    let persists = persists(this.request, this.body, this.read, *this.draining);
+    // What is left of the body is not read any more: a reader still waiting gets an error.
+    *this.body = Inbound::Done;
+    if !persists {
         return State::Closing {
             shut: false,
             linger,
@@ -722,32 +729,19 @@ where
     State::Head
 }
 
-// === impl Writing ===
+// === impl Current ===
 
-impl Writing {
-    /// Sends what the body has, and its end; ready once everything has been written.
-    fn poll_send<I: Transport>(
-        &mut self,
-        cx: &mut Context<'_>,
-        io: &mut I,
-        write: &mut WriteBuf,
-        trailers: bool,
-    ) -> Poll<Result<(), BoxError>> {
-        loop {
-            // Trailers go to a client that asked for them (`TE: trailers`).
-            match write.fill(&mut self.body, &mut self.encoder, trailers, cx) {
-                Ok(()) => {}
-                Err(FillError::Body(err)) => return Poll::Ready(Err(err)),
-                Err(FillError::Length(mismatch)) => return Poll::Ready(Err(mismatch.into())),
-            }
-            if write.is_empty() {
-                return if self.body.is_none() {
-                    Poll::Ready(Ok(()))
-                } else {
-                    Poll::Pending
-                };
-            }
-            ready!(write.poll_write(io, cx))?;
+impl Current {
+    /// For an exchange whose request was never parsed (or never read whole): nothing can
+    /// follow it.
+    const fn unparsed(outcome: Outcome) -> Self {
+        Self {
+            version: Version::HTTP_11,
+            head: false,
+            trailers: false,
+            persistent: false,
+            outcome,
+            response_persistent: true,
         }
     }
 }

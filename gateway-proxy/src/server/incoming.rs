@@ -18,13 +18,10 @@ use gateway_core::{BoxError, Error, ErrorKind};
 use http_body::{Frame, SizeHint};
 use tokio::io::{AsyncRead, AsyncWrite};
 
-use crate::buffers::READ_MAX;
+use crate::buffers;
 use crate::h1::decode::{Decoded, Decoder, InvalidBody};
 use crate::h1::encode::WriteBuf;
 use crate::task::register;
-
-/// A read buffer with less room than this grows before a read.
-const READ_MIN: usize = 4 * 1024;
 
 /// The reader's side: an `http_body::Body`.
 pub(crate) struct RequestBody {
@@ -41,6 +38,18 @@ pub(super) struct Feed {
     eof: bool,
     /// A piece was handed over since [`take_delivered`](Self::take_delivered).
     delivered: bool,
+}
+
+/// What one step of [`Feed::hand_over`] came to.
+enum Step {
+    /// The reader has not asked for a piece, or has not taken the last one.
+    Waiting,
+    /// The reader has a new piece; more of the body follows.
+    Handed,
+    /// Feeding is over.
+    Over(Fed),
+    /// The reader asked, and `read` holds no whole piece: read more.
+    Read,
 }
 
 /// How feeding a body ended.
@@ -180,20 +189,13 @@ impl Feed {
 
     /// Whether the rest of the body is all in `read` already.
     pub(super) fn is_buffered(&self, read: &BytesMut) -> bool {
-        matches!(self.decoder, Decoder::Length(left) if left <= read.len() as u64)
+        self.decoder.is_buffered(read)
     }
 
     /// The rest of the body, if it is all in `read` already: skips it (the reader is gone,
     /// or never came) so that the connection can carry the next request.
     pub(super) fn skip_buffered(&mut self, read: &mut BytesMut) -> bool {
-        match self.decoder {
-            Decoder::Length(left) if left <= read.len() as u64 => {
-                let _ = read.split_to(usize::try_from(left).unwrap_or(read.len()));
-                self.decoder = Decoder::Length(0);
-                true
-            }
-            _ => false,
-        }
+        self.decoder.take_buffered(read).is_some()
     }
 
     /// Moves pieces of the body from the connection to the reader while it asks for them,
@@ -210,51 +212,11 @@ impl Feed {
         I: AsyncRead + AsyncWrite + Unpin,
     {
         loop {
-            let (fed, wake) = {
-                let mut slot = lock(&self.slot);
-                if slot.dropped {
-                    return Poll::Ready(Fed::Abandoned);
-                }
-                if !slot.wants || slot.piece.is_some() {
-                    register(&mut slot.conn, cx);
-                    return Poll::Pending;
-                }
-                let fed = match self.decoder.decode(read, self.eof) {
-                    Ok(Decoded::More) => None,
-                    Ok(Decoded::Data(data)) => {
-                        slot.hint = self.decoder.size_hint();
-                        slot.piece = Some(Frame::data(data));
-                        slot.end = self.decoder.is_done();
-                        Some(slot.end.then_some(Fed::Complete))
-                    }
-                    Ok(Decoded::Trailers(trailers)) => {
-                        slot.piece = Some(Frame::trailers(trailers));
-                        slot.end = true;
-                        Some(Some(Fed::Complete))
-                    }
-                    Ok(Decoded::End) => {
-                        slot.end = true;
-                        Some(Some(Fed::Complete))
-                    }
-                    Err(invalid) => {
-                        slot.error = Some(bad_body(invalid));
-                        Some(Some(Fed::Broken))
-                    }
-                };
-                let wake = fed.is_some().then(|| {
-                    self.delivered = true;
-                    slot.wants = false;
-                    slot.reader.take()
-                });
-                (fed, wake.flatten())
-            };
-            if let Some(reader) = wake {
-                reader.wake();
-            }
-            match fed {
-                Some(Some(done)) => return Poll::Ready(done),
-                Some(None) => continue,
-                None => {}
+            match self.hand_over(cx, read) {
+                Step::Waiting => return Poll::Pending,
+                Step::Handed => continue,
+                Step::Over(fed) => return Poll::Ready(fed),
+                Step::Read => {}
             }
             if self.expect_continue {
                 // The client waits for our word before it sends the body.
@@ -267,19 +229,60 @@ impl Feed {
                 }
                 continue;
             }
-            if read.capacity() - read.len() < READ_MIN {
-                let want = self
-                    .decoder
-                    .remaining()
-                    .map_or(READ_MIN, |left| usize::try_from(left).unwrap_or(READ_MAX));
-                read.reserve(want.clamp(READ_MIN, READ_MAX));
-            }
+            buffers::make_room(read, self.decoder.read_size());
             match ready!(tokio_util::io::poll_read_buf(Pin::new(&mut *io), cx, read)) {
                 Ok(0) => self.eof = true,
                 Ok(_) => {}
                 Err(_) => return Poll::Ready(self.fail("the connection failed")),
             }
         }
+    }
+
+    /// Hands the reader the next piece of the body, if it asks for one and `read` has it.
+    fn hand_over(&mut self, cx: &mut Context<'_>, read: &mut BytesMut) -> Step {
+        let (step, wake) = {
+            let mut slot = lock(&self.slot);
+            if slot.dropped {
+                return Step::Over(Fed::Abandoned);
+            }
+            if !slot.wants || slot.piece.is_some() {
+                register(&mut slot.conn, cx);
+                return Step::Waiting;
+            }
+            let step = match self.decoder.decode(read, self.eof) {
+                Ok(Decoded::More) => return Step::Read,
+                Ok(Decoded::Data(data)) => {
+                    slot.hint = self.decoder.size_hint();
+                    slot.piece = Some(Frame::data(data));
+                    slot.end = self.decoder.is_done();
+                    if slot.end {
+                        Step::Over(Fed::Complete)
+                    } else {
+                        Step::Handed
+                    }
+                }
+                Ok(Decoded::Trailers(trailers)) => {
+                    slot.piece = Some(Frame::trailers(trailers));
+                    slot.end = true;
+                    Step::Over(Fed::Complete)
+                }
+                Ok(Decoded::End) => {
+                    slot.end = true;
+                    Step::Over(Fed::Complete)
+                }
+                Err(invalid) => {
+                    slot.error = Some(bad_body(invalid));
+                    Step::Over(Fed::Broken)
+                }
+            };
+            self.delivered = true;
+            slot.wants = false;
+            (step, slot.reader.take())
+        };
+        if let Some(reader) = wake {
+            reader.wake();
+        }
+        step
     }
 
     /// Fails the body: the reader gets an error, and the connection is done.

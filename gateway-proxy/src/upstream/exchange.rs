@@ -24,9 +24,9 @@ use http::{HeaderMap, Method, Request, Response, StatusCode};
 use http_body::{Frame, SizeHint};
 
 use super::pool::Pool;
-use crate::buffers::{self, READ_MAX, READ_START};
+use crate::buffers::{self, READ_START};
 use crate::h1::decode::{Decoded, Decoder, InvalidBody};
-use crate::h1::encode::{Encoder, FillError, LengthMismatch, WriteBuf};
+use crate::h1::encode::{Encoder, LengthMismatch, SendError, WriteBuf};
 use crate::h1::fields::Field;
 use crate::h1::head::{self, BodyLength, InvalidHead, ResponseHead};
 use crate::io::{Rewind, Stream};
@@ -240,10 +240,7 @@ impl Exchange {
                 BodyLength::None
             }
         } else {
-            match http_body::Body::size_hint(&body).exact() {
-                Some(n) => BodyLength::Known(n),
-                None => BodyLength::Chunked,
-            }
+            BodyLength::of(&http_body::Body::size_hint(&body), true)
         };
         let target = parts.uri.path_and_query().map_or("/", |p| p.as_str());
         let host = (out.endpoint_host || !parts.headers.contains_key(HOST)).then_some(&pool.host);
@@ -257,13 +254,7 @@ impl Exchange {
             out.fields.iter().flatten(),
             length,
         );
-        let (encoder, body) = match length {
-            BodyLength::None | BodyLength::Close | BodyLength::Known(0) => {
-                (Encoder::Length(0), None)
-            }
-            BodyLength::Known(n) => (Encoder::Length(n), Some(body)),
-            BodyLength::Chunked => (Encoder::Chunked, Some(body)),
-        };
+        let (encoder, body) = Encoder::for_body(length, body);
         let replayable = body.is_none() && parts.method.is_idempotent();
         let http::request::Parts {
             method, extensions, ..
@@ -430,24 +421,23 @@ impl Parts {
                 parts.release(persistent);
                 Body::empty()
             }
-            // The whole body is here: one piece of bytes, and the connection is free now.
-            Some(Decoder::Length(len)) if len <= parts.wire.read.len() as u64 => {
-                let len = usize::try_from(len).unwrap_or(usize::MAX);
-                let bytes = parts.wire.read.split_to(len).freeze();
-                parts.release(persistent);
-                Body::from(bytes)
-            }
-            Some(decoder) => {
-                let Self {
-                    wire, out, pool, ..
-                } = *parts;
-                Body::new(ResponseBody {
-                    wire: Some(wire),
-                    out,
-                    decoder,
-                    pool,
-                    persistent,
-                })
+            Some(mut decoder) => {
+                if let Some(whole) = decoder.take_buffered(&mut parts.wire.read) {
+                    // The connection is free now.
+                    parts.release(persistent);
+                    Body::from(whole)
+                } else {
+                    let Self {
+                        wire, out, pool, ..
+                    } = *parts;
+                    Body::new(ResponseBody {
+                        wire: Some(wire),
+                        out,
+                        decoder,
+                        pool,
+                        persistent,
+                    })
+                }
             }
         };
         Ok(Sent {
@@ -514,17 +504,10 @@ fn response(head: ResponseHead, body: Body) -> Response<Body> {
 // === impl Wire ===
 
 impl Wire {
-    /// Reads what the socket has into the buffer, making room for `want` bytes if it is
-    /// short of room; `Ok(0)` when the upstream has closed.
+    /// Reads what the socket has into the buffer, making room for `want` bytes (see
+    /// [`buffers::make_room`]); `Ok(0)` when the upstream has closed.
     fn poll_fill(&mut self, cx: &mut Context<'_>, want: usize) -> Poll<io::Result<usize>> {
-        if self.read.capacity() - self.read.len() < want.min(READ_START) {
-            if self.read.capacity() == 0 && want <= buffers::SIZE {
-                self.read = buffers::take();
-            } else {
-                // A large body: room for as much of it as a read may bring.
-                self.read.reserve(want);
-            }
-        }
+        buffers::make_room(&mut self.read, want);
         let n = ready!(tokio_util::io::poll_read_buf(
             Pin::new(&mut self.io),
             cx,
@@ -556,29 +539,21 @@ impl Outgoing {
         if self.state != SendState::Writing {
             return Ok(());
         }
-        loop {
-            match self.buf.fill(&mut self.body, &mut self.encoder, true, cx) {
-                Ok(()) => {}
-                Err(FillError::Body(err)) => return Err(Broken::Upload(err)),
-                Err(FillError::Length(mismatch)) => return Err(Broken::Length(mismatch)),
-            }
-            if self.buf.is_empty() {
-                if self.body.is_none() {
-                    self.state = SendState::Done;
-                }
-                // Otherwise the body is not ready; it wakes the task when it is.
-                return Ok(());
-            }
-            match self.buf.poll_write(io, cx) {
-                Poll::Ready(Ok(())) => {}
-                Poll::Pending => return Ok(()),
-                Poll::Ready(Err(err)) => {
-                    tracing::debug!(error = %err, "upstream stopped reading the request");
-                    self.state = SendState::Refused;
-                    return Ok(());
-                }
+        match self
+            .buf
+            .poll_send(&mut self.body, &mut self.encoder, true, io, cx)
+        {
+            Poll::Ready(Ok(())) => self.state = SendState::Done,
+            // The socket, or the body, which wakes the task when it has more.
+            Poll::Pending => {}
+            Poll::Ready(Err(SendError::Body(err))) => return Err(Broken::Upload(err)),
+            Poll::Ready(Err(SendError::Length(mismatch))) => return Err(Broken::Length(mismatch)),
+            Poll::Ready(Err(SendError::Io(err))) => {
+                tracing::debug!(error = %err, "upstream stopped reading the request");
+                self.state = SendState::Refused;
             }
         }
+        Ok(())
     }
 }
 
@@ -618,10 +593,7 @@ impl http_body::Body for ResponseBody {
                     return Poll::Ready(None);
                 }
                 Ok(Decoded::More) => {
-                    let want = this.decoder.remaining().map_or(READ_START, |left| {
-                        usize::try_from(left).map_or(READ_MAX, |left| left.clamp(1, READ_MAX))
-                    });
-                    if let Err(err) = ready!(wire.poll_fill(cx, want)) {
+                    if let Err(err) = ready!(wire.poll_fill(cx, this.decoder.read_size())) {
                         this.wire = None;
                         return Poll::Ready(Some(Err(Broken::Io(err).into_error().into())));
                     }

@@ -248,7 +248,7 @@ async fn ours(writes: &[Bytes]) -> Outcome {
             tls: false,
         },
         Drain::new(),
-        super::super::conn::activity(tokio::time::Instant::now()),
+        tokio::time::Instant::now(),
     );
     let (_, wrote) = tokio::join!(conn, client(client_io, writes));
     let seen = seen.lock().map(|log| log.clone()).unwrap_or_default();

@@ -22,6 +22,8 @@ enum Reads {
     Nothing,
     /// Reads it to the end and answers with it.
     Echo,
+    /// Never reads it, and answers after a while.
+    Slowly(Duration),
 }
 
 /// A server answering `ok` (or the request body) to everything, recording each request
@@ -48,6 +50,10 @@ impl Harness {
             async move {
                 let body = match reads {
                     Reads::Nothing => Body::full("ok"),
+                    Reads::Slowly(wait) => {
+                        tokio::time::sleep(wait).await;
+                        Body::full("ok")
+                    }
                     Reads::Echo => match req.into_body().collect_bytes().await {
                         Ok(bytes) => Body::from(bytes),
                         Err(_) => {
@@ -306,6 +312,23 @@ async fn an_expecting_client_gets_100_continue_when_the_body_is_read() {
 }
 
 #[tokio::test]
+async fn a_request_in_flight_is_not_cut_by_the_idle_limit() {
+    // The idle limit (the smaller of keep-alive and header-read, 200 ms) counts only while
+    // no request is in flight: a response that takes longer arrives, and the connection
+    // serves the next request.
+    let h = Harness::start(Reads::Slowly(Duration::from_millis(600)), |s| {
+        s.keep_alive_timeout(Some(Duration::from_millis(200)))
+    })
+    .await;
+    let mut conn = TcpStream::connect(h.addr).await.unwrap();
+    assert_eq!(get(&mut conn, "/slow").await, "HTTP/1.1 200 OK");
+    assert_eq!(get(&mut conn, "/again").await, "HTTP/1.1 200 OK");
+    // Once idle, it is cut at the limit.
+    assert_eq!(rest(&mut conn).await, "");
+    assert_eq!(h.seen(), ["GET /slow", "GET /again"]);
+}
+
+#[tokio::test]
 async fn an_idle_connection_is_closed_when_the_server_drains() {
     let mut h = Harness::start(Reads::Nothing, |s| s).await;
     let mut c = TcpStream::connect(h.addr).await.unwrap();
@@ -335,5 +358,53 @@ async fn a_trailer_section_ending_in_bare_lf_never_swallows_the_next_request() {
         assert_eq!(answers.len(), 2, "{trailers:?}: {all}");
         assert!(answers[0].ends_with("\r\n\r\nabc"), "{trailers:?}: {all}");
         assert_eq!(h.seen(), ["POST /a", "GET /next"], "{trailers:?}");
+    }
+}
+
+#[test]
+fn persistence_needs_every_party_to_agree() {
+    use super::{Current, Inbound, Outcome, persists};
+    use crate::h1::decode::Decoder;
+    use bytes::BytesMut;
+    use http::Version;
+
+    let served = Current {
+        version: Version::HTTP_11,
+        head: false,
+        trailers: false,
+        persistent: true,
+        outcome: Outcome::Served,
+        response_persistent: true,
+    };
+    let read = BytesMut::from(&b"abc"[..]);
+    let body = |len| Inbound::Feeding(super::incoming::channel(Decoder::Length(len), false).1);
+    assert!(persists(&served, &Inbound::Done, &read, false));
+    // A body still to come may never be read; one all here can be skipped.
+    assert!(persists(&served, &body(3), &read, false));
+    assert!(!persists(&served, &body(4), &read, false));
+    assert!(!persists(&served, &Inbound::Broken, &read, false));
+    assert!(!persists(&served, &Inbound::Done, &read, true), "draining");
+    for current in [
+        Current {
+            persistent: false,
+            ..served
+        },
+        Current {
+            response_persistent: false,
+            ..served
+        },
+        Current {
+            outcome: Outcome::Refused,
+            ..served
+        },
+        Current {
+            outcome: Outcome::Failed,
+            ..served
+        },
+    ] {
+        assert!(
+            !persists(&current, &Inbound::Done, &read, false),
+            "{current:?}"
+        );
     }
 }

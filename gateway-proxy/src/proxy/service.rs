@@ -10,7 +10,7 @@ use http::uri::{PathAndQuery, Uri};
 use http::{Request, Response, Version, request};
 use tower::Service;
 
-use super::future::{ResponseFuture, UploadBody};
+use super::future::{ResponseFuture, UploadBody, Uploaded};
 use super::headers::{self, X_FORWARDED_HOST, X_FORWARDED_PROTO};
 use crate::h1::fields;
 use crate::upgrade::OnUpgrade;
@@ -143,6 +143,43 @@ where
             Err(err) => return ResponseFuture::failed(err),
         };
         let is_head = head.method == http::Method::HEAD;
+        let (out, on_upgrade) = match shared.outbound(&mut head) {
+            Ok(outbound) => outbound,
+            Err(err) => return ResponseFuture::failed(err),
+        };
+        let (body, uploading) = shared.upload(body);
+        let req = Request::from_parts(head, body);
+        let fut = shared.client.send(selected.endpoint(), req, out);
+        ResponseFuture::new(
+            fut,
+            Arc::clone(&self.shared),
+            selected,
+            is_head,
+            on_upgrade,
+            uploading,
+        )
+    }
+}
+
+/// The handover an upgrading request waits for, and the drain that tracks the tunnel.
+type Upgrading = Option<(OnUpgrade, Option<gateway_core::Drain>)>;
+
+fn via_for(via: &[HeaderValue; 3], version: Version) -> &HeaderValue {
+    match version {
+        Version::HTTP_10 => &via[0],
+        Version::HTTP_2 => &via[2],
+        _ => &via[1],
+    }
+}
+
+// === impl Shared ===
+
+impl Shared {
+    /// Turns the client's request head into the upstream's: hop-by-hop fields out (but for
+    /// an upgrade, and `TE: trailers`), this hop's forwarding fields and `Via` in, `Host` as
+    /// configured, the path rewritten. What is added without being in the request goes to
+    /// the [`Outbound`]; an upgrade takes its handover out of the extensions.
+    fn outbound(&self, head: &mut request::Parts) -> Result<(Outbound, Upgrading), Error> {
         let upgrade = if head.version == Version::HTTP_11 {
             fields::upgrade_request(&head.headers)
         } else {
@@ -156,7 +193,6 @@ where
                 head.extensions.get::<gateway_core::Drain>().cloned(),
             ))
         });
-
         let te_trailers = fields::accepts_trailers(&head.headers);
         // The client's host, captured before `Connection` may nominate `Host` away.
         let client_host = head.headers.get(HOST).cloned().or_else(|| {
@@ -168,13 +204,10 @@ where
         let mut out = Outbound::default();
         out.upgrade = upgrade.is_some();
         headers::strip_request(&mut head.headers);
-        shared.forwarding(&mut head, client_host.as_ref(), &mut out);
-
-        match &shared.host {
-            HostHeader::Upstream => {
-                // The client sets the endpoint's `Host` (HTTP/1.1) or `:authority` (HTTP/2).
-                out.endpoint_host = true;
-            }
+        self.forwarding(head, client_host.as_ref(), &mut out);
+        match &self.host {
+            // The client sets the endpoint's `Host` (HTTP/1.1) or `:authority` (HTTP/2).
+            HostHeader::Upstream => out.endpoint_host = true,
             HostHeader::Preserve => {
                 if let Some(host) = client_host {
                     head.headers.insert(HOST, host);
@@ -193,51 +226,32 @@ where
             head.headers
                 .insert(TE, HeaderValue::from_static("trailers"));
         }
-        if let Some(via) = &shared.via {
+        if let Some(via) = &self.via {
             head.headers.append(VIA, via_for(via, head.version).clone());
         }
+        head.uri = Uri::from(self.rewrite_path(&head.uri)?);
+        Ok((out, on_upgrade))
+    }
 
-        head.uri = match shared.rewrite_path(&head.uri) {
-            Ok(path) => Uri::from(path),
-            Err(err) => return ResponseFuture::failed(err),
-        };
-
+    /// The request body as it goes upstream: under the body idle timeout and, if it still
+    /// streams in from the client, watched, so that the response-header timer waits for its
+    /// end and its failure is the client's (see `future::Uploaded`).
+    fn upload<B>(&self, body: B) -> (Body, Option<Arc<Uploaded>>)
+    where
+        B: http_body::Body<Data = Bytes> + Send + 'static,
+        B::Error: Into<BoxError>,
+    {
         let mut body = Body::new(body);
-        if let Some(idle) = shared.body_idle_timeout {
+        if let Some(idle) = self.body_idle_timeout {
             body = body.idle_timeout(idle);
         }
-        // A body that streams in from the client: the response-header timer waits for
-        // its end, and its failure is the client's (see `future::Uploaded`).
-        let (body, uploading) = if body.is_complete() {
-            (body, None)
-        } else {
-            let (body, uploaded) = UploadBody::new(body);
-            (Body::new(body), Some(uploaded))
-        };
-        let req = Request::from_parts(head, body);
-        let fut = shared.client.send(selected.endpoint(), req, out);
-        ResponseFuture::new(
-            fut,
-            Arc::clone(&self.shared),
-            selected,
-            is_head,
-            on_upgrade,
-            uploading,
-        )
+        if body.is_complete() {
+            return (body, None);
+        }
+        let (body, uploaded) = UploadBody::new(body);
+        (Body::new(body), Some(uploaded))
     }
-}
 
-fn via_for(via: &[HeaderValue; 3], version: Version) -> &HeaderValue {
-    match version {
-        Version::HTTP_10 => &via[0],
-        Version::HTTP_2 => &via[2],
-        _ => &via[1],
-    }
-}
-
-// === impl Shared ===
-
-impl Shared {
     /// Scrubs client-sent forwarding headers and adds this hop's: to `out` where the request
     /// does not have them, to the request where this hop extends them.
     fn forwarding(

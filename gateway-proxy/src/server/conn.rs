@@ -80,44 +80,8 @@ pub(super) async fn serve<S, B>(
     if let Some(acceptor) = shared.tls.clone() {
         // Boxed: a TLS session is kilobytes of state, and plain connections should not
         // reserve room for it in their task.
-        Box::pin(async move {
-            let handshake =
-                tokio::time::timeout(shared.header_read_timeout, acceptor.accept(stream));
-            let stream = match handshake.await {
-                Ok(Ok(stream)) => stream,
-                Ok(Err(err)) => {
-                    tracing::debug!(%peer, error = %err, "TLS handshake failed");
-                    return;
-                }
-                Err(_) => {
-                    tracing::debug!(%peer, "TLS handshake timed out");
-                    return;
-                }
-            };
-            if stream.get_ref().1.alpn_protocol() == Some(b"h2") {
-                run_h2(
-                    Coalesce::new(TokioIo::new(stream)),
-                    opened,
-                    info,
-                    service,
-                    &shared,
-                    graceful,
-                )
-                .await;
-            } else {
-                run_h1(
-                    stream,
-                    BytesMut::new(),
-                    opened,
-                    info,
-                    service,
-                    &shared,
-                    graceful,
-                )
-                .await;
-            }
-        })
-        .await;
+        let tls = serve_tls(stream, &acceptor, opened, info, service, &shared, graceful);
+        Box::pin(tls).await;
         return;
     }
     let sniffed = tokio::time::timeout(shared.header_read_timeout, sniff(&stream)).await;
@@ -141,6 +105,44 @@ pub(super) async fn serve<S, B>(
             tracing::debug!(%peer, "neither an HTTP/1.1 request nor the HTTP/2 preface");
             refuse_preface(stream, shared.header_read_timeout).await;
         }
+    }
+}
+
+/// TLS: the handshake, within the header-read timeout, then the protocol ALPN chose.
+async fn serve_tls<S, B>(
+    stream: TcpStream,
+    acceptor: &TlsAcceptor,
+    opened: Instant,
+    info: ConnectInfo,
+    service: S,
+    shared: &ConnShared,
+    graceful: watch::Receiver<bool>,
+) where
+    S: Service<Request<Body>, Response = Response<B>> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<BoxError>,
+    B: http_body::Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
+{
+    let peer = info.peer;
+    let handshake = tokio::time::timeout(shared.header_read_timeout, acceptor.accept(stream));
+    let stream = match handshake.await {
+        Ok(Ok(stream)) => stream,
+        Ok(Err(err)) => {
+            tracing::debug!(%peer, error = %err, "TLS handshake failed");
+            return;
+        }
+        Err(_) => {
+            tracing::debug!(%peer, "TLS handshake timed out");
+            return;
+        }
+    };
+    if stream.get_ref().1.alpn_protocol() == Some(b"h2") {
+        let io = Coalesce::new(TokioIo::new(stream));
+        run_h2(io, opened, info, service, shared, graceful).await;
+    } else {
+        let first = BytesMut::new();
+        run_h1(stream, first, opened, info, service, shared, graceful).await;
     }
 }
 

@@ -316,10 +316,7 @@ impl Server {
         config
             .validate()
             .map_err(|invalid| io::Error::new(io::ErrorKind::InvalidInput, invalid))?;
-        // The most connections open since the last shrink.
-        let mut peak = 0;
         let local = listener.local_addr()?;
-        let max_connections = config.max_connections;
         let shared = Arc::new(conn::ConnShared {
             http2: http2_builder(&config),
             limits: h1::Limits {
@@ -329,43 +326,33 @@ impl Server {
             },
             header_read_timeout: config.header_read_timeout,
             keep_alive_timeout: config.keep_alive_timeout,
-            permits: Arc::new(Semaphore::new(max_connections)),
+            permits: Arc::new(Semaphore::new(config.max_connections)),
             tls: tls.map(|t| t.acceptor()),
             drain: Drain::new(),
             local,
         });
         let (graceful_tx, graceful_rx) = watch::channel(false);
-        let mut conns = JoinSet::new();
+        let mut tasks = Tasks {
+            set: JoinSet::new(),
+            peak: 0,
+            shrink,
+        };
         let mut signal = std::pin::pin!(signal);
 
         loop {
             tokio::select! {
                 biased;
                 () = &mut signal => break,
-                Some(done) = conns.join_next(), if !conns.is_empty() => {
-                    if let Err(err) = done && err.is_panic() {
-                        tracing::error!(error = %err, "connection task panicked");
-                    }
-                    if let Some(shrink) = &shrink
-                        && peak >= shrink.crowd
-                        && conns.len() <= peak / 4
-                    {
-                        tracing::debug!(peak, open = conns.len(), "a crowd of connections has closed");
-                        peak = conns.len();
-                        let give_back = Arc::clone(&shrink.give_back);
-                        drop(tokio::task::spawn_blocking(move || give_back()));
-                    }
-                }
+                Some(done) = tasks.set.join_next(), if !tasks.set.is_empty() => tasks.ended(done),
                 accepted = accept(&listener, &shared.permits) => match accepted {
                     Ok((stream, peer, permit)) => {
                         let svc = service.clone();
                         let shared = Arc::clone(&shared);
                         let graceful = graceful_rx.clone();
-                        conns.spawn(async move {
+                        tasks.spawn(async move {
                             conn::serve(stream, peer, svc, shared, graceful).await;
                             drop(permit);
                         });
-                        peak = peak.max(conns.len());
                     }
                     Err(err) => {
                         // EMFILE and friends: back off instead of spinning.
@@ -378,30 +365,70 @@ impl Server {
 
         // Refuse new connections from here on.
         drop(listener);
+        tasks
+            .drain(&shared.drain, &graceful_tx, config.drain_timeout)
+            .await;
+        Ok(())
+    }
+}
+
+/// The connection tasks of a server.
+struct Tasks {
+    set: JoinSet<()>,
+    /// The most connections open since the last shrink.
+    peak: usize,
+    shrink: Option<Shrink>,
+}
+
+impl Tasks {
+    fn spawn(&mut self, task: impl Future<Output = ()> + Send + 'static) {
+        self.set.spawn(task);
+        self.peak = self.peak.max(self.set.len());
+    }
+
+    /// A connection task has ended: a panic is logged, and the end of a crowd shrinks the
+    /// heap (see [`Server::shrink_after_close`]).
+    fn ended(&mut self, done: Result<(), tokio::task::JoinError>) {
+        if let Err(err) = done
+            && err.is_panic()
+        {
+            tracing::error!(error = %err, "connection task panicked");
+        }
+        let open = self.set.len();
+        if let Some(shrink) = &self.shrink
+            && self.peak >= shrink.crowd
+            && open <= self.peak / 4
+        {
+            tracing::debug!(peak = self.peak, open, "a crowd of connections has closed");
+            self.peak = open;
+            let give_back = Arc::clone(&shrink.give_back);
+            drop(tokio::task::spawn_blocking(move || give_back()));
+        }
+    }
+
+    /// Asks every connection to finish, waits for them and for the tunnels `drain` tracks,
+    /// up to `deadline`, then cuts what is left.
+    async fn drain(mut self, drain: &Drain, graceful: &watch::Sender<bool>, deadline: Duration) {
         tracing::info!(
-            connections = conns.len(),
-            tunnels = shared.drain.tracked(),
+            connections = self.set.len(),
+            tunnels = drain.tracked(),
             "shutting down"
         );
-        let _ = graceful_tx.send(true);
+        let _ = graceful.send(true);
         let drained = async {
-            while conns.join_next().await.is_some() {}
-            shared.drain.idle().await;
+            while self.set.join_next().await.is_some() {}
+            drain.idle().await;
         };
-        if tokio::time::timeout(config.drain_timeout, drained)
-            .await
-            .is_err()
-        {
+        if tokio::time::timeout(deadline, drained).await.is_err() {
             tracing::warn!(
-                connections = conns.len(),
-                tunnels = shared.drain.tracked(),
+                connections = self.set.len(),
+                tunnels = drain.tracked(),
                 "drain deadline reached; closing what is left"
             );
         }
-        shared.drain.cut();
-        conns.abort_all();
-        while conns.join_next().await.is_some() {}
-        Ok(())
+        drain.cut();
+        self.set.abort_all();
+        while self.set.join_next().await.is_some() {}
     }
 }
 

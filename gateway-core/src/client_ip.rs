@@ -13,7 +13,7 @@
 //!
 //! ```
 //! use gateway_core::{Body, ClientIp, ConnectInfo};
-//! use gateway_core::client_ip::{ClientIpLayer, TrustedProxies};
+//! use gateway_core::client_ip::{SetClientIpLayer, TrustedProxies};
 //! use http::{Request, Response};
 //! use std::convert::Infallible;
 //! use tower::{ServiceBuilder, ServiceExt, service_fn};
@@ -22,7 +22,7 @@
 //! # async fn main() {
 //! let trusted = TrustedProxies::builder().cidr("10.0.0.0/8").build().unwrap();
 //! let svc = ServiceBuilder::new()
-//!     .layer(ClientIpLayer::new(trusted))
+//!     .layer(SetClientIpLayer::new(trusted))
 //!     .service(service_fn(|req: Request<Body>| async move {
 //!         let ip = req.extensions().get::<ClientIp>().unwrap().ip();
 //!         Ok::<_, Infallible>(Response::new(Body::from(ip.to_string())))
@@ -101,18 +101,19 @@ pub struct TrustedProxiesBuilder {
 #[derive(Debug)]
 pub struct InvalidTrustedProxies {
     reason: String,
+    source: Option<ipnet::AddrParseError>,
 }
 
 /// Resolves [`ClientIp`] for each request.
 #[derive(Clone, Debug, Default)]
 #[must_use]
-pub struct ClientIpLayer {
+pub struct SetClientIpLayer {
     trusted: TrustedProxies,
 }
 
-/// The service built by [`ClientIpLayer`].
+/// The service built by [`SetClientIpLayer`].
 #[derive(Clone, Debug)]
-pub struct ClientIpService<S> {
+pub struct SetClientIp<S> {
     inner: S,
     trusted: TrustedProxies,
 }
@@ -232,16 +233,18 @@ impl TrustedProxiesBuilder {
             .map(|c| {
                 let c = c.trim();
                 IpNet::from_str(c)
-                    .or_else(|_| IpAddr::from_str(c).map(IpNet::from))
+                    .or_else(|e| IpAddr::from_str(c).map(IpNet::from).map_err(|_| e))
                     .map(|net| net.trunc())
-                    .map_err(|_| InvalidTrustedProxies {
+                    .map_err(|e| InvalidTrustedProxies {
                         reason: format!("`{c}` is not a CIDR or an IP address"),
+                        source: Some(e),
                     })
             })
             .collect::<Result<Vec<_>, _>>()?;
         if self.hops == Some(0) {
             return Err(InvalidTrustedProxies {
                 reason: "a trusted hop count must be at least 1".into(),
+                source: None,
             });
         }
         Ok(TrustedProxies {
@@ -262,31 +265,37 @@ impl fmt::Display for InvalidTrustedProxies {
     }
 }
 
-impl std::error::Error for InvalidTrustedProxies {}
+impl std::error::Error for InvalidTrustedProxies {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        self.source
+            .as_ref()
+            .map(|e| e as &(dyn std::error::Error + 'static))
+    }
+}
 
-// === impl ClientIpLayer ===
+// === impl SetClientIpLayer ===
 
-impl ClientIpLayer {
+impl SetClientIpLayer {
     /// Resolves client IPs, believing the forwarding headers of `trusted` proxies.
     pub const fn new(trusted: TrustedProxies) -> Self {
         Self { trusted }
     }
 }
 
-impl<S> Layer<S> for ClientIpLayer {
-    type Service = ClientIpService<S>;
+impl<S> Layer<S> for SetClientIpLayer {
+    type Service = SetClientIp<S>;
 
     fn layer(&self, inner: S) -> Self::Service {
-        ClientIpService {
+        SetClientIp {
             inner,
             trusted: self.trusted.clone(),
         }
     }
 }
 
-// === impl ClientIpService ===
+// === impl SetClientIp ===
 
-impl<S, B> Service<Request<B>> for ClientIpService<S>
+impl<S, B> Service<Request<B>> for SetClientIp<S>
 where
     S: Service<Request<B>>,
 {
@@ -474,7 +483,12 @@ mod tests {
                 .build()
                 .is_err()
         );
-        assert!(TrustedProxies::builder().cidr("nope").build().is_err());
+        let err = TrustedProxies::builder().cidr("nope").build().unwrap_err();
+        assert!(err.to_string().contains("`nope`"), "{err}");
+        assert!(
+            std::error::Error::source(&err).is_some(),
+            "the parse error is kept"
+        );
         assert!(TrustedProxies::builder().hops(0).build().is_err());
         assert!(
             TrustedProxies::builder()

@@ -22,9 +22,9 @@ pub struct ConnectInfo {
     pub tls: bool,
 }
 
-/// The client's IP address, resolved once per request by [`ClientIpLayer`].
+/// The client's IP address, resolved once per request by [`SetClientIpLayer`].
 ///
-/// [`ClientIpLayer`]: crate::client_ip::ClientIpLayer
+/// [`SetClientIpLayer`]: crate::client_ip::SetClientIpLayer
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct ClientIp {
     ip: IpAddr,

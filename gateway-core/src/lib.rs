@@ -8,7 +8,7 @@
 //!   RFC 9457 body; [`RescueLayer`] applies it at the edge.
 //! - [`Plugin`], [`PluginLayer`], [`Flow`]: custom plugins as ordinary tower layers.
 //! - Request extensions read by every layer: [`ConnectInfo`], [`ClientIp`] (resolved by
-//!   [`client_ip::ClientIpLayer`]), [`RouteId`], [`Identity`], [`RequestId`],
+//!   [`client_ip::SetClientIpLayer`]), [`RouteId`], [`Identity`], [`RequestId`],
 //!   [`Drain`].
 //! - [`classify`]: one judgement of upstream outcomes for retries, breakers, health and
 //!   metrics.
@@ -30,7 +30,7 @@ pub mod test_util;
 pub mod time;
 
 pub use body::{Body, BodyIdleTimeout};
-pub use client_ip::ClientIpLayer;
+pub use client_ip::SetClientIpLayer;
 pub use error::{Error, ErrorKind};
 pub use ext::{ClientIp, ConnectInfo, Drain, Identity, RequestId, RouteId};
 pub use plugin::{Flow, Plugin, PluginLayer};

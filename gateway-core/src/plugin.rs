@@ -129,17 +129,20 @@ pub struct PluginLayer<P> {
     plugin: Arc<P>,
 }
 
-/// The service built by [`PluginLayer`].
-pub struct PluginService<P, S> {
+/// The service built by [`PluginLayer`]: the plugin mounted on `inner`. (Not `Plugin<S>`,
+/// the tower-http naming, as that is the trait.)
+pub struct Mounted<S, P> {
     plugin: Arc<P>,
     inner: S,
 }
 
-/// Response future of [`PluginService`].
+/// Response future of [`Mounted`].
 ///
 /// NOTE: hooks are `async fn`s whose futures cannot be named, so the adapter boxes one
 /// future per request. Built-in middleware uses hand-written futures instead.
-pub type ResponseFuture = Pin<Box<dyn Future<Output = Result<Response<Body>, BoxError>> + Send>>;
+pub struct ResponseFuture {
+    inner: Pin<Box<dyn Future<Output = Result<Response<Body>, BoxError>> + Send>>,
+}
 
 // === impl PluginLayer ===
 
@@ -174,19 +177,19 @@ impl<P: Plugin> fmt::Debug for PluginLayer<P> {
 }
 
 impl<P, S> Layer<S> for PluginLayer<P> {
-    type Service = PluginService<P, S>;
+    type Service = Mounted<S, P>;
 
     fn layer(&self, inner: S) -> Self::Service {
-        PluginService {
+        Mounted {
             plugin: Arc::clone(&self.plugin),
             inner,
         }
     }
 }
 
-// === impl PluginService ===
+// === impl Mounted ===
 
-impl<P, S: Clone> Clone for PluginService<P, S> {
+impl<P, S: Clone> Clone for Mounted<S, P> {
     fn clone(&self) -> Self {
         Self {
             plugin: Arc::clone(&self.plugin),
@@ -195,16 +198,16 @@ impl<P, S: Clone> Clone for PluginService<P, S> {
     }
 }
 
-impl<P: Plugin, S: fmt::Debug> fmt::Debug for PluginService<P, S> {
+impl<P: Plugin, S: fmt::Debug> fmt::Debug for Mounted<S, P> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("PluginService")
+        f.debug_struct("Mounted")
             .field("plugin", &P::NAME)
             .field("inner", &self.inner)
             .finish()
     }
 }
 
-impl<P, S, B, ResB> Service<Request<B>> for PluginService<P, S>
+impl<P, S, B, ResB> Service<Request<B>> for Mounted<S, P>
 where
     P: Plugin,
     S: Service<Request<B>, Response = Response<ResB>> + Clone + Send + 'static,
@@ -228,7 +231,7 @@ where
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
         let plugin = Arc::clone(&self.plugin);
-        Box::pin(async move {
+        ResponseFuture::new(async move {
             let mut ctx = plugin.new_ctx();
             let (mut head, body) = req.into_parts();
             let flow = match plugin.on_request(&mut head, &mut ctx).await {
@@ -252,6 +255,30 @@ where
                 Err(err) => Ok(reject(P::NAME, &err)),
             }
         })
+    }
+}
+
+// === impl ResponseFuture ===
+
+impl ResponseFuture {
+    fn new(fut: impl Future<Output = Result<Response<Body>, BoxError>> + Send + 'static) -> Self {
+        Self {
+            inner: Box::pin(fut),
+        }
+    }
+}
+
+impl Future for ResponseFuture {
+    type Output = Result<Response<Body>, BoxError>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        self.inner.as_mut().poll(cx)
+    }
+}
+
+impl fmt::Debug for ResponseFuture {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ResponseFuture").finish_non_exhaustive()
     }
 }
 

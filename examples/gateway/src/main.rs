@@ -30,7 +30,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use gateway_core::RescueLayer;
-use gateway_core::client_ip::{ClientIpLayer, TrustedProxies};
+use gateway_core::client_ip::{SetClientIpLayer, TrustedProxies};
 use gateway_proxy::server::TlsConfig;
 use gateway_proxy::upstream::{
     ConsistentHash, DnsDiscovery, Endpoint, HashKey, HealthCheck, LeastRequest, OutlierDetection,
@@ -373,7 +373,7 @@ async fn run(args: Args) -> Result<(), Failure> {
 
     let stack = ServiceBuilder::new()
         .layer(RescueLayer::new())
-        .layer(ClientIpLayer::new(trusted))
+        .layer(SetClientIpLayer::new(trusted))
         .service(app);
     server
         .serve(stack)

@@ -17,7 +17,7 @@
 //!   its connection is closed;
 //! - scrubs client-sent forwarding headers (`X-Forwarded-*`, `Forwarded`, `X-Real-IP`, and
 //!   look-alikes such as `X_Forwarded_For`) unless the peer is a trusted proxy (as resolved
-//!   by [`ClientIpLayer`](gateway_core::ClientIpLayer)), then sets `X-Forwarded-For`,
+//!   by [`SetClientIpLayer`](gateway_core::SetClientIpLayer)), then sets `X-Forwarded-For`,
 //!   `-Proto`, `-Host`, and optionally `Forwarded` and `Via`;
 //! - tunnels an HTTP/1.1 `Upgrade` (WebSocket) only once the upstream answered `101`; any
 //!   other answer is an ordinary response and the client connection stays HTTP; `h2c`

@@ -13,7 +13,7 @@ use super::balance::{Balance, PickContext, fast_random, first_allowed};
 #[derive(Clone, Debug, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum HashKey {
-    /// The resolved [`ClientIp`] (needs `ClientIpLayer`).
+    /// The resolved [`ClientIp`] (needs `SetClientIpLayer`).
     ClientIp,
     /// A request header's value.
     Header(HeaderName),

@@ -18,6 +18,7 @@ use tokio_util::sync::CancellationToken;
 use super::Endpoint;
 use super::HttpClient;
 use super::balance::fast_random;
+use crate::invalid::Invalid;
 use gateway_core::time::deadline;
 
 /// Active HTTP health checking, Kong- and Envoy-style.
@@ -63,9 +64,7 @@ pub struct HealthCheck {
 
 /// A health-check configuration that cannot be used.
 #[derive(Debug)]
-pub struct InvalidHealthCheck {
-    reason: String,
-}
+pub struct InvalidHealthCheck(Invalid);
 
 /// The most of a probe's response body that is read (so the connection can be reused);
 /// a longer body is dropped with its connection.
@@ -83,18 +82,25 @@ impl HealthCheck {
     ///
     /// When `path` is not an absolute path.
     pub fn http(path: &str) -> Result<Self, InvalidHealthCheck> {
-        let invalid = |reason: &str| InvalidHealthCheck {
-            reason: format!("health-check path `{path}`: {reason}"),
-        };
         if !path.starts_with('/') {
-            return Err(invalid("must start with `/`"));
+            return Err(InvalidHealthCheck(Invalid::new(format!(
+                "health-check path `{path}` must start with `/`"
+            ))));
         }
-        let path: PathAndQuery = path.parse().map_err(|_| invalid("not a valid path"))?;
+        let path: PathAndQuery = path.parse().map_err(|e| {
+            InvalidHealthCheck(Invalid::because(
+                format!("health-check path `{path}` is not a valid path"),
+                e,
+            ))
+        })?;
         let client = HttpClient::builder()
             .pool_max_idle_per_host(1)
             .build()
-            .map_err(|e| InvalidHealthCheck {
-                reason: e.to_string(),
+            .map_err(|e| {
+                InvalidHealthCheck(Invalid::because(
+                    "the health-check client cannot be built",
+                    e,
+                ))
             })?;
         Ok(Self {
             path,
@@ -282,8 +288,31 @@ impl fmt::Debug for HealthCheck {
 
 impl fmt::Display for InvalidHealthCheck {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.reason)
+        f.write_str(&self.0.reason)
     }
 }
 
-impl std::error::Error for InvalidHealthCheck {}
+impl std::error::Error for InvalidHealthCheck {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        self.0.source()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::error::Error as _;
+
+    use super::*;
+
+    #[test]
+    fn an_invalid_path_is_refused_with_its_cause() {
+        let relative = HealthCheck::http("healthz").unwrap_err();
+        assert!(
+            relative.to_string().contains("must start with `/`"),
+            "{relative}"
+        );
+        let invalid = HealthCheck::http("/health z").unwrap_err();
+        assert!(invalid.to_string().contains("`/health z`"), "{invalid}");
+        assert!(invalid.source().is_some(), "the URI error is kept");
+    }
+}

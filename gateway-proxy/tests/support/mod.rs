@@ -15,7 +15,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use bytes::Bytes;
-use gateway_core::client_ip::{ClientIpLayer, TrustedProxies};
+use gateway_core::client_ip::{SetClientIpLayer, TrustedProxies};
 use gateway_core::test_util::TestUpstream;
 use gateway_core::{BoxError, RescueLayer};
 use gateway_proxy::{ReverseProxy, Server, Upstream};
@@ -55,7 +55,7 @@ impl Gateway {
         let addr = server.local_addr().unwrap();
         let svc = ServiceBuilder::new()
             .layer(RescueLayer::new())
-            .layer(ClientIpLayer::new(trusted))
+            .layer(SetClientIpLayer::new(trusted))
             .service(app);
         let (tx, rx) = oneshot::channel::<()>();
         let task = tokio::spawn(server.serve_with_shutdown(svc, async {

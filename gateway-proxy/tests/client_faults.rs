@@ -173,7 +173,9 @@ async fn a_two_minute_upload_succeeds_under_the_defaults() {
     }
     assert!(started.elapsed() >= Duration::from_secs(120));
     let mut out = Vec::new();
-    c.read_to_end(&mut out).await.unwrap();
+    support::within("the answer and the close", c.read_to_end(&mut out))
+        .await
+        .unwrap();
     let res = String::from_utf8_lossy(&out);
     assert_eq!(status(&res), 200, "{res}");
     assert_eq!(body_of(&res).len(), 120, "{res}");

@@ -22,7 +22,7 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use rustls_pki_types::CertificateDer;
 use rustls_pki_types::pem::PemObject;
-use support::{Gateway, get, proxy_to, raw, status};
+use support::{Gateway, eventually, get, proxy_to, raw, status};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
@@ -158,7 +158,9 @@ async fn idle_keep_alive_connections_are_closed() {
         .await
         .unwrap();
     let mut buf = [0u8; 4096];
-    let n = conn.read(&mut buf).await.unwrap();
+    let n = support::within("a response", conn.read(&mut buf))
+        .await
+        .unwrap();
     assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));
     let started = tokio::time::Instant::now();
     let closed = tokio::time::timeout(Duration::from_secs(5), conn.read(&mut buf))
@@ -186,7 +188,12 @@ async fn connections_over_the_cap_wait_for_a_free_slot() {
         .await
         .unwrap();
     let mut buf = [0u8; 4096];
-    assert!(first.read(&mut buf).await.unwrap() > 0);
+    assert!(
+        support::within("a response", first.read(&mut buf))
+            .await
+            .unwrap()
+            > 0
+    );
 
     let second = tokio::spawn({
         let addr = gw.addr;
@@ -229,7 +236,10 @@ async fn http1_methods_that_start_like_the_h2_preface_stay_http1() {
         .await
         .unwrap();
     let mut res = String::new();
-    stream.read_to_string(&mut res).await.unwrap();
+    tokio::time::timeout(Duration::from_secs(5), stream.read_to_string(&mut res))
+        .await
+        .expect("the response, then the close")
+        .unwrap();
     assert_eq!(status(&res), 200, "{res}");
     assert_eq!(upstream.last_request().uri, "/p");
 }
@@ -299,7 +309,9 @@ async fn an_invalid_preface_gets_goaway_protocol_error() {
         .await
         .unwrap();
     let mut head = [0u8; 9];
-    stream.read_exact(&mut head).await.unwrap();
+    support::within("the frames", stream.read_exact(&mut head))
+        .await
+        .unwrap();
     assert_eq!(head[3], 0x4, "the server's SETTINGS");
     assert!(upstream.requests().is_empty());
 }
@@ -368,15 +380,18 @@ async fn a_burst_to_an_alpn_http2_endpoint_shares_one_new_connection() {
     let relay = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let relay_port = relay.local_addr().unwrap().port();
     let opened = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let counter = Arc::clone(&opened);
+    let closed = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let (counter, closes) = (Arc::clone(&opened), Arc::clone(&closed));
     let upstream_addr = tls_upstream.addr;
     let relay_task = tokio::spawn(async move {
         while let Ok((mut inbound, _)) = relay.accept().await {
             counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            let closes = Arc::clone(&closes);
             tokio::spawn(async move {
                 if let Ok(mut outbound) = TcpStream::connect(upstream_addr).await {
                     let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
                 }
+                closes.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
             });
         }
     });
@@ -399,8 +414,12 @@ async fn a_burst_to_an_alpn_http2_endpoint_shares_one_new_connection() {
         head
     };
     assert_eq!(call(proxy.clone()).await, (StatusCode::OK, Version::HTTP_2));
-    // The upstream closes the idle HTTP/2 connection (GOAWAY after 200 ms).
-    tokio::time::sleep(Duration::from_millis(600)).await;
+    // The upstream closes the idle HTTP/2 connection (GOAWAY after 200 ms), and the proxy
+    // its side.
+    eventually("the idle HTTP/2 connection is closed", || {
+        closed.load(std::sync::atomic::Ordering::SeqCst) == 1
+    })
+    .await;
     let burst: Vec<_> = (0..20).map(|_| tokio::spawn(call(proxy.clone()))).collect();
     for req in burst {
         assert_eq!(req.await.unwrap(), (StatusCode::OK, Version::HTTP_2));
@@ -432,7 +451,12 @@ async fn a_crowd_that_closes_runs_the_shrink_hook_once() {
         let req = format!("GET /{i} HTTP/1.1\r\nHost: gw\r\n\r\n");
         conn.write_all(req.as_bytes()).await.unwrap();
         let mut buf = [0u8; 1024];
-        assert!(conn.read(&mut buf).await.unwrap() > 0);
+        assert!(
+            support::within("a response", conn.read(&mut buf))
+                .await
+                .unwrap()
+                > 0
+        );
         crowd.push(conn);
     }
     tokio::time::sleep(Duration::from_millis(100)).await;
@@ -494,7 +518,10 @@ async fn a_client_that_stops_reading_is_cut_at_the_write_timeout() {
     let mut buf = vec![0u8; 64 * 1024];
     let reading = Instant::now();
     while reading.elapsed() < Duration::from_secs(4) {
-        let n = client.read(&mut buf).await.unwrap();
+        let n = tokio::time::timeout(Duration::from_secs(5), client.read(&mut buf))
+            .await
+            .expect("the response goes on")
+            .unwrap();
         assert!(n > 0);
         tokio::time::sleep(Duration::from_millis(20)).await;
     }

@@ -8,7 +8,7 @@ use std::time::Duration;
 use futures_util::StreamExt;
 use gateway_core::test_util::TestUpstream;
 use gateway_proxy::{Route, Router};
-use support::{Gateway, get, proxy_to, raw, status};
+use support::{Gateway, eventually, get, proxy_to, raw, status};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -37,7 +37,10 @@ async fn drain_finishes_in_flight_work_and_cuts_the_rest_at_the_deadline() {
         .await
         .unwrap();
     let mut buf = [0u8; 4096];
-    let n = idle.read(&mut buf).await.unwrap();
+    let n = tokio::time::timeout(Duration::from_secs(5), idle.read(&mut buf))
+        .await
+        .expect("a response")
+        .unwrap();
     assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));
 
     // An open WebSocket.
@@ -47,22 +50,25 @@ async fn drain_finishes_in_flight_work_and_cuts_the_rest_at_the_deadline() {
 
     // A request in flight when the shutdown starts.
     let in_flight = tokio::spawn(async move { raw(addr, &get("/slow", "")).await });
-    tokio::time::sleep(Duration::from_millis(150)).await;
-    assert_eq!(
-        slow.requests().len(),
-        1,
-        "the slow request must be in flight"
-    );
+    eventually("the slow request is in flight", || {
+        slow.requests().len() == 1
+    })
+    .await;
 
     let started = tokio::time::Instant::now();
     let server = gw.shutdown();
-    tokio::time::sleep(Duration::from_millis(100)).await;
-
-    assert!(
-        TcpStream::connect(addr).await.is_err(),
-        "new connections must be refused while draining"
-    );
-    let closed = tokio::time::timeout(Duration::from_millis(500), idle.read(&mut buf)).await;
+    // New connections are refused while draining (once the listener is gone).
+    let mut refused = false;
+    for _ in 0..500 {
+        if TcpStream::connect(addr).await.is_err() {
+            refused = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(refused, "new connections must be refused while draining");
+    // At once: well before the drain deadline, when what is left is cut.
+    let closed = tokio::time::timeout(drain / 2, idle.read(&mut buf)).await;
     assert!(
         matches!(closed, Ok(Ok(0) | Err(_))),
         "the idle keep-alive must be closed at once, got {closed:?}"
@@ -81,10 +87,10 @@ async fn drain_finishes_in_flight_work_and_cuts_the_rest_at_the_deadline() {
         .expect("the server must stop by the drain deadline")
         .unwrap()
         .unwrap();
+    // The tunnel kept the drain waiting until the deadline (not less), then was cut. (How
+    // soon after it the server stops is bounded by the timeout above, not measured here.)
     let took = started.elapsed();
-    assert!(took < drain + Duration::from_millis(700), "took {took:?}");
-    // The tunnel kept the drain waiting until the deadline, then was cut.
-    assert!(took >= drain - Duration::from_millis(100), "took {took:?}");
+    assert!(took >= drain, "took {took:?}");
     let next = tokio::time::timeout(Duration::from_secs(2), socket.next())
         .await
         .expect("the tunnel must be closed");

@@ -322,14 +322,20 @@ mod tests {
 
     /// Reads one request with a 7-byte body (what [`send`] sends) and answers `200 ok`.
     async fn answer_one(stream: &mut TcpStream) {
-        let mut head = Vec::new();
-        let mut byte = [0u8; 1];
-        while !head.ends_with(b"\r\n\r\n") {
-            stream.read_exact(&mut byte).await.unwrap();
-            head.push(byte[0]);
-        }
-        let mut body = [0u8; 7];
-        stream.read_exact(&mut body).await.unwrap();
+        let read = async {
+            let mut head = Vec::new();
+            let mut byte = [0u8; 1];
+            while !head.ends_with(b"\r\n\r\n") {
+                stream.read_exact(&mut byte).await?;
+                head.push(byte[0]);
+            }
+            let mut body = [0u8; 7];
+            stream.read_exact(&mut body).await
+        };
+        tokio::time::timeout(Duration::from_secs(5), read)
+            .await
+            .expect("a request within 5 s")
+            .unwrap();
         stream
             .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
             .await

@@ -132,3 +132,32 @@ pub fn get(path: &str, extra: &str) -> String {
 pub fn body_of(raw: &str) -> &str {
     raw.split_once("\r\n\r\n").map_or("", |(_, b)| b)
 }
+
+/// Waits until `done` holds, looking every 10 ms, for at most 5 s: the way a test waits for
+/// something it cannot await, instead of sleeping for a guess.
+///
+/// # Panics
+///
+/// When it does not hold within 5 s, with `what`.
+pub async fn eventually(what: &str, mut done: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while !done() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "not within 5 s: {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// `fut`'s output, if it comes within 5 s: every read a test makes is bounded, so a server
+/// that never answers fails the test instead of hanging it.
+///
+/// # Panics
+///
+/// When `fut` takes longer, with `what`.
+pub async fn within<F: std::future::Future>(what: &str, fut: F) -> F::Output {
+    tokio::time::timeout(Duration::from_secs(5), fut)
+        .await
+        .unwrap_or_else(|_| panic!("not within 5 s: {what}"))
+}

@@ -77,6 +77,7 @@ pub(crate) fn take() -> BytesMut {
 /// proxy: a buffer with no memory takes one from the stock; one with less room than the
 /// read wants (or than [`MIN_ROOM`]) grows by what it wants, between [`MIN_ROOM`] and
 /// [`READ_MAX`], so a large body is read in large pieces.
+#[inline]
 pub(crate) fn make_room(read: &mut BytesMut, want: usize) {
     if read.capacity() - read.len() >= want.min(MIN_ROOM) {
         return;

@@ -90,6 +90,7 @@ impl Decoder {
     /// The rest of the body in one piece, if it is all in `buf` already (a small body that
     /// came with its head, or what a reader left of one): taken out of `buf`, and the
     /// decoder is done. Nothing to feed piece by piece, and the connection is free at once.
+    #[inline]
     pub(crate) fn take_buffered(&mut self, buf: &mut BytesMut) -> Option<Bytes> {
         if !self.is_buffered(buf) {
             return None;

@@ -179,6 +179,7 @@ impl Shared {
     /// an upgrade, and `TE: trailers`), this hop's forwarding fields and `Via` in, `Host` as
     /// configured, the path rewritten. What is added without being in the request goes to
     /// the [`Outbound`]; an upgrade takes its handover out of the extensions.
+    #[inline]
     fn outbound(&self, head: &mut request::Parts) -> Result<(Outbound, Upgrading), Error> {
         let upgrade = if head.version == Version::HTTP_11 {
             fields::upgrade_request(&head.headers)
@@ -236,6 +237,7 @@ impl Shared {
     /// The request body as it goes upstream: under the body idle timeout and, if it still
     /// streams in from the client, watched, so that the response-header timer waits for its
     /// end and its failure is the client's (see `future::Uploaded`).
+    #[inline]
     fn upload<B>(&self, body: B) -> (Body, Option<Arc<Uploaded>>)
     where
         B: http_body::Body<Data = Bytes> + Send + 'static,

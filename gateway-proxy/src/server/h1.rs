@@ -503,7 +503,20 @@ where
 
 /// Feeds the request body to its reader as far as it can now; whether the reader has
 /// something new (a piece, or the end).
+#[inline]
 fn feed<I, S>(this: &mut ConnProj<'_, I, S>, cx: &mut Context<'_>) -> bool
+where
+    I: Transport,
+    S: Service<Request<Body>>,
+{
+    // NOTE: called at every turn of every state, and most requests have no body to feed.
+    if !matches!(this.body, Inbound::Feeding(_)) {
+        return false;
+    }
+    feed_body(this, cx)
+}
+
+fn feed_body<I, S>(this: &mut ConnProj<'_, I, S>, cx: &mut Context<'_>) -> bool
 where
     I: Transport,
     S: Service<Request<Body>>,

@@ -10,6 +10,8 @@
 #![forbid(unsafe_code)]
 
 mod buffers;
+#[cfg(feature = "config")]
+pub mod config;
 #[cfg(test)]
 mod fuzz;
 mod h1;

@@ -1,0 +1,438 @@
+//! From a parsed config to what serves it: the upstreams, the router, and the server's
+//! settings; and the checks parsing cannot make (a route's upstream must exist, a route has
+//! exactly one target, ...).
+
+use std::collections::BTreeMap;
+use std::convert::Infallible;
+use std::net::IpAddr;
+use std::time::Duration;
+
+use bytes::Bytes;
+use gateway_core::Body;
+use gateway_core::client_ip::TrustedProxies;
+use http::header::{CONTENT_TYPE, HeaderValue, LOCATION};
+use http::{Method, Request, Response, StatusCode};
+
+use super::load::ConfigError;
+use super::schema::{
+    Balancer, Config, EndpointConfig, HashOn, Outlier, RouteConfig, ServerConfig, UpstreamConfig,
+};
+use crate::proxy::HostHeader;
+use crate::server::TlsConfig;
+use crate::upstream::{
+    ConsistentHash, DnsDiscovery, Endpoint, HashKey, HealthCheck, HttpClient, LeastRequest,
+    OutlierDetection, PeakEwma, Random, RoundRobin, Upstream,
+};
+use crate::{ReverseProxy, Route, Router, Server};
+
+/// A config made into what serves it.
+#[derive(Debug)]
+pub struct Gateway {
+    /// Where to listen, as the file says it (a host name is resolved when binding).
+    pub listen: String,
+    /// The routes.
+    pub router: Router,
+    /// Whose forwarding headers are believed.
+    pub trusted: TrustedProxies,
+    server: ServerConfig,
+    tls: Option<TlsConfig>,
+}
+
+impl Gateway {
+    /// Applies the config's server settings (timeouts, limits, drain, TLS) to `server`.
+    pub fn configure(&self, mut server: Server) -> Server {
+        let s = &self.server;
+        if let Some(t) = s.header_read_timeout {
+            server = server.header_read_timeout(Some(t.into()));
+        }
+        if let Some(t) = s.keep_alive_timeout {
+            server = server.keep_alive_timeout(Some(t.into()));
+        }
+        if let Some(t) = s.write_timeout {
+            server = server.write_timeout(Some(t.into()));
+        }
+        if let Some(t) = s.drain_timeout {
+            server = server.drain_timeout(t.into());
+        }
+        if let Some(n) = s.max_connections {
+            server = server.max_connections(n);
+        }
+        if let Some(n) = s.max_headers {
+            server = server.max_headers(n);
+        }
+        if let Some(n) = s.max_header_bytes {
+            server = server.max_header_bytes(usize::try_from(n.0).unwrap_or(usize::MAX));
+        }
+        if let Some(tls) = &self.tls {
+            server = server.tls(tls.clone());
+        }
+        server
+    }
+
+    /// Whether the listener serves HTTPS.
+    pub const fn is_tls(&self) -> bool {
+        self.tls.is_some()
+    }
+}
+
+/// Builds what `config` (read from `file`, named in errors) describes. Upstreams start their
+/// health checks and discovery here, so call it inside a Tokio runtime.
+///
+/// # Errors
+///
+/// The first part of the config that cannot be used, with where it is.
+pub fn build(file: &str, config: &Config) -> Result<Gateway, ConfigError> {
+    let err = |path: &str, message: String| ConfigError::new(file, None, path, message);
+    let tls = match &config.server.tls {
+        Some(files) => Some(
+            TlsConfig::from_pem_files(&files.cert, &files.key)
+                .map_err(|e| err("server.tls", chain(&e)))?,
+        ),
+        None => None,
+    };
+    let mut trusted = TrustedProxies::builder();
+    for cidr in &config.server.trusted_proxies {
+        trusted = trusted.cidr(cidr.0.as_str());
+    }
+    let trusted = trusted
+        .build()
+        .map_err(|e| err("server.trusted_proxies", chain(&e)))?;
+    let mut upstreams = BTreeMap::new();
+    for (name, up) in &config.upstreams {
+        let path = format!("upstreams.{name}");
+        let built = upstream(up).map_err(|message| err(&path, message))?;
+        upstreams.insert(name.as_str(), built);
+    }
+    let mut router = Router::new();
+    for (index, route) in config.routes.iter().enumerate() {
+        router = add_route(file, router, index, route, &upstreams)?;
+    }
+    Ok(Gateway {
+        listen: config.listen.clone(),
+        router,
+        trusted,
+        server: config.server.clone(),
+        tls,
+    })
+}
+
+/// An upstream and the client its proxies use (its own when it has TLS settings).
+struct Built {
+    upstream: Upstream,
+    client: Option<HttpClient>,
+}
+
+fn upstream(config: &UpstreamConfig) -> Result<Built, String> {
+    if config.endpoints.is_empty() && config.dns_refresh.is_none() {
+        return Err("endpoints: an upstream needs at least one endpoint".into());
+    }
+    let client = match &config.tls {
+        Some(tls) => {
+            let mut client = HttpClient::builder();
+            if let Some(roots) = tls.webpki_roots {
+                client = client.webpki_roots(roots);
+            }
+            if let Some(ca) = &tls.ca {
+                client = client
+                    .add_root_pem_file(ca)
+                    .map_err(|e| format!("tls.ca: {}", chain(&e)))?;
+            }
+            Some(client.build().map_err(|e| format!("tls: {}", chain(&e)))?)
+        }
+        None => None,
+    };
+    let mut fixed = Vec::new();
+    let mut discovered = Vec::new();
+    for (index, endpoint) in config.endpoints.iter().enumerate() {
+        let (url, weight) = match endpoint {
+            EndpointConfig::Url(url) => (&url.0, None),
+            EndpointConfig::Weighted { url, weight } => (&url.0, Some(*weight)),
+        };
+        let bad = |e: &dyn std::error::Error| format!("endpoints[{index}]: {}", chain(e));
+        let mut parsed: Endpoint = url.parse().map_err(|e| bad(&e))?;
+        let by_name = parsed
+            .authority()
+            .host()
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .parse::<IpAddr>()
+            .is_err();
+        match config.dns_refresh {
+            Some(every) if by_name && parsed.scheme() == &http::uri::Scheme::HTTP => {
+                let mut dns = DnsDiscovery::new(url)
+                    .map_err(|e| bad(&e))?
+                    .interval(every.into());
+                if let Some(weight) = weight {
+                    dns = dns.weight(weight);
+                }
+                discovered.push(dns);
+            }
+            _ => {
+                if let Some(weight) = weight {
+                    parsed = parsed.with_weight(weight);
+                }
+                fixed.push(parsed);
+            }
+        }
+    }
+    let mut builder = match &config.balancer {
+        Balancer::RoundRobin => Upstream::builder(fixed, RoundRobin::default()),
+        Balancer::Random => Upstream::builder(fixed, Random::default()),
+        Balancer::LeastRequest => Upstream::builder(fixed, LeastRequest::default()),
+        Balancer::Ewma => Upstream::builder(fixed, PeakEwma::default()),
+        Balancer::Hash(on) => {
+            let key = match on {
+                HashOn::ClientIp => HashKey::ClientIp,
+                HashOn::Path => HashKey::Path,
+                HashOn::Header(name) => {
+                    HashKey::Header(http::header::HeaderName::try_from(name.as_str()).map_err(
+                        |_| format!("balancer.hash.header: `{name}` is not a header name"),
+                    )?)
+                }
+                HashOn::Cookie(name) if !name.is_empty() => HashKey::Cookie(name.clone()),
+                HashOn::Cookie(_) => return Err("balancer.hash.cookie: the name is empty".into()),
+            };
+            Upstream::builder(fixed, ConsistentHash::new(key))
+        }
+    };
+    for dns in discovered {
+        builder = builder.discover(dns);
+    }
+    if let Some(check) = &config.health_check {
+        let mut probe = HealthCheck::http(&check.path)
+            .map_err(|e| format!("health_check.path: {}", chain(&e)))?;
+        let interval: Duration = check.interval.map_or(Duration::from_secs(10), Into::into);
+        if interval.is_zero() {
+            return Err("health_check.interval: must be more than 0".into());
+        }
+        probe = probe.interval(interval).jitter(interval / 10);
+        if let Some(timeout) = check.timeout {
+            probe = probe.timeout(timeout.into());
+        }
+        if let Some(n) = check.healthy_threshold {
+            probe = probe.healthy_threshold(n);
+        }
+        if let Some(n) = check.unhealthy_threshold {
+            probe = probe.unhealthy_threshold(n);
+        }
+        if let Some(client) = &client {
+            probe = probe.client(client.clone());
+        }
+        builder = builder.health_check(probe);
+    }
+    if let Outlier::On {
+        consecutive_failures,
+    } = config.outlier_detection
+        && consecutive_failures > 0
+    {
+        builder = builder.outlier_detection(OutlierDetection::new(consecutive_failures));
+    }
+    if let Some(window) = config.slow_start {
+        builder = builder.slow_start(window.into());
+    }
+    Ok(Built {
+        upstream: builder.build(),
+        client,
+    })
+}
+
+fn add_route(
+    file: &str,
+    router: Router,
+    index: usize,
+    config: &RouteConfig,
+    upstreams: &BTreeMap<&str, Built>,
+) -> Result<Router, ConfigError> {
+    let at = |key: &str| {
+        if key.is_empty() {
+            format!("routes[{index}]")
+        } else {
+            format!("routes[{index}].{key}")
+        }
+    };
+    let err = |key: &str, message: String| ConfigError::new(file, None, at(key), message);
+    let m = &config.matches;
+    let mut route = match (&m.path, &m.exact) {
+        (Some(_), Some(_)) => {
+            return Err(err("match", "`path` and `exact` cannot go together".into()));
+        }
+        (Some(prefix), None) => Route::prefix(prefix.as_str()),
+        (None, Some(exact)) => Route::exact(exact.as_str()),
+        (None, None) => Route::prefix("/"),
+    };
+    if let Some(host) = &m.host {
+        route = route.host(host);
+    }
+    for (i, method) in m.methods.iter().enumerate() {
+        let method = Method::from_bytes(method.to_ascii_uppercase().as_bytes()).map_err(|_| {
+            err(
+                &format!("match.methods[{i}]"),
+                format!("`{method}` is not a method"),
+            )
+        })?;
+        route = route.method(method);
+    }
+    let id = config
+        .id
+        .clone()
+        .unwrap_or_else(|| format!("routes[{index}]"));
+    route = route.id(id);
+    let targets = [
+        config.upstream.is_some(),
+        config.redirect.is_some(),
+        config.respond.is_some(),
+    ];
+    if targets.iter().filter(|t| **t).count() != 1 {
+        return Err(err(
+            "",
+            "a route needs exactly one of `upstream`, `redirect` and `respond`".into(),
+        ));
+    }
+    let added = if let Some(name) = &config.upstream {
+        let Some(built) = upstreams.get(name.value.as_str()) else {
+            let known: Vec<&str> = upstreams.keys().copied().collect();
+            return Err(ConfigError::at(
+                file,
+                name,
+                at("upstream"),
+                format!(
+                    "no upstream is named `{}` (there are: {})",
+                    name.value,
+                    known.join(", ")
+                ),
+            ));
+        };
+        let proxy = proxy(config, built).map_err(|(key, message)| err(key, message))?;
+        router.try_route(route, proxy)
+    } else if let Some(redirect) = &config.redirect {
+        let status = StatusCode::from_u16(redirect.status.unwrap_or(308))
+            .ok()
+            .filter(|s| matches!(s.as_u16(), 301 | 302 | 303 | 307 | 308))
+            .ok_or_else(|| {
+                err(
+                    "redirect.status",
+                    "must be 301, 302, 303, 307 or 308".into(),
+                )
+            })?;
+        let location_ok = redirect.to.starts_with('/') && !redirect.to.starts_with("//")
+            || redirect.to.starts_with("http://")
+            || redirect.to.starts_with("https://");
+        let location = HeaderValue::from_str(&redirect.to)
+            .ok()
+            .filter(|_| location_ok)
+            .ok_or_else(|| {
+                err(
+                    "redirect.to",
+                    format!("`{}` is not a path (`/x`) or an http(s) URL", redirect.to),
+                )
+            })?;
+        router.try_route(
+            route,
+            answer(status, Some((LOCATION, location)), Bytes::new()),
+        )
+    } else if let Some(respond) = &config.respond {
+        let status = StatusCode::from_u16(respond.status.unwrap_or(200))
+            .ok()
+            .filter(|s| !s.is_informational())
+            .ok_or_else(|| {
+                err(
+                    "respond.status",
+                    "must be a final status, 200 to 599".into(),
+                )
+            })?;
+        let content_type = respond
+            .content_type
+            .as_deref()
+            .unwrap_or("text/plain; charset=utf-8");
+        let content_type = HeaderValue::from_str(content_type).map_err(|_| {
+            err(
+                "respond.content_type",
+                format!("`{content_type}` is not a header value"),
+            )
+        })?;
+        let body = Bytes::from(respond.body.clone());
+        router.try_route(
+            route,
+            answer(status, Some((CONTENT_TYPE, content_type)), body),
+        )
+    } else {
+        unreachable!("exactly one target, checked above")
+    };
+    added.map_err(|e| err("match", chain(&e)))
+}
+
+/// The proxy of a route to its upstream; the failing key and why.
+fn proxy(config: &RouteConfig, built: &Built) -> Result<ReverseProxy, (&'static str, String)> {
+    let mut proxy = ReverseProxy::builder(built.upstream.clone());
+    if let Some(client) = &built.client {
+        proxy = proxy.client(client.clone());
+    }
+    match (&config.strip_prefix, &config.replace_prefix) {
+        (Some(_), Some(_)) => {
+            return Err((
+                "strip_prefix",
+                "`strip_prefix` and `replace_prefix` cannot go together".into(),
+            ));
+        }
+        (Some(prefix), None) => proxy = proxy.strip_prefix(prefix),
+        (None, Some(replace)) => proxy = proxy.replace_prefix(&replace.from, &replace.to),
+        (None, None) => {}
+    }
+    if let Some(host) = &config.host {
+        proxy = proxy.host(match host.as_str() {
+            "upstream" => HostHeader::Upstream,
+            "preserve" => HostHeader::Preserve,
+            fixed => HostHeader::Fixed(
+                HeaderValue::from_str(fixed)
+                    .map_err(|_| ("host", format!("`{fixed}` is not a header value")))?,
+            ),
+        });
+    }
+    let t = &config.timeouts;
+    if let Some(t) = t.response_header {
+        proxy = proxy.response_header_timeout(Some(t.into()));
+    }
+    if let Some(t) = t.body_idle {
+        proxy = proxy.body_idle_timeout(Some(t.into()));
+    }
+    if let Some(t) = t.tunnel_idle {
+        proxy = proxy.tunnel_idle_timeout(Some(t.into()));
+    }
+    proxy.build().map_err(|e| ("", chain(&e)))
+}
+
+/// A service that answers every request with `status`, `header` and `body`.
+fn answer(
+    status: StatusCode,
+    header: Option<(http::HeaderName, HeaderValue)>,
+    body: Bytes,
+) -> impl tower::Service<
+    Request<Body>,
+    Response = Response<Body>,
+    Error = Infallible,
+    Future = std::future::Ready<Result<Response<Body>, Infallible>>,
+> + Clone
++ Send
++ Sync
++ 'static {
+    tower::service_fn(move |_: Request<Body>| {
+        let mut res = Response::new(Body::from(body.clone()));
+        *res.status_mut() = status;
+        if let Some((name, value)) = &header {
+            res.headers_mut().insert(name.clone(), value.clone());
+        }
+        std::future::ready(Ok(res))
+    })
+}
+
+/// An error and its causes, one line.
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}

@@ -1,0 +1,48 @@
+//! The declarative config of a gateway: a YAML file of listeners, upstreams and routes that
+//! maps one-to-one onto the public types a `main.rs` would compose by hand (nothing only a
+//! config file can do).
+//!
+//! ```
+//! use gateway_proxy::config;
+//!
+//! let yaml = "
+//! listen: 127.0.0.1:8080
+//! upstreams:
+//!   api:
+//!     endpoints: [http://127.0.0.1:9001, http://127.0.0.1:9002]
+//!     balancer: least-request
+//! routes:
+//!   - match: { path: /api }      # /api and /api/..., never /apiadmin
+//!     upstream: api
+//!   - match: { path: /old }
+//!     redirect: { to: /api, status: 308 }
+//! ";
+//! let parsed = config::parse("gateway.yaml", yaml, |_| None).unwrap();
+//! assert_eq!(parsed.routes.len(), 2);
+//!
+//! // A mistake names the file, line, column and key path.
+//! let err = config::parse("gateway.yaml", "listen: x\nroutes:\n  - match: { paht: /a }\n", |_| None)
+//!     .unwrap_err();
+//! assert_eq!(err.location(), Some((3, 14)));
+//! assert_eq!(err.path(), "routes[0].match.paht");
+//! ```
+//!
+//! [`read`] or [`parse`] a file into a [`Config`], then [`build`] it (inside a Tokio runtime:
+//! upstreams start their health checks) into a [`Gateway`]: its router, trusted proxies and
+//! server settings. `${VAR}` in the file is replaced by the environment variable (`${VAR:-x}`
+//! with a default, `$$` for a `$`). Durations are written with a unit (`250ms`, `10s`, `5m`),
+//! sizes as bytes or with one (`64KiB`, `10MB`).
+
+mod build;
+mod load;
+mod schema;
+mod units;
+
+pub use build::{Gateway, build};
+pub use load::{ConfigError, Located, parse, read};
+pub use schema::{
+    Balancer, Config, EndpointConfig, HashOn, HealthCheckConfig, MatchConfig, Outlier,
+    RedirectConfig, ReplacePrefix, RespondConfig, RouteConfig, RouteTimeouts, ServerConfig,
+    TlsFiles, UpstreamConfig, UpstreamTls,
+};
+pub use units::{Cidr, InvalidUnit, Period, Size, Url};

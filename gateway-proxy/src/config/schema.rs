@@ -1,0 +1,343 @@
+//! What a config file says, as serde reads it. Checked here only as far as types go; what
+//! the parts say of each other (a route naming an upstream that is not there) is checked by
+//! `build`.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::num::NonZeroU32;
+
+use serde::Deserialize;
+use serde::de;
+
+use super::load::Located;
+use super::units::{Cidr, Period, Size, Url};
+
+/// A whole config file.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// The address the gateway listens on (`127.0.0.1:8080`, `[::]:443`, `localhost:8080`).
+    pub listen: String,
+    /// The listener's settings.
+    #[serde(default)]
+    pub server: ServerConfig,
+    /// Upstreams by name.
+    #[serde(default)]
+    pub upstreams: BTreeMap<String, UpstreamConfig>,
+    /// Routes, matched most specific first (see [`crate::Router`]).
+    pub routes: Vec<RouteConfig>,
+}
+
+/// The listener's settings.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerConfig {
+    /// Serve HTTPS with these files.
+    pub tls: Option<TlsFiles>,
+    /// Peers whose `X-Forwarded-For` is believed (CIDRs or addresses).
+    #[serde(default)]
+    pub trusted_proxies: Vec<Cidr>,
+    /// How long a client may take to send a request head [default: 30s].
+    pub header_read_timeout: Option<Period>,
+    /// How long an idle keep-alive connection stays open [default: 60s].
+    pub keep_alive_timeout: Option<Period>,
+    /// How long a response write may wait for the client to take a byte [default: 60s].
+    pub write_timeout: Option<Period>,
+    /// How long a graceful shutdown waits for what is in flight [default: 30s].
+    pub drain_timeout: Option<Period>,
+    /// Connections open at once; more wait to be accepted.
+    pub max_connections: Option<usize>,
+    /// Header fields in a request head, 1 to 100 [default: 100].
+    pub max_headers: Option<usize>,
+    /// Bytes in a request head, at least 8KiB [default: 64KiB].
+    pub max_header_bytes: Option<Size>,
+}
+
+/// A PEM certificate chain and its private key.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsFiles {
+    /// The PEM certificate chain file.
+    pub cert: String,
+    /// The PEM private key file.
+    pub key: String,
+}
+
+/// One upstream: its endpoints and how they share the load.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamConfig {
+    /// Its endpoints: `http://host:port`, `https://host`, or `host:port`.
+    pub endpoints: Vec<EndpointConfig>,
+    /// How they share the load [default: round-robin].
+    #[serde(default)]
+    pub balancer: Balancer,
+    /// Active health checks.
+    pub health_check: Option<HealthCheckConfig>,
+    /// Passive ejection after consecutive failures; `off` to turn it off.
+    #[serde(default)]
+    pub outlier_detection: Outlier,
+    /// Ramps a new or recovered endpoint's share up over this long.
+    pub slow_start: Option<Period>,
+    /// Endpoints given by host name are resolved this often, and every address they resolve
+    /// to is balanced over.
+    pub dns_refresh: Option<Period>,
+    /// TLS towards the endpoints.
+    pub tls: Option<UpstreamTls>,
+}
+
+/// An endpoint: its URL, or its URL and weight.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum EndpointConfig {
+    /// A URL, weight 1.
+    Url(Url),
+    /// A URL and its weight.
+    Weighted {
+        /// The URL.
+        url: Url,
+        /// Its share, relative to the others.
+        weight: NonZeroU32,
+    },
+}
+
+/// How an upstream's endpoints share the load.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub enum Balancer {
+    /// Smooth weighted round robin.
+    #[default]
+    RoundRobin,
+    /// Weighted random.
+    Random,
+    /// The less loaded of two random picks (P2C).
+    LeastRequest,
+    /// Peak-EWMA of response times.
+    Ewma,
+    /// Consistent hashing on a key of the request.
+    Hash(HashOn),
+}
+
+/// What a consistent-hash balancer hashes.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub enum HashOn {
+    /// The client IP (see `ClientIp`).
+    ClientIp,
+    /// The path.
+    Path,
+    /// A request header.
+    Header(String),
+    /// A cookie.
+    Cookie(String),
+}
+
+/// Active health checks.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HealthCheckConfig {
+    /// The path probed with `GET`.
+    pub path: String,
+    /// Time between probes [default: 10s].
+    pub interval: Option<Period>,
+    /// How long a probe may take [default: 2s].
+    pub timeout: Option<Period>,
+    /// Passing probes in a row to be healthy again [default: 2].
+    pub healthy_threshold: Option<NonZeroU32>,
+    /// Failed probes in a row to be unhealthy [default: 3].
+    pub unhealthy_threshold: Option<NonZeroU32>,
+}
+
+/// Passive outlier ejection: `off`, or `{ consecutive_failures: N }`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outlier {
+    /// Turned off.
+    Off,
+    /// On.
+    On {
+        /// Failed requests in a row (502/503/504, resets, refused connections) that eject.
+        consecutive_failures: usize,
+    },
+}
+
+/// Upstream TLS: a private CA, and whether the web PKI roots are trusted too.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamTls {
+    /// A PEM file of CA certificates to trust.
+    pub ca: Option<String>,
+    /// Trust the web PKI roots as well [default: true].
+    pub webpki_roots: Option<bool>,
+}
+
+/// One route.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteConfig {
+    /// The route's name in logs and metrics [default: `routes[N]`].
+    pub id: Option<String>,
+    /// What it matches (the `match` key).
+    #[serde(rename = "match")]
+    pub matches: MatchConfig,
+    /// The upstream requests go to; or `redirect`, or `respond`.
+    pub upstream: Option<Located<String>>,
+    /// Answers with a redirect instead of proxying.
+    pub redirect: Option<RedirectConfig>,
+    /// Answers with a fixed response instead of proxying.
+    pub respond: Option<RespondConfig>,
+    /// Removes this prefix from the path before forwarding.
+    pub strip_prefix: Option<String>,
+    /// Replaces a path prefix before forwarding.
+    pub replace_prefix: Option<ReplacePrefix>,
+    /// The `Host` the upstream sees: `upstream` (its endpoint), `preserve` (the client's), or a
+    /// fixed value.
+    pub host: Option<String>,
+    /// Timeouts towards the upstream.
+    #[serde(default)]
+    pub timeouts: RouteTimeouts,
+}
+
+/// What a route matches.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MatchConfig {
+    /// A host (`api.example.com`) or a wildcard (`*.example.com`).
+    pub host: Option<String>,
+    /// A path prefix, matched on segment boundaries (`/api` matches `/api` and `/api/x`,
+    /// never `/apix`).
+    pub path: Option<String>,
+    /// An exact path.
+    pub exact: Option<String>,
+    /// Methods matched [default: all].
+    #[serde(default)]
+    pub methods: Vec<String>,
+}
+
+/// `replace_prefix: { from: /v1, to: /api/v1 }`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReplacePrefix {
+    /// The prefix replaced.
+    pub from: String,
+    /// What replaces it.
+    pub to: String,
+}
+
+/// A redirect route.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RedirectConfig {
+    /// The `Location`: a path, or an absolute URL.
+    pub to: String,
+    /// 301, 302, 303, 307 or 308 [default: 308].
+    pub status: Option<u16>,
+}
+
+/// A route that answers by itself.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RespondConfig {
+    /// [default: 200]
+    pub status: Option<u16>,
+    /// The body [default: empty].
+    #[serde(default)]
+    pub body: String,
+    /// [default: `text/plain; charset=utf-8`]
+    pub content_type: Option<String>,
+}
+
+/// A route's timeouts towards its upstream.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteTimeouts {
+    /// From the request being sent to the response head [default: 60s].
+    pub response_header: Option<Period>,
+    /// Longest pause inside a request or response body [default: 60s].
+    pub body_idle: Option<Period>,
+    /// Longest pause in an upgraded connection [default: 5m].
+    pub tunnel_idle: Option<Period>,
+}
+
+// NOTE: written by hand rather than `#[serde(untagged)]`, whose errors lose the reason (and
+// the place) of the variant that came closest.
+impl<'de> Deserialize<'de> for EndpointConfig {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(deny_unknown_fields)]
+        struct Weighted {
+            url: Url,
+            weight: NonZeroU32,
+        }
+        struct Visitor;
+        impl<'de> de::Visitor<'de> for Visitor {
+            type Value = EndpointConfig;
+
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a URL, or `{ url: URL, weight: N }`")
+            }
+
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<EndpointConfig, E> {
+                Url::deserialize(de::value::StrDeserializer::new(v)).map(EndpointConfig::Url)
+            }
+
+            fn visit_map<A: de::MapAccess<'de>>(self, map: A) -> Result<EndpointConfig, A::Error> {
+                let w = Weighted::deserialize(de::value::MapAccessDeserializer::new(map))?;
+                Ok(EndpointConfig::Weighted {
+                    url: w.url,
+                    weight: w.weight,
+                })
+            }
+        }
+        deserializer.deserialize_any(Visitor)
+    }
+}
+
+impl<'de> Deserialize<'de> for Outlier {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(deny_unknown_fields)]
+        struct On {
+            consecutive_failures: usize,
+        }
+        struct Visitor;
+        impl<'de> de::Visitor<'de> for Visitor {
+            type Value = Outlier;
+
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("`off`, or `{ consecutive_failures: N }`")
+            }
+
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<Outlier, E> {
+                if v == "off" {
+                    Ok(Outlier::Off)
+                } else {
+                    Err(E::invalid_value(de::Unexpected::Str(v), &self))
+                }
+            }
+
+            fn visit_bool<E: de::Error>(self, v: bool) -> Result<Outlier, E> {
+                // A YAML 1.1 reader's `off`.
+                if v {
+                    Err(E::invalid_value(de::Unexpected::Bool(v), &self))
+                } else {
+                    Ok(Outlier::Off)
+                }
+            }
+
+            fn visit_map<A: de::MapAccess<'de>>(self, map: A) -> Result<Outlier, A::Error> {
+                let on = On::deserialize(de::value::MapAccessDeserializer::new(map))?;
+                Ok(Outlier::On {
+                    consecutive_failures: on.consecutive_failures,
+                })
+            }
+        }
+        deserializer.deserialize_any(Visitor)
+    }
+}
+
+impl Default for Outlier {
+    fn default() -> Self {
+        Self::On {
+            consecutive_failures: 5,
+        }
+    }
+}

@@ -1,0 +1,259 @@
+//! The declarative config: a file loads, builds and routes as it says, and every kind of
+//! mistake is reported with its file, line, column and key path.
+#![cfg(feature = "config")]
+
+mod support;
+
+use gateway_core::test_util::TestUpstream;
+use gateway_proxy::config::{self, ConfigError};
+use support::{Gateway, raw, status};
+
+fn parse(yaml: &str) -> Result<config::Config, ConfigError> {
+    config::parse("gateway.yaml", yaml, |name| {
+        (name == "API_URL").then(|| "http://127.0.0.1:1".to_owned())
+    })
+}
+
+/// Parses and builds (inside the test's runtime: upstreams start their checks).
+fn load(yaml: &str) -> Result<config::Gateway, ConfigError> {
+    config::build("gateway.yaml", &parse(yaml)?)
+}
+
+async fn start(yaml: &str) -> Gateway {
+    let built = load(yaml).unwrap_or_else(|e| panic!("{e}"));
+    let trusted = built.trusted.clone();
+    Gateway::start_with(built.router, trusted, |s| s).await
+}
+
+/// The example of the config issue (its plugins come with the registry): `/api` and
+/// `/api/...` go to the upstream, `/apiadmin` does not, `/old` redirects.
+#[tokio::test]
+async fn the_example_routes_as_its_comments_say() {
+    let a = TestUpstream::echo().await;
+    let b = TestUpstream::echo().await;
+    let yaml = format!(
+        "
+listen: 127.0.0.1:8080
+upstreams:
+  api:
+    endpoints: [{}, {}]
+    balancer: least-request
+routes:
+  - match: {{ path: /api }}               # /api and /api/..., never /apiadmin
+    upstream: api
+  - match: {{ path: /old }}
+    redirect: {{ to: /api, status: 308 }}
+",
+        a.url(),
+        b.url()
+    );
+    let gw = start(&yaml).await;
+    for path in ["/api", "/api/", "/api/users/7"] {
+        let res = raw(gw.addr, &support::get(path, "")).await;
+        assert_eq!(status(&res), 200, "{path}: {res}");
+    }
+    let seen: Vec<String> = a
+        .requests()
+        .into_iter()
+        .chain(b.requests())
+        .map(|r| r.uri.to_string())
+        .collect();
+    assert_eq!(seen.len(), 3, "{seen:?}");
+    for path in ["/apiadmin", "/", "/ap"] {
+        let res = raw(gw.addr, &support::get(path, "")).await;
+        assert_eq!(status(&res), 404, "{path}: {res}");
+    }
+    let res = raw(gw.addr, &support::get("/old/x", "")).await;
+    assert_eq!(status(&res), 308, "{res}");
+    assert!(
+        res.to_ascii_lowercase().contains("\r\nlocation: /api\r\n"),
+        "{res}"
+    );
+    assert_eq!(a.requests().len() + b.requests().len(), 3);
+}
+
+#[tokio::test]
+async fn routes_match_hosts_methods_and_exact_paths_and_rewrite_prefixes() {
+    let up = TestUpstream::echo().await;
+    let yaml = format!(
+        "
+listen: 127.0.0.1:8080
+upstreams:
+  up: {{ endpoints: ['{}'] }}
+routes:
+  - id: v1
+    match: {{ host: api.example.com, path: /v1, methods: [get] }}
+    upstream: up
+    replace_prefix: {{ from: /v1, to: /internal/v1 }}
+  - match: {{ exact: /ping }}
+    respond: {{ status: 200, body: pong }}
+  - match: {{ path: /strip }}
+    upstream: up
+    strip_prefix: /strip
+",
+        up.url()
+    );
+    let gw = start(&yaml).await;
+    let res = raw(
+        gw.addr,
+        "GET /v1/a HTTP/1.1\r\nHost: api.example.com\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert_eq!(status(&res), 200, "{res}");
+    assert_eq!(up.last_request().uri, "/internal/v1/a");
+    let res = raw(gw.addr, "POST /v1/a HTTP/1.1\r\nHost: api.example.com\r\nContent-Length: 0\r\nConnection: close\r\n\r\n").await;
+    assert_ne!(status(&res), 200, "POST is not matched: {res}");
+    let res = raw(
+        gw.addr,
+        "GET /v1/a HTTP/1.1\r\nHost: other.example.com\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert_eq!(status(&res), 404, "another host: {res}");
+    let res = raw(gw.addr, &support::get("/ping", "")).await;
+    assert_eq!(
+        (status(&res), support::body_of(&res)),
+        (200, "pong"),
+        "{res}"
+    );
+    assert_eq!(
+        status(&raw(gw.addr, &support::get("/ping/x", "")).await),
+        404
+    );
+    let res = raw(gw.addr, &support::get("/strip/b?q=1", "")).await;
+    assert_eq!(status(&res), 200, "{res}");
+    assert_eq!(up.last_request().uri, "/b?q=1");
+    assert_eq!(up.requests().len(), 2);
+}
+
+#[test]
+fn environment_variables_are_interpolated() {
+    let yaml = "listen: ${PORT:-127.0.0.1:9}\nupstreams:\n  a: { endpoints: ['${API_URL}'] }\nroutes: []\n# $$ stays\n";
+    let config = parse(yaml).unwrap();
+    assert_eq!(config.listen, "127.0.0.1:9");
+    assert_eq!(
+        config.upstreams["a"].endpoints,
+        [config::EndpointConfig::Url(config::Url(
+            "http://127.0.0.1:1".into()
+        ))]
+    );
+}
+
+#[test]
+fn durations_sizes_and_weights_are_read() {
+    let yaml = "
+listen: 127.0.0.1:0
+server:
+  keep_alive_timeout: 250ms
+  max_header_bytes: 32KiB
+  trusted_proxies: [10.0.0.0/8, 192.168.1.1]
+upstreams:
+  a:
+    endpoints: [{ url: 'http://127.0.0.1:1', weight: 3 }, '127.0.0.1:2']
+    outlier_detection: off
+    health_check: { path: /healthz, interval: 5s }
+routes: []
+";
+    let config = parse(yaml).unwrap();
+    assert_eq!(
+        config.server.keep_alive_timeout,
+        Some(config::Period(std::time::Duration::from_millis(250)))
+    );
+    assert_eq!(
+        config.server.max_header_bytes,
+        Some(config::Size(32 * 1024))
+    );
+    let a = &config.upstreams["a"];
+    assert!(
+        matches!(a.endpoints[0], config::EndpointConfig::Weighted { weight, .. } if weight.get() == 3)
+    );
+    assert_eq!(a.outlier_detection, config::Outlier::Off);
+}
+
+/// A mistake: what it is, the file, where (line, column), the key path, and a word of the
+/// message.
+type Mistake = (
+    &'static str,
+    &'static str,
+    (usize, usize),
+    &'static str,
+    &'static str,
+);
+
+/// Each kind of mistake: where (line, column), the key path, and a word of what.
+#[tokio::test]
+async fn mistakes_name_their_line_column_and_key_path() {
+    let cases: &[Mistake] = &[
+        (
+            "unknown key",
+            "listen: x\nroutes:\n  - match: { paht: /a }\n",
+            (3, 14),
+            "routes[0].match.paht",
+            "unknown field",
+        ),
+        (
+            "wrong type",
+            "listen: x\nupstreams:\n  api:\n    endpoints: 5\nroutes: []\n",
+            (4, 16),
+            "upstreams.api.endpoints",
+            "",
+        ),
+        (
+            "duration without a unit",
+            "listen: x\nserver:\n  keep_alive_timeout: 30\nroutes: []\n",
+            (3, 23),
+            "server.keep_alive_timeout",
+            "",
+        ),
+        (
+            "bad size",
+            "listen: x\nserver:\n  max_header_bytes: lots\nroutes: []\n",
+            (3, 21),
+            "server.max_header_bytes",
+            "not a size",
+        ),
+        (
+            "bad CIDR",
+            "listen: x\nserver:\n  trusted_proxies: [10.0.0.0/8, 10.0.0.0/33]\nroutes: []\n",
+            (3, 33),
+            "server.trusted_proxies[1]",
+            "not a CIDR",
+        ),
+        (
+            "bad URL",
+            "listen: x\nupstreams:\n  api:\n    endpoints: ['ftp://x:1']\nroutes: []\n",
+            (4, 17),
+            "upstreams.api.endpoints[0]",
+            "ftp://x:1",
+        ),
+        (
+            "a route naming a missing upstream",
+            "listen: x\nupstreams:\n  api: { endpoints: ['127.0.0.1:1'] }\nroutes:\n  - match: { path: /a }\n    upstream: apj\n",
+            (6, 15),
+            "routes[0].upstream",
+            "no upstream is named `apj`",
+        ),
+        (
+            "an unset variable",
+            "listen: x\nroutes: []\nupstreams:\n  a: { endpoints: ['${NOT_SET}'] }\n",
+            (4, 21),
+            "",
+            "`NOT_SET` is not set",
+        ),
+        (
+            "YAML syntax",
+            "listen: x\nroutes: []\nserver: { drain_timeout: 1s\n",
+            (3, 9),
+            "server",
+            "",
+        ),
+    ];
+    for (what, yaml, at, path, says) in cases {
+        let err = load(yaml).map(|_| ()).unwrap_err();
+        assert_eq!(err.location(), Some(*at), "{what}: {err}");
+        assert_eq!(err.path(), *path, "{what}: {err}");
+        assert!(err.message().contains(says), "{what}: {err}");
+        let text = err.to_string();
+        let prefix = format!("gateway.yaml:{}:{}: ", at.0, at.1);
+        assert!(text.starts_with(&prefix), "{what}: {text}");
+    }
+}

@@ -11,8 +11,18 @@
 //! curl -i http://127.0.0.1:8080/api/%2e%2e%2fadmin  # refused: 400
 //! ```
 //!
+//! With `--config FILE` it serves what a YAML file describes (listener, upstreams, routes;
+//! see `gateway_proxy::config` and `gateway.example.yaml`); `--check FILE` only validates
+//! one, like `nginx -t`. A mistake in either is reported with its file, line, column and
+//! key path, and the process exits with 2 before binding anything.
+//!
+//! ```text
+//! cargo run --release -p example-gateway -- --config examples/gateway/gateway.example.yaml
+//! ```
+//!
 //! With `--upstream URL` (repeatable) it proxies every path to the given upstreams, like
-//! a quick-start reverse proxy, with a balancer, health checks and DNS discovery to taste:
+//! a quick-start reverse proxy, with a balancer, health checks and DNS discovery to taste
+//! (the flags are a one-route config):
 //!
 //! ```text
 //! cargo run --release -p example-gateway -- --listen 0.0.0.0:8080 \
@@ -22,21 +32,20 @@
 
 mod demo;
 
+use std::collections::BTreeMap;
 use std::ffi::OsString;
-use std::net::{IpAddr, SocketAddr};
 use std::num::NonZeroU32;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
 use gateway_core::RescueLayer;
-use gateway_core::client_ip::{SetClientIpLayer, TrustedProxies};
-use gateway_proxy::server::TlsConfig;
-use gateway_proxy::upstream::{
-    ConsistentHash, DnsDiscovery, Endpoint, HashKey, HealthCheck, LeastRequest, OutlierDetection,
-    PeakEwma, Random, RoundRobin,
+use gateway_core::client_ip::SetClientIpLayer;
+use gateway_proxy::Server;
+use gateway_proxy::config::{
+    self, Balancer, Cidr, Config, ConfigError, EndpointConfig, HashOn, HealthCheckConfig, Located,
+    MatchConfig, Outlier, Period, RouteConfig, ServerConfig, TlsFiles, UpstreamConfig, Url,
 };
-use gateway_proxy::{ReverseProxy, Route, Router, Server, Upstream};
 use tower::ServiceBuilder;
 
 const HELP: &str = "\
@@ -44,13 +53,18 @@ gateway: an API gateway built from gateway-core and gateway-proxy
 
 USAGE:
     gateway [OPTIONS]
+    gateway --config FILE
+    gateway --check FILE
 
-With no --upstream, starts a demo upstream and routes /api/* to it.
+With neither --config nor --upstream, starts a demo upstream and routes /api/* to it.
 
 OPTIONS:
+    --config FILE          serve what the YAML file FILE describes (listener,
+                           upstreams, routes); the flags below are then not used
+    --check FILE           validate FILE and exit: 0 when it is valid, 2 when not
     --listen ADDR          address to listen on [default: 127.0.0.1:8080]
     --upstream URL         proxy every path to URL (http://host:port, https://host,
-                           or host:port); repeat for round robin
+                           or host:port); repeat for more endpoints, balanced by --lb
     --lb BALANCER          how --upstream endpoints share the load: round-robin,
                            random, least-request, ewma (peak-EWMA response time),
                            or hash:client-ip, hash:path,
@@ -81,9 +95,10 @@ Stops gracefully on Ctrl-C or SIGTERM. Logs go to stderr; set RUST_LOG to tune t
 
 #[derive(Debug)]
 struct Args {
-    listen: SocketAddr,
+    config: Option<PathBuf>,
+    listen: String,
     upstreams: Vec<String>,
-    lb: Lb,
+    lb: Balancer,
     threads: Option<usize>,
     tls_cert: Option<PathBuf>,
     tls_key: Option<PathBuf>,
@@ -99,42 +114,32 @@ struct Args {
     dns_refresh: Option<Duration>,
 }
 
-/// The `--lb` choice.
-#[derive(Debug)]
-enum Lb {
-    RoundRobin,
-    Random,
-    LeastRequest,
-    Ewma,
-    Hash(HashKey),
-}
-
-impl Lb {
-    fn parse(v: &str) -> Result<Self, String> {
-        let bad = || format!("--lb: `{v}` is not a balancer (see --help)");
-        Ok(match v {
-            "round-robin" => Self::RoundRobin,
-            "random" => Self::Random,
-            "least-request" => Self::LeastRequest,
-            "ewma" => Self::Ewma,
-            "hash:client-ip" => Self::Hash(HashKey::ClientIp),
-            "hash:path" => Self::Hash(HashKey::Path),
-            _ => match v.strip_prefix("hash:").and_then(|k| k.split_once(':')) {
-                Some(("header", name)) => Self::Hash(HashKey::Header(
-                    http::header::HeaderName::try_from(name).map_err(|_| bad())?,
-                )),
-                Some(("cookie", name)) if !name.is_empty() => {
-                    Self::Hash(HashKey::Cookie(name.to_owned()))
-                }
-                _ => return Err(bad()),
-            },
-        })
-    }
+/// The `--lb` choice, as the config file spells it.
+fn balancer(v: &str) -> Result<Balancer, String> {
+    let bad = || format!("--lb: `{v}` is not a balancer");
+    Ok(match v {
+        "round-robin" => Balancer::RoundRobin,
+        "random" => Balancer::Random,
+        "least-request" => Balancer::LeastRequest,
+        "ewma" => Balancer::Ewma,
+        "hash:client-ip" => Balancer::Hash(HashOn::ClientIp),
+        "hash:path" => Balancer::Hash(HashOn::Path),
+        _ => match v.strip_prefix("hash:").and_then(|k| k.split_once(':')) {
+            Some(("header", name)) if http::header::HeaderName::try_from(name).is_ok() => {
+                Balancer::Hash(HashOn::Header(name.to_owned()))
+            }
+            Some(("cookie", name)) if !name.is_empty() => {
+                Balancer::Hash(HashOn::Cookie(name.to_owned()))
+            }
+            _ => return Err(bad()),
+        },
+    })
 }
 
 /// What the command line asked for.
 enum Command {
     Run(Box<Args>),
+    Check(PathBuf),
     Help,
 }
 
@@ -142,9 +147,10 @@ fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Command, String> {
     use lexopt::prelude::*;
     let mut parser = lexopt::Parser::from_args(args);
     let mut args = Args {
-        listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+        config: None,
+        listen: "127.0.0.1:8080".to_owned(),
         upstreams: Vec::new(),
-        lb: Lb::RoundRobin,
+        lb: Balancer::RoundRobin,
         threads: None,
         tls_cert: None,
         tls_key: None,
@@ -168,14 +174,22 @@ fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Command, String> {
         };
         match arg {
             Short('h') | Long("help") => return Ok(Command::Help),
+            Long("config") => args.config = Some(value(&mut parser)?.into()),
+            Long("check") => return Ok(Command::Check(value(&mut parser)?.into())),
             Long("listen") => {
                 let v = value(&mut parser)?;
-                args.listen = v.parse().map_err(|_| {
-                    format!("--listen: `{v}` is not an address like 127.0.0.1:8080")
-                })?;
+                let port = v
+                    .rsplit_once(':')
+                    .map(|(host, port)| (host, port.parse::<u16>()));
+                if !matches!(port, Some((host, Ok(_))) if !host.is_empty()) {
+                    return Err(format!(
+                        "--listen: `{v}` is not an address like 127.0.0.1:8080 or localhost:8080"
+                    ));
+                }
+                args.listen = v;
             }
             Long("upstream") => args.upstreams.push(value(&mut parser)?),
-            Long("lb") => args.lb = Lb::parse(&value(&mut parser)?)?,
+            Long("lb") => args.lb = balancer(&value(&mut parser)?)?,
             Long("threads") => {
                 let v = value(&mut parser)?;
                 let n: usize = v
@@ -223,6 +237,11 @@ fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Command, String> {
     if args.tls_cert.is_some() != args.tls_key.is_some() {
         return Err("--tls-cert and --tls-key go together".into());
     }
+    if args.config.is_some() && !args.upstreams.is_empty() {
+        return Err(
+            "--config and --upstream do not go together: the file has the upstreams".into(),
+        );
+    }
     Ok(Command::Run(Box::new(args)))
 }
 
@@ -247,6 +266,7 @@ fn main() -> ExitCode {
             print!("{HELP}");
             return ExitCode::SUCCESS;
         }
+        Ok(Command::Check(file)) => return check(&file),
         Ok(Command::Run(args)) => *args,
         Err(err) => {
             eprintln!("gateway: error: {err} (see --help)");
@@ -299,67 +319,62 @@ enum Failure {
     Runtime(String),
 }
 
-async fn run(args: Args) -> Result<(), Failure> {
-    // A configuration error and its causes, one line.
-    let config = |e: &dyn std::error::Error| {
-        let mut text = e.to_string();
-        let mut source = e.source();
-        while let Some(cause) = source {
-            text.push_str(": ");
-            text.push_str(&cause.to_string());
-            source = cause.source();
+/// `--check FILE`: whether the file would load, as the exit code says.
+fn check(file: &std::path::Path) -> ExitCode {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build();
+    let checked = runtime.map_err(|e| e.to_string()).and_then(|rt| {
+        // Built (not served) inside a runtime: upstreams start their checks as they are built.
+        rt.block_on(async {
+            let name = file.display().to_string();
+            config::read(file)
+                .and_then(|c| config::build(&name, &c))
+                .map_err(|e| e.to_string())
+        })
+    });
+    match checked {
+        Ok(_) => {
+            println!("{}: valid", file.display());
+            ExitCode::SUCCESS
         }
-        Failure::Config(text)
-    };
-    let tls = match (&args.tls_cert, &args.tls_key) {
-        (Some(cert), Some(key)) => {
-            Some(TlsConfig::from_pem_files(cert, key).map_err(|e| config(&e))?)
+        Err(err) => {
+            eprintln!("gateway: error: {err}");
+            ExitCode::from(2)
         }
-        _ => None,
-    };
-    let mut trusted = TrustedProxies::builder();
-    for cidr in &args.trusted {
-        trusted = trusted.cidr(cidr.as_str());
     }
-    let trusted = trusted.build().map_err(|e| config(&e))?;
+}
 
-    let (app, demo) = if args.upstreams.is_empty() {
+async fn run(args: Args) -> Result<(), Failure> {
+    let invalid = |e: ConfigError| Failure::Config(e.to_string());
+    let (name, config, demo) = if let Some(file) = &args.config {
+        let name = file.display().to_string();
+        let config = config::read(file).map_err(invalid)?;
+        (name, config, false)
+    } else if args.upstreams.is_empty() {
         let demo = demo::start()
             .await
             .map_err(|e| Failure::Runtime(format!("cannot start the demo upstream: {e}")))?;
-        let api =
-            ReverseProxy::builder(Upstream::single(&demo.to_string()).map_err(|e| config(&e))?)
-                .strip_prefix("/api")
-                .build()
-                .map_err(|e| config(&e))?;
         (
-            Router::new().route(Route::prefix("/api").id("api"), api),
+            "the demo".to_owned(),
+            demo_config(&args, &demo.to_string()),
             true,
         )
     } else {
-        let upstream = upstream(&args).map_err(|e| config(&*e))?;
-        let proxy = ReverseProxy::builder(upstream)
-            .build()
-            .map_err(|e| config(&e))?;
-        (
-            Router::new().route(Route::prefix("/").id("default"), proxy),
-            false,
-        )
+        ("the command line".to_owned(), flags_config(&args), false)
     };
+    let gateway = config::build(&name, &config).map_err(invalid)?;
 
-    let server = Server::bind(args.listen)
+    let server = Server::bind(gateway.listen.as_str())
         .await
-        .map_err(|e| Failure::Config(format!("cannot listen on {}: {e}", args.listen)))?;
+        .map_err(|e| Failure::Config(format!("cannot listen on {}: {e}", gateway.listen)))?;
     let local = server
         .local_addr()
         .map_err(|e| Failure::Runtime(e.to_string()))?;
-    let scheme = if tls.is_some() { "https" } else { "http" };
-    let mut server = server
-        .drain_timeout(args.drain)
+    let scheme = if gateway.is_tls() { "https" } else { "http" };
+    let server = gateway
+        .configure(server)
         .shrink_after_close(SHRINK_CROWD, give_back_heap);
-    if let Some(tls) = tls {
-        server = server.tls(tls);
-    }
 
     println!("gateway listening on {scheme}://{local}");
     if demo {
@@ -367,20 +382,112 @@ async fn run(args: Args) -> Result<(), Failure> {
         println!("  curl -i {scheme}://{local}/api/hello");
         println!("  curl -i {scheme}://{local}/api/headers -H 'X-Forwarded-For: 6.6.6.6'");
         println!("  curl -i {scheme}://{local}/api/%2e%2e%2fadmin");
+    } else if args.config.is_some() {
+        println!("serving {name}: {} routes", config.routes.len());
     } else {
         println!("proxying every path to {}", args.upstreams.join(", "));
     }
 
     let stack = ServiceBuilder::new()
         .layer(RescueLayer::new())
-        .layer(SetClientIpLayer::new(trusted))
-        .service(app);
+        .layer(SetClientIpLayer::new(gateway.trusted.clone()))
+        .service(gateway.router);
     server
         .serve(stack)
         .await
         .map_err(|e| Failure::Runtime(e.to_string()))?;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// The server settings the flags give.
+fn server_config(args: &Args) -> ServerConfig {
+    ServerConfig {
+        tls: match (&args.tls_cert, &args.tls_key) {
+            (Some(cert), Some(key)) => Some(TlsFiles {
+                cert: cert.display().to_string(),
+                key: key.display().to_string(),
+            }),
+            _ => None,
+        },
+        trusted_proxies: args.trusted.iter().cloned().map(Cidr).collect(),
+        drain_timeout: Some(Period(args.drain)),
+        ..ServerConfig::default()
+    }
+}
+
+/// One route, every path, to `upstream`.
+fn route(id: &str, prefix: &str, upstream: &str) -> RouteConfig {
+    RouteConfig {
+        id: Some(id.to_owned()),
+        matches: MatchConfig {
+            path: Some(prefix.to_owned()),
+            ..MatchConfig::default()
+        },
+        upstream: Some(Located::new(upstream.to_owned())),
+        redirect: None,
+        respond: None,
+        strip_prefix: None,
+        replace_prefix: None,
+        host: None,
+        timeouts: config::RouteTimeouts::default(),
+    }
+}
+
+/// The demo: `/api/...` to the demo upstream at `addr`, with the prefix stripped.
+fn demo_config(args: &Args, addr: &str) -> Config {
+    let upstream = UpstreamConfig {
+        endpoints: vec![EndpointConfig::Url(Url(addr.to_owned()))],
+        balancer: Balancer::RoundRobin,
+        health_check: None,
+        outlier_detection: Outlier::default(),
+        slow_start: None,
+        dns_refresh: None,
+        tls: None,
+    };
+    let mut api = route("api", "/api", "demo");
+    api.strip_prefix = Some("/api".to_owned());
+    Config {
+        listen: args.listen.clone(),
+        server: server_config(args),
+        upstreams: BTreeMap::from([("demo".to_owned(), upstream)]),
+        routes: vec![api],
+    }
+}
+
+/// The one-route config the `--upstream`, `--lb`, health and discovery flags describe.
+fn flags_config(args: &Args) -> Config {
+    let health_check = args.health_path.as_ref().map(|path| HealthCheckConfig {
+        path: path.clone(),
+        interval: Some(Period(args.health_interval)),
+        timeout: Some(Period(args.health_timeout)),
+        healthy_threshold: Some(args.healthy_threshold),
+        unhealthy_threshold: Some(args.unhealthy_threshold),
+    });
+    let upstream = UpstreamConfig {
+        endpoints: args
+            .upstreams
+            .iter()
+            .map(|u| EndpointConfig::Url(Url(u.clone())))
+            .collect(),
+        balancer: args.lb.clone(),
+        health_check,
+        outlier_detection: match args.eject_after {
+            0 => Outlier::Off,
+            n => Outlier::On {
+                consecutive_failures: n,
+            },
+        },
+        slow_start: (!args.slow_start.is_zero()).then_some(Period(args.slow_start)),
+        dns_refresh: args.dns_refresh.map(Period),
+        tls: None,
+    };
+    Config {
+        listen: args.listen.clone(),
+        server: server_config(args),
+        upstreams: BTreeMap::from([("default".to_owned(), upstream)]),
+        routes: vec![route("default", "/", "default")],
+    }
 }
 
 /// After this many connections were open and most of them closed, the heap they freed goes
@@ -427,51 +534,6 @@ fn give_back_heap() {
 #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
 fn give_back_heap() {}
 
-/// The upstream the `--upstream`, `--lb`, health and discovery flags describe.
-fn upstream(args: &Args) -> Result<Upstream, Box<dyn std::error::Error>> {
-    let mut fixed = Vec::new();
-    let mut discovered = Vec::new();
-    for target in &args.upstreams {
-        let endpoint: Endpoint = target.parse()?;
-        let by_name = endpoint
-            .authority()
-            .host()
-            .trim_start_matches('[')
-            .trim_end_matches(']')
-            .parse::<IpAddr>()
-            .is_err();
-        match args.dns_refresh {
-            Some(every) if by_name && endpoint.scheme() == &http::uri::Scheme::HTTP => {
-                discovered.push(DnsDiscovery::new(target)?.interval(every));
-            }
-            _ => fixed.push(endpoint),
-        }
-    }
-    let mut builder = match &args.lb {
-        Lb::RoundRobin => Upstream::builder(fixed, RoundRobin::default()),
-        Lb::Random => Upstream::builder(fixed, Random::default()),
-        Lb::LeastRequest => Upstream::builder(fixed, LeastRequest::default()),
-        Lb::Ewma => Upstream::builder(fixed, PeakEwma::default()),
-        Lb::Hash(key) => Upstream::builder(fixed, ConsistentHash::new(key.clone())),
-    };
-    for dns in discovered {
-        builder = builder.discover(dns);
-    }
-    if let Some(path) = &args.health_path {
-        let check = HealthCheck::http(path)?
-            .interval(args.health_interval)
-            .jitter(args.health_interval / 10)
-            .timeout(args.health_timeout)
-            .healthy_threshold(args.healthy_threshold)
-            .unhealthy_threshold(args.unhealthy_threshold);
-        builder = builder.health_check(check);
-    }
-    if args.eject_after > 0 {
-        builder = builder.outlier_detection(OutlierDetection::new(args.eject_after));
-    }
-    Ok(builder.slow_start(args.slow_start).build())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -498,11 +560,11 @@ mod tests {
         ]) else {
             panic!("valid flags");
         };
-        assert_eq!(a.listen.port(), 9000);
+        assert_eq!(a.listen, "0.0.0.0:9000");
         assert_eq!(a.upstreams, ["a:1", "http://b:2"]);
         assert_eq!(a.threads, Some(3));
         assert_eq!(a.trusted, ["10.0.0.0/8"]);
-        assert!(matches!(a.lb, Lb::Hash(HashKey::Cookie(ref c)) if c == "sid"));
+        assert!(matches!(a.lb, Balancer::Hash(HashOn::Cookie(ref c)) if c == "sid"));
         for lb in [
             "round-robin",
             "random",
@@ -512,7 +574,7 @@ mod tests {
             "hash:path",
             "hash:header:x-user",
         ] {
-            assert!(Lb::parse(lb).is_ok(), "{lb}");
+            assert!(balancer(lb).is_ok(), "{lb}");
         }
     }
 
@@ -548,8 +610,10 @@ mod tests {
         assert_eq!(a.eject_after, 0);
         assert_eq!(a.slow_start, Duration::from_secs(30));
         assert_eq!(a.dns_refresh, Some(Duration::from_secs(1)));
-        // Host names become DNS discovery, addresses stay fixed; both build.
-        let Ok(Command::Run(mut a)) = parse_strs(&["--dns-refresh", "1"]) else {
+        // The flags are a one-route config, which builds (host names become DNS discovery).
+        let Ok(Command::Run(mut a)) =
+            parse_strs(&["--dns-refresh", "1", "--listen", "localhost:0"])
+        else {
             panic!("valid flags");
         };
         a.upstreams = vec!["127.0.0.1:1".into(), "localhost:2".into()];
@@ -557,8 +621,8 @@ mod tests {
             .enable_all()
             .build()
             .unwrap();
-        let up = rt.block_on(async { upstream(&a).unwrap() });
-        assert_eq!(up.endpoints().len(), 1, "only the address is there at once");
+        let built = rt.block_on(async { config::build("flags", &flags_config(&a)) });
+        assert_eq!(built.map(|g| g.listen).ok().as_deref(), Some("localhost:0"));
     }
 
     #[test]
@@ -576,9 +640,17 @@ mod tests {
             &["--healthy-threshold", "0"],
             &["--eject-after", "x"],
             &["--slow-start", "NaN"],
+            &["--listen", ":80"],
+            &["--config", "gateway.yaml", "--upstream", "a:1"],
         ] {
             assert!(parse_strs(bad).is_err(), "{bad:?}");
         }
         assert!(matches!(parse_strs(&["--help"]), Ok(Command::Help)));
+        assert!(matches!(
+            parse_strs(&["--check", "g.yaml"]),
+            Ok(Command::Check(_))
+        ));
+        let err = parse_strs(&["--lb", "fastest"]).err().unwrap_or_default();
+        assert!(!err.contains("--help"), "said once, by main: {err}");
     }
 }

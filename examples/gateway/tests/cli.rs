@@ -48,6 +48,8 @@ async fn help_documents_every_flag() {
         "--eject-after",
         "--slow-start",
         "--dns-refresh",
+        "--config",
+        "--check",
         "--help",
     ] {
         assert!(help.contains(flag), "--help does not mention {flag}");
@@ -214,5 +216,99 @@ async fn health_checks_take_a_failing_upstream_out_of_rotation() {
         sick.requests().iter().all(|r| r.uri.path() == "/healthz"),
         "only probes reach the sick upstream"
     );
+    sigterm_and_wait(child).await;
+}
+
+/// Writes `yaml` to a file of its own and returns its path.
+fn config_file(name: &str, yaml: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("gateway-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join(name);
+    std::fs::write(&path, yaml).unwrap();
+    path
+}
+
+#[tokio::test]
+async fn check_accepts_the_example_config() {
+    let example = concat!(env!("CARGO_MANIFEST_DIR"), "/gateway.example.yaml");
+    let out = run_to_end(&["--check", example]).await;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("valid"));
+}
+
+/// `--check` and `--config` refuse a bad file the same way: exit 2, one line, with the
+/// file, line, column and key path, and nothing bound.
+#[tokio::test]
+async fn a_bad_config_exits_2_naming_the_place() {
+    let cases = [
+        (
+            "unknown.yaml",
+            "listen: 127.0.0.1:0\nroutes:\n  - match: { paht: /a }\n",
+            ":3:14: routes[0].match.paht: unknown field",
+        ),
+        (
+            "missing.yaml",
+            "listen: 127.0.0.1:0\nroutes:\n  - match: { path: /a }\n    upstream: nope\n",
+            ":4:15: routes[0].upstream: no upstream is named `nope`",
+        ),
+        (
+            "duration.yaml",
+            "listen: 127.0.0.1:0\nserver: { drain_timeout: soon }\nroutes: []\n",
+            ":2:26: server.drain_timeout:",
+        ),
+    ];
+    for (name, yaml, says) in cases {
+        let path = config_file(name, yaml);
+        let file = path.to_str().unwrap();
+        for flag in ["--check", "--config"] {
+            let out = run_to_end(&[flag, file]).await;
+            let err = String::from_utf8_lossy(&out.stderr);
+            assert_eq!(out.status.code(), Some(2), "{flag} {name}: {err}");
+            assert_eq!(err.lines().count(), 1, "{flag} {name}: {err}");
+            assert!(
+                err.starts_with(&format!("gateway: error: {file}{says}")),
+                "{flag} {name}: {err}"
+            );
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_config_file_is_served_as_it_says() {
+    let up = TestUpstream::echo().await;
+    let yaml = format!(
+        "
+listen: 127.0.0.1:0
+upstreams:
+  api:
+    endpoints: [{}]
+    balancer: least-request
+routes:
+  - match: {{ path: /api }}
+    upstream: api
+  - match: {{ path: /old }}
+    redirect: {{ to: /api, status: 308 }}
+",
+        up.url()
+    );
+    let path = config_file("served.yaml", &yaml);
+    let (child, addr) = start(&["--config", path.to_str().unwrap(), "--threads", "1"]).await;
+    let res = get(addr, "/api/users").await;
+    assert_eq!(
+        raw::statuses(&res),
+        [200],
+        "{}",
+        String::from_utf8_lossy(&res)
+    );
+    assert_eq!(up.last_request().uri, "/api/users");
+    assert_eq!(raw::statuses(&get(addr, "/apiadmin").await), [404]);
+    let res = get(addr, "/old").await;
+    assert_eq!(raw::statuses(&res), [308]);
+    assert!(String::from_utf8_lossy(&res).contains("location: /api\r\n"));
+    assert_eq!(up.requests().len(), 1);
     sigterm_and_wait(child).await;
 }

@@ -173,7 +173,9 @@ fn interpolate(
     env: impl Fn(&str) -> Option<String>,
 ) -> Result<String, ConfigError> {
     let mut out = String::with_capacity(text.len());
-    for (index, line) in text.split_inclusive('\n').enumerate() {
+    for (index, whole) in text.split_inclusive('\n').enumerate() {
+        // A comment is left as it is: it may well show a `${VAR}`.
+        let (line, comment) = whole.split_at(comment_start(whole));
         let mut rest = line;
         while let Some(at) = rest.find('$') {
             out.push_str(&rest[..at]);
@@ -222,8 +224,35 @@ fn interpolate(
             rest = &body[end + 1..];
         }
         out.push_str(rest);
+        out.push_str(comment);
     }
     Ok(out)
+}
+
+/// Where the comment of a YAML line starts (its length when it has none): a `#` at the
+/// start or after a space, outside quotes. (A quoted scalar that spans lines is not
+/// followed; such a line is taken as it is.)
+fn comment_start(line: &str) -> usize {
+    let mut quote = None;
+    let mut previous = b' ';
+    let mut escaped = false;
+    for (i, b) in line.bytes().enumerate() {
+        match quote {
+            Some(b'"') if escaped => escaped = false,
+            Some(b'"') if b == b'\\' => escaped = true,
+            Some(q) if b == q => quote = None,
+            Some(_) => {}
+            None if b == b'#' && previous.is_ascii_whitespace() => return i,
+            None if (b == b'"' || b == b'\'')
+                && (previous.is_ascii_whitespace() || b"[{:,".contains(&previous)) =>
+            {
+                quote = Some(b);
+            }
+            None => {}
+        }
+        previous = b;
+    }
+    line.len()
 }
 
 /// Splits serde-saphyr's ` at line N, column M` suffixes off a message: the first one is the
@@ -240,4 +269,41 @@ fn split_location(text: &str) -> (String, Option<(usize, usize)>) {
             Some((line.parse().ok()?, rest[..digits].parse().ok()?))
         });
     (text[..start].to_owned(), at)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(name: &str) -> Option<String> {
+        match name {
+            "HOST" => Some("example.com".into()),
+            "EMPTY" => Some(String::new()),
+            "TWO_LINES" => Some("a\nb".into()),
+            _ => None,
+        }
+    }
+
+    #[test]
+    fn variables_are_replaced_outside_comments() {
+        let text = "a: ${HOST} # see ${NOT_SET}\nb: '#${HOST}' # ${X}\nc: ${EMPTY:-d}$$${HOST:-x}\n# ${Y}\n";
+        assert_eq!(
+            interpolate("f", text, env).unwrap(),
+            "a: example.com # see ${NOT_SET}\nb: '#example.com' # ${X}\nc: d$example.com\n# ${Y}\n"
+        );
+    }
+
+    #[test]
+    fn a_bad_reference_is_an_error_where_it_is() {
+        for (text, at, says) in [
+            ("a: x\nb: ${NOT_SET}\n", (2, 4), "is not set"),
+            ("a: ${HOST\n", (1, 4), "closing"),
+            ("a: ${HO ST}\n", (1, 4), "not a variable name"),
+            ("a: ${TWO_LINES}\n", (1, 4), "line break"),
+        ] {
+            let err = interpolate("f", text, env).unwrap_err();
+            assert_eq!(err.location(), Some(at), "{text}: {err}");
+            assert!(err.message().contains(says), "{text}: {err}");
+        }
+    }
 }

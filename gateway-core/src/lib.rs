@@ -24,6 +24,8 @@ pub mod client_ip;
 mod error;
 mod ext;
 pub mod plugin;
+#[cfg(feature = "registry")]
+pub mod registry;
 pub mod rescue;
 #[cfg(feature = "test-util")]
 pub mod test_util;

@@ -4,14 +4,43 @@
 
 mod support;
 
+use gateway_core::registry::Registry;
 use gateway_core::test_util::TestUpstream;
+use gateway_core::{Error, Flow, Plugin};
 use gateway_proxy::config::{self, ConfigError};
+use http::request;
+use serde::Deserialize;
 use support::{Gateway, raw, status};
 
+/// A plugin of the test's own, registered as `tag`: sets `x-tag` on requests.
+struct Tag(http::HeaderValue);
+
+impl Plugin for Tag {
+    type Ctx = ();
+    const NAME: &'static str = "tag";
+    fn new_ctx(&self) {}
+    async fn on_request(&self, req: &mut request::Parts, (): &mut ()) -> Result<Flow, Error> {
+        req.headers.insert("x-tag", self.0.clone());
+        Ok(Flow::Continue)
+    }
+}
+
+/// `tag`'s config section.
+#[derive(Debug, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TagConfig {
+    value: String,
+}
+
+fn registry() -> Registry {
+    let mut registry = Registry::new();
+    registry.plugin("tag", |c: &TagConfig| Ok(Tag(c.value.parse()?)));
+    registry
+}
+
 fn parse(yaml: &str) -> Result<config::Config, ConfigError> {
-    config::parse("gateway.yaml", yaml, |name| {
-        (name == "API_URL").then(|| "http://127.0.0.1:1".to_owned())
-    })
+    let env = |name: &str| (name == "API_URL").then(|| "http://127.0.0.1:1".to_owned());
+    config::parse("gateway.yaml", yaml, env, &registry())
 }
 
 /// Parses and builds (inside the test's runtime: upstreams start their checks).
@@ -125,6 +154,44 @@ routes:
     assert_eq!(up.requests().len(), 2);
 }
 
+/// A registered plugin configured in the file runs in its route's stack, outermost first,
+/// and only there.
+#[tokio::test]
+async fn registered_plugins_run_in_their_route() {
+    let up = TestUpstream::echo().await;
+    let yaml = format!(
+        "
+listen: 127.0.0.1:8080
+upstreams:
+  up: {{ endpoints: ['{}'] }}
+routes:
+  - match: {{ path: /tagged }}
+    upstream: up
+    plugins:
+      - tag: {{ value: outer }}
+      - tag: {{ value: inner }}
+  - match: {{ path: /plain }}
+    upstream: up
+",
+        up.url()
+    );
+    let gw = start(&yaml).await;
+    assert_eq!(
+        status(&raw(gw.addr, &support::get("/tagged", "")).await),
+        200
+    );
+    let seen = up.last_request();
+    assert_eq!(
+        seen.headers.get("x-tag").map(|v| v.as_bytes()),
+        Some(&b"inner"[..])
+    );
+    assert_eq!(
+        status(&raw(gw.addr, &support::get("/plain", "")).await),
+        200
+    );
+    assert_eq!(up.last_request().headers.get("x-tag"), None);
+}
+
 #[test]
 fn environment_variables_are_interpolated() {
     let yaml = "listen: ${PORT:-127.0.0.1:9}\nupstreams:\n  a: { endpoints: ['${API_URL}'] }\nroutes: []\n# $$ stays\n";
@@ -231,6 +298,27 @@ async fn mistakes_name_their_line_column_and_key_path() {
             (6, 15),
             "routes[0].upstream",
             "no upstream is named `apj`",
+        ),
+        (
+            "a plugin nobody registered",
+            "listen: x\nroutes:\n  - match: { path: /a }\n    respond: {}\n    plugins:\n      - tga: { value: x }\n",
+            (6, 14),
+            "routes[0].plugins[0].tga",
+            "no plugin is named `tga` (registered: tag)",
+        ),
+        (
+            "a plugin's section with a mistake",
+            "listen: x\nroutes:\n  - match: { path: /a }\n    respond: {}\n    plugins:\n      - tag: { valeu: x }\n",
+            (6, 16),
+            "routes[0].plugins[0].tag.valeu",
+            "unknown field",
+        ),
+        (
+            "a plugin's section its factory refuses",
+            "listen: x\nroutes:\n  - match: { path: /a }\n    respond: {}\n    plugins:\n      - tag: { value: \"a\\nb\" }\n",
+            (6, 9),
+            "routes[0].plugins[0].tag",
+            "failed to parse header value",
         ),
         (
             "an unset variable",

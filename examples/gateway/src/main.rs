@@ -41,6 +41,7 @@ use std::time::Duration;
 
 use gateway_core::RescueLayer;
 use gateway_core::client_ip::SetClientIpLayer;
+use gateway_core::registry::Registry;
 use gateway_proxy::Server;
 use gateway_proxy::config::{
     self, Balancer, Cidr, Config, ConfigError, EndpointConfig, HashOn, HealthCheckConfig, Located,
@@ -328,7 +329,7 @@ fn check(file: &std::path::Path) -> ExitCode {
         // Built (not served) inside a runtime: upstreams start their checks as they are built.
         rt.block_on(async {
             let name = file.display().to_string();
-            config::read(file)
+            config::read(file, &plugins())
                 .and_then(|c| config::build(&name, &c))
                 .map_err(|e| e.to_string())
         })
@@ -349,7 +350,7 @@ async fn run(args: Args) -> Result<(), Failure> {
     let invalid = |e: ConfigError| Failure::Config(e.to_string());
     let (name, config, demo) = if let Some(file) = &args.config {
         let name = file.display().to_string();
-        let config = config::read(file).map_err(invalid)?;
+        let config = config::read(file, &plugins()).map_err(invalid)?;
         (name, config, false)
     } else if args.upstreams.is_empty() {
         let demo = demo::start()
@@ -400,6 +401,11 @@ async fn run(args: Args) -> Result<(), Failure> {
     Ok(())
 }
 
+/// The plugins a config file may name.
+fn plugins() -> Registry {
+    Registry::new()
+}
+
 /// The server settings the flags give.
 fn server_config(args: &Args) -> ServerConfig {
     ServerConfig {
@@ -431,6 +437,7 @@ fn route(id: &str, prefix: &str, upstream: &str) -> RouteConfig {
         replace_prefix: None,
         host: None,
         timeouts: config::RouteTimeouts::default(),
+        plugins: Vec::new(),
     }
 }
 

@@ -10,6 +10,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use gateway_core::Body;
 use gateway_core::client_ip::TrustedProxies;
+use gateway_core::registry::RouteService;
 use http::header::{CONTENT_TYPE, HeaderValue, LOCATION};
 use http::{Method, Request, Response, StatusCode};
 
@@ -251,6 +252,7 @@ fn add_route(
         }
     };
     let err = |key: &str, message: String| ConfigError::new(file, None, at(key), message);
+    let mistake = |m: Mistake| ConfigError::new(file, m.at, at(&m.key), m.message);
     let m = &config.matches;
     let mut route = match (&m.path, &m.exact) {
         (Some(_), Some(_)) => {
@@ -303,7 +305,7 @@ fn add_route(
             ));
         };
         let proxy = proxy(config, built).map_err(|(key, message)| err(key, message))?;
-        router.try_route(route, proxy)
+        mount(router, route, proxy, config).map_err(mistake)?
     } else if let Some(redirect) = &config.redirect {
         let status = StatusCode::from_u16(redirect.status.unwrap_or(308))
             .ok()
@@ -326,10 +328,8 @@ fn add_route(
                     format!("`{}` is not a path (`/x`) or an http(s) URL", redirect.to),
                 )
             })?;
-        router.try_route(
-            route,
-            answer(status, Some((LOCATION, location)), Bytes::new()),
-        )
+        let redirect = answer(status, Some((LOCATION, location)), Bytes::new());
+        mount(router, route, redirect, config).map_err(mistake)?
     } else if let Some(respond) = &config.respond {
         let status = StatusCode::from_u16(respond.status.unwrap_or(200))
             .ok()
@@ -351,14 +351,58 @@ fn add_route(
             )
         })?;
         let body = Bytes::from(respond.body.clone());
-        router.try_route(
-            route,
-            answer(status, Some((CONTENT_TYPE, content_type)), body),
-        )
+        let respond = answer(status, Some((CONTENT_TYPE, content_type)), body);
+        mount(router, route, respond, config).map_err(mistake)?
     } else {
         unreachable!("exactly one target, checked above")
     };
-    added.map_err(|e| err("match", chain(&e)))
+    Ok(added)
+}
+
+/// Adds `service` as `route`, under the route's plugins (outermost first). A route without
+/// plugins keeps its service's own type; one with plugins is boxed, as their layers are.
+fn mount<S, E>(
+    router: Router,
+    route: Route,
+    service: S,
+    config: &RouteConfig,
+) -> Result<Router, Mistake>
+where
+    S: tower::Service<Request<Body>, Response = Response<Body>, Error = E>
+        + Clone
+        + Send
+        + Sync
+        + 'static,
+    S::Future: Send + 'static,
+    E: Into<gateway_core::BoxError> + 'static,
+{
+    let added = if config.plugins.is_empty() {
+        router.try_route(route, service)
+    } else {
+        let mut stack = RouteService::new(tower::ServiceExt::map_err(service, Into::into));
+        for (index, plugin) in config.plugins.iter().enumerate().rev() {
+            let section = &plugin.value.section;
+            let layer = section.layer().map_err(|e| Mistake {
+                key: format!("plugins[{index}].{}", section.name()),
+                at: plugin.location(),
+                message: chain(&*e),
+            })?;
+            stack = tower::Layer::layer(&layer, stack);
+        }
+        router.try_route(route, stack)
+    };
+    added.map_err(|e| Mistake {
+        key: "match".to_owned(),
+        at: None,
+        message: chain(&e),
+    })
+}
+
+/// What is wrong with a route: the key under the route, where, and why.
+struct Mistake {
+    key: String,
+    at: Option<(usize, usize)>,
+    message: String,
 }
 
 /// The proxy of a route to its upstream; the failing key and why.

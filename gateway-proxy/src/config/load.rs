@@ -5,7 +5,9 @@ use std::path::Path;
 
 use serde::{Deserialize, Deserializer};
 
-use super::schema::Config;
+use gateway_core::registry::Registry;
+
+use super::schema::{Config, REGISTRY};
 
 /// A config that cannot be used: the file, line and column, the key path
 /// (`routes[2].match.path`), and what is wrong there.
@@ -90,6 +92,15 @@ impl std::error::Error for ConfigError {}
 // === impl Located ===
 
 impl<T> Located<T> {
+    /// Where the value is in its file (line and column, from 1), if it came from one.
+    pub const fn location(&self) -> Option<(usize, usize)> {
+        if self.line == 0 {
+            None
+        } else {
+            Some((self.line, self.column))
+        }
+    }
+
     /// A value with no place in a file (built in code, or from flags).
     pub const fn new(value: T) -> Self {
         Self {
@@ -119,20 +130,23 @@ impl<'de, T: Deserialize<'de>> Deserialize<'de> for Located<T> {
 
 // === loading ===
 
-/// Reads and parses the config file at `path`.
+/// Reads and parses the config file at `path`, with `${VAR}` from the environment and
+/// route plugins from `registry`.
 ///
 /// # Errors
 ///
 /// When the file cannot be read, a `${VAR}` it names is not set, or it is not a valid
-/// config (YAML syntax, unknown keys, wrong types, bad durations or sizes).
-pub fn read(path: &Path) -> Result<Config, ConfigError> {
+/// config (YAML syntax, unknown keys, wrong types, bad durations or sizes, a plugin that is
+/// not registered or whose section its factory refuses).
+pub fn read(path: &Path, registry: &Registry) -> Result<Config, ConfigError> {
     let file = path.display().to_string();
     let text = std::fs::read_to_string(path)
         .map_err(|e| ConfigError::new(&file, None, "", format!("cannot read it: {e}")))?;
-    parse(&file, &text, |name| std::env::var(name).ok())
+    parse(&file, &text, |name| std::env::var(name).ok(), registry)
 }
 
-/// Parses `text` (from `file`, named in errors), with `${VAR}` looked up by `env`.
+/// Parses `text` (from `file`, named in errors), with `${VAR}` looked up by `env` and
+/// route plugins from `registry`.
 ///
 /// # Errors
 ///
@@ -141,8 +155,14 @@ pub fn parse(
     file: &str,
     text: &str,
     env: impl Fn(&str) -> Option<String>,
+    registry: &Registry,
 ) -> Result<Config, ConfigError> {
     let text = interpolate(file, text, env)?;
+    // Plugin sections are read by the factory their name selects, which serde's derive
+    // cannot be handed: it is lent for the parse (and the previous one put back, should
+    // a factory parse a config of its own).
+    let previous = REGISTRY.replace(registry.clone());
+    let _restore = Restore(Some(previous));
     let mut path = String::new();
     let parsed = serde_saphyr::with_deserializer_from_str(&text, |de| {
         serde_path_to_error::deserialize::<_, Config>(de).map_err(|err| {
@@ -158,9 +178,38 @@ pub fn parse(
         });
         // serde_path_to_error says `.` for the root, and `?` for a key it did not get to
         // read (a syntax error inside a map).
-        let path = path.trim_end_matches('?').trim_end_matches('.').to_owned();
+        let path = without_located(path.trim_end_matches('?').trim_end_matches('.'));
         ConfigError::new(file, at, path, message)
     })
+}
+
+/// A key path without the `value` step a [`Located`] adds (it reads as a struct): after a
+/// plugin entry (`plugins[0].value.cors` is `plugins[0].cors`) and a route's `upstream`.
+fn without_located(path: &str) -> String {
+    let mut out = String::with_capacity(path.len());
+    let mut steps = path.split('.').peekable();
+    while let Some(step) = steps.next() {
+        if !out.is_empty() {
+            out.push('.');
+        }
+        out.push_str(step);
+        let located = step == "upstream" || (step.starts_with("plugins[") && step.ends_with(']'));
+        if located && steps.peek() == Some(&"value") {
+            steps.next();
+        }
+    }
+    out
+}
+
+/// Puts the previous registry back when a parse ends, panicking or not.
+struct Restore(Option<Registry>);
+
+impl Drop for Restore {
+    fn drop(&mut self) {
+        if let Some(previous) = self.0.take() {
+            REGISTRY.set(previous);
+        }
+    }
 }
 
 /// Replaces `${NAME}` with the variable's value (`${NAME:-default}` when it is unset or

@@ -17,12 +17,13 @@
 //!   - match: { path: /old }
 //!     redirect: { to: /api, status: 308 }
 //! ";
-//! let parsed = config::parse("gateway.yaml", yaml, |_| None).unwrap();
+//! let plugins = gateway_core::registry::Registry::new();
+//! let parsed = config::parse("gateway.yaml", yaml, |_| None, &plugins).unwrap();
 //! assert_eq!(parsed.routes.len(), 2);
 //!
 //! // A mistake names the file, line, column and key path.
-//! let err = config::parse("gateway.yaml", "listen: x\nroutes:\n  - match: { paht: /a }\n", |_| None)
-//!     .unwrap_err();
+//! let yaml = "listen: x\nroutes:\n  - match: { paht: /a }\n";
+//! let err = config::parse("gateway.yaml", yaml, |_| None, &plugins).unwrap_err();
 //! assert_eq!(err.location(), Some((3, 14)));
 //! assert_eq!(err.path(), "routes[0].match.paht");
 //! ```
@@ -42,7 +43,7 @@ pub use build::{Gateway, build};
 pub use load::{ConfigError, Located, parse, read};
 pub use schema::{
     Balancer, Config, EndpointConfig, HashOn, HealthCheckConfig, MatchConfig, Outlier,
-    RedirectConfig, ReplacePrefix, RespondConfig, RouteConfig, RouteTimeouts, ServerConfig,
-    TlsFiles, UpstreamConfig, UpstreamTls,
+    PluginConfig, RedirectConfig, ReplacePrefix, RespondConfig, RouteConfig, RouteTimeouts,
+    ServerConfig, TlsFiles, UpstreamConfig, UpstreamTls,
 };
 pub use units::{Cidr, InvalidUnit, Period, Size, Url};

@@ -6,6 +6,7 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::num::NonZeroU32;
 
+use gateway_core::registry::{Registry, Section};
 use serde::Deserialize;
 use serde::de;
 
@@ -194,6 +195,73 @@ pub struct RouteConfig {
     /// Timeouts towards the upstream.
     #[serde(default)]
     pub timeouts: RouteTimeouts,
+    /// The route's plugins, outermost first: `- name: { section }`, each a plugin
+    /// registered by that name (see [`Registry`]).
+    #[serde(default)]
+    pub plugins: Vec<Located<PluginConfig>>,
+}
+
+/// One entry of a route's `plugins`: a registered plugin's name and its config section.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PluginConfig {
+    /// The section, read by the plugin's factory.
+    pub section: Section,
+}
+
+thread_local! {
+    /// The registry plugin sections are read with, while `load::parse_with` runs.
+    pub(super) static REGISTRY: std::cell::RefCell<Registry> = std::cell::RefCell::new(Registry::new());
+}
+
+impl<'de> Deserialize<'de> for PluginConfig {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl<'de> de::Visitor<'de> for Visitor {
+            type Value = PluginConfig;
+
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a plugin's name and its config section: `- name: { ... }`")
+            }
+
+            fn visit_map<A: de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> Result<PluginConfig, A::Error> {
+                let Some(name) = map.next_key::<String>()? else {
+                    return Err(de::Error::custom("a plugin entry needs the plugin's name"));
+                };
+                let registry = REGISTRY.with_borrow(Registry::clone);
+                let section = map.next_value_seed(Seed {
+                    registry: &registry,
+                    name: &name,
+                })?;
+                if let Some(other) = map.next_key::<String>()? {
+                    return Err(de::Error::custom(format!(
+                        "one plugin per entry: `{other}` goes in an entry of its own"
+                    )));
+                }
+                Ok(PluginConfig { section })
+            }
+        }
+        deserializer.deserialize_map(Visitor)
+    }
+}
+
+/// Reads a section with the factory registered under `name`.
+struct Seed<'a> {
+    registry: &'a Registry,
+    name: &'a str,
+}
+
+impl<'de> de::DeserializeSeed<'de> for Seed<'_> {
+    type Value = Section;
+
+    fn deserialize<D: serde::Deserializer<'de>>(
+        self,
+        deserializer: D,
+    ) -> Result<Section, D::Error> {
+        self.registry.section(self.name, deserializer)
+    }
 }
 
 /// What a route matches.

@@ -1,0 +1,280 @@
+//! Plugins by name, for the declarative config: a [`Registry`] maps a name to a
+//! [`PluginFactory`], which reads its typed config section and makes a layer for a route's
+//! stack.
+//!
+//! This is the config-driven path, and the only place layers are boxed ([`RouteLayer`]):
+//! composed in code, every layer keeps its own type.
+//!
+//! ```
+//! use gateway_core::registry::Registry;
+//! use gateway_core::{Error, Flow, Plugin};
+//! use http::request;
+//! use serde::Deserialize;
+//!
+//! /// Adds a fixed header to every request.
+//! struct Tag(http::HeaderValue);
+//!
+//! impl Plugin for Tag {
+//!     type Ctx = ();
+//!     const NAME: &'static str = "tag";
+//!     fn new_ctx(&self) {}
+//!     async fn on_request(&self, req: &mut request::Parts, _: &mut ()) -> Result<Flow, Error> {
+//!         req.headers.insert("x-tag", self.0.clone());
+//!         Ok(Flow::Continue)
+//!     }
+//! }
+//!
+//! /// Its config section: `- tag: { value: blue }`.
+//! #[derive(Debug, PartialEq, Deserialize)]
+//! #[serde(deny_unknown_fields)]
+//! struct TagConfig {
+//!     value: String,
+//! }
+//!
+//! let mut registry = Registry::new();
+//! registry.plugin("tag", |config: &TagConfig| Ok(Tag(config.value.parse()?)));
+//! assert!(registry.contains("tag"));
+//! ```
+
+use std::any::Any;
+use std::collections::BTreeMap;
+use std::fmt;
+use std::sync::Arc;
+
+use http::{Request, Response};
+use serde::Deserializer;
+use serde::de::{DeserializeOwned, Error as _};
+use tower::util::{BoxCloneSyncService, BoxCloneSyncServiceLayer};
+
+use crate::{Body, BoxError, Plugin, PluginLayer};
+
+/// A route's service, boxed: what the layers of a config-built stack wrap.
+pub type RouteService = BoxCloneSyncService<Request<Body>, Response<Body>, BoxError>;
+
+/// A layer of a config-built route stack.
+pub type RouteLayer =
+    BoxCloneSyncServiceLayer<RouteService, Request<Body>, Response<Body>, BoxError>;
+
+/// Makes a layer from a typed config section.
+pub trait PluginFactory: Send + Sync + 'static {
+    /// The config section, read with serde (use `#[serde(deny_unknown_fields)]`).
+    /// Equality decides whether a reload may keep what an unchanged section built.
+    type Config: DeserializeOwned + PartialEq + fmt::Debug + Send + Sync + 'static;
+
+    /// The layer `config` describes.
+    ///
+    /// # Errors
+    ///
+    /// When the section is well-formed but cannot be used (a file that is not there, a
+    /// value out of range); the config is then refused as a whole.
+    fn layer(&self, config: &Self::Config) -> Result<RouteLayer, BoxError>;
+}
+
+/// Plugin factories by name. Cloning is cheap.
+#[derive(Clone, Default)]
+pub struct Registry {
+    factories: BTreeMap<String, Arc<dyn Erased>>,
+}
+
+/// A plugin's config section, read and ready to build. Cloning is cheap.
+#[derive(Clone)]
+pub struct Section {
+    name: Arc<str>,
+    inner: Arc<dyn ErasedSection>,
+}
+
+// === impl Registry ===
+
+impl Registry {
+    /// An empty registry.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Registers `factory` under `name`, replacing any factory of that name.
+    pub fn register<F: PluginFactory>(&mut self, name: &str, factory: F) -> &mut Self {
+        self.factories
+            .insert(name.to_owned(), Arc::new(Typed(Arc::new(factory))));
+        self
+    }
+
+    /// Registers a [`Plugin`] made from its config section `C` by `make`: the one call that
+    /// makes a user's plugin usable from a config file.
+    pub fn plugin<P, C, F>(&mut self, name: &str, make: F) -> &mut Self
+    where
+        P: Plugin,
+        C: DeserializeOwned + PartialEq + fmt::Debug + Send + Sync + 'static,
+        F: Fn(&C) -> Result<P, BoxError> + Send + Sync + 'static,
+    {
+        self.register(name, PluginFn::new(make))
+    }
+
+    /// Whether a factory is registered under `name`.
+    pub fn contains(&self, name: &str) -> bool {
+        self.factories.contains_key(name)
+    }
+
+    /// The registered names, in order.
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.factories.keys().map(String::as_str)
+    }
+
+    /// Reads the config section of plugin `name` from `deserializer`.
+    ///
+    /// # Errors
+    ///
+    /// When no plugin is registered under `name`, or the section is not its config.
+    pub fn section<'de, D: Deserializer<'de>>(
+        &self,
+        name: &str,
+        deserializer: D,
+    ) -> Result<Section, D::Error> {
+        let Some(factory) = self.factories.get(name) else {
+            let known: Vec<&str> = self.names().collect();
+            return Err(D::Error::custom(format!(
+                "no plugin is named `{name}` (registered: {})",
+                if known.is_empty() {
+                    "none".to_owned()
+                } else {
+                    known.join(", ")
+                }
+            )));
+        };
+        let mut erased = <dyn erased_serde::Deserializer<'de>>::erase(deserializer);
+        let inner = factory.parse(&mut erased).map_err(D::Error::custom)?;
+        Ok(Section {
+            name: name.into(),
+            inner: Arc::from(inner),
+        })
+    }
+}
+
+impl fmt::Debug for Registry {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_set().entries(self.names()).finish()
+    }
+}
+
+// === impl Section ===
+
+impl Section {
+    /// The plugin's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Builds the layer.
+    ///
+    /// # Errors
+    ///
+    /// As [`PluginFactory::layer`].
+    pub fn layer(&self) -> Result<RouteLayer, BoxError> {
+        self.inner.layer()
+    }
+
+    /// Whether `other` is the same plugin (the same factory) with an equal config.
+    pub fn same_as(&self, other: &Self) -> bool {
+        self.name == other.name && self.inner.same(other.inner.as_ref())
+    }
+}
+
+impl PartialEq for Section {
+    fn eq(&self, other: &Self) -> bool {
+        self.same_as(other)
+    }
+}
+
+impl fmt::Debug for Section {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Section")
+            .field("name", &self.name)
+            .field("config", &self.inner.config())
+            .finish()
+    }
+}
+
+// === erasure ===
+
+/// A factory behind a name.
+trait Erased: Send + Sync {
+    fn parse(
+        &self,
+        de: &mut dyn erased_serde::Deserializer<'_>,
+    ) -> Result<Box<dyn ErasedSection>, erased_serde::Error>;
+}
+
+trait ErasedSection: Send + Sync {
+    fn layer(&self) -> Result<RouteLayer, BoxError>;
+    fn same(&self, other: &dyn ErasedSection) -> bool;
+    fn as_any(&self) -> &dyn Any;
+    fn config(&self) -> &dyn fmt::Debug;
+}
+
+struct Typed<F>(Arc<F>);
+
+struct Parsed<F: PluginFactory> {
+    factory: Arc<F>,
+    config: F::Config,
+}
+
+impl<F: PluginFactory> Erased for Typed<F> {
+    fn parse(
+        &self,
+        de: &mut dyn erased_serde::Deserializer<'_>,
+    ) -> Result<Box<dyn ErasedSection>, erased_serde::Error> {
+        let config: F::Config = erased_serde::deserialize(de)?;
+        Ok(Box::new(Parsed {
+            factory: Arc::clone(&self.0),
+            config,
+        }))
+    }
+}
+
+impl<F: PluginFactory> ErasedSection for Parsed<F> {
+    fn layer(&self) -> Result<RouteLayer, BoxError> {
+        self.factory.layer(&self.config)
+    }
+
+    fn same(&self, other: &dyn ErasedSection) -> bool {
+        other
+            .as_any()
+            .downcast_ref::<Self>()
+            .is_some_and(|o| Arc::ptr_eq(&o.factory, &self.factory) && o.config == self.config)
+    }
+
+    fn as_any(&self) -> &dyn Any {
+        self
+    }
+
+    fn config(&self) -> &dyn fmt::Debug {
+        &self.config
+    }
+}
+
+/// [`Registry::plugin`]'s factory: a [`Plugin`] from its config, under [`PluginLayer`].
+struct PluginFn<F, C> {
+    make: F,
+    _config: std::marker::PhantomData<fn(&C)>,
+}
+
+impl<F, C> PluginFn<F, C> {
+    const fn new(make: F) -> Self {
+        Self {
+            make,
+            _config: std::marker::PhantomData,
+        }
+    }
+}
+
+impl<P, C, F> PluginFactory for PluginFn<F, C>
+where
+    P: Plugin,
+    C: DeserializeOwned + PartialEq + fmt::Debug + Send + Sync + 'static,
+    F: Fn(&C) -> Result<P, BoxError> + Send + Sync + 'static,
+{
+    type Config = C;
+
+    fn layer(&self, config: &C) -> Result<RouteLayer, BoxError> {
+        Ok(RouteLayer::new(PluginLayer::new((self.make)(config)?)))
+    }
+}

@@ -12,6 +12,8 @@ use divan::AllocProfiler;
 use gateway_benches::ready;
 use gateway_core::client_ip::TrustedProxies;
 use gateway_core::{Body, Flow, Plugin, PluginLayer, RescueLayer};
+use gateway_middleware::body_limit::BodyLimitLayer;
+use gateway_middleware::request_id::SetRequestIdLayer;
 use gateway_proxy::upstream::{
     ConsistentHash, Endpoint, HashKey, LeastRequest, PeakEwma, Random, RoundRobin,
 };
@@ -87,6 +89,34 @@ fn inner_service_alone(b: divan::Bencher<'_, '_>) {
 #[divan::bench]
 fn plugin_adapter(b: divan::Bencher<'_, '_>) {
     let svc = PluginLayer::new(HeaderPlugin).layer(ok_service());
+    b.with_inputs(|| request("/"))
+        .bench_local_values(|req| ready(svc.clone().oneshot(req)));
+}
+
+#[divan::bench]
+fn request_id_new(b: divan::Bencher<'_, '_>) {
+    let svc = SetRequestIdLayer::new().layer(ok_service());
+    b.with_inputs(|| request("/"))
+        .bench_local_values(|req| ready(svc.clone().oneshot(req)));
+}
+
+#[divan::bench]
+fn request_id_kept(b: divan::Bencher<'_, '_>) {
+    let svc = SetRequestIdLayer::new().layer(ok_service());
+    b.with_inputs(|| {
+        let mut req = request("/");
+        req.headers_mut().insert(
+            "x-request-id",
+            HeaderValue::from_static("0f8fad5b-d9cb-469f-a165-70867728950e"),
+        );
+        req
+    })
+    .bench_local_values(|req| ready(svc.clone().oneshot(req)));
+}
+
+#[divan::bench]
+fn body_limit_check(b: divan::Bencher<'_, '_>) {
+    let svc = BodyLimitLayer::new(1 << 20).layer(ok_service());
     b.with_inputs(|| request("/"))
         .bench_local_values(|req| ready(svc.clone().oneshot(req)));
 }

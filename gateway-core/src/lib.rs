@@ -30,6 +30,8 @@ pub mod rescue;
 #[cfg(feature = "test-util")]
 pub mod test_util;
 pub mod time;
+#[cfg(feature = "registry")]
+pub mod units;
 
 pub use body::{Body, BodyIdleTimeout};
 pub use client_ip::SetClientIpLayer;

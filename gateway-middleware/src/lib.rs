@@ -1,12 +1,23 @@
-//! Policy layers for the gateway, one module and one cargo feature each.
+//! Policy layers for the gateway, one module and one cargo feature each (the feature is the
+//! kebab-case twin of the module, and `full` turns them all on).
 //!
-//! The modules land one at a time; today this crate declares the feature list that users
-//! depend on (`auth`, `rate-limit`, `cache`, `retry`, `circuit-breaker`, `request-id`, and
-//! `full`), and the shared vocabulary every layer speaks comes from `gateway-core`:
-//! rejections are [`gateway_core::Error`]s rendered in-band, identities and client addresses
-//! are read from request extensions, and upstream outcomes are judged by
-//! [`gateway_core::classify`].
+//! - [`request_id`] (`request-id`): an id for every request, in [`gateway_core::RequestId`]
+//!   and on the request and the response.
+//! - [`body_limit`] (`body-limit`): 413 for request bodies over a size, chunked ones too.
+//! - [`config`] (`config`): the layers above by name, for the declarative config.
+//!
+//! Auth, rate limiting, caching, retries and circuit breaking land as their issues do.
+//! Every layer speaks the vocabulary of `gateway-core`: rejections are
+//! [`gateway_core::Error`]s rendered in-band, identities and client addresses are read from
+//! request extensions, and upstream outcomes are judged by [`gateway_core::classify`].
 
 #![forbid(unsafe_code)]
+
+#[cfg(feature = "body-limit")]
+pub mod body_limit;
+#[cfg(feature = "config")]
+pub mod config;
+#[cfg(feature = "request-id")]
+pub mod request_id;
 
 pub use gateway_core::{Error, ErrorKind};

@@ -35,6 +35,7 @@ struct TagConfig {
 fn registry() -> Registry {
     let mut registry = Registry::new();
     registry.plugin("tag", |c: &TagConfig| Ok(Tag(c.value.parse()?)));
+    gateway_middleware::config::register(&mut registry);
     registry
 }
 
@@ -54,8 +55,9 @@ async fn start(yaml: &str) -> Gateway {
     Gateway::start_with(built.router, trusted, |s| s).await
 }
 
-/// The example of the config issue (its plugins come with the registry): `/api` and
-/// `/api/...` go to the upstream, `/apiadmin` does not, `/old` redirects.
+/// The example of the config issue, plugins and all: `/api` and `/api/...` go to the
+/// upstream with a request id, `/apiadmin` does not, bodies over 1 MiB get 413, `/old`
+/// redirects.
 #[tokio::test]
 async fn the_example_routes_as_its_comments_say() {
     let a = TestUpstream::echo().await;
@@ -70,6 +72,9 @@ upstreams:
 routes:
   - match: {{ path: /api }}               # /api and /api/..., never /apiadmin
     upstream: api
+    plugins:
+      - request-id: {{}}
+      - body-limit: {{ max: 1MiB }}         # larger bodies get 413
   - match: {{ path: /old }}
     redirect: {{ to: /api, status: 308 }}
 ",
@@ -98,7 +103,79 @@ routes:
         res.to_ascii_lowercase().contains("\r\nlocation: /api\r\n"),
         "{res}"
     );
-    assert_eq!(a.requests().len() + b.requests().len(), 3);
+    // The request id: made here, seen by the upstream, returned to the client.
+    let res = raw(gw.addr, &support::get("/api/id", "")).await;
+    let id = res
+        .lines()
+        .find_map(|l| l.strip_prefix("x-request-id: "))
+        .unwrap_or_else(|| panic!("no request id: {res}"));
+    assert_eq!(id.len(), 32, "{res}");
+    let seen = a
+        .requests()
+        .into_iter()
+        .chain(b.requests())
+        .find(|r| r.uri == "/api/id");
+    assert_eq!(
+        seen.and_then(|r| r.header("x-request-id").map(str::to_owned))
+            .as_deref(),
+        Some(id)
+    );
+    // A body announced over 1 MiB is refused before the upstream hears of it.
+    let big = "POST /api/upload HTTP/1.1\r\nHost: gw\r\nContent-Length: 1048577\r\nConnection: close\r\n\r\n";
+    let res = raw(gw.addr, big).await;
+    assert_eq!(status(&res), 413, "{res}");
+    assert!(res.contains("application/problem+json"), "{res}");
+    assert_eq!(a.requests().len() + b.requests().len(), 4);
+}
+
+/// The small layers from the file, with hostile input: a chunked body that grows past the
+/// limit is cut with 413; a client's sane request id is kept, an insane one replaced.
+#[tokio::test]
+async fn built_in_layers_hold_against_hostile_input() {
+    let up = TestUpstream::echo().await;
+    let yaml = format!(
+        "
+listen: 127.0.0.1:8080
+upstreams:
+  up: {{ endpoints: ['{}'] }}
+routes:
+  - match: {{ path: / }}
+    upstream: up
+    plugins:
+      - request-id: {{ header: x-correlation-id }}
+      - body-limit: {{ max: 1KiB }}
+",
+        up.url()
+    );
+    let gw = start(&yaml).await;
+    let chunk = "x".repeat(600);
+    let chunked = format!(
+        "POST /in HTTP/1.1\r\nHost: gw\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n258\r\n{chunk}\r\n258\r\n{chunk}\r\n0\r\n\r\n"
+    );
+    let res = raw(gw.addr, &chunked).await;
+    assert_eq!(status(&res), 413, "{res}");
+    let ok = format!(
+        "POST /in HTTP/1.1\r\nHost: gw\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n258\r\n{chunk}\r\n0\r\n\r\n"
+    );
+    assert_eq!(status(&raw(gw.addr, &ok).await), 200);
+    let res = raw(
+        gw.addr,
+        &support::get("/sane", "X-Correlation-Id: trace-42\r\n"),
+    )
+    .await;
+    assert!(res.contains("x-correlation-id: trace-42\r\n"), "{res}");
+    assert_eq!(
+        up.last_request().header("x-correlation-id"),
+        Some("trace-42")
+    );
+    let res = raw(
+        gw.addr,
+        &support::get("/insane", "X-Correlation-Id: <script>\r\n"),
+    )
+    .await;
+    assert!(!res.contains("<script>"), "{res}");
+    let replaced = up.last_request();
+    assert_eq!(replaced.header("x-correlation-id").map(str::len), Some(32));
 }
 
 #[tokio::test]
@@ -304,7 +381,7 @@ async fn mistakes_name_their_line_column_and_key_path() {
             "listen: x\nroutes:\n  - match: { path: /a }\n    respond: {}\n    plugins:\n      - tga: { value: x }\n",
             (6, 14),
             "routes[0].plugins[0].tga",
-            "no plugin is named `tga` (registered: tag)",
+            "no plugin is named `tga` (registered: body-limit, request-id, tag)",
         ),
         (
             "a plugin's section with a mistake",

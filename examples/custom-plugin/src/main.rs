@@ -8,7 +8,7 @@
 //!   where it echoes the tenant and adds a `Server-Timing` entry.
 //!
 //! The same plugin is usable from a config file once registered, with its own typed config
-//! section (see [`plugins`] and [`CONFIG`]): `cargo run -p example-custom-plugin --
+//! section (see `plugins` and `CONFIG` below): `cargo run -p example-custom-plugin --
 //! --from-config` serves the route from the config instead.
 //!
 //! ```text

@@ -401,9 +401,12 @@ async fn run(args: Args) -> Result<(), Failure> {
     Ok(())
 }
 
-/// The plugins a config file may name.
+/// The plugins a config file may name: the built-in layers (a gateway of your own adds its
+/// plugins here, each with one `Registry::plugin` call).
 fn plugins() -> Registry {
-    Registry::new()
+    let mut registry = Registry::new();
+    gateway_middleware::config::register(&mut registry);
+    registry
 }
 
 /// The server settings the flags give.

@@ -290,6 +290,9 @@ upstreams:
 routes:
   - match: {{ path: /api }}
     upstream: api
+    plugins:
+      - request-id: {{}}
+      - body-limit: {{ max: 1MiB }}
   - match: {{ path: /old }}
     redirect: {{ to: /api, status: 308 }}
 ",
@@ -305,6 +308,8 @@ routes:
         String::from_utf8_lossy(&res)
     );
     assert_eq!(up.last_request().uri, "/api/users");
+    assert!(String::from_utf8_lossy(&res).contains("x-request-id: "));
+    assert!(up.last_request().header("x-request-id").is_some());
     assert_eq!(raw::statuses(&get(addr, "/apiadmin").await), [404]);
     let res = get(addr, "/old").await;
     assert_eq!(raw::statuses(&res), [308]);

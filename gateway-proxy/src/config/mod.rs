@@ -40,10 +40,11 @@ mod schema;
 mod units;
 
 pub use build::{Gateway, build};
+pub use gateway_core::units::{InvalidUnit, Period, Size};
 pub use load::{ConfigError, Located, parse, read};
 pub use schema::{
     Balancer, Config, EndpointConfig, HashOn, HealthCheckConfig, MatchConfig, Outlier,
     PluginConfig, RedirectConfig, ReplacePrefix, RespondConfig, RouteConfig, RouteTimeouts,
     ServerConfig, TlsFiles, UpstreamConfig, UpstreamTls,
 };
-pub use units::{Cidr, InvalidUnit, Period, Size, Url};
+pub use units::{Cidr, Url};

@@ -11,7 +11,8 @@ use serde::Deserialize;
 use serde::de;
 
 use super::load::Located;
-use super::units::{Cidr, Period, Size, Url};
+use super::units::{Cidr, Url};
+use gateway_core::units::{Period, Size};
 
 /// A whole config file.
 #[derive(Debug, Clone, PartialEq, Deserialize)]

@@ -24,7 +24,10 @@ use crate::{Body, BoxError};
 pub enum ErrorKind {
     /// The request is malformed or was refused as unsafe (bad path, bad `Host`, ...): 400.
     BadRequest,
-    /// No or invalid credentials: 401, with a `WWW-Authenticate` challenge when one is set.
+    /// No or invalid credentials: 401 ("Unauthorized", RFC 9110's name for what is an
+    /// authentication failure), with a `WWW-Authenticate` challenge when one is set.
+    #[doc(alias = "Unauthorized")]
+    #[doc(alias = "401")]
     Unauthenticated,
     /// Authenticated but not allowed: 403.
     Forbidden,

@@ -12,6 +12,7 @@
 mod buffers;
 #[cfg(feature = "config")]
 pub mod config;
+mod crypto;
 #[cfg(test)]
 mod fuzz;
 mod h1;

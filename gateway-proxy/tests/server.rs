@@ -54,6 +54,10 @@ impl Pki {
         for cert in CertificateDer::pem_slice_iter(self.cert_pem.as_bytes()) {
             roots.add(cert.unwrap()).unwrap();
         }
+        #[expect(
+            deprecated,
+            reason = "the provider the gateway uses: see its crypto module"
+        )]
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         rustls::ClientConfig::builder_with_provider(provider)
             .with_safe_default_protocol_versions()

@@ -56,7 +56,7 @@ impl TlsConfig {
         }
         let key = PrivateKeyDer::from_pem_slice(key)
             .map_err(|e| InvalidTls(Invalid::because("no usable private key", e)))?;
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let provider = crate::crypto::provider();
         let mut config = ServerConfig::builder_with_provider(provider)
             .with_safe_default_protocol_versions()
             .and_then(|b| b.with_no_client_auth().with_single_cert(certs, key))

@@ -556,7 +556,7 @@ impl HttpClientBuilder {
                 "no root certificate is trusted",
             )));
         }
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let provider = crate::crypto::provider();
         let tls = rustls::ClientConfig::builder_with_provider(provider)
             .with_safe_default_protocol_versions()
             .map_err(|e| InvalidClient(Invalid::because("the TLS configuration is refused", e)))?

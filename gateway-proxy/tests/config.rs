@@ -32,9 +32,33 @@ struct TagConfig {
     value: String,
 }
 
+/// A plugin with state: numbers the responses of its route (`x-count`), from `start`.
+struct Count(std::sync::atomic::AtomicU64);
+
+impl Plugin for Count {
+    type Ctx = ();
+    const NAME: &'static str = "count";
+    fn new_ctx(&self) {}
+    async fn on_response(&self, res: &mut http::response::Parts, (): &mut ()) -> Result<(), Error> {
+        let n = self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        res.headers.insert("x-count", n.into());
+        Ok(())
+    }
+}
+
+/// `count`'s config section.
+#[derive(Debug, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CountConfig {
+    start: u64,
+}
+
 fn registry() -> Registry {
     let mut registry = Registry::new();
     registry.plugin("tag", |c: &TagConfig| Ok(Tag(c.value.parse()?)));
+    registry.plugin("count", |c: &CountConfig| {
+        Ok(Count(std::sync::atomic::AtomicU64::new(c.start)))
+    });
     gateway_middleware::config::register(&mut registry);
     registry
 }
@@ -381,7 +405,7 @@ async fn mistakes_name_their_line_column_and_key_path() {
             "listen: x\nroutes:\n  - match: { path: /a }\n    respond: {}\n    plugins:\n      - tga: { value: x }\n",
             (6, 14),
             "routes[0].plugins[0].tga",
-            "no plugin is named `tga` (registered: body-limit, request-id, tag)",
+            "no plugin is named `tga` (registered: body-limit, count, request-id, tag)",
         ),
         (
             "a plugin's section with a mistake",
@@ -421,4 +445,255 @@ async fn mistakes_name_their_line_column_and_key_path() {
         let prefix = format!("gateway.yaml:{}:{}: ", at.0, at.1);
         assert!(text.starts_with(&prefix), "{what}: {text}");
     }
+}
+
+/// A config file of the test's own: written, rewritten, and read by a [`config::Live`].
+struct File(std::path::PathBuf);
+
+impl File {
+    fn new(name: &str, yaml: &str) -> Self {
+        let dir = std::env::temp_dir().join(format!("gateway-config-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("{e}"));
+        let file = Self(dir.join(name));
+        file.write(yaml);
+        file
+    }
+
+    fn write(&self, yaml: &str) {
+        // Replaced whole, as editors and config maps do.
+        let staged = self.0.with_extension("new");
+        std::fs::write(&staged, yaml).unwrap_or_else(|e| panic!("{e}"));
+        std::fs::rename(&staged, &self.0).unwrap_or_else(|e| panic!("{e}"));
+    }
+}
+
+/// Serves `file` live, watched every 100 ms.
+async fn start_live(file: &File) -> (Gateway, config::Live) {
+    let (live, built) = config::Live::load(&file.0, registry()).unwrap_or_else(|e| panic!("{e}"));
+    let gw = Gateway::start_with(live.router(), built.trusted.clone(), |s| s).await;
+    tokio::spawn(live.clone().watch(std::time::Duration::from_millis(100)));
+    (gw, live)
+}
+
+/// Waits (at most 2 s) for the reloads applied to reach `n`.
+async fn applied(live: &config::Live, n: u64) {
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(2);
+    while live.stats().applied < n {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "not applied within 2 s: {:?}",
+            live.stats()
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
+
+/// A change to the file applies within 2 s; a request in flight finishes on the route it
+/// started on, and a keep-alive connection opened before serves the new routes after.
+#[tokio::test]
+async fn a_reload_applies_without_dropping_requests_or_connections() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let up = TestUpstream::echo().await;
+    let slow = TestUpstream::slow(std::time::Duration::from_secs(1)).await;
+    let v1 = format!(
+        "
+listen: 127.0.0.1:0
+upstreams:
+  up: {{ endpoints: ['{}'] }}
+  slow: {{ endpoints: ['{}'] }}
+routes:
+  - {{ match: {{ path: /a }}, upstream: up }}
+  - {{ match: {{ path: /slow }}, upstream: slow }}
+",
+        up.url(),
+        slow.url()
+    );
+    let file = File::new("reload.yaml", &v1);
+    let (gw, live) = start_live(&file).await;
+    let mut kept = tokio::net::TcpStream::connect(gw.addr)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let mut ask = async |path: &str| {
+        let req = format!("GET {path} HTTP/1.1\r\nHost: gw\r\n\r\n");
+        kept.write_all(req.as_bytes())
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        let mut buf = vec![0u8; 4096];
+        let n = support::within("a response", kept.read(&mut buf))
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        String::from_utf8_lossy(&buf[..n]).into_owned()
+    };
+    assert!(ask("/a").await.starts_with("HTTP/1.1 200"));
+    let addr = gw.addr;
+    let in_flight = tokio::spawn(async move { raw(addr, &support::get("/slow", "")).await });
+    support::eventually("the slow request is in flight", || {
+        slow.requests().len() == 1
+    })
+    .await;
+
+    let v2 = format!(
+        "
+listen: 127.0.0.1:0
+upstreams:
+  up: {{ endpoints: ['{}'] }}
+routes:
+  - {{ match: {{ path: /b }}, upstream: up }}
+  - {{ match: {{ path: /slow }}, respond: {{ body: moved }} }}
+",
+        up.url()
+    );
+    file.write(&v2);
+    applied(&live, 1).await;
+    let res = in_flight.await.unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(
+        (status(&res), support::body_of(&res)),
+        (200, "slow"),
+        "{res}"
+    );
+    assert!(
+        ask("/b").await.starts_with("HTTP/1.1 200"),
+        "the kept connection sees /b"
+    );
+    assert!(
+        ask("/a").await.starts_with("HTTP/1.1 404"),
+        "and no longer /a"
+    );
+    let res = raw(gw.addr, &support::get("/slow", "")).await;
+    assert_eq!(support::body_of(&res), "moved");
+    assert_eq!(live.stats().refused, 0);
+}
+
+/// An invalid new file changes nothing; the refusal is counted and kept, with its place.
+#[tokio::test]
+async fn an_invalid_reload_changes_nothing_and_is_reported() {
+    let up = TestUpstream::echo().await;
+    let good = format!(
+        "listen: 127.0.0.1:0\nupstreams:\n  up: {{ endpoints: ['{}'] }}\nroutes:\n  - {{ match: {{ path: /a }}, upstream: up }}\n",
+        up.url()
+    );
+    let file = File::new("invalid.yaml", &good);
+    let (gw, live) = start_live(&file).await;
+    file.write("listen: 127.0.0.1:0\nroutes:\n  - { match: { path: /a }, upstream: gone }\n");
+    let err = live.reload().unwrap_err();
+    assert_eq!(err.path(), "routes[0].upstream");
+    let stats = live.stats();
+    assert!(stats.refused >= 1 && stats.applied == 0, "{stats:?}");
+    assert!(
+        stats.last_error.is_some_and(|e| e.contains(":3:")),
+        "with its place"
+    );
+    assert_eq!(status(&raw(gw.addr, &support::get("/a", "")).await), 200);
+}
+
+/// An upstream's state (an ejected endpoint, its running health checks) survives a reload
+/// that changes something else, and starts over when its own config changes.
+#[tokio::test]
+async fn upstream_state_survives_unless_its_own_config_changes() {
+    let up = TestUpstream::echo().await;
+    let checked = TestUpstream::echo().await;
+    let dead = gateway_core::test_util::refused_addr().await;
+    let config = |other: &str, flaky_extra: &str| {
+        format!(
+            "
+listen: 127.0.0.1:0
+upstreams:
+  flaky:
+    endpoints: ['http://{dead}', '{up}']
+    outlier_detection: {{ consecutive_failures: 1 }}
+    {flaky_extra}
+  checked:
+    endpoints: ['{checked}']
+    health_check: {{ path: /healthz, interval: 5s }}
+routes:
+  - {{ match: {{ path: /f }}, upstream: flaky }}
+  - {{ match: {{ path: /c }}, upstream: checked }}
+  - {{ match: {{ exact: /other }}, respond: {{ body: {other} }} }}
+",
+            up = up.url(),
+            checked = checked.url(),
+        )
+    };
+    let probes = || {
+        checked
+            .requests()
+            .iter()
+            .filter(|r| r.uri == "/healthz")
+            .count()
+    };
+    let failures = async |addr| {
+        let mut failed = 0;
+        for _ in 0..4 {
+            if status(&raw(addr, &support::get("/f", "")).await) != 200 {
+                failed += 1;
+            }
+        }
+        failed
+    };
+    let file = File::new("state.yaml", &config("one", ""));
+    let (gw, live) = start_live(&file).await;
+    support::eventually("the first health probe", || probes() == 1).await;
+    // The dead endpoint fails once, and is ejected.
+    assert!(failures(gw.addr).await >= 1);
+    assert_eq!(failures(gw.addr).await, 0, "ejected");
+
+    file.write(&config("two", ""));
+    applied(&live, 1).await;
+    assert_eq!(
+        support::body_of(&raw(gw.addr, &support::get("/other", "")).await),
+        "two"
+    );
+    assert_eq!(
+        failures(gw.addr).await,
+        0,
+        "still ejected after an unrelated change"
+    );
+    tokio::time::sleep(std::time::Duration::from_millis(700)).await;
+    assert_eq!(probes(), 1, "the health check was not restarted");
+
+    file.write(&config("two", "slow_start: 1s"));
+    applied(&live, 2).await;
+    assert!(
+        failures(gw.addr).await >= 1,
+        "its own change starts it fresh"
+    );
+}
+
+/// A plugin's state (what its layer holds) survives a reload that leaves its route's section
+/// as it was, and starts over when the section changes.
+#[tokio::test]
+async fn plugin_state_survives_unless_its_section_changes() {
+    let config = |start: u64, other: &str| {
+        format!(
+            "
+listen: 127.0.0.1:0
+routes:
+  - match: {{ exact: /n }}
+    respond: {{ body: n }}
+    plugins:
+      - count: {{ start: {start} }}
+  - {{ match: {{ exact: /other }}, respond: {{ body: {other} }} }}
+"
+        )
+    };
+    let count = async |addr| {
+        let res = raw(addr, &support::get("/n", "")).await;
+        res.lines()
+            .find_map(|l| l.strip_prefix("x-count: "))
+            .and_then(|n| n.parse::<u64>().ok())
+            .unwrap_or_else(|| panic!("no count: {res}"))
+    };
+    let file = File::new("plugin-state.yaml", &config(0, "one"));
+    let (gw, live) = start_live(&file).await;
+    assert_eq!((count(gw.addr).await, count(gw.addr).await), (0, 1));
+    file.write(&config(0, "two"));
+    applied(&live, 1).await;
+    assert_eq!(count(gw.addr).await, 2, "carried over");
+    file.write(&config(100, "two"));
+    applied(&live, 2).await;
+    assert_eq!(
+        count(gw.addr).await,
+        100,
+        "its section changed: built fresh"
+    );
 }

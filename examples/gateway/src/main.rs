@@ -48,6 +48,7 @@ use gateway_proxy::config::{
     MatchConfig, Outlier, Period, RouteConfig, ServerConfig, TlsFiles, UpstreamConfig, Url,
 };
 use tower::ServiceBuilder;
+use tower::util::Either;
 
 const HELP: &str = "\
 gateway: an API gateway built from gateway-core and gateway-proxy
@@ -348,23 +349,23 @@ fn check(file: &std::path::Path) -> ExitCode {
 
 async fn run(args: Args) -> Result<(), Failure> {
     let invalid = |e: ConfigError| Failure::Config(e.to_string());
-    let (name, config, demo) = if let Some(file) = &args.config {
-        let name = file.display().to_string();
-        let config = config::read(file, &plugins()).map_err(invalid)?;
-        (name, config, false)
-    } else if args.upstreams.is_empty() {
-        let demo = demo::start()
-            .await
-            .map_err(|e| Failure::Runtime(format!("cannot start the demo upstream: {e}")))?;
-        (
-            "the demo".to_owned(),
-            demo_config(&args, &demo.to_string()),
-            true,
-        )
+    let mut demo = false;
+    let (gateway, live) = if let Some(file) = &args.config {
+        // A config file is served live: reloaded when it changes and on SIGHUP.
+        let (live, gateway) = config::Live::load(file, plugins()).map_err(invalid)?;
+        (gateway, Some(live))
     } else {
-        ("the command line".to_owned(), flags_config(&args), false)
+        let (name, config) = if args.upstreams.is_empty() {
+            let addr = demo::start()
+                .await
+                .map_err(|e| Failure::Runtime(format!("cannot start the demo upstream: {e}")))?;
+            demo = true;
+            ("the demo", demo_config(&args, &addr.to_string()))
+        } else {
+            ("the command line", flags_config(&args))
+        };
+        (config::build(name, &config).map_err(invalid)?, None)
     };
-    let gateway = config::build(&name, &config).map_err(invalid)?;
 
     let server = Server::bind(gateway.listen.as_str())
         .await
@@ -383,16 +384,26 @@ async fn run(args: Args) -> Result<(), Failure> {
         println!("  curl -i {scheme}://{local}/api/hello");
         println!("  curl -i {scheme}://{local}/api/headers -H 'X-Forwarded-For: 6.6.6.6'");
         println!("  curl -i {scheme}://{local}/api/%2e%2e%2fadmin");
-    } else if args.config.is_some() {
-        println!("serving {name}: {} routes", config.routes.len());
+    } else if let Some(file) = &args.config {
+        println!(
+            "serving {} (reloaded when it changes, and on SIGHUP)",
+            file.display()
+        );
     } else {
         println!("proxying every path to {}", args.upstreams.join(", "));
     }
 
+    let app = match live {
+        Some(live) => {
+            tokio::spawn(live.clone().watch(RELOAD_POLL));
+            Either::Left(live.router())
+        }
+        None => Either::Right(gateway.router),
+    };
     let stack = ServiceBuilder::new()
         .layer(RescueLayer::new())
         .layer(SetClientIpLayer::new(gateway.trusted.clone()))
-        .service(gateway.router);
+        .service(app);
     server
         .serve(stack)
         .await
@@ -499,6 +510,9 @@ fn flags_config(args: &Args) -> Config {
         routes: vec![route("default", "/", "default")],
     }
 }
+
+/// How often a served config file is looked at for changes.
+const RELOAD_POLL: Duration = Duration::from_millis(500);
 
 /// After this many connections were open and most of them closed, the heap they freed goes
 /// back to the system.

@@ -315,5 +315,31 @@ routes:
     assert_eq!(raw::statuses(&res), [308]);
     assert!(String::from_utf8_lossy(&res).contains("location: /api\r\n"));
     assert_eq!(up.requests().len(), 1);
+
+    // The file changes: the new route serves within 2 s, on the same process and port.
+    let changed = yaml.replace("path: /old", "path: /new");
+    std::fs::write(&path, changed).unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
+    while raw::statuses(&get(addr, "/new").await) != [308] {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "not reloaded within 2 s"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(raw::statuses(&get(addr, "/old").await), [404]);
+    // SIGHUP reloads (and does not end the process, as it would without a handler).
+    let pid = child.id().unwrap().to_string();
+    let hup = std::process::Command::new("kill")
+        .args(["-HUP", &pid])
+        .status()
+        .unwrap();
+    assert!(hup.success());
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(
+        raw::statuses(&get(addr, "/new").await),
+        [308],
+        "still serving after SIGHUP"
+    );
     sigterm_and_wait(child).await;
 }

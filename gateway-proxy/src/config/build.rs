@@ -2,7 +2,7 @@
 //! settings; and the checks parsing cannot make (a route's upstream must exist, a route has
 //! exactly one target, ...).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::convert::Infallible;
 use std::net::IpAddr;
 use std::time::Duration;
@@ -10,7 +10,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use gateway_core::Body;
 use gateway_core::client_ip::TrustedProxies;
-use gateway_core::registry::RouteService;
+use gateway_core::registry::{RouteLayer, RouteService, Section};
 use http::header::{CONTENT_TYPE, HeaderValue, LOCATION};
 use http::{Method, Request, Response, StatusCode};
 
@@ -83,6 +83,31 @@ impl Gateway {
 ///
 /// The first part of the config that cannot be used, with where it is.
 pub fn build(file: &str, config: &Config) -> Result<Gateway, ConfigError> {
+    build_from(file, config, &Parts::default()).map(|(gateway, _)| gateway)
+}
+
+/// What a build made that the next one may keep, by key: upstreams by name (their endpoint
+/// state and running health checks), and plugin layers by route and place (the state their
+/// services share: a factory's layer holds it).
+#[derive(Default)]
+pub(super) struct Parts {
+    upstreams: BTreeMap<String, (UpstreamConfig, Built)>,
+    layers: HashMap<(String, usize), (Section, RouteLayer)>,
+}
+
+/// Where a build's plugin layers come from and go.
+struct Layers<'a> {
+    previous: &'a HashMap<(String, usize), (Section, RouteLayer)>,
+    next: HashMap<(String, usize), (Section, RouteLayer)>,
+}
+
+/// Builds `config` as [`build`] does, keeping from `previous` every upstream and plugin
+/// layer whose key and config did not change; what it made, for the next build.
+pub(super) fn build_from(
+    file: &str,
+    config: &Config,
+    previous: &Parts,
+) -> Result<(Gateway, Parts), ConfigError> {
     let err = |path: &str, message: String| ConfigError::new(file, None, path, message);
     let tls = match &config.server.tls {
         Some(files) => Some(
@@ -100,24 +125,41 @@ pub fn build(file: &str, config: &Config) -> Result<Gateway, ConfigError> {
         .map_err(|e| err("server.trusted_proxies", chain(&e)))?;
     let mut upstreams = BTreeMap::new();
     for (name, up) in &config.upstreams {
-        let path = format!("upstreams.{name}");
-        let built = upstream(up).map_err(|message| err(&path, message))?;
-        upstreams.insert(name.as_str(), built);
+        let built = match previous.upstreams.get(name) {
+            Some((old, built)) if old == up => built.clone(),
+            _ => {
+                let path = format!("upstreams.{name}");
+                upstream(up).map_err(|message| err(&path, message))?
+            }
+        };
+        upstreams.insert(name.clone(), (up.clone(), built));
     }
+    let mut layers = Layers {
+        previous: &previous.layers,
+        next: HashMap::new(),
+    };
     let mut router = Router::new();
     for (index, route) in config.routes.iter().enumerate() {
-        router = add_route(file, router, index, route, &upstreams)?;
+        router = add_route(file, router, index, route, &upstreams, &mut layers)?;
     }
-    Ok(Gateway {
+    let gateway = Gateway {
         listen: config.listen.clone(),
         router,
         trusted,
         server: config.server.clone(),
         tls,
-    })
+    };
+    Ok((
+        gateway,
+        Parts {
+            upstreams,
+            layers: layers.next,
+        },
+    ))
 }
 
 /// An upstream and the client its proxies use (its own when it has TLS settings).
+#[derive(Clone)]
 struct Built {
     upstream: Upstream,
     client: Option<HttpClient>,
@@ -242,7 +284,8 @@ fn add_route(
     router: Router,
     index: usize,
     config: &RouteConfig,
-    upstreams: &BTreeMap<&str, Built>,
+    upstreams: &BTreeMap<String, (UpstreamConfig, Built)>,
+    layers: &mut Layers<'_>,
 ) -> Result<Router, ConfigError> {
     let at = |key: &str| {
         if key.is_empty() {
@@ -278,7 +321,7 @@ fn add_route(
         .id
         .clone()
         .unwrap_or_else(|| format!("routes[{index}]"));
-    route = route.id(id);
+    route = route.id(id.as_str());
     let targets = [
         config.upstream.is_some(),
         config.redirect.is_some(),
@@ -291,8 +334,8 @@ fn add_route(
         ));
     }
     let added = if let Some(name) = &config.upstream {
-        let Some(built) = upstreams.get(name.value.as_str()) else {
-            let known: Vec<&str> = upstreams.keys().copied().collect();
+        let Some((_, built)) = upstreams.get(name.value.as_str()) else {
+            let known: Vec<&str> = upstreams.keys().map(String::as_str).collect();
             return Err(ConfigError::at(
                 file,
                 name,
@@ -305,7 +348,7 @@ fn add_route(
             ));
         };
         let proxy = proxy(config, built).map_err(|(key, message)| err(key, message))?;
-        mount(router, route, proxy, config).map_err(mistake)?
+        mount(router, route, proxy, config, &id, layers).map_err(mistake)?
     } else if let Some(redirect) = &config.redirect {
         let status = StatusCode::from_u16(redirect.status.unwrap_or(308))
             .ok()
@@ -329,7 +372,7 @@ fn add_route(
                 )
             })?;
         let redirect = answer(status, Some((LOCATION, location)), Bytes::new());
-        mount(router, route, redirect, config).map_err(mistake)?
+        mount(router, route, redirect, config, &id, layers).map_err(mistake)?
     } else if let Some(respond) = &config.respond {
         let status = StatusCode::from_u16(respond.status.unwrap_or(200))
             .ok()
@@ -352,7 +395,7 @@ fn add_route(
         })?;
         let body = Bytes::from(respond.body.clone());
         let respond = answer(status, Some((CONTENT_TYPE, content_type)), body);
-        mount(router, route, respond, config).map_err(mistake)?
+        mount(router, route, respond, config, &id, layers).map_err(mistake)?
     } else {
         unreachable!("exactly one target, checked above")
     };
@@ -366,6 +409,8 @@ fn mount<S, E>(
     route: Route,
     service: S,
     config: &RouteConfig,
+    id: &str,
+    layers: &mut Layers<'_>,
 ) -> Result<Router, Mistake>
 where
     S: tower::Service<Request<Body>, Response = Response<Body>, Error = E>
@@ -382,12 +427,19 @@ where
         let mut stack = RouteService::new(tower::ServiceExt::map_err(service, Into::into));
         for (index, plugin) in config.plugins.iter().enumerate().rev() {
             let section = &plugin.value.section;
-            let layer = section.layer().map_err(|e| Mistake {
-                key: format!("plugins[{index}].{}", section.name()),
-                at: plugin.location(),
-                message: chain(&*e),
-            })?;
+            let key = (id.to_owned(), index);
+            let layer = match layers.previous.get(&key) {
+                // The same plugin with the same config in the same place: its layer, and
+                // the state it holds, carry over.
+                Some((old, layer)) if old.same_as(section) => layer.clone(),
+                _ => section.layer().map_err(|e| Mistake {
+                    key: format!("plugins[{index}].{}", section.name()),
+                    at: plugin.location(),
+                    message: chain(&*e),
+                })?,
+            };
             stack = tower::Layer::layer(&layer, stack);
+            layers.next.insert(key, (section.clone(), layer));
         }
         router.try_route(route, stack)
     };

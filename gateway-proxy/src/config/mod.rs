@@ -35,12 +35,14 @@
 //! sizes as bytes or with one (`64KiB`, `10MB`).
 
 mod build;
+mod live;
 mod load;
 mod schema;
 mod units;
 
 pub use build::{Gateway, build};
 pub use gateway_core::units::{InvalidUnit, Period, Size};
+pub use live::{Live, LiveRouter, ReloadStats};
 pub use load::{ConfigError, Located, parse, read};
 pub use schema::{
     Balancer, Config, EndpointConfig, HashOn, HealthCheckConfig, MatchConfig, Outlier,

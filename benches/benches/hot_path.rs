@@ -13,6 +13,7 @@ use gateway_benches::ready;
 use gateway_core::client_ip::TrustedProxies;
 use gateway_core::{Body, Flow, Plugin, PluginLayer, RescueLayer};
 use gateway_middleware::body_limit::BodyLimitLayer;
+use gateway_middleware::ip_filter::IpFilterLayer;
 use gateway_middleware::request_id::SetRequestIdLayer;
 use gateway_proxy::upstream::{
     ConsistentHash, Endpoint, HashKey, LeastRequest, PeakEwma, Random, RoundRobin,
@@ -119,6 +120,24 @@ fn body_limit_check(b: divan::Bencher<'_, '_>) {
     let svc = BodyLimitLayer::new(1 << 20).layer(ok_service());
     b.with_inputs(|| request("/"))
         .bench_local_values(|req| ready(svc.clone().oneshot(req)));
+}
+
+#[divan::bench]
+fn ip_filter_ten_rules(b: divan::Bencher<'_, '_>) {
+    let mut filter = IpFilterLayer::new();
+    for i in 0..10u8 {
+        filter = filter.allow(format!("10.{i}.0.0/16").parse().expect("a CIDR"));
+    }
+    let svc = filter.layer(ok_service());
+    b.with_inputs(|| {
+        let mut req = request("/");
+        req.extensions_mut().insert(gateway_core::ClientIp::new(
+            IpAddr::from([10, 9, 1, 1]),
+            false,
+        ));
+        req
+    })
+    .bench_local_values(|req| ready(svc.clone().oneshot(req)));
 }
 
 #[divan::bench]

@@ -6,6 +6,7 @@
 //! |---|---|---|
 //! | `request-id` | `{ header: x-request-id, trust_incoming: true }` | [`SetRequestIdLayer`](crate::request_id::SetRequestIdLayer) |
 //! | `body-limit` | `{ max: 1MiB }` | [`BodyLimitLayer`](crate::body_limit::BodyLimitLayer) |
+//! | `ip-filter` | `{ allow: [10.0.0.0/8], deny: [10.0.0.0/24] }` | [`IpFilterLayer`](crate::ip_filter::IpFilterLayer) |
 
 use gateway_core::BoxError;
 use gateway_core::registry::{PluginFactory, Registry, RouteLayer};
@@ -18,6 +19,8 @@ pub fn register(registry: &mut Registry) {
     registry.register("request-id", RequestIdFactory);
     #[cfg(feature = "body-limit")]
     registry.register("body-limit", BodyLimitFactory);
+    #[cfg(feature = "ip-filter")]
+    registry.register("ip-filter", IpFilterFactory);
     let _ = registry;
 }
 
@@ -69,5 +72,45 @@ impl PluginFactory for BodyLimitFactory {
         Ok(RouteLayer::new(crate::body_limit::BodyLimitLayer::new(
             config.max.0,
         )))
+    }
+}
+
+/// `ip-filter`'s section: CIDRs or single addresses.
+#[derive(Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IpFilterConfig {
+    /// Only these pass (when given).
+    #[serde(default)]
+    pub allow: Vec<String>,
+    /// These never pass.
+    #[serde(default)]
+    pub deny: Vec<String>,
+}
+
+#[cfg(feature = "ip-filter")]
+struct IpFilterFactory;
+
+#[cfg(feature = "ip-filter")]
+impl PluginFactory for IpFilterFactory {
+    type Config = IpFilterConfig;
+
+    fn layer(&self, config: &IpFilterConfig) -> Result<RouteLayer, BoxError> {
+        let net = |text: &str| -> Result<ipnet::IpNet, BoxError> {
+            let text = text.trim();
+            text.parse::<ipnet::IpNet>()
+                .or_else(|_| text.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
+                .map_err(|_| format!("`{text}` is not a CIDR or an IP address").into())
+        };
+        let mut layer = crate::ip_filter::IpFilterLayer::new();
+        for allowed in &config.allow {
+            layer = layer.allow(net(allowed)?);
+        }
+        for denied in &config.deny {
+            layer = layer.deny(net(denied)?);
+        }
+        if config.allow.is_empty() && config.deny.is_empty() {
+            return Err("an ip-filter needs an `allow` or a `deny` list".into());
+        }
+        Ok(RouteLayer::new(layer))
     }
 }

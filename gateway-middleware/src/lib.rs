@@ -4,6 +4,7 @@
 //! - [`request_id`] (`request-id`): an id for every request, in [`gateway_core::RequestId`]
 //!   and on the request and the response.
 //! - [`body_limit`] (`body-limit`): 413 for request bodies over a size, chunked ones too.
+//! - [`ip_filter`] (`ip-filter`): allow or deny by client address (403).
 //! - [`config`] (`config`): the layers above by name, for the declarative config.
 //!
 //! Auth, rate limiting, caching, retries and circuit breaking land as their issues do.
@@ -17,6 +18,8 @@
 pub mod body_limit;
 #[cfg(feature = "config")]
 pub mod config;
+#[cfg(feature = "ip-filter")]
+pub mod ip_filter;
 #[cfg(feature = "request-id")]
 pub mod request_id;
 

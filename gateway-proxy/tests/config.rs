@@ -405,7 +405,7 @@ async fn mistakes_name_their_line_column_and_key_path() {
             "listen: x\nroutes:\n  - match: { path: /a }\n    respond: {}\n    plugins:\n      - tga: { value: x }\n",
             (6, 14),
             "routes[0].plugins[0].tga",
-            "no plugin is named `tga` (registered: body-limit, count, request-id, tag)",
+            "no plugin is named `tga` (registered: body-limit, count, ip-filter, request-id, tag)",
         ),
         (
             "a plugin's section with a mistake",
@@ -696,4 +696,52 @@ routes:
         100,
         "its section changed: built fresh"
     );
+}
+
+/// `ip-filter` from the file judges the resolved client address: a forged
+/// `X-Forwarded-For` from an untrusted peer does not get it in.
+#[tokio::test]
+async fn the_ip_filter_judges_the_resolved_client_address() {
+    let up = TestUpstream::echo().await;
+    let yaml = format!(
+        "
+listen: 127.0.0.1:0
+upstreams:
+  up: {{ endpoints: ['{}'] }}
+routes:
+  - match: {{ path: /internal }}
+    upstream: up
+    plugins:
+      - ip-filter: {{ allow: [10.0.0.0/8] }}
+  - match: {{ path: /local }}
+    upstream: up
+    plugins:
+      - ip-filter: {{ allow: [127.0.0.1], deny: [192.0.2.0/24] }}
+",
+        up.url()
+    );
+    let gw = start(&yaml).await;
+    let res = raw(gw.addr, &support::get("/internal", "")).await;
+    assert_eq!(status(&res), 403, "{res}");
+    assert!(res.contains("application/problem+json"), "{res}");
+    let forged = support::get("/internal", "X-Forwarded-For: 10.1.2.3\r\n");
+    assert_eq!(
+        status(&raw(gw.addr, &forged).await),
+        403,
+        "forged header ignored"
+    );
+    assert!(up.requests().is_empty());
+    assert_eq!(
+        status(&raw(gw.addr, &support::get("/local", "")).await),
+        200
+    );
+    assert_eq!(up.requests().len(), 1);
+    let err = load("listen: x\nroutes:\n  - match: { path: /a }\n    respond: {}\n    plugins:\n      - ip-filter: {}\n")
+        .map(|_| ())
+        .unwrap_err();
+    assert_eq!(err.path(), "routes[0].plugins[0].ip-filter", "{err}");
+    let err = load("listen: x\nroutes:\n  - match: { path: /a }\n    respond: {}\n    plugins:\n      - ip-filter: { allow: [10.0.0.0/33] }\n")
+        .map(|_| ())
+        .unwrap_err();
+    assert!(err.message().contains("10.0.0.0/33"), "{err}");
 }

@@ -7,10 +7,11 @@
 //! | `request-id` | `{ header: x-request-id, trust_incoming: true }` | [`SetRequestIdLayer`](crate::request_id::SetRequestIdLayer) |
 //! | `body-limit` | `{ max: 1MiB }` | [`BodyLimitLayer`](crate::body_limit::BodyLimitLayer) |
 //! | `ip-filter` | `{ allow: [10.0.0.0/8], deny: [10.0.0.0/24] }` | [`IpFilterLayer`](crate::ip_filter::IpFilterLayer) |
+//! | `timeout` | `{ total: 30s }` | tower's [`TimeoutLayer`](tower::timeout::TimeoutLayer): 504 when the route has not answered in time |
 
 use gateway_core::BoxError;
 use gateway_core::registry::{PluginFactory, Registry, RouteLayer};
-use gateway_core::units::Size;
+use gateway_core::units::{Period, Size};
 use serde::Deserialize;
 
 /// Registers the built-in layers compiled into this build under their config names.
@@ -21,7 +22,7 @@ pub fn register(registry: &mut Registry) {
     registry.register("body-limit", BodyLimitFactory);
     #[cfg(feature = "ip-filter")]
     registry.register("ip-filter", IpFilterFactory);
-    let _ = registry;
+    registry.register("timeout", TimeoutFactory);
 }
 
 /// `request-id`'s section.
@@ -112,5 +113,29 @@ impl PluginFactory for IpFilterFactory {
             return Err("an ip-filter needs an `allow` or a `deny` list".into());
         }
         Ok(RouteLayer::new(layer))
+    }
+}
+
+/// `timeout`'s section.
+#[derive(Debug, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TimeoutConfig {
+    /// The most a request may take on this route, from the layer to the response head,
+    /// whatever the inner layers do (retries included, once they exist).
+    pub total: Period,
+}
+
+struct TimeoutFactory;
+
+impl PluginFactory for TimeoutFactory {
+    type Config = TimeoutConfig;
+
+    fn layer(&self, config: &TimeoutConfig) -> Result<RouteLayer, BoxError> {
+        if config.total.0.is_zero() {
+            return Err("`total` must be more than 0".into());
+        }
+        Ok(RouteLayer::new(tower::timeout::TimeoutLayer::new(
+            config.total.0,
+        )))
     }
 }

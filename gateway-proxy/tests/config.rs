@@ -405,7 +405,7 @@ async fn mistakes_name_their_line_column_and_key_path() {
             "listen: x\nroutes:\n  - match: { path: /a }\n    respond: {}\n    plugins:\n      - tga: { value: x }\n",
             (6, 14),
             "routes[0].plugins[0].tga",
-            "no plugin is named `tga` (registered: body-limit, count, ip-filter, request-id, tag)",
+            "no plugin is named `tga` (registered: body-limit, count, ip-filter, request-id, tag, timeout)",
         ),
         (
             "a plugin's section with a mistake",
@@ -744,4 +744,31 @@ routes:
         .map(|_| ())
         .unwrap_err();
     assert!(err.message().contains("10.0.0.0/33"), "{err}");
+}
+
+/// `timeout` from the file: a route that does not answer in time gets 504 problem+json.
+#[tokio::test]
+async fn a_route_timeout_answers_504() {
+    let slow = TestUpstream::slow(std::time::Duration::from_secs(2)).await;
+    let yaml = format!(
+        "
+listen: 127.0.0.1:0
+upstreams:
+  slow: {{ endpoints: ['{}'] }}
+routes:
+  - match: {{ path: / }}
+    upstream: slow
+    plugins:
+      - timeout: {{ total: 200ms }}
+",
+        slow.url()
+    );
+    let gw = start(&yaml).await;
+    let res = raw(gw.addr, &support::get("/", "")).await;
+    assert_eq!(status(&res), 504, "{res}");
+    assert!(res.contains("application/problem+json"), "{res}");
+    let err = load("listen: x\nroutes:\n  - match: { path: /a }\n    respond: {}\n    plugins:\n      - timeout: { total: 0s }\n")
+        .map(|_| ())
+        .unwrap_err();
+    assert_eq!(err.path(), "routes[0].plugins[0].timeout", "{err}");
 }

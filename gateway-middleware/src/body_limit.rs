@@ -22,7 +22,6 @@
 //! # }
 //! ```
 
-use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};
 
@@ -33,6 +32,8 @@ use http::{Request, Response};
 use http_body::{Frame, SizeHint};
 use pin_project_lite::pin_project;
 use tower::{Layer, Service};
+
+pub use crate::refuse::ResponseFuture;
 
 /// Limits request bodies to `max` bytes; see the [module docs](self).
 #[derive(Clone, Copy, Debug)]
@@ -46,24 +47,6 @@ pub struct BodyLimitLayer {
 pub struct BodyLimit<S> {
     inner: S,
     max: u64,
-}
-
-pin_project! {
-    /// Response future of [`BodyLimit`].
-    pub struct ResponseFuture<F> {
-        #[pin]
-        state: State<F>,
-    }
-}
-
-pin_project! {
-    #[project = StateProj]
-    enum State<F> {
-        // The service's answer.
-        Called { #[pin] fut: F },
-        // Refused before the service saw it.
-        Refused { res: Option<Response<Body>> },
-    }
 }
 
 pin_project! {
@@ -121,39 +104,11 @@ where
             .and_then(|v| v.parse::<u64>().ok());
         if announced.is_some_and(|len| len > self.max) {
             tracing::debug!(max = self.max, "request body over the limit");
-            return ResponseFuture {
-                state: State::Refused {
-                    res: Some(Error::new(ErrorKind::PayloadTooLarge).to_response()),
-                },
-            };
+            return ResponseFuture::refused(ErrorKind::PayloadTooLarge);
         }
         let max = self.max;
         let req = req.map(|inner| Body::new(LimitedBody { inner, left: max }));
-        ResponseFuture {
-            state: State::Called {
-                fut: self.inner.call(req),
-            },
-        }
-    }
-}
-
-// === impl ResponseFuture ===
-
-impl<F, ResB, E> Future for ResponseFuture<F>
-where
-    F: Future<Output = Result<Response<ResB>, E>>,
-    ResB: http_body::Body<Data = Bytes> + Send + 'static,
-    ResB::Error: Into<BoxError>,
-{
-    type Output = Result<Response<Body>, E>;
-
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        match self.project().state.project() {
-            StateProj::Called { fut } => Poll::Ready(Ok(ready!(fut.poll(cx))?.map(Body::new))),
-            StateProj::Refused { res } => Poll::Ready(Ok(res
-                .take()
-                .unwrap_or_else(|| Error::new(ErrorKind::PayloadTooLarge).to_response()))),
-        }
+        ResponseFuture::called(self.inner.call(req))
     }
 }
 

@@ -26,18 +26,17 @@
 //! # }
 //! ```
 
-use std::future::Future;
 use std::net::IpAddr;
-use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll, ready};
+use std::task::{Context, Poll};
 
 use bytes::Bytes;
-use gateway_core::{Body, BoxError, ClientIp, Error, ErrorKind};
+use gateway_core::{Body, BoxError, ClientIp, ErrorKind};
 use http::{Request, Response};
 use ipnet::IpNet;
-use pin_project_lite::pin_project;
 use tower::{Layer, Service};
+
+pub use crate::refuse::ResponseFuture;
 
 /// Filters requests by client address; see the [module docs](self).
 #[derive(Clone, Debug, Default)]
@@ -57,22 +56,6 @@ pub struct IpFilter<S> {
 struct Rules {
     allow: Vec<IpNet>,
     deny: Vec<IpNet>,
-}
-
-pin_project! {
-    /// Response future of [`IpFilter`].
-    pub struct ResponseFuture<F> {
-        #[pin]
-        state: State<F>,
-    }
-}
-
-pin_project! {
-    #[project = StateProj]
-    enum State<F> {
-        Called { #[pin] fut: F },
-        Refused { res: Option<Response<Body>> },
-    }
 }
 
 // === impl IpFilterLayer ===
@@ -153,37 +136,9 @@ where
         let client = req.extensions().get::<ClientIp>().map(ClientIp::ip);
         if !client.is_some_and(|ip| self.rules.admits(ip)) {
             tracing::debug!(client = ?client, "client address refused");
-            return ResponseFuture {
-                state: State::Refused {
-                    res: Some(Error::new(ErrorKind::Forbidden).to_response()),
-                },
-            };
+            return ResponseFuture::refused(ErrorKind::Forbidden);
         }
-        ResponseFuture {
-            state: State::Called {
-                fut: self.inner.call(req),
-            },
-        }
-    }
-}
-
-// === impl ResponseFuture ===
-
-impl<F, ResB, E> Future for ResponseFuture<F>
-where
-    F: Future<Output = Result<Response<ResB>, E>>,
-    ResB: http_body::Body<Data = Bytes> + Send + 'static,
-    ResB::Error: Into<BoxError>,
-{
-    type Output = Result<Response<Body>, E>;
-
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        match self.project().state.project() {
-            StateProj::Called { fut } => Poll::Ready(Ok(ready!(fut.poll(cx))?.map(Body::new))),
-            StateProj::Refused { res } => Poll::Ready(Ok(res
-                .take()
-                .unwrap_or_else(|| Error::new(ErrorKind::Forbidden).to_response()))),
-        }
+        ResponseFuture::called(self.inner.call(req))
     }
 }
 

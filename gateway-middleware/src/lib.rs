@@ -20,6 +20,8 @@ pub mod body_limit;
 pub mod config;
 #[cfg(feature = "ip-filter")]
 pub mod ip_filter;
+#[cfg(any(feature = "body-limit", feature = "ip-filter"))]
+mod refuse;
 #[cfg(feature = "request-id")]
 pub mod request_id;
 

@@ -32,3 +32,15 @@ impl Invalid {
         self.source.as_deref().map(|e| e as &(dyn Error + 'static))
     }
 }
+
+/// An error and its causes on one line (`a: b: c`), for a log line or a config error.
+pub(crate) fn chain(error: &dyn Error) -> String {
+    let mut out = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        out.push_str(": ");
+        out.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    out
+}

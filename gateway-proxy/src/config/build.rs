@@ -15,6 +15,7 @@ use http::header::{CONTENT_TYPE, HeaderValue, LOCATION};
 use http::{Method, Request, Response, StatusCode};
 
 use super::load::ConfigError;
+use crate::invalid::chain;
 use super::schema::{
     Balancer, Config, EndpointConfig, HashOn, Outlier, RouteConfig, ServerConfig, UpstreamConfig,
 };
@@ -519,16 +520,4 @@ fn answer(
         }
         std::future::ready(Ok(res))
     })
-}
-
-/// An error and its causes, one line.
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
 }

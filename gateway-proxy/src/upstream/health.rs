@@ -230,7 +230,7 @@ impl HealthCheck {
             .client
             .send(endpoint, req, super::Outbound::default())
             .await
-            .map_err(|e| chain(&e))?;
+            .map_err(|e| crate::invalid::chain(&e))?;
         let status = sent.response.status().as_u16();
         // Read a small body to the end so the connection goes back to the pool.
         let mut body = sent.response.into_body();
@@ -256,18 +256,6 @@ impl HealthCheck {
         }
         Duration::from_nanos(fast_random() % max.saturating_add(1))
     }
-}
-
-/// An error and its causes on one line.
-fn chain(error: &dyn std::error::Error) -> String {
-    let mut out = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        out.push_str(": ");
-        out.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    out
 }
 
 impl fmt::Debug for HealthCheck {

@@ -199,6 +199,21 @@ impl TrustedProxies {
     }
 }
 
+/// A network as configuration writes it: a CIDR (`10.0.0.0/8`, `2001:db8::/32`) or a single
+/// address (a network of one), surrounding spaces ignored and host bits cleared. The one
+/// reading of such lists, for trusted proxies and for the address filters built on
+/// [`ClientIp`].
+///
+/// # Errors
+///
+/// When `text` is neither (the CIDR parser's error).
+pub fn parse_net(text: &str) -> Result<IpNet, ipnet::AddrParseError> {
+    let text = text.trim();
+    IpNet::from_str(text)
+        .or_else(|e| IpAddr::from_str(text).map(IpNet::from).map_err(|_| e))
+        .map(|net| net.trunc())
+}
+
 // === impl TrustedProxiesBuilder ===
 
 impl TrustedProxiesBuilder {
@@ -231,14 +246,10 @@ impl TrustedProxiesBuilder {
             .cidrs
             .iter()
             .map(|c| {
-                let c = c.trim();
-                IpNet::from_str(c)
-                    .or_else(|e| IpAddr::from_str(c).map(IpNet::from).map_err(|_| e))
-                    .map(|net| net.trunc())
-                    .map_err(|e| InvalidTrustedProxies {
-                        reason: format!("`{c}` is not a CIDR or an IP address"),
-                        source: Some(e),
-                    })
+                parse_net(c).map_err(|e| InvalidTrustedProxies {
+                    reason: format!("`{}` is not a CIDR or an IP address", c.trim()),
+                    source: Some(e),
+                })
             })
             .collect::<Result<Vec<_>, _>>()?;
         if self.hops == Some(0) {

@@ -96,11 +96,9 @@ impl PluginFactory for IpFilterFactory {
     type Config = IpFilterConfig;
 
     fn layer(&self, config: &IpFilterConfig) -> Result<RouteLayer, BoxError> {
-        let net = |text: &str| -> Result<ipnet::IpNet, BoxError> {
-            let text = text.trim();
-            text.parse::<ipnet::IpNet>()
-                .or_else(|_| text.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
-                .map_err(|_| format!("`{text}` is not a CIDR or an IP address").into())
+        let net = |text: &str| {
+            gateway_core::client_ip::parse_net(text)
+                .map_err(|_| format!("`{}` is not a CIDR or an IP address", text.trim()))
         };
         let mut layer = crate::ip_filter::IpFilterLayer::new();
         for allowed in &config.allow {

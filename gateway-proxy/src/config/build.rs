@@ -15,10 +15,10 @@ use http::header::{CONTENT_TYPE, HeaderValue, LOCATION};
 use http::{Method, Request, Response, StatusCode};
 
 use super::load::ConfigError;
-use crate::invalid::chain;
 use super::schema::{
     Balancer, Config, EndpointConfig, HashOn, Outlier, RouteConfig, ServerConfig, UpstreamConfig,
 };
+use crate::invalid::chain;
 use crate::proxy::HostHeader;
 use crate::server::TlsConfig;
 use crate::upstream::{

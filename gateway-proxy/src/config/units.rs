@@ -24,10 +24,7 @@ impl<'de> Deserialize<'de> for Url {
 impl<'de> Deserialize<'de> for Cidr {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
         let text = String::deserialize(deserializer)?;
-        let trimmed = text.trim();
-        let valid =
-            trimmed.parse::<ipnet::IpNet>().is_ok() || trimmed.parse::<std::net::IpAddr>().is_ok();
-        if !valid {
+        if gateway_core::client_ip::parse_net(&text).is_err() {
             return Err(de::Error::custom(format!(
                 "`{text}` is not a CIDR or an IP address"
             )));

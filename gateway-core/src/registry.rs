@@ -70,10 +70,10 @@ pub trait PluginFactory: Send + Sync + 'static {
     fn layer(&self, config: &Self::Config) -> Result<RouteLayer, BoxError>;
 }
 
-/// Plugin factories by name. Cloning is cheap.
+/// Plugin factories by name. Cloning is cheap (one `Arc`): a parse holds a clone.
 #[derive(Clone, Default)]
 pub struct Registry {
-    factories: BTreeMap<String, Arc<dyn Erased>>,
+    factories: Arc<BTreeMap<String, Arc<dyn Erased>>>,
 }
 
 /// A plugin's config section, read and ready to build. Cloning is cheap.
@@ -93,7 +93,7 @@ impl Registry {
 
     /// Registers `factory` under `name`, replacing any factory of that name.
     pub fn register<F: PluginFactory>(&mut self, name: &str, factory: F) -> &mut Self {
-        self.factories
+        Arc::make_mut(&mut self.factories)
             .insert(name.to_owned(), Arc::new(Typed(Arc::new(factory))));
         self
     }

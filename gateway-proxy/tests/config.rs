@@ -88,7 +88,7 @@ async fn the_example_routes_as_its_comments_say() {
     let b = TestUpstream::echo().await;
     let yaml = format!(
         "
-listen: 127.0.0.1:8080
+listen: 127.0.0.1:0
 upstreams:
   api:
     endpoints: [{}, {}]
@@ -159,7 +159,7 @@ async fn built_in_layers_hold_against_hostile_input() {
     let up = TestUpstream::echo().await;
     let yaml = format!(
         "
-listen: 127.0.0.1:8080
+listen: 127.0.0.1:0
 upstreams:
   up: {{ endpoints: ['{}'] }}
 routes:
@@ -207,7 +207,7 @@ async fn routes_match_hosts_methods_and_exact_paths_and_rewrite_prefixes() {
     let up = TestUpstream::echo().await;
     let yaml = format!(
         "
-listen: 127.0.0.1:8080
+listen: 127.0.0.1:0
 upstreams:
   up: {{ endpoints: ['{}'] }}
 routes:
@@ -262,7 +262,7 @@ async fn registered_plugins_run_in_their_route() {
     let up = TestUpstream::echo().await;
     let yaml = format!(
         "
-listen: 127.0.0.1:8080
+listen: 127.0.0.1:0
 upstreams:
   up: {{ endpoints: ['{}'] }}
 routes:

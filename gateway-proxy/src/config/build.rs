@@ -11,12 +11,13 @@ use bytes::Bytes;
 use gateway_core::Body;
 use gateway_core::client_ip::TrustedProxies;
 use gateway_core::registry::{RouteLayer, RouteService, Section};
-use http::header::{CONTENT_TYPE, HeaderValue, LOCATION};
+use http::header::{CONTENT_TYPE, HeaderName, HeaderValue, LOCATION};
 use http::{Method, Request, Response, StatusCode};
 
 use super::load::ConfigError;
 use super::schema::{
-    Balancer, Config, EndpointConfig, HashOn, Outlier, RouteConfig, ServerConfig, UpstreamConfig,
+    Balancer, Config, EndpointConfig, HashOn, HealthCheckConfig, Outlier, RouteConfig,
+    ServerConfig, UpstreamConfig, UpstreamTls,
 };
 use crate::invalid::chain;
 use crate::proxy::HostHeader;
@@ -171,20 +172,56 @@ fn upstream(config: &UpstreamConfig) -> Result<Built, String> {
         return Err("endpoints: an upstream needs at least one endpoint".into());
     }
     let client = match &config.tls {
-        Some(tls) => {
-            let mut client = HttpClient::builder();
-            if let Some(roots) = tls.webpki_roots {
-                client = client.webpki_roots(roots);
-            }
-            if let Some(ca) = &tls.ca {
-                client = client
-                    .add_root_pem_file(ca)
-                    .map_err(|e| format!("tls.ca: {}", chain(&e)))?;
-            }
-            Some(client.build().map_err(|e| format!("tls: {}", chain(&e)))?)
-        }
+        Some(tls) => Some(client(tls)?),
         None => None,
     };
+    let (fixed, discovered) = endpoints(config)?;
+    let mut builder = match &config.balancer {
+        Balancer::RoundRobin => Upstream::builder(fixed, RoundRobin::default()),
+        Balancer::Random => Upstream::builder(fixed, Random::default()),
+        Balancer::LeastRequest => Upstream::builder(fixed, LeastRequest::default()),
+        Balancer::Ewma => Upstream::builder(fixed, PeakEwma::default()),
+        Balancer::Hash(on) => Upstream::builder(fixed, ConsistentHash::new(hash_key(on)?)),
+    };
+    for dns in discovered {
+        builder = builder.discover(dns);
+    }
+    if let Some(check) = &config.health_check {
+        builder = builder.health_check(health_check(check, client.as_ref())?);
+    }
+    if let Outlier::On {
+        consecutive_failures,
+    } = config.outlier_detection
+        && consecutive_failures > 0
+    {
+        builder = builder.outlier_detection(OutlierDetection::new(consecutive_failures));
+    }
+    if let Some(window) = config.slow_start {
+        builder = builder.slow_start(window.into());
+    }
+    Ok(Built {
+        upstream: builder.build(),
+        client,
+    })
+}
+
+/// The client of an upstream with TLS settings of its own.
+fn client(tls: &UpstreamTls) -> Result<HttpClient, String> {
+    let mut client = HttpClient::builder();
+    if let Some(roots) = tls.webpki_roots {
+        client = client.webpki_roots(roots);
+    }
+    if let Some(ca) = &tls.ca {
+        client = client
+            .add_root_pem_file(ca)
+            .map_err(|e| format!("tls.ca: {}", chain(&e)))?;
+    }
+    client.build().map_err(|e| format!("tls: {}", chain(&e)))
+}
+
+/// The fixed endpoints, and the discovery of those given by host name when `dns_refresh`
+/// asks for it.
+fn endpoints(config: &UpstreamConfig) -> Result<(Vec<Endpoint>, Vec<DnsDiscovery>), String> {
     let mut fixed = Vec::new();
     let mut discovered = Vec::new();
     for (index, endpoint) in config.endpoints.iter().enumerate() {
@@ -219,65 +256,46 @@ fn upstream(config: &UpstreamConfig) -> Result<Built, String> {
             }
         }
     }
-    let mut builder = match &config.balancer {
-        Balancer::RoundRobin => Upstream::builder(fixed, RoundRobin::default()),
-        Balancer::Random => Upstream::builder(fixed, Random::default()),
-        Balancer::LeastRequest => Upstream::builder(fixed, LeastRequest::default()),
-        Balancer::Ewma => Upstream::builder(fixed, PeakEwma::default()),
-        Balancer::Hash(on) => {
-            let key = match on {
-                HashOn::ClientIp => HashKey::ClientIp,
-                HashOn::Path => HashKey::Path,
-                HashOn::Header(name) => {
-                    HashKey::Header(http::header::HeaderName::try_from(name.as_str()).map_err(
-                        |_| format!("balancer.hash.header: `{name}` is not a header name"),
-                    )?)
-                }
-                HashOn::Cookie(name) if !name.is_empty() => HashKey::Cookie(name.clone()),
-                HashOn::Cookie(_) => return Err("balancer.hash.cookie: the name is empty".into()),
-            };
-            Upstream::builder(fixed, ConsistentHash::new(key))
-        }
-    };
-    for dns in discovered {
-        builder = builder.discover(dns);
-    }
-    if let Some(check) = &config.health_check {
-        let mut probe = HealthCheck::http(&check.path)
-            .map_err(|e| format!("health_check.path: {}", chain(&e)))?;
-        let interval: Duration = check.interval.map_or(Duration::from_secs(10), Into::into);
-        if interval.is_zero() {
-            return Err("health_check.interval: must be more than 0".into());
-        }
-        probe = probe.interval(interval).jitter(interval / 10);
-        if let Some(timeout) = check.timeout {
-            probe = probe.timeout(timeout.into());
-        }
-        if let Some(n) = check.healthy_threshold {
-            probe = probe.healthy_threshold(n);
-        }
-        if let Some(n) = check.unhealthy_threshold {
-            probe = probe.unhealthy_threshold(n);
-        }
-        if let Some(client) = &client {
-            probe = probe.client(client.clone());
-        }
-        builder = builder.health_check(probe);
-    }
-    if let Outlier::On {
-        consecutive_failures,
-    } = config.outlier_detection
-        && consecutive_failures > 0
-    {
-        builder = builder.outlier_detection(OutlierDetection::new(consecutive_failures));
-    }
-    if let Some(window) = config.slow_start {
-        builder = builder.slow_start(window.into());
-    }
-    Ok(Built {
-        upstream: builder.build(),
-        client,
+    Ok((fixed, discovered))
+}
+
+fn hash_key(on: &HashOn) -> Result<HashKey, String> {
+    Ok(match on {
+        HashOn::ClientIp => HashKey::ClientIp,
+        HashOn::Path => HashKey::Path,
+        HashOn::Header(name) => HashKey::Header(
+            http::header::HeaderName::try_from(name.as_str())
+                .map_err(|_| format!("balancer.hash.header: `{name}` is not a header name"))?,
+        ),
+        HashOn::Cookie(name) if !name.is_empty() => HashKey::Cookie(name.clone()),
+        HashOn::Cookie(_) => return Err("balancer.hash.cookie: the name is empty".into()),
     })
+}
+
+fn health_check(
+    check: &HealthCheckConfig,
+    client: Option<&HttpClient>,
+) -> Result<HealthCheck, String> {
+    let mut probe =
+        HealthCheck::http(&check.path).map_err(|e| format!("health_check.path: {}", chain(&e)))?;
+    let interval: Duration = check.interval.map_or(Duration::from_secs(10), Into::into);
+    if interval.is_zero() {
+        return Err("health_check.interval: must be more than 0".into());
+    }
+    probe = probe.interval(interval).jitter(interval / 10);
+    if let Some(timeout) = check.timeout {
+        probe = probe.timeout(timeout.into());
+    }
+    if let Some(n) = check.healthy_threshold {
+        probe = probe.healthy_threshold(n);
+    }
+    if let Some(n) = check.unhealthy_threshold {
+        probe = probe.unhealthy_threshold(n);
+    }
+    if let Some(client) = client {
+        probe = probe.client(client.clone());
+    }
+    Ok(probe)
 }
 
 fn add_route(
@@ -295,12 +313,45 @@ fn add_route(
             format!("routes[{index}].{key}")
         }
     };
-    let err = |key: &str, message: String| ConfigError::new(file, None, at(key), message);
+    let err = |(key, message): (&str, String)| ConfigError::new(file, None, at(key), message);
     let mistake = |m: Mistake| ConfigError::new(file, m.at, at(&m.key), m.message);
+    let id = config
+        .id
+        .clone()
+        .unwrap_or_else(|| format!("routes[{index}]"));
+    let route = route(config).map_err(err)?.id(id.as_str());
+    let added = match (&config.upstream, &config.redirect, &config.respond) {
+        (Some(name), None, None) => {
+            let Some((_, built)) = upstreams.get(name.value.as_str()) else {
+                let known: Vec<&str> = upstreams.keys().map(String::as_str).collect();
+                let message = format!(
+                    "no upstream is named `{}` (there are: {})",
+                    name.value,
+                    known.join(", ")
+                );
+                return Err(ConfigError::at(file, name, at("upstream"), message));
+            };
+            let proxy = proxy(config, built).map_err(err)?;
+            mount(router, route, proxy, config, &id, layers)
+        }
+        (None, Some(_), None) | (None, None, Some(_)) => {
+            let fixed = fixed_answer(config).map_err(err)?;
+            mount(router, route, answer(fixed), config, &id, layers)
+        }
+        _ => {
+            let message = "a route needs exactly one of `upstream`, `redirect` and `respond`";
+            return Err(err(("", message.to_owned())));
+        }
+    };
+    added.map_err(mistake)
+}
+
+/// What a route matches; the failing key and why.
+fn route(config: &RouteConfig) -> Result<Route, Wrong> {
     let m = &config.matches;
     let mut route = match (&m.path, &m.exact) {
         (Some(_), Some(_)) => {
-            return Err(err("match", "`path` and `exact` cannot go together".into()));
+            return Err(("match", "`path` and `exact` cannot go together".into()));
         }
         (Some(prefix), None) => Route::prefix(prefix.as_str()),
         (None, Some(exact)) => Route::exact(exact.as_str()),
@@ -309,98 +360,77 @@ fn add_route(
     if let Some(host) = &m.host {
         route = route.host(host);
     }
-    for (i, method) in m.methods.iter().enumerate() {
-        let method = Method::from_bytes(method.to_ascii_uppercase().as_bytes()).map_err(|_| {
-            err(
-                &format!("match.methods[{i}]"),
-                format!("`{method}` is not a method"),
-            )
-        })?;
+    for method in &m.methods {
+        let method = Method::from_bytes(method.to_ascii_uppercase().as_bytes())
+            .map_err(|_| ("match.methods", format!("`{method}` is not a method")))?;
         route = route.method(method);
     }
-    let id = config
-        .id
-        .clone()
-        .unwrap_or_else(|| format!("routes[{index}]"));
-    route = route.id(id.as_str());
-    let targets = [
-        config.upstream.is_some(),
-        config.redirect.is_some(),
-        config.respond.is_some(),
-    ];
-    if targets.iter().filter(|t| **t).count() != 1 {
-        return Err(err(
-            "",
-            "a route needs exactly one of `upstream`, `redirect` and `respond`".into(),
-        ));
-    }
-    let added = if let Some(name) = &config.upstream {
-        let Some((_, built)) = upstreams.get(name.value.as_str()) else {
-            let known: Vec<&str> = upstreams.keys().map(String::as_str).collect();
-            return Err(ConfigError::at(
-                file,
-                name,
-                at("upstream"),
-                format!(
-                    "no upstream is named `{}` (there are: {})",
-                    name.value,
-                    known.join(", ")
-                ),
-            ));
-        };
-        let proxy = proxy(config, built).map_err(|(key, message)| err(key, message))?;
-        mount(router, route, proxy, config, &id, layers).map_err(mistake)?
-    } else if let Some(redirect) = &config.redirect {
+    Ok(route)
+}
+
+/// A key under a route that is wrong, and why.
+type Wrong = (&'static str, String);
+
+/// The response of a `redirect` or `respond` route: its status, one header, its body.
+#[derive(Clone)]
+struct Fixed {
+    status: StatusCode,
+    header: (HeaderName, HeaderValue),
+    body: Bytes,
+}
+
+fn fixed_answer(config: &RouteConfig) -> Result<Fixed, Wrong> {
+    if let Some(redirect) = &config.redirect {
         let status = StatusCode::from_u16(redirect.status.unwrap_or(308))
             .ok()
             .filter(|s| matches!(s.as_u16(), 301 | 302 | 303 | 307 | 308))
             .ok_or_else(|| {
-                err(
+                (
                     "redirect.status",
                     "must be 301, 302, 303, 307 or 308".into(),
                 )
             })?;
-        let location_ok = redirect.to.starts_with('/') && !redirect.to.starts_with("//")
-            || redirect.to.starts_with("http://")
-            || redirect.to.starts_with("https://");
-        let location = HeaderValue::from_str(&redirect.to)
+        let to = &redirect.to;
+        let location_ok = to.starts_with('/') && !to.starts_with("//")
+            || to.starts_with("http://")
+            || to.starts_with("https://");
+        let location = HeaderValue::from_str(to)
             .ok()
             .filter(|_| location_ok)
             .ok_or_else(|| {
-                err(
-                    "redirect.to",
-                    format!("`{}` is not a path (`/x`) or an http(s) URL", redirect.to),
-                )
+                let why = format!("`{to}` is not a path (`/x`) or an http(s) URL");
+                ("redirect.to", why)
             })?;
-        let redirect = answer(status, Some((LOCATION, location)), Bytes::new());
-        mount(router, route, redirect, config, &id, layers).map_err(mistake)?
-    } else if let Some(respond) = &config.respond {
-        let status = StatusCode::from_u16(respond.status.unwrap_or(200))
-            .ok()
-            .filter(|s| !s.is_informational())
-            .ok_or_else(|| {
-                err(
-                    "respond.status",
-                    "must be a final status, 200 to 599".into(),
-                )
-            })?;
-        let content_type = respond
-            .content_type
-            .as_deref()
-            .unwrap_or("text/plain; charset=utf-8");
-        let content_type = HeaderValue::from_str(content_type).map_err(|_| {
-            err(
-                "respond.content_type",
-                format!("`{content_type}` is not a header value"),
+        return Ok(Fixed {
+            status,
+            header: (LOCATION, location),
+            body: Bytes::new(),
+        });
+    }
+    let respond = config.respond.as_ref().ok_or(("", String::new()))?;
+    let status = StatusCode::from_u16(respond.status.unwrap_or(200))
+        .ok()
+        .filter(|s| !s.is_informational())
+        .ok_or_else(|| {
+            (
+                "respond.status",
+                "must be a final status, 200 to 599".into(),
             )
         })?;
-        let body = Bytes::from(respond.body.clone());
-        let respond = answer(status, Some((CONTENT_TYPE, content_type)), body);
-        mount(router, route, respond, config, &id, layers).map_err(mistake)?
-    } else {
-        unreachable!("exactly one target, checked above")
-    };
-    Ok(added)
+    let content_type = respond
+        .content_type
+        .as_deref()
+        .unwrap_or("text/plain; charset=utf-8");
+    let content_type = HeaderValue::from_str(content_type).map_err(|_| {
+        let why = format!("`{content_type}` is not a header value");
+        ("respond.content_type", why)
+    })?;
+    let body = Bytes::from(respond.body.clone());
+    Ok(Fixed {
+        status,
+        header: (CONTENT_TYPE, content_type),
+        body,
+    })
 }
 
 /// Adds `service` as `route`, under the route's plugins (outermost first). A route without
@@ -459,7 +489,7 @@ struct Mistake {
 }
 
 /// The proxy of a route to its upstream; the failing key and why.
-fn proxy(config: &RouteConfig, built: &Built) -> Result<ReverseProxy, (&'static str, String)> {
+fn proxy(config: &RouteConfig, built: &Built) -> Result<ReverseProxy, Wrong> {
     let mut proxy = ReverseProxy::builder(built.upstream.clone());
     if let Some(client) = &built.client {
         proxy = proxy.client(client.clone());
@@ -498,11 +528,9 @@ fn proxy(config: &RouteConfig, built: &Built) -> Result<ReverseProxy, (&'static 
     proxy.build().map_err(|e| ("", chain(&e)))
 }
 
-/// A service that answers every request with `status`, `header` and `body`.
+/// A service that answers every request with `fixed`.
 fn answer(
-    status: StatusCode,
-    header: Option<(http::HeaderName, HeaderValue)>,
-    body: Bytes,
+    fixed: Fixed,
 ) -> impl tower::Service<
     Request<Body>,
     Response = Response<Body>,
@@ -513,11 +541,14 @@ fn answer(
 + Sync
 + 'static {
     tower::service_fn(move |_: Request<Body>| {
-        let mut res = Response::new(Body::from(body.clone()));
+        let Fixed {
+            status,
+            header: (name, value),
+            body,
+        } = fixed.clone();
+        let mut res = Response::new(Body::from(body));
         *res.status_mut() = status;
-        if let Some((name, value)) = &header {
-            res.headers_mut().insert(name.clone(), value.clone());
-        }
+        res.headers_mut().insert(name, value);
         std::future::ready(Ok(res))
     })
 }

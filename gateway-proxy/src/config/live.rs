@@ -1,7 +1,6 @@
 //! A config that reloads: the router is swapped whole, what did not change carries over.
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll};
 use std::time::{Duration, SystemTime};
@@ -55,9 +54,7 @@ struct Inner {
     registry: Registry,
     router: Arc<ArcSwap<Router>>,
     loaded: Mutex<Loaded>,
-    applied: AtomicU64,
-    refused: AtomicU64,
-    report: Mutex<(Option<String>, Option<SystemTime>)>,
+    stats: Mutex<ReloadStats>,
 }
 
 /// The config being served, and what it was built into.
@@ -96,9 +93,10 @@ impl Live {
                     config,
                     parts,
                 }),
-                applied: AtomicU64::new(0),
-                refused: AtomicU64::new(0),
-                report: Mutex::new((None, Some(SystemTime::now()))),
+                stats: Mutex::new(ReloadStats {
+                    last_applied: Some(SystemTime::now()),
+                    ..ReloadStats::default()
+                }),
             }),
         };
         Ok((live, gateway))
@@ -130,7 +128,7 @@ impl Live {
             let (gateway, parts) = build_from(&name, &config, &loaded.parts)?;
             Ok(Some((text, config, gateway, parts)))
         });
-        let mut report = inner.report.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut stats = inner.stats.lock().unwrap_or_else(PoisonError::into_inner);
         match result {
             Ok(None) => Ok(false),
             Ok(Some((text, config, gateway, parts))) => {
@@ -146,15 +144,16 @@ impl Live {
                     config,
                     parts,
                 };
-                inner.applied.fetch_add(1, Ordering::Relaxed);
-                *report = (None, Some(SystemTime::now()));
+                stats.applied += 1;
+                stats.last_error = None;
+                stats.last_applied = Some(SystemTime::now());
                 tracing::info!(file = %name, "config reloaded");
                 Ok(true)
             }
             Err(err) => {
-                inner.refused.fetch_add(1, Ordering::Relaxed);
+                stats.refused += 1;
                 tracing::warn!(error = %err, "config reload refused; serving on with the last good one");
-                report.0 = Some(err.to_string());
+                stats.last_error = Some(err.to_string());
                 Err(err)
             }
         }
@@ -162,17 +161,11 @@ impl Live {
 
     /// How reloads have gone.
     pub fn stats(&self) -> ReloadStats {
-        let report = self
-            .inner
-            .report
+        self.inner
+            .stats
             .lock()
-            .unwrap_or_else(PoisonError::into_inner);
-        ReloadStats {
-            applied: self.inner.applied.load(Ordering::Relaxed),
-            refused: self.inner.refused.load(Ordering::Relaxed),
-            last_error: report.0.clone(),
-            last_applied: report.1,
-        }
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
     }
 
     /// Reloads whenever the file changes (looked at every `every`: editors that replace the

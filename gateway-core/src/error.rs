@@ -204,12 +204,15 @@ impl Error {
     }
 
     /// The response for this error: status from the kind, problem+json body, and the
-    /// kind-specific headers. Allocates nothing but the response head.
+    /// kind-specific headers. The [`ErrorKind`] rides in the response's extensions, so the
+    /// layers outside (the access log, a breaker) can tell a `502` the gateway made from
+    /// one the upstream sent. Allocates nothing but the response head.
     pub fn to_response(&self) -> Response<Body> {
         let mut res = Response::new(Body::from(Bytes::from_static(
             self.kind.problem().as_bytes(),
         )));
         *res.status_mut() = self.kind.status();
+        res.extensions_mut().insert(self.kind);
         let headers = res.headers_mut();
         headers.insert(
             header::CONTENT_TYPE,

@@ -41,19 +41,33 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::sync::Arc;
 
+use std::convert::Infallible;
+
+use bytes::Bytes;
 use http::{Request, Response};
 use serde::Deserializer;
 use serde::de::{DeserializeOwned, Error as _};
-use tower::util::{BoxCloneSyncService, BoxCloneSyncServiceLayer};
+use tower::util::BoxCloneSyncService;
+use tower::{Layer, Service, ServiceExt as _};
 
-use crate::{Body, BoxError, Plugin, PluginLayer};
+use crate::{Body, BoxError, Plugin, PluginLayer, RescueLayer};
 
 /// A route's service, boxed: what the layers of a config-built stack wrap.
 pub type RouteService = BoxCloneSyncService<Request<Body>, Response<Body>, BoxError>;
 
-/// A layer of a config-built route stack.
-pub type RouteLayer =
-    BoxCloneSyncServiceLayer<RouteService, Request<Body>, Response<Body>, BoxError>;
+/// A layer of a config-built route stack, boxed.
+///
+/// Most layers answer in-band ([`RouteLayer::new`]): an error that reaches them (their own,
+/// or one passed up from below) becomes its problem response right there, through
+/// [`Rescue`](crate::Rescue). The layers outside (CORS, compression, the access log)
+/// therefore see a `502` or a `504` as a response they decorate, never as an error that
+/// skips them. Layers of the upstream path (a timeout, retries, a breaker) pass errors up
+/// instead ([`RouteLayer::passing_errors`]), so that the layers around them can judge them;
+/// the first in-band layer outside answers them (or the edge `Rescue`, when none is).
+#[derive(Clone)]
+pub struct RouteLayer {
+    wrap: Arc<dyn Fn(RouteService) -> RouteService + Send + Sync>,
+}
 
 /// Makes a layer from a typed config section.
 pub trait PluginFactory: Send + Sync + 'static {
@@ -81,6 +95,59 @@ pub struct Registry {
 pub struct Section {
     name: Arc<str>,
     inner: Arc<dyn ErasedSection>,
+}
+
+// === impl RouteLayer ===
+
+impl RouteLayer {
+    /// Boxes `layer`, its errors answered in-band (see [`RouteLayer`]): the choice for every
+    /// layer that rejects, decorates or transforms.
+    pub fn new<L, ResB>(layer: L) -> Self
+    where
+        L: Layer<RouteService> + Send + Sync + 'static,
+        L::Service:
+            Service<Request<Body>, Response = Response<ResB>> + Clone + Send + Sync + 'static,
+        <L::Service as Service<Request<Body>>>::Error: Into<BoxError>,
+        <L::Service as Service<Request<Body>>>::Future: Send + 'static,
+        ResB: http_body::Body<Data = Bytes> + Send + 'static,
+        ResB::Error: Into<BoxError>,
+    {
+        Self {
+            wrap: Arc::new(move |inner| {
+                let service = RescueLayer::new().layer(layer.layer(inner));
+                RouteService::new(service.map_err(|never: Infallible| match never {}))
+            }),
+        }
+    }
+
+    /// Boxes `layer`, its errors passed up as errors (see [`RouteLayer`]): for layers of
+    /// the upstream path, whose failures the layers around them judge.
+    pub fn passing_errors<L>(layer: L) -> Self
+    where
+        L: Layer<RouteService> + Send + Sync + 'static,
+        L::Service:
+            Service<Request<Body>, Response = Response<Body>> + Clone + Send + Sync + 'static,
+        <L::Service as Service<Request<Body>>>::Error: Into<BoxError>,
+        <L::Service as Service<Request<Body>>>::Future: Send + 'static,
+    {
+        Self {
+            wrap: Arc::new(move |inner| RouteService::new(layer.layer(inner).map_err(Into::into))),
+        }
+    }
+}
+
+impl Layer<RouteService> for RouteLayer {
+    type Service = RouteService;
+
+    fn layer(&self, inner: RouteService) -> RouteService {
+        (self.wrap)(inner)
+    }
+}
+
+impl fmt::Debug for RouteLayer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RouteLayer").finish_non_exhaustive()
+    }
 }
 
 // === impl Registry ===

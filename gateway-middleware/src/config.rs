@@ -7,7 +7,14 @@
 //! | `request-id` | `{ header: x-request-id, trust_incoming: true }` | [`SetRequestIdLayer`](crate::request_id::SetRequestIdLayer) |
 //! | `body-limit` | `{ max: 1MiB }` | [`BodyLimitLayer`](crate::body_limit::BodyLimitLayer) |
 //! | `ip-filter` | `{ allow: [10.0.0.0/8], deny: [10.0.0.0/24] }` | [`IpFilterLayer`](crate::ip_filter::IpFilterLayer) |
+//! | `cors` | `{ origins: [https://app.example.com], credentials: true }` | [`CorsLayer`](crate::cors::CorsLayer) |
+//! | `compression` | `{ algorithms: [zstd, br, gzip], level: 4, min_size: 1KiB }` | [`CompressionLayer`](crate::compression::CompressionLayer) |
+//! | `headers` | `{ request: { set: {x-env: prod} }, response: { remove: [server] } }` | [`EditHeadersLayer`](crate::headers::EditHeadersLayer) |
 //! | `timeout` | `{ total: 30s }` | tower's [`TimeoutLayer`](tower::timeout::TimeoutLayer): 504 when the route has not answered in time |
+//!
+//! Every section is documented key by key in `docs/config.md`.
+
+use std::collections::BTreeMap;
 
 use gateway_core::BoxError;
 use gateway_core::registry::{PluginFactory, Registry, RouteLayer};
@@ -22,6 +29,12 @@ pub fn register(registry: &mut Registry) {
     registry.register("body-limit", BodyLimitFactory);
     #[cfg(feature = "ip-filter")]
     registry.register("ip-filter", IpFilterFactory);
+    #[cfg(feature = "cors")]
+    registry.register("cors", CorsFactory);
+    #[cfg(feature = "compression")]
+    registry.register("compression", CompressionFactory);
+    #[cfg(feature = "headers")]
+    registry.register("headers", HeadersFactory);
     registry.register("timeout", TimeoutFactory);
 }
 
@@ -132,8 +145,269 @@ impl PluginFactory for TimeoutFactory {
         if config.total.0.is_zero() {
             return Err("`total` must be more than 0".into());
         }
-        Ok(RouteLayer::new(tower::timeout::TimeoutLayer::new(
-            config.total.0,
-        )))
+        // Its `Elapsed` travels up as an error, for retries and breakers to see.
+        Ok(RouteLayer::passing_errors(
+            tower::timeout::TimeoutLayer::new(config.total.0),
+        ))
     }
+}
+
+/// `cors`'s section.
+#[derive(Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CorsConfig {
+    /// The allowed origins: `https://app.example.com`, `https://*.example.com`, or `"*"`
+    /// alone for any.
+    pub origins: Vec<String>,
+    /// The methods a preflight allows [default: GET, HEAD, POST, PUT, PATCH, DELETE].
+    pub methods: Option<Vec<String>>,
+    /// The request headers a preflight allows [default: those it asks for].
+    pub headers: Option<Vec<String>>,
+    /// The response headers a page may read, beyond the safelisted ones.
+    #[serde(default)]
+    pub expose: Vec<String>,
+    /// Whether pages may send cookies and `Authorization` [default: false].
+    #[serde(default)]
+    pub credentials: bool,
+    /// How long a browser may cache a preflight's answer.
+    pub max_age: Option<Period>,
+    /// Whether to answer Private Network Access preflights [default: false].
+    #[serde(default)]
+    pub private_network: bool,
+}
+
+#[cfg(any(feature = "cors", feature = "headers"))]
+fn header_name(name: &str) -> Result<http::HeaderName, BoxError> {
+    http::HeaderName::try_from(name.trim())
+        .map_err(|_| format!("`{name}` is not a header name").into())
+}
+
+#[cfg(feature = "cors")]
+struct CorsFactory;
+
+#[cfg(feature = "cors")]
+impl PluginFactory for CorsFactory {
+    type Config = CorsConfig;
+
+    fn layer(&self, config: &CorsConfig) -> Result<RouteLayer, BoxError> {
+        use crate::cors::{AllowedOrigin, CorsLayer};
+        let mut layer = CorsLayer::new();
+        let any = config.origins.iter().any(|o| o.trim() == "*");
+        if any {
+            if config.origins.len() > 1 {
+                return Err("`*` allows every origin: it goes alone in `origins`".into());
+            }
+            if config.credentials {
+                return Err(
+                    "`credentials: true` cannot go with any origin (`*`): every site \
+                            could read what a signed-in user can; list the origins"
+                        .into(),
+                );
+            }
+            layer = layer.allow_any_origin();
+        } else if config.origins.is_empty() {
+            return Err("`origins` is empty: list the origins allowed, or `\"*\"`".into());
+        }
+        for origin in config.origins.iter().filter(|_| !any) {
+            layer = layer.allow_origin(origin.parse::<AllowedOrigin>()?);
+        }
+        if let Some(methods) = &config.methods {
+            let methods = methods
+                .iter()
+                .map(|m| {
+                    http::Method::from_bytes(m.trim().as_bytes())
+                        .map_err(|_| format!("`{m}` is not a method"))
+                })
+                .collect::<Result<Vec<_>, _>>()?;
+            layer = layer.allow_methods(methods);
+        }
+        if let Some(headers) = &config.headers {
+            let headers = headers.iter().map(|h| header_name(h));
+            layer = layer.allow_headers(headers.collect::<Result<Vec<_>, _>>()?);
+        }
+        let expose = config.expose.iter().map(|h| header_name(h));
+        layer = layer.expose_headers(expose.collect::<Result<Vec<_>, _>>()?);
+        if let Some(max_age) = config.max_age {
+            layer = layer.max_age(max_age.0);
+        }
+        Ok(RouteLayer::new(
+            layer
+                .allow_credentials(config.credentials)
+                .allow_private_network(config.private_network),
+        ))
+    }
+}
+
+/// `compression`'s section.
+#[derive(Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CompressionConfig {
+    /// The encodings offered, among `gzip`, `br`, `zstd` [default: all three].
+    pub algorithms: Option<Vec<Algorithm>>,
+    /// `fastest`, `best`, or a number (gzip 1-9, br 0-11, zstd 1-22) [default: 4].
+    pub level: Option<Level>,
+    /// The smallest body compressed [default: 1KiB].
+    pub min_size: Option<Size>,
+}
+
+/// A content coding of `compression`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Algorithm {
+    /// `gzip`.
+    Gzip,
+    /// `br`.
+    Br,
+    /// `zstd`.
+    Zstd,
+}
+
+/// A compression level: `fastest`, `best`, or a number.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(untagged, expecting = "`fastest`, `best` or a number")]
+pub enum Level {
+    /// A name.
+    Named(NamedLevel),
+    /// A number, as each algorithm reads it.
+    Number(i32),
+}
+
+/// A named [`Level`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum NamedLevel {
+    /// Each algorithm's fastest.
+    Fastest,
+    /// Each algorithm's smallest output.
+    Best,
+}
+
+#[cfg(feature = "compression")]
+struct CompressionFactory;
+
+#[cfg(feature = "compression")]
+impl PluginFactory for CompressionFactory {
+    type Config = CompressionConfig;
+
+    fn layer(&self, config: &CompressionConfig) -> Result<RouteLayer, BoxError> {
+        use crate::compression::{CompressionLayer, CompressionLevel};
+        let mut layer = CompressionLayer::new();
+        if let Some(algorithms) = &config.algorithms {
+            if algorithms.is_empty() {
+                return Err("`algorithms` is empty: leave the plugin out instead".into());
+            }
+            layer = layer
+                .gzip(algorithms.contains(&Algorithm::Gzip))
+                .br(algorithms.contains(&Algorithm::Br))
+                .zstd(algorithms.contains(&Algorithm::Zstd));
+        }
+        if let Some(level) = config.level {
+            layer = layer.level(match level {
+                Level::Named(NamedLevel::Fastest) => CompressionLevel::Fastest,
+                Level::Named(NamedLevel::Best) => CompressionLevel::Best,
+                Level::Number(n) if (0..=22).contains(&n) => CompressionLevel::Precise(n),
+                Level::Number(n) => return Err(format!("level {n} is not in 0..=22").into()),
+            });
+        }
+        if let Some(min) = config.min_size {
+            layer = layer.min_size(min.0);
+        }
+        Ok(RouteLayer::new(layer))
+    }
+}
+
+/// `headers`'s section.
+#[derive(Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HeadersConfig {
+    /// Edits to requests, before the layers inside and the upstream see them.
+    #[serde(default)]
+    pub request: EditsConfig,
+    /// Edits to responses, before the layers outside and the client see them.
+    #[serde(default)]
+    pub response: EditsConfig,
+}
+
+/// The edits of one side, applied in the order `remove`, `set`, `append`.
+#[derive(Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EditsConfig {
+    /// Fields removed (every value).
+    #[serde(default)]
+    pub remove: Vec<String>,
+    /// Fields set, replacing any values.
+    #[serde(default)]
+    pub set: BTreeMap<String, String>,
+    /// Values added to those of a field.
+    #[serde(default)]
+    pub append: BTreeMap<String, String>,
+}
+
+#[cfg(feature = "headers")]
+struct HeadersFactory;
+
+#[cfg(feature = "headers")]
+impl PluginFactory for HeadersFactory {
+    type Config = HeadersConfig;
+
+    fn layer(&self, config: &HeadersConfig) -> Result<RouteLayer, BoxError> {
+        let request = edits("request", &config.request)?;
+        let response = edits("response", &config.response)?;
+        if request.is_empty() && response.is_empty() {
+            return Err(
+                "no edits: give `request` or `response` a `set`, `append` or `remove`".into(),
+            );
+        }
+        Ok(RouteLayer::new(
+            crate::headers::EditHeadersLayer::new()
+                .request(request)
+                .response(response),
+        ))
+    }
+}
+
+/// Fields the codec owns (framing, hop-by-hop) and the route's `host` sets.
+#[cfg(feature = "headers")]
+const NOT_EDITABLE: [&str; 10] = [
+    "connection",
+    "content-length",
+    "host",
+    "keep-alive",
+    "proxy-connection",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+    "proxy-authenticate",
+];
+
+#[cfg(feature = "headers")]
+fn edits(side: &str, config: &EditsConfig) -> Result<crate::headers::Edits, BoxError> {
+    let name = |name: &str| {
+        let name = header_name(name)?;
+        if NOT_EDITABLE.contains(&name.as_str()) {
+            let why = if name == http::header::HOST {
+                "the route's `host` sets it"
+            } else {
+                "the HTTP/1.1 codec writes it"
+            };
+            return Err(format!("`{side}` cannot edit `{name}`: {why}").into());
+        }
+        Ok::<_, BoxError>(name)
+    };
+    let value = |value: &str| {
+        http::HeaderValue::from_str(value)
+            .map_err(|_| format!("`{}` is not a header value", value.escape_debug()))
+    };
+    let mut edits = crate::headers::Edits::new();
+    for removed in &config.remove {
+        edits = edits.remove(name(removed)?);
+    }
+    for (field, v) in &config.set {
+        edits = edits.set(name(field)?, value(v)?);
+    }
+    for (field, v) in &config.append {
+        edits = edits.append(name(field)?, value(v)?);
+    }
+    Ok(edits)
 }

@@ -5,6 +5,9 @@
 //!   and on the request and the response.
 //! - [`body_limit`] (`body-limit`): 413 for request bodies over a size, chunked ones too.
 //! - [`ip_filter`] (`ip-filter`): allow or deny by client address (403).
+//! - [`cors`] (`cors`): CORS preflights answered, response headers for allowed origins.
+//! - [`compression`] (`compression`): gzip, br and zstd responses (tower-http's).
+//! - [`headers`] (`headers`): set, append and remove request and response headers.
 //! - [`config`] (`config`): the layers above by name, for the declarative config.
 //!
 //! Auth, rate limiting, caching, retries and circuit breaking land as their issues do.
@@ -16,8 +19,14 @@
 
 #[cfg(feature = "body-limit")]
 pub mod body_limit;
+#[cfg(feature = "compression")]
+pub mod compression;
 #[cfg(feature = "config")]
 pub mod config;
+#[cfg(feature = "cors")]
+pub mod cors;
+#[cfg(feature = "headers")]
+pub mod headers;
 #[cfg(feature = "ip-filter")]
 pub mod ip_filter;
 #[cfg(any(feature = "body-limit", feature = "ip-filter"))]

@@ -4,6 +4,7 @@
 //! - [`ReverseProxy`]: forwards to an [`Upstream`] over connections pooled per endpoint
 //!   (HTTP/1.1, HTTP/2, rustls), streaming bodies, WebSocket upgrades and trailers.
 //! - [`Router`]: host + normalized path + method to per-route service stacks.
+//! - [`respond`]: routes answered by the gateway itself (a fixed response, a redirect).
 //! - [`Server`]: HTTP/1.1 and HTTP/2 (by ALPN or the first bytes), rustls termination, timeouts,
 //!   connection limits and graceful shutdown.
 
@@ -19,6 +20,7 @@ mod h1;
 mod invalid;
 mod io;
 pub mod proxy;
+pub mod respond;
 pub mod router;
 pub mod server;
 mod task;

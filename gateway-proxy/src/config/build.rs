@@ -3,16 +3,14 @@
 //! exactly one target, ...).
 
 use std::collections::{BTreeMap, HashMap};
-use std::convert::Infallible;
 use std::net::IpAddr;
 use std::time::Duration;
 
-use bytes::Bytes;
 use gateway_core::Body;
 use gateway_core::client_ip::TrustedProxies;
 use gateway_core::registry::{RouteLayer, RouteService, Section};
-use http::header::{CONTENT_TYPE, HeaderName, HeaderValue, LOCATION};
-use http::{Method, Request, Response, StatusCode};
+use http::header::{CONTENT_TYPE, HeaderValue};
+use http::{Method, Request, Response, StatusCode, Uri};
 
 use super::load::ConfigError;
 use super::schema::{
@@ -21,6 +19,7 @@ use super::schema::{
 };
 use crate::invalid::chain;
 use crate::proxy::HostHeader;
+use crate::respond::{Redirect, Respond};
 use crate::server::TlsConfig;
 use crate::upstream::{
     ConsistentHash, DnsDiscovery, Endpoint, HashKey, HealthCheck, HttpClient, LeastRequest,
@@ -335,8 +334,10 @@ fn add_route(
             mount(router, route, proxy, config, &id, layers)
         }
         (None, Some(_), None) | (None, None, Some(_)) => {
-            let fixed = fixed_answer(config).map_err(err)?;
-            mount(router, route, answer(fixed), config, &id, layers)
+            match fixed_answer(config).map_err(err)? {
+                Answer::Redirect(redirect) => mount(router, route, redirect, config, &id, layers),
+                Answer::Respond(respond) => mount(router, route, respond, config, &id, layers),
+            }
         }
         _ => {
             let message = "a route needs exactly one of `upstream`, `redirect` and `respond`";
@@ -373,13 +374,13 @@ type Wrong = (&'static str, String);
 
 /// The response of a `redirect` or `respond` route: its status, one header, its body.
 #[derive(Clone)]
-struct Fixed {
-    status: StatusCode,
-    header: (HeaderName, HeaderValue),
-    body: Bytes,
+/// The answer of a route without an upstream.
+enum Answer {
+    Redirect(Redirect),
+    Respond(Respond),
 }
 
-fn fixed_answer(config: &RouteConfig) -> Result<Fixed, Wrong> {
+fn fixed_answer(config: &RouteConfig) -> Result<Answer, Wrong> {
     if let Some(redirect) = &config.redirect {
         let status = StatusCode::from_u16(redirect.status.unwrap_or(308))
             .ok()
@@ -394,18 +395,16 @@ fn fixed_answer(config: &RouteConfig) -> Result<Fixed, Wrong> {
         let location_ok = to.starts_with('/') && !to.starts_with("//")
             || to.starts_with("http://")
             || to.starts_with("https://");
-        let location = HeaderValue::from_str(to)
+        let location = Uri::try_from(to.as_str())
             .ok()
-            .filter(|_| location_ok)
+            .filter(|uri| location_ok && HeaderValue::try_from(uri.to_string()).is_ok())
             .ok_or_else(|| {
                 let why = format!("`{to}` is not a path (`/x`) or an http(s) URL");
                 ("redirect.to", why)
             })?;
-        return Ok(Fixed {
-            status,
-            header: (LOCATION, location),
-            body: Bytes::new(),
-        });
+        return Ok(Answer::Redirect(Redirect::with_status_code(
+            status, location,
+        )));
     }
     let respond = config.respond.as_ref().ok_or(("", String::new()))?;
     let status = StatusCode::from_u16(respond.status.unwrap_or(200))
@@ -425,12 +424,11 @@ fn fixed_answer(config: &RouteConfig) -> Result<Fixed, Wrong> {
         let why = format!("`{content_type}` is not a header value");
         ("respond.content_type", why)
     })?;
-    let body = Bytes::from(respond.body.clone());
-    Ok(Fixed {
-        status,
-        header: (CONTENT_TYPE, content_type),
-        body,
-    })
+    Ok(Answer::Respond(
+        Respond::new(status)
+            .header(CONTENT_TYPE, content_type)
+            .body(respond.body.clone()),
+    ))
 }
 
 /// Adds `service` as `route`, under the route's plugins (outermost first). A route without
@@ -455,6 +453,9 @@ where
     let added = if config.plugins.is_empty() {
         router.try_route(route, service)
     } else {
+        // The proxy's errors travel up as errors through the layers of the upstream path
+        // (timeout, retries, breaker); the first in-band layer answers them, so the layers
+        // outside it (CORS, compression) decorate the 502 like any response.
         let mut stack = RouteService::new(tower::ServiceExt::map_err(service, Into::into));
         for (index, plugin) in config.plugins.iter().enumerate().rev() {
             let section = &plugin.value.section;
@@ -526,29 +527,4 @@ fn proxy(config: &RouteConfig, built: &Built) -> Result<ReverseProxy, Wrong> {
         proxy = proxy.tunnel_idle_timeout(Some(t.into()));
     }
     proxy.build().map_err(|e| ("", chain(&e)))
-}
-
-/// A service that answers every request with `fixed`.
-fn answer(
-    fixed: Fixed,
-) -> impl tower::Service<
-    Request<Body>,
-    Response = Response<Body>,
-    Error = Infallible,
-    Future = std::future::Ready<Result<Response<Body>, Infallible>>,
-> + Clone
-+ Send
-+ Sync
-+ 'static {
-    tower::service_fn(move |_: Request<Body>| {
-        let Fixed {
-            status,
-            header: (name, value),
-            body,
-        } = fixed.clone();
-        let mut res = Response::new(Body::from(body));
-        *res.status_mut() = status;
-        res.headers_mut().insert(name, value);
-        std::future::ready(Ok(res))
-    })
 }

@@ -161,3 +161,31 @@ pub async fn within<F: std::future::Future>(what: &str, fut: F) -> F::Output {
         .await
         .unwrap_or_else(|_| panic!("not within 5 s: {what}"))
 }
+
+/// Sends `req` (give it a `Host`) on a new connection with hyper's client, and returns the
+/// response with its whole body, as sent (no content decoding).
+pub async fn fetch(addr: SocketAddr, req: Request<Bytes>) -> Response<Bytes> {
+    use http_body_util::BodyExt;
+    let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let io = hyper_util::rt::TokioIo::new(stream);
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(io).await.unwrap();
+    tokio::spawn(conn);
+    let res = sender
+        .send_request(req.map(http_body_util::Full::new))
+        .await
+        .unwrap();
+    let (parts, body) = res.into_parts();
+    Response::from_parts(parts, body.collect().await.unwrap().to_bytes())
+}
+
+/// A request for [`fetch`]: `method path`, `Host: gw`, and `headers`.
+pub fn request(method: &str, path: &str, headers: &[(&str, &str)]) -> Request<Bytes> {
+    let mut req = Request::builder()
+        .method(method)
+        .uri(path)
+        .header("host", "gw");
+    for (name, value) in headers {
+        req = req.header(*name, *value);
+    }
+    req.body(Bytes::new()).unwrap()
+}

@@ -50,6 +50,7 @@ use serde::de::{DeserializeOwned, Error as _};
 use tower::util::BoxCloneSyncService;
 use tower::{Layer, Service, ServiceExt as _};
 
+use crate::rescue::Rescue;
 use crate::{Body, BoxError, Plugin, PluginLayer, RescueLayer};
 
 /// A route's service, boxed: what the layers of a config-built stack wrap.
@@ -59,7 +60,7 @@ pub type RouteService = BoxCloneSyncService<Request<Body>, Response<Body>, BoxEr
 ///
 /// Most layers answer in-band ([`RouteLayer::new`]): an error that reaches them (their own,
 /// or one passed up from below) becomes its problem response right there, through
-/// [`Rescue`](crate::Rescue). The layers outside (CORS, compression, the access log)
+/// [`Rescue`](crate::rescue::Rescue). The layers outside (CORS, compression, the access log)
 /// therefore see a `502` or a `504` as a response they decorate, never as an error that
 /// skips them. Layers of the upstream path (a timeout, retries, a breaker) pass errors up
 /// instead ([`RouteLayer::passing_errors`]), so that the layers around them can judge them;
@@ -102,9 +103,13 @@ pub struct Section {
 impl RouteLayer {
     /// Boxes `layer`, its errors answered in-band (see [`RouteLayer`]): the choice for every
     /// layer that rejects, decorates or transforms.
+    ///
+    /// The layer sits between two [`Rescue`](crate::rescue::Rescue)s: the inner one answers what
+    /// comes up from below (so the layer decorates a `502` like any response), the outer one
+    /// answers the layer's own errors.
     pub fn new<L, ResB>(layer: L) -> Self
     where
-        L: Layer<RouteService> + Send + Sync + 'static,
+        L: Layer<Rescue<RouteService>> + Send + Sync + 'static,
         L::Service:
             Service<Request<Body>, Response = Response<ResB>> + Clone + Send + Sync + 'static,
         <L::Service as Service<Request<Body>>>::Error: Into<BoxError>,
@@ -114,6 +119,7 @@ impl RouteLayer {
     {
         Self {
             wrap: Arc::new(move |inner| {
+                let inner = RescueLayer::new().layer(inner);
                 let service = RescueLayer::new().layer(layer.layer(inner));
                 RouteService::new(service.map_err(|never: Infallible| match never {}))
             }),

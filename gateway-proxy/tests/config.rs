@@ -471,7 +471,10 @@ impl File {
 async fn start_live(file: &File) -> (Gateway, config::Live) {
     let (live, built) = config::Live::load(&file.0, registry()).unwrap_or_else(|e| panic!("{e}"));
     let gw = Gateway::start_with(live.router(), built.trusted.clone(), |s| s).await;
-    tokio::spawn(live.clone().watch(std::time::Duration::from_millis(100)));
+    tokio::spawn(
+        live.clone()
+            .watch(Some(std::time::Duration::from_millis(100))),
+    );
     (gw, live)
 }
 
@@ -771,4 +774,241 @@ routes:
         .map(|_| ())
         .unwrap_err();
     assert_eq!(err.path(), "routes[0].plugins[0].timeout", "{err}");
+}
+
+/// `cors`, `compression` and `headers` from the file, and the layer order the docs give:
+/// with `cors` first, a 502 of an unreachable upstream and a 504 of the route's `timeout`
+/// reach the page with their CORS headers.
+#[tokio::test]
+async fn cors_compression_and_header_edits_from_the_file() {
+    let up = TestUpstream::echo().await;
+    let slow = TestUpstream::slow(std::time::Duration::from_secs(2)).await;
+    let down = gateway_core::test_util::refused_addr().await;
+    let yaml = format!(
+        "
+listen: 127.0.0.1:0
+upstreams:
+  up: {{ endpoints: ['{}'] }}
+  slow: {{ endpoints: ['{}'] }}
+  down: {{ endpoints: ['http://{down}'] }}
+routes:
+  - match: {{ path: /slow }}
+    upstream: slow
+    plugins:
+      - cors: {{ origins: ['https://*.example.com'] }}
+      - timeout: {{ total: 200ms }}
+  - match: {{ path: /down }}
+    upstream: down
+    plugins:
+      - cors: {{ origins: ['https://*.example.com'] }}
+  - match: {{ path: / }}
+    upstream: up
+    plugins:
+      - cors:
+          origins: [https://app.example.com]
+          methods: [GET, POST]
+          headers: [content-type]
+          credentials: true
+          max_age: 10m
+      - compression: {{ algorithms: [gzip], level: fastest, min_size: 10 }}
+      - headers:
+          request: {{ remove: [cookie], set: {{ x-env: prod }} }}
+          response: {{ remove: [x-received-bytes], append: {{ x-served-by: gw }} }}
+",
+        up.url(),
+        slow.url()
+    );
+    let gw = start(&yaml).await;
+    let app = ("origin", "https://app.example.com");
+
+    let preflight = support::request(
+        "OPTIONS",
+        "/x",
+        &[app, ("access-control-request-method", "POST")],
+    );
+    let res = support::fetch(gw.addr, preflight).await;
+    assert_eq!(res.status(), 204);
+    assert_eq!(res.headers()["access-control-allow-methods"], "GET, POST");
+    assert_eq!(
+        res.headers()["access-control-allow-headers"],
+        "content-type"
+    );
+    assert_eq!(res.headers()["access-control-max-age"], "600");
+    assert_eq!(res.headers()["access-control-allow-credentials"], "true");
+    assert!(up.requests().is_empty());
+
+    let mut req = support::request(
+        "POST",
+        "/x",
+        &[app, ("accept-encoding", "gzip"), ("cookie", "a=1")],
+    );
+    *req.body_mut() = bytes::Bytes::from("echo ".repeat(100));
+    let res = support::fetch(gw.addr, req).await;
+    assert_eq!(res.status(), 200);
+    assert_eq!(
+        res.headers()["access-control-allow-origin"],
+        "https://app.example.com"
+    );
+    assert_eq!(res.headers()["content-encoding"], "gzip");
+    assert_eq!(res.headers()["x-served-by"], "gw");
+    assert!(res.headers().get("x-received-bytes").is_none());
+    let seen = up.last_request();
+    assert_eq!(seen.header("x-env"), Some("prod"));
+    assert!(seen.header("cookie").is_none());
+
+    // Errors inside the route's CORS layer still carry its headers.
+    let shop = ("origin", "https://shop.example.com");
+    for (path, code) in [("/down", 502), ("/slow", 504)] {
+        let res = support::fetch(gw.addr, support::request("GET", path, &[shop])).await;
+        assert_eq!(res.status(), code, "{path}");
+        assert_eq!(
+            res.headers()["access-control-allow-origin"],
+            "https://shop.example.com",
+            "{path}"
+        );
+        assert_eq!(res.headers()["content-type"], "application/problem+json");
+    }
+
+    // The sections' own mistakes, with their key paths.
+    let section = |plugin: &str| {
+        format!(
+            "listen: x\nroutes:\n  - match: {{ path: /a }}\n    respond: {{}}\n    plugins:\n      - {plugin}\n"
+        )
+    };
+    for (plugin, path, says) in [
+        (
+            "cors: { origins: ['*'], credentials: true }",
+            "routes[0].plugins[0].cors",
+            "cannot go with any origin",
+        ),
+        (
+            "cors: { origins: ['https://app.example.com/'] }",
+            "routes[0].plugins[0].cors",
+            "no path",
+        ),
+        (
+            "cors: { origins: [] }",
+            "routes[0].plugins[0].cors",
+            "`origins` is empty",
+        ),
+        (
+            "cors: { origin: [x] }",
+            "routes[0].plugins[0].cors.origin",
+            "unknown field",
+        ),
+        (
+            "compression: { level: 30 }",
+            "routes[0].plugins[0].compression",
+            "not in 0..=22",
+        ),
+        (
+            "compression: { algorithms: [deflate] }",
+            "routes[0].plugins[0].compression.algorithms[0]",
+            "deflate",
+        ),
+        (
+            "headers: { response: { set: { content-length: '0' } } }",
+            "routes[0].plugins[0].headers",
+            "cannot edit `content-length`",
+        ),
+        (
+            "headers: { request: { set: { host: evil } } }",
+            "routes[0].plugins[0].headers",
+            "the route's `host`",
+        ),
+        ("headers: {}", "routes[0].plugins[0].headers", "no edits"),
+    ] {
+        let err = load(&section(plugin)).map(|_| ()).unwrap_err();
+        assert_eq!(err.path(), path, "{plugin}: {err}");
+        assert!(err.message().contains(says), "{plugin}: {err}");
+        assert_eq!(
+            err.location().map(|(line, _)| line),
+            Some(6),
+            "{plugin}: {err}"
+        );
+    }
+}
+
+/// The commented example config of the gateway we ship routes as its comments say (its
+/// listener and upstream addresses swapped for the test's own).
+#[tokio::test]
+async fn the_commented_example_config_routes_as_it_says() {
+    let api = TestUpstream::echo().await;
+    let api2 = TestUpstream::echo().await;
+    let static_up = TestUpstream::echo().await;
+    let yaml = include_str!("../../examples/gateway/gateway.example.yaml")
+        .replace("listen: 127.0.0.1:8080", "listen: 127.0.0.1:0")
+        .replace("http://127.0.0.1:9001", &api.url())
+        .replace("http://127.0.0.1:9002", &api2.url())
+        .replace("http://127.0.0.1:9003", &static_up.url());
+    let env = |_: &str| None;
+    let config = config::parse("gateway.example.yaml", &yaml, env, &registry())
+        .unwrap_or_else(|e| panic!("{e}"));
+    let built = config::build("gateway.example.yaml", &config).unwrap_or_else(|e| panic!("{e}"));
+    let gw = Gateway::start_with(built.router, built.trusted.clone(), |s| s).await;
+    let app = ("origin", "https://app.example.com");
+    let both = |f: &dyn Fn(&gateway_core::test_util::Recorded) -> bool| {
+        api.requests().iter().chain(&api2.requests()).any(f)
+    };
+
+    // /api/... goes to `api` without its /api, with a request id, CORS, compression, HSTS.
+    let mut req = support::request("POST", "/api/users", &[app, ("accept-encoding", "zstd")]);
+    *req.body_mut() = bytes::Bytes::from("user ".repeat(400));
+    let res = support::fetch(gw.addr, req).await;
+    assert_eq!(res.status(), 200);
+    assert!(both(
+        &|r| r.uri == "/users" && r.header("x-request-id").is_some()
+    ));
+    let h = res.headers();
+    assert_eq!(h["access-control-allow-origin"], "https://app.example.com");
+    assert_eq!(h["access-control-allow-credentials"], "true");
+    assert_eq!(h["content-encoding"], "zstd");
+    assert_eq!(h["strict-transport-security"], "max-age=63072000");
+    assert_eq!(h["x-request-id"].len(), 32);
+    // Never /apiadmin.
+    let res = support::fetch(gw.addr, support::request("GET", "/apiadmin", &[])).await;
+    assert_eq!(res.status(), 404);
+    // Over 1 MiB: 413, with the CORS headers a page needs to read it.
+    let big = format!(
+        "POST /api/upload HTTP/1.1\r\nHost: gw\r\nOrigin: https://x.app.example.com\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        2 << 20
+    );
+    let res = raw(gw.addr, &big).await;
+    assert_eq!(status(&res), 413, "{res}");
+    assert!(
+        res.contains("access-control-allow-origin: https://x.app.example.com\r\n"),
+        "{res}"
+    );
+    // A preflight is answered by the gateway.
+    let preflight = support::request(
+        "OPTIONS",
+        "/api/users",
+        &[app, ("access-control-request-method", "DELETE")],
+    );
+    let before = api.requests().len() + api2.requests().len();
+    assert_eq!(support::fetch(gw.addr, preflight).await.status(), 204);
+    // The gateway's own answers.
+    let res = support::fetch(gw.addr, support::request("GET", "/healthz", &[])).await;
+    assert_eq!(
+        (res.status().as_u16(), res.body().as_ref()),
+        (200, &b"ok"[..])
+    );
+    // `methods: [GET, HEAD]`: a POST matches no route.
+    let res = support::fetch(gw.addr, support::request("POST", "/healthz", &[])).await;
+    assert_eq!(res.status(), 404);
+    let res = support::fetch(gw.addr, support::request("GET", "/old/page", &[])).await;
+    assert_eq!(res.status(), 308);
+    assert_eq!(res.headers()["location"], "/api");
+    assert_eq!(api.requests().len() + api2.requests().len(), before);
+    // Another host: `static`, with the client's Host.
+    let req = support::request("GET", "/logo.svg", &[]);
+    let (mut parts, body) = req.into_parts();
+    parts
+        .headers
+        .insert("host", "static.example.com".parse().unwrap());
+    let res = support::fetch(gw.addr, http::Request::from_parts(parts, body)).await;
+    assert_eq!(res.status(), 200);
+    let seen = static_up.last_request();
+    assert_eq!(seen.uri, "/logo.svg");
+    assert_eq!(seen.header("host"), Some("static.example.com"));
 }

@@ -64,6 +64,8 @@ OPTIONS:
     --config FILE          serve what the YAML file FILE describes (listener,
                            upstreams, routes); the flags below are then not used
     --check FILE           validate FILE and exit: 0 when it is valid, 2 when not
+    --watch SECS           with --config, look for changes to FILE every SECS; 0
+                           reloads on SIGHUP only [default: 0.5]
     --listen ADDR          address to listen on [default: 127.0.0.1:8080]
     --upstream URL         proxy every path to URL (http://host:port, https://host,
                            or host:port); repeat for more endpoints, balanced by --lb
@@ -98,6 +100,8 @@ Stops gracefully on Ctrl-C or SIGTERM. Logs go to stderr; set RUST_LOG to tune t
 #[derive(Debug)]
 struct Args {
     config: Option<PathBuf>,
+    /// How often the config file is looked at; `None`: on SIGHUP only.
+    watch: Option<Duration>,
     listen: String,
     upstreams: Vec<String>,
     lb: Balancer,
@@ -150,6 +154,7 @@ fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Command, String> {
     let mut parser = lexopt::Parser::from_args(args);
     let mut args = Args {
         config: None,
+        watch: Some(RELOAD_POLL),
         listen: "127.0.0.1:8080".to_owned(),
         upstreams: Vec::new(),
         lb: Balancer::RoundRobin,
@@ -178,6 +183,10 @@ fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Command, String> {
             Short('h') | Long("help") => return Ok(Command::Help),
             Long("config") => args.config = Some(value(&mut parser)?.into()),
             Long("check") => return Ok(Command::Check(value(&mut parser)?.into())),
+            Long("watch") => {
+                let every = secs("watch", &value(&mut parser)?)?;
+                args.watch = (!every.is_zero()).then_some(every);
+            }
             Long("listen") => {
                 let v = value(&mut parser)?;
                 let port = v
@@ -385,17 +394,19 @@ async fn run(args: Args) -> Result<(), Failure> {
         println!("  curl -i {scheme}://{local}/api/headers -H 'X-Forwarded-For: 6.6.6.6'");
         println!("  curl -i {scheme}://{local}/api/%2e%2e%2fadmin");
     } else if let Some(file) = &args.config {
-        println!(
-            "serving {} (reloaded when it changes, and on SIGHUP)",
-            file.display()
-        );
+        let when = if args.watch.is_some() {
+            "when it changes, and on SIGHUP"
+        } else {
+            "on SIGHUP"
+        };
+        println!("serving {} (reloaded {when})", file.display());
     } else {
         println!("proxying every path to {}", args.upstreams.join(", "));
     }
 
     let app = match live {
         Some(live) => {
-            tokio::spawn(live.clone().watch(RELOAD_POLL));
+            tokio::spawn(live.clone().watch(args.watch));
             Either::Left(live.router())
         }
         None => Either::Right(gateway.router),

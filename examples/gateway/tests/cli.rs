@@ -343,3 +343,45 @@ routes:
     );
     sigterm_and_wait(child).await;
 }
+
+/// With `--watch 0` the file is not looked at: a change waits for SIGHUP, which applies it.
+#[tokio::test]
+async fn sighup_alone_reloads_when_watching_is_off() {
+    let yaml = "
+listen: 127.0.0.1:0
+routes:
+  - match: { path: /old }
+    respond: { status: 200, body: old }
+";
+    let path = config_file("hup.yaml", yaml);
+    let (child, addr) = start(&[
+        "--config",
+        path.to_str().unwrap(),
+        "--watch",
+        "0",
+        "--threads",
+        "1",
+    ])
+    .await;
+    assert_eq!(raw::statuses(&get(addr, "/old").await), [200]);
+    std::fs::write(&path, yaml.replace("/old", "/new")).unwrap();
+    // Well past the default poll: still the old routes, nothing looked at the file.
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    assert_eq!(raw::statuses(&get(addr, "/new").await), [404]);
+    let pid = child.id().unwrap().to_string();
+    let hup = std::process::Command::new("kill")
+        .args(["-HUP", &pid])
+        .status()
+        .unwrap();
+    assert!(hup.success());
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while raw::statuses(&get(addr, "/new").await) != [200] {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "SIGHUP did not reload"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(raw::statuses(&get(addr, "/old").await), [404]);
+    sigterm_and_wait(child).await;
+}

@@ -168,16 +168,27 @@ impl Live {
             .clone()
     }
 
-    /// Reloads whenever the file changes (looked at every `every`: editors that replace the
-    /// file, and mounted config maps, are followed too) and, on Unix, on `SIGHUP`. Runs until
-    /// the task is dropped.
-    pub async fn watch(self, every: Duration) {
-        let mut tick = tokio::time::interval(every);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    /// Reloads whenever the file changes (looked at every `poll`, when given: editors that
+    /// replace the file, and mounted config maps, are followed too) and, on Unix, on
+    /// `SIGHUP`. Runs until the task is dropped.
+    pub async fn watch(self, poll: Option<Duration>) {
+        let mut tick = poll.map(|every| {
+            let mut tick = tokio::time::interval(every);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            tick
+        });
         #[cfg(unix)]
         let mut hangup =
             tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
         loop {
+            let due = async {
+                match tick.as_mut() {
+                    Some(tick) => {
+                        tick.tick().await;
+                    }
+                    None => std::future::pending().await,
+                }
+            };
             #[cfg(unix)]
             {
                 let signal = async {
@@ -187,12 +198,12 @@ impl Live {
                     }
                 };
                 tokio::select! {
-                    _ = tick.tick() => {}
+                    () = due => {}
                     _ = signal => tracing::info!("SIGHUP: reloading the config"),
                 }
             }
             #[cfg(not(unix))]
-            tick.tick().await;
+            due.await;
             // A refused reload was logged and counted; the next change is tried again.
             let _ = self.reload();
         }

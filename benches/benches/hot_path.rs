@@ -13,6 +13,9 @@ use gateway_benches::ready;
 use gateway_core::client_ip::TrustedProxies;
 use gateway_core::{Body, Flow, Plugin, PluginLayer, RescueLayer};
 use gateway_middleware::body_limit::BodyLimitLayer;
+use gateway_middleware::compression::CompressionLayer;
+use gateway_middleware::cors::CorsLayer;
+use gateway_middleware::headers::{EditHeadersLayer, Edits};
 use gateway_middleware::ip_filter::IpFilterLayer;
 use gateway_middleware::request_id::SetRequestIdLayer;
 use gateway_proxy::upstream::{
@@ -138,6 +141,131 @@ fn ip_filter_ten_rules(b: divan::Bencher<'_, '_>) {
         req
     })
     .bench_local_values(|req| ready(svc.clone().oneshot(req)));
+}
+
+fn cors() -> CorsLayer {
+    CorsLayer::new()
+        .allow_origin("https://app.example.com".parse().expect("an origin"))
+        .allow_origin("https://*.example.org".parse().expect("an origin"))
+        .allow_credentials(true)
+}
+
+#[divan::bench]
+fn cors_allowed_request(b: divan::Bencher<'_, '_>) {
+    let svc = cors().layer(ok_service());
+    b.with_inputs(|| {
+        let mut req = request("/");
+        req.headers_mut().insert(
+            "origin",
+            HeaderValue::from_static("https://shop.example.org"),
+        );
+        req
+    })
+    .bench_local_values(|req| ready(svc.clone().oneshot(req)));
+}
+
+#[divan::bench]
+fn cors_preflight(b: divan::Bencher<'_, '_>) {
+    let svc = cors().layer(ok_service());
+    b.with_inputs(|| {
+        let mut req = request("/");
+        *req.method_mut() = http::Method::OPTIONS;
+        let h = req.headers_mut();
+        h.insert(
+            "origin",
+            HeaderValue::from_static("https://app.example.com"),
+        );
+        h.insert(
+            "access-control-request-method",
+            HeaderValue::from_static("PUT"),
+        );
+        req
+    })
+    .bench_local_values(|req| ready(svc.clone().oneshot(req)));
+}
+
+#[divan::bench]
+fn header_edits_two_each_way(b: divan::Bencher<'_, '_>) {
+    let layer = EditHeadersLayer::new()
+        .request(Edits::new().remove(http::header::COOKIE).set(
+            http::HeaderName::from_static("x-env"),
+            HeaderValue::from_static("prod"),
+        ))
+        .response(Edits::new().remove(http::header::SERVER).set(
+            http::header::STRICT_TRANSPORT_SECURITY,
+            HeaderValue::from_static("max-age=63072000"),
+        ));
+    let svc = layer.layer(ok_service());
+    b.with_inputs(|| request("/"))
+        .bench_local_values(|req| ready(svc.clone().oneshot(req)));
+}
+
+/// The text a compression bench serves: `len` bytes of English-ish prose.
+fn prose(len: usize) -> bytes::Bytes {
+    let text = "the quick brown fox jumps over the lazy dog; ".repeat(len / 45 + 1);
+    bytes::Bytes::copy_from_slice(&text.as_bytes()[..len])
+}
+
+/// Reads a body to its end (every frame must be ready at once) and returns its length.
+fn drain<B: http_body::Body>(body: B) -> usize
+where
+    B::Error: std::fmt::Debug,
+{
+    use http_body_util::BodyExt;
+    let mut body = std::pin::pin!(body);
+    let mut len = 0;
+    while let Some(frame) = ready(body.frame()) {
+        if let Ok(data) = frame.expect("a frame").into_data() {
+            len += bytes::Buf::remaining(&data);
+        }
+    }
+    len
+}
+
+/// The cost of the layer on a response it leaves alone (too small), the common case.
+#[divan::bench]
+fn compression_skips_small(b: divan::Bencher<'_, '_>) {
+    let body = prose(200);
+    let svc = CompressionLayer::new().layer(service_fn(move |_: Request<Body>| {
+        std::future::ready(Ok::<_, Infallible>(Response::new(Body::from(body.clone()))))
+    }));
+    b.with_inputs(|| {
+        let mut req = request("/");
+        req.headers_mut().insert(
+            "accept-encoding",
+            HeaderValue::from_static("gzip, br, zstd"),
+        );
+        req
+    })
+    .bench_local_values(|req| {
+        drain(
+            ready(svc.clone().oneshot(req))
+                .expect("infallible")
+                .into_body(),
+        )
+    });
+}
+
+/// Compressing a 16 KiB response at the default level, by algorithm.
+#[divan::bench(args = ["gzip", "br", "zstd"])]
+fn compression_16k(b: divan::Bencher<'_, '_>, encoding: &'static str) {
+    let body = prose(16 * 1024);
+    let svc = CompressionLayer::new().layer(service_fn(move |_: Request<Body>| {
+        std::future::ready(Ok::<_, Infallible>(Response::new(Body::from(body.clone()))))
+    }));
+    b.with_inputs(|| {
+        let mut req = request("/");
+        req.headers_mut()
+            .insert("accept-encoding", HeaderValue::from_static(encoding));
+        req
+    })
+    .bench_local_values(|req| {
+        drain(
+            ready(svc.clone().oneshot(req))
+                .expect("infallible")
+                .into_body(),
+        )
+    });
 }
 
 #[divan::bench]

@@ -143,9 +143,9 @@ pin_project! {
         Called {
             #[pin]
             fut: F,
-            // The allowed origin's headers; `None` when the origin is not allowed.
-            allow: Option<HeaderMap>,
-            vary: bool,
+            // The `Access-Control-Allow-Origin` of an allowed origin.
+            allow: Option<HeaderValue>,
+            policy: Arc<Policy>,
         },
         Answered { res: Option<Response<Body>> },
     }
@@ -342,25 +342,27 @@ impl Policy {
         self.credentials && !self.any_origin
     }
 
-    /// The `Access-Control-Allow-Origin` (and `-Credentials`) of `origin`, if it is allowed.
-    fn allow(&self, origin: Option<&HeaderValue>) -> Option<HeaderMap> {
+    /// The `Access-Control-Allow-Origin` of `origin`, if it is allowed.
+    fn allow(&self, origin: Option<&HeaderValue>) -> Option<HeaderValue> {
         let origin = origin?;
-        let value = if self.any_origin {
-            HeaderValue::from_static("*")
+        if self.any_origin {
+            Some(HeaderValue::from_static("*"))
         } else if self.origins.iter().any(|o| o.allows(origin.as_bytes())) {
-            origin.clone()
+            Some(origin.clone())
         } else {
-            return None;
-        };
-        let mut headers = HeaderMap::with_capacity(4);
-        headers.insert(ACCESS_CONTROL_ALLOW_ORIGIN, value);
+            None
+        }
+    }
+
+    /// Puts the headers of an allowed origin's answer on `headers`.
+    fn decorate(&self, allow: HeaderValue, headers: &mut HeaderMap) {
+        headers.insert(ACCESS_CONTROL_ALLOW_ORIGIN, allow);
         if self.credentials() {
             headers.insert(
                 ACCESS_CONTROL_ALLOW_CREDENTIALS,
                 HeaderValue::from_static("true"),
             );
         }
-        Some(headers)
     }
 
     /// Whether answers differ by `Origin` (not with `*` for everyone).
@@ -369,12 +371,14 @@ impl Policy {
     }
 
     fn preflight(&self, req: &Request<impl Sized>) -> Response<Body> {
-        let Some(mut headers) = self.allow(req.headers().get(ORIGIN)) else {
+        let Some(allow) = self.allow(req.headers().get(ORIGIN)) else {
             tracing::debug!(origin = ?req.headers().get(ORIGIN), "CORS preflight from an origin not allowed");
             let mut res = Error::new(ErrorKind::Forbidden).to_response();
             res.headers_mut().append(VARY, preflight_vary());
             return res;
         };
+        let mut headers = HeaderMap::with_capacity(8);
+        self.decorate(allow, &mut headers);
         headers.insert(ACCESS_CONTROL_ALLOW_METHODS, self.methods.clone());
         let asked = req.headers().get(ACCESS_CONTROL_REQUEST_HEADERS);
         if let Some(allowed) = self.headers.as_ref().or(asked) {
@@ -440,14 +444,10 @@ where
                 res: Some(self.policy.preflight(&req)),
             }
         } else {
-            let mut allow = self.policy.allow(req.headers().get(ORIGIN));
-            if let (Some(headers), Some(expose)) = (&mut allow, &self.policy.expose) {
-                headers.insert(ACCESS_CONTROL_EXPOSE_HEADERS, expose.clone());
-            }
             State::Called {
+                allow: self.policy.allow(req.headers().get(ORIGIN)),
                 fut: self.inner.call(req),
-                allow,
-                vary: self.policy.varies(),
+                policy: Arc::clone(&self.policy),
             }
         };
         ResponseFuture { state }
@@ -464,7 +464,7 @@ where
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         match self.project().state.project() {
-            StateProj::Called { fut, allow, vary } => {
+            StateProj::Called { fut, allow, policy } => {
                 let mut res = ready!(fut.poll(cx))?.map(Body::new);
                 let headers = res.headers_mut();
                 // The route's CORS answer is this layer's alone.
@@ -476,9 +476,12 @@ where
                     headers.remove(name);
                 }
                 if let Some(allow) = allow.take() {
-                    headers.extend(allow);
+                    policy.decorate(allow, headers);
+                    if let Some(expose) = &policy.expose {
+                        headers.insert(ACCESS_CONTROL_EXPOSE_HEADERS, expose.clone());
+                    }
                 }
-                if *vary {
+                if policy.varies() {
                     headers.append(VARY, HeaderValue::from_static("origin"));
                 }
                 Poll::Ready(Ok(res))

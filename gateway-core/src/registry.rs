@@ -68,6 +68,7 @@ pub type RouteService = BoxCloneSyncService<Request<Body>, Response<Body>, BoxEr
 #[derive(Clone)]
 pub struct RouteLayer {
     wrap: Arc<dyn Fn(RouteService) -> RouteService + Send + Sync>,
+    passes_errors: bool,
 }
 
 /// Makes a layer from a typed config section.
@@ -123,6 +124,7 @@ impl RouteLayer {
                 let service = RescueLayer::new().layer(layer.layer(inner));
                 RouteService::new(service.map_err(|never: Infallible| match never {}))
             }),
+            passes_errors: false,
         }
     }
 
@@ -138,7 +140,14 @@ impl RouteLayer {
     {
         Self {
             wrap: Arc::new(move |inner| RouteService::new(layer.layer(inner).map_err(Into::into))),
+            passes_errors: true,
         }
+    }
+
+    /// Whether the layer passes errors up ([`RouteLayer::passing_errors`]) rather than
+    /// answering them in-band.
+    pub const fn passes_errors(&self) -> bool {
+        self.passes_errors
     }
 }
 

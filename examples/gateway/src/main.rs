@@ -12,7 +12,7 @@
 //! ```
 //!
 //! With `--config FILE` it serves what a YAML file describes (listener, upstreams, routes;
-//! see `gateway_proxy::config` and `gateway.example.yaml`); `--check FILE` only validates
+//! see `docs/config.md` and `gateway.example.yaml`); `--check FILE` only validates
 //! one, like `nginx -t`. A mistake in either is reported with its file, line, column and
 //! key path, and the process exits with 2 before binding anything.
 //!

@@ -457,6 +457,8 @@ where
         // (timeout, retries, breaker); the first in-band layer answers them, so the layers
         // outside it (CORS, compression) decorate the 502 like any response.
         let mut stack = RouteService::new(tower::ServiceExt::map_err(service, Into::into));
+        // The innermost layer that answers in-band, seen so far from the inside out.
+        let mut in_band: Option<&str> = None;
         for (index, plugin) in config.plugins.iter().enumerate().rev() {
             let section = &plugin.value.section;
             let key = (id.to_owned(), index);
@@ -470,6 +472,18 @@ where
                     message: chain(&*e),
                 })?,
             };
+            match in_band {
+                Some(inner) if layer.passes_errors() => tracing::warn!(
+                    route = id,
+                    plugin = section.name(),
+                    inside = inner,
+                    "`{}` is listed before `{inner}` but passes its errors up: its failures \
+                     will skip `{inner}` (list the upstream path's layers last)",
+                    section.name()
+                ),
+                None if !layer.passes_errors() => in_band = Some(section.name()),
+                _ => {}
+            }
             stack = tower::Layer::layer(&layer, stack);
             layers.next.insert(key, (section.clone(), layer));
         }

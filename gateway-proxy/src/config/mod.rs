@@ -33,6 +33,9 @@
 //! server settings. `${VAR}` in the file is replaced by the environment variable (`${VAR:-x}`
 //! with a default, `$$` for a `$`). Durations are written with a unit (`250ms`, `10s`, `5m`),
 //! sizes as bytes or with one (`64KiB`, `10MB`).
+//!
+//! Every key, with its default, is in `docs/config.md`; the order a route's plugins should
+//! be listed in, and why, in `docs/architecture.md`.
 
 mod build;
 mod live;

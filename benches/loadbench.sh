@@ -23,5 +23,5 @@ export PATH="$PATH:/usr/sbin:/sbin"
 # Thousands of idle connections need as many descriptors on both sides.
 ulimit -n 20000 2>/dev/null || ulimit -n "$(ulimit -Hn)"
 
-cargo build --release -p example-gateway --bin gateway -p gateway-benches --bin loadbench --bin hyper-proxy
+cargo build --release -p example-gateway --bin gateway -p gateway-benches --bin loadbench --bin hyper-proxy --bin hand-gateway
 exec taskset -c 1 target/release/loadbench --gateway target/release/gateway "$@"

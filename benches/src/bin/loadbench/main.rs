@@ -46,7 +46,10 @@ OPTIONS:
     --rate N           requests/s of the latency runs [default: 2000]
     --idle N           idle connections of the memory run, 0 to skip it [default: 5000]
     --targets LIST     which proxies, comma-separated [default: gateway,baseline (with
-                       --baseline),hyper,nginx,haproxy]
+                       --baseline),hyper,nginx,haproxy]; `hand` is the route of
+                       benches/ab-config.yaml built in code (hand-gateway)
+    --config FILE      the gateway (and baseline) serve FILE, with LOADBENCH_ORIGIN set
+                       to the origin's URL, instead of proxying by flags
     --json PATH        where to write the results [default: target/loadbench.json]
     --proxy-core CPU   the core the proxies are pinned to [default: 0]
     --load-core CPU    the core wrk is pinned to [default: 1]
@@ -54,6 +57,7 @@ OPTIONS:
 
 struct Opts {
     gateway: PathBuf,
+    config: Option<PathBuf>,
     baseline: Option<PathBuf>,
     rounds: usize,
     secs: u64,
@@ -103,6 +107,7 @@ fn parse() -> Result<Option<Opts>, String> {
     use lexopt::prelude::*;
     let mut opts = Opts {
         gateway: "target/release/gateway".into(),
+        config: None,
         baseline: None,
         rounds: 5,
         secs: 5,
@@ -125,6 +130,7 @@ fn parse() -> Result<Option<Opts>, String> {
             Short('h') | Long("help") => return Ok(None),
             Long("gateway") => opts.gateway = arg_value(&mut parser)?.into(),
             Long("baseline") => opts.baseline = Some(arg_value(&mut parser)?.into()),
+            Long("config") => opts.config = Some(arg_value(&mut parser)?.into()),
             Long("rounds") => opts.rounds = number("rounds", arg_value(&mut parser)?)? as usize,
             Long("secs") => opts.secs = number("secs", arg_value(&mut parser)?)?,
             Long("rate") => {
@@ -141,7 +147,7 @@ fn parse() -> Result<Option<Opts>, String> {
                 opts.targets = arg_value(&mut parser)?
                     .split(',')
                     .map(|name| {
-                        Kind::ALL
+                        Kind::KNOWN
                             .into_iter()
                             .find(|k| k.name() == name)
                             .ok_or(format!("--targets: unknown proxy `{name}`"))
@@ -182,6 +188,8 @@ async fn run(opts: &Opts) -> io::Result<()> {
         gateway: opts.gateway.clone(),
         baseline: opts.baseline.clone(),
         hyper: std::env::current_exe()?.with_file_name("hyper-proxy"),
+        hand: std::env::current_exe()?.with_file_name("hand-gateway"),
+        config: opts.config.clone(),
         origin,
         core: pinned.then(|| opts.proxy_core.clone()),
         dir: dir.clone(),
@@ -363,7 +371,7 @@ fn report(series: &Series) -> String {
         }
     };
     // A column for each proxy measured, then the gateway's ratio to each of the others.
-    let kinds: Vec<Kind> = Kind::ALL
+    let kinds: Vec<Kind> = Kind::KNOWN
         .into_iter()
         .filter(|k| series.values().any(|by_kind| by_kind.contains_key(k)))
         .collect();

@@ -21,6 +21,9 @@ pub(crate) enum Kind {
     Hyper,
     Nginx,
     Haproxy,
+    /// `hand-gateway`: the route of `benches/ab-config.yaml` built by hand in code, to
+    /// compare with the gateway serving that file (`--config`).
+    Hand,
 }
 
 /// A running proxy.
@@ -36,6 +39,10 @@ pub(crate) struct Setup {
     pub(crate) baseline: Option<PathBuf>,
     /// The `hyper-proxy` binary.
     pub(crate) hyper: PathBuf,
+    /// The `hand-gateway` binary.
+    pub(crate) hand: PathBuf,
+    /// A config file for the gateway (and the baseline) to serve instead of `--upstream`.
+    pub(crate) config: Option<PathBuf>,
     pub(crate) origin: SocketAddr,
     /// `taskset -c <core>` prefix for the proxies, when taskset exists.
     pub(crate) core: Option<String>,
@@ -43,9 +50,20 @@ pub(crate) struct Setup {
 }
 
 impl Kind {
+    /// The targets run by default.
     pub(crate) const ALL: [Self; 5] = [
         Self::Gateway,
         Self::Baseline,
+        Self::Hyper,
+        Self::Nginx,
+        Self::Haproxy,
+    ];
+
+    /// Every target, in the order of the table's columns.
+    pub(crate) const KNOWN: [Self; 6] = [
+        Self::Gateway,
+        Self::Baseline,
+        Self::Hand,
         Self::Hyper,
         Self::Nginx,
         Self::Haproxy,
@@ -58,6 +76,7 @@ impl Kind {
             Self::Hyper => "hyper",
             Self::Nginx => "nginx",
             Self::Haproxy => "haproxy",
+            Self::Hand => "hand",
         }
     }
 }
@@ -85,6 +104,12 @@ impl Setup {
             Kind::Hyper => self.start_hyper()?,
             Kind::Nginx => self.start_nginx()?,
             Kind::Haproxy => self.start_haproxy()?,
+            Kind::Hand => {
+                let mut cmd = self.command(&self.hand);
+                cmd.args(["--listen", "127.0.0.1:0", "--upstream"])
+                    .arg(format!("http://{}", self.origin));
+                spawn_listening(cmd, &self.hand, kind)?
+            }
         };
         wait_accepting(target.addr)?;
         Ok(target)
@@ -92,17 +117,19 @@ impl Setup {
 
     fn start_gateway(&self, program: &Path, kind: Kind) -> io::Result<Target> {
         let mut cmd = self.command(program);
-        cmd.args([
-            "--listen",
-            "127.0.0.1:0",
-            "--threads",
-            "1",
-            "--eject-after",
-            "0",
-        ])
-        .arg("--upstream")
-        .arg(self.origin.to_string())
-        .env("RUST_LOG", "error");
+        cmd.args(["--threads", "1"]).env("RUST_LOG", "error");
+        match &self.config {
+            Some(file) => {
+                cmd.arg("--config")
+                    .arg(file)
+                    .env("LOADBENCH_ORIGIN", format!("http://{}", self.origin));
+            }
+            None => {
+                cmd.args(["--listen", "127.0.0.1:0", "--eject-after", "0"])
+                    .arg("--upstream")
+                    .arg(self.origin.to_string());
+            }
+        }
         spawn_listening(cmd, program, kind)
     }
 

@@ -456,7 +456,7 @@ where
         // The proxy's errors travel up as errors through the layers of the upstream path
         // (timeout, retries, breaker); the first in-band layer answers them, so the layers
         // outside it (CORS, compression) decorate the 502 like any response.
-        let mut stack = RouteService::new(tower::ServiceExt::map_err(service, Into::into));
+        let mut stack = RouteService::new(service);
         // The innermost layer that answers in-band, seen so far from the inside out.
         let mut in_band: Option<&str> = None;
         for (index, plugin) in config.plugins.iter().enumerate().rev() {

@@ -231,9 +231,8 @@ impl Service<Request<Body>> for LiveRouter {
     }
 
     fn call(&mut self, req: Request<Body>) -> Self::Future {
-        // NOTE: the router of the moment, held by this request until it is answered.
-        let mut router = Router::clone(&self.router.load());
-        router.call(req)
+        // The router of the moment; the request's future holds its route, not the router.
+        self.router.load().dispatch(req)
     }
 }
 

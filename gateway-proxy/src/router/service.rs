@@ -3,7 +3,7 @@ use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, Waker};
 
 use bytes::Bytes;
 use gateway_core::{Body, BoxError, Error, ErrorKind};
@@ -57,14 +57,58 @@ where
     ResB::Error: Into<BoxError>,
 {
     fn oneshot(&self, req: Request<Body>) -> BoxFuture {
-        let svc = self.clone();
-        Box::pin(async move {
-            match ServiceExt::oneshot(svc, req).await {
-                Ok(res) => Ok(res.map(Body::new)),
-                Err(err) => Err(err.into()),
+        let mut svc = self.clone();
+        // Route stacks are nearly always ready: then the request goes straight into the call,
+        // and the box holds only the call's future (not the service and the request).
+        match svc.poll_ready(&mut Context::from_waker(Waker::noop())) {
+            Poll::Ready(Ok(())) => {
+                let fut = svc.call(req);
+                Box::pin(async move {
+                    match fut.await {
+                        Ok(res) => Ok(res.map(Body::new)),
+                        Err(err) => Err(err.into()),
+                    }
+                })
             }
-        })
+            Poll::Ready(Err(err)) => Box::pin(std::future::ready(Err(err.into()))),
+            Poll::Pending => Box::pin(async move {
+                match ServiceExt::oneshot(svc, req).await {
+                    Ok(res) => Ok(res.map(Body::new)),
+                    Err(err) => Err(err.into()),
+                }
+            }),
+        }
     }
+}
+
+/// A config-built route (already boxed, with the router's future type): called as it is,
+/// without a second box around its own.
+#[cfg(feature = "config")]
+struct Boxed(gateway_core::registry::RouteService);
+
+#[cfg(feature = "config")]
+impl ErasedService for Boxed {
+    fn oneshot(&self, req: Request<Body>) -> BoxFuture {
+        self.0.clone().call(req)
+    }
+}
+
+/// `service`, type-erased for the route table.
+fn erase<S, ResB>(service: S) -> Arc<dyn ErasedService>
+where
+    S: Service<Request<Body>, Response = Response<ResB>> + Clone + Send + Sync + 'static,
+    S::Future: Send,
+    S::Error: Into<BoxError>,
+    ResB: http_body::Body<Data = Bytes> + Send + 'static,
+    ResB::Error: Into<BoxError>,
+{
+    #[cfg(feature = "config")]
+    if let Some(boxed) =
+        (&service as &dyn std::any::Any).downcast_ref::<gateway_core::registry::RouteService>()
+    {
+        return Arc::new(Boxed(boxed.clone()));
+    }
+    Arc::new(service)
 }
 
 // === impl Router ===
@@ -116,7 +160,7 @@ impl Router {
         let inner = self.inner_mut();
         let index = inner.routes.len();
         inner.table.insert(route, index)?;
-        inner.routes.push(Arc::new(service));
+        inner.routes.push(erase(service));
         Ok(self)
     }
 
@@ -131,7 +175,7 @@ impl Router {
         ResB: http_body::Body<Data = Bytes> + Send + 'static,
         ResB::Error: Into<BoxError>,
     {
-        self.inner_mut().fallback = Some(Arc::new(service));
+        self.inner_mut().fallback = Some(erase(service));
         self
     }
 
@@ -187,6 +231,18 @@ where
     }
 
     fn call(&mut self, req: Request<B>) -> ResponseFuture {
+        self.dispatch(req)
+    }
+}
+
+impl Router {
+    /// Routes `req`: what [`Service::call`] does, through a shared reference (the router of
+    /// a live config is called through its current `Arc` without a clone of it).
+    pub fn dispatch<B>(&self, req: Request<B>) -> ResponseFuture
+    where
+        B: http_body::Body<Data = Bytes> + Send + 'static,
+        B::Error: Into<BoxError>,
+    {
         if req.method() == Method::CONNECT {
             return Self::reject(ErrorKind::BadRequest, "CONNECT is not proxied");
         }
@@ -229,7 +285,6 @@ where
             (None, Some(fallback)) => (fallback, None),
             (None, None) => return Self::reject(ErrorKind::NotFound, "no route matches"),
         };
-        let service = Arc::clone(service);
         let new_uri = match path {
             Cow::Borrowed(_) => None,
             Cow::Owned(path) => Some(with_path(req.uri(), &path)),
@@ -312,6 +367,41 @@ mod tests {
         let status = res.status();
         let body = res.into_body().collect_bytes().await.unwrap();
         (status, String::from_utf8_lossy(&body).into_owned())
+    }
+
+    /// A route whose stack is not ready at once (a limit at capacity, say) still serves:
+    /// the router waits for readiness inside the request's future.
+    #[tokio::test]
+    async fn a_route_not_ready_at_once_is_waited_for() {
+        /// Pending on its first readiness poll (waking at once), ready after.
+        #[derive(Clone)]
+        struct Slow {
+            polled: bool,
+        }
+        impl Service<Request<Body>> for Slow {
+            type Response = Response<Body>;
+            type Error = Infallible;
+            type Future = std::future::Ready<Result<Response<Body>, Infallible>>;
+            fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+                if self.polled {
+                    return Poll::Ready(Ok(()));
+                }
+                self.polled = true;
+                cx.waker().wake_by_ref();
+                Poll::Pending
+            }
+            fn call(&mut self, _: Request<Body>) -> Self::Future {
+                assert!(self.polled, "called before it was ready");
+                std::future::ready(Ok(Response::new(Body::from("slow"))))
+            }
+        }
+        let router = Router::new().route(Route::prefix("/"), Slow { polled: false });
+        let req = Request::get("/x")
+            .header("host", "gw")
+            .body(Body::empty())
+            .unwrap();
+        let (status, body) = call(&router, req).await;
+        assert_eq!((status, body.as_str()), (StatusCode::OK, "slow"));
     }
 
     fn get(target: &str) -> Request<Body> {

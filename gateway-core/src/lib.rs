@@ -13,12 +13,14 @@
 //! - [`classify`]: one judgement of upstream outcomes for retries, breakers, health and
 //!   metrics.
 //! - [`time::deadline`]: configured durations as deadlines, "forever" included.
+//! - [`boxed::oneshot`]: a type-erased route service called with one allocation.
 //! - `test_util` (feature `test-util`): in-process upstreams and raw-socket helpers.
 
 #![forbid(unsafe_code)]
 #![doc = include_str!("../../docs/plugins.md")]
 
 mod body;
+pub mod boxed;
 pub mod classify;
 pub mod client_ip;
 mod error;

@@ -41,15 +41,13 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::sync::Arc;
 
-use std::future::Future;
-use std::pin::Pin;
-use std::task::{Context, Poll, Waker};
+use std::task::{Context, Poll};
 
 use bytes::Bytes;
 use http::{Request, Response};
 use serde::Deserializer;
 use serde::de::{DeserializeOwned, Error as _};
-use tower::{Layer, Service, ServiceExt as _};
+use tower::{Layer, Service};
 
 use crate::rescue::Rescue;
 use crate::{Body, BoxError, Plugin, PluginLayer, RescueLayer};
@@ -66,7 +64,7 @@ pub struct RouteService {
 }
 
 /// The future of a [`RouteService`].
-pub type RouteFuture = Pin<Box<dyn Future<Output = Result<Response<Body>, BoxError>> + Send>>;
+pub type RouteFuture = crate::boxed::BoxResponseFuture;
 
 trait ErasedRoute: Send + Sync {
     fn oneshot(&self, req: Request<Body>) -> RouteFuture;
@@ -79,20 +77,7 @@ where
     S::Future: Send + 'static,
 {
     fn oneshot(&self, req: Request<Body>) -> RouteFuture {
-        let mut service = self.clone();
-        // Layers are nearly always ready: then the request goes straight into the call, and
-        // the box holds only the call's future (not the service and the request, moved
-        // again when it is polled).
-        match service.poll_ready(&mut Context::from_waker(Waker::noop())) {
-            Poll::Ready(Ok(())) => {
-                let fut = service.call(req);
-                Box::pin(async move { fut.await.map_err(Into::into) })
-            }
-            Poll::Ready(Err(err)) => Box::pin(std::future::ready(Err(err.into()))),
-            Poll::Pending => {
-                Box::pin(async move { service.oneshot(req).await.map_err(Into::into) })
-            }
-        }
+        crate::boxed::oneshot(self.clone(), req)
     }
 }
 
@@ -440,51 +425,16 @@ mod tests {
     use crate::{Error, ErrorKind};
     use http::StatusCode;
 
-    /// Pending on its first readiness poll (waking at once), then answers `status`, or
-    /// fails with `kind` when given.
-    #[derive(Clone)]
-    struct Slow {
-        polled: bool,
-        fail: Option<ErrorKind>,
-    }
-
-    impl Service<Request<Body>> for Slow {
-        type Response = Response<Body>;
-        type Error = BoxError;
-        type Future = std::future::Ready<Result<Response<Body>, BoxError>>;
-
-        fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
-            if self.polled {
-                return Poll::Ready(Ok(()));
-            }
-            self.polled = true;
-            cx.waker().wake_by_ref();
-            Poll::Pending
-        }
-
-        fn call(&mut self, _: Request<Body>) -> Self::Future {
-            assert!(self.polled, "called before it was ready");
-            std::future::ready(match self.fail {
-                Some(kind) => Err(Error::new(kind).into()),
-                None => Ok(Response::new(Body::empty())),
-            })
-        }
+    fn failing(kind: ErrorKind) -> RouteService {
+        RouteService::new(tower::service_fn(move |_: Request<Body>| {
+            std::future::ready(Err::<Response<Body>, BoxError>(Error::new(kind).into()))
+        }))
     }
 
     #[tokio::test]
-    async fn a_boxed_route_waits_for_readiness_and_layers_answer_in_band() {
-        let slow = |fail| {
-            RouteService::new(Slow {
-                polled: false,
-                fail,
-            })
-        };
-        let res = slow(None).oneshot(Request::new(Body::empty())).await;
-        assert_eq!(res.map(|r| r.status()).ok(), Some(StatusCode::OK));
-
-        // An in-band layer answers what comes up from below; a passing one does not.
+    async fn in_band_layers_answer_errors_and_passing_ones_pass_them_up() {
         let identity = tower::layer::util::Identity::new;
-        let in_band = RouteLayer::new(identity()).layer(slow(Some(ErrorKind::GatewayTimeout)));
+        let in_band = RouteLayer::new(identity()).layer(failing(ErrorKind::GatewayTimeout));
         let res = in_band.oneshot(Request::new(Body::empty())).await;
         let res = res.expect("answered in-band");
         assert_eq!(res.status(), StatusCode::GATEWAY_TIMEOUT);
@@ -493,7 +443,7 @@ mod tests {
             Some(&ErrorKind::GatewayTimeout)
         );
         let passing =
-            RouteLayer::passing_errors(identity()).layer(slow(Some(ErrorKind::GatewayTimeout)));
+            RouteLayer::passing_errors(identity()).layer(failing(ErrorKind::GatewayTimeout));
         assert!(passing.oneshot(Request::new(Body::empty())).await.is_err());
         assert!(RouteLayer::passing_errors(identity()).passes_errors());
         assert!(!RouteLayer::new(identity()).passes_errors());

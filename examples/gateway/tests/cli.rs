@@ -319,22 +319,17 @@ routes:
     // The file changes: the new route serves within 2 s, on the same process and port.
     let changed = yaml.replace("path: /old", "path: /new");
     std::fs::write(&path, changed).unwrap();
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
-    while raw::statuses(&get(addr, "/new").await) != [308] {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "not reloaded within 2 s"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    answers_within(
+        addr,
+        "/new",
+        308,
+        Duration::from_secs(2),
+        "not reloaded within 2 s",
+    )
+    .await;
     assert_eq!(raw::statuses(&get(addr, "/old").await), [404]);
     // SIGHUP reloads (and does not end the process, as it would without a handler).
-    let pid = child.id().unwrap().to_string();
-    let hup = std::process::Command::new("kill")
-        .args(["-HUP", &pid])
-        .status()
-        .unwrap();
-    assert!(hup.success());
+    hang_up(&child);
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert_eq!(
         raw::statuses(&get(addr, "/new").await),
@@ -368,20 +363,40 @@ routes:
     // Well past the default poll: still the old routes, nothing looked at the file.
     tokio::time::sleep(Duration::from_millis(1200)).await;
     assert_eq!(raw::statuses(&get(addr, "/new").await), [404]);
+    hang_up(&child);
+    answers_within(
+        addr,
+        "/new",
+        200,
+        Duration::from_secs(5),
+        "SIGHUP did not reload",
+    )
+    .await;
+    assert_eq!(raw::statuses(&get(addr, "/old").await), [404]);
+    sigterm_and_wait(child).await;
+}
+
+/// Sends SIGHUP to `child`.
+fn hang_up(child: &Child) {
     let pid = child.id().unwrap().to_string();
     let hup = std::process::Command::new("kill")
         .args(["-HUP", &pid])
         .status()
         .unwrap();
     assert!(hup.success());
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-    while raw::statuses(&get(addr, "/new").await) != [200] {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "SIGHUP did not reload"
-        );
+}
+
+/// Waits until `path` answers `status` (a reload applied), failing with `what` after `limit`.
+async fn answers_within(
+    addr: std::net::SocketAddr,
+    path: &str,
+    status: u16,
+    limit: Duration,
+    what: &str,
+) {
+    let deadline = tokio::time::Instant::now() + limit;
+    while raw::statuses(&get(addr, path).await) != [status] {
+        assert!(tokio::time::Instant::now() < deadline, "{what}");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    assert_eq!(raw::statuses(&get(addr, "/old").await), [404]);
-    sigterm_and_wait(child).await;
 }

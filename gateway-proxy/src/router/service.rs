@@ -3,13 +3,13 @@ use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll, Waker};
+use std::task::{Context, Poll};
 
 use bytes::Bytes;
 use gateway_core::{Body, BoxError, Error, ErrorKind};
 use http::uri::PathAndQuery;
 use http::{Method, Request, Response, Uri};
-use tower::{Service, ServiceExt};
+use tower::Service;
 
 use super::host::{HostError, request_host};
 use super::path::{PathError, normalize};
@@ -30,7 +30,7 @@ struct Inner {
     fallback: Option<Arc<dyn ErasedService>>,
 }
 
-type BoxFuture = Pin<Box<dyn Future<Output = Result<Response<Body>, BoxError>> + Send>>;
+type BoxFuture = gateway_core::boxed::BoxResponseFuture;
 
 /// Response future of [`Router`].
 pub struct ResponseFuture {
@@ -57,27 +57,7 @@ where
     ResB::Error: Into<BoxError>,
 {
     fn oneshot(&self, req: Request<Body>) -> BoxFuture {
-        let mut svc = self.clone();
-        // Route stacks are nearly always ready: then the request goes straight into the call,
-        // and the box holds only the call's future (not the service and the request).
-        match svc.poll_ready(&mut Context::from_waker(Waker::noop())) {
-            Poll::Ready(Ok(())) => {
-                let fut = svc.call(req);
-                Box::pin(async move {
-                    match fut.await {
-                        Ok(res) => Ok(res.map(Body::new)),
-                        Err(err) => Err(err.into()),
-                    }
-                })
-            }
-            Poll::Ready(Err(err)) => Box::pin(std::future::ready(Err(err.into()))),
-            Poll::Pending => Box::pin(async move {
-                match ServiceExt::oneshot(svc, req).await {
-                    Ok(res) => Ok(res.map(Body::new)),
-                    Err(err) => Err(err.into()),
-                }
-            }),
-        }
+        gateway_core::boxed::oneshot(self.clone(), req)
     }
 }
 
@@ -367,41 +347,6 @@ mod tests {
         let status = res.status();
         let body = res.into_body().collect_bytes().await.unwrap();
         (status, String::from_utf8_lossy(&body).into_owned())
-    }
-
-    /// A route whose stack is not ready at once (a limit at capacity, say) still serves:
-    /// the router waits for readiness inside the request's future.
-    #[tokio::test]
-    async fn a_route_not_ready_at_once_is_waited_for() {
-        /// Pending on its first readiness poll (waking at once), ready after.
-        #[derive(Clone)]
-        struct Slow {
-            polled: bool,
-        }
-        impl Service<Request<Body>> for Slow {
-            type Response = Response<Body>;
-            type Error = Infallible;
-            type Future = std::future::Ready<Result<Response<Body>, Infallible>>;
-            fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
-                if self.polled {
-                    return Poll::Ready(Ok(()));
-                }
-                self.polled = true;
-                cx.waker().wake_by_ref();
-                Poll::Pending
-            }
-            fn call(&mut self, _: Request<Body>) -> Self::Future {
-                assert!(self.polled, "called before it was ready");
-                std::future::ready(Ok(Response::new(Body::from("slow"))))
-            }
-        }
-        let router = Router::new().route(Route::prefix("/"), Slow { polled: false });
-        let req = Request::get("/x")
-            .header("host", "gw")
-            .body(Body::empty())
-            .unwrap();
-        let (status, body) = call(&router, req).await;
-        assert_eq!((status, body.as_str()), (StatusCode::OK, "slow"));
     }
 
     fn get(target: &str) -> Request<Body> {

@@ -429,6 +429,20 @@ async fn mistakes_name_their_line_column_and_key_path() {
             "`NOT_SET` is not set",
         ),
         (
+            "a route with two kinds of path (its own place: a build-time check)",
+            "listen: x\nroutes:\n  - match: { path: /a, exact: /b }\n    respond: {}\n",
+            (3, 5),
+            "routes[0].match",
+            "cannot go together",
+        ),
+        (
+            "a route that duplicates another",
+            "listen: x\nroutes:\n  - match: { path: /a }\n    respond: {}\n  - id: again\n    match: { path: /a }\n    respond: {}\n",
+            (5, 5),
+            "routes[1].match",
+            "",
+        ),
+        (
             "YAML syntax",
             "listen: x\nroutes: []\nserver: { drain_timeout: 1s\n",
             (3, 9),

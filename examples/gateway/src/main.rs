@@ -483,7 +483,7 @@ fn demo_config(args: &Args, addr: &str) -> Config {
         listen: args.listen.clone(),
         server: server_config(args),
         upstreams: BTreeMap::from([("demo".to_owned(), upstream)]),
-        routes: vec![api],
+        routes: vec![Located::new(api)],
     }
 }
 
@@ -518,7 +518,7 @@ fn flags_config(args: &Args) -> Config {
         listen: args.listen.clone(),
         server: server_config(args),
         upstreams: BTreeMap::from([("default".to_owned(), upstream)]),
-        routes: vec![route("default", "/", "default")],
+        routes: vec![Located::new(route("default", "/", "default"))],
     }
 }
 

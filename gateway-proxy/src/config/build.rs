@@ -12,7 +12,7 @@ use gateway_core::registry::{RouteLayer, RouteService, Section};
 use http::header::{CONTENT_TYPE, HeaderValue};
 use http::{Method, Request, Response, StatusCode, Uri};
 
-use super::load::ConfigError;
+use super::load::{ConfigError, Located};
 use super::schema::{
     Balancer, Config, EndpointConfig, HashOn, HealthCheckConfig, Outlier, RouteConfig,
     ServerConfig, UpstreamConfig, UpstreamTls,
@@ -301,10 +301,13 @@ fn add_route(
     file: &str,
     router: Router,
     index: usize,
-    config: &RouteConfig,
+    located: &Located<RouteConfig>,
     upstreams: &BTreeMap<String, (UpstreamConfig, Built)>,
     layers: &mut Layers<'_>,
 ) -> Result<Router, ConfigError> {
+    let config = &located.value;
+    // Where a route's mistake is, when nothing more precise is known: the route itself.
+    let here = located.location();
     let at = |key: &str| {
         if key.is_empty() {
             format!("routes[{index}]")
@@ -312,8 +315,8 @@ fn add_route(
             format!("routes[{index}].{key}")
         }
     };
-    let err = |(key, message): (&str, String)| ConfigError::new(file, None, at(key), message);
-    let mistake = |m: Mistake| ConfigError::new(file, m.at, at(&m.key), m.message);
+    let err = |(key, message): (&str, String)| ConfigError::new(file, here, at(key), message);
+    let mistake = |m: Mistake| ConfigError::new(file, m.at.or(here), at(&m.key), m.message);
     let id = config
         .id
         .clone()
@@ -372,8 +375,6 @@ fn route(config: &RouteConfig) -> Result<Route, Wrong> {
 /// A key under a route that is wrong, and why.
 type Wrong = (&'static str, String);
 
-/// The response of a `redirect` or `respond` route: its status, one header, its body.
-#[derive(Clone)]
 /// The answer of a route without an upstream.
 enum Answer {
     Redirect(Redirect),

@@ -184,7 +184,8 @@ pub fn parse(
 }
 
 /// A key path without the `value` step a [`Located`] adds (it reads as a struct): after a
-/// plugin entry (`plugins[0].value.cors` is `plugins[0].cors`) and a route's `upstream`.
+/// route (`routes[0].value.match` is `routes[0].match`), a plugin entry
+/// (`plugins[0].value.cors` is `plugins[0].cors`) and a route's `upstream`.
 fn without_located(path: &str) -> String {
     let mut out = String::with_capacity(path.len());
     let mut steps = path.split('.').peekable();
@@ -193,7 +194,9 @@ fn without_located(path: &str) -> String {
             out.push('.');
         }
         out.push_str(step);
-        let located = step == "upstream" || (step.starts_with("plugins[") && step.ends_with(']'));
+        let located = step == "upstream"
+            || ((step.starts_with("plugins[") || step.starts_with("routes["))
+                && step.ends_with(']'));
         if located && steps.peek() == Some(&"value") {
             steps.next();
         }

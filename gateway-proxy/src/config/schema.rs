@@ -26,8 +26,9 @@ pub struct Config {
     /// Upstreams by name.
     #[serde(default)]
     pub upstreams: BTreeMap<String, UpstreamConfig>,
-    /// Routes, matched most specific first (see [`crate::Router`]).
-    pub routes: Vec<RouteConfig>,
+    /// Routes, matched most specific first (see [`crate::Router`]), each with its place in
+    /// the file (for the errors only the whole config reveals).
+    pub routes: Vec<Located<RouteConfig>>,
 }
 
 /// The listener's settings.

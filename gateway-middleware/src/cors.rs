@@ -415,6 +415,16 @@ fn join<'a>(parts: impl Iterator<Item = &'a str>) -> HeaderValue {
     HeaderValue::from_str(&joined).unwrap_or_else(|_| HeaderValue::from_static(""))
 }
 
+/// Whether the response already varies by `Origin` (or by everything, `*`).
+fn varies_by_origin(headers: &HeaderMap) -> bool {
+    headers.get_all(VARY).iter().any(|v| {
+        v.as_bytes().split(|&b| b == b',').any(|name| {
+            let name = name.trim_ascii();
+            name == b"*" || name.eq_ignore_ascii_case(b"origin")
+        })
+    })
+}
+
 /// Whether `req` is a CORS preflight (not merely an `OPTIONS`).
 fn is_preflight<B>(req: &Request<B>) -> bool {
     req.method() == Method::OPTIONS
@@ -481,7 +491,7 @@ where
                         headers.insert(ACCESS_CONTROL_EXPOSE_HEADERS, expose.clone());
                     }
                 }
-                if policy.varies() {
+                if policy.varies() && !varies_by_origin(headers) {
                     headers.append(VARY, HeaderValue::from_static("origin"));
                 }
                 Poll::Ready(Ok(res))
@@ -541,6 +551,20 @@ mod tests {
             assert!(!o.allows(no.as_bytes()), "{no}");
         }
         assert!(origin("https://*.example.com:8443").allows(b"https://a.example.com:8443"));
+    }
+
+    #[test]
+    fn vary_is_not_repeated() {
+        let mut headers = HeaderMap::new();
+        assert!(!varies_by_origin(&headers));
+        headers.append(VARY, HeaderValue::from_static("accept-encoding, Origin"));
+        assert!(varies_by_origin(&headers));
+        let mut star = HeaderMap::new();
+        star.append(VARY, HeaderValue::from_static("*"));
+        assert!(varies_by_origin(&star));
+        let mut other = HeaderMap::new();
+        other.append(VARY, HeaderValue::from_static("origin-x, accept"));
+        assert!(!varies_by_origin(&other));
     }
 
     #[test]

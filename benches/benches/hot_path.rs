@@ -18,6 +18,7 @@ use gateway_middleware::cors::CorsLayer;
 use gateway_middleware::headers::{EditHeadersLayer, Edits};
 use gateway_middleware::ip_filter::IpFilterLayer;
 use gateway_middleware::request_id::SetRequestIdLayer;
+use gateway_middleware::trace_context::TraceContextLayer;
 use gateway_proxy::upstream::{
     ConsistentHash, Endpoint, HashKey, LeastRequest, PeakEwma, Random, RoundRobin,
 };
@@ -113,6 +114,23 @@ fn request_id_kept(b: divan::Bencher<'_, '_>) {
             "x-request-id",
             HeaderValue::from_static("0f8fad5b-d9cb-469f-a165-70867728950e"),
         );
+        req
+    })
+    .bench_local_values(|req| ready(svc.clone().oneshot(req)));
+}
+
+#[divan::bench(args = ["continued", "started"])]
+fn trace_context(b: divan::Bencher<'_, '_>, how: &str) {
+    let svc = TraceContextLayer::new().layer(ok_service());
+    let continued = how == "continued";
+    b.with_inputs(|| {
+        let mut req = request("/");
+        if continued {
+            req.headers_mut().insert(
+                "traceparent",
+                HeaderValue::from_static("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"),
+            );
+        }
         req
     })
     .bench_local_values(|req| ready(svc.clone().oneshot(req)));

@@ -8,6 +8,7 @@
 //! - [`cors`] (`cors`): CORS preflights answered, response headers for allowed origins.
 //! - [`compression`] (`compression`): gzip, br and zstd responses (tower-http's).
 //! - [`headers`] (`headers`): set, append and remove request and response headers.
+//! - [`trace_context`] (`trace-context`): W3C `traceparent`, continued or started.
 //! - [`config`] (`config`): the layers above by name, for the declarative config.
 //!
 //! Auth, rate limiting, caching, retries and circuit breaking land as their issues do.
@@ -33,5 +34,7 @@ pub mod ip_filter;
 mod refuse;
 #[cfg(feature = "request-id")]
 pub mod request_id;
+#[cfg(feature = "trace-context")]
+pub mod trace_context;
 
 pub use gateway_core::{Error, ErrorKind};

@@ -21,6 +21,7 @@ use gateway_middleware::cors::CorsLayer;
 use gateway_middleware::headers::{EditHeadersLayer, Edits};
 use gateway_middleware::ip_filter::IpFilterLayer;
 use gateway_middleware::request_id::SetRequestIdLayer;
+use gateway_middleware::trace_context::TraceContextLayer;
 use gateway_proxy::respond::{Redirect, Respond};
 use gateway_proxy::{ReverseProxy, Route, Router, Upstream};
 use http::header::{self, HeaderName, HeaderValue};
@@ -422,4 +423,93 @@ async fn fixed_responses_and_redirects_need_no_upstream() {
     .await;
     assert_eq!(status(&res), 308, "{res}");
     assert!(res.contains("\r\nlocation: /api\r\n"), "{res}");
+}
+
+/// `(trace id, parent id, flags)` of a `traceparent` the upstream received, checked for form.
+fn parent_parts(value: &str) -> (String, String, String) {
+    let parts: Vec<&str> = value.split('-').collect();
+    assert_eq!(parts.len(), 4, "{value}");
+    assert_eq!(parts[0], "00", "{value}");
+    let hex = |s: &str, len: usize| {
+        s.len() == len
+            && s.bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    };
+    assert!(hex(parts[1], 32) && parts[1] != "0".repeat(32), "{value}");
+    assert!(hex(parts[2], 16) && parts[2] != "0".repeat(16), "{value}");
+    assert!(hex(parts[3], 2), "{value}");
+    (parts[1].into(), parts[2].into(), parts[3].into())
+}
+
+#[tokio::test]
+async fn trace_context_is_continued_started_or_replaced() {
+    let up = TestUpstream::echo().await;
+    let router = Router::new().route(
+        Route::prefix("/"),
+        ServiceBuilder::new()
+            .layer(TraceContextLayer::new())
+            .service(proxy_to(&up)),
+    );
+    let gw = Gateway::start(router).await;
+    let seen = |up: &TestUpstream| {
+        let last = up.last_request();
+        let parents: Vec<String> = last
+            .headers
+            .get_all("traceparent")
+            .iter()
+            .map(|v| v.to_str().unwrap().to_owned())
+            .collect();
+        assert_eq!(parents.len(), 1, "exactly one traceparent: {parents:?}");
+        let state = last.header("tracestate").map(str::to_owned);
+        (parent_parts(&parents[0]), state)
+    };
+
+    // Continued: the same trace and flags, a new parent; tracestate passed on.
+    let valid = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00";
+    let req = request(
+        "GET",
+        "/",
+        &[("traceparent", valid), ("tracestate", "vendor=abc")],
+    );
+    fetch(gw.addr, req).await;
+    let ((trace, parent, flags), state) = seen(&up);
+    assert_eq!(trace, "4bf92f3577b34da6a3ce929d0e0e4736");
+    assert_ne!(parent, "00f067aa0ba902b7");
+    assert_eq!(flags, "00");
+    assert_eq!(state.as_deref(), Some("vendor=abc"));
+
+    // Started when there is none.
+    fetch(gw.addr, request("GET", "/", &[])).await;
+    let ((first, _, flags), state) = seen(&up);
+    assert_eq!(flags, "01");
+    assert!(state.is_none());
+    fetch(gw.addr, request("GET", "/", &[])).await;
+    assert_ne!(seen(&up).0.0, first, "a new trace each time");
+
+    // Replaced when malformed, its tracestate dropped.
+    for bad in [
+        "00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01",
+        "00-00000000000000000000000000000000-00f067aa0ba902b7-01",
+        "ff-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+        "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7",
+        "garbage",
+    ] {
+        let req = request(
+            "GET",
+            "/",
+            &[("traceparent", bad), ("tracestate", "evil=1")],
+        );
+        fetch(gw.addr, req).await;
+        let ((trace, _, _), state) = seen(&up);
+        assert_ne!(trace, "4bf92f3577b34da6a3ce929d0e0e4736", "{bad}");
+        assert!(state.is_none(), "{bad}: tracestate dropped");
+    }
+    // Two traceparents are one too many.
+    let req = request(
+        "GET",
+        "/",
+        &[("traceparent", valid), ("traceparent", valid)],
+    );
+    fetch(gw.addr, req).await;
+    assert_ne!(seen(&up).0.0, "4bf92f3577b34da6a3ce929d0e0e4736");
 }

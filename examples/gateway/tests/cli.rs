@@ -400,3 +400,39 @@ async fn answers_within(
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+/// Logs written to a pipe (a file, a collector) carry no colour codes.
+#[tokio::test]
+async fn logs_to_a_pipe_have_no_colour_codes() {
+    let up = TestUpstream::echo().await;
+    let mut child = Command::new(BIN)
+        .args([
+            "--listen",
+            "127.0.0.1:0",
+            "--upstream",
+            &up.url(),
+            "--threads",
+            "1",
+        ])
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut stdout = BufReader::new(child.stdout.take().unwrap()).lines();
+    let first = tokio::time::timeout(Duration::from_secs(20), stdout.next_line()).await;
+    assert!(first.is_ok_and(|l| l.is_ok_and(|l| l.is_some())));
+    let pid = child.id().unwrap().to_string();
+    let term = std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status();
+    assert!(term.unwrap().success());
+    let out = tokio::time::timeout(Duration::from_secs(10), child.wait_with_output())
+        .await
+        .expect("the gateway must exit after SIGTERM")
+        .unwrap();
+    let logs = String::from_utf8_lossy(&out.stderr);
+    assert!(logs.contains("stopped"), "{logs}");
+    assert!(!logs.contains('\u{1b}'), "colour codes in {logs:?}");
+}

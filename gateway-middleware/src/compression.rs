@@ -49,14 +49,12 @@ use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};
 
-use http::header::{
-    ACCEPT_ENCODING, CACHE_CONTROL, CONTENT_ENCODING, CONTENT_LENGTH, CONTENT_TYPE, ETAG,
-};
+use http::header::{ACCEPT_ENCODING, CACHE_CONTROL, CONTENT_ENCODING, ETAG};
 use http::{HeaderValue, Request, Response, StatusCode};
 use http_body::Body as HttpBody;
 use pin_project_lite::pin_project;
 use tower::{Layer, Service};
-use tower_http::compression::predicate::Predicate;
+use tower_http::compression::predicate::{And, NotForContentType, Predicate, SizeAbove};
 
 pub use tower_http::compression::{CompressionBody, CompressionLevel};
 
@@ -103,12 +101,17 @@ struct KeepStatus;
 #[derive(Clone, Copy, Debug)]
 struct OriginalStatus(StatusCode);
 
-/// When [`Compression`] compresses (see the [module docs](self)), as a tower-http
-/// predicate.
+/// When [`Compression`] compresses (see the [module docs](self)): tower-http's size and
+/// content-type predicates, and [`Transformable`].
+pub type Compressible = And<
+    And<And<And<SizeAbove, NotForContentType>, NotForContentType>, NotForContentType>,
+    Transformable,
+>;
+
+/// What tower-http's predicates leave to a proxy: a response the origin marked
+/// `Cache-Control: no-transform`, and a 204 or 304 (no body to compress), stay as they are.
 #[derive(Clone, Copy, Debug)]
-pub struct Compressible {
-    min_size: u64,
-}
+pub struct Transformable;
 
 pin_project! {
     /// Response future of [`Compression`].
@@ -187,46 +190,30 @@ impl<S> Layer<S> for CompressionLayer {
             .br(self.br)
             .zstd(self.zstd)
             .quality(self.level)
-            .compress_when(Compressible {
-                min_size: self.min_size,
-            });
+            .compress_when(
+                SizeAbove::new(self.min_size)
+                    .and(NotForContentType::GRPC)
+                    .and(NotForContentType::IMAGES)
+                    .and(NotForContentType::SSE)
+                    .and(Transformable),
+            );
         Compression { inner }
     }
 }
 
-// === impl Compressible ===
+// === impl Transformable ===
 
-impl Predicate for Compressible {
+impl Predicate for Transformable {
     fn should_compress<B: HttpBody>(&self, res: &Response<B>) -> bool {
         let status = res.status();
         if status == StatusCode::NO_CONTENT || status == StatusCode::NOT_MODIFIED {
             return false;
         }
-        let headers = res.headers();
-        let no_transform = headers.get_all(CACHE_CONTROL).iter().any(|v| {
+        !res.headers().get_all(CACHE_CONTROL).iter().any(|v| {
             v.as_bytes()
                 .split(|&b| b == b',')
                 .any(|d| d.trim_ascii().eq_ignore_ascii_case(b"no-transform"))
-        });
-        if no_transform {
-            return false;
-        }
-        if let Some(kind) = headers.get(CONTENT_TYPE).map(HeaderValue::as_bytes) {
-            let starts = |prefix: &[u8]| {
-                kind.len() >= prefix.len() && kind[..prefix.len()].eq_ignore_ascii_case(prefix)
-            };
-            if (starts(b"application/grpc") && !starts(b"application/grpc-web"))
-                || (starts(b"image/") && !starts(b"image/svg+xml"))
-                || starts(b"text/event-stream")
-            {
-                return false;
-            }
-        }
-        let size = res.body().size_hint().exact().or_else(|| {
-            let length = headers.get(CONTENT_LENGTH)?;
-            length.to_str().ok()?.parse().ok()
-        });
-        size.is_none_or(|size| size >= self.min_size)
+        })
     }
 }
 

@@ -28,6 +28,8 @@ pub mod config;
 pub mod cors;
 #[cfg(feature = "headers")]
 pub mod headers;
+#[cfg(any(feature = "request-id", feature = "trace-context"))]
+mod hex;
 #[cfg(feature = "ip-filter")]
 pub mod ip_filter;
 #[cfg(any(feature = "body-limit", feature = "ip-filter"))]

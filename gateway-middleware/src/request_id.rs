@@ -196,15 +196,8 @@ fn generate() -> HeaderValue {
     let prefix = *PREFIX.get_or_init(|| std::hash::RandomState::new().build_hasher().finish());
     let n = NEXT.fetch_add(1, Ordering::Relaxed);
     let mut hex = [0u8; 32];
-    for (i, byte) in prefix
-        .to_be_bytes()
-        .iter()
-        .chain(&n.to_be_bytes())
-        .enumerate()
-    {
-        hex[2 * i] = b"0123456789abcdef"[usize::from(byte >> 4)];
-        hex[2 * i + 1] = b"0123456789abcdef"[usize::from(byte & 0xf)];
-    }
+    crate::hex::write(&mut hex[..16], &prefix.to_be_bytes());
+    crate::hex::write(&mut hex[16..], &n.to_be_bytes());
     HeaderValue::from_bytes(&hex).unwrap_or_else(|_| HeaderValue::from_static("0"))
 }
 

@@ -228,11 +228,11 @@ impl TraceContext {
     pub fn traceparent(&self) -> HeaderValue {
         let mut out = [0u8; 55];
         out[..3].copy_from_slice(b"00-");
-        write_hex(&mut out[3..35], &self.trace_id);
+        crate::hex::write(&mut out[3..35], &self.trace_id);
         out[35] = b'-';
-        write_hex(&mut out[36..52], &self.span_id);
+        crate::hex::write(&mut out[36..52], &self.span_id);
         out[52] = b'-';
-        write_hex(&mut out[53..55], &[self.flags]);
+        crate::hex::write(&mut out[53..55], &[self.flags]);
         HeaderValue::from_bytes(&out).unwrap_or_else(|_| HeaderValue::from_static(""))
     }
 }
@@ -287,17 +287,9 @@ fn unhex<const N: usize>(text: &[u8]) -> Option<[u8; N]> {
     Some(out)
 }
 
-fn write_hex(out: &mut [u8], bytes: &[u8]) {
-    const DIGITS: &[u8; 16] = b"0123456789abcdef";
-    for (pair, byte) in out.chunks_exact_mut(2).zip(bytes) {
-        pair[0] = DIGITS[usize::from(byte >> 4)];
-        pair[1] = DIGITS[usize::from(byte & 0xf)];
-    }
-}
-
 fn hex(bytes: &[u8]) -> String {
     let mut out = vec![0; bytes.len() * 2];
-    write_hex(&mut out, bytes);
+    crate::hex::write(&mut out, bytes);
     String::from_utf8(out).unwrap_or_default()
 }
 

@@ -33,6 +33,8 @@ pub enum ErrorKind {
     Forbidden,
     /// No route matches the request: 404.
     NotFound,
+    /// The resource does not take the request's method: 405.
+    MethodNotAllowed,
     /// The client was too slow sending its request: 408.
     RequestTimeout,
     /// The request body is over the configured limit: 413.
@@ -108,6 +110,7 @@ status_table! {
     Unauthenticated => 401 UNAUTHORIZED "authentication required",
     Forbidden => 403 FORBIDDEN "forbidden",
     NotFound => 404 NOT_FOUND "no route matches the request",
+    MethodNotAllowed => 405 METHOD_NOT_ALLOWED "method not allowed",
     RequestTimeout => 408 REQUEST_TIMEOUT "request timed out",
     PayloadTooLarge => 413 PAYLOAD_TOO_LARGE "request body too large",
     UriTooLong => 414 URI_TOO_LONG "request line too long",
@@ -322,11 +325,12 @@ impl fmt::Display for Chain<'_> {
 mod tests {
     use super::*;
 
-    const ALL: [ErrorKind; 14] = [
+    const ALL: [ErrorKind; 15] = [
         ErrorKind::BadRequest,
         ErrorKind::Unauthenticated,
         ErrorKind::Forbidden,
         ErrorKind::NotFound,
+        ErrorKind::MethodNotAllowed,
         ErrorKind::RequestTimeout,
         ErrorKind::PayloadTooLarge,
         ErrorKind::TooManyRequests,

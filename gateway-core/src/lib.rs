@@ -12,6 +12,7 @@
 //!   [`Drain`].
 //! - [`classify`]: one judgement of upstream outcomes for retries, breakers, health and
 //!   metrics.
+//! - `metrics` (feature `metrics`): the Prometheus registry and its label conventions.
 //! - [`time::deadline`]: configured durations as deadlines, "forever" included.
 //! - [`boxed::oneshot`]: a type-erased route service called with one allocation.
 //! - `test_util` (feature `test-util`): in-process upstreams and raw-socket helpers.
@@ -25,6 +26,8 @@ pub mod classify;
 pub mod client_ip;
 mod error;
 mod ext;
+#[cfg(feature = "metrics")]
+pub mod metrics;
 pub mod plugin;
 #[cfg(feature = "registry")]
 pub mod registry;

@@ -9,6 +9,7 @@
 //! - [`compression`] (`compression`): gzip, br and zstd responses (tower-http's).
 //! - [`headers`] (`headers`): set, append and remove request and response headers.
 //! - [`trace_context`] (`trace-context`): W3C `traceparent`, continued or started.
+//! - [`metrics`] (`metrics`): Prometheus request counts, durations and bytes at the edge.
 //! - [`config`] (`config`): the layers above by name, for the declarative config.
 //!
 //! Auth, rate limiting, caching, retries and circuit breaking land as their issues do.
@@ -32,6 +33,8 @@ pub mod headers;
 mod hex;
 #[cfg(feature = "ip-filter")]
 pub mod ip_filter;
+#[cfg(feature = "metrics")]
+pub mod metrics;
 #[cfg(any(feature = "body-limit", feature = "ip-filter"))]
 mod refuse;
 #[cfg(feature = "request-id")]

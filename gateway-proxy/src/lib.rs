@@ -7,9 +7,11 @@
 //! - [`respond`]: routes answered by the gateway itself (a fixed response, a redirect).
 //! - [`Server`]: HTTP/1.1 and HTTP/2 (by ALPN or the first bytes), rustls termination, timeouts,
 //!   connection limits and graceful shutdown.
+//! - [`admin`]: the admin listener's service (`/metrics`, `/healthz`, `/readyz`, `/status`).
 
 #![forbid(unsafe_code)]
 
+pub mod admin;
 mod buffers;
 #[cfg(feature = "config")]
 pub mod config;

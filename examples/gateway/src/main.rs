@@ -41,12 +41,17 @@ use std::time::Duration;
 
 use gateway_core::RescueLayer;
 use gateway_core::client_ip::SetClientIpLayer;
+use gateway_core::metrics::Metrics;
 use gateway_core::registry::Registry;
+use gateway_middleware::metrics::HttpMetricsLayer;
 use gateway_proxy::Server;
+use gateway_proxy::admin::Admin;
 use gateway_proxy::config::{
-    self, Balancer, Cidr, Config, ConfigError, EndpointConfig, HashOn, HealthCheckConfig, Located,
-    MatchConfig, Outlier, Period, RouteConfig, ServerConfig, TlsFiles, UpstreamConfig, Url,
+    self, AdminConfig, Balancer, Cidr, Config, ConfigError, EndpointConfig, HashOn,
+    HealthCheckConfig, Located, MatchConfig, Outlier, Period, RouteConfig, ServerConfig, TlsFiles,
+    UpstreamConfig, Url,
 };
+use gateway_proxy::server::Readiness;
 use tower::ServiceBuilder;
 use tower::util::Either;
 
@@ -92,6 +97,11 @@ OPTIONS:
     --tls-key FILE         PEM private key for --tls-cert
     --trusted-proxy CIDR   believe X-Forwarded-For from peers in CIDR; repeatable
     --drain-timeout SECS   how long a graceful shutdown waits [default: 30]
+    --admin ADDR           serve /metrics, /healthz, /readyz and /status on ADDR
+                           (without --config; the file has an `admin:` section);
+                           `off` for none [default: 127.0.0.1:9901 for the demo,
+                           off with --upstream]
+    --admin-token TOKEN    require `Authorization: Bearer TOKEN` on the admin listener
     -h, --help             print this help
 
 Stops gracefully on Ctrl-C or SIGTERM. Logs go to stderr; set RUST_LOG to tune them.
@@ -118,6 +128,9 @@ struct Args {
     eject_after: usize,
     slow_start: Duration,
     dns_refresh: Option<Duration>,
+    /// `--admin`: `None` = not given (the mode's default), `Some(None)` = off.
+    admin: Option<Option<String>>,
+    admin_token: Option<String>,
 }
 
 /// The `--lb` choice, as the config file spells it.
@@ -171,6 +184,8 @@ fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Command, String> {
         eject_after: 5,
         slow_start: Duration::ZERO,
         dns_refresh: None,
+        admin: None,
+        admin_token: None,
     };
     while let Some(arg) = parser.next().map_err(|e| e.to_string())? {
         let value = |p: &mut lexopt::Parser| -> Result<String, String> {
@@ -189,10 +204,7 @@ fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Command, String> {
             }
             Long("listen") => {
                 let v = value(&mut parser)?;
-                let port = v
-                    .rsplit_once(':')
-                    .map(|(host, port)| (host, port.parse::<u16>()));
-                if !matches!(port, Some((host, Ok(_))) if !host.is_empty()) {
+                if !is_address(&v) {
                     return Err(format!(
                         "--listen: `{v}` is not an address like 127.0.0.1:8080 or localhost:8080"
                     ));
@@ -242,11 +254,33 @@ fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Command, String> {
                 }
                 args.dns_refresh = Some(every);
             }
+            Long("admin") => {
+                let v = value(&mut parser)?;
+                args.admin = Some(if v == "off" {
+                    None
+                } else if is_address(&v) {
+                    Some(v)
+                } else {
+                    return Err(format!(
+                        "--admin: `{v}` is not an address like 127.0.0.1:9901, nor `off`"
+                    ));
+                });
+            }
+            Long("admin-token") => {
+                let v = value(&mut parser)?;
+                if v.is_empty() {
+                    return Err("--admin-token: the token is empty".into());
+                }
+                args.admin_token = Some(v);
+            }
             other => return Err(other.unexpected().to_string()),
         }
     }
     if args.tls_cert.is_some() != args.tls_key.is_some() {
         return Err("--tls-cert and --tls-key go together".into());
+    }
+    if args.config.is_some() && (args.admin.is_some() || args.admin_token.is_some()) {
+        return Err("--admin goes without --config: the file has an `admin:` section".into());
     }
     if args.config.is_some() && !args.upstreams.is_empty() {
         return Err(
@@ -254,6 +288,14 @@ fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Command, String> {
         );
     }
     Ok(Command::Run(Box::new(args)))
+}
+
+/// Whether `v` is a `host:port` address.
+fn is_address(v: &str) -> bool {
+    let port = v
+        .rsplit_once(':')
+        .map(|(host, port)| (host, port.parse::<u16>()));
+    matches!(port, Some((host, Ok(_))) if !host.is_empty())
 }
 
 /// A number of seconds (fractions allowed) for `--flag`.
@@ -378,6 +420,14 @@ async fn run(args: Args) -> Result<(), Failure> {
         (config::build(name, &config).map_err(invalid)?, None)
     };
 
+    let metrics = Metrics::new();
+    gateway.inventory.register(&metrics);
+    let readiness = Readiness::new();
+    let admin = match &gateway.admin {
+        Some(admin) => bind_admin(admin, demo && args.admin.is_none()).await?,
+        None => None,
+    };
+
     let server = Server::bind(gateway.listen.as_str())
         .await
         .map_err(|e| Failure::Config(format!("cannot listen on {}: {e}", gateway.listen)))?;
@@ -387,9 +437,16 @@ async fn run(args: Args) -> Result<(), Failure> {
     let scheme = if gateway.is_tls() { "https" } else { "http" };
     let server = gateway
         .configure(server)
+        .metrics(&metrics)
+        .readiness(&readiness)
         .shrink_after_close(SHRINK_CROWD, give_back_heap);
 
     println!("gateway listening on {scheme}://{local}");
+    if let Some((server, _)) = &admin
+        && let Ok(addr) = server.local_addr()
+    {
+        println!("admin on http://{addr}/ (/metrics, /status, /readyz, /healthz)");
+    }
     if demo {
         println!("try:");
         println!("  curl -i {scheme}://{local}/api/hello");
@@ -413,16 +470,75 @@ async fn run(args: Args) -> Result<(), Failure> {
         }
         None => Either::Right(gateway.router),
     };
+    // The admin listener serves on while the gateway drains (its `/readyz` says so), and
+    // stops after it.
+    let (stop_admin, admin_stops) = tokio::sync::oneshot::channel::<()>();
+    let admin_task = admin.map(|(admin_server, token)| {
+        let mut service = Admin::builder(&metrics, &gateway.inventory, &readiness);
+        if let Some(token) = token {
+            service = service.token(token);
+        }
+        tokio::spawn(admin_server.serve_with_shutdown(service.build(), async {
+            let _ = admin_stops.await;
+        }))
+    });
     let stack = ServiceBuilder::new()
+        .layer(HttpMetricsLayer::new(&metrics))
         .layer(RescueLayer::new())
         .layer(SetClientIpLayer::new(gateway.trusted.clone()))
         .service(app);
-    server
-        .serve(stack)
-        .await
-        .map_err(|e| Failure::Runtime(e.to_string()))?;
+    let served = server.serve(stack).await;
+    drop(stop_admin);
+    if let Some(task) = admin_task {
+        let _ = task.await;
+    }
+    served.map_err(|e| Failure::Runtime(e.to_string()))?;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Binds the admin listener `admin` describes, with its token. In the demo (`optional`),
+/// an address in use is a warning, not a failure: the demo runs on without it.
+async fn bind_admin(
+    admin: &AdminConfig,
+    optional: bool,
+) -> Result<Option<(Server, Option<String>)>, Failure> {
+    let server = match Server::bind(admin.listen.as_str()).await {
+        Ok(server) => server,
+        Err(err) if optional => {
+            tracing::warn!(addr = %admin.listen, error = %err, "no admin listener");
+            return Ok(None);
+        }
+        Err(err) => {
+            return Err(Failure::Config(format!(
+                "cannot listen on {} (admin): {err}",
+                admin.listen
+            )));
+        }
+    };
+    if admin.token.is_none()
+        && server
+            .local_addr()
+            .is_ok_and(|addr| !addr.ip().is_loopback())
+    {
+        tracing::warn!(
+            addr = %admin.listen,
+            "the admin listener is reachable beyond this host and has no token"
+        );
+    }
+    Ok(Some((server, admin.token.clone())))
+}
+
+/// The admin section the flags give.
+fn admin_config(args: &Args, default: Option<&str>) -> Option<AdminConfig> {
+    let listen = match &args.admin {
+        Some(listen) => listen.clone()?,
+        None => default?.to_owned(),
+    };
+    Some(AdminConfig {
+        listen,
+        token: args.admin_token.clone(),
+    })
 }
 
 /// The plugins a config file may name: the built-in layers (a gateway of your own adds its
@@ -486,6 +602,7 @@ fn demo_config(args: &Args, addr: &str) -> Config {
         server: server_config(args),
         upstreams: BTreeMap::from([("demo".to_owned(), upstream)]),
         routes: vec![Located::new(api)],
+        admin: admin_config(args, Some(AdminConfig::DEFAULT_LISTEN)),
     }
 }
 
@@ -521,6 +638,7 @@ fn flags_config(args: &Args) -> Config {
         server: server_config(args),
         upstreams: BTreeMap::from([("default".to_owned(), upstream)]),
         routes: vec![Located::new(route("default", "/", "default"))],
+        admin: admin_config(args, None),
     }
 }
 

@@ -14,9 +14,10 @@ use http::{Method, Request, Response, StatusCode, Uri};
 
 use super::load::{ConfigError, Located};
 use super::schema::{
-    Balancer, Config, EndpointConfig, HashOn, HealthCheckConfig, Outlier, RouteConfig,
+    AdminConfig, Balancer, Config, EndpointConfig, HashOn, HealthCheckConfig, Outlier, RouteConfig,
     ServerConfig, UpstreamConfig, UpstreamTls,
 };
+use crate::admin::{ConfigStatus, Inventory, RouteInfo};
 use crate::invalid::chain;
 use crate::proxy::HostHeader;
 use crate::respond::{Redirect, Respond};
@@ -36,6 +37,11 @@ pub struct Gateway {
     pub router: Router,
     /// Whose forwarding headers are believed.
     pub trusted: TrustedProxies,
+    /// The admin listener, when the config has one.
+    pub admin: Option<AdminConfig>,
+    /// The routes and upstreams built, for the admin listener (a [`Live`](super::Live)
+    /// config keeps it current across reloads).
+    pub inventory: Inventory,
     server: ServerConfig,
     tls: Option<TlsConfig>,
 }
@@ -143,20 +149,30 @@ pub(super) fn build_from(
     for (index, route) in config.routes.iter().enumerate() {
         router = add_route(file, router, index, route, &upstreams, &mut layers)?;
     }
+    if let Some(admin) = &config.admin {
+        check_admin(admin).map_err(|(key, message)| err(&format!("admin.{key}"), message))?;
+    }
+    let parts = Parts {
+        upstreams,
+        layers: layers.next,
+    };
+    let inventory = Inventory::new();
+    let (routes, upstreams) = inventory_of(config, &parts);
+    inventory.set_routes(routes);
+    inventory.set_upstreams(upstreams);
+    let mut status = ConfigStatus::new(file, 1);
+    status.last_applied = Some(std::time::SystemTime::now());
+    inventory.set_config(status);
     let gateway = Gateway {
         listen: config.listen.clone(),
         router,
         trusted,
+        admin: config.admin.clone(),
+        inventory,
         server: config.server.clone(),
         tls,
     };
-    Ok((
-        gateway,
-        Parts {
-            upstreams,
-            layers: layers.next,
-        },
-    ))
+    Ok((gateway, parts))
 }
 
 /// An upstream and the client its proxies use (its own when it has TLS settings).
@@ -542,4 +558,69 @@ fn proxy(config: &RouteConfig, built: &Built) -> Result<ReverseProxy, Wrong> {
         proxy = proxy.tunnel_idle_timeout(Some(t.into()));
     }
     proxy.build().map_err(|e| ("", chain(&e)))
+}
+
+/// An admin section that cannot be used.
+fn check_admin(admin: &AdminConfig) -> Result<(), (&'static str, String)> {
+    if admin.listen.parse::<std::net::SocketAddr>().is_err()
+        && admin
+            .listen
+            .rsplit_once(':')
+            .is_none_or(|(host, port)| host.is_empty() || port.parse::<u16>().is_err())
+    {
+        return Err((
+            "listen",
+            format!("`{}` is not an address with a port", admin.listen),
+        ));
+    }
+    if admin.token.as_deref() == Some("") {
+        return Err((
+            "token",
+            "the token is empty (leave it out for none)".to_owned(),
+        ));
+    }
+    Ok(())
+}
+
+/// What `config` was built into, as the admin listener shows it.
+pub(super) fn inventory_of(
+    config: &Config,
+    parts: &Parts,
+) -> (Vec<RouteInfo>, Vec<(String, Upstream)>) {
+    let routes = config
+        .routes
+        .iter()
+        .enumerate()
+        .map(|(index, located)| {
+            let r = &located.value;
+            let id = r.id.clone().unwrap_or_else(|| format!("routes[{index}]"));
+            let path = match (&r.matches.exact, &r.matches.path) {
+                (Some(exact), _) => exact.clone(),
+                (None, Some(prefix)) => format!("{}/*", prefix.trim_end_matches('/')),
+                (None, None) => "/*".to_owned(),
+            };
+            let action = match (&r.upstream, &r.redirect, &r.respond) {
+                (Some(name), _, _) => format!("proxy to {}", name.value),
+                (_, Some(redirect), _) => format!("redirect to {}", redirect.to),
+                (_, _, Some(respond)) => format!("respond {}", respond.status.unwrap_or(200)),
+                _ => String::new(),
+            };
+            let mut info = RouteInfo::new(id, path, action)
+                .methods(r.matches.methods.iter().cloned())
+                .plugins(r.plugins.iter().map(|p| p.value.section.name().to_owned()));
+            if let Some(host) = &r.matches.host {
+                info = info.host(host.clone());
+            }
+            if let Some(name) = &r.upstream {
+                info = info.upstream(name.value.clone());
+            }
+            info
+        })
+        .collect();
+    let upstreams = parts
+        .upstreams
+        .iter()
+        .map(|(name, (_, built))| (name.clone(), built.upstream.clone()))
+        .collect();
+    (routes, upstreams)
 }

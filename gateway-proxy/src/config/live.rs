@@ -15,6 +15,7 @@ use super::build::{Gateway, Parts, build_from};
 use super::load::{ConfigError, parse};
 use super::schema::Config;
 use crate::Router;
+use crate::admin::{ConfigStatus, Inventory};
 
 /// A gateway built from a config file that it reloads, keeping the state of every upstream
 /// and plugin whose name and config did not change (endpoint health and ejections, running
@@ -55,6 +56,7 @@ struct Inner {
     router: Arc<ArcSwap<Router>>,
     loaded: Mutex<Loaded>,
     stats: Mutex<ReloadStats>,
+    inventory: Inventory,
 }
 
 /// The config being served, and what it was built into.
@@ -97,8 +99,17 @@ impl Live {
                     last_applied: Some(SystemTime::now()),
                     ..ReloadStats::default()
                 }),
+                inventory: gateway.inventory.clone(),
             }),
         };
+        {
+            let loaded = live
+                .inner
+                .loaded
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            live.publish(&loaded, &live.stats(), true);
+        }
         Ok((live, gateway))
     }
 
@@ -132,10 +143,13 @@ impl Live {
         match result {
             Ok(None) => Ok(false),
             Ok(Some((text, config, gateway, parts))) => {
-                if config.listen != loaded.config.listen || config.server != loaded.config.server {
+                if config.listen != loaded.config.listen
+                    || config.server != loaded.config.server
+                    || config.admin != loaded.config.admin
+                {
                     tracing::warn!(
                         file = %name,
-                        "`listen` and `server` changes take a restart; serving on with the old ones"
+                        "`listen`, `server` and `admin` changes take a restart; serving on with the old ones"
                     );
                 }
                 inner.router.store(Arc::new(gateway.router));
@@ -147,6 +161,7 @@ impl Live {
                 stats.applied += 1;
                 stats.last_error = None;
                 stats.last_applied = Some(SystemTime::now());
+                self.publish(&loaded, &stats, true);
                 tracing::info!(file = %name, "config reloaded");
                 Ok(true)
             }
@@ -154,9 +169,34 @@ impl Live {
                 stats.refused += 1;
                 tracing::warn!(error = %err, "config reload refused; serving on with the last good one");
                 stats.last_error = Some(err.to_string());
+                self.publish(&loaded, &stats, false);
                 Err(err)
             }
         }
+    }
+
+    /// What the config was built into and how reloads have gone, as the admin listener
+    /// shows them: kept current on every reload.
+    pub fn inventory(&self) -> &Inventory {
+        &self.inner.inventory
+    }
+
+    /// Publishes the config being served (its routes and upstreams, when `built` anew) and
+    /// the reload history to the inventory.
+    fn publish(&self, loaded: &Loaded, stats: &ReloadStats, built: bool) {
+        let inventory = &self.inner.inventory;
+        if built {
+            let (routes, upstreams) = super::build::inventory_of(&loaded.config, &loaded.parts);
+            inventory.set_routes(routes);
+            inventory.set_upstreams(upstreams);
+        }
+        let mut status =
+            ConfigStatus::new(self.inner.file.display().to_string(), stats.applied + 1);
+        status.applied = stats.applied;
+        status.refused = stats.refused;
+        status.last_error.clone_from(&stats.last_error);
+        status.last_applied = stats.last_applied;
+        inventory.set_config(status);
     }
 
     /// How reloads have gone.

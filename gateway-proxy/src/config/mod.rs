@@ -48,7 +48,7 @@ pub use gateway_core::units::{InvalidUnit, Period, Size};
 pub use live::{Live, LiveRouter, ReloadStats};
 pub use load::{ConfigError, Located, parse, read};
 pub use schema::{
-    Balancer, Config, EndpointConfig, HashOn, HealthCheckConfig, MatchConfig, Outlier,
+    AdminConfig, Balancer, Config, EndpointConfig, HashOn, HealthCheckConfig, MatchConfig, Outlier,
     PluginConfig, RedirectConfig, ReplacePrefix, RespondConfig, RouteConfig, RouteTimeouts,
     ServerConfig, TlsFiles, UpstreamConfig, UpstreamTls,
 };

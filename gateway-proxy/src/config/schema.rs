@@ -29,6 +29,40 @@ pub struct Config {
     /// Routes, matched most specific first (see [`crate::Router`]), each with its place in
     /// the file (for the errors only the whole config reveals).
     pub routes: Vec<Located<RouteConfig>>,
+    /// The admin listener (`/metrics`, `/healthz`, `/readyz`, `/status`) [default: none].
+    #[serde(default)]
+    pub admin: Option<AdminConfig>,
+}
+
+/// `admin:`: the admin listener, on an address of its own.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminConfig {
+    /// Where it listens [default: `127.0.0.1:9901`]. Anything but loopback wants a
+    /// `token`.
+    #[serde(default = "AdminConfig::default_listen")]
+    pub listen: String,
+    /// A bearer token every admin request must carry (`${ADMIN_TOKEN}` reads it from the
+    /// environment) [default: none].
+    pub token: Option<String>,
+}
+
+impl AdminConfig {
+    /// The default admin address.
+    pub const DEFAULT_LISTEN: &str = "127.0.0.1:9901";
+
+    fn default_listen() -> String {
+        Self::DEFAULT_LISTEN.to_owned()
+    }
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        Self {
+            listen: Self::default_listen(),
+            token: None,
+        }
+    }
 }
 
 /// The listener's settings.

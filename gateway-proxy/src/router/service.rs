@@ -3,10 +3,10 @@ use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, ready};
 
 use bytes::Bytes;
-use gateway_core::{Body, BoxError, Error, ErrorKind};
+use gateway_core::{Body, BoxError, Error, ErrorKind, RouteId};
 use http::uri::PathAndQuery;
 use http::{Method, Request, Response, Uri};
 use tower::Service;
@@ -16,6 +16,10 @@ use super::path::{PathError, normalize};
 use super::route::{InvalidRoute, Route, Table};
 
 /// Routes requests to per-route services; see the [module docs](super).
+///
+/// A route's response carries the route's [`RouteId`] in its extensions (for the access log
+/// and the metrics outside the router). A route's *error* is answered here, as its problem
+/// response (logged once), so that it names its route too: the router never fails.
 ///
 /// Cloning is cheap (one `Arc`); routes are fixed once the router is built.
 #[derive(Clone)]
@@ -39,7 +43,7 @@ pub struct ResponseFuture {
 
 enum Kind {
     Ready(Option<Response<Body>>),
-    Route(BoxFuture),
+    Route(BoxFuture, Option<RouteId>),
 }
 
 /// A route's service with its type erased. Calling it clones the service into the one boxed
@@ -277,11 +281,11 @@ impl Router {
                 None => return Self::reject(ErrorKind::BadRequest, "unparsable target"),
             }
         }
-        if let Some(id) = id {
-            req.extensions_mut().insert(id);
+        if let Some(id) = &id {
+            req.extensions_mut().insert(id.clone());
         }
         ResponseFuture {
-            kind: Kind::Route(service.oneshot(req)),
+            kind: Kind::Route(service.oneshot(req), id),
         }
     }
 }
@@ -307,7 +311,22 @@ impl Future for ResponseFuture {
             Kind::Ready(res) => Poll::Ready(Ok(res
                 .take()
                 .unwrap_or_else(|| Error::new(ErrorKind::Internal).to_response()))),
-            Kind::Route(fut) => fut.as_mut().poll(cx),
+            Kind::Route(fut, id) => {
+                let mut res = match ready!(fut.as_mut().poll(cx)) {
+                    Ok(res) => res,
+                    // NOTE: answered here, not at the edge, so that the answer still names
+                    // its route (for the access log and the metrics outside).
+                    Err(err) => {
+                        let err = Error::from_box(err);
+                        err.log();
+                        err.to_response()
+                    }
+                };
+                if let Some(id) = id.take() {
+                    res.extensions_mut().insert(id);
+                }
+                Poll::Ready(Ok(res))
+            }
         }
     }
 }

@@ -45,6 +45,7 @@ pub(super) struct ConnShared {
     pub(super) tls: Option<TlsAcceptor>,
     pub(super) drain: Drain,
     pub(super) local: SocketAddr,
+    pub(super) metrics: Option<super::ConnMetrics>,
 }
 
 /// An HTTP/2 connection's requests in flight, and the last time it went idle. (An
@@ -130,10 +131,16 @@ async fn serve_tls<S, B>(
         Ok(Ok(stream)) => stream,
         Ok(Err(err)) => {
             tracing::debug!(%peer, error = %err, "TLS handshake failed");
+            if let Some(m) = &shared.metrics {
+                m.tls_failures.inc();
+            }
             return;
         }
         Err(_) => {
             tracing::debug!(%peer, "TLS handshake timed out");
+            if let Some(m) = &shared.metrics {
+                m.tls_failures.inc();
+            }
             return;
         }
     };

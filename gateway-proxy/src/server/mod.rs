@@ -61,10 +61,16 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use gateway_core::Body;
+use gateway_core::metrics::Metrics;
 use gateway_core::{BoxError, Drain};
 use http::{Request, Response};
 use hyper::server::conn::http2;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use tokio::net::{TcpListener, ToSocketAddrs};
 use tokio::sync::{Semaphore, watch};
 use tokio::task::JoinSet;
@@ -79,6 +85,37 @@ pub struct Server {
     config: Config,
     tls: Option<TlsConfig>,
     shrink: Option<Shrink>,
+    metrics: Option<Metrics>,
+    readiness: Option<Readiness>,
+}
+
+/// Whether the gateway should get traffic, for a readiness probe (the admin listener's
+/// `/readyz`): every server given it is listening and none is draining.
+///
+/// Cloning is cheap (one `Arc`); clones share the state.
+#[derive(Clone, Debug, Default)]
+pub struct Readiness {
+    inner: Arc<ReadinessState>,
+}
+
+#[derive(Debug, Default)]
+struct ReadinessState {
+    /// Servers given this readiness that are not listening yet.
+    starting: AtomicUsize,
+    draining: AtomicBool,
+}
+
+/// A server's connection metrics (see `docs/observability.md`).
+#[derive(Clone)]
+pub(super) struct ConnMetrics {
+    pub(super) open: Gauge,
+    pub(super) accepted: Counter,
+    pub(super) tls_failures: Counter,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct ListenerLabel {
+    listener: String,
 }
 
 /// What [`Server::shrink_after_close`] set up.
@@ -163,6 +200,8 @@ impl Server {
             config: Config::default(),
             tls: None,
             shrink: None,
+            metrics: None,
+            readiness: None,
         }
     }
 
@@ -269,6 +308,24 @@ impl Server {
         self
     }
 
+    /// Reports connections into `metrics`: `gateway_connections_open`,
+    /// `gateway_connections_accepted_total` and `gateway_tls_handshake_failures_total`,
+    /// labelled with the listening address.
+    pub fn metrics(mut self, metrics: &Metrics) -> Self {
+        self.metrics = Some(metrics.clone());
+        self
+    }
+
+    /// Reports to `readiness`: not ready until the server serves, and not ready again from
+    /// the moment it starts to drain.
+    pub fn readiness(mut self, readiness: &Readiness) -> Self {
+        if self.readiness.is_none() {
+            readiness.inner.starting.fetch_add(1, Ordering::Relaxed);
+        }
+        self.readiness = Some(readiness.clone());
+        self
+    }
+
     /// Terminates TLS with `tls` (ALPN `h2` and `http/1.1`).
     pub fn tls(mut self, tls: TlsConfig) -> Self {
         self.tls = Some(tls);
@@ -312,11 +369,14 @@ impl Server {
             config,
             tls,
             shrink,
+            metrics,
+            readiness,
         } = self;
         config
             .validate()
             .map_err(|invalid| io::Error::new(io::ErrorKind::InvalidInput, invalid))?;
         let local = listener.local_addr()?;
+        let metrics = metrics.map(|m| ConnMetrics::new(&m, local));
         let shared = Arc::new(conn::ConnShared {
             http2: http2_builder(&config),
             limits: h1::Limits {
@@ -330,7 +390,11 @@ impl Server {
             tls: tls.map(|t| t.acceptor()),
             drain: Drain::new(),
             local,
+            metrics,
         });
+        if let Some(readiness) = &readiness {
+            readiness.inner.starting.fetch_sub(1, Ordering::Relaxed);
+        }
         let (graceful_tx, graceful_rx) = watch::channel(false);
         let mut tasks = Tasks {
             set: JoinSet::new(),
@@ -349,9 +413,13 @@ impl Server {
                         let svc = service.clone();
                         let shared = Arc::clone(&shared);
                         let graceful = graceful_rx.clone();
+                        let open = shared.metrics.as_ref().map(|m| {
+                            m.accepted.inc();
+                            OpenConnection::new(&m.open)
+                        });
                         tasks.spawn(async move {
                             conn::serve(stream, peer, svc, shared, graceful).await;
-                            drop(permit);
+                            drop((permit, open));
                         });
                     }
                     Err(err) => {
@@ -365,10 +433,77 @@ impl Server {
 
         // Refuse new connections from here on.
         drop(listener);
+        if let Some(readiness) = &readiness {
+            readiness.inner.draining.store(true, Ordering::Relaxed);
+        }
         tasks
             .drain(&shared.drain, &graceful_tx, config.drain_timeout)
             .await;
         Ok(())
+    }
+}
+
+// === impl Readiness ===
+
+impl Readiness {
+    /// Ready until a server is given it.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Whether every server given this readiness serves, and none drains.
+    pub fn is_ready(&self) -> bool {
+        self.inner.starting.load(Ordering::Relaxed) == 0 && !self.is_draining()
+    }
+
+    /// Whether a server has started to drain (or [`drain`](Self::drain) was called).
+    pub fn is_draining(&self) -> bool {
+        self.inner.draining.load(Ordering::Relaxed)
+    }
+
+    /// Marks the gateway as draining ahead of its servers (say, on the shutdown signal,
+    /// before a grace period that lets load balancers notice).
+    pub fn drain(&self) {
+        self.inner.draining.store(true, Ordering::Relaxed);
+    }
+}
+
+// === impl ConnMetrics ===
+
+impl ConnMetrics {
+    fn new(metrics: &Metrics, local: SocketAddr) -> Self {
+        let label = ListenerLabel {
+            listener: local.to_string(),
+        };
+        let open: Family<ListenerLabel, Gauge> =
+            metrics.family("connections_open", "Downstream connections open.");
+        let accepted: Family<ListenerLabel, Counter> =
+            metrics.family("connections_accepted", "Downstream connections accepted.");
+        let tls_failures: Family<ListenerLabel, Counter> = metrics.family(
+            "tls_handshake_failures",
+            "TLS handshakes that failed or timed out.",
+        );
+        Self {
+            open: open.get_or_create_owned(&label),
+            accepted: accepted.get_or_create_owned(&label),
+            tls_failures: tls_failures.get_or_create_owned(&label),
+        }
+    }
+}
+
+/// One open connection in the gauge, until dropped (the task ended or was aborted).
+struct OpenConnection(Gauge);
+
+impl OpenConnection {
+    fn new(open: &Gauge) -> Self {
+        open.inc();
+        Self(open.clone())
+    }
+}
+
+impl Drop for OpenConnection {
+    fn drop(&mut self) {
+        self.0.dec();
     }
 }
 

@@ -7,7 +7,9 @@ use std::sync::OnceLock;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
+use gateway_core::classify::Class;
 use http::uri::{Authority, Scheme, Uri};
+use prometheus_client::metrics::histogram::Histogram;
 use tokio::time::Instant;
 
 /// One upstream address with its live state.
@@ -33,6 +35,10 @@ pub struct Endpoint {
     ready_since: AtomicU64,
     /// Pooled connections to this endpoint, per client.
     pub(crate) pools: super::pool::Pools,
+    /// Outcomes so far, by class (see [`Endpoint::outcomes`]).
+    outcomes: [AtomicU64; 4],
+    /// Response times, into the histogram of the upstream the endpoint belongs to.
+    pub(super) latency: Histogram,
 }
 
 /// A point-in-time view of an endpoint's state, for metrics and admin endpoints.
@@ -57,6 +63,20 @@ pub struct EndpointState {
     pub ejected: bool,
     /// Ejections since its last long healthy spell.
     pub ejections: u32,
+}
+
+/// How the requests sent to an endpoint ended; see [`Endpoint::outcomes`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Outcomes {
+    /// [`Class::Success`].
+    pub success: u64,
+    /// [`Class::Failure`].
+    pub failure: u64,
+    /// [`Class::Retryable`].
+    pub retryable: u64,
+    /// [`Class::Client`].
+    pub client: u64,
 }
 
 /// A peak-sensitive moving average of response times: a slower sample replaces the estimate
@@ -114,6 +134,8 @@ impl Endpoint {
             healthy: AtomicBool::new(true),
             ready_since: AtomicU64::new(0),
             pools: super::pool::Pools::default(),
+            outcomes: Default::default(),
+            latency: super::latency_histogram(),
         }
     }
 
@@ -142,6 +164,23 @@ impl Endpoint {
     /// The configured weight.
     pub const fn weight(&self) -> u32 {
         self.weight
+    }
+
+    /// The outcomes of the requests sent to this endpoint so far, by class, as judged by
+    /// [`gateway_core::classify`]: successes, failures, retryable failures and exchanges
+    /// the client broke.
+    pub fn outcomes(&self) -> Outcomes {
+        let get = |c: Class| self.outcomes[c as usize].load(Ordering::Relaxed);
+        Outcomes {
+            success: get(Class::Success),
+            failure: get(Class::Failure),
+            retryable: get(Class::Retryable),
+            client: get(Class::Client),
+        }
+    }
+
+    pub(super) fn count(&self, class: Class) {
+        self.outcomes[class as usize].fetch_add(1, Ordering::Relaxed);
     }
 
     /// Requests currently in flight to this endpoint.

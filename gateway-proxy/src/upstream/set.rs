@@ -19,6 +19,7 @@ use super::hash::{ConsistentHash, HashKey};
 use super::health::HealthCheck;
 use super::outlier::OutlierDetection;
 use super::{Endpoint, InvalidEndpoint, discover};
+use prometheus_client::metrics::histogram::Histogram;
 
 /// A set of endpoints and the balancer that spreads requests over them.
 ///
@@ -42,6 +43,8 @@ pub(super) struct Inner {
     checks: Mutex<Vec<(u64, CancellationToken)>>,
     /// Cancelled on drop: stops discovery and every health check.
     tasks: CancellationToken,
+    /// Response times of every endpoint (each holds a handle on it).
+    latency: Histogram,
 }
 
 struct Snapshot {
@@ -195,6 +198,11 @@ impl Upstream {
         Self::round_robin([target])
     }
 
+    /// The response times of its endpoints (to the response head), in seconds.
+    pub(crate) fn latency(&self) -> &Histogram {
+        &self.inner.latency
+    }
+
     /// The current endpoints, for observation.
     pub fn endpoints(&self) -> Endpoints {
         Endpoints(self.inner.current.load_full())
@@ -278,7 +286,8 @@ impl Inner {
             }
             keep
         });
-        for endpoint in added {
+        for mut endpoint in added {
+            endpoint.latency = self.latency.clone();
             if warm_up {
                 endpoint.mark_ready(now);
             }
@@ -400,6 +409,7 @@ impl UpstreamBuilder {
             ejecting: Mutex::new(()),
             checks: Mutex::new(Vec::new()),
             tasks: CancellationToken::new(),
+            latency: super::latency_histogram(),
         });
         if !self.endpoints.is_empty() {
             inner.apply(&[], self.endpoints);
@@ -470,12 +480,14 @@ impl Selected {
     /// nothing about the endpoint and is not recorded at all: neither as a failure for
     /// outlier detection nor as a response time for the balancer.
     pub fn record(&self, class: Class) {
+        self.endpoint.count(class);
         if !class.is_upstream() {
             return;
         }
         let now = Instant::now();
-        self.endpoint
-            .observe_rtt(now.saturating_duration_since(self.started), now);
+        let rtt = now.saturating_duration_since(self.started);
+        self.endpoint.observe_rtt(rtt, now);
+        self.endpoint.latency.observe(rtt.as_secs_f64());
         if !class.is_failure() {
             self.endpoint.failures.store(0, Ordering::Relaxed);
             return;

@@ -1,0 +1,48 @@
+//! The admin listener: metrics, probes and status, on an address of its own.
+//!
+//! [`Admin`] is a tower service for a second [`Server`](crate::Server), bound to a loopback
+//! address by default, never to the public listener. It answers `GET` (and `HEAD`):
+//!
+//! | path | answer |
+//! |---|---|
+//! | `/metrics` | every metric, in the Prometheus text format (OpenMetrics when `Accept` asks) |
+//! | `/healthz` | `200 ok`: the process is alive |
+//! | `/readyz` | `200 ready` when every server serves; `503` while starting or draining |
+//! | `/status` | JSON: routes, upstreams with each endpoint's state, the config's version and reloads |
+//!
+//! With a [token](AdminBuilder::token), every path requires `Authorization: Bearer <token>`
+//! (a 401 problem response otherwise). What `/status` shows is an [`Inventory`], kept
+//! current by whoever builds the gateway (the config loader does on every reload).
+//!
+//! # Example
+//!
+//! ```
+//! use gateway_core::Body;
+//! use gateway_core::metrics::Metrics;
+//! use gateway_proxy::admin::{Admin, Inventory};
+//! use gateway_proxy::server::Readiness;
+//! use http::{Request, StatusCode};
+//! use tower::ServiceExt;
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() {
+//! let (metrics, inventory, readiness) = (Metrics::new(), Inventory::new(), Readiness::new());
+//! inventory.register(&metrics);
+//! let admin = Admin::builder(&metrics, &inventory, &readiness).token("s3cret").build();
+//!
+//! let req = Request::get("/readyz").body(Body::empty()).unwrap();
+//! assert_eq!(admin.clone().oneshot(req).await.unwrap().status(), StatusCode::UNAUTHORIZED);
+//!
+//! let req = Request::get("/readyz")
+//!     .header("authorization", "Bearer s3cret")
+//!     .body(Body::empty())
+//!     .unwrap();
+//! assert_eq!(admin.oneshot(req).await.unwrap().status(), StatusCode::OK);
+//! # }
+//! ```
+
+mod inventory;
+mod service;
+
+pub use inventory::{ConfigStatus, Inventory, RouteInfo};
+pub use service::{Admin, AdminBuilder};

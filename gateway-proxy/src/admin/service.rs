@@ -1,0 +1,274 @@
+use std::convert::Infallible;
+use std::fmt;
+use std::future::{Ready, ready};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::UNIX_EPOCH;
+
+use bytes::Bytes;
+use gateway_core::metrics::{Format, Metrics};
+use gateway_core::{Body, Error, ErrorKind};
+use http::header::{ALLOW, AUTHORIZATION, CACHE_CONTROL, CONTENT_TYPE, HeaderValue};
+use http::{Method, Request, Response, StatusCode};
+use serde_json::{Value, json};
+use tokio::time::Instant;
+use tower::Service;
+
+use super::Inventory;
+use crate::server::Readiness;
+
+/// The admin listener's service; see the [module docs](super).
+///
+/// Cloning is cheap (one `Arc`).
+#[derive(Clone)]
+pub struct Admin {
+    shared: Arc<Shared>,
+}
+
+/// Builds an [`Admin`].
+#[must_use]
+pub struct AdminBuilder {
+    metrics: Metrics,
+    inventory: Inventory,
+    readiness: Readiness,
+    token: Option<String>,
+}
+
+struct Shared {
+    metrics: Metrics,
+    inventory: Inventory,
+    readiness: Readiness,
+    /// `Bearer <token>`, when one is required.
+    expected: Option<Vec<u8>>,
+}
+
+// === impl Admin ===
+
+impl Admin {
+    /// Starts a builder: `/metrics` from `metrics`, `/status` from `inventory`, `/readyz`
+    /// from `readiness`.
+    pub fn builder(
+        metrics: &Metrics,
+        inventory: &Inventory,
+        readiness: &Readiness,
+    ) -> AdminBuilder {
+        AdminBuilder {
+            metrics: metrics.clone(),
+            inventory: inventory.clone(),
+            readiness: readiness.clone(),
+            token: None,
+        }
+    }
+}
+
+impl fmt::Debug for Admin {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Admin")
+            .field("token", &self.shared.expected.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Service<Request<Body>> for Admin {
+    type Response = Response<Body>;
+    type Error = Infallible;
+    type Future = Ready<Result<Response<Body>, Infallible>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: Request<Body>) -> Self::Future {
+        ready(Ok(self.shared.answer(&req)))
+    }
+}
+
+// === impl AdminBuilder ===
+
+impl AdminBuilder {
+    /// Requires `Authorization: Bearer <token>` on every path (`/healthz` included: probes
+    /// send it too). An empty token is no token.
+    pub fn token(mut self, token: impl Into<String>) -> Self {
+        let token = token.into();
+        self.token = (!token.is_empty()).then_some(token);
+        self
+    }
+
+    /// The service.
+    pub fn build(self) -> Admin {
+        Admin {
+            shared: Arc::new(Shared {
+                metrics: self.metrics,
+                inventory: self.inventory,
+                readiness: self.readiness,
+                expected: self.token.map(|t| format!("Bearer {t}").into_bytes()),
+            }),
+        }
+    }
+}
+
+impl fmt::Debug for AdminBuilder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("AdminBuilder")
+            .field("token", &self.token.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+// === impl Shared ===
+
+impl Shared {
+    fn answer(&self, req: &Request<Body>) -> Response<Body> {
+        if !self.authorized(req) {
+            return Error::new(ErrorKind::Unauthenticated)
+                .challenge(HeaderValue::from_static(r#"Bearer realm="gateway-admin""#))
+                .to_response();
+        }
+        let path = req.uri().path();
+        if !matches!(path, "/metrics" | "/healthz" | "/readyz" | "/status") {
+            return Error::new(ErrorKind::NotFound).to_response();
+        }
+        if !matches!(*req.method(), Method::GET | Method::HEAD) {
+            let mut res = Error::new(ErrorKind::MethodNotAllowed).to_response();
+            res.headers_mut()
+                .insert(ALLOW, HeaderValue::from_static("GET, HEAD"));
+            return res;
+        }
+        let mut res = match path {
+            "/metrics" => {
+                let format = Format::negotiate(req.headers().get(http::header::ACCEPT));
+                text(
+                    StatusCode::OK,
+                    format.content_type(),
+                    self.metrics.encode(format),
+                )
+            }
+            "/healthz" => text(StatusCode::OK, TEXT, "ok\n".into()),
+            "/readyz" => {
+                if self.readiness.is_draining() {
+                    text(StatusCode::SERVICE_UNAVAILABLE, TEXT, "draining\n".into())
+                } else if self.readiness.is_ready() {
+                    text(StatusCode::OK, TEXT, "ready\n".into())
+                } else {
+                    text(StatusCode::SERVICE_UNAVAILABLE, TEXT, "starting\n".into())
+                }
+            }
+            _ => text(
+                StatusCode::OK,
+                "application/json",
+                self.status().to_string(),
+            ),
+        };
+        res.headers_mut()
+            .insert(CACHE_CONTROL, HeaderValue::from_static("no-store"));
+        if req.method() == Method::HEAD {
+            *res.body_mut() = Body::empty();
+        }
+        res
+    }
+
+    /// Whether the request carries the token, when one is required (compared in constant
+    /// time).
+    fn authorized(&self, req: &Request<Body>) -> bool {
+        let Some(expected) = &self.expected else {
+            return true;
+        };
+        let Some(given) = req.headers().get(AUTHORIZATION) else {
+            return false;
+        };
+        let given = given.as_bytes();
+        given.len() == expected.len()
+            && given
+                .iter()
+                .zip(expected)
+                .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+                == 0
+    }
+
+    /// The `/status` document.
+    fn status(&self) -> Value {
+        let now = Instant::now();
+        let routes: Vec<Value> = self
+            .inventory
+            .routes()
+            .into_iter()
+            .map(|r| {
+                json!({
+                    "id": r.id,
+                    "host": r.host,
+                    "path": r.path,
+                    "methods": r.methods,
+                    "upstream": r.upstream,
+                    "action": r.action,
+                    "plugins": r.plugins,
+                })
+            })
+            .collect();
+        let upstreams: Vec<Value> = self
+            .inventory
+            .upstreams()
+            .into_iter()
+            .map(|(name, upstream)| {
+                let endpoints: Vec<Value> = upstream
+                    .endpoints()
+                    .iter()
+                    .map(|e| {
+                        let s = e.state(now);
+                        let o = e.outcomes();
+                        let state = if !s.healthy {
+                            "unhealthy"
+                        } else if s.ejected {
+                            "ejected"
+                        } else {
+                            "healthy"
+                        };
+                        json!({
+                            "url": s.url,
+                            "state": state,
+                            "weight": s.weight,
+                            "in_flight": s.in_flight,
+                            "latency_ewma_ms": s.rtt.map(|d| d.as_secs_f64() * 1e3),
+                            "consecutive_failures": s.consecutive_failures,
+                            "ejections": s.ejections,
+                            "requests": {
+                                "success": o.success,
+                                "failure": o.failure,
+                                "retryable": o.retryable,
+                                "client": o.client,
+                            },
+                        })
+                    })
+                    .collect();
+                json!({ "name": &*name, "endpoints": endpoints })
+            })
+            .collect();
+        let config = self.inventory.config().map(|c| {
+            json!({
+                "source": c.source,
+                "version": c.version,
+                "reloads": { "applied": c.applied, "refused": c.refused },
+                "last_error": c.last_error,
+                "last_applied": c.last_applied
+                    .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+                    .map(|d| d.as_secs()),
+            })
+        });
+        json!({
+            "ready": self.readiness.is_ready(),
+            "draining": self.readiness.is_draining(),
+            "config": config,
+            "routes": routes,
+            "upstreams": upstreams,
+        })
+    }
+}
+
+const TEXT: &str = "text/plain; charset=utf-8";
+
+fn text(status: StatusCode, content_type: &'static str, body: String) -> Response<Body> {
+    let mut res = Response::new(Body::from(Bytes::from(body)));
+    *res.status_mut() = status;
+    res.headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
+    res
+}

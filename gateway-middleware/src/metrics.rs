@@ -331,20 +331,16 @@ where
     ) -> Poll<Option<Result<Frame<B::Data>, B::Error>>> {
         let mut this = self.project();
         let polled = ready!(this.inner.as_mut().poll_frame(cx));
-        if let Some(answered) = this.exchange.as_mut() {
-            match &polled {
-                Some(Ok(frame)) => {
-                    if let Some(data) = frame.data_ref() {
-                        answered.written += bytes::Buf::remaining(data) as u64;
-                    }
-                }
-                None | Some(Err(_)) => {}
-            }
-            if polled.is_none() || this.inner.is_end_stream() {
-                if let Some(answered) = this.exchange.take() {
-                    answered.record();
-                }
-            }
+        if let Some(answered) = this.exchange.as_mut()
+            && let Some(Ok(frame)) = &polled
+            && let Some(data) = frame.data_ref()
+        {
+            answered.written += bytes::Buf::remaining(data) as u64;
+        }
+        if (polled.is_none() || this.inner.is_end_stream())
+            && let Some(answered) = this.exchange.take()
+        {
+            answered.record();
         }
         Poll::Ready(polled)
     }

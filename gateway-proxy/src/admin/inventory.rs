@@ -234,7 +234,6 @@ impl Collector for Scrape {
                     .encode_counter::<prometheus_client::encoding::NoLabelSet, _, u64>(&n, None)?;
             }
         }
-        drop(attempts);
 
         let mut latency = encoder.encode_descriptor(
             "upstream_response_duration_seconds",
@@ -246,7 +245,6 @@ impl Collector for Scrape {
             let labels = [("upstream", &**name)];
             upstream.latency().encode(latency.encode_family(&labels)?)?;
         }
-        drop(latency);
 
         type Gauge = fn(&EndpointState) -> f64;
         let gauges: [(&str, &str, Gauge); 4] = [
@@ -291,7 +289,6 @@ impl Collector for Scrape {
                     .encode_family(&[("result", result)])?
                     .encode_counter::<prometheus_client::encoding::NoLabelSet, _, u64>(&n, None)?;
             }
-            drop(reloads);
             let last = config
                 .last_applied
                 .and_then(|t| t.duration_since(UNIX_EPOCH).ok())

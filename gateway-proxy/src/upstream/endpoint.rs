@@ -37,8 +37,9 @@ pub struct Endpoint {
     pub(crate) pools: super::pool::Pools,
     /// Outcomes so far, by class (see [`Endpoint::outcomes`]).
     outcomes: [AtomicU64; 4],
-    /// Response times, into the histogram of the upstream the endpoint belongs to.
-    pub(super) latency: Histogram,
+    /// Response times, into the histogram of the upstream the endpoint belongs to (set
+    /// when it joins one).
+    pub(super) latency: Option<Histogram>,
 }
 
 /// A point-in-time view of an endpoint's state, for metrics and admin endpoints.
@@ -135,7 +136,7 @@ impl Endpoint {
             ready_since: AtomicU64::new(0),
             pools: super::pool::Pools::default(),
             outcomes: Default::default(),
-            latency: super::latency_histogram(),
+            latency: None,
         }
     }
 

@@ -287,7 +287,7 @@ impl Inner {
             keep
         });
         for mut endpoint in added {
-            endpoint.latency = self.latency.clone();
+            endpoint.latency = Some(self.latency.clone());
             if warm_up {
                 endpoint.mark_ready(now);
             }
@@ -487,7 +487,9 @@ impl Selected {
         let now = Instant::now();
         let rtt = now.saturating_duration_since(self.started);
         self.endpoint.observe_rtt(rtt, now);
-        self.endpoint.latency.observe(rtt.as_secs_f64());
+        if let Some(latency) = &self.endpoint.latency {
+            latency.observe(rtt.as_secs_f64());
+        }
         if !class.is_failure() {
             self.endpoint.failures.store(0, Ordering::Relaxed);
             return;

@@ -81,11 +81,16 @@ pub struct Error {
 /// The one table from kind to status and client-safe title; status, title and problem body
 /// are all generated from it so they cannot drift apart.
 macro_rules! status_table {
-    ($($kind:ident => $code:literal $status:ident $title:literal,)*) => {
+    ($($kind:ident => $code:literal $status:ident $name:literal $title:literal,)*) => {
         impl ErrorKind {
             /// The HTTP status for this kind. This is the workspace's one status mapping.
             pub const fn status(self) -> StatusCode {
                 match self { $(Self::$kind => StatusCode::$status,)* }
+            }
+
+            /// A `snake_case` name for access logs and metrics labels: `upstream_connect`.
+            pub const fn name(self) -> &'static str {
+                match self { $(Self::$kind => $name,)* }
             }
 
             /// A short, client-safe description, used as the problem `title` and in logs.
@@ -106,25 +111,25 @@ macro_rules! status_table {
 }
 
 status_table! {
-    BadRequest => 400 BAD_REQUEST "bad request",
-    Unauthenticated => 401 UNAUTHORIZED "authentication required",
-    Forbidden => 403 FORBIDDEN "forbidden",
-    NotFound => 404 NOT_FOUND "no route matches the request",
-    MethodNotAllowed => 405 METHOD_NOT_ALLOWED "method not allowed",
-    RequestTimeout => 408 REQUEST_TIMEOUT "request timed out",
-    PayloadTooLarge => 413 PAYLOAD_TOO_LARGE "request body too large",
-    UriTooLong => 414 URI_TOO_LONG "request line too long",
-    HeaderFieldsTooLarge => 431 REQUEST_HEADER_FIELDS_TOO_LARGE "request header fields too large",
-    TooManyRequests => 429 TOO_MANY_REQUESTS "too many requests",
-    Internal => 500 INTERNAL_SERVER_ERROR "internal error",
-    NotImplemented => 501 NOT_IMPLEMENTED "not implemented",
-    UpstreamConnect => 502 BAD_GATEWAY "upstream unreachable",
-    BadGateway => 502 BAD_GATEWAY "upstream failed",
-    CircuitOpen => 503 SERVICE_UNAVAILABLE "upstream circuit open",
-    NoHealthyUpstream => 503 SERVICE_UNAVAILABLE "no healthy upstream",
-    Overloaded => 503 SERVICE_UNAVAILABLE "gateway overloaded",
-    GatewayTimeout => 504 GATEWAY_TIMEOUT "upstream timed out",
-    VersionNotSupported => 505 HTTP_VERSION_NOT_SUPPORTED "HTTP version not supported",
+    BadRequest => 400 BAD_REQUEST "bad_request" "bad request",
+    Unauthenticated => 401 UNAUTHORIZED "unauthenticated" "authentication required",
+    Forbidden => 403 FORBIDDEN "forbidden" "forbidden",
+    NotFound => 404 NOT_FOUND "not_found" "no route matches the request",
+    MethodNotAllowed => 405 METHOD_NOT_ALLOWED "method_not_allowed" "method not allowed",
+    RequestTimeout => 408 REQUEST_TIMEOUT "request_timeout" "request timed out",
+    PayloadTooLarge => 413 PAYLOAD_TOO_LARGE "payload_too_large" "request body too large",
+    UriTooLong => 414 URI_TOO_LONG "uri_too_long" "request line too long",
+    HeaderFieldsTooLarge => 431 REQUEST_HEADER_FIELDS_TOO_LARGE "header_fields_too_large" "request header fields too large",
+    TooManyRequests => 429 TOO_MANY_REQUESTS "too_many_requests" "too many requests",
+    Internal => 500 INTERNAL_SERVER_ERROR "internal" "internal error",
+    NotImplemented => 501 NOT_IMPLEMENTED "not_implemented" "not implemented",
+    UpstreamConnect => 502 BAD_GATEWAY "upstream_connect" "upstream unreachable",
+    BadGateway => 502 BAD_GATEWAY "bad_gateway" "upstream failed",
+    CircuitOpen => 503 SERVICE_UNAVAILABLE "circuit_open" "upstream circuit open",
+    NoHealthyUpstream => 503 SERVICE_UNAVAILABLE "no_healthy_upstream" "no healthy upstream",
+    Overloaded => 503 SERVICE_UNAVAILABLE "overloaded" "gateway overloaded",
+    GatewayTimeout => 504 GATEWAY_TIMEOUT "gateway_timeout" "upstream timed out",
+    VersionNotSupported => 505 HTTP_VERSION_NOT_SUPPORTED "version_not_supported" "HTTP version not supported",
 }
 
 impl fmt::Display for ErrorKind {

@@ -1,11 +1,14 @@
 //! Request extensions with well-known types: set once, read by every later layer.
 
+use std::borrow::Cow;
 use std::fmt;
+use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
 
 use http::HeaderValue;
-use std::future::Future;
+use http::uri::Authority;
 
 use tokio::task::JoinHandle;
 use tokio_util::sync::{CancellationToken, WaitForCancellationFuture};
@@ -46,6 +49,58 @@ pub struct Identity {
 /// The request's id, as received from a trusted source or generated at the edge.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct RequestId(HeaderValue);
+
+/// The fields of a request's access-log line that only the layers inside know: the upstream
+/// endpoint and its time (set by the proxy), and whatever later layers add (the consumer,
+/// a rate-limit or cache status, retries).
+///
+/// The access log inserts one into every request at the edge and reads it when the response
+/// ends; an inner layer that has something to say looks it up in the request's extensions
+/// and, when it is there, sets a field. Without an access log there is none, and nothing
+/// is recorded.
+///
+/// ```
+/// use gateway_core::LogFields;
+///
+/// let fields = LogFields::new();
+/// fields.insert("cache", "HIT");
+/// fields.insert("cache", "MISS"); // the last value of a name wins
+/// fields.insert("tries", 2u64);
+/// let mut seen = Vec::new();
+/// fields.for_each(|name, value| seen.push(format!("{name}={value}")));
+/// assert_eq!(seen, ["cache=MISS", "tries=2"]);
+/// ```
+#[derive(Clone, Default)]
+pub struct LogFields(Arc<Mutex<Fields>>);
+
+#[derive(Default)]
+struct Fields {
+    upstream: Option<UpstreamCall>,
+    extra: Vec<(&'static str, LogValue)>,
+}
+
+/// The upstream call a request ended with (the last, when it was retried).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct UpstreamCall {
+    /// The endpoint's `host:port`.
+    pub endpoint: Authority,
+    /// From the request's sending (its body's end, when it streamed) to the response head,
+    /// or to the failure.
+    pub duration: Duration,
+    /// How many upstream calls the request made, this one included.
+    pub attempts: u32,
+}
+
+/// The value of an extra [`LogFields`] field.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum LogValue {
+    /// A string, written quoted.
+    Str(Cow<'static, str>),
+    /// A number.
+    Uint(u64),
+    /// A flag.
+    Bool(bool),
+}
 
 /// Work that outlives its HTTP exchange (a WebSocket tunnel, a background refresh started
 /// by a request) and that the server must wait for, then cut, when it shuts down.
@@ -169,6 +224,106 @@ impl RequestId {
     /// The id as a header value.
     pub const fn header_value(&self) -> &HeaderValue {
         &self.0
+    }
+}
+
+// === impl LogFields ===
+
+impl LogFields {
+    /// No fields set.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Records an upstream call to `endpoint` that took `duration`; a later call (a retry)
+    /// replaces it and counts as one more attempt.
+    pub fn set_upstream(&self, endpoint: &Authority, duration: Duration) {
+        let mut fields = self.lock();
+        let attempts = fields.upstream.as_ref().map_or(0, |u| u.attempts) + 1;
+        fields.upstream = Some(UpstreamCall {
+            endpoint: endpoint.clone(),
+            duration,
+            attempts,
+        });
+    }
+
+    /// The upstream call, if the request made one.
+    pub fn upstream(&self) -> Option<UpstreamCall> {
+        self.lock().upstream.clone()
+    }
+
+    /// Sets the field `name` (a `snake_case` name from `docs/observability.md`), replacing
+    /// an earlier value.
+    pub fn insert(&self, name: &'static str, value: impl Into<LogValue>) {
+        let value = value.into();
+        let mut fields = self.lock();
+        match fields.extra.iter_mut().find(|(n, _)| *n == name) {
+            Some((_, old)) => *old = value,
+            None => fields.extra.push((name, value)),
+        }
+    }
+
+    /// Calls `f` with every extra field, in the order they were first set.
+    pub fn for_each(&self, mut f: impl FnMut(&'static str, &LogValue)) {
+        for (name, value) in &self.lock().extra {
+            f(name, value);
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Fields> {
+        self.0.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+impl fmt::Debug for LogFields {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let fields = self.lock();
+        f.debug_struct("LogFields")
+            .field("upstream", &fields.upstream)
+            .field("extra", &fields.extra)
+            .finish()
+    }
+}
+
+// === impl LogValue ===
+
+impl From<&'static str> for LogValue {
+    fn from(s: &'static str) -> Self {
+        Self::Str(Cow::Borrowed(s))
+    }
+}
+
+impl From<String> for LogValue {
+    fn from(s: String) -> Self {
+        Self::Str(Cow::Owned(s))
+    }
+}
+
+impl From<u64> for LogValue {
+    fn from(n: u64) -> Self {
+        Self::Uint(n)
+    }
+}
+
+impl From<u32> for LogValue {
+    fn from(n: u32) -> Self {
+        Self::Uint(n.into())
+    }
+}
+
+impl From<bool> for LogValue {
+    fn from(b: bool) -> Self {
+        Self::Bool(b)
+    }
+}
+
+impl fmt::Display for LogValue {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Str(s) => f.write_str(s),
+            Self::Uint(n) => n.fmt(f),
+            Self::Bool(b) => b.fmt(f),
+        }
     }
 }
 

@@ -9,7 +9,7 @@
 //! - [`Plugin`], [`PluginLayer`], [`Flow`]: custom plugins as ordinary tower layers.
 //! - Request extensions read by every layer: [`ConnectInfo`], [`ClientIp`] (resolved by
 //!   [`client_ip::SetClientIpLayer`]), [`RouteId`], [`Identity`], [`RequestId`],
-//!   [`Drain`].
+//!   [`Drain`], and [`LogFields`] (what inner layers add to the access log).
 //! - [`classify`]: one judgement of upstream outcomes for retries, breakers, health and
 //!   metrics.
 //! - `metrics` (feature `metrics`): the Prometheus registry and its label conventions.
@@ -41,7 +41,9 @@ pub mod units;
 pub use body::{Body, BodyIdleTimeout};
 pub use client_ip::SetClientIpLayer;
 pub use error::{Error, ErrorKind};
-pub use ext::{ClientIp, ConnectInfo, Drain, Identity, RequestId, RouteId};
+pub use ext::{
+    ClientIp, ConnectInfo, Drain, Identity, LogFields, LogValue, RequestId, RouteId, UpstreamCall,
+};
 pub use plugin::{Flow, Plugin, PluginLayer};
 pub use rescue::RescueLayer;
 

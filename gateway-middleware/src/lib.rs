@@ -10,6 +10,8 @@
 //! - [`headers`] (`headers`): set, append and remove request and response headers.
 //! - [`trace_context`] (`trace-context`): W3C `traceparent`, continued or started.
 //! - [`metrics`] (`metrics`): Prometheus request counts, durations and bytes at the edge.
+//! - [`access_log`] (`access-log`): one JSON (or combined-format) line per request, written
+//!   off the request path.
 //! - [`config`] (`config`): the layers above by name, for the declarative config.
 //!
 //! Auth, rate limiting, caching, retries and circuit breaking land as their issues do.
@@ -19,6 +21,8 @@
 
 #![forbid(unsafe_code)]
 
+#[cfg(feature = "access-log")]
+pub mod access_log;
 #[cfg(feature = "body-limit")]
 pub mod body_limit;
 #[cfg(feature = "compression")]
@@ -35,6 +39,8 @@ mod hex;
 pub mod ip_filter;
 #[cfg(feature = "metrics")]
 pub mod metrics;
+#[cfg(any(feature = "metrics", feature = "access-log"))]
+mod observe;
 #[cfg(any(feature = "body-limit", feature = "ip-filter"))]
 mod refuse;
 #[cfg(feature = "request-id")]

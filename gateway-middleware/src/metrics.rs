@@ -60,13 +60,12 @@ use std::collections::HashMap;
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, OnceLock, PoisonError, RwLock};
 use std::task::{Context, Poll, ready};
 
-use bytes::Bytes;
 use gateway_core::metrics::{self as conv, Histograms, Metrics};
-use gateway_core::{Body, BoxError, RouteId};
+use gateway_core::{Body, RouteId};
 use http::{Method, Request, Response, StatusCode};
 use http_body::{Frame, SizeHint};
 use pin_project_lite::pin_project;
@@ -77,6 +76,8 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use tokio::time::Instant;
 use tower::{Layer, Service};
+
+use crate::observe::{self, Observed, OnEnd};
 
 /// Counts and times requests; see the [module docs](self).
 #[derive(Clone)]
@@ -106,16 +107,7 @@ pin_project! {
     /// end (or when dropped).
     pub struct ResponseBody<B> {
         #[pin]
-        inner: B,
-        exchange: Option<Answered>,
-    }
-
-    impl<B> PinnedDrop for ResponseBody<B> {
-        fn drop(this: Pin<&mut Self>) {
-            if let Some(answered) = this.project().exchange.take() {
-                answered.record();
-            }
-        }
+        inner: Observed<B, Answered>,
     }
 }
 
@@ -168,16 +160,6 @@ struct Answered {
     exchange: Exchange,
     series: Arc<RouteSeries>,
     status: StatusCode,
-    written: u64,
-}
-
-pin_project! {
-    /// A request body that counts what it reads.
-    struct CountedBody {
-        #[pin]
-        inner: Body,
-        read: Arc<AtomicU64>,
-    }
 }
 
 // === impl HttpMetricsLayer ===
@@ -252,18 +234,7 @@ where
         let start = Instant::now();
         self.shared.in_flight.inc();
         let (head, body) = req.into_parts();
-        // NOTE: a request without a body (most of them) is passed on as it is: counting
-        // would box it.
-        let (body, read) = if http_body::Body::is_end_stream(&body) {
-            (body, None)
-        } else {
-            let read = Arc::new(AtomicU64::new(0));
-            let counted = CountedBody {
-                inner: body,
-                read: Arc::clone(&read),
-            };
-            (Body::new(counted), Some(read))
-        };
+        let (body, read) = observe::count_request(body);
         let exchange = Exchange {
             shared: Arc::clone(&self.shared),
             method: head.method.clone(),
@@ -303,10 +274,11 @@ where
                 exchange,
                 series,
                 status: res.status(),
-                written: 0,
             }
         });
-        Poll::Ready(Ok(res.map(|inner| ResponseBody { inner, exchange })))
+        Poll::Ready(Ok(res.map(|inner| ResponseBody {
+            inner: Observed::new(inner, exchange),
+        })))
     }
 }
 
@@ -325,24 +297,12 @@ where
     type Data = B::Data;
     type Error = B::Error;
 
+    #[inline]
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<B::Data>, B::Error>>> {
-        let mut this = self.project();
-        let polled = ready!(this.inner.as_mut().poll_frame(cx));
-        if let Some(answered) = this.exchange.as_mut()
-            && let Some(Ok(frame)) = &polled
-            && let Some(data) = frame.data_ref()
-        {
-            answered.written += bytes::Buf::remaining(data) as u64;
-        }
-        if (polled.is_none() || this.inner.is_end_stream())
-            && let Some(answered) = this.exchange.take()
-        {
-            answered.record();
-        }
-        Poll::Ready(polled)
+        self.project().inner.poll_frame(cx)
     }
 
     fn is_end_stream(&self) -> bool {
@@ -393,13 +353,12 @@ impl Shared {
 
 // === impl Answered ===
 
-impl Answered {
-    fn record(self) {
+impl OnEnd for Answered {
+    fn end(self, written: u64, _complete: bool) {
         let Self {
             exchange,
             series,
             status,
-            written,
         } = self;
         let shared = &exchange.shared;
         let (m, c) = (method_index(&exchange.method), class_index(status));
@@ -418,15 +377,17 @@ impl Answered {
         if written > 0 {
             series.bytes_out.inc_by(written);
         }
-        if let Some(read) = &exchange.read {
-            series.bytes_in.inc_by(read.load(Ordering::Relaxed));
+        if exchange.read.is_some() {
+            series
+                .bytes_in
+                .inc_by(observe::read(exchange.read.as_ref()));
         }
     }
 }
 
 impl Drop for Exchange {
     fn drop(&mut self) {
-        // An answered request is recorded first (`Answered::record` consumes it); one whose
+        // An answered request is recorded first (`Answered::end` consumes it); one whose
         // future was dropped before its answer (the client went away) only leaves.
         self.shared.in_flight.dec();
     }
@@ -454,34 +415,5 @@ fn method_index(method: &Method) -> usize {
         Method::CONNECT => 7,
         Method::TRACE => 8,
         _ => 9,
-    }
-}
-
-// === impl CountedBody ===
-
-impl http_body::Body for CountedBody {
-    type Data = Bytes;
-    type Error = BoxError;
-
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        let this = self.project();
-        let polled = ready!(this.inner.poll_frame(cx));
-        if let Some(Ok(frame)) = &polled
-            && let Some(data) = frame.data_ref()
-        {
-            this.read.fetch_add(data.len() as u64, Ordering::Relaxed);
-        }
-        Poll::Ready(polled)
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
     }
 }

@@ -1,5 +1,6 @@
 //! Request ids: every request gets one, in the [`RequestId`] extension (for logs and later
-//! layers), on the request the upstream sees, and on the response.
+//! layers), on the request the upstream sees, on the response, and in the access log
+//! ([`gateway_core::LogFields`] `request_id`).
 //!
 //! An id the client sent in the header is kept when it is a sane one (1 to 128 characters
 //! of letters, digits and `-_.:@/+=`), so that a trace that started upstream of the gateway
@@ -34,7 +35,7 @@ use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll, ready};
 
-use gateway_core::RequestId;
+use gateway_core::{LogFields, RequestId};
 use http::header::{HeaderName, HeaderValue};
 use http::{Request, Response};
 use pin_project_lite::pin_project;
@@ -149,6 +150,9 @@ where
             .cloned();
         let id = incoming.unwrap_or_else(generate);
         req.headers_mut().insert(self.header.clone(), id.clone());
+        if let Some(log) = req.extensions().get::<LogFields>() {
+            log.insert("request_id", id.to_str().unwrap_or_default().to_owned());
+        }
         req.extensions_mut().insert(RequestId::new(id.clone()));
         ResponseFuture {
             inner: self.inner.call(req),

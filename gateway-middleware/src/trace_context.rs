@@ -10,7 +10,8 @@
 //!   [`sample_ratio`](TraceContextLayer::sample_ratio) decides) and drops the client's
 //!   `traceparent` and `tracestate`: a malformed one is never forwarded.
 //!
-//! The request carries the result as a [`TraceContext`] extension (for logs and spans).
+//! The request carries the result as a [`TraceContext`] extension (for logs and spans), and
+//! the trace id goes in the access log ([`LogFields`] `trace_id`).
 //!
 //! ```
 //! use gateway_core::Body;
@@ -43,6 +44,7 @@ use std::fmt;
 use std::hash::{BuildHasher, Hasher};
 use std::task::{Context, Poll};
 
+use gateway_core::LogFields;
 use http::Request;
 use http::header::{HeaderMap, HeaderName, HeaderValue};
 use tower::{Layer, Service};
@@ -161,6 +163,9 @@ where
             }
         };
         headers.insert(TRACEPARENT, trace.traceparent());
+        if let Some(log) = req.extensions().get::<LogFields>() {
+            log.insert("trace_id", trace.trace_id());
+        }
         req.extensions_mut().insert(trace);
         self.inner.call(req)
     }

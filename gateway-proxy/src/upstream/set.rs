@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use gateway_core::classify::Class;
-use gateway_core::{BoxError, Error, ErrorKind};
+use gateway_core::{BoxError, Error, ErrorKind, LogFields};
 use http::request;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -90,6 +90,8 @@ pub struct Selected {
     started: Instant,
     /// The upstream, kept only when it has outlier detection to apply on `record`.
     upstream: Option<Arc<Inner>>,
+    /// The request's access-log fields, when it has them.
+    log: Option<LogFields>,
 }
 
 /// The endpoints already tried for one request, shared by every attempt of it.
@@ -252,10 +254,13 @@ impl Upstream {
             ids.push(endpoint.id());
         }
         endpoint.in_flight.fetch_add(1, Ordering::Relaxed);
+        // The request's span (when there is one, with an `endpoint` field) names it.
+        tracing::Span::current().record("endpoint", tracing::field::display(endpoint.authority()));
         Ok(Selected {
             endpoint: Arc::clone(endpoint),
             started: now,
             upstream: inner.outlier.is_some().then(|| Arc::clone(&self.inner)),
+            log: req.extensions.get::<LogFields>().cloned(),
         })
     }
 }
@@ -481,11 +486,14 @@ impl Selected {
     /// outlier detection nor as a response time for the balancer.
     pub fn record(&self, class: Class) {
         self.endpoint.count(class);
+        let now = Instant::now();
+        let rtt = now.saturating_duration_since(self.started);
+        if let Some(log) = &self.log {
+            log.set_upstream(self.endpoint.authority(), rtt);
+        }
         if !class.is_upstream() {
             return;
         }
-        let now = Instant::now();
-        let rtt = now.saturating_duration_since(self.started);
         self.endpoint.observe_rtt(rtt, now);
         if let Some(latency) = &self.endpoint.latency {
             latency.observe(rtt.as_secs_f64());

@@ -1,0 +1,1064 @@
+//! One access-log line per request, written off the request path.
+//!
+//! [`AccessLogLayer`] formats a line when a response has been sent to its end (or the
+//! client went away) and hands it to the [`AccessLog`]'s writer thread through a bounded
+//! queue. A request never waits for the log: when the queue is full (the disk or the pipe
+//! behind it cannot keep up) the line is dropped and counted ([`AccessLog::dropped`], and
+//! `gateway_access_log_dropped_lines_total` with [`AccessLogBuilder::metrics`]).
+//!
+//! A JSON line has these fields (see `docs/observability.md`); a field without a value is
+//! left out:
+//!
+//! | field | value |
+//! |---|---|
+//! | `time` | the request's arrival, RFC 3339 in UTC with milliseconds |
+//! | `client_ip` | the [`ClientIp`] (or the connection's peer) |
+//! | `method`, `host`, `path` | from the request (the path as the client sent it) |
+//! | `query` | only with [`QueryLog::Redact`] (names kept, values `REDACTED`) or [`QueryLog::Keep`] |
+//! | `status` | the response status |
+//! | `bytes_in`, `bytes_out` | request and response body bytes |
+//! | `duration_ms` | arrival to the end of the response body |
+//! | `route` | the [`RouteId`] |
+//! | `upstream`, `upstream_ms`, `upstream_attempts` | the endpoint the request ended on, its time to the response head, how many calls were made |
+//! | `user_agent` | the `User-Agent` |
+//! | `error` | the [`ErrorKind`] name when the gateway made the answer (`gateway_timeout`) |
+//! | `aborted` | `true` when the response did not reach its end (the client went away) |
+//! | `request_id`, `trace_id`, ... | what inner layers put in the request's [`LogFields`] |
+//!
+//! Strings are escaped, bytes that are not UTF-8 replaced, and the path, host, user agent
+//! and referer cut to a bounded length, so a line stays valid and bounded whatever a client
+//! sends. [`LogFormat::Combined`] writes the Apache/nginx combined format instead.
+//!
+//! # Example
+//!
+//! ```
+//! use gateway_core::Body;
+//! use gateway_middleware::access_log::{AccessLog, AccessLogLayer};
+//! use http::{Request, Response};
+//! use std::sync::{Arc, Mutex};
+//! use tower::{ServiceBuilder, ServiceExt, service_fn};
+//!
+//! # #[derive(Clone, Default)] struct Shared(Arc<Mutex<Vec<u8>>>);
+//! # impl std::io::Write for Shared {
+//! #     fn write(&mut self, b: &[u8]) -> std::io::Result<usize> { self.0.lock().unwrap().write(b) }
+//! #     fn flush(&mut self) -> std::io::Result<()> { Ok(()) }
+//! # }
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> std::io::Result<()> {
+//! # let out = Shared::default();
+//! // `AccessLog::builder().file("/var/log/gateway/access.log")` or `.stdout()` (the default)
+//! let log = AccessLog::builder().writer(out.clone()).start()?;
+//! let svc = ServiceBuilder::new()
+//!     .layer(AccessLogLayer::new(&log))
+//!     .service(service_fn(|_: Request<Body>| async {
+//!         Ok::<_, std::convert::Infallible>(Response::new(Body::from("hello")))
+//!     }));
+//! let req = Request::get("/hello?token=secret").body(Body::empty()).unwrap();
+//! let res = svc.oneshot(req).await.unwrap();
+//! Body::new(res.into_body()).collect_bytes().await.unwrap();
+//!
+//! log.flush(std::time::Duration::from_secs(5));
+//! let line = String::from_utf8(out.0.lock().unwrap().clone()).unwrap();
+//! assert!(line.contains(r#""method":"GET","path":"/hello","status":200"#));
+//! assert!(!line.contains("secret"), "the query is left out by default");
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! # Ordering
+//!
+//! At the edge, inside [`SetClientIpLayer`](gateway_core::SetClientIpLayer) (it reads the
+//! client's address) and outside the router and everything that can refuse a request, so
+//! that every answer is logged. Layers inside add their fields through [`LogFields`].
+//!
+//! # Log rotation
+//!
+//! [`AccessLog::reopen`] makes the writer reopen its file (after logrotate moved it away);
+//! the example gateway calls it on `SIGUSR1`.
+
+use std::fmt;
+use std::fs::{File, OpenOptions};
+use std::future::Future;
+use std::io::{self, Write};
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc::{self, Receiver, SyncSender, TrySendError};
+use std::task::{Context, Poll, ready};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use gateway_core::{
+    Body, BoxError, ClientIp, ConnectInfo, Error, ErrorKind, LogFields, LogValue, RequestId,
+    RouteId,
+};
+use http::header::{self, HeaderValue};
+use http::{Method, Request, Response, StatusCode, Uri, Version};
+use pin_project_lite::pin_project;
+use tower::{Layer, Service};
+
+use crate::observe::{self, Observed, OnEnd};
+
+/// Lines queued for the writer by default.
+const DEFAULT_CAPACITY: usize = 4096;
+/// The most bytes of a path (or path and query) written.
+const MAX_PATH: usize = 2048;
+/// The most bytes of a host, user agent or referer written.
+const MAX_HEADER: usize = 512;
+/// Lines are written in batches of up to this many bytes.
+const BATCH: usize = 64 * 1024;
+
+/// Where lines go and how they look: a handle on the writer thread, shared by every
+/// [`AccessLogLayer`] made from it. See the [module docs](self).
+#[derive(Clone)]
+pub struct AccessLog {
+    shared: Arc<Shared>,
+}
+
+/// Builds an [`AccessLog`]; from [`AccessLog::builder`].
+#[must_use]
+pub struct AccessLogBuilder {
+    target: Target,
+    format: LogFormat,
+    query: QueryLog,
+    capacity: usize,
+    #[cfg(feature = "metrics")]
+    metrics: Option<gateway_core::metrics::Metrics>,
+}
+
+/// The line format.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum LogFormat {
+    /// One JSON object per line (the default).
+    #[default]
+    Json,
+    /// The combined log format of Apache and nginx, for tools that read nothing else.
+    Combined,
+}
+
+/// What is written of a request's query string, which often carries tokens.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum QueryLog {
+    /// Left out (the default).
+    #[default]
+    Omit,
+    /// Parameter names kept, values replaced by `REDACTED`.
+    Redact,
+    /// Written as the client sent it.
+    Keep,
+}
+
+/// Logs every request to an [`AccessLog`]; see the [module docs](self).
+#[derive(Clone)]
+#[must_use]
+pub struct AccessLogLayer {
+    log: AccessLog,
+}
+
+/// The service of [`AccessLogLayer`].
+#[derive(Clone)]
+pub struct AccessLogService<S> {
+    inner: S,
+    log: AccessLog,
+}
+
+pin_project! {
+    /// Response future of [`AccessLogService`].
+    pub struct ResponseFuture<F> {
+        #[pin]
+        inner: F,
+        pending: Option<Pending>,
+    }
+}
+
+pin_project! {
+    /// Response body of [`AccessLogService`]: logs the request when it ends or is dropped.
+    pub struct ResponseBody<B> {
+        #[pin]
+        inner: Observed<B, Entry>,
+    }
+}
+
+enum Target {
+    Stdout,
+    Stderr,
+    File(PathBuf),
+    Writer(Box<dyn Write + Send>),
+}
+
+struct Shared {
+    queue: SyncSender<Msg>,
+    format: LogFormat,
+    query: QueryLog,
+    dropped: AtomicU64,
+    lost: AtomicU64,
+    reopen: AtomicBool,
+    #[cfg(feature = "metrics")]
+    counters: Option<Counters>,
+}
+
+#[cfg(feature = "metrics")]
+struct Counters {
+    dropped: prometheus_client::metrics::counter::Counter,
+    lost: prometheus_client::metrics::counter::Counter,
+}
+
+enum Msg {
+    Line(Vec<u8>),
+    /// Look at the reopen flag.
+    Wake,
+    /// Write out what is queued, then answer.
+    Flush(mpsc::Sender<()>),
+}
+
+/// A request on its way, until its response ends.
+struct Pending {
+    log: AccessLog,
+    start: tokio::time::Instant,
+    time: SystemTime,
+    method: Method,
+    uri: Uri,
+    version: Version,
+    host: Option<HeaderValue>,
+    user_agent: Option<HeaderValue>,
+    referer: Option<HeaderValue>,
+    client: Option<IpAddr>,
+    request_id: Option<RequestId>,
+    fields: LogFields,
+    read: Option<Arc<AtomicU64>>,
+}
+
+/// An answered request, until its response body ends.
+struct Entry {
+    pending: Pending,
+    status: StatusCode,
+    route: Option<RouteId>,
+    error: Option<ErrorKind>,
+}
+
+/// Everything a line says.
+struct Line<'a> {
+    pending: &'a Pending,
+    status: StatusCode,
+    route: Option<&'a RouteId>,
+    error: Option<ErrorKind>,
+    bytes_out: u64,
+    complete: bool,
+}
+
+// === impl AccessLog ===
+
+impl AccessLog {
+    /// Starts a log to stdout, in JSON, without queries, with room for 4,096 queued lines.
+    pub fn builder() -> AccessLogBuilder {
+        AccessLogBuilder {
+            target: Target::Stdout,
+            format: LogFormat::Json,
+            query: QueryLog::Omit,
+            capacity: DEFAULT_CAPACITY,
+            #[cfg(feature = "metrics")]
+            metrics: None,
+        }
+    }
+
+    /// Lines dropped so far because the queue was full.
+    pub fn dropped(&self) -> u64 {
+        self.shared.dropped.load(Ordering::Relaxed)
+    }
+
+    /// Lines lost so far because writing them failed.
+    pub fn lost(&self) -> u64 {
+        self.shared.lost.load(Ordering::Relaxed)
+    }
+
+    /// Makes the writer reopen its file before the next line (after a log rotation moved
+    /// it); a log to stdout, stderr or a writer ignores it.
+    pub fn reopen(&self) {
+        self.shared.reopen.store(true, Ordering::Release);
+        // NOTE: a full queue keeps the writer busy, and it looks at the flag after every
+        // batch: the wake-up is needed only when the queue is empty.
+        let _ = self.shared.queue.try_send(Msg::Wake);
+    }
+
+    /// Waits, up to `timeout`, until every line queued so far is written (for a shutdown).
+    /// Returns whether they were. Blocks the thread: call it outside the runtime's workers,
+    /// or when nothing else is left to run.
+    #[expect(
+        clippy::disallowed_types,
+        reason = "a blocking wait on the writer thread, in real time, outside any runtime"
+    )]
+    pub fn flush(&self, timeout: Duration) -> bool {
+        let deadline = std::time::Instant::now() + timeout;
+        let (ack, written) = mpsc::channel();
+        let mut msg = Msg::Flush(ack);
+        loop {
+            match self.shared.queue.try_send(msg) {
+                Ok(()) => break,
+                Err(TrySendError::Disconnected(_)) => return false,
+                Err(TrySendError::Full(back)) => {
+                    if std::time::Instant::now() >= deadline {
+                        return false;
+                    }
+                    msg = back;
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+            }
+        }
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        written.recv_timeout(left).is_ok()
+    }
+
+    fn send(&self, line: Vec<u8>) {
+        match self.shared.queue.try_send(Msg::Line(line)) {
+            Ok(()) => {}
+            Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) => {
+                self.shared.dropped.fetch_add(1, Ordering::Relaxed);
+                #[cfg(feature = "metrics")]
+                if let Some(counters) = &self.shared.counters {
+                    counters.dropped.inc();
+                }
+            }
+        }
+    }
+}
+
+impl fmt::Debug for AccessLog {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("AccessLog")
+            .field("format", &self.shared.format)
+            .field("query", &self.shared.query)
+            .field("dropped", &self.dropped())
+            .finish_non_exhaustive()
+    }
+}
+
+// === impl AccessLogBuilder ===
+
+impl AccessLogBuilder {
+    /// Lines go to stdout (the default).
+    pub fn stdout(mut self) -> Self {
+        self.target = Target::Stdout;
+        self
+    }
+
+    /// Lines go to stderr.
+    pub fn stderr(mut self) -> Self {
+        self.target = Target::Stderr;
+        self
+    }
+
+    /// Lines are appended to `path` (created when missing), reopened on
+    /// [`AccessLog::reopen`].
+    pub fn file(mut self, path: impl Into<PathBuf>) -> Self {
+        self.target = Target::File(path.into());
+        self
+    }
+
+    /// Lines go to `writer` (a pipe, a socket, a test's buffer).
+    pub fn writer(mut self, writer: impl Write + Send + 'static) -> Self {
+        self.target = Target::Writer(Box::new(writer));
+        self
+    }
+
+    /// The line format (JSON by default).
+    pub const fn format(mut self, format: LogFormat) -> Self {
+        self.format = format;
+        self
+    }
+
+    /// What is written of query strings (nothing by default).
+    pub const fn query(mut self, query: QueryLog) -> Self {
+        self.query = query;
+        self
+    }
+
+    /// How many lines may wait for the writer (at least 1); more are dropped. A line is
+    /// at most a few KiB (long fields are cut), so this bounds the queue's memory.
+    pub fn capacity(mut self, lines: usize) -> Self {
+        self.capacity = lines.max(1);
+        self
+    }
+
+    /// Counts dropped and lost lines in `metrics`
+    /// (`gateway_access_log_dropped_lines_total`, `gateway_access_log_lost_lines_total`).
+    #[cfg(feature = "metrics")]
+    pub fn metrics(mut self, metrics: &gateway_core::metrics::Metrics) -> Self {
+        self.metrics = Some(metrics.clone());
+        self
+    }
+
+    /// Opens the file (when there is one) and starts the writer thread.
+    ///
+    /// # Errors
+    ///
+    /// The file cannot be opened for appending, or the thread cannot be started.
+    pub fn start(self) -> io::Result<AccessLog> {
+        let sink = match self.target {
+            Target::Stdout => Sink::Stdout,
+            Target::Stderr => Sink::Stderr,
+            Target::File(path) => Sink::File(open(&path)?, path),
+            Target::Writer(writer) => Sink::Writer(writer),
+        };
+        let (queue, lines) = mpsc::sync_channel(self.capacity);
+        #[cfg(feature = "metrics")]
+        let counters = self.metrics.map(|metrics| Counters {
+            dropped: metrics.metric(
+                "access_log_dropped_lines",
+                "Access-log lines dropped because the writer's queue was full.",
+                Default::default,
+            ),
+            lost: metrics.metric(
+                "access_log_lost_lines",
+                "Access-log lines lost because writing them failed.",
+                Default::default,
+            ),
+        });
+        let shared = Arc::new(Shared {
+            queue,
+            format: self.format,
+            query: self.query,
+            dropped: AtomicU64::new(0),
+            lost: AtomicU64::new(0),
+            reopen: AtomicBool::new(false),
+            #[cfg(feature = "metrics")]
+            counters,
+        });
+        let writer = Writer {
+            lines,
+            sink,
+            shared: Arc::downgrade(&shared),
+            failing: false,
+        };
+        // NOTE: the thread ends by itself once every handle is gone (its queue closes).
+        std::thread::Builder::new()
+            .name("access-log".into())
+            .spawn(move || writer.run())?;
+        Ok(AccessLog { shared })
+    }
+}
+
+impl fmt::Debug for AccessLogBuilder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("AccessLogBuilder")
+            .field("format", &self.format)
+            .field("query", &self.query)
+            .field("capacity", &self.capacity)
+            .finish_non_exhaustive()
+    }
+}
+
+fn open(path: &Path) -> io::Result<File> {
+    OpenOptions::new().create(true).append(true).open(path)
+}
+
+// === the writer thread ===
+
+enum Sink {
+    Stdout,
+    Stderr,
+    File(File, PathBuf),
+    Writer(Box<dyn Write + Send>),
+}
+
+struct Writer {
+    lines: Receiver<Msg>,
+    sink: Sink,
+    shared: std::sync::Weak<Shared>,
+    /// Whether the last write failed (a failure is logged when it starts, not per line).
+    failing: bool,
+}
+
+impl Writer {
+    /// Writes batches until every [`AccessLog`] handle is gone and the queue is empty.
+    fn run(mut self) {
+        let mut batch = Vec::with_capacity(BATCH);
+        let mut lines = 0;
+        let mut acks = Vec::new();
+        while let Ok(first) = self.lines.recv() {
+            let mut next = Some(first);
+            while let Some(msg) = next {
+                match msg {
+                    Msg::Line(line) => {
+                        batch.extend_from_slice(&line);
+                        lines += 1;
+                    }
+                    Msg::Wake => {}
+                    Msg::Flush(ack) => acks.push(ack),
+                }
+                if batch.len() >= BATCH {
+                    self.write(&mut batch, &mut lines);
+                }
+                next = self.lines.try_recv().ok();
+            }
+            self.write(&mut batch, &mut lines);
+            for ack in acks.drain(..) {
+                let _ = ack.send(());
+            }
+            self.maybe_reopen();
+        }
+    }
+
+    fn write(&mut self, batch: &mut Vec<u8>, lines: &mut u64) {
+        if batch.is_empty() {
+            return;
+        }
+        let result = match &mut self.sink {
+            Sink::Stdout => io::stdout().lock().write_all(batch),
+            Sink::Stderr => io::stderr().lock().write_all(batch),
+            Sink::File(file, _) => file.write_all(batch),
+            Sink::Writer(writer) => writer.write_all(batch).and_then(|()| writer.flush()),
+        };
+        match result {
+            Ok(()) if self.failing => {
+                self.failing = false;
+                tracing::info!("access log written again");
+            }
+            Ok(()) => {}
+            Err(err) => {
+                if let Some(shared) = self.shared.upgrade() {
+                    shared.lost.fetch_add(*lines, Ordering::Relaxed);
+                    #[cfg(feature = "metrics")]
+                    if let Some(counters) = &shared.counters {
+                        counters.lost.inc_by(*lines);
+                    }
+                }
+                if !self.failing {
+                    self.failing = true;
+                    tracing::warn!(error = %err, "cannot write the access log; lines are lost until it can");
+                }
+            }
+        }
+        batch.clear();
+        *lines = 0;
+    }
+
+    fn maybe_reopen(&mut self) {
+        let Some(shared) = self.shared.upgrade() else {
+            return;
+        };
+        if !shared.reopen.swap(false, Ordering::AcqRel) {
+            return;
+        }
+        if let Sink::File(file, path) = &mut self.sink {
+            match open(path) {
+                Ok(new) => {
+                    *file = new;
+                    tracing::info!(path = %path.display(), "access log reopened");
+                }
+                Err(err) => {
+                    tracing::warn!(path = %path.display(), error = %err, "cannot reopen the access log; writing on to the old file");
+                }
+            }
+        }
+    }
+}
+
+// === impl AccessLogLayer ===
+
+impl AccessLogLayer {
+    /// Logs to `log`.
+    pub fn new(log: &AccessLog) -> Self {
+        Self { log: log.clone() }
+    }
+}
+
+impl<S> Layer<S> for AccessLogLayer {
+    type Service = AccessLogService<S>;
+
+    fn layer(&self, inner: S) -> AccessLogService<S> {
+        AccessLogService {
+            inner,
+            log: self.log.clone(),
+        }
+    }
+}
+
+impl fmt::Debug for AccessLogLayer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("AccessLogLayer")
+            .field("log", &self.log)
+            .finish()
+    }
+}
+
+// === impl AccessLogService ===
+
+impl<S, ResB> Service<Request<Body>> for AccessLogService<S>
+where
+    S: Service<Request<Body>, Response = Response<ResB>>,
+    S::Error: Into<BoxError>,
+    ResB: http_body::Body,
+{
+    type Response = Response<ResponseBody<ResB>>;
+    type Error = BoxError;
+    type Future = ResponseFuture<S::Future>;
+
+    #[inline]
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        self.inner.poll_ready(cx).map_err(Into::into)
+    }
+
+    fn call(&mut self, req: Request<Body>) -> Self::Future {
+        let start = tokio::time::Instant::now();
+        let (mut head, body) = req.into_parts();
+        let (body, read) = observe::count_request(body);
+        let fields = LogFields::new();
+        head.extensions.insert(fields.clone());
+        let combined = self.log.shared.format == LogFormat::Combined;
+        let pending = Pending {
+            log: self.log.clone(),
+            start,
+            time: SystemTime::now(),
+            method: head.method.clone(),
+            uri: head.uri.clone(),
+            version: head.version,
+            host: head.headers.get(header::HOST).cloned(),
+            user_agent: head.headers.get(header::USER_AGENT).cloned(),
+            referer: combined
+                .then(|| head.headers.get(header::REFERER).cloned())
+                .flatten(),
+            client: head
+                .extensions
+                .get::<ClientIp>()
+                .map(ClientIp::ip)
+                .or_else(|| head.extensions.get::<ConnectInfo>().map(|c| c.peer.ip())),
+            request_id: head.extensions.get::<RequestId>().cloned(),
+            fields,
+            read,
+        };
+        ResponseFuture {
+            inner: self.inner.call(Request::from_parts(head, body)),
+            pending: Some(pending),
+        }
+    }
+}
+
+impl<S: fmt::Debug> fmt::Debug for AccessLogService<S> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("AccessLogService")
+            .field("inner", &self.inner)
+            .finish_non_exhaustive()
+    }
+}
+
+// === impl ResponseFuture ===
+
+impl<F, ResB, E> Future for ResponseFuture<F>
+where
+    F: Future<Output = Result<Response<ResB>, E>>,
+    E: Into<BoxError>,
+    ResB: http_body::Body,
+{
+    type Output = Result<Response<ResponseBody<ResB>>, BoxError>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        let res = match ready!(this.inner.poll(cx)) {
+            Ok(res) => res,
+            Err(err) => {
+                let err = err.into();
+                if let Some(pending) = this.pending.take() {
+                    let kind = Error::kind_of(&*err);
+                    pending.log(&Line {
+                        pending: &pending,
+                        status: kind.status(),
+                        route: None,
+                        error: Some(kind),
+                        bytes_out: 0,
+                        complete: false,
+                    });
+                }
+                return Poll::Ready(Err(err));
+            }
+        };
+        let entry = this.pending.take().map(|pending| Entry {
+            pending,
+            status: res.status(),
+            route: res.extensions().get::<RouteId>().cloned(),
+            error: res.extensions().get::<ErrorKind>().copied(),
+        });
+        Poll::Ready(Ok(res.map(|inner| ResponseBody {
+            inner: Observed::new(inner, entry),
+        })))
+    }
+}
+
+impl<F> fmt::Debug for ResponseFuture<F> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ResponseFuture").finish_non_exhaustive()
+    }
+}
+
+// === impl ResponseBody ===
+
+impl<B: http_body::Body> http_body::Body for ResponseBody<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    #[inline]
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<B::Data>, B::Error>>> {
+        self.project().inner.poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl<B> fmt::Debug for ResponseBody<B> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ResponseBody").finish_non_exhaustive()
+    }
+}
+
+impl OnEnd for Entry {
+    fn end(self, written: u64, complete: bool) {
+        let pending = &self.pending;
+        pending.log(&Line {
+            pending,
+            status: self.status,
+            route: self.route.as_ref(),
+            error: self.error,
+            bytes_out: written,
+            complete,
+        });
+    }
+}
+
+// === formatting ===
+
+impl Pending {
+    fn log(&self, line: &Line<'_>) {
+        let mut out = Vec::with_capacity(384);
+        match self.log.shared.format {
+            LogFormat::Json => json(&mut out, line, self.log.shared.query),
+            LogFormat::Combined => combined(&mut out, line, self.log.shared.query),
+        }
+        out.push(b'\n');
+        self.log.send(out);
+    }
+}
+
+/// Appends `s` as a JSON string.
+fn json_str(out: &mut Vec<u8>, s: &str) {
+    // NOTE: writing a `str` into a `Vec` cannot fail.
+    let _ = serde_json::to_writer(&mut *out, s);
+}
+
+/// Appends `bytes`, cut to `max` bytes and with what is not UTF-8 replaced, as a JSON string.
+fn json_bytes(out: &mut Vec<u8>, bytes: &[u8], max: usize) {
+    json_str(
+        out,
+        &String::from_utf8_lossy(&bytes[..bytes.len().min(max)]),
+    );
+}
+
+fn json(out: &mut Vec<u8>, line: &Line<'_>, query: QueryLog) {
+    let p = line.pending;
+    out.extend_from_slice(b"{\"time\":\"");
+    rfc3339(out, p.time);
+    out.push(b'"');
+    if let Some(id) = &p.request_id {
+        out.extend_from_slice(b",\"request_id\":");
+        json_bytes(out, id.header_value().as_bytes(), MAX_HEADER);
+    }
+    if let Some(ip) = p.client {
+        let _ = write!(out, ",\"client_ip\":\"{ip}\"");
+    }
+    out.extend_from_slice(b",\"method\":");
+    json_bytes(out, p.method.as_str().as_bytes(), MAX_HEADER);
+    if let Some(host) = p
+        .uri
+        .authority()
+        .map(|a| a.as_str().as_bytes())
+        .or(p.host.as_ref().map(HeaderValue::as_bytes))
+    {
+        out.extend_from_slice(b",\"host\":");
+        json_bytes(out, host, MAX_HEADER);
+    }
+    out.extend_from_slice(b",\"path\":");
+    json_bytes(out, p.uri.path().as_bytes(), MAX_PATH);
+    if let Some(q) = p.uri.query() {
+        match query {
+            QueryLog::Omit => {}
+            QueryLog::Redact => {
+                out.extend_from_slice(b",\"query\":");
+                json_str(out, &redact(q));
+            }
+            QueryLog::Keep => {
+                out.extend_from_slice(b",\"query\":");
+                json_bytes(out, q.as_bytes(), MAX_PATH);
+            }
+        }
+    }
+    let _ = write!(
+        out,
+        ",\"status\":{},\"bytes_in\":{},\"bytes_out\":{},\"duration_ms\":",
+        line.status.as_u16(),
+        observe::read(p.read.as_ref()),
+        line.bytes_out,
+    );
+    millis(out, p.start.elapsed());
+    if let Some(route) = line.route {
+        out.extend_from_slice(b",\"route\":");
+        json_str(out, route.as_str());
+    }
+    if let Some(call) = p.fields.upstream() {
+        out.extend_from_slice(b",\"upstream\":");
+        json_str(out, call.endpoint.as_str());
+        out.extend_from_slice(b",\"upstream_ms\":");
+        millis(out, call.duration);
+        let _ = write!(out, ",\"upstream_attempts\":{}", call.attempts);
+    }
+    if let Some(ua) = &p.user_agent {
+        out.extend_from_slice(b",\"user_agent\":");
+        json_bytes(out, ua.as_bytes(), MAX_HEADER);
+    }
+    if let Some(kind) = line.error {
+        let _ = write!(out, ",\"error\":\"{}\"", kind.name());
+    }
+    if !line.complete {
+        out.extend_from_slice(b",\"aborted\":true");
+    }
+    p.fields.for_each(|name, value| {
+        out.push(b',');
+        json_str(out, name);
+        out.push(b':');
+        match value {
+            LogValue::Str(s) => json_bytes(out, s.as_bytes(), MAX_HEADER),
+            LogValue::Uint(n) => {
+                let _ = write!(out, "{n}");
+            }
+            LogValue::Bool(b) => {
+                let _ = write!(out, "{b}");
+            }
+        }
+    });
+    out.push(b'}');
+}
+
+/// `host - user [10/Oct/2000:13:55:36 +0000] "GET /path HTTP/1.1" 200 2326 "referer" "agent"`.
+fn combined(out: &mut Vec<u8>, line: &Line<'_>, query: QueryLog) {
+    let p = line.pending;
+    match p.client {
+        Some(ip) => {
+            let _ = write!(out, "{ip}");
+        }
+        None => out.push(b'-'),
+    }
+    out.extend_from_slice(b" - ");
+    let mut user = None;
+    p.fields.for_each(|name, value| {
+        if name == "consumer" {
+            user = Some(value.to_string());
+        }
+    });
+    match user {
+        Some(user) => clf_str(out, user.as_bytes(), MAX_HEADER),
+        None => out.push(b'-'),
+    }
+    out.extend_from_slice(b" [");
+    clf_time(out, p.time);
+    out.extend_from_slice(b"] \"");
+    clf_str(out, p.method.as_str().as_bytes(), MAX_HEADER);
+    out.push(b' ');
+    clf_str(out, p.uri.path().as_bytes(), MAX_PATH);
+    if let Some(q) = p.uri.query() {
+        match query {
+            QueryLog::Omit => {}
+            QueryLog::Redact => {
+                out.push(b'?');
+                clf_str(out, redact(q).as_bytes(), MAX_PATH);
+            }
+            QueryLog::Keep => {
+                out.push(b'?');
+                clf_str(out, q.as_bytes(), MAX_PATH);
+            }
+        }
+    }
+    let _ = write!(out, " {:?}\" {} ", p.version, line.status.as_u16());
+    if line.bytes_out == 0 {
+        out.push(b'-');
+    } else {
+        let _ = write!(out, "{}", line.bytes_out);
+    }
+    for value in [&p.referer, &p.user_agent] {
+        out.extend_from_slice(b" \"");
+        match value {
+            Some(v) => clf_str(out, v.as_bytes(), MAX_HEADER),
+            None => out.push(b'-'),
+        }
+        out.push(b'"');
+    }
+}
+
+/// Appends `bytes` cut to `max`, escaped as nginx does: `"`, `\` and bytes outside
+/// printable ASCII as `\xHH`.
+fn clf_str(out: &mut Vec<u8>, bytes: &[u8], max: usize) {
+    for &b in &bytes[..bytes.len().min(max)] {
+        if b == b'"' || b == b'\\' || !(0x20..0x7f).contains(&b) {
+            let _ = write!(out, "\\x{b:02X}");
+        } else {
+            out.push(b);
+        }
+    }
+}
+
+/// The query with every value replaced by `REDACTED` (a parameter without `=` kept as it is).
+fn redact(query: &str) -> String {
+    let query = &query[..floor_char_boundary(query, MAX_PATH)];
+    let mut out = String::with_capacity(query.len());
+    for (i, pair) in query.split('&').enumerate() {
+        if i > 0 {
+            out.push('&');
+        }
+        match pair.split_once('=') {
+            Some((name, _)) => {
+                out.push_str(name);
+                out.push_str("=REDACTED");
+            }
+            None => out.push_str(pair),
+        }
+    }
+    out
+}
+
+fn floor_char_boundary(s: &str, max: usize) -> usize {
+    if s.len() <= max {
+        return s.len();
+    }
+    (0..=max)
+        .rev()
+        .find(|&i| s.is_char_boundary(i))
+        .unwrap_or(0)
+}
+
+/// Appends `d` in milliseconds with three decimals: `12.345`.
+fn millis(out: &mut Vec<u8>, d: Duration) {
+    let micros = d.as_micros();
+    let _ = write!(out, "{}.{:03}", micros / 1000, micros % 1000);
+}
+
+/// The civil date and time of `t` in UTC: (year, month, day, hour, minute, second, millis).
+fn civil(t: SystemTime) -> (i64, u32, u32, u32, u32, u32, u32) {
+    let since = t.duration_since(UNIX_EPOCH).unwrap_or_default();
+    let secs = i64::try_from(since.as_secs()).unwrap_or(i64::MAX);
+    let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
+    // Howard Hinnant's days-to-civil, for the proleptic Gregorian calendar.
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    #[expect(
+        clippy::cast_possible_truncation,
+        clippy::cast_sign_loss,
+        reason = "day, month and the time of day are small and positive by construction"
+    )]
+    (
+        year,
+        month as u32,
+        day as u32,
+        (rem / 3600) as u32,
+        (rem / 60 % 60) as u32,
+        (rem % 60) as u32,
+        since.subsec_millis(),
+    )
+}
+
+/// `2026-12-07T05:23:46.123Z`.
+fn rfc3339(out: &mut Vec<u8>, t: SystemTime) {
+    let (y, mo, d, h, mi, s, ms) = civil(t);
+    let _ = write!(out, "{y:04}-{mo:02}-{d:02}T{h:02}:{mi:02}:{s:02}.{ms:03}Z");
+}
+
+/// `07/Dec/2026:05:23:46 +0000`.
+fn clf_time(out: &mut Vec<u8>, t: SystemTime) {
+    const MONTHS: [&str; 12] = [
+        "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
+    ];
+    let (y, mo, d, h, mi, s, _) = civil(t);
+    let month = MONTHS[(mo as usize).saturating_sub(1) % 12];
+    let _ = write!(out, "{d:02}/{month}/{y:04}:{h:02}:{mi:02}:{s:02} +0000");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn at(secs: u64, millis: u64) -> SystemTime {
+        UNIX_EPOCH + Duration::from_millis(secs * 1000 + millis)
+    }
+
+    #[test]
+    fn times_are_formatted_in_utc() {
+        let mut out = Vec::new();
+        rfc3339(&mut out, at(0, 0));
+        assert_eq!(out, b"1970-01-01T00:00:00.000Z");
+        out.clear();
+        // 2000-02-29 (a leap day in a century leap year) 12:34:56.789
+        rfc3339(&mut out, at(951_827_696, 789));
+        assert_eq!(out, b"2000-02-29T12:34:56.789Z");
+        out.clear();
+        rfc3339(&mut out, at(1_796_623_199, 5));
+        assert_eq!(out, b"2026-12-07T05:59:59.005Z");
+        out.clear();
+        clf_time(&mut out, at(971_185_736, 0));
+        assert_eq!(out, b"10/Oct/2000:13:48:56 +0000");
+        // Every day for 400 years agrees with the HTTP date of the same instant.
+        for day in (0..146_097u64).step_by(7) {
+            let t = at(day * 86_400 + 3_723, 0);
+            let (y, mo, d, ..) = civil(t);
+            let http = httpdate::fmt_http_date(t);
+            let month = http.split(' ').nth(2).unwrap().to_owned();
+            assert_eq!(
+                http,
+                format!("{}, {d:02} {month} {y} 01:02:03 GMT", &http[..3]),
+                "{day}"
+            );
+            let months = [
+                "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
+            ];
+            assert_eq!(months[mo as usize - 1], month);
+        }
+    }
+
+    #[test]
+    fn queries_are_redacted_by_value() {
+        assert_eq!(
+            redact("a=1&b&c=x=y&=z"),
+            "a=REDACTED&b&c=REDACTED&=REDACTED"
+        );
+        assert_eq!(redact(""), "");
+        let long = "k=".to_owned() + &"é".repeat(MAX_PATH);
+        assert!(redact(&long).len() <= MAX_PATH + "REDACTED".len());
+    }
+
+    #[test]
+    fn hostile_strings_stay_inside_their_field() {
+        let mut out = Vec::new();
+        json_bytes(&mut out, b"a\"b\\c\n\x00\xff", 100);
+        let parsed: String = serde_json::from_slice(&out).unwrap();
+        assert_eq!(parsed, "a\"b\\c\n\0\u{fffd}");
+        out.clear();
+        clf_str(&mut out, b"a\"b\\c\n\x00\xff d", 100);
+        assert_eq!(out, b"a\\x22b\\x5Cc\\x0A\\x00\\xFF d");
+        out.clear();
+        json_bytes(&mut out, &[b'x'; 5000], 10);
+        assert_eq!(out, b"\"xxxxxxxxxx\"");
+    }
+}

@@ -1,0 +1,344 @@
+//! The access log over real sockets: one valid JSON line per request with its fields,
+//! whatever the client sends; a blocked writer drops and counts lines, and requests do
+//! not wait for it; a reopened file gets the next lines.
+#![expect(clippy::unwrap_used, reason = "tests")]
+
+mod support;
+
+use std::io::Write;
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use gateway_core::metrics::Metrics;
+use gateway_core::test_util::TestUpstream;
+use gateway_core::{Body, BoxError};
+use gateway_middleware::access_log::{AccessLog, AccessLogLayer, LogFormat, QueryLog};
+use gateway_middleware::request_id::SetRequestIdLayer;
+use gateway_middleware::trace_context::TraceContextLayer;
+use gateway_proxy::{ReverseProxy, Route, Router, Upstream};
+use http::{Request, Response};
+use serde_json::Value;
+use support::{Gateway, body_of, fetch, get, raw, request, status, within};
+use tower::{Service, ServiceBuilder};
+
+/// What the writer has been given.
+#[derive(Clone, Default)]
+struct Captured(Arc<Mutex<Vec<u8>>>);
+
+impl Write for Captured {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Captured {
+    fn lines(&self) -> Vec<String> {
+        String::from_utf8(self.0.lock().unwrap().clone())
+            .unwrap()
+            .lines()
+            .map(str::to_owned)
+            .collect()
+    }
+
+    fn json(&self) -> Vec<Value> {
+        self.lines()
+            .iter()
+            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+            .collect()
+    }
+}
+
+/// A router with `api` (to `upstream`, with request ids and trace context) and `slow`
+/// (to an upstream that never answers, with a short header timeout), logging to `log`.
+fn gateway_app(
+    log: &AccessLog,
+    upstream: &TestUpstream,
+    hung: &TestUpstream,
+) -> impl Service<
+    Request<Body>,
+    Response = Response<impl http_body::Body<Data = Bytes, Error = BoxError> + Send + 'static>,
+    Error = BoxError,
+    Future: Send + 'static,
+> + Clone
++ Send
++ Sync
++ 'static {
+    let api = ServiceBuilder::new()
+        .layer(SetRequestIdLayer::new())
+        .layer(TraceContextLayer::new())
+        .service(ReverseProxy::to(&upstream.url()).unwrap());
+    let slow = ReverseProxy::builder(Upstream::single(&hung.url()).unwrap())
+        .response_header_timeout(Some(Duration::from_millis(200)))
+        .build()
+        .unwrap();
+    let router = Router::new()
+        .route(Route::prefix("/api").id("api"), api)
+        .route(Route::prefix("/slow").id("slow"), slow);
+    ServiceBuilder::new()
+        .layer(AccessLogLayer::new(log))
+        .service(router)
+}
+
+#[tokio::test]
+async fn every_request_gets_one_json_line_with_its_fields() {
+    let upstream = TestUpstream::echo().await;
+    let hung = TestUpstream::hang().await;
+    let out = Captured::default();
+    let log = AccessLog::builder()
+        .writer(out.clone())
+        .query(QueryLog::Redact)
+        .start()
+        .unwrap();
+    let gw = Gateway::start(gateway_app(&log, &upstream, &hung)).await;
+
+    let ok = fetch(
+        gw.addr,
+        request(
+            "POST",
+            "/api/items?token=secret&page=2",
+            &[
+                ("user-agent", "curl/8.5"),
+                (
+                    "traceparent",
+                    "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+                ),
+            ],
+        )
+        .map(|_| Bytes::from_static(b"hello")),
+    )
+    .await;
+    assert_eq!(ok.status(), 200);
+    assert_eq!(ok.body().as_ref(), b"hello");
+    let missing = raw(gw.addr, &get("/nowhere", "")).await;
+    assert_eq!(status(&missing), 404);
+    let timed_out = raw(gw.addr, &get("/slow", "")).await;
+    assert_eq!(status(&timed_out), 504);
+    // Quotes, a backslash, control and non-UTF-8 bytes where a client controls the text.
+    let hostile = gateway_core::test_util::raw::exchange(
+        gw.addr,
+        b"GET /api/a%22b HTTP/1.1\r\nHost: gw\r\nConnection: close\r\n\
+          User-Agent: evil\" \\ \t\xff\xfe\",\"status\":1\r\n\r\n",
+        Duration::from_secs(3),
+    )
+    .await;
+    let hostile = String::from_utf8_lossy(&hostile);
+    assert_eq!(status(&hostile), 200, "{hostile}");
+    assert!(log.flush(Duration::from_secs(5)));
+
+    let lines = out.json();
+    assert_eq!(lines.len(), 4, "{:?}", out.lines());
+    let post = &lines[0];
+    assert_eq!(post["method"], "POST");
+    assert_eq!(post["host"], "gw");
+    assert_eq!(post["path"], "/api/items");
+    assert_eq!(post["query"], "token=REDACTED&page=REDACTED");
+    assert_eq!(post["status"], 200);
+    assert_eq!(post["bytes_in"], 5);
+    assert_eq!(post["bytes_out"], 5);
+    assert_eq!(post["route"], "api");
+    assert_eq!(post["client_ip"], "127.0.0.1");
+    assert_eq!(post["user_agent"], "curl/8.5");
+    assert_eq!(post["trace_id"], "4bf92f3577b34da6a3ce929d0e0e4736");
+    assert_eq!(
+        post["request_id"].as_str().unwrap(),
+        ok.headers()["x-request-id"].to_str().unwrap()
+    );
+    assert_eq!(
+        post["upstream"],
+        upstream.url().trim_start_matches("http://")
+    );
+    assert_eq!(post["upstream_attempts"], 1);
+    assert!(post["upstream_ms"].as_f64().unwrap() <= post["duration_ms"].as_f64().unwrap());
+    assert!(post.get("error").is_none() && post.get("aborted").is_none());
+    assert!(post["time"].as_str().unwrap().ends_with('Z'));
+    assert!(!out.lines()[0].contains("secret"));
+
+    let missing = &lines[1];
+    assert_eq!(
+        (missing["status"].as_u64(), missing["route"].as_str()),
+        (Some(404), None)
+    );
+    assert_eq!(missing["error"], "not_found");
+
+    let slow = &lines[2];
+    assert_eq!(slow["status"], 504);
+    assert_eq!(slow["route"], "slow");
+    assert_eq!(slow["error"], "gateway_timeout");
+    assert_eq!(slow["upstream"], hung.url().trim_start_matches("http://"));
+    assert!(slow["upstream_ms"].as_f64().unwrap() >= 200.0);
+
+    let hostile = &lines[3];
+    assert_eq!(hostile["path"], "/api/a%22b");
+    assert_eq!(
+        hostile["status"], 200,
+        "the injected status stays in its string"
+    );
+    assert_eq!(
+        hostile["user_agent"],
+        "evil\" \\ \t\u{fffd}\u{fffd}\",\"status\":1"
+    );
+    assert_eq!(log.dropped(), 0);
+}
+
+#[tokio::test]
+async fn a_client_that_leaves_mid_response_is_logged_as_aborted() {
+    let upstream = TestUpstream::streaming(64 * 1024 * 1024).await;
+    let hung = TestUpstream::hang().await;
+    let out = Captured::default();
+    let log = AccessLog::builder().writer(out.clone()).start().unwrap();
+    let gw = Gateway::start(gateway_app(&log, &upstream, &hung)).await;
+    {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut stream = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+        stream
+            .write_all(get("/api/big", "").as_bytes())
+            .await
+            .unwrap();
+        let mut first = [0; 1024];
+        within("the first bytes", stream.read(&mut first))
+            .await
+            .unwrap();
+    }
+    support::eventually("the line", || {
+        log.flush(Duration::from_secs(1));
+        !out.lines().is_empty()
+    })
+    .await;
+    let line = &out.json()[0];
+    assert_eq!(line["status"], 200);
+    assert_eq!(line["aborted"], true);
+    assert!(line["bytes_out"].as_u64().unwrap() < 64 * 1024 * 1024);
+}
+
+/// A writer that blocks in its first write until released, saying when it got there.
+struct Blocked {
+    entered: Option<mpsc::Sender<()>>,
+    release: mpsc::Receiver<()>,
+    out: Captured,
+}
+
+impl Write for Blocked {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if let Some(entered) = self.entered.take() {
+            entered.send(()).unwrap();
+            self.release.recv().unwrap();
+        }
+        self.out.write(buf)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+#[tokio::test]
+async fn a_blocked_writer_drops_and_counts_lines_and_requests_do_not_wait() {
+    let upstream = TestUpstream::echo().await;
+    let hung = TestUpstream::hang().await;
+    let (entered_tx, entered) = mpsc::channel();
+    let (release, release_rx) = mpsc::channel();
+    let out = Captured::default();
+    let metrics = Metrics::new();
+    let log = AccessLog::builder()
+        .writer(Blocked {
+            entered: Some(entered_tx),
+            release: release_rx,
+            out: out.clone(),
+        })
+        .capacity(4)
+        .metrics(&metrics)
+        .start()
+        .unwrap();
+    let gw = Gateway::start(gateway_app(&log, &upstream, &hung)).await;
+
+    // The first line takes the writer into its blocked write.
+    assert_eq!(status(&raw(gw.addr, &get("/api/first", "")).await), 200);
+    entered.recv_timeout(Duration::from_secs(5)).unwrap();
+    // 50 more: 4 wait in the queue, 46 are dropped, and every request is answered.
+    within(
+        "50 requests while the writer is stuck",
+        Box::pin(async {
+            for i in 0..50 {
+                let res = raw(gw.addr, &get(&format!("/api/{i}"), "")).await;
+                assert_eq!(status(&res), 200);
+                assert_eq!(body_of(&res), "");
+            }
+        }),
+    )
+    .await;
+    assert_eq!(log.dropped(), 46);
+    let scraped = metrics.encode(gateway_core::metrics::Format::Prometheus);
+    assert!(
+        scraped.contains("gateway_access_log_dropped_lines_total 46"),
+        "{scraped}"
+    );
+
+    release.send(()).unwrap();
+    assert!(log.flush(Duration::from_secs(5)));
+    let paths: Vec<String> = out
+        .json()
+        .iter()
+        .map(|l| l["path"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(
+        paths,
+        ["/api/first", "/api/0", "/api/1", "/api/2", "/api/3"]
+    );
+}
+
+#[tokio::test]
+async fn a_reopened_file_gets_the_next_lines() {
+    let upstream = TestUpstream::echo().await;
+    let hung = TestUpstream::hang().await;
+    let dir = std::env::temp_dir().join(format!("gateway-access-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("access.log");
+    let rotated = dir.join("access.log.1");
+    let _ = std::fs::remove_file(&path);
+    let log = AccessLog::builder()
+        .file(&path)
+        .format(LogFormat::Combined)
+        .query(QueryLog::Keep)
+        .start()
+        .unwrap();
+    let gw = Gateway::start(gateway_app(&log, &upstream, &hung)).await;
+
+    raw(
+        gw.addr,
+        &get(
+            "/api/before?x=1",
+            "Referer: https://ref.example/\"x\r\nUser-Agent: ua/1\r\n",
+        ),
+    )
+    .await;
+    assert!(log.flush(Duration::from_secs(5)));
+    std::fs::rename(&path, &rotated).unwrap();
+    log.reopen();
+    raw(gw.addr, &get("/api/after", "")).await;
+    assert!(log.flush(Duration::from_secs(5)));
+
+    let old = std::fs::read_to_string(&rotated).unwrap();
+    let new = std::fs::read_to_string(&path).unwrap();
+    let line = old.trim_end();
+    assert!(
+        line.starts_with("127.0.0.1 - - ["),
+        "combined format: {line}"
+    );
+    assert!(
+        line.ends_with(
+            "\"GET /api/before?x=1 HTTP/1.1\" 200 - \"https://ref.example/\\x22x\" \"ua/1\""
+        ),
+        "{line}"
+    );
+    assert_eq!(old.lines().count(), 1);
+    assert_eq!(new.lines().count(), 1);
+    assert!(new.contains("\"GET /api/after HTTP/1.1\" 200 -"), "{new}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -136,23 +136,120 @@ fn trace_context(b: divan::Bencher<'_, '_>, how: &str) {
     .bench_local_values(|req| ready(svc.clone().oneshot(req)));
 }
 
+/// A route's answer (a 5-byte body, the route's id in its extensions): what the
+/// observing layers below see; each of them is measured against this.
+fn named_route()
+-> impl Service<Request<Body>, Response = Response<Body>, Error = Infallible, Future: Send>
++ Clone
++ Send
++ Sync
++ 'static {
+    let route = gateway_core::RouteId::new("api");
+    service_fn(move |_: Request<Body>| {
+        let mut res = Response::new(Body::from("hello"));
+        res.extensions_mut().insert(route.clone());
+        std::future::ready(Ok::<_, Infallible>(res))
+    })
+}
+
+/// The like-for-like baseline of the observing layers: the route's answer, its body
+/// drained.
+#[divan::bench]
+fn named_route_alone(b: divan::Bencher<'_, '_>) {
+    let svc = named_route();
+    b.with_inputs(|| request("/")).bench_local_values(|req| {
+        let res = ready(svc.clone().oneshot(req)).expect("infallible");
+        drain(res.into_body())
+    });
+}
+
 /// The edge metrics of one request to a named route: counted, timed and its body bytes
 /// summed, the response body drained to its end (where the recording happens).
 #[divan::bench]
 fn http_metrics(b: divan::Bencher<'_, '_>) {
     let metrics = gateway_core::metrics::Metrics::new();
-    let route = gateway_core::RouteId::new("api");
-    let svc = gateway_middleware::metrics::HttpMetricsLayer::new(&metrics).layer(service_fn(
-        move |_: Request<Body>| {
-            let mut res = Response::new(Body::from("hello"));
-            res.extensions_mut().insert(route.clone());
-            std::future::ready(Ok::<_, Infallible>(res))
-        },
-    ));
+    let svc = gateway_middleware::metrics::HttpMetricsLayer::new(&metrics).layer(named_route());
     b.with_inputs(|| request("/")).bench_local_values(|req| {
         let res = ready(svc.clone().oneshot(req)).expect("infallible");
         drain(res.into_body())
     });
+}
+
+/// An access-log line, formatted and queued (the writer thread writes to nowhere).
+#[divan::bench(args = ["json", "combined"])]
+fn access_log(b: divan::Bencher<'_, '_>, format: &str) {
+    use gateway_middleware::access_log::{AccessLog, AccessLogLayer, LogFormat};
+    let log = AccessLog::builder()
+        .writer(std::io::sink())
+        .format(if format == "json" {
+            LogFormat::Json
+        } else {
+            LogFormat::Combined
+        })
+        .capacity(1 << 20)
+        .start()
+        .expect("a thread");
+    let svc = AccessLogLayer::new(&log).layer(named_route());
+    b.with_inputs(|| {
+        let mut req = request("/api/orders?page=2");
+        req.headers_mut()
+            .insert("user-agent", HeaderValue::from_static("curl/8.5.0"));
+        req
+    })
+    .bench_local_values(|req| {
+        let res = ready(svc.clone().oneshot(req)).expect("infallible");
+        drain(res.into_body())
+    });
+    log.flush(std::time::Duration::from_secs(10));
+}
+
+/// A `request` span per request, under a subscriber that formats spans and writes events
+/// (to nowhere): what a gateway logging at `info` pays.
+#[divan::bench]
+fn request_span(b: divan::Bencher<'_, '_>) {
+    let _subscriber = tracing::subscriber::set_default(
+        tracing_subscriber::fmt()
+            .with_writer(std::io::sink)
+            .with_max_level(tracing::Level::INFO)
+            .finish(),
+    );
+    let svc = gateway_middleware::request_span::RequestSpanLayer::new().layer(named_route());
+    b.with_inputs(|| request("/api/orders"))
+        .bench_local_values(|req| {
+            let res = ready(svc.clone().oneshot(req)).expect("infallible");
+            drain(res.into_body())
+        });
+}
+
+/// The example gateway's observing edge: metrics, access log, trace context and the
+/// request span, against `named_route_alone`.
+#[divan::bench]
+fn observability_all(b: divan::Bencher<'_, '_>) {
+    use gateway_middleware::access_log::{AccessLog, AccessLogLayer};
+    let _subscriber = tracing::subscriber::set_default(
+        tracing_subscriber::fmt()
+            .with_writer(std::io::sink)
+            .with_max_level(tracing::Level::INFO)
+            .finish(),
+    );
+    let metrics = gateway_core::metrics::Metrics::new();
+    let log = AccessLog::builder()
+        .writer(std::io::sink())
+        .capacity(1 << 20)
+        .start()
+        .expect("a thread");
+    let svc = tower::ServiceBuilder::new()
+        .layer(gateway_middleware::metrics::HttpMetricsLayer::new(&metrics))
+        .layer(AccessLogLayer::new(&log))
+        .layer(TraceContextLayer::new())
+        .layer(gateway_middleware::request_span::RequestSpanLayer::new())
+        .service(named_route());
+    b.with_inputs(|| request("/api/orders"))
+        .bench_local_values(|req| {
+            let res = ready(svc.clone().oneshot(req)).expect("infallible");
+            drain(res.into_body())
+        });
+    log.flush(std::time::Duration::from_secs(10));
 }
 
 #[divan::bench]

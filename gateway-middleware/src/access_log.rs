@@ -2,7 +2,8 @@
 //!
 //! [`AccessLogLayer`] formats a line when a response has been sent to its end (or the
 //! client went away) and hands it to the [`AccessLog`]'s writer thread through a bounded
-//! queue. A request never waits for the log: when the queue is full (the disk or the pipe
+//! queue (the writer takes what gathered every 10 ms, so a line costs no wake-up of it).
+//! A request never waits for the log: when the queue is full (the disk or the pipe
 //! behind it cannot keep up) the line is dropped and counted ([`AccessLog::dropped`], and
 //! `gateway_access_log_dropped_lines_total` with [`AccessLogBuilder::metrics`]).
 //!
@@ -76,6 +77,7 @@
 //! [`AccessLog::reopen`] makes the writer reopen its file (after logrotate moved it away);
 //! the example gateway calls it on `SIGUSR1`.
 
+use std::cell::RefCell;
 use std::fmt;
 use std::fs::{File, OpenOptions};
 use std::future::Future;
@@ -83,9 +85,8 @@ use std::io::{self, Write};
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::mpsc::{self, Receiver, SyncSender, TrySendError};
+use std::sync::{Arc, Condvar, Mutex, PoisonError};
 use std::task::{Context, Poll, ready};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -106,8 +107,12 @@ const DEFAULT_CAPACITY: usize = 4096;
 const MAX_PATH: usize = 2048;
 /// The most bytes of a host, user agent or referer written.
 const MAX_HEADER: usize = 512;
-/// Lines are written in batches of up to this many bytes.
+/// The capacity the writer's batch buffer keeps between batches.
 const BATCH: usize = 64 * 1024;
+/// After a batch the writer rests this long, so that lines gather into the next batch
+/// without a wake-up of the thread for each of them (a wake-up would cost the request a
+/// system call). The queue must hold this long's lines.
+const REST: Duration = Duration::from_millis(10);
 
 /// Where lines go and how they look: a handle on the writer thread, shared by every
 /// [`AccessLogLayer`] made from it. See the [module docs](self).
@@ -189,30 +194,44 @@ enum Target {
     Writer(Box<dyn Write + Send>),
 }
 
+/// What every handle shares; its drop (the last handle's) closes the queue.
 struct Shared {
-    queue: SyncSender<Msg>,
+    queue: Arc<Queue>,
+    writer: std::thread::Thread,
     format: LogFormat,
     query: QueryLog,
     dropped: AtomicU64,
-    lost: AtomicU64,
-    reopen: AtomicBool,
     #[cfg(feature = "metrics")]
-    counters: Option<Counters>,
+    dropped_counter: Option<Counter>,
+}
+
+/// The lines waiting for the writer: one buffer the requests append to, swapped for the
+/// writer's empty one every [`REST`] (no allocation per line, none freed across threads).
+struct Queue {
+    state: Mutex<Queued>,
+    /// Signalled when a batch has been written (for `flush`).
+    written: Condvar,
+    /// The most lines waiting.
+    capacity: usize,
+    reopen: AtomicBool,
+    lost: AtomicU64,
+    #[cfg(feature = "metrics")]
+    lost_counter: Option<Counter>,
+}
+
+#[derive(Default)]
+struct Queued {
+    bytes: Vec<u8>,
+    lines: u64,
+    /// Batches taken by the writer, and written (or failed).
+    taken: u64,
+    done: u64,
+    /// Every handle is gone: the writer writes what is left and ends.
+    closed: bool,
 }
 
 #[cfg(feature = "metrics")]
-struct Counters {
-    dropped: prometheus_client::metrics::counter::Counter,
-    lost: prometheus_client::metrics::counter::Counter,
-}
-
-enum Msg {
-    Line(Vec<u8>),
-    /// Look at the reopen flag.
-    Wake,
-    /// Write out what is queued, then answer.
-    Flush(mpsc::Sender<()>),
-}
+type Counter = prometheus_client::metrics::counter::Counter;
 
 /// A request on its way, until its response ends.
 struct Pending {
@@ -271,16 +290,14 @@ impl AccessLog {
 
     /// Lines lost so far because writing them failed.
     pub fn lost(&self) -> u64 {
-        self.shared.lost.load(Ordering::Relaxed)
+        self.shared.queue.lost.load(Ordering::Relaxed)
     }
 
-    /// Makes the writer reopen its file before the next line (after a log rotation moved
-    /// it); a log to stdout, stderr or a writer ignores it.
+    /// Makes the writer reopen its file after the batch it is writing (after a log
+    /// rotation moved it); a log to stdout, stderr or a writer ignores it.
     pub fn reopen(&self) {
-        self.shared.reopen.store(true, Ordering::Release);
-        // NOTE: a full queue keeps the writer busy, and it looks at the flag after every
-        // batch: the wake-up is needed only when the queue is empty.
-        let _ = self.shared.queue.try_send(Msg::Wake);
+        self.shared.queue.reopen.store(true, Ordering::Release);
+        self.shared.writer.unpark();
     }
 
     /// Waits, up to `timeout`, until every line queued so far is written (for a shutdown).
@@ -292,34 +309,41 @@ impl AccessLog {
     )]
     pub fn flush(&self, timeout: Duration) -> bool {
         let deadline = std::time::Instant::now() + timeout;
-        let (ack, written) = mpsc::channel();
-        let mut msg = Msg::Flush(ack);
-        loop {
-            match self.shared.queue.try_send(msg) {
-                Ok(()) => break,
-                Err(TrySendError::Disconnected(_)) => return false,
-                Err(TrySendError::Full(back)) => {
-                    if std::time::Instant::now() >= deadline {
-                        return false;
-                    }
-                    msg = back;
-                    std::thread::sleep(Duration::from_millis(1));
-                }
+        let queue = &self.shared.queue;
+        let mut state = queue.lock();
+        // The next batch the writer takes has every line queued so far.
+        let target = state.taken + 1;
+        self.shared.writer.unpark();
+        while state.done < target {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            if left.is_zero() {
+                return false;
             }
+            state = queue
+                .written
+                .wait_timeout(state, left)
+                .unwrap_or_else(PoisonError::into_inner)
+                .0;
         }
-        let left = deadline.saturating_duration_since(std::time::Instant::now());
-        written.recv_timeout(left).is_ok()
+        true
     }
 
-    fn send(&self, line: Vec<u8>) {
-        match self.shared.queue.try_send(Msg::Line(line)) {
-            Ok(()) => {}
-            Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) => {
-                self.shared.dropped.fetch_add(1, Ordering::Relaxed);
-                #[cfg(feature = "metrics")]
-                if let Some(counters) = &self.shared.counters {
-                    counters.dropped.inc();
-                }
+    /// Queues `line` (one whole line, newline included), or drops and counts it.
+    fn push(&self, line: &[u8]) {
+        let queued = {
+            let mut state = self.shared.queue.lock();
+            let room = state.lines < self.shared.queue.capacity as u64;
+            if room {
+                state.bytes.extend_from_slice(line);
+                state.lines += 1;
+            }
+            room
+        };
+        if !queued {
+            self.shared.dropped.fetch_add(1, Ordering::Relaxed);
+            #[cfg(feature = "metrics")]
+            if let Some(counter) = &self.shared.dropped_counter {
+                counter.inc();
             }
         }
     }
@@ -402,40 +426,50 @@ impl AccessLogBuilder {
             Target::File(path) => Sink::File(open(&path)?, path),
             Target::Writer(writer) => Sink::Writer(writer),
         };
-        let (queue, lines) = mpsc::sync_channel(self.capacity);
         #[cfg(feature = "metrics")]
-        let counters = self.metrics.map(|metrics| Counters {
-            dropped: metrics.metric(
-                "access_log_dropped_lines",
-                "Access-log lines dropped because the writer's queue was full.",
-                Default::default,
+        let (dropped_counter, lost_counter) = match &self.metrics {
+            Some(metrics) => (
+                Some(metrics.metric(
+                    "access_log_dropped_lines",
+                    "Access-log lines dropped because the writer's queue was full.",
+                    Counter::default,
+                )),
+                Some(metrics.metric(
+                    "access_log_lost_lines",
+                    "Access-log lines lost because writing them failed.",
+                    Counter::default,
+                )),
             ),
-            lost: metrics.metric(
-                "access_log_lost_lines",
-                "Access-log lines lost because writing them failed.",
-                Default::default,
-            ),
+            None => (None, None),
+        };
+        let queue = Arc::new(Queue {
+            state: Mutex::new(Queued::default()),
+            written: Condvar::new(),
+            capacity: self.capacity,
+            reopen: AtomicBool::new(false),
+            lost: AtomicU64::new(0),
+            #[cfg(feature = "metrics")]
+            lost_counter,
         });
+        let writer = Writer {
+            queue: Arc::clone(&queue),
+            sink,
+            failing: false,
+        };
+        // NOTE: the thread ends once every handle is gone (`Shared`'s drop closes the
+        // queue), after writing what is left.
+        let thread = std::thread::Builder::new()
+            .name("access-log".into())
+            .spawn(move || writer.run())?;
         let shared = Arc::new(Shared {
             queue,
+            writer: thread.thread().clone(),
             format: self.format,
             query: self.query,
             dropped: AtomicU64::new(0),
-            lost: AtomicU64::new(0),
-            reopen: AtomicBool::new(false),
             #[cfg(feature = "metrics")]
-            counters,
+            dropped_counter,
         });
-        let writer = Writer {
-            lines,
-            sink,
-            shared: Arc::downgrade(&shared),
-            failing: false,
-        };
-        // NOTE: the thread ends by itself once every handle is gone (its queue closes).
-        std::thread::Builder::new()
-            .name("access-log".into())
-            .spawn(move || writer.run())?;
         Ok(AccessLog { shared })
     }
 }
@@ -464,44 +498,52 @@ enum Sink {
 }
 
 struct Writer {
-    lines: Receiver<Msg>,
+    queue: Arc<Queue>,
     sink: Sink,
-    shared: std::sync::Weak<Shared>,
     /// Whether the last write failed (a failure is logged when it starts, not per line).
     failing: bool,
 }
 
+impl Drop for Shared {
+    fn drop(&mut self) {
+        self.queue.lock().closed = true;
+        self.writer.unpark();
+    }
+}
+
+impl Queue {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Queued> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
 impl Writer {
-    /// Writes batches until every [`AccessLog`] handle is gone and the queue is empty.
+    /// Takes and writes what gathered, every [`REST`] (or at once when woken by `flush` or
+    /// `reopen`), until every [`AccessLog`] handle is gone and the queue is empty.
     fn run(mut self) {
         let mut batch = Vec::with_capacity(BATCH);
-        let mut lines = 0;
-        let mut acks = Vec::new();
-        while let Ok(first) = self.lines.recv() {
-            let mut next = Some(first);
-            while let Some(msg) = next {
-                match msg {
-                    Msg::Line(line) => {
-                        batch.extend_from_slice(&line);
-                        lines += 1;
-                    }
-                    Msg::Wake => {}
-                    Msg::Flush(ack) => acks.push(ack),
-                }
-                if batch.len() >= BATCH {
-                    self.write(&mut batch, &mut lines);
-                }
-                next = self.lines.try_recv().ok();
-            }
-            self.write(&mut batch, &mut lines);
-            for ack in acks.drain(..) {
-                let _ = ack.send(());
-            }
+        loop {
+            let (lines, taken, closed) = {
+                let mut state = self.queue.lock();
+                std::mem::swap(&mut state.bytes, &mut batch);
+                state.taken += 1;
+                (std::mem::take(&mut state.lines), state.taken, state.closed)
+            };
+            self.write(&batch, lines);
+            batch.clear();
+            // NOTE: a burst's buffer is not kept for good.
+            batch.shrink_to(BATCH);
             self.maybe_reopen();
+            self.queue.lock().done = taken;
+            self.queue.written.notify_all();
+            if closed {
+                return;
+            }
+            std::thread::park_timeout(REST);
         }
     }
 
-    fn write(&mut self, batch: &mut Vec<u8>, lines: &mut u64) {
+    fn write(&mut self, batch: &[u8], lines: u64) {
         if batch.is_empty() {
             return;
         }
@@ -518,12 +560,10 @@ impl Writer {
             }
             Ok(()) => {}
             Err(err) => {
-                if let Some(shared) = self.shared.upgrade() {
-                    shared.lost.fetch_add(*lines, Ordering::Relaxed);
-                    #[cfg(feature = "metrics")]
-                    if let Some(counters) = &shared.counters {
-                        counters.lost.inc_by(*lines);
-                    }
+                self.queue.lost.fetch_add(lines, Ordering::Relaxed);
+                #[cfg(feature = "metrics")]
+                if let Some(counter) = &self.queue.lost_counter {
+                    counter.inc_by(lines);
                 }
                 if !self.failing {
                     self.failing = true;
@@ -531,15 +571,10 @@ impl Writer {
                 }
             }
         }
-        batch.clear();
-        *lines = 0;
     }
 
     fn maybe_reopen(&mut self) {
-        let Some(shared) = self.shared.upgrade() else {
-            return;
-        };
-        if !shared.reopen.swap(false, Ordering::AcqRel) {
+        if !self.queue.reopen.swap(false, Ordering::AcqRel) {
             return;
         }
         if let Sink::File(file, path) = &mut self.sink {
@@ -739,13 +774,22 @@ impl OnEnd for Entry {
 
 impl Pending {
     fn log(&self, line: &Line<'_>) {
-        let mut out = Vec::with_capacity(384);
-        match self.log.shared.format {
-            LogFormat::Json => json(&mut out, line, self.log.shared.query),
-            LogFormat::Combined => combined(&mut out, line, self.log.shared.query),
+        thread_local! {
+            // A line is formatted here, then copied into the queue: no allocation per line.
+            static LINE: RefCell<Vec<u8>> = RefCell::new(Vec::with_capacity(1024));
         }
-        out.push(b'\n');
-        self.log.send(out);
+        LINE.with_borrow_mut(|out| {
+            out.clear();
+            match self.log.shared.format {
+                LogFormat::Json => json(out, line, self.log.shared.query),
+                LogFormat::Combined => combined(out, line, self.log.shared.query),
+            }
+            out.push(b'\n');
+            self.log.push(out);
+            // NOTE: every field is cut to a bound, so a line is a few KiB at most; this
+            // only undoes an unusually long one.
+            out.shrink_to(4096);
+        });
     }
 }
 

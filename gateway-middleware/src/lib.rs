@@ -9,6 +9,8 @@
 //! - [`compression`] (`compression`): gzip, br and zstd responses (tower-http's).
 //! - [`headers`] (`headers`): set, append and remove request and response headers.
 //! - [`trace_context`] (`trace-context`): W3C `traceparent`, continued or started.
+//! - [`request_span`] (`request-span`): a `tracing` span per request, so a failed
+//!   request's log line names its method, path, route and upstream.
 //! - [`metrics`] (`metrics`): Prometheus request counts, durations and bytes at the edge.
 //! - [`access_log`] (`access-log`): one JSON (or combined-format) line per request, written
 //!   off the request path.
@@ -45,6 +47,8 @@ mod observe;
 mod refuse;
 #[cfg(feature = "request-id")]
 pub mod request_id;
+#[cfg(feature = "request-span")]
+pub mod request_span;
 #[cfg(feature = "trace-context")]
 pub mod trace_context;
 

@@ -342,3 +342,58 @@ async fn a_reopened_file_gets_the_next_lines() {
     assert!(new.contains("\"GET /api/after HTTP/1.1\" 200 -"), "{new}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// A `tracing` writer into a shared buffer.
+#[derive(Clone, Default)]
+struct LogLines(Arc<Mutex<Vec<u8>>>);
+
+impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for LogLines {
+    type Writer = Captured;
+
+    fn make_writer(&'a self) -> Captured {
+        Captured(Arc::clone(&self.0))
+    }
+}
+
+#[tokio::test]
+async fn a_failed_request_is_logged_with_its_method_path_route_and_upstream() {
+    let dead = gateway_core::test_util::refused_addr().await;
+    let lines = LogLines::default();
+    let subscriber = tracing_subscriber::fmt()
+        .with_writer(lines.clone())
+        .with_ansi(false)
+        .with_max_level(tracing::Level::INFO)
+        .finish();
+    // NOTE: a current-thread runtime: the gateway's tasks run on this thread, under this
+    // subscriber.
+    let _default = tracing::subscriber::set_default(subscriber);
+    let router = Router::new().route(
+        Route::prefix("/api").id("api"),
+        ReverseProxy::to(&format!("http://{dead}")).unwrap(),
+    );
+    let app = ServiceBuilder::new()
+        .layer(gateway_middleware::request_span::RequestSpanLayer::new())
+        .service(router);
+    let gw = Gateway::start(app).await;
+    assert_eq!(
+        status(&raw(gw.addr, &get("/api/orders?id=7", "")).await),
+        502
+    );
+
+    let text = String::from_utf8(lines.0.lock().unwrap().clone()).unwrap();
+    let failed = text
+        .lines()
+        .find(|l| l.contains("request failed"))
+        .unwrap_or_else(|| panic!("no failure logged: {text}"));
+    assert!(
+        failed.contains(&format!(
+            "request{{method=GET path=/api/orders route=api upstream={dead}}}"
+        )),
+        "{failed}"
+    );
+    assert!(failed.contains("status=502"), "{failed}");
+    assert!(
+        !failed.contains("id=7"),
+        "the query stays out of logs: {failed}"
+    );
+}

@@ -443,6 +443,27 @@ async fn mistakes_name_their_line_column_and_key_path() {
             "",
         ),
         (
+            "an access log queue of nothing",
+            "listen: x\nroutes: []\naccess_log: { to: stdout, queue: 0 }\n",
+            (3, 34),
+            "access_log.queue",
+            "not between 1 and 1000000",
+        ),
+        (
+            "an access log format nobody knows",
+            "listen: x\nroutes: []\naccess_log:\n  format: xml\n",
+            (4, 11),
+            "access_log.format",
+            "unknown variant",
+        ),
+        (
+            "a sample ratio above 1",
+            "listen: x\nroutes: []\ntracing: { sample_ratio: 1.5 }\n",
+            (3, 26),
+            "tracing.sample_ratio",
+            "1.5 is not between 0 and 1",
+        ),
+        (
             "YAML syntax",
             "listen: x\nroutes: []\nserver: { drain_timeout: 1s\n",
             (3, 9),

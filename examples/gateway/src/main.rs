@@ -39,17 +39,20 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use gateway_core::RescueLayer;
 use gateway_core::client_ip::SetClientIpLayer;
 use gateway_core::metrics::Metrics;
 use gateway_core::registry::Registry;
+use gateway_core::{Body, BoxError, RescueLayer};
+use gateway_middleware::access_log::{AccessLog, AccessLogLayer, LogFormat, QueryLog};
 use gateway_middleware::metrics::HttpMetricsLayer;
+use gateway_middleware::request_span::RequestSpanLayer;
+use gateway_middleware::trace_context::TraceContextLayer;
 use gateway_proxy::Server;
 use gateway_proxy::admin::Admin;
 use gateway_proxy::config::{
-    self, AdminConfig, Balancer, Cidr, Config, ConfigError, EndpointConfig, HashOn,
-    HealthCheckConfig, Located, MatchConfig, Outlier, Period, RouteConfig, ServerConfig, TlsFiles,
-    UpstreamConfig, Url,
+    self, AccessLogConfig, AccessLogFormat, AdminConfig, Balancer, Cidr, Config, ConfigError,
+    EndpointConfig, HashOn, HealthCheckConfig, Located, MatchConfig, Outlier, Period, QueryLogging,
+    RouteConfig, ServerConfig, SpanLevel, TlsFiles, TracingConfig, UpstreamConfig, Url,
 };
 use gateway_proxy::server::Readiness;
 use tower::ServiceBuilder;
@@ -102,6 +105,15 @@ OPTIONS:
                            `off` for none [default: 127.0.0.1:9901 for the demo,
                            off with --upstream]
     --admin-token TOKEN    require `Authorization: Bearer TOKEN` on the admin listener
+    --access-log TARGET    one JSON line per request to `stdout`, `stderr` or a file
+                           (reopened on SIGUSR1), or `off` (without --config; the
+                           file has an `access_log:` section) [default: stdout for
+                           the demo, off with --upstream]
+    --tracing on|off       a `request` span around every request (its method, path,
+                           route and upstream in every log line it causes) and W3C
+                           trace context continued or started and sent upstream
+                           (without --config: the file has a `tracing:` section)
+                           [default: on]
     -h, --help             print this help
 
 Stops gracefully on Ctrl-C or SIGTERM. Logs go to stderr; set RUST_LOG to tune them.
@@ -131,6 +143,9 @@ struct Args {
     /// `--admin`: `None` = not given (the mode's default), `Some(None)` = off.
     admin: Option<Option<String>>,
     admin_token: Option<String>,
+    /// `--access-log`: `None` = not given (the mode's default), `Some(None)` = off.
+    access_log: Option<Option<String>>,
+    tracing: bool,
 }
 
 /// The `--lb` choice, as the config file spells it.
@@ -186,6 +201,8 @@ fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Command, String> {
         dns_refresh: None,
         admin: None,
         admin_token: None,
+        access_log: None,
+        tracing: true,
     };
     while let Some(arg) = parser.next().map_err(|e| e.to_string())? {
         let value = |p: &mut lexopt::Parser| -> Result<String, String> {
@@ -273,6 +290,20 @@ fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Command, String> {
                 }
                 args.admin_token = Some(v);
             }
+            Long("access-log") => {
+                let v = value(&mut parser)?;
+                if v.trim().is_empty() {
+                    return Err("--access-log: say `stdout`, `stderr`, a file, or `off`".into());
+                }
+                args.access_log = Some((v != "off").then_some(v));
+            }
+            Long("tracing") => {
+                args.tracing = match value(&mut parser)?.as_str() {
+                    "on" => true,
+                    "off" => false,
+                    v => return Err(format!("--tracing: `{v}` is neither `on` nor `off`")),
+                };
+            }
             other => return Err(other.unexpected().to_string()),
         }
     }
@@ -281,6 +312,12 @@ fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Command, String> {
     }
     if args.config.is_some() && (args.admin.is_some() || args.admin_token.is_some()) {
         return Err("--admin goes without --config: the file has an `admin:` section".into());
+    }
+    if args.config.is_some() && (args.access_log.is_some() || !args.tracing) {
+        return Err(
+            "--access-log and --tracing go without --config: the file has `access_log:` and `tracing:` sections"
+                .into(),
+        );
     }
     if args.config.is_some() && !args.upstreams.is_empty() {
         return Err(
@@ -422,6 +459,11 @@ async fn run(args: Args) -> Result<(), Failure> {
 
     let metrics = Metrics::new();
     gateway.inventory.register(&metrics);
+    let access_log = gateway
+        .access_log
+        .as_ref()
+        .map(|config| start_access_log(config, &metrics))
+        .transpose()?;
     let readiness = Readiness::new();
     let admin = match &gateway.admin {
         Some(admin) => bind_admin(admin, demo && args.admin.is_none()).await?,
@@ -482,15 +524,50 @@ async fn run(args: Args) -> Result<(), Failure> {
             let _ = admin_stops.await;
         }))
     });
+    if let Some(log) = &access_log {
+        tokio::spawn(reopen_on_sigusr1(log.clone()));
+    }
+    let tracing_config = gateway.tracing.clone().unwrap_or(TracingConfig {
+        spans: SpanLevel::Off,
+        trace_context: false,
+        sample_ratio: 1.0,
+    });
+    // Outermost first. The optional layers' answers are made `Body`s, so that the stack has
+    // one type whether they are on or off (a box per request for each one that is on).
     let stack = ServiceBuilder::new()
-        .layer(HttpMetricsLayer::new(&metrics))
+        // Request metrics when there is an admin listener to serve them.
+        .option_layer(admin_task.is_some().then(|| {
+            ServiceBuilder::new()
+                .map_response(boxed)
+                .layer(HttpMetricsLayer::new(&metrics))
+        }))
         .layer(RescueLayer::new())
         .layer(SetClientIpLayer::new(gateway.trusted.clone()))
+        .option_layer(access_log.as_ref().map(|log| {
+            ServiceBuilder::new()
+                .map_response(boxed)
+                .layer(AccessLogLayer::new(log))
+        }))
+        .option_layer(
+            tracing_config
+                .trace_context
+                .then(|| TraceContextLayer::new().sample_ratio(tracing_config.sample_ratio)),
+        )
+        .option_layer(span_level(tracing_config.spans).map(|level| {
+            ServiceBuilder::new()
+                .map_response(boxed)
+                .layer(RequestSpanLayer::new().level(level))
+        }))
+        .map_err(Into::<BoxError>::into)
         .service(app);
     let served = server.serve(stack).await;
     drop(stop_admin);
     if let Some(task) = admin_task {
         let _ = task.await;
+    }
+    if let Some(log) = access_log {
+        // The last lines, before the process ends.
+        let _ = tokio::task::spawn_blocking(move || log.flush(Duration::from_secs(2))).await;
     }
     served.map_err(|e| Failure::Runtime(e.to_string()))?;
     tracing::info!("stopped");
@@ -539,6 +616,80 @@ fn admin_config(args: &Args, default: Option<&str>) -> Option<AdminConfig> {
         listen,
         token: args.admin_token.clone(),
     })
+}
+
+/// The access-log section the flags give.
+fn access_log_config(args: &Args, default: Option<&str>) -> Option<AccessLogConfig> {
+    let to = match &args.access_log {
+        Some(to) => to.clone()?,
+        None => default?.to_owned(),
+    };
+    Some(AccessLogConfig {
+        to,
+        ..AccessLogConfig::default()
+    })
+}
+
+/// Starts the access log `config` describes, counting its losses in `metrics`.
+fn start_access_log(config: &AccessLogConfig, metrics: &Metrics) -> Result<AccessLog, Failure> {
+    let builder = AccessLog::builder()
+        .format(match config.format {
+            AccessLogFormat::Json => LogFormat::Json,
+            AccessLogFormat::Combined => LogFormat::Combined,
+        })
+        .query(match config.query {
+            QueryLogging::Omit => QueryLog::Omit,
+            QueryLogging::Redact => QueryLog::Redact,
+            QueryLogging::Keep => QueryLog::Keep,
+        })
+        .capacity(config.queue)
+        .metrics(metrics);
+    let builder = match config.to.as_str() {
+        "stdout" => builder.stdout(),
+        "stderr" => builder.stderr(),
+        path => builder.file(path),
+    };
+    builder
+        .start()
+        .map_err(|e| Failure::Config(format!("cannot open the access log {}: {e}", config.to)))
+}
+
+/// Reopens `log`'s file on every SIGUSR1 (what logrotate's `postrotate` sends).
+async fn reopen_on_sigusr1(log: AccessLog) {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        let Ok(mut signals) = signal(SignalKind::user_defined1()) else {
+            tracing::warn!("cannot listen for SIGUSR1: the access log is not reopened on it");
+            return;
+        };
+        while signals.recv().await.is_some() {
+            log.reopen();
+        }
+    }
+    #[cfg(not(unix))]
+    drop(log);
+}
+
+/// A response with its body as a [`Body`].
+fn boxed<B>(res: http::Response<B>) -> http::Response<Body>
+where
+    B: http_body::Body<Data = bytes::Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
+{
+    res.map(Body::new)
+}
+
+/// The request span's level, or none.
+const fn span_level(level: SpanLevel) -> Option<tracing::Level> {
+    match level {
+        SpanLevel::Off => None,
+        SpanLevel::Error => Some(tracing::Level::ERROR),
+        SpanLevel::Warn => Some(tracing::Level::WARN),
+        SpanLevel::Info => Some(tracing::Level::INFO),
+        SpanLevel::Debug => Some(tracing::Level::DEBUG),
+        SpanLevel::Trace => Some(tracing::Level::TRACE),
+    }
 }
 
 /// The plugins a config file may name: the built-in layers (a gateway of your own adds its
@@ -603,6 +754,8 @@ fn demo_config(args: &Args, addr: &str) -> Config {
         upstreams: BTreeMap::from([("demo".to_owned(), upstream)]),
         routes: vec![Located::new(api)],
         admin: admin_config(args, Some(AdminConfig::DEFAULT_LISTEN)),
+        access_log: access_log_config(args, Some("stdout")),
+        tracing: args.tracing.then(TracingConfig::default),
     }
 }
 
@@ -639,6 +792,8 @@ fn flags_config(args: &Args) -> Config {
         upstreams: BTreeMap::from([("default".to_owned(), upstream)]),
         routes: vec![Located::new(route("default", "/", "default"))],
         admin: admin_config(args, None),
+        access_log: access_log_config(args, None),
+        tracing: args.tracing.then(TracingConfig::default),
     }
 }
 

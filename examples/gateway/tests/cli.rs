@@ -436,3 +436,87 @@ async fn logs_to_a_pipe_have_no_colour_codes() {
     assert!(logs.contains("stopped"), "{logs}");
     assert!(!logs.contains('\u{1b}'), "colour codes in {logs:?}");
 }
+
+/// Reads `path`'s lines until there are at least `n` (for 10 s at most).
+async fn lines_of(path: &std::path::Path, n: usize) -> Vec<String> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let text = std::fs::read_to_string(path).unwrap_or_default();
+        let lines: Vec<String> = text.lines().map(str::to_owned).collect();
+        if lines.len() >= n {
+            return lines;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{} has {} lines, not {n}",
+            path.display(),
+            lines.len()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn the_demo_logs_requests_continues_traces_and_reopens_its_log_on_sigusr1() {
+    let dir = std::env::temp_dir().join(format!("gateway-cli-log-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let log = dir.join("access.log");
+    let rotated = dir.join("access.log.1");
+    let _ = std::fs::remove_file(&log);
+    let (child, addr) = start(&[
+        "--listen",
+        "127.0.0.1:0",
+        "--admin",
+        "off",
+        "--access-log",
+        log.to_str().unwrap(),
+    ])
+    .await;
+
+    let request = "GET /api/headers?token=secret HTTP/1.1\r\nHost: gw\r\nConnection: close\r\n\
+                   traceparent: 00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01\r\n\r\n";
+    let res = raw::exchange(addr, request.as_bytes(), Duration::from_secs(5)).await;
+    let text = String::from_utf8_lossy(&res);
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    assert!(
+        text.contains("traceparent: 00-4bf92f3577b34da6a3ce929d0e0e4736-"),
+        "the upstream continues the trace: {text}"
+    );
+    assert!(
+        !text.contains("00f067aa0ba902b7"),
+        "with the gateway's span as parent"
+    );
+    let line: serde_json::Value = serde_json::from_str(&lines_of(&log, 1).await[0]).unwrap();
+    assert_eq!(line["path"], "/api/headers");
+    assert_eq!(line["route"], "api");
+    assert_eq!(line["status"], 200);
+    assert_eq!(line["trace_id"], "4bf92f3577b34da6a3ce929d0e0e4736");
+    assert!(line["upstream"].as_str().unwrap().starts_with("127.0.0.1:"));
+    assert!(
+        line.get("query").is_none(),
+        "queries are left out by default"
+    );
+
+    // logrotate moves the file away, then signals.
+    std::fs::rename(&log, &rotated).unwrap();
+    let pid = child.id().unwrap().to_string();
+    let status = std::process::Command::new("kill")
+        .args(["-USR1", &pid])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    // The reopen is asynchronous: requests go on until one lands in the new file.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while std::fs::read_to_string(&log).unwrap_or_default().is_empty() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no line in the reopened file"
+        );
+        get(addr, "/api/hello").await;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let moved = lines_of(&rotated, 1).await;
+    assert!(moved[0].contains("/api/headers"));
+    sigterm_and_wait(child).await;
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -14,8 +14,8 @@ use http::{Method, Request, Response, StatusCode, Uri};
 
 use super::load::{ConfigError, Located};
 use super::schema::{
-    AdminConfig, Balancer, Config, EndpointConfig, HashOn, HealthCheckConfig, Outlier, RouteConfig,
-    ServerConfig, UpstreamConfig, UpstreamTls,
+    AccessLogConfig, AdminConfig, Balancer, Config, EndpointConfig, HashOn, HealthCheckConfig,
+    Outlier, RouteConfig, ServerConfig, TracingConfig, UpstreamConfig, UpstreamTls,
 };
 use crate::admin::{ConfigStatus, Inventory, RouteInfo};
 use crate::invalid::chain;
@@ -39,6 +39,11 @@ pub struct Gateway {
     pub trusted: TrustedProxies,
     /// The admin listener, when the config has one.
     pub admin: Option<AdminConfig>,
+    /// The access log, when the config has one (made by the binary: the layer lives in
+    /// `gateway-middleware`).
+    pub access_log: Option<AccessLogConfig>,
+    /// Request spans and trace context, when the config has them.
+    pub tracing: Option<TracingConfig>,
     /// The routes and upstreams built, for the admin listener (a [`Live`](super::Live)
     /// config keeps it current across reloads).
     pub inventory: Inventory,
@@ -168,6 +173,8 @@ pub(super) fn build_from(
         router,
         trusted,
         admin: config.admin.clone(),
+        access_log: config.access_log.clone(),
+        tracing: config.tracing.clone(),
         inventory,
         server: config.server.clone(),
         tls,

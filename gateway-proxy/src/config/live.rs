@@ -146,10 +146,12 @@ impl Live {
                 if config.listen != loaded.config.listen
                     || config.server != loaded.config.server
                     || config.admin != loaded.config.admin
+                    || config.access_log != loaded.config.access_log
+                    || config.tracing != loaded.config.tracing
                 {
                     tracing::warn!(
                         file = %name,
-                        "`listen`, `server` and `admin` changes take a restart; serving on with the old ones"
+                        "`listen`, `server`, `admin`, `access_log` and `tracing` changes take a restart; serving on with the old ones"
                     );
                 }
                 inner.router.store(Arc::new(gateway.router));

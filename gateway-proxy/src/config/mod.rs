@@ -48,8 +48,9 @@ pub use gateway_core::units::{InvalidUnit, Period, Size};
 pub use live::{Live, LiveRouter, ReloadStats};
 pub use load::{ConfigError, Located, parse, read};
 pub use schema::{
-    AdminConfig, Balancer, Config, EndpointConfig, HashOn, HealthCheckConfig, MatchConfig, Outlier,
-    PluginConfig, RedirectConfig, ReplacePrefix, RespondConfig, RouteConfig, RouteTimeouts,
-    ServerConfig, TlsFiles, UpstreamConfig, UpstreamTls,
+    AccessLogConfig, AccessLogFormat, AdminConfig, Balancer, Config, EndpointConfig, HashOn,
+    HealthCheckConfig, MatchConfig, Outlier, PluginConfig, QueryLogging, RedirectConfig,
+    ReplacePrefix, RespondConfig, RouteConfig, RouteTimeouts, ServerConfig, SpanLevel, TlsFiles,
+    TracingConfig, UpstreamConfig, UpstreamTls,
 };
 pub use units::{Cidr, Url};

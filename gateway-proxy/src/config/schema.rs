@@ -32,6 +32,166 @@ pub struct Config {
     /// The admin listener (`/metrics`, `/healthz`, `/readyz`, `/status`) [default: none].
     #[serde(default)]
     pub admin: Option<AdminConfig>,
+    /// The access log [default: none].
+    #[serde(default)]
+    pub access_log: Option<AccessLogConfig>,
+    /// Request spans and W3C trace context [default: none].
+    #[serde(default)]
+    pub tracing: Option<TracingConfig>,
+}
+
+/// `access_log:`: one line per request, written off the request path
+/// (`gateway_middleware::access_log`).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AccessLogConfig {
+    /// `stdout`, `stderr`, or a file appended to (reopened on `SIGUSR1`) [default: `stdout`].
+    #[serde(
+        default = "AccessLogConfig::default_to",
+        deserialize_with = "AccessLogConfig::read_to"
+    )]
+    pub to: String,
+    /// `json` or `combined` [default: `json`].
+    #[serde(default)]
+    pub format: AccessLogFormat,
+    /// What is written of query strings: `omit`, `redact` or `keep` [default: `omit`].
+    #[serde(default)]
+    pub query: QueryLogging,
+    /// Lines that may wait for the writer; more are dropped and counted [default: 4096].
+    #[serde(
+        default = "AccessLogConfig::default_queue",
+        deserialize_with = "AccessLogConfig::read_queue"
+    )]
+    pub queue: usize,
+}
+
+impl AccessLogConfig {
+    fn default_to() -> String {
+        "stdout".to_owned()
+    }
+
+    const fn default_queue() -> usize {
+        4096
+    }
+
+    fn read_to<'de, D: de::Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+        let to = String::deserialize(d)?;
+        if to.trim().is_empty() {
+            return Err(de::Error::custom("say `stdout`, `stderr` or a file"));
+        }
+        Ok(to)
+    }
+
+    fn read_queue<'de, D: de::Deserializer<'de>>(d: D) -> Result<usize, D::Error> {
+        let queue = usize::deserialize(d)?;
+        if !(1..=1_000_000).contains(&queue) {
+            return Err(de::Error::custom(format!(
+                "{queue} lines is not between 1 and 1000000"
+            )));
+        }
+        Ok(queue)
+    }
+}
+
+impl Default for AccessLogConfig {
+    fn default() -> Self {
+        Self {
+            to: Self::default_to(),
+            format: AccessLogFormat::default(),
+            query: QueryLogging::default(),
+            queue: Self::default_queue(),
+        }
+    }
+}
+
+/// `access_log.format`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum AccessLogFormat {
+    /// One JSON object per line.
+    #[default]
+    Json,
+    /// The Apache/nginx combined log format.
+    Combined,
+}
+
+/// `access_log.query`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum QueryLogging {
+    /// Left out.
+    #[default]
+    Omit,
+    /// Names kept, values `REDACTED`.
+    Redact,
+    /// As sent.
+    Keep,
+}
+
+/// `tracing:`: a `tracing` span per request and W3C trace context.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TracingConfig {
+    /// The level of the `request` span, or `off` [default: `info`].
+    #[serde(default)]
+    pub spans: SpanLevel,
+    /// Continue the client's `traceparent` (or start a trace) and forward it upstream
+    /// [default: `true`].
+    #[serde(default = "TracingConfig::default_trace_context")]
+    pub trace_context: bool,
+    /// The share of new traces marked sampled, from 0 to 1 [default: 1].
+    #[serde(
+        default = "TracingConfig::default_sample_ratio",
+        deserialize_with = "TracingConfig::read_ratio"
+    )]
+    pub sample_ratio: f64,
+}
+
+impl TracingConfig {
+    const fn default_trace_context() -> bool {
+        true
+    }
+
+    const fn default_sample_ratio() -> f64 {
+        1.0
+    }
+
+    fn read_ratio<'de, D: de::Deserializer<'de>>(d: D) -> Result<f64, D::Error> {
+        let ratio = f64::deserialize(d)?;
+        if !(0.0..=1.0).contains(&ratio) {
+            return Err(de::Error::custom(format!("{ratio} is not between 0 and 1")));
+        }
+        Ok(ratio)
+    }
+}
+
+impl Default for TracingConfig {
+    fn default() -> Self {
+        Self {
+            spans: SpanLevel::default(),
+            trace_context: Self::default_trace_context(),
+            sample_ratio: Self::default_sample_ratio(),
+        }
+    }
+}
+
+/// `tracing.spans`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum SpanLevel {
+    /// No request spans.
+    Off,
+    /// At `ERROR`.
+    Error,
+    /// At `WARN`.
+    Warn,
+    /// At `INFO`.
+    #[default]
+    Info,
+    /// At `DEBUG`.
+    Debug,
+    /// At `TRACE`.
+    Trace,
 }
 
 /// `admin:`: the admin listener, on an address of its own.

@@ -282,6 +282,8 @@ impl Router {
             }
         }
         if let Some(id) = &id {
+            // The request's span (when there is one, with a `route` field) names it.
+            tracing::Span::current().record("route", tracing::field::display(id));
             req.extensions_mut().insert(id.clone());
         }
         ResponseFuture {

@@ -47,7 +47,9 @@ OPTIONS:
     --idle N           idle connections of the memory run, 0 to skip it [default: 5000]
     --targets LIST     which proxies, comma-separated [default: gateway,baseline (with
                        --baseline),hyper,nginx,haproxy]; `hand` is the route of
-                       benches/ab-config.yaml built in code (hand-gateway)
+                       benches/ab-config.yaml built in code (hand-gateway);
+                       `observed` is the gateway with metrics, a JSON access log,
+                       trace context and request spans on (`gateway` has them off)
     --config FILE      the gateway (and baseline) serve FILE, with LOADBENCH_ORIGIN set
                        to the origin's URL, instead of proxying by flags
     --json PATH        where to write the results [default: target/loadbench.json]

@@ -24,6 +24,10 @@ pub(crate) enum Kind {
     /// `hand-gateway`: the route of `benches/ab-config.yaml` built by hand in code, to
     /// compare with the gateway serving that file (`--config`).
     Hand,
+    /// The gateway with everything observing on: metrics (an admin listener), a JSON
+    /// access log (to `/dev/null`: formatted, queued and written), trace context, and
+    /// request spans under an `info` log filter; against `Gateway`, which has them off.
+    Observed,
 }
 
 /// A running proxy.
@@ -60,8 +64,9 @@ impl Kind {
     ];
 
     /// Every target, in the order of the table's columns.
-    pub(crate) const KNOWN: [Self; 6] = [
+    pub(crate) const KNOWN: [Self; 7] = [
         Self::Gateway,
+        Self::Observed,
         Self::Baseline,
         Self::Hand,
         Self::Hyper,
@@ -77,6 +82,7 @@ impl Kind {
             Self::Nginx => "nginx",
             Self::Haproxy => "haproxy",
             Self::Hand => "hand",
+            Self::Observed => "observed",
         }
     }
 }
@@ -96,7 +102,7 @@ impl Setup {
     /// Starts `kind` and waits until it accepts connections.
     pub(crate) fn start(&self, kind: Kind) -> io::Result<Target> {
         let target = match kind {
-            Kind::Gateway => self.start_gateway(&self.gateway, kind)?,
+            Kind::Gateway | Kind::Observed => self.start_gateway(&self.gateway, kind)?,
             Kind::Baseline => match &self.baseline {
                 Some(path) => self.start_gateway(path, kind)?,
                 None => return Err(io::Error::other("the baseline target needs --baseline")),
@@ -128,6 +134,12 @@ impl Setup {
                 cmd.args(["--listen", "127.0.0.1:0", "--eject-after", "0"])
                     .arg("--upstream")
                     .arg(self.origin.to_string());
+                if kind == Kind::Observed {
+                    cmd.args(["--admin", "127.0.0.1:0", "--access-log", "/dev/null"])
+                        .env("RUST_LOG", "info");
+                } else {
+                    cmd.args(["--tracing", "off"]);
+                }
             }
         }
         spawn_listening(cmd, program, kind)

@@ -12,9 +12,10 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::header::{self, HeaderValue};
-use http::{Response, StatusCode};
+use http::uri::Authority;
+use http::{Method, Response, StatusCode};
 
-use crate::{Body, BoxError};
+use crate::{Body, BoxError, RouteId};
 
 /// What went wrong, as far as the client and the policy layers need to know.
 ///
@@ -74,6 +75,8 @@ pub struct Error {
     source: Option<BoxError>,
     retry_after: Option<Duration>,
     challenge: Option<HeaderValue>,
+    /// The upstream endpoint the failure happened at, for the log.
+    upstream: Option<Authority>,
 }
 
 // === impl ErrorKind ===
@@ -148,6 +151,7 @@ impl Error {
             source: None,
             retry_after: None,
             challenge: None,
+            upstream: None,
         }
     }
 
@@ -171,6 +175,19 @@ impl Error {
     pub fn challenge(mut self, challenge: HeaderValue) -> Self {
         self.challenge = Some(challenge);
         self
+    }
+
+    /// Names the upstream endpoint (`host:port`) the failure happened at; the log line
+    /// says it (never the response).
+    #[must_use]
+    pub fn at_upstream(mut self, endpoint: Authority) -> Self {
+        self.upstream = Some(endpoint);
+        self
+    }
+
+    /// The upstream endpoint the failure happened at, if known.
+    pub const fn upstream(&self) -> Option<&Authority> {
+        self.upstream.as_ref()
     }
 
     /// The error's kind.
@@ -197,15 +214,21 @@ impl Error {
         match err.downcast::<Self>() {
             Ok(err) => *err,
             Err(err) => {
-                let (kind, retry_after, challenge) = match Self::find(&*err) {
-                    Some(e) => (e.kind, e.retry_after, e.challenge.clone()),
-                    None => (Self::foreign_kind(&*err), None, None),
+                let (kind, retry_after, challenge, upstream) = match Self::find(&*err) {
+                    Some(e) => (
+                        e.kind,
+                        e.retry_after,
+                        e.challenge.clone(),
+                        e.upstream.clone(),
+                    ),
+                    None => (Self::foreign_kind(&*err), None, None, None),
                 };
                 Self {
                     kind,
                     source: Some(err),
                     retry_after,
                     challenge,
+                    upstream,
                 }
             }
         }
@@ -243,15 +266,36 @@ impl Error {
     ///
     /// Call this once, where the error becomes a response.
     pub fn log(&self) {
+        self.log_for(None);
+    }
+
+    /// [`log`](Self::log)s the error with the request it answers: its method, path and
+    /// route, and the upstream endpoint when the failure happened at one.
+    ///
+    /// ```text
+    /// WARN request failed method=GET path=/api/orders route=api upstream=10.0.0.7:8080 status=502 error=upstream unreachable: ...
+    /// ```
+    pub fn log_for(&self, request: Option<(&Method, &str, Option<&RouteId>)>) {
         let status = self.kind.status().as_u16();
+        use tracing::field::display;
+        let (method, path, route) = match request {
+            Some((method, path, route)) => (
+                Some(display(method.as_str())),
+                Some(display(path)),
+                route.map(|r| display(r.as_str())),
+            ),
+            None => (None, None, None),
+        };
+        let upstream = self.upstream.as_ref().map(display);
+        macro_rules! event {
+            ($level:ident, $message:literal) => {
+                tracing::$level!(method, path, route, upstream, status, error = %Chain(self), $message)
+            };
+        }
         match self.kind {
-            ErrorKind::Internal => {
-                tracing::error!(status, error = %Chain(self), "request failed");
-            }
-            k if k.status().is_server_error() => {
-                tracing::warn!(status, error = %Chain(self), "request failed");
-            }
-            _ => tracing::debug!(status, error = %Chain(self), "request rejected"),
+            ErrorKind::Internal => event!(error, "request failed"),
+            k if k.status().is_server_error() => event!(warn, "request failed"),
+            _ => event!(debug, "request rejected"),
         }
     }
 
@@ -293,6 +337,7 @@ impl fmt::Debug for Error {
         f.debug_struct("Error")
             .field("kind", &self.kind)
             .field("source", &self.source)
+            .field("upstream", &self.upstream)
             .finish_non_exhaustive()
     }
 }

@@ -293,8 +293,8 @@ impl AccessLog {
         self.shared.queue.lost.load(Ordering::Relaxed)
     }
 
-    /// Makes the writer reopen its file after the batch it is writing (after a log
-    /// rotation moved it); a log to stdout, stderr or a writer ignores it.
+    /// Makes the writer reopen its file (after a log rotation moved it): the lines not yet
+    /// written go to the new one. A log to stdout, stderr or a writer ignores it.
     pub fn reopen(&self) {
         self.shared.queue.reopen.store(true, Ordering::Release);
         self.shared.writer.unpark();
@@ -523,6 +523,8 @@ impl Writer {
     fn run(mut self) {
         let mut batch = Vec::with_capacity(BATCH);
         loop {
+            // A reopen asked for before this batch was taken applies to it.
+            self.maybe_reopen();
             let (lines, taken, closed) = {
                 let mut state = self.queue.lock();
                 std::mem::swap(&mut state.bytes, &mut batch);
@@ -533,7 +535,6 @@ impl Writer {
             batch.clear();
             // NOTE: a burst's buffer is not kept for good.
             batch.shrink_to(BATCH);
-            self.maybe_reopen();
             self.queue.lock().done = taken;
             self.queue.written.notify_all();
             if closed {

@@ -355,8 +355,17 @@ impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for LogLines {
     }
 }
 
-#[tokio::test]
-async fn a_failed_request_is_logged_with_its_method_path_route_and_upstream() {
+/// The lines logged while `requests` are sent to a gateway of `layer` around a route `api`
+/// to a dead upstream (whose address is returned with them).
+async fn logged_failures<L, S, B>(layer: L) -> (String, std::net::SocketAddr)
+where
+    L: tower::Layer<Router, Service = S>,
+    S: Service<Request<Body>, Response = Response<B>> + Clone + Send + Sync + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<BoxError>,
+    B: http_body::Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
+{
     let dead = gateway_core::test_util::refused_addr().await;
     let lines = LogLines::default();
     let subscriber = tracing_subscriber::fmt()
@@ -371,29 +380,52 @@ async fn a_failed_request_is_logged_with_its_method_path_route_and_upstream() {
         Route::prefix("/api").id("api"),
         ReverseProxy::to(&format!("http://{dead}")).unwrap(),
     );
-    let app = ServiceBuilder::new()
-        .layer(gateway_middleware::request_span::RequestSpanLayer::new())
-        .service(router);
-    let gw = Gateway::start(app).await;
+    let gw = Gateway::start(layer.layer(router)).await;
     assert_eq!(
         status(&raw(gw.addr, &get("/api/orders?id=7", "")).await),
         502
     );
-
     let text = String::from_utf8(lines.0.lock().unwrap().clone()).unwrap();
-    let failed = text
-        .lines()
+    (text, dead)
+}
+
+fn failure_line(text: &str) -> &str {
+    text.lines()
         .find(|l| l.contains("request failed"))
-        .unwrap_or_else(|| panic!("no failure logged: {text}"));
+        .unwrap_or_else(|| panic!("no failure logged: {text}"))
+}
+
+#[tokio::test]
+async fn a_failed_request_is_logged_with_its_method_path_route_and_upstream() {
+    // Without a span: the router's line says it all.
+    let (text, dead) = logged_failures(tower::layer::util::Identity::new()).await;
+    let failed = failure_line(&text);
     assert!(
         failed.contains(&format!(
-            "request{{method=GET path=/api/orders route=api upstream={dead}}}"
+            "method=GET path=/api/orders route=api upstream={dead} status=502"
         )),
         "{failed}"
     );
-    assert!(failed.contains("status=502"), "{failed}");
     assert!(
         !failed.contains("id=7"),
         "the query stays out of logs: {failed}"
     );
+
+    // With a span, it is named too (and so is everything else logged meanwhile).
+    let spans = gateway_middleware::request_span::RequestSpanLayer::new();
+    let (text, dead) = logged_failures(spans).await;
+    let failed = failure_line(&text);
+    assert!(
+        failed.contains(&format!(
+            "request{{method=GET path=/api/orders route=api upstream={dead} status=502}}"
+        )) || failed.contains(&format!(
+            "request{{method=GET path=/api/orders route=api upstream={dead}}}"
+        )),
+        "{failed}"
+    );
+
+    // Spans for sampled traces only: none for a request without a trace.
+    let spans = gateway_middleware::request_span::RequestSpanLayer::new().sampled_only();
+    let (text, _) = logged_failures(spans).await;
+    assert!(!failure_line(&text).contains("request{"), "{text}");
 }

@@ -324,23 +324,48 @@ async fn the_token_is_required_on_every_admin_path_and_admin_is_not_public() {
             Some("Bearer wrong!"),
             Some("Bearer s3cre"),
             Some("s3cret"),
+            // admin:wrong, admin (no password), admin:s3cretX, not base64
+            Some("Basic YWRtaW46d3Jvbmc="),
+            Some("Basic YWRtaW4="),
+            Some("Basic YWRtaW46czNjcmV0WA=="),
+            Some("Basic !!!"),
         ] {
             let headers: Vec<(&str, &str)> =
                 auth.map(|a| vec![("authorization", a)]).unwrap_or_default();
             let res = fetch(observed.admin, request("GET", path, &headers)).await;
             assert_eq!(res.status(), 401, "{path} with {auth:?}");
+            // Tools send the bearer token; a browser asks for Basic credentials.
             assert_eq!(
                 res.headers()["www-authenticate"],
-                r#"Bearer realm="gateway-admin""#
+                r#"Bearer realm="gateway-admin", Basic realm="gateway-admin", charset="UTF-8""#
             );
             assert_eq!(res.headers()["content-type"], "application/problem+json");
         }
     }
     let ok = [("authorization", "Bearer s3cret")];
-    for path in ["/metrics", "/healthz", "/readyz", "/status"] {
-        let res = fetch(observed.admin, request("GET", path, &ok)).await;
-        assert_eq!(res.status(), 200, "{path}");
+    // admin:s3cret, and any user name with the token as the password.
+    let basic = [("authorization", "Basic YWRtaW46czNjcmV0")];
+    let basic_other = [("authorization", "Basic b3BzOnMzY3JldA==")];
+    for path in [
+        "/metrics",
+        "/healthz",
+        "/readyz",
+        "/status",
+        "/",
+        "/ui/status.js",
+        "/ui/status.css",
+    ] {
+        for auth in [&ok, &basic, &basic_other] {
+            let res = fetch(observed.admin, request("GET", path, auth)).await;
+            assert_eq!(res.status(), 200, "{path} {auth:?}");
+        }
     }
+    // The page keeps to itself.
+    let page = fetch(observed.admin, request("GET", "/", &ok)).await;
+    assert_eq!(page.headers()["content-type"], "text/html; charset=utf-8");
+    let policy = page.headers()["content-security-policy"].to_str().unwrap();
+    assert!(policy.contains("default-src 'none'") && policy.contains("script-src 'self'"));
+    assert_eq!(page.headers()["x-content-type-options"], "nosniff");
     let res = fetch(observed.admin, request("POST", "/metrics", &ok)).await;
     assert_eq!(res.status(), 405);
     assert_eq!(res.headers()["allow"], "GET, HEAD");

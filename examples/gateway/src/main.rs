@@ -52,7 +52,7 @@ use gateway_proxy::admin::Admin;
 use gateway_proxy::config::{
     self, AccessLogConfig, AccessLogFormat, AdminConfig, Balancer, Cidr, Config, ConfigError,
     EndpointConfig, HashOn, HealthCheckConfig, Located, MatchConfig, Outlier, Period, QueryLogging,
-    RouteConfig, ServerConfig, SpanLevel, TlsFiles, TracingConfig, UpstreamConfig, Url,
+    RouteConfig, ServerConfig, SpanLevel, SpanMode, TlsFiles, TracingConfig, UpstreamConfig, Url,
 };
 use gateway_proxy::server::Readiness;
 use tower::ServiceBuilder;
@@ -109,11 +109,11 @@ OPTIONS:
                            (reopened on SIGUSR1), or `off` (without --config; the
                            file has an `access_log:` section) [default: stdout for
                            the demo, off with --upstream]
-    --tracing on|off       a `request` span around every request (its method, path,
-                           route and upstream in every log line it causes) and W3C
-                           trace context continued or started and sent upstream
-                           (without --config: the file has a `tracing:` section)
-                           [default: on]
+    --tracing on|off       W3C trace context continued or started (10% of new
+                           traces sampled) and sent upstream, and a `request` span
+                           (method, path, route, upstream, trace id on every log
+                           line it causes) for sampled requests (without --config:
+                           the file has a `tracing:` section) [default: on]
     -h, --help             print this help
 
 Stops gracefully on Ctrl-C or SIGTERM. Logs go to stderr; set RUST_LOG to tune them.
@@ -528,9 +528,9 @@ async fn run(args: Args) -> Result<(), Failure> {
         tokio::spawn(reopen_on_sigusr1(log.clone()));
     }
     let tracing_config = gateway.tracing.clone().unwrap_or(TracingConfig {
-        spans: SpanLevel::Off,
+        spans: SpanMode::Off,
         trace_context: false,
-        sample_ratio: 1.0,
+        ..TracingConfig::default()
     });
     // Outermost first. The optional layers' answers are made `Body`s, so that the stack has
     // one type whether they are on or off (a box per request for each one that is on).
@@ -553,11 +553,10 @@ async fn run(args: Args) -> Result<(), Failure> {
                 .trace_context
                 .then(|| TraceContextLayer::new().sample_ratio(tracing_config.sample_ratio)),
         )
-        .option_layer(span_level(tracing_config.spans).map(|level| {
-            ServiceBuilder::new()
-                .map_response(boxed)
-                .layer(RequestSpanLayer::new().level(level))
-        }))
+        .option_layer(
+            request_spans(&tracing_config)
+                .map(|spans| ServiceBuilder::new().map_response(boxed).layer(spans)),
+        )
         .map_err(Into::<BoxError>::into)
         .service(app);
     let served = server.serve(stack).await;
@@ -680,15 +679,20 @@ where
     res.map(Body::new)
 }
 
-/// The request span's level, or none.
-const fn span_level(level: SpanLevel) -> Option<tracing::Level> {
-    match level {
-        SpanLevel::Off => None,
-        SpanLevel::Error => Some(tracing::Level::ERROR),
-        SpanLevel::Warn => Some(tracing::Level::WARN),
-        SpanLevel::Info => Some(tracing::Level::INFO),
-        SpanLevel::Debug => Some(tracing::Level::DEBUG),
-        SpanLevel::Trace => Some(tracing::Level::TRACE),
+/// The request spans the `tracing` section asks for, if any.
+fn request_spans(config: &TracingConfig) -> Option<RequestSpanLayer> {
+    let layer = RequestSpanLayer::new().level(match config.span_level {
+        SpanLevel::Error => tracing::Level::ERROR,
+        SpanLevel::Warn => tracing::Level::WARN,
+        SpanLevel::Info => tracing::Level::INFO,
+        SpanLevel::Debug => tracing::Level::DEBUG,
+        SpanLevel::Trace => tracing::Level::TRACE,
+    });
+    match config.spans {
+        SpanMode::Off => None,
+        // NOTE: without trace context there is no sampling decision: every request.
+        SpanMode::Sampled if config.trace_context => Some(layer.sampled_only()),
+        SpanMode::Sampled | SpanMode::All => Some(layer),
     }
 }
 

@@ -5,13 +5,15 @@
 //!
 //! | path | answer |
 //! |---|---|
+//! | `/` | the status page (HTML, with `/ui/status.css` and `/ui/status.js`): readiness, config, request rates, routes, upstreams with each endpoint's state; it refreshes itself from `/status` and `/metrics` |
 //! | `/metrics` | every metric, in the Prometheus text format (OpenMetrics when `Accept` asks) |
 //! | `/healthz` | `200 ok`: the process is alive |
 //! | `/readyz` | `200 ready` when every server serves; `503` while starting or draining |
 //! | `/status` | JSON: routes, upstreams with each endpoint's state, the config's version and reloads |
 //!
-//! With a [token](AdminBuilder::token), every path requires `Authorization: Bearer <token>`
-//! (a 401 problem response otherwise). What `/status` shows is an [`Inventory`], kept
+//! With a [token](AdminBuilder::token), every path requires `Authorization: Bearer <token>`,
+//! or Basic credentials with the token as the password (what a browser sends after asking
+//! for them); a 401 problem response otherwise. What `/status` shows is an [`Inventory`], kept
 //! current by whoever builds the gateway (the config loader does on every reload).
 //!
 //! # Example

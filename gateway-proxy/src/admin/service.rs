@@ -5,6 +5,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::UNIX_EPOCH;
 
+use base64::Engine as _;
 use bytes::Bytes;
 use gateway_core::metrics::{Format, Metrics};
 use gateway_core::{Body, Error, ErrorKind};
@@ -38,9 +39,24 @@ struct Shared {
     metrics: Metrics,
     inventory: Inventory,
     readiness: Readiness,
-    /// `Bearer <token>`, when one is required.
-    expected: Option<Vec<u8>>,
+    /// The token, when one is required.
+    token: Option<Vec<u8>>,
 }
+
+/// The status page and its assets: plain files, no build step.
+const PAGE: &str = include_str!("ui/index.html");
+const STYLE: &str = include_str!("ui/status.css");
+const SCRIPT: &str = include_str!("ui/status.js");
+
+/// What the status page may load: its own script and style, and fetches to this origin.
+const PAGE_POLICY: &str = "default-src 'none'; script-src 'self'; style-src 'self'; \
+    connect-src 'self'; img-src data:; base-uri 'none'; form-action 'none'; \
+    frame-ancestors 'none'";
+
+/// The challenge of a 401: a bearer token for tools; Basic (any user name, the token as
+/// the password) so that a browser asks for it and then sends it with the page's fetches.
+const CHALLENGE: &str =
+    r#"Bearer realm="gateway-admin", Basic realm="gateway-admin", charset="UTF-8""#;
 
 // === impl Admin ===
 
@@ -64,7 +80,7 @@ impl Admin {
 impl fmt::Debug for Admin {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Admin")
-            .field("token", &self.shared.expected.is_some())
+            .field("token", &self.shared.token.is_some())
             .finish_non_exhaustive()
     }
 }
@@ -101,7 +117,7 @@ impl AdminBuilder {
                 metrics: self.metrics,
                 inventory: self.inventory,
                 readiness: self.readiness,
-                expected: self.token.map(|t| format!("Bearer {t}").into_bytes()),
+                token: self.token.map(String::into_bytes),
             }),
         }
     }
@@ -121,11 +137,19 @@ impl Shared {
     fn answer(&self, req: &Request<Body>) -> Response<Body> {
         if !self.authorized(req) {
             return Error::new(ErrorKind::Unauthenticated)
-                .challenge(HeaderValue::from_static(r#"Bearer realm="gateway-admin""#))
+                .challenge(HeaderValue::from_static(CHALLENGE))
                 .to_response();
         }
         let path = req.uri().path();
-        if !matches!(path, "/metrics" | "/healthz" | "/readyz" | "/status") {
+        if !matches!(
+            path,
+            "/" | "/ui/status.css"
+                | "/ui/status.js"
+                | "/metrics"
+                | "/healthz"
+                | "/readyz"
+                | "/status"
+        ) {
             return Error::new(ErrorKind::NotFound).to_response();
         }
         if !matches!(*req.method(), Method::GET | Method::HEAD) {
@@ -143,6 +167,9 @@ impl Shared {
                     self.metrics.encode(format),
                 )
             }
+            "/" => page(PAGE, "text/html; charset=utf-8"),
+            "/ui/status.css" => page(STYLE, "text/css; charset=utf-8"),
+            "/ui/status.js" => page(SCRIPT, "text/javascript; charset=utf-8"),
             "/healthz" => text(StatusCode::OK, TEXT, "ok\n".into()),
             "/readyz" => {
                 if self.readiness.is_draining() {
@@ -167,22 +194,34 @@ impl Shared {
         res
     }
 
-    /// Whether the request carries the token, when one is required (compared in constant
-    /// time).
+    /// Whether the request carries the token, when one is required: `Bearer <token>`, or
+    /// `Basic` credentials with the token as the password (compared in constant time).
     fn authorized(&self, req: &Request<Body>) -> bool {
-        let Some(expected) = &self.expected else {
+        let Some(token) = &self.token else {
             return true;
         };
         let Some(given) = req.headers().get(AUTHORIZATION) else {
             return false;
         };
         let given = given.as_bytes();
-        given.len() == expected.len()
-            && given
-                .iter()
-                .zip(expected)
-                .fold(0u8, |acc, (a, b)| acc | (a ^ b))
-                == 0
+        if let Some(bearer) = given.strip_prefix(b"Bearer ") {
+            return same(bearer, token);
+        }
+        let Some(basic) = given.strip_prefix(b"Basic ") else {
+            return false;
+        };
+        // NOTE: credentials are short; a longer header is refused before decoding.
+        if basic.len() > 1024 {
+            return false;
+        }
+        let Ok(decoded) = base64::engine::general_purpose::STANDARD.decode(basic.trim_ascii())
+        else {
+            return false;
+        };
+        decoded
+            .iter()
+            .position(|&b| b == b':')
+            .is_some_and(|colon| same(&decoded[colon + 1..], token))
     }
 
     /// The `/status` document.
@@ -264,6 +303,35 @@ impl Shared {
 }
 
 const TEXT: &str = "text/plain; charset=utf-8";
+
+/// Whether `a` and `b` are equal, in time that depends on their lengths only.
+fn same(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// A file of the status page, with the headers that keep it to itself.
+fn page(body: &'static str, content_type: &'static str) -> Response<Body> {
+    let mut res = Response::new(Body::from(Bytes::from_static(body.as_bytes())));
+    let headers = res.headers_mut();
+    headers.insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
+    headers.insert(
+        http::header::CONTENT_SECURITY_POLICY,
+        HeaderValue::from_static(PAGE_POLICY),
+    );
+    headers.insert(
+        http::header::X_CONTENT_TYPE_OPTIONS,
+        HeaderValue::from_static("nosniff"),
+    );
+    headers.insert(
+        http::header::REFERRER_POLICY,
+        HeaderValue::from_static("no-referrer"),
+    );
+    headers.insert(
+        http::header::X_FRAME_OPTIONS,
+        HeaderValue::from_static("DENY"),
+    );
+    res
+}
 
 fn text(status: StatusCode, content_type: &'static str, body: String) -> Response<Body> {
     let mut res = Response::new(Body::from(Bytes::from(body)));

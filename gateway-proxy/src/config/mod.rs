@@ -50,7 +50,7 @@ pub use load::{ConfigError, Located, parse, read};
 pub use schema::{
     AccessLogConfig, AccessLogFormat, AdminConfig, Balancer, Config, EndpointConfig, HashOn,
     HealthCheckConfig, MatchConfig, Outlier, PluginConfig, QueryLogging, RedirectConfig,
-    ReplacePrefix, RespondConfig, RouteConfig, RouteTimeouts, ServerConfig, SpanLevel, TlsFiles,
-    TracingConfig, UpstreamConfig, UpstreamTls,
+    ReplacePrefix, RespondConfig, RouteConfig, RouteTimeouts, ServerConfig, SpanLevel, SpanMode,
+    TlsFiles, TracingConfig, UpstreamConfig, UpstreamTls,
 };
 pub use units::{Cidr, Url};

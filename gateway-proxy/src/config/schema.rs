@@ -132,14 +132,18 @@ pub enum QueryLogging {
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TracingConfig {
-    /// The level of the `request` span, or `off` [default: `info`].
+    /// Which requests get a `request` span: `sampled` (those whose trace is sampled),
+    /// `all`, or `off` [default: `sampled`].
     #[serde(default)]
-    pub spans: SpanLevel,
+    pub spans: SpanMode,
+    /// The level of the `request` span [default: `info`].
+    #[serde(default)]
+    pub span_level: SpanLevel,
     /// Continue the client's `traceparent` (or start a trace) and forward it upstream
     /// [default: `true`].
     #[serde(default = "TracingConfig::default_trace_context")]
     pub trace_context: bool,
-    /// The share of new traces marked sampled, from 0 to 1 [default: 1].
+    /// The share of new traces marked sampled, from 0 to 1 [default: 0.1].
     #[serde(
         default = "TracingConfig::default_sample_ratio",
         deserialize_with = "TracingConfig::read_ratio"
@@ -153,7 +157,7 @@ impl TracingConfig {
     }
 
     const fn default_sample_ratio() -> f64 {
-        1.0
+        0.1
     }
 
     fn read_ratio<'de, D: de::Deserializer<'de>>(d: D) -> Result<f64, D::Error> {
@@ -168,7 +172,8 @@ impl TracingConfig {
 impl Default for TracingConfig {
     fn default() -> Self {
         Self {
-            spans: SpanLevel::default(),
+            spans: SpanMode::default(),
+            span_level: SpanLevel::default(),
             trace_context: Self::default_trace_context(),
             sample_ratio: Self::default_sample_ratio(),
         }
@@ -178,9 +183,20 @@ impl Default for TracingConfig {
 /// `tracing.spans`.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "kebab-case")]
-pub enum SpanLevel {
+pub enum SpanMode {
     /// No request spans.
     Off,
+    /// Spans for the requests whose trace is sampled.
+    #[default]
+    Sampled,
+    /// A span for every request.
+    All,
+}
+
+/// `tracing.span_level`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum SpanLevel {
     /// At `ERROR`.
     Error,
     /// At `WARN`.

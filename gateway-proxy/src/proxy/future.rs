@@ -172,12 +172,14 @@ impl Future for ResponseFuture {
                 }
                 if let Some(timeout) = timeout.as_pin_mut() {
                     ready!(timeout.poll(cx));
+                    let mut err = Error::new(ErrorKind::GatewayTimeout);
                     if let State::Waiting { selected, .. } =
                         std::mem::replace(this.state, State::Done)
                     {
                         selected.record(Class::Failure);
+                        err = err.at_upstream(selected.endpoint().authority().clone());
                     }
-                    return Poll::Ready(Err(Error::new(ErrorKind::GatewayTimeout).into()));
+                    return Poll::Ready(Err(err.into()));
                 }
                 return Poll::Pending;
             }
@@ -205,8 +207,14 @@ impl Future for ResponseFuture {
             outcome => classify::result(outcome),
         };
         selected.record(class);
-        // The request stays in flight on its endpoint until the response body ends.
-        Poll::Ready(outcome.map(|res| res.map(|body| body.with_guard(selected))))
+        // A failure's log line names the endpoint; the request stays in flight on its
+        // endpoint until the response body ends.
+        Poll::Ready(match outcome {
+            Ok(res) => Ok(res.map(|body| body.with_guard(selected))),
+            Err(err) => Err(Error::from_box(err)
+                .at_upstream(selected.endpoint().authority().clone())
+                .into()),
+        })
     }
 }
 

@@ -43,7 +43,8 @@ pub struct ResponseFuture {
 
 enum Kind {
     Ready(Option<Response<Body>>),
-    Route(BoxFuture, Option<RouteId>),
+    /// A route's answer, with what its failure's log line says of the request.
+    Route(BoxFuture, Option<RouteId>, Method, Uri),
 }
 
 /// A route's service with its type erased. Calling it clones the service into the one boxed
@@ -286,8 +287,9 @@ impl Router {
             tracing::Span::current().record("route", tracing::field::display(id));
             req.extensions_mut().insert(id.clone());
         }
+        let (method, uri) = (req.method().clone(), req.uri().clone());
         ResponseFuture {
-            kind: Kind::Route(service.oneshot(req), id),
+            kind: Kind::Route(service.oneshot(req), id, method, uri),
         }
     }
 }
@@ -313,14 +315,15 @@ impl Future for ResponseFuture {
             Kind::Ready(res) => Poll::Ready(Ok(res
                 .take()
                 .unwrap_or_else(|| Error::new(ErrorKind::Internal).to_response()))),
-            Kind::Route(fut, id) => {
+            Kind::Route(fut, id, method, uri) => {
                 let mut res = match ready!(fut.as_mut().poll(cx)) {
                     Ok(res) => res,
                     // NOTE: answered here, not at the edge, so that the answer still names
-                    // its route (for the access log and the metrics outside).
+                    // its route (for the access log and the metrics outside), and its log
+                    // line the request.
                     Err(err) => {
                         let err = Error::from_box(err);
-                        err.log();
+                        err.log_for(Some((method, uri.path(), id.as_ref())));
                         err.to_response()
                     }
                 };

@@ -24,7 +24,8 @@
 //! | `user_agent` | the `User-Agent` |
 //! | `error` | the [`ErrorKind`] name when the gateway made the answer (`gateway_timeout`) |
 //! | `aborted` | `true` when the response did not reach its end (the client went away) |
-//! | `request_id`, `trace_id`, ... | what inner layers put in the request's [`LogFields`] |
+//! | `trace_id` | the [`TraceContext`](crate::trace_context::TraceContext) set outside (feature `trace-context`) |
+//! | `request_id`, `trace_id`, ... | what inner layers put in the request's [`LogFields`] (a request id or a trace set inside) |
 //!
 //! Strings are escaped, bytes that are not UTF-8 replaced, and the path, host, user agent
 //! and referer cut to a bounded length, so a line stays valid and bounded whatever a client
@@ -175,7 +176,9 @@ pin_project! {
     pub struct ResponseFuture<F> {
         #[pin]
         inner: F,
-        pending: Option<Pending>,
+        // NOTE: boxed: the request's details are a few hundred bytes, and futures are moved
+        // by every layer outside.
+        pending: Option<Box<Pending>>,
     }
 }
 
@@ -246,13 +249,16 @@ struct Pending {
     referer: Option<HeaderValue>,
     client: Option<IpAddr>,
     request_id: Option<RequestId>,
+    /// The trace, when a `TraceContextLayer` outside set it.
+    #[cfg(feature = "trace-context")]
+    trace: Option<crate::trace_context::TraceContext>,
     fields: LogFields,
     read: Option<Arc<AtomicU64>>,
 }
 
 /// An answered request, until its response body ends.
 struct Entry {
-    pending: Pending,
+    pending: Box<Pending>,
     status: StatusCode,
     route: Option<RouteId>,
     error: Option<ErrorKind>,
@@ -662,12 +668,17 @@ where
                 .map(ClientIp::ip)
                 .or_else(|| head.extensions.get::<ConnectInfo>().map(|c| c.peer.ip())),
             request_id: head.extensions.get::<RequestId>().cloned(),
+            #[cfg(feature = "trace-context")]
+            trace: head
+                .extensions
+                .get::<crate::trace_context::TraceContext>()
+                .copied(),
             fields,
             read,
         };
         ResponseFuture {
             inner: self.inner.call(Request::from_parts(head, body)),
-            pending: Some(pending),
+            pending: Some(Box::new(pending)),
         }
     }
 }
@@ -794,18 +805,41 @@ impl Pending {
     }
 }
 
+/// Whether `bytes` go into a JSON string as they are: printable ASCII without `"` or `\`
+/// (what nearly every field is).
+fn is_plain(bytes: &[u8]) -> bool {
+    bytes
+        .iter()
+        .all(|&b| (0x20..0x7f).contains(&b) && b != b'"' && b != b'\\')
+}
+
 /// Appends `s` as a JSON string.
 fn json_str(out: &mut Vec<u8>, s: &str) {
-    // NOTE: writing a `str` into a `Vec` cannot fail.
-    let _ = serde_json::to_writer(&mut *out, s);
+    if is_plain(s.as_bytes()) {
+        out.push(b'"');
+        out.extend_from_slice(s.as_bytes());
+        out.push(b'"');
+    } else {
+        // NOTE: writing a `str` into a `Vec` cannot fail.
+        let _ = serde_json::to_writer(&mut *out, s);
+    }
 }
 
 /// Appends `bytes`, cut to `max` bytes and with what is not UTF-8 replaced, as a JSON string.
 fn json_bytes(out: &mut Vec<u8>, bytes: &[u8], max: usize) {
-    json_str(
-        out,
-        &String::from_utf8_lossy(&bytes[..bytes.len().min(max)]),
-    );
+    let bytes = &bytes[..bytes.len().min(max)];
+    if is_plain(bytes) {
+        out.push(b'"');
+        out.extend_from_slice(bytes);
+        out.push(b'"');
+    } else {
+        json_str(out, &String::from_utf8_lossy(bytes));
+    }
+}
+
+/// Appends `n` in decimal.
+fn int(out: &mut Vec<u8>, n: impl itoa::Integer) {
+    out.extend_from_slice(itoa::Buffer::new().format(n).as_bytes());
 }
 
 fn json(out: &mut Vec<u8>, line: &Line<'_>, query: QueryLog) {
@@ -818,7 +852,9 @@ fn json(out: &mut Vec<u8>, line: &Line<'_>, query: QueryLog) {
         json_bytes(out, id.header_value().as_bytes(), MAX_HEADER);
     }
     if let Some(ip) = p.client {
-        let _ = write!(out, ",\"client_ip\":\"{ip}\"");
+        out.extend_from_slice(b",\"client_ip\":\"");
+        ip_addr(out, ip);
+        out.push(b'"');
     }
     out.extend_from_slice(b",\"method\":");
     json_bytes(out, p.method.as_str().as_bytes(), MAX_HEADER);
@@ -846,13 +882,13 @@ fn json(out: &mut Vec<u8>, line: &Line<'_>, query: QueryLog) {
             }
         }
     }
-    let _ = write!(
-        out,
-        ",\"status\":{},\"bytes_in\":{},\"bytes_out\":{},\"duration_ms\":",
-        line.status.as_u16(),
-        observe::read(p.read.as_ref()),
-        line.bytes_out,
-    );
+    out.extend_from_slice(b",\"status\":");
+    int(out, line.status.as_u16());
+    out.extend_from_slice(b",\"bytes_in\":");
+    int(out, observe::read(p.read.as_ref()));
+    out.extend_from_slice(b",\"bytes_out\":");
+    int(out, line.bytes_out);
+    out.extend_from_slice(b",\"duration_ms\":");
     millis(out, p.start.elapsed());
     if let Some(route) = line.route {
         out.extend_from_slice(b",\"route\":");
@@ -863,17 +899,26 @@ fn json(out: &mut Vec<u8>, line: &Line<'_>, query: QueryLog) {
         json_str(out, call.endpoint.as_str());
         out.extend_from_slice(b",\"upstream_ms\":");
         millis(out, call.duration);
-        let _ = write!(out, ",\"upstream_attempts\":{}", call.attempts);
+        out.extend_from_slice(b",\"upstream_attempts\":");
+        int(out, call.attempts);
     }
     if let Some(ua) = &p.user_agent {
         out.extend_from_slice(b",\"user_agent\":");
         json_bytes(out, ua.as_bytes(), MAX_HEADER);
     }
     if let Some(kind) = line.error {
-        let _ = write!(out, ",\"error\":\"{}\"", kind.name());
+        out.extend_from_slice(b",\"error\":\"");
+        out.extend_from_slice(kind.name().as_bytes());
+        out.push(b'"');
     }
     if !line.complete {
         out.extend_from_slice(b",\"aborted\":true");
+    }
+    #[cfg(feature = "trace-context")]
+    if let Some(trace) = &p.trace {
+        out.extend_from_slice(b",\"trace_id\":\"");
+        trace.write_trace_id(out);
+        out.push(b'"');
     }
     p.fields.for_each(|name, value| {
         out.push(b',');
@@ -881,12 +926,8 @@ fn json(out: &mut Vec<u8>, line: &Line<'_>, query: QueryLog) {
         out.push(b':');
         match value {
             LogValue::Str(s) => json_bytes(out, s.as_bytes(), MAX_HEADER),
-            LogValue::Uint(n) => {
-                let _ = write!(out, "{n}");
-            }
-            LogValue::Bool(b) => {
-                let _ = write!(out, "{b}");
-            }
+            LogValue::Uint(n) => int(out, *n),
+            LogValue::Bool(b) => out.extend_from_slice(if *b { b"true" } else { b"false" }),
         }
     });
     out.push(b'}');
@@ -896,9 +937,7 @@ fn json(out: &mut Vec<u8>, line: &Line<'_>, query: QueryLog) {
 fn combined(out: &mut Vec<u8>, line: &Line<'_>, query: QueryLog) {
     let p = line.pending;
     match p.client {
-        Some(ip) => {
-            let _ = write!(out, "{ip}");
-        }
+        Some(ip) => ip_addr(out, ip),
         None => out.push(b'-'),
     }
     out.extend_from_slice(b" - ");
@@ -931,11 +970,15 @@ fn combined(out: &mut Vec<u8>, line: &Line<'_>, query: QueryLog) {
             }
         }
     }
-    let _ = write!(out, " {:?}\" {} ", p.version, line.status.as_u16());
+    out.push(b' ');
+    out.extend_from_slice(version(p.version).as_bytes());
+    out.extend_from_slice(b"\" ");
+    int(out, line.status.as_u16());
+    out.push(b' ');
     if line.bytes_out == 0 {
         out.push(b'-');
     } else {
-        let _ = write!(out, "{}", line.bytes_out);
+        int(out, line.bytes_out);
     }
     for value in [&p.referer, &p.user_agent] {
         out.extend_from_slice(b" \"");
@@ -952,7 +995,13 @@ fn combined(out: &mut Vec<u8>, line: &Line<'_>, query: QueryLog) {
 fn clf_str(out: &mut Vec<u8>, bytes: &[u8], max: usize) {
     for &b in &bytes[..bytes.len().min(max)] {
         if b == b'"' || b == b'\\' || !(0x20..0x7f).contains(&b) {
-            let _ = write!(out, "\\x{b:02X}");
+            const HEX: &[u8; 16] = b"0123456789ABCDEF";
+            out.extend_from_slice(&[
+                b'\\',
+                b'x',
+                HEX[usize::from(b >> 4)],
+                HEX[usize::from(b & 0xf)],
+            ]);
         } else {
             out.push(b);
         }
@@ -990,8 +1039,48 @@ fn floor_char_boundary(s: &str, max: usize) -> usize {
 
 /// Appends `d` in milliseconds with three decimals: `12.345`.
 fn millis(out: &mut Vec<u8>, d: Duration) {
-    let micros = d.as_micros();
-    let _ = write!(out, "{}.{:03}", micros / 1000, micros % 1000);
+    let micros = u64::try_from(d.as_micros()).unwrap_or(u64::MAX);
+    int(out, micros / 1000);
+    out.push(b'.');
+    digits(out, micros % 1000, 3);
+}
+
+/// Appends `n` as exactly `width` decimal digits (zero-padded; higher digits dropped).
+fn digits(out: &mut Vec<u8>, mut n: u64, width: usize) {
+    let start = out.len();
+    out.resize(start + width, b'0');
+    for slot in out[start..].iter_mut().rev() {
+        // NOTE: `n % 10` is a digit.
+        *slot = b'0' + (n % 10) as u8;
+        n /= 10;
+    }
+}
+
+/// An IP address as text, without `fmt`'s machinery for the common IPv4 case.
+fn ip_addr(out: &mut Vec<u8>, ip: IpAddr) {
+    match ip {
+        IpAddr::V4(v4) => {
+            for (i, octet) in v4.octets().into_iter().enumerate() {
+                if i > 0 {
+                    out.push(b'.');
+                }
+                int(out, octet);
+            }
+        }
+        IpAddr::V6(v6) => {
+            let _ = write!(out, "{v6}");
+        }
+    }
+}
+
+const fn version(v: Version) -> &'static str {
+    match v {
+        Version::HTTP_09 => "HTTP/0.9",
+        Version::HTTP_10 => "HTTP/1.0",
+        Version::HTTP_2 => "HTTP/2.0",
+        Version::HTTP_3 => "HTTP/3.0",
+        _ => "HTTP/1.1",
+    }
 }
 
 /// The civil date and time of `t` in UTC: (year, month, day, hour, minute, second, millis).
@@ -1025,10 +1114,31 @@ fn civil(t: SystemTime) -> (i64, u32, u32, u32, u32, u32, u32) {
     )
 }
 
-/// `2026-12-07T05:23:46.123Z`.
+/// `2026-12-07T05:23:46.123Z`: the date and time formatted once a second per thread, the
+/// milliseconds every time.
 fn rfc3339(out: &mut Vec<u8>, t: SystemTime) {
-    let (y, mo, d, h, mi, s, ms) = civil(t);
-    let _ = write!(out, "{y:04}-{mo:02}-{d:02}T{h:02}:{mi:02}:{s:02}.{ms:03}Z");
+    thread_local! {
+        static SECOND: RefCell<(u64, Vec<u8>)> = const { RefCell::new((u64::MAX, Vec::new())) };
+    }
+    let since = t.duration_since(UNIX_EPOCH).unwrap_or_default();
+    SECOND.with_borrow_mut(|(at, text)| {
+        if *at != since.as_secs() {
+            let (y, mo, d, h, mi, s, _) = civil(t);
+            text.clear();
+            digits(text, y.unsigned_abs(), 4);
+            text.push(b'-');
+            for (n, sep) in [(mo, b'-'), (d, b'T'), (h, b':'), (mi, b':'), (s, b'.')] {
+                digits(text, n.into(), 2);
+                text.push(sep);
+            }
+            text.pop();
+            *at = since.as_secs();
+        }
+        out.extend_from_slice(text);
+    });
+    out.push(b'.');
+    digits(out, since.subsec_millis().into(), 3);
+    out.push(b'Z');
 }
 
 /// `07/Dec/2026:05:23:46 +0000`.
@@ -1037,8 +1147,16 @@ fn clf_time(out: &mut Vec<u8>, t: SystemTime) {
         "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
     ];
     let (y, mo, d, h, mi, s, _) = civil(t);
-    let month = MONTHS[(mo as usize).saturating_sub(1) % 12];
-    let _ = write!(out, "{d:02}/{month}/{y:04}:{h:02}:{mi:02}:{s:02} +0000");
+    digits(out, d.into(), 2);
+    out.push(b'/');
+    out.extend_from_slice(MONTHS[(mo as usize).saturating_sub(1) % 12].as_bytes());
+    out.push(b'/');
+    digits(out, y.unsigned_abs(), 4);
+    for n in [h, mi, s] {
+        out.push(b':');
+        digits(out, n.into(), 2);
+    }
+    out.extend_from_slice(b" +0000");
 }
 
 #[cfg(test)]

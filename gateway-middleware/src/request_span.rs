@@ -14,8 +14,8 @@
 //! A failed request's log line then reads
 //! `WARN request{method=GET path=/api/x route=api upstream=10.0.0.7:8080}: request failed
 //! status=502 error=...`. The span is entered while the inner service's future and the
-//! response body are polled (tower-http's [`Trace`] does the work; its own events are off,
-//! since the access log already has one line per request).
+//! response body are polled. The layer logs no events of its own: the access log has one
+//! line per request.
 //!
 //! The span's level is `INFO` by default: a subscriber that filters `INFO` out creates no
 //! span and pays nothing for it.
@@ -24,7 +24,7 @@
 //! rest of the observing layers together), so [`sampled_only`](RequestSpanLayer::sampled_only)
 //! makes one only for requests whose trace is sampled (a [`TraceContext`] set outside says
 //! so), the way tracing systems record spans: with a sample ratio of 0.1, a tenth of the
-//! requests pay for one. A failed request's log line names its method, path, route and
+//! requests pay for one, and the others pass through untouched (no clock read, no entering). A failed request's log line names its method, path, route and
 //! upstream either way ([`gateway_core::Error::log_for`]).
 //!
 //! [`TraceContext`]: crate::trace_context::TraceContext
@@ -47,16 +47,21 @@
 //! # }
 //! ```
 
-use std::time::Duration;
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll, ready};
 
 use http::{Request, Response};
-use tower::Layer;
-use tower_http::classify::{ServerErrorsAsFailures, SharedClassifier};
-use tower_http::trace::{MakeSpan, OnResponse, Trace, TraceLayer};
+use http_body::{Frame, SizeHint};
+use pin_project_lite::pin_project;
+use tower::{Layer, Service};
 use tracing::field::Empty;
 use tracing::{Level, Span};
 
-/// Puts every request in a `request` span; see the [module docs](self).
+use crate::trace_context::TraceContext;
+
+/// Puts requests in a `request` span; see the [module docs](self).
 #[derive(Clone, Copy, Debug)]
 #[must_use]
 pub struct RequestSpanLayer {
@@ -64,29 +69,31 @@ pub struct RequestSpanLayer {
     sampled_only: bool,
 }
 
-/// The service of [`RequestSpanLayer`]: tower-http's [`Trace`] with the span and the
-/// status recording of this module, and no events of its own.
-pub type RequestSpan<S> = Trace<
-    S,
-    SharedClassifier<ServerErrorsAsFailures>,
-    MakeRequestSpan,
-    (),
-    RecordStatus,
-    (),
-    (),
-    (),
->;
-
-/// Makes the `request` span of a request.
-#[derive(Clone, Copy, Debug)]
-pub struct MakeRequestSpan {
+/// The service of [`RequestSpanLayer`].
+#[derive(Clone, Debug)]
+pub struct RequestSpan<S> {
+    inner: S,
     level: Level,
     sampled_only: bool,
 }
 
-/// Records the response's status in the span.
-#[derive(Clone, Copy, Debug, Default)]
-pub struct RecordStatus;
+pin_project! {
+    /// Response future of [`RequestSpan`]: polled inside the span, when there is one.
+    pub struct ResponseFuture<F> {
+        #[pin]
+        inner: F,
+        span: Option<Span>,
+    }
+}
+
+pin_project! {
+    /// Response body of [`RequestSpan`]: polled inside the span, when there is one.
+    pub struct ResponseBody<B> {
+        #[pin]
+        inner: B,
+        span: Option<Span>,
+    }
+}
 
 // === impl RequestSpanLayer ===
 
@@ -105,16 +112,15 @@ impl RequestSpanLayer {
         }
     }
 
-    /// A span only for requests whose [`TraceContext`](crate::trace_context::TraceContext)
-    /// (set by a `TraceContextLayer` outside) is sampled; none for the others, nor for a
-    /// request without one.
+    /// A span only for requests whose [`TraceContext`] (set by a `TraceContextLayer`
+    /// outside) is sampled; none for the others, nor for a request without one.
     pub const fn sampled_only(mut self) -> Self {
         self.sampled_only = true;
         self
     }
 
-    /// Spans at `level`: at `WARN`, a subscriber that shows warnings only still gives them
-    /// their request's fields (at the cost of a span per request).
+    /// Spans at `level`: at `WARN`, a subscriber that shows warnings only still makes
+    /// them.
     pub const fn level(mut self, level: Level) -> Self {
         self.level = level;
         self
@@ -125,27 +131,45 @@ impl<S> Layer<S> for RequestSpanLayer {
     type Service = RequestSpan<S>;
 
     fn layer(&self, inner: S) -> RequestSpan<S> {
-        TraceLayer::new_for_http()
-            .make_span_with(MakeRequestSpan {
-                level: self.level,
-                sampled_only: self.sampled_only,
-            })
-            .on_request(())
-            .on_response(RecordStatus)
-            .on_body_chunk(())
-            .on_eos(())
-            .on_failure(())
-            .layer(inner)
+        RequestSpan {
+            inner,
+            level: self.level,
+            sampled_only: self.sampled_only,
+        }
     }
 }
 
-// === impl MakeRequestSpan ===
+// === impl RequestSpan ===
 
-impl<B> MakeSpan<B> for MakeRequestSpan {
-    fn make_span(&mut self, req: &Request<B>) -> Span {
-        let trace = req.extensions().get::<crate::trace_context::TraceContext>();
-        if self.sampled_only && !trace.is_some_and(|t| t.is_sampled()) {
-            return Span::none();
+impl<S, B, ResB> Service<Request<B>> for RequestSpan<S>
+where
+    S: Service<Request<B>, Response = Response<ResB>>,
+{
+    type Response = Response<ResponseBody<ResB>>;
+    type Error = S::Error;
+    type Future = ResponseFuture<S::Future>;
+
+    #[inline]
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: Request<B>) -> Self::Future {
+        let span = self.span(&req);
+        let inner = match &span {
+            Some(span) => span.in_scope(|| self.inner.call(req)),
+            None => self.inner.call(req),
+        };
+        ResponseFuture { inner, span }
+    }
+}
+
+impl<S> RequestSpan<S> {
+    /// The request's span, unless it gets none.
+    fn span<B>(&self, req: &Request<B>) -> Option<Span> {
+        let trace = req.extensions().get::<TraceContext>();
+        if self.sampled_only && !trace.is_some_and(TraceContext::is_sampled) {
+            return None;
         }
         macro_rules! span {
             ($level:expr) => {
@@ -168,19 +192,75 @@ impl<B> MakeSpan<B> for MakeRequestSpan {
             Level::DEBUG => span!(Level::DEBUG),
             _ => span!(Level::TRACE),
         };
-        if !span.is_disabled()
-            && let Some(trace) = trace
-        {
+        if span.is_disabled() {
+            return None;
+        }
+        if let Some(trace) = trace {
             span.record("trace_id", tracing::field::display(trace.trace_id()));
         }
-        span
+        Some(span)
     }
 }
 
-// === impl RecordStatus ===
+// === impl ResponseFuture ===
 
-impl<B> OnResponse<B> for RecordStatus {
-    fn on_response(self, res: &Response<B>, _latency: Duration, span: &Span) {
-        span.record("status", res.status().as_u16());
+impl<F, ResB, E> Future for ResponseFuture<F>
+where
+    F: Future<Output = Result<Response<ResB>, E>>,
+{
+    type Output = Result<Response<ResponseBody<ResB>>, E>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        let res = {
+            let _entered = this.span.as_ref().map(Span::enter);
+            ready!(this.inner.poll(cx))?
+        };
+        let span = this.span.take();
+        if let Some(span) = &span {
+            span.record("status", res.status().as_u16());
+        }
+        Poll::Ready(Ok(res.map(|inner| ResponseBody { inner, span })))
+    }
+}
+
+impl<F> fmt::Debug for ResponseFuture<F> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ResponseFuture")
+            .field("span", &self.span)
+            .finish_non_exhaustive()
+    }
+}
+
+// === impl ResponseBody ===
+
+impl<B: http_body::Body> http_body::Body for ResponseBody<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    #[inline]
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<B::Data>, B::Error>>> {
+        let this = self.project();
+        let _entered = this.span.as_ref().map(Span::enter);
+        this.inner.poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl<B> fmt::Debug for ResponseBody<B> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ResponseBody")
+            .field("span", &self.span)
+            .finish_non_exhaustive()
     }
 }

@@ -209,6 +209,13 @@ impl TraceContext {
         hex(&self.trace_id)
     }
 
+    /// Appends the trace id's 32 lowercase hex digits to `out`, without allocating.
+    pub fn write_trace_id(&self, out: &mut Vec<u8>) {
+        let start = out.len();
+        out.resize(start + 32, 0);
+        crate::hex::write(&mut out[start..], &self.trace_id);
+    }
+
     /// The gateway's span id (the upstream's parent), 16 lowercase hex digits.
     pub fn span_id(&self) -> String {
         hex(&self.span_id)
@@ -320,18 +327,27 @@ fn state_is_sane(headers: &HeaderMap) -> bool {
     bytes <= MAX_STATE_BYTES && members <= MAX_STATE_MEMBERS
 }
 
-/// 64 random bits: SipHash, keyed once per thread from the OS's randomness, of a counter.
+/// 64 random bits: wyrand, seeded once per thread from the OS's randomness (through
+/// `RandomState`). Trace ids must be unique and unguessable enough not to collide, not
+/// secret; a SipHash per id cost more than the rest of the layer.
 fn random() -> u64 {
     thread_local! {
-        static STATE: (std::hash::RandomState, Cell<u64>) =
-            (std::hash::RandomState::new(), Cell::new(0));
+        static STATE: Cell<u64> = Cell::new({
+            let mut hasher = std::hash::RandomState::new().build_hasher();
+            hasher.write_u64(0x9e37_79b9_7f4a_7c15);
+            hasher.finish()
+        });
     }
-    STATE.with(|(keys, counter)| {
-        let n = counter.get().wrapping_add(1);
-        counter.set(n);
-        let mut hasher = keys.build_hasher();
-        hasher.write_u64(n);
-        hasher.finish()
+    STATE.with(|state| {
+        let s = state.get().wrapping_add(0xa076_1d64_78bd_642f);
+        state.set(s);
+        let t = u128::from(s) * u128::from(s ^ 0xe703_7ed1_a0b4_28db);
+        #[expect(
+            clippy::cast_possible_truncation,
+            reason = "wyrand folds 128 bits to 64"
+        )]
+        let folded = (t as u64) ^ ((t >> 64) as u64);
+        folded
     })
 }
 

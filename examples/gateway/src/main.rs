@@ -31,6 +31,7 @@
 //! ```
 
 mod demo;
+mod optional;
 
 use std::collections::BTreeMap;
 use std::ffi::OsString;
@@ -39,10 +40,10 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
+use gateway_core::RescueLayer;
 use gateway_core::client_ip::SetClientIpLayer;
 use gateway_core::metrics::Metrics;
 use gateway_core::registry::Registry;
-use gateway_core::{Body, BoxError, RescueLayer};
 use gateway_middleware::access_log::{AccessLog, AccessLogLayer, LogFormat, QueryLog};
 use gateway_middleware::metrics::HttpMetricsLayer;
 use gateway_middleware::request_span::RequestSpanLayer;
@@ -55,6 +56,7 @@ use gateway_proxy::config::{
     RouteConfig, ServerConfig, SpanLevel, SpanMode, TlsFiles, TracingConfig, UpstreamConfig, Url,
 };
 use gateway_proxy::server::Readiness;
+use optional::Optional;
 use tower::ServiceBuilder;
 use tower::util::Either;
 
@@ -532,32 +534,22 @@ async fn run(args: Args) -> Result<(), Failure> {
         trace_context: false,
         ..TracingConfig::default()
     });
-    // Outermost first. The optional layers' answers are made `Body`s, so that the stack has
-    // one type whether they are on or off (a box per request for each one that is on).
+    // Outermost first; a layer the config leaves out is not in the way (`Optional`).
     let stack = ServiceBuilder::new()
         // Request metrics when there is an admin listener to serve them.
-        .option_layer(admin_task.is_some().then(|| {
-            ServiceBuilder::new()
-                .map_response(boxed)
-                .layer(HttpMetricsLayer::new(&metrics))
-        }))
+        .layer(Optional::new(
+            admin_task
+                .is_some()
+                .then(|| HttpMetricsLayer::new(&metrics)),
+        ))
         .layer(RescueLayer::new())
         .layer(SetClientIpLayer::new(gateway.trusted.clone()))
-        .option_layer(access_log.as_ref().map(|log| {
-            ServiceBuilder::new()
-                .map_response(boxed)
-                .layer(AccessLogLayer::new(log))
-        }))
-        .option_layer(
-            tracing_config
-                .trace_context
-                .then(|| TraceContextLayer::new().sample_ratio(tracing_config.sample_ratio)),
-        )
-        .option_layer(
-            request_spans(&tracing_config)
-                .map(|spans| ServiceBuilder::new().map_response(boxed).layer(spans)),
-        )
-        .map_err(Into::<BoxError>::into)
+        // Trace context outside the access log, which reads the trace id from it.
+        .layer(Optional::new(tracing_config.trace_context.then(|| {
+            TraceContextLayer::new().sample_ratio(tracing_config.sample_ratio)
+        })))
+        .layer(Optional::new(access_log.as_ref().map(AccessLogLayer::new)))
+        .layer(Optional::new(request_spans(&tracing_config)))
         .service(app);
     let served = server.serve(stack).await;
     drop(stop_admin);
@@ -668,15 +660,6 @@ async fn reopen_on_sigusr1(log: AccessLog) {
     }
     #[cfg(not(unix))]
     drop(log);
-}
-
-/// A response with its body as a [`Body`].
-fn boxed<B>(res: http::Response<B>) -> http::Response<Body>
-where
-    B: http_body::Body<Data = bytes::Bytes> + Send + 'static,
-    B::Error: Into<BoxError>,
-{
-    res.map(Body::new)
 }
 
 /// The request spans the `tracing` section asks for, if any.

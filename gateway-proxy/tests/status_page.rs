@@ -1,0 +1,283 @@
+//! The admin status page in a real headless Chromium (Debian's `chromium` and
+//! `chromium-driver`, driven over WebDriver with fantoccini): it loads without console
+//! errors and shows a route, a healthy endpoint and an ejected one as such.
+//!
+//! Without a chromedriver on the machine the test says so and passes, except under CI
+//! (`CI` set), where `.ci/run` installs one and its absence fails the test.
+//! `GATEWAY_SCREENSHOT=docs/status-page.png` saves what the browser showed.
+#![expect(clippy::unwrap_used, reason = "tests")]
+
+mod support;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use fantoccini::wd::WebDriverCompatibleCommand;
+use fantoccini::{Client, ClientBuilder, Locator};
+use gateway_core::metrics::Metrics;
+use gateway_core::test_util::{TestUpstream, refused_addr};
+use gateway_middleware::metrics::HttpMetricsLayer;
+use gateway_proxy::admin::{Admin, Inventory, RouteInfo};
+use gateway_proxy::server::Readiness;
+use gateway_proxy::upstream::{OutlierDetection, RoundRobin};
+use gateway_proxy::{ReverseProxy, Route, Router, Server, Upstream};
+use serde_json::{Value, json};
+use support::{Gateway, fetch, request};
+use tower::ServiceBuilder;
+
+/// `chromedriver`, where Debian puts it, or on the `PATH`.
+fn chromedriver() -> Option<PathBuf> {
+    let on_path = std::env::var_os("PATH")
+        .map(|paths| {
+            std::env::split_paths(&paths)
+                .map(|dir| dir.join("chromedriver"))
+                .collect::<Vec<_>>()
+        })
+        .unwrap_or_default();
+    ["/usr/bin/chromedriver", "/usr/lib/chromium/chromedriver"]
+        .into_iter()
+        .map(PathBuf::from)
+        .chain(on_path)
+        .find(|p| p.is_file())
+}
+
+/// A chromedriver on a free port, stopped when dropped.
+struct Driver {
+    child: Child,
+    port: u16,
+}
+
+impl Driver {
+    async fn start(path: &PathBuf) -> Self {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let child = Command::new(path)
+            .arg(format!("--port={port}"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let driver = Self { child, port };
+        support::within("chromedriver listening", async {
+            while tokio::net::TcpStream::connect(("127.0.0.1", port))
+                .await
+                .is_err()
+            {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        })
+        .await;
+        driver
+    }
+}
+
+impl Drop for Driver {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Chromium's console, through chromedriver's log endpoint (`goog:loggingPrefs`).
+#[derive(Debug)]
+struct BrowserLog;
+
+impl WebDriverCompatibleCommand for BrowserLog {
+    fn endpoint(
+        &self,
+        base_url: &url::Url,
+        session_id: Option<&str>,
+    ) -> Result<url::Url, url::ParseError> {
+        base_url.join(&format!(
+            "session/{}/se/log",
+            session_id.unwrap_or_default()
+        ))
+    }
+
+    fn method_and_body(&self, _: &url::Url) -> (http::Method, Option<String>) {
+        (http::Method::POST, Some(r#"{"type":"browser"}"#.to_owned()))
+    }
+}
+
+async fn browser(driver: &Driver) -> Client {
+    let mut caps = serde_json::Map::new();
+    let mut args = vec![
+        "--headless=new",
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        "--window-size=1280,900",
+        "--force-device-scale-factor=1",
+    ];
+    // NOTE: root (CI containers) cannot use Chromium's sandbox.
+    if std::env::var("USER").as_deref() == Ok("root") || is_root() {
+        args.push("--no-sandbox");
+    }
+    let mut options = json!({ "args": args });
+    if std::path::Path::new("/usr/bin/chromium").is_file() {
+        options["binary"] = json!("/usr/bin/chromium");
+    }
+    caps.insert("goog:chromeOptions".into(), options);
+    caps.insert("goog:loggingPrefs".into(), json!({ "browser": "ALL" }));
+    ClientBuilder::new(hyper_util::client::legacy::connect::HttpConnector::new())
+        .capabilities(caps)
+        .connect(&format!("http://127.0.0.1:{}", driver.port))
+        .await
+        .unwrap()
+}
+
+fn is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("Uid:"))
+                .map(|l| l.split_whitespace().nth(1) == Some("0"))
+        })
+        .unwrap_or(false)
+}
+
+/// A gateway with one route over a live endpoint and a dead one (ejected after one
+/// failure), its admin listener, and the two endpoints' URLs.
+async fn gateway_with_an_ejected_endpoint() -> (Gateway, SocketAddr, String, String, TestUpstream) {
+    let live = TestUpstream::echo().await;
+    let dead = refused_addr().await;
+    let upstream = Upstream::builder(
+        [
+            live.url().parse().unwrap(),
+            format!("http://{dead}").parse().unwrap(),
+        ],
+        RoundRobin::default(),
+    )
+    .outlier_detection(OutlierDetection::new(1).max_ejected_percent(50))
+    .build();
+    let router = Router::new().route(
+        Route::prefix("/").id("all"),
+        ReverseProxy::new(upstream.clone()),
+    );
+    let inventory = Inventory::new();
+    inventory.set_upstreams([("backend", upstream)]);
+    inventory.set_routes(vec![
+        RouteInfo::new("all", "/*", "proxy to backend").upstream("backend"),
+    ]);
+    let metrics = Metrics::new();
+    inventory.register(&metrics);
+    let readiness = Readiness::new();
+    let app = ServiceBuilder::new()
+        .layer(HttpMetricsLayer::new(&metrics))
+        .service(router);
+    let gateway = Gateway::start_with(app, gateway_core::client_ip::TrustedProxies::none(), |s| {
+        s.metrics(&metrics).readiness(&readiness)
+    })
+    .await;
+    let admin = Server::from_listener(gateway_core::test_util::bind().await);
+    let admin_addr = admin.local_addr().unwrap();
+    tokio::spawn(admin.serve(Admin::builder(&metrics, &inventory, &readiness).build()));
+    for _ in 0..4 {
+        fetch(gateway.addr, request("GET", "/x", &[])).await;
+    }
+    let live_url = format!("http://{}", live.url().trim_start_matches("http://"));
+    (
+        gateway,
+        admin_addr,
+        live_url,
+        format!("http://{dead}"),
+        live,
+    )
+}
+
+async fn state_of(client: &Client, endpoint: &str) -> (Option<String>, String) {
+    let row = client
+        .find(Locator::Css(&format!("tr[data-endpoint=\"{endpoint}\"]")))
+        .await
+        .unwrap();
+    let state = row.attr("data-state").await.unwrap();
+    let badge = row
+        .find(Locator::Css(".badge"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    (state, badge)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_status_page_shows_routes_and_endpoint_states_without_console_errors() {
+    let Some(path) = chromedriver() else {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "CI must have chromedriver: .ci/run installs chromium and chromium-driver"
+        );
+        eprintln!("skipped: no chromedriver (apt-get install chromium chromium-driver)");
+        return;
+    };
+    let (gateway, admin, live, dead, _upstream) = gateway_with_an_ejected_endpoint().await;
+    let driver = Driver::start(&path).await;
+    let client = browser(&driver).await;
+
+    client.goto(&format!("http://{admin}/")).await.unwrap();
+    client
+        .wait()
+        .at_most(Duration::from_secs(10))
+        .for_element(Locator::Css("body[data-loaded=\"true\"]"))
+        .await
+        .unwrap();
+    assert_eq!(client.title().await.unwrap(), "gateway · status");
+
+    let route = client
+        .find(Locator::Css("tr[data-route=\"all\"]"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        route.contains("all") && route.contains("backend"),
+        "{route}"
+    );
+    assert_eq!(
+        state_of(&client, &live).await,
+        (Some("healthy".to_owned()), "healthy".to_owned())
+    );
+    assert_eq!(
+        state_of(&client, &dead).await,
+        (Some("ejected".to_owned()), "ejected".to_owned())
+    );
+    let readiness = client
+        .find(Locator::Id("readiness"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert_eq!(readiness, "ready");
+
+    if let Some(shot) = std::env::var_os("GATEWAY_SCREENSHOT") {
+        // Traffic for the rates, over two refreshes.
+        let addr = gateway.addr;
+        let traffic = tokio::spawn(async move {
+            loop {
+                fetch(addr, request("GET", "/orders", &[])).await;
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        });
+        tokio::time::sleep(Duration::from_millis(4500)).await;
+        traffic.abort();
+        std::fs::write(shot, client.screenshot().await.unwrap()).unwrap();
+    }
+
+    let log = client.issue_cmd(BrowserLog).await.unwrap();
+    let problems: Vec<&Value> = log
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|entry| entry["level"] != "INFO" && entry["level"] != "DEBUG")
+        .collect();
+    assert!(problems.is_empty(), "console: {problems:#?}");
+    client.close().await.unwrap();
+}

@@ -8,54 +8,13 @@ use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use gateway_core::metrics::Metrics;
 use gateway_core::test_util::{TestUpstream, refused_addr};
-use gateway_middleware::metrics::HttpMetricsLayer;
-use gateway_proxy::admin::{Admin, Inventory, RouteInfo};
+use gateway_proxy::admin::{Inventory, RouteInfo};
 use gateway_proxy::server::Readiness;
 use gateway_proxy::upstream::OutlierDetection;
-use gateway_proxy::{ReverseProxy, Route, Router, Server, Upstream};
+use gateway_proxy::{ReverseProxy, Route, Router, Upstream};
 use prometheus_parse::{Scrape, Value};
-use support::{Gateway, eventually, fetch, request, within};
-use tokio::sync::oneshot;
-use tower::ServiceBuilder;
-
-/// A gateway with metrics at the edge, and its admin listener.
-struct Observed {
-    gateway: Gateway,
-    admin: SocketAddr,
-    readiness: Readiness,
-    _stop_admin: oneshot::Sender<()>,
-}
-
-async fn observed(router: Router, inventory: &Inventory, token: Option<&str>) -> Observed {
-    let metrics = Metrics::new();
-    inventory.register(&metrics);
-    let readiness = Readiness::new();
-    let app = ServiceBuilder::new()
-        .layer(HttpMetricsLayer::new(&metrics))
-        .service(router);
-    let gateway = Gateway::start_with(app, gateway_core::client_ip::TrustedProxies::none(), |s| {
-        s.metrics(&metrics).readiness(&readiness)
-    })
-    .await;
-    let mut admin = Admin::builder(&metrics, inventory, &readiness);
-    if let Some(token) = token {
-        admin = admin.token(token);
-    }
-    let server = Server::from_listener(gateway_core::test_util::bind().await);
-    let admin_addr = server.local_addr().unwrap();
-    let (stop, stopped) = oneshot::channel::<()>();
-    tokio::spawn(server.serve_with_shutdown(admin.build(), async {
-        let _ = stopped.await;
-    }));
-    Observed {
-        gateway,
-        admin: admin_addr,
-        readiness,
-        _stop_admin: stop,
-    }
-}
+use support::{eventually, fetch, observed, request, within};
 
 /// Every sample of a scrape, by metric name and sorted labels.
 #[derive(Debug)]

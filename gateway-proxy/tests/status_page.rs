@@ -9,23 +9,18 @@
 
 mod support;
 
-use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use fantoccini::wd::WebDriverCompatibleCommand;
 use fantoccini::{Client, ClientBuilder, Locator};
-use gateway_core::metrics::Metrics;
 use gateway_core::test_util::{TestUpstream, refused_addr};
-use gateway_middleware::metrics::HttpMetricsLayer;
-use gateway_proxy::admin::{Admin, Inventory, RouteInfo};
-use gateway_proxy::server::Readiness;
+use gateway_proxy::admin::{Inventory, RouteInfo};
 use gateway_proxy::upstream::{OutlierDetection, RoundRobin};
-use gateway_proxy::{ReverseProxy, Route, Router, Server, Upstream};
+use gateway_proxy::{ReverseProxy, Route, Router, Upstream};
 use serde_json::{Value, json};
-use support::{Gateway, fetch, request};
-use tower::ServiceBuilder;
+use support::{Observed, fetch, request};
 
 /// `chromedriver`, where Debian puts it, or on the `PATH`.
 fn chromedriver() -> Option<PathBuf> {
@@ -142,8 +137,8 @@ fn is_root() -> bool {
 }
 
 /// A gateway with one route over a live endpoint and a dead one (ejected after one
-/// failure), its admin listener, and the two endpoints' URLs.
-async fn gateway_with_an_ejected_endpoint() -> (Gateway, SocketAddr, String, String, TestUpstream) {
+/// failure) and its admin listener, the two endpoints' URLs, and the live upstream.
+async fn gateway_with_an_ejected_endpoint() -> (Observed, String, String, TestUpstream) {
     let live = TestUpstream::echo().await;
     let dead = refused_addr().await;
     let upstream = Upstream::builder(
@@ -164,30 +159,12 @@ async fn gateway_with_an_ejected_endpoint() -> (Gateway, SocketAddr, String, Str
     inventory.set_routes(vec![
         RouteInfo::new("all", "/*", "proxy to backend").upstream("backend"),
     ]);
-    let metrics = Metrics::new();
-    inventory.register(&metrics);
-    let readiness = Readiness::new();
-    let app = ServiceBuilder::new()
-        .layer(HttpMetricsLayer::new(&metrics))
-        .service(router);
-    let gateway = Gateway::start_with(app, gateway_core::client_ip::TrustedProxies::none(), |s| {
-        s.metrics(&metrics).readiness(&readiness)
-    })
-    .await;
-    let admin = Server::from_listener(gateway_core::test_util::bind().await);
-    let admin_addr = admin.local_addr().unwrap();
-    tokio::spawn(admin.serve(Admin::builder(&metrics, &inventory, &readiness).build()));
+    let observed = support::observed(router, &inventory, None).await;
     for _ in 0..4 {
-        fetch(gateway.addr, request("GET", "/x", &[])).await;
+        fetch(observed.gateway.addr, request("GET", "/x", &[])).await;
     }
     let live_url = format!("http://{}", live.url().trim_start_matches("http://"));
-    (
-        gateway,
-        admin_addr,
-        live_url,
-        format!("http://{dead}"),
-        live,
-    )
+    (observed, live_url, format!("http://{dead}"), live)
 }
 
 async fn state_of(client: &Client, endpoint: &str) -> (Option<String>, String) {
@@ -216,7 +193,8 @@ async fn the_status_page_shows_routes_and_endpoint_states_without_console_errors
         eprintln!("skipped: no chromedriver (apt-get install chromium chromium-driver)");
         return;
     };
-    let (gateway, admin, live, dead, _upstream) = gateway_with_an_ejected_endpoint().await;
+    let (observed, live, dead, _upstream) = gateway_with_an_ejected_endpoint().await;
+    let admin = observed.admin;
     let driver = Driver::start(&path).await;
     let client = browser(&driver).await;
 
@@ -259,7 +237,7 @@ async fn the_status_page_shows_routes_and_endpoint_states_without_console_errors
 
     if let Some(shot) = std::env::var_os("GATEWAY_SCREENSHOT") {
         // Traffic for the rates, over two refreshes.
-        let addr = gateway.addr;
+        let addr = observed.gateway.addr;
         let traffic = tokio::spawn(async move {
             loop {
                 fetch(addr, request("GET", "/orders", &[])).await;

@@ -16,9 +16,13 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use gateway_core::client_ip::{SetClientIpLayer, TrustedProxies};
+use gateway_core::metrics::Metrics;
 use gateway_core::test_util::TestUpstream;
 use gateway_core::{BoxError, RescueLayer};
-use gateway_proxy::{ReverseProxy, Server, Upstream};
+use gateway_middleware::metrics::HttpMetricsLayer;
+use gateway_proxy::admin::{Admin, Inventory};
+use gateway_proxy::server::Readiness;
+use gateway_proxy::{ReverseProxy, Router, Server, Upstream};
 use http::{Request, Response};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
@@ -188,4 +192,41 @@ pub fn request(method: &str, path: &str, headers: &[(&str, &str)]) -> Request<By
         req = req.header(*name, *value);
     }
     req.body(Bytes::new()).unwrap()
+}
+
+/// A gateway with metrics at the edge, and its admin listener.
+pub struct Observed {
+    pub gateway: Gateway,
+    pub admin: SocketAddr,
+    pub readiness: Readiness,
+    _stop_admin: oneshot::Sender<()>,
+}
+
+pub async fn observed(router: Router, inventory: &Inventory, token: Option<&str>) -> Observed {
+    let metrics = Metrics::new();
+    inventory.register(&metrics);
+    let readiness = Readiness::new();
+    let app = ServiceBuilder::new()
+        .layer(HttpMetricsLayer::new(&metrics))
+        .service(router);
+    let gateway = Gateway::start_with(app, gateway_core::client_ip::TrustedProxies::none(), |s| {
+        s.metrics(&metrics).readiness(&readiness)
+    })
+    .await;
+    let mut admin = Admin::builder(&metrics, inventory, &readiness);
+    if let Some(token) = token {
+        admin = admin.token(token);
+    }
+    let server = Server::from_listener(gateway_core::test_util::bind().await);
+    let admin_addr = server.local_addr().unwrap();
+    let (stop, stopped) = oneshot::channel::<()>();
+    tokio::spawn(server.serve_with_shutdown(admin.build(), async {
+        let _ = stopped.await;
+    }));
+    Observed {
+        gateway,
+        admin: admin_addr,
+        readiness,
+        _stop_admin: stop,
+    }
 }

@@ -223,7 +223,7 @@ fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Command, String> {
             }
             Long("listen") => {
                 let v = value(&mut parser)?;
-                if !is_address(&v) {
+                if !config::is_address(&v) {
                     return Err(format!(
                         "--listen: `{v}` is not an address like 127.0.0.1:8080 or localhost:8080"
                     ));
@@ -277,7 +277,7 @@ fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Command, String> {
                 let v = value(&mut parser)?;
                 args.admin = Some(if v == "off" {
                     None
-                } else if is_address(&v) {
+                } else if config::is_address(&v) {
                     Some(v)
                 } else {
                     return Err(format!(
@@ -327,14 +327,6 @@ fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Command, String> {
         );
     }
     Ok(Command::Run(Box::new(args)))
-}
-
-/// Whether `v` is a `host:port` address.
-fn is_address(v: &str) -> bool {
-    let port = v
-        .rsplit_once(':')
-        .map(|(host, port)| (host, port.parse::<u16>()));
-    matches!(port, Some((host, Ok(_))) if !host.is_empty())
 }
 
 /// A number of seconds (fractions allowed) for `--flag`.

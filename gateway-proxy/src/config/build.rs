@@ -569,12 +569,7 @@ fn proxy(config: &RouteConfig, built: &Built) -> Result<ReverseProxy, Wrong> {
 
 /// An admin section that cannot be used.
 fn check_admin(admin: &AdminConfig) -> Result<(), (&'static str, String)> {
-    if admin.listen.parse::<std::net::SocketAddr>().is_err()
-        && admin
-            .listen
-            .rsplit_once(':')
-            .is_none_or(|(host, port)| host.is_empty() || port.parse::<u16>().is_err())
-    {
+    if !super::is_address(&admin.listen) {
         return Err((
             "listen",
             format!("`{}` is not an address with a port", admin.listen),

@@ -53,4 +53,4 @@ pub use schema::{
     ReplacePrefix, RespondConfig, RouteConfig, RouteTimeouts, ServerConfig, SpanLevel, SpanMode,
     TlsFiles, TracingConfig, UpstreamConfig, UpstreamTls,
 };
-pub use units::{Cidr, Url};
+pub use units::{Cidr, Url, is_address};

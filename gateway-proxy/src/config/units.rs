@@ -1,8 +1,23 @@
 //! Values a config file gives as text and that are checked as they are read: endpoint
-//! URLs and CIDRs. (Durations and sizes are `gateway_core::units`, shared with the plugins'
-//! sections.)
+//! URLs, CIDRs and listen addresses. (Durations and sizes are `gateway_core::units`,
+//! shared with the plugins' sections.)
 
 use serde::de::{self, Deserialize, Deserializer};
+
+/// Whether `v` is an address to listen on: `127.0.0.1:8080`, `[::]:443`, or a host name
+/// with a port (`localhost:8080`, resolved when binding).
+///
+/// ```
+/// use gateway_proxy::config::is_address;
+///
+/// assert!(is_address("127.0.0.1:9901") && is_address("[::1]:80") && is_address("localhost:1"));
+/// assert!(!is_address("localhost") && !is_address(":80") && !is_address("host:99999"));
+/// ```
+pub fn is_address(v: &str) -> bool {
+    v.parse::<std::net::SocketAddr>().is_ok()
+        || v.rsplit_once(':')
+            .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok())
+}
 
 /// An endpoint URL (`http://host:port`, `https://host`, `host:port`), checked as it is read.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]

@@ -9,6 +9,7 @@
 
 mod support;
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
@@ -194,10 +195,32 @@ async fn the_status_page_shows_routes_and_endpoint_states_without_console_errors
         return;
     };
     let (observed, live, dead, _upstream) = gateway_with_an_ejected_endpoint().await;
-    let admin = observed.admin;
     let driver = Driver::start(&path).await;
     let client = browser(&driver).await;
+    // The checks run in a task of their own, so that the session (and its Chromium) is
+    // closed whether they pass or panic.
+    let checks = tokio::spawn(check_page(
+        client.clone(),
+        observed.admin,
+        observed.gateway.addr,
+        live,
+        dead,
+    ))
+    .await;
+    let _ = client.close().await;
+    if let Err(failed) = checks {
+        std::panic::resume_unwind(failed.into_panic());
+    }
+    drop(observed);
+}
 
+async fn check_page(
+    client: Client,
+    admin: SocketAddr,
+    gateway: SocketAddr,
+    live: String,
+    dead: String,
+) {
     client.goto(&format!("http://{admin}/")).await.unwrap();
     client
         .wait()
@@ -237,7 +260,7 @@ async fn the_status_page_shows_routes_and_endpoint_states_without_console_errors
 
     if let Some(shot) = std::env::var_os("GATEWAY_SCREENSHOT") {
         // Traffic for the rates, over two refreshes.
-        let addr = observed.gateway.addr;
+        let addr = gateway;
         let traffic = tokio::spawn(async move {
             loop {
                 fetch(addr, request("GET", "/orders", &[])).await;
@@ -257,5 +280,4 @@ async fn the_status_page_shows_routes_and_endpoint_states_without_console_errors
         .filter(|entry| entry["level"] != "INFO" && entry["level"] != "DEBUG")
         .collect();
     assert!(problems.is_empty(), "console: {problems:#?}");
-    client.close().await.unwrap();
 }

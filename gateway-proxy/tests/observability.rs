@@ -8,11 +8,10 @@ use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use gateway_core::test_util::{TestUpstream, refused_addr};
-use gateway_proxy::admin::{Inventory, RouteInfo};
+use gateway_core::test_util::TestUpstream;
+use gateway_proxy::admin::Inventory;
 use gateway_proxy::server::Readiness;
-use gateway_proxy::upstream::OutlierDetection;
-use gateway_proxy::{ReverseProxy, Route, Router, Upstream};
+use gateway_proxy::{ReverseProxy, Route, Router};
 use prometheus_parse::{Scrape, Value};
 use support::{eventually, fetch, observed, request, within};
 
@@ -77,15 +76,19 @@ impl Samples {
     }
 }
 
-#[tokio::test]
-async fn a_scrape_counts_exactly_the_requests_sent_by_route_and_class() {
+/// The gateway of most tests here: route `api` (`/api`) to an echo upstream.
+async fn api_gateway(token: Option<&str>) -> (support::Observed, TestUpstream) {
     let upstream = TestUpstream::echo().await;
     let router = Router::new().route(
         Route::prefix("/api").id("api"),
         ReverseProxy::to(&upstream.url()).unwrap(),
     );
-    let inventory = Inventory::new();
-    let observed = observed(router, &inventory, None).await;
+    (observed(router, &Inventory::new(), token).await, upstream)
+}
+
+#[tokio::test]
+async fn a_scrape_counts_exactly_the_requests_sent_by_route_and_class() {
+    let (observed, _upstream) = api_gateway(None).await;
     let gw = observed.gateway.addr;
     // One request first, so every series exists before the baseline.
     fetch(gw, request("GET", "/api/warm", &[])).await;
@@ -129,42 +132,17 @@ async fn a_scrape_counts_exactly_the_requests_sent_by_route_and_class() {
 
 #[tokio::test]
 async fn upstream_attempts_and_endpoint_states_show_an_ejected_endpoint() {
-    let live = TestUpstream::echo().await;
-    let dead = refused_addr().await;
-    let upstream = Upstream::builder(
-        [
-            live.url().parse().unwrap(),
-            format!("http://{dead}").parse().unwrap(),
-        ],
-        gateway_proxy::upstream::RoundRobin::default(),
-    )
-    .outlier_detection(OutlierDetection::new(1).max_ejected_percent(50))
-    .build();
-    let router = Router::new().route(
-        Route::prefix("/").id("all"),
-        ReverseProxy::new(upstream.clone()),
-    );
-    let inventory = Inventory::new();
-    inventory.set_upstreams([("backend", upstream.clone())]);
-    inventory.set_routes(vec![
-        RouteInfo::new("all", "/*", "proxy to backend").upstream("backend"),
-    ]);
-    let observed = observed(router, &inventory, None).await;
-    for _ in 0..4 {
-        fetch(observed.gateway.addr, request("GET", "/x", &[])).await;
-    }
-
+    let (observed, backend) = support::gateway_with_an_ejected_endpoint().await;
     let samples = Samples::scrape(observed.admin, None).await;
-    let live_url = format!("http://{}", live.url().trim_start_matches("http://"));
-    let dead_url = format!("http://{dead}");
+    let (live_url, dead_url) = (backend.live_url.as_str(), backend.dead_url.as_str());
     fn at(endpoint: &str) -> [(&str, &str); 2] {
         [("upstream", "backend"), ("endpoint", endpoint)]
     }
     let ejected = |e: &str| samples.value("gateway_upstream_endpoint_ejected", &at(e));
-    assert_eq!(ejected(&dead_url), 1.0, "{samples:?}");
-    assert_eq!(ejected(&live_url), 0.0);
+    assert_eq!(ejected(dead_url), 1.0, "{samples:?}");
+    assert_eq!(ejected(live_url), 0.0);
     assert_eq!(
-        samples.value("gateway_upstream_endpoint_healthy", &at(&live_url)),
+        samples.value("gateway_upstream_endpoint_healthy", &at(live_url)),
         1.0
     );
     let attempts = |e: &str, outcome: &str| {
@@ -178,11 +156,11 @@ async fn upstream_attempts_and_endpoint_states_show_an_ejected_endpoint() {
         )
     };
     assert_eq!(
-        attempts(&dead_url, "retryable"),
+        attempts(dead_url, "retryable"),
         1.0,
         "one refused connection"
     );
-    assert_eq!(attempts(&live_url, "success"), 3.0);
+    assert_eq!(attempts(live_url, "success"), 3.0);
     assert_eq!(
         samples.histogram_count(
             "gateway_upstream_response_duration_seconds",
@@ -202,21 +180,15 @@ async fn upstream_attempts_and_endpoint_states_show_an_ejected_endpoint() {
             .find(|e| e["url"] == url)
             .map(|e| e["state"].as_str().unwrap().to_owned())
     };
-    assert_eq!(state_of(&dead_url).as_deref(), Some("ejected"));
-    assert_eq!(state_of(&live_url).as_deref(), Some("healthy"));
+    assert_eq!(state_of(dead_url).as_deref(), Some("ejected"));
+    assert_eq!(state_of(live_url).as_deref(), Some("healthy"));
     assert_eq!(status["routes"][0]["id"], "all");
     assert_eq!(status["routes"][0]["upstream"], "backend");
 }
 
 #[tokio::test]
 async fn ten_thousand_random_paths_add_no_series() {
-    let upstream = TestUpstream::echo().await;
-    let router = Router::new().route(
-        Route::prefix("/api").id("api"),
-        ReverseProxy::to(&upstream.url()).unwrap(),
-    );
-    let inventory = Inventory::new();
-    let observed = observed(router, &inventory, None).await;
+    let (observed, _upstream) = api_gateway(None).await;
     let gw = observed.gateway.addr;
     fetch(gw, request("GET", "/api/warm", &[])).await;
     fetch(gw, request("GET", "/warm", &[])).await;
@@ -270,13 +242,7 @@ async fn ten_thousand_random_paths_add_no_series() {
 
 #[tokio::test]
 async fn the_token_is_required_on_every_admin_path_and_admin_is_not_public() {
-    let upstream = TestUpstream::echo().await;
-    let router = Router::new().route(
-        Route::prefix("/api").id("api"),
-        ReverseProxy::to(&upstream.url()).unwrap(),
-    );
-    let inventory = Inventory::new();
-    let observed = observed(router, &inventory, Some("s3cret")).await;
+    let (observed, _upstream) = api_gateway(Some("s3cret")).await;
     for path in ["/metrics", "/healthz", "/readyz", "/status", "/", "/nope"] {
         for auth in [
             None,

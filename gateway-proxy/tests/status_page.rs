@@ -16,12 +16,8 @@ use std::time::Duration;
 
 use fantoccini::wd::WebDriverCompatibleCommand;
 use fantoccini::{Client, ClientBuilder, Locator};
-use gateway_core::test_util::{TestUpstream, refused_addr};
-use gateway_proxy::admin::{Inventory, RouteInfo};
-use gateway_proxy::upstream::{OutlierDetection, RoundRobin};
-use gateway_proxy::{ReverseProxy, Route, Router, Upstream};
 use serde_json::{Value, json};
-use support::{Observed, fetch, request};
+use support::{fetch, request};
 
 /// `chromedriver`, where Debian puts it, or on the `PATH`.
 fn chromedriver() -> Option<PathBuf> {
@@ -137,37 +133,6 @@ fn is_root() -> bool {
         .unwrap_or(false)
 }
 
-/// A gateway with one route over a live endpoint and a dead one (ejected after one
-/// failure) and its admin listener, the two endpoints' URLs, and the live upstream.
-async fn gateway_with_an_ejected_endpoint() -> (Observed, String, String, TestUpstream) {
-    let live = TestUpstream::echo().await;
-    let dead = refused_addr().await;
-    let upstream = Upstream::builder(
-        [
-            live.url().parse().unwrap(),
-            format!("http://{dead}").parse().unwrap(),
-        ],
-        RoundRobin::default(),
-    )
-    .outlier_detection(OutlierDetection::new(1).max_ejected_percent(50))
-    .build();
-    let router = Router::new().route(
-        Route::prefix("/").id("all"),
-        ReverseProxy::new(upstream.clone()),
-    );
-    let inventory = Inventory::new();
-    inventory.set_upstreams([("backend", upstream)]);
-    inventory.set_routes(vec![
-        RouteInfo::new("all", "/*", "proxy to backend").upstream("backend"),
-    ]);
-    let observed = support::observed(router, &inventory, None).await;
-    for _ in 0..4 {
-        fetch(observed.gateway.addr, request("GET", "/x", &[])).await;
-    }
-    let live_url = format!("http://{}", live.url().trim_start_matches("http://"));
-    (observed, live_url, format!("http://{dead}"), live)
-}
-
 async fn state_of(client: &Client, endpoint: &str) -> (Option<String>, String) {
     let row = client
         .find(Locator::Css(&format!("tr[data-endpoint=\"{endpoint}\"]")))
@@ -194,7 +159,7 @@ async fn the_status_page_shows_routes_and_endpoint_states_without_console_errors
         eprintln!("skipped: no chromedriver (apt-get install chromium chromium-driver)");
         return;
     };
-    let (observed, live, dead, _upstream) = gateway_with_an_ejected_endpoint().await;
+    let (observed, backend) = support::gateway_with_an_ejected_endpoint().await;
     let driver = Driver::start(&path).await;
     let client = browser(&driver).await;
     // The checks run in a task of their own, so that the session (and its Chromium) is
@@ -203,8 +168,8 @@ async fn the_status_page_shows_routes_and_endpoint_states_without_console_errors
         client.clone(),
         observed.admin,
         observed.gateway.addr,
-        live,
-        dead,
+        backend.live_url.clone(),
+        backend.dead_url.clone(),
     ))
     .await;
     let _ = client.close().await;

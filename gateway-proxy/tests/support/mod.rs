@@ -230,3 +230,46 @@ pub async fn observed(router: Router, inventory: &Inventory, token: Option<&str>
         _stop_admin: stop,
     }
 }
+
+/// The endpoints of [`gateway_with_an_ejected_endpoint`]'s upstream `backend`.
+pub struct Backend {
+    pub live_url: String,
+    pub dead_url: String,
+    _live: TestUpstream,
+}
+
+/// An observed gateway with route `all` (`/`) to upstream `backend`: a live endpoint and a
+/// dead one, ejected after one failure (four requests have been sent), both in the
+/// inventory the admin listener shows.
+pub async fn gateway_with_an_ejected_endpoint() -> (Observed, Backend) {
+    let live = TestUpstream::echo().await;
+    let dead = gateway_core::test_util::refused_addr().await;
+    let upstream = Upstream::builder(
+        [
+            live.url().parse().unwrap(),
+            format!("http://{dead}").parse().unwrap(),
+        ],
+        gateway_proxy::upstream::RoundRobin::default(),
+    )
+    .outlier_detection(gateway_proxy::upstream::OutlierDetection::new(1).max_ejected_percent(50))
+    .build();
+    let router = Router::new().route(
+        gateway_proxy::Route::prefix("/").id("all"),
+        ReverseProxy::new(upstream.clone()),
+    );
+    let inventory = Inventory::new();
+    inventory.set_upstreams([("backend", upstream)]);
+    inventory.set_routes(vec![
+        gateway_proxy::admin::RouteInfo::new("all", "/*", "proxy to backend").upstream("backend"),
+    ]);
+    let observed = observed(router, &inventory, None).await;
+    for _ in 0..4 {
+        fetch(observed.gateway.addr, request("GET", "/x", &[])).await;
+    }
+    let backend = Backend {
+        live_url: format!("http://{}", live.url().trim_start_matches("http://")),
+        dead_url: format!("http://{dead}"),
+        _live: live,
+    };
+    (observed, backend)
+}

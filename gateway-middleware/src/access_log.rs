@@ -259,16 +259,13 @@ struct Pending {
 /// An answered request, until its response body ends.
 struct Entry {
     pending: Box<Pending>,
-    status: StatusCode,
-    route: Option<RouteId>,
-    error: Option<ErrorKind>,
+    outcome: Outcome,
 }
 
-/// Everything a line says.
-struct Line<'a> {
-    pending: &'a Pending,
+/// How a request ended: what a line says besides the [`Pending`] request.
+struct Outcome {
     status: StatusCode,
-    route: Option<&'a RouteId>,
+    route: Option<RouteId>,
     error: Option<ErrorKind>,
     bytes_out: u64,
     complete: bool,
@@ -709,8 +706,7 @@ where
                 let err = err.into();
                 if let Some(pending) = this.pending.take() {
                     let kind = Error::kind_of(&*err);
-                    pending.log(&Line {
-                        pending: &pending,
+                    pending.log(&Outcome {
                         status: kind.status(),
                         route: None,
                         error: Some(kind),
@@ -723,9 +719,13 @@ where
         };
         let entry = this.pending.take().map(|pending| Entry {
             pending,
-            status: res.status(),
-            route: res.extensions().get::<RouteId>().cloned(),
-            error: res.extensions().get::<ErrorKind>().copied(),
+            outcome: Outcome {
+                status: res.status(),
+                route: res.extensions().get::<RouteId>().cloned(),
+                error: res.extensions().get::<ErrorKind>().copied(),
+                bytes_out: 0,
+                complete: false,
+            },
         });
         Poll::Ready(Ok(res.map(|inner| ResponseBody {
             inner: Observed::new(inner, entry),
@@ -769,23 +769,17 @@ impl<B> fmt::Debug for ResponseBody<B> {
 }
 
 impl OnEnd for Entry {
-    fn end(self, written: u64, complete: bool) {
-        let pending = &self.pending;
-        pending.log(&Line {
-            pending,
-            status: self.status,
-            route: self.route.as_ref(),
-            error: self.error,
-            bytes_out: written,
-            complete,
-        });
+    fn end(mut self, written: u64, complete: bool) {
+        self.outcome.bytes_out = written;
+        self.outcome.complete = complete;
+        self.pending.log(&self.outcome);
     }
 }
 
 // === formatting ===
 
 impl Pending {
-    fn log(&self, line: &Line<'_>) {
+    fn log(&self, outcome: &Outcome) {
         thread_local! {
             // A line is formatted here, then copied into the queue: no allocation per line.
             static LINE: RefCell<Vec<u8>> = RefCell::new(Vec::with_capacity(1024));
@@ -793,8 +787,8 @@ impl Pending {
         LINE.with_borrow_mut(|out| {
             out.clear();
             match self.log.shared.format {
-                LogFormat::Json => json(out, line, self.log.shared.query),
-                LogFormat::Combined => combined(out, line, self.log.shared.query),
+                LogFormat::Json => json(out, self, outcome, self.log.shared.query),
+                LogFormat::Combined => combined(out, self, outcome, self.log.shared.query),
             }
             out.push(b'\n');
             self.log.push(out);
@@ -842,8 +836,7 @@ fn int(out: &mut Vec<u8>, n: impl itoa::Integer) {
     out.extend_from_slice(itoa::Buffer::new().format(n).as_bytes());
 }
 
-fn json(out: &mut Vec<u8>, line: &Line<'_>, query: QueryLog) {
-    let p = line.pending;
+fn json(out: &mut Vec<u8>, p: &Pending, line: &Outcome, query: QueryLog) {
     out.extend_from_slice(b"{\"time\":\"");
     rfc3339(out, p.time);
     out.push(b'"');
@@ -890,7 +883,7 @@ fn json(out: &mut Vec<u8>, line: &Line<'_>, query: QueryLog) {
     int(out, line.bytes_out);
     out.extend_from_slice(b",\"duration_ms\":");
     millis(out, p.start.elapsed());
-    if let Some(route) = line.route {
+    if let Some(route) = &line.route {
         out.extend_from_slice(b",\"route\":");
         json_str(out, route.as_str());
     }
@@ -934,8 +927,7 @@ fn json(out: &mut Vec<u8>, line: &Line<'_>, query: QueryLog) {
 }
 
 /// `host - user [10/Oct/2000:13:55:36 +0000] "GET /path HTTP/1.1" 200 2326 "referer" "agent"`.
-fn combined(out: &mut Vec<u8>, line: &Line<'_>, query: QueryLog) {
-    let p = line.pending;
+fn combined(out: &mut Vec<u8>, p: &Pending, line: &Outcome, query: QueryLog) {
     match p.client {
         Some(ip) => ip_addr(out, ip),
         None => out.push(b'-'),

@@ -149,7 +149,8 @@ struct RouteSeries {
 /// A request on its way, until its response comes.
 struct Exchange {
     shared: Arc<Shared>,
-    method: Method,
+    /// The method's row in a route's counters, and its label.
+    method: (usize, &'static str),
     start: Instant,
     /// What the request body has read so far; `None` for a request without a body.
     read: Option<Arc<AtomicU64>>,
@@ -237,7 +238,7 @@ where
         let (body, read) = observe::count_request(body);
         let exchange = Exchange {
             shared: Arc::clone(&self.shared),
-            method: head.method.clone(),
+            method: (method_index(&head.method), conv::method(&head.method)),
             start,
             read,
         };
@@ -361,12 +362,12 @@ impl OnEnd for Answered {
             status,
         } = self;
         let shared = &exchange.shared;
-        let (m, c) = (method_index(&exchange.method), class_index(status));
+        let (m, c) = (exchange.method.0, class_index(status));
         series.requests[m][c]
             .get_or_init(|| {
                 shared.requests.get_or_create_owned(&RequestLabels {
                     route: series.route.clone(),
-                    method: conv::method(&exchange.method),
+                    method: exchange.method.1,
                     status_class: conv::status_class(status),
                 })
             })

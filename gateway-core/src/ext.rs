@@ -96,6 +96,8 @@ pub struct UpstreamCall {
 pub enum LogValue {
     /// A string, written quoted.
     Str(Cow<'static, str>),
+    /// A header's value (a request id), written quoted; kept as it is, without a copy.
+    Header(HeaderValue),
     /// A number.
     Uint(u64),
     /// A flag.
@@ -299,6 +301,12 @@ impl From<String> for LogValue {
     }
 }
 
+impl From<HeaderValue> for LogValue {
+    fn from(v: HeaderValue) -> Self {
+        Self::Header(v)
+    }
+}
+
 impl From<u64> for LogValue {
     fn from(n: u64) -> Self {
         Self::Uint(n)
@@ -321,6 +329,7 @@ impl fmt::Display for LogValue {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Self::Str(s) => f.write_str(s),
+            Self::Header(v) => f.write_str(&String::from_utf8_lossy(v.as_bytes())),
             Self::Uint(n) => n.fmt(f),
             Self::Bool(b) => b.fmt(f),
         }

@@ -151,7 +151,7 @@ where
         let id = incoming.unwrap_or_else(generate);
         req.headers_mut().insert(self.header.clone(), id.clone());
         if let Some(log) = req.extensions().get::<LogFields>() {
-            log.insert("request_id", id.to_str().unwrap_or_default().to_owned());
+            log.insert("request_id", id.clone());
         }
         req.extensions_mut().insert(RequestId::new(id.clone()));
         ResponseFuture {

@@ -266,7 +266,7 @@ impl Error {
     ///
     /// Call this once, where the error becomes a response.
     pub fn log(&self) {
-        self.log_for(None);
+        self.emit(None, None, None);
     }
 
     /// [`log`](Self::log)s the error with the request it answers: its method, path and
@@ -275,17 +275,19 @@ impl Error {
     /// ```text
     /// WARN request failed method=GET path=/api/orders route=api upstream=10.0.0.7:8080 status=502 error=upstream unreachable: ...
     /// ```
-    pub fn log_for(&self, request: Option<(&Method, &str, Option<&RouteId>)>) {
-        let status = self.kind.status().as_u16();
+    pub fn log_for(&self, method: &Method, path: &str, route: Option<&RouteId>) {
+        self.emit(
+            Some(method.as_str()),
+            Some(path),
+            route.map(RouteId::as_str),
+        );
+    }
+
+    /// The one log event of an error; the fields without a value are left out.
+    fn emit(&self, method: Option<&str>, path: Option<&str>, route: Option<&str>) {
         use tracing::field::display;
-        let (method, path, route) = match request {
-            Some((method, path, route)) => (
-                Some(display(method.as_str())),
-                Some(display(path)),
-                route.map(|r| display(r.as_str())),
-            ),
-            None => (None, None, None),
-        };
+        let status = self.kind.status().as_u16();
+        let (method, path, route) = (method.map(display), path.map(display), route.map(display));
         let upstream = self.upstream.as_ref().map(display);
         macro_rules! event {
             ($level:ident, $message:literal) => {

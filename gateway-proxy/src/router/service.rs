@@ -323,7 +323,7 @@ impl Future for ResponseFuture {
                     // line the request.
                     Err(err) => {
                         let err = Error::from_box(err);
-                        err.log_for(Some((method, uri.path(), id.as_ref())));
+                        err.log_for(method, uri.path(), id.as_ref());
                         err.to_response()
                     }
                 };

@@ -9,6 +9,10 @@
 //! | `trace_id` | this layer, from the [`TraceContext`](crate::trace_context::TraceContext) when one is set outside |
 //! | `route` | the router, when a route matches |
 //! | `upstream` | the proxy, with the endpoint (`host:port`) it picked |
+//!
+//! The span rides in the request's extensions (a [`tracing::Span`]): that is where the
+//! router and the proxy find it to record their fields, and a request without one costs
+//! them a lookup, not a trip through the subscriber.
 //! | `status` | this layer, when the response head is ready |
 //!
 //! A failed request's log line then reads
@@ -154,10 +158,14 @@ where
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, req: Request<B>) -> Self::Future {
+    fn call(&mut self, mut req: Request<B>) -> Self::Future {
         let span = self.span(&req);
         let inner = match &span {
-            Some(span) => span.in_scope(|| self.inner.call(req)),
+            Some(span) => {
+                // Inner layers record into the request's own span (`route`, `upstream`).
+                req.extensions_mut().insert(span.clone());
+                span.in_scope(|| self.inner.call(req))
+            }
             None => self.inner.call(req),
         };
         ResponseFuture { inner, span }

@@ -283,8 +283,10 @@ impl Router {
             }
         }
         if let Some(id) = &id {
-            // The request's span (when there is one, with a `route` field) names it.
-            tracing::Span::current().record("route", tracing::field::display(id));
+            // The request's span, when it has one, names its route.
+            if let Some(span) = req.extensions().get::<tracing::Span>() {
+                span.record("route", tracing::field::display(id));
+            }
             req.extensions_mut().insert(id.clone());
         }
         let (method, uri) = (req.method().clone(), req.uri().clone());

@@ -254,8 +254,10 @@ impl Upstream {
             ids.push(endpoint.id());
         }
         endpoint.in_flight.fetch_add(1, Ordering::Relaxed);
-        // The request's span (when there is one, with an `upstream` field) names it.
-        tracing::Span::current().record("upstream", tracing::field::display(endpoint.authority()));
+        // The request's span, when it has one, names the endpoint.
+        if let Some(span) = req.extensions.get::<tracing::Span>() {
+            span.record("upstream", tracing::field::display(endpoint.authority()));
+        }
         Ok(Selected {
             endpoint: Arc::clone(endpoint),
             started: now,

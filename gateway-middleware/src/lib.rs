@@ -11,6 +11,8 @@
 //! - [`trace_context`] (`trace-context`): W3C `traceparent`, continued or started.
 //! - [`request_span`] (`request-span`): a `tracing` span per request, so a failed
 //!   request's log line names its method, path, route and upstream.
+//! - [`otlp`] (`otlp`): a span per sampled request, exported to an OpenTelemetry
+//!   collector over OTLP/HTTP.
 //! - [`metrics`] (`metrics`): Prometheus request counts, durations and bytes at the edge.
 //! - [`access_log`] (`access-log`): one JSON (or combined-format) line per request, written
 //!   off the request path.
@@ -41,8 +43,10 @@ mod hex;
 pub mod ip_filter;
 #[cfg(feature = "metrics")]
 pub mod metrics;
-#[cfg(any(feature = "metrics", feature = "access-log"))]
+#[cfg(any(feature = "metrics", feature = "access-log", feature = "otlp"))]
 mod observe;
+#[cfg(feature = "otlp")]
+pub mod otlp;
 #[cfg(any(feature = "body-limit", feature = "ip-filter"))]
 mod refuse;
 #[cfg(feature = "request-id")]

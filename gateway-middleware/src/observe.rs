@@ -1,15 +1,14 @@
-//! What the observing layers (`metrics`, `access_log`) share: a request body that counts
+//! What the observing layers (`metrics`, `access_log`, `otlp`) share: a request body that counts
 //! what it reads, and a response body that counts what it sends and says when it ends.
 
 use std::pin::Pin;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll, ready};
 
-use bytes::Bytes;
-use gateway_core::{Body, BoxError};
 use http_body::{Frame, SizeHint};
 use pin_project_lite::pin_project;
+
+#[cfg(any(feature = "metrics", feature = "access-log"))]
+pub(crate) use self::request::{count_request, read};
 
 /// Told how an exchange's response body ended.
 pub(crate) trait OnEnd {
@@ -38,34 +37,6 @@ pin_project! {
             }
         }
     }
-}
-
-pin_project! {
-    /// A request body that counts what it reads.
-    struct Counted {
-        #[pin]
-        inner: Body,
-        read: Arc<AtomicU64>,
-    }
-}
-
-/// `body`, counted: a body with nothing to read (most requests) is passed on as it is,
-/// since counting would box it.
-pub(crate) fn count_request(body: Body) -> (Body, Option<Arc<AtomicU64>>) {
-    if http_body::Body::is_end_stream(&body) {
-        return (body, None);
-    }
-    let read = Arc::new(AtomicU64::new(0));
-    let counted = Counted {
-        inner: body,
-        read: Arc::clone(&read),
-    };
-    (Body::new(counted), Some(read))
-}
-
-/// What a request body counted so far.
-pub(crate) fn read(counter: Option<&Arc<AtomicU64>>) -> u64 {
-    counter.map_or(0, |read| read.load(Ordering::Relaxed))
 }
 
 // === impl Observed ===
@@ -123,31 +94,73 @@ where
     }
 }
 
-// === impl Counted ===
+/// Request bodies, counted.
+#[cfg(any(feature = "metrics", feature = "access-log"))]
+mod request {
+    use std::pin::Pin;
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::task::{Context, Poll, ready};
 
-impl http_body::Body for Counted {
-    type Data = Bytes;
-    type Error = BoxError;
+    use bytes::Bytes;
+    use gateway_core::{Body, BoxError};
+    use http_body::{Frame, SizeHint};
+    use pin_project_lite::pin_project;
 
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        let this = self.project();
-        let polled = ready!(this.inner.poll_frame(cx));
-        if let Some(Ok(frame)) = &polled
-            && let Some(data) = frame.data_ref()
-        {
-            this.read.fetch_add(data.len() as u64, Ordering::Relaxed);
+    pin_project! {
+        /// A request body that counts what it reads.
+        struct Counted {
+            #[pin]
+            inner: Body,
+            read: Arc<AtomicU64>,
         }
-        Poll::Ready(polled)
     }
 
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+    /// `body`, counted: a body with nothing to read (most requests) is passed on as it is,
+    /// since counting would box it.
+    pub(crate) fn count_request(body: Body) -> (Body, Option<Arc<AtomicU64>>) {
+        if http_body::Body::is_end_stream(&body) {
+            return (body, None);
+        }
+        let read = Arc::new(AtomicU64::new(0));
+        let counted = Counted {
+            inner: body,
+            read: Arc::clone(&read),
+        };
+        (Body::new(counted), Some(read))
     }
 
-    fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
+    /// What a request body counted so far.
+    pub(crate) fn read(counter: Option<&Arc<AtomicU64>>) -> u64 {
+        counter.map_or(0, |read| read.load(Ordering::Relaxed))
+    }
+
+    // === impl Counted ===
+
+    impl http_body::Body for Counted {
+        type Data = Bytes;
+        type Error = BoxError;
+
+        fn poll_frame(
+            self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+        ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+            let this = self.project();
+            let polled = ready!(this.inner.poll_frame(cx));
+            if let Some(Ok(frame)) = &polled
+                && let Some(data) = frame.data_ref()
+            {
+                this.read.fetch_add(data.len() as u64, Ordering::Relaxed);
+            }
+            Poll::Ready(polled)
+        }
+
+        fn is_end_stream(&self) -> bool {
+            self.inner.is_end_stream()
+        }
+
+        fn size_hint(&self) -> SizeHint {
+            self.inner.size_hint()
+        }
     }
 }

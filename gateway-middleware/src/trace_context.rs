@@ -226,6 +226,26 @@ impl TraceContext {
         self.caller_span_id.as_ref().map(|id| hex(id))
     }
 
+    /// The trace id's 16 bytes.
+    pub const fn trace_id_bytes(&self) -> [u8; 16] {
+        self.trace_id
+    }
+
+    /// The gateway's span id's 8 bytes.
+    pub const fn span_id_bytes(&self) -> [u8; 8] {
+        self.span_id
+    }
+
+    /// The caller's span id's 8 bytes, when the trace was continued.
+    pub const fn caller_span_id_bytes(&self) -> Option<[u8; 8]> {
+        self.caller_span_id
+    }
+
+    /// The trace flags (`0x01`: sampled).
+    pub const fn flags(&self) -> u8 {
+        self.flags
+    }
+
     /// Whether the trace is sampled.
     pub const fn is_sampled(&self) -> bool {
         self.flags & SAMPLED != 0

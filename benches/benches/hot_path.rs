@@ -221,6 +221,43 @@ fn request_span(b: divan::Bencher<'_, '_>) {
         });
 }
 
+/// OTLP export on the request path, behind a started trace (`trace_context`'s `started` is
+/// its baseline): `sampled`, a span recorded and queued for the exporter task (on a
+/// runtime thread of its own, encoding batches for a client that answers at once);
+/// `unsampled`, the extension lookup that lets the request pass.
+#[divan::bench(args = ["sampled", "unsampled"])]
+fn otlp_span(b: divan::Bencher<'_, '_>, sampling: &str) {
+    use gateway_middleware::otlp::{OtlpExporter, OtlpLayer};
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .expect("a runtime");
+    let _entered = runtime.enter();
+    let collector = service_fn(|_: Request<Body>| {
+        std::future::ready(Ok::<_, Infallible>(Response::new(Body::empty())))
+    });
+    let exporter = OtlpExporter::builder("http://127.0.0.1:4318/v1/traces".parse().expect("a URI"))
+        .capacity(1 << 16)
+        .start(collector)
+        .expect("a runtime");
+    let ratio = if sampling == "sampled" { 1.0 } else { 0.0 };
+    let svc = tower::ServiceBuilder::new()
+        .layer(TraceContextLayer::new().sample_ratio(ratio))
+        .layer(OtlpLayer::new(&exporter))
+        .service(named_route());
+    b.with_inputs(|| {
+        let mut req = request("/api/orders");
+        req.headers_mut()
+            .insert("user-agent", HeaderValue::from_static("curl/8.5.0"));
+        req
+    })
+    .bench_local_values(|req| {
+        let res = ready(svc.clone().oneshot(req)).expect("infallible");
+        drain(res.into_body())
+    });
+}
+
 /// The example gateway's observing edge: metrics, access log, trace context and the
 /// request span, against `named_route_alone`.
 #[divan::bench]

@@ -464,6 +464,20 @@ async fn mistakes_name_their_line_column_and_key_path() {
             "1.5 is not between 0 and 1",
         ),
         (
+            "an OTLP endpoint that is not http",
+            "listen: x\nroutes: []\ntracing:\n  otlp: { endpoint: 'grpc://c:4317' }\n",
+            (4, 21),
+            "tracing.otlp.endpoint",
+            "is not an http:// or https:// URL",
+        ),
+        (
+            "an OTLP header that is not one",
+            "listen: x\nroutes: []\ntracing:\n  otlp:\n    endpoint: http://c:4318/v1/traces\n    headers: { 'a b': x }\n",
+            (6, 14),
+            "tracing.otlp.headers",
+            "`a b` is not a header name",
+        ),
+        (
             "YAML syntax",
             "listen: x\nroutes: []\nserver: { drain_timeout: 1s\n",
             (3, 9),
@@ -480,6 +494,18 @@ async fn mistakes_name_their_line_column_and_key_path() {
         let prefix = format!("gateway.yaml:{}:{}: ", at.0, at.1);
         assert!(text.starts_with(&prefix), "{what}: {text}");
     }
+    // What the sections say of each other is checked once they are read, and named by
+    // key path.
+    let err = load(
+        "listen: x\nroutes: []\ntracing:\n  trace_context: false\n  otlp: { endpoint: 'http://c:4318/v1/traces' }\n",
+    )
+    .map(|_| ())
+    .unwrap_err();
+    assert_eq!(err.path(), "tracing.otlp", "{err}");
+    assert!(
+        err.message().contains("needs `trace_context: true`"),
+        "{err}"
+    );
 }
 
 /// A config file of the test's own: written, rewritten, and read by a [`config::Live`].

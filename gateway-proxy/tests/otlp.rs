@@ -360,10 +360,10 @@ async fn a_failing_collector_costs_requests_nothing_and_its_spans_are_counted() 
     for _ in 0..10 {
         let res = within(
             "a request while the collector hangs",
-            raw(
+            Box::pin(raw(
                 gw.addr,
                 "GET / HTTP/1.1\r\nHost: gw\r\nConnection: close\r\n\r\n",
-            ),
+            )),
         )
         .await;
         assert_eq!(status(&res), 200);

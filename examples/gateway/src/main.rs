@@ -46,16 +46,18 @@ use gateway_core::metrics::Metrics;
 use gateway_core::registry::Registry;
 use gateway_middleware::access_log::{AccessLog, AccessLogLayer, LogFormat, QueryLog};
 use gateway_middleware::metrics::HttpMetricsLayer;
+use gateway_middleware::otlp::{OtlpExporter, OtlpLayer};
 use gateway_middleware::request_span::RequestSpanLayer;
 use gateway_middleware::trace_context::TraceContextLayer;
-use gateway_proxy::Server;
 use gateway_proxy::admin::Admin;
 use gateway_proxy::config::{
     self, AccessLogConfig, AccessLogFormat, AdminConfig, Balancer, Cidr, Config, ConfigError,
-    EndpointConfig, HashOn, HealthCheckConfig, Located, MatchConfig, Outlier, Period, QueryLogging,
-    RouteConfig, ServerConfig, SpanLevel, SpanMode, TlsFiles, TracingConfig, UpstreamConfig, Url,
+    EndpointConfig, HashOn, HealthCheckConfig, Located, MatchConfig, OtlpConfig, Outlier, Period,
+    QueryLogging, RouteConfig, ServerConfig, SpanLevel, SpanMode, TlsFiles, TracingConfig,
+    UpstreamConfig, Url,
 };
 use gateway_proxy::server::Readiness;
+use gateway_proxy::{HttpClient, Server};
 use optional::Optional;
 use tower::ServiceBuilder;
 use tower::util::Either;
@@ -116,6 +118,10 @@ OPTIONS:
                            (method, path, route, upstream, trace id on every log
                            line it causes) for sampled requests (without --config:
                            the file has a `tracing:` section) [default: on]
+    --otlp URL             export a span per sampled request to an OpenTelemetry
+                           collector over OTLP/HTTP, e.g.
+                           http://127.0.0.1:4318/v1/traces (needs --tracing on;
+                           without --config) [default: off]
     -h, --help             print this help
 
 Stops gracefully on Ctrl-C or SIGTERM. Logs go to stderr; set RUST_LOG to tune them.
@@ -148,6 +154,8 @@ struct Args {
     /// `--access-log`: `None` = not given (the mode's default), `Some(None)` = off.
     access_log: Option<Option<String>>,
     tracing: bool,
+    /// `--otlp`: the collector's traces endpoint.
+    otlp: Option<String>,
 }
 
 /// The `--lb` choice, as the config file spells it.
@@ -205,6 +213,7 @@ fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Command, String> {
         admin_token: None,
         access_log: None,
         tracing: true,
+        otlp: None,
     };
     while let Some(arg) = parser.next().map_err(|e| e.to_string())? {
         let value = |p: &mut lexopt::Parser| -> Result<String, String> {
@@ -306,6 +315,16 @@ fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Command, String> {
                     v => return Err(format!("--tracing: `{v}` is neither `on` nor `off`")),
                 };
             }
+            Long("otlp") => {
+                let v = value(&mut parser)?;
+                let uri = v
+                    .parse::<http::Uri>()
+                    .map_err(|e| format!("--otlp: `{v}`: {e}"))?;
+                if !matches!(uri.scheme_str(), Some("http" | "https")) || uri.host().is_none() {
+                    return Err(format!("--otlp: `{v}` is not an http:// or https:// URL"));
+                }
+                args.otlp = Some(v);
+            }
             other => return Err(other.unexpected().to_string()),
         }
     }
@@ -315,11 +334,15 @@ fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Command, String> {
     if args.config.is_some() && (args.admin.is_some() || args.admin_token.is_some()) {
         return Err("--admin goes without --config: the file has an `admin:` section".into());
     }
-    if args.config.is_some() && (args.access_log.is_some() || !args.tracing) {
+    if args.config.is_some() && (args.access_log.is_some() || !args.tracing || args.otlp.is_some())
+    {
         return Err(
-            "--access-log and --tracing go without --config: the file has `access_log:` and `tracing:` sections"
+            "--access-log, --tracing and --otlp go without --config: the file has `access_log:` and `tracing:` sections"
                 .into(),
         );
+    }
+    if args.otlp.is_some() && !args.tracing {
+        return Err("--otlp needs --tracing on: a span's ids are its trace context".into());
     }
     if args.config.is_some() && !args.upstreams.is_empty() {
         return Err(
@@ -526,6 +549,11 @@ async fn run(args: Args) -> Result<(), Failure> {
         trace_context: false,
         ..TracingConfig::default()
     });
+    let otlp = tracing_config
+        .otlp
+        .as_ref()
+        .map(|config| start_otlp(config, &metrics))
+        .transpose()?;
     // Outermost first; a layer the config leaves out is not in the way (`Optional`).
     let stack = ServiceBuilder::new()
         // Request metrics when there is an admin listener to serve them.
@@ -541,6 +569,8 @@ async fn run(args: Args) -> Result<(), Failure> {
             TraceContextLayer::new().sample_ratio(tracing_config.sample_ratio)
         })))
         .layer(Optional::new(access_log.as_ref().map(AccessLogLayer::new)))
+        // Inside the access log, so that the upstream it records is the span's too.
+        .layer(Optional::new(otlp.as_ref().map(OtlpLayer::new)))
         .layer(Optional::new(request_spans(&tracing_config)))
         .service(app);
     let served = server.serve(stack).await;
@@ -551,6 +581,9 @@ async fn run(args: Args) -> Result<(), Failure> {
     if let Some(log) = access_log {
         // The last lines, before the process ends.
         let _ = tokio::task::spawn_blocking(move || log.flush(Duration::from_secs(2))).await;
+    }
+    if let Some(otlp) = otlp {
+        otlp.flush(Duration::from_secs(2)).await;
     }
     served.map_err(|e| Failure::Runtime(e.to_string()))?;
     tracing::info!("stopped");
@@ -734,7 +767,7 @@ fn demo_config(args: &Args, addr: &str) -> Config {
         routes: vec![Located::new(api)],
         admin: admin_config(args, Some(AdminConfig::DEFAULT_LISTEN)),
         access_log: access_log_config(args, Some("stdout")),
-        tracing: args.tracing.then(TracingConfig::default),
+        tracing: tracing_config(args),
     }
 }
 
@@ -772,8 +805,43 @@ fn flags_config(args: &Args) -> Config {
         routes: vec![Located::new(route("default", "/", "default"))],
         admin: admin_config(args, None),
         access_log: access_log_config(args, None),
-        tracing: args.tracing.then(TracingConfig::default),
+        tracing: tracing_config(args),
     }
+}
+
+/// The tracing section the flags give.
+fn tracing_config(args: &Args) -> Option<TracingConfig> {
+    args.tracing.then(|| TracingConfig {
+        otlp: args.otlp.clone().map(OtlpConfig::new),
+        ..TracingConfig::default()
+    })
+}
+
+/// Starts the OTLP exporter `config` describes, with a client of its own, counting what
+/// it exports and loses in `metrics`.
+fn start_otlp(config: &OtlpConfig, metrics: &Metrics) -> Result<OtlpExporter, Failure> {
+    let invalid = |e: String| Failure::Config(format!("tracing.otlp: {e}"));
+    let endpoint = config
+        .endpoint
+        .parse()
+        .map_err(|e: http::uri::InvalidUri| invalid(e.to_string()))?;
+    let client = HttpClient::builder()
+        .build()
+        .map_err(|e| invalid(e.to_string()))?;
+    let mut builder = OtlpExporter::builder(endpoint)
+        .service_name(&config.service_name)
+        .capacity(config.queue)
+        .batch_size(config.batch)
+        .batch_delay(config.batch_delay.into())
+        .timeout(config.timeout.into())
+        .metrics(metrics);
+    for (name, value) in &config.headers {
+        let name = http::HeaderName::try_from(name.as_str()).map_err(|e| invalid(e.to_string()))?;
+        let value =
+            http::HeaderValue::try_from(value.as_str()).map_err(|e| invalid(e.to_string()))?;
+        builder = builder.header(name, value);
+    }
+    builder.start(client).map_err(|e| invalid(e.to_string()))
 }
 
 /// How often a served config file is looked at for changes.

@@ -50,6 +50,7 @@ async fn help_documents_every_flag() {
         "--dns-refresh",
         "--config",
         "--check",
+        "--otlp",
         "--help",
     ] {
         assert!(help.contains(flag), "--help does not mention {flag}");
@@ -74,6 +75,13 @@ async fn bad_flags_and_files_exit_2_with_one_line() {
         &["--health-interval", "soon"],
         &["--unhealthy-threshold", "0"],
         &["--dns-refresh", "0"],
+        &["--otlp", "ftp://collector/v1/traces"],
+        &[
+            "--otlp",
+            "http://127.0.0.1:4318/v1/traces",
+            "--tracing",
+            "off",
+        ],
     ] {
         let out = run_to_end(args).await;
         assert_eq!(out.status.code(), Some(2), "{args:?}");
@@ -519,4 +527,47 @@ async fn the_demo_logs_requests_continues_traces_and_reopens_its_log_on_sigusr1(
     assert!(moved[0].contains("/api/headers"));
     sigterm_and_wait(child).await;
     std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[tokio::test]
+async fn sampled_requests_reach_the_otlp_collector_by_the_time_the_gateway_exits() {
+    let collector = TestUpstream::echo().await;
+    let endpoint = format!("{}/v1/traces", collector.url());
+    let (child, addr) = start(&[
+        "--listen",
+        "127.0.0.1:0",
+        "--admin",
+        "off",
+        "--access-log",
+        "off",
+        "--otlp",
+        &endpoint,
+    ])
+    .await;
+    let request = "GET /api/hello HTTP/1.1\r\nHost: gw\r\nConnection: close\r\n\
+                   traceparent: 00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01\r\n\r\n";
+    let res = raw::exchange(addr, request.as_bytes(), Duration::from_secs(5)).await;
+    assert!(res.starts_with(b"HTTP/1.1 200"));
+    // The batch waits up to 5 s to fill; the exit sends it.
+    sigterm_and_wait(child).await;
+    let exports = collector.requests();
+    assert_eq!(exports.len(), 1, "{exports:?}");
+    assert_eq!(exports[0].uri.path(), "/v1/traces");
+    assert_eq!(
+        exports[0].header("content-type"),
+        Some("application/x-protobuf")
+    );
+    let body = &exports[0].body;
+    let trace_id = [
+        0x4b, 0xf9, 0x2f, 0x35, 0x77, 0xb3, 0x4d, 0xa6, 0xa3, 0xce, 0x92, 0x9d, 0x0e, 0x0e, 0x47,
+        0x36,
+    ];
+    assert!(
+        body.windows(16).any(|w| w == trace_id),
+        "the trace id is in the export"
+    );
+    assert!(
+        body.windows(7).any(|w| w == b"GET api"),
+        "and the span's name"
+    );
 }

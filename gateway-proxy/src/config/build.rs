@@ -154,6 +154,16 @@ pub(super) fn build_from(
     for (index, route) in config.routes.iter().enumerate() {
         router = add_route(file, router, index, route, &upstreams, &mut layers)?;
     }
+    if let Some(tracing) = &config.tracing
+        && tracing.otlp.is_some()
+        && !tracing.trace_context
+    {
+        return Err(err(
+            "tracing.otlp",
+            "exporting spans needs `trace_context: true` (a span's ids are its trace context)"
+                .into(),
+        ));
+    }
     if let Some(admin) = &config.admin {
         check_admin(admin).map_err(|(key, message)| err(&format!("admin.{key}"), message))?;
     }

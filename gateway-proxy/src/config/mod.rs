@@ -49,8 +49,8 @@ pub use live::{Live, LiveRouter, ReloadStats};
 pub use load::{ConfigError, Located, parse, read};
 pub use schema::{
     AccessLogConfig, AccessLogFormat, AdminConfig, Balancer, Config, EndpointConfig, HashOn,
-    HealthCheckConfig, MatchConfig, Outlier, PluginConfig, QueryLogging, RedirectConfig,
-    ReplacePrefix, RespondConfig, RouteConfig, RouteTimeouts, ServerConfig, SpanLevel, SpanMode,
-    TlsFiles, TracingConfig, UpstreamConfig, UpstreamTls,
+    HealthCheckConfig, MatchConfig, OtlpConfig, Outlier, PluginConfig, QueryLogging,
+    RedirectConfig, ReplacePrefix, RespondConfig, RouteConfig, RouteTimeouts, ServerConfig,
+    SpanLevel, SpanMode, TlsFiles, TracingConfig, UpstreamConfig, UpstreamTls,
 };
 pub use units::{Cidr, Url, is_address};

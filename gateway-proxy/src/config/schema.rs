@@ -149,6 +149,129 @@ pub struct TracingConfig {
         deserialize_with = "TracingConfig::read_ratio"
     )]
     pub sample_ratio: f64,
+    /// Export a span per sampled request to an OpenTelemetry collector over OTLP/HTTP
+    /// [default: none].
+    #[serde(default)]
+    pub otlp: Option<OtlpConfig>,
+}
+
+/// `tracing.otlp`: where and how spans are exported (`gateway_middleware::otlp`).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OtlpConfig {
+    /// The collector's traces endpoint, `http://collector:4318/v1/traces`.
+    #[serde(deserialize_with = "OtlpConfig::read_endpoint")]
+    pub endpoint: String,
+    /// The resource's `service.name` [default: `gateway`].
+    #[serde(default = "OtlpConfig::default_service_name")]
+    pub service_name: String,
+    /// Headers sent with every export (a backend's API key) [default: none].
+    #[serde(default, deserialize_with = "OtlpConfig::read_headers")]
+    pub headers: BTreeMap<String, String>,
+    /// Finished spans that may wait for the exporter; more are dropped and counted
+    /// [default: 2048].
+    #[serde(
+        default = "OtlpConfig::default_queue",
+        deserialize_with = "OtlpConfig::read_queue"
+    )]
+    pub queue: usize,
+    /// The most spans in one export [default: 512].
+    #[serde(
+        default = "OtlpConfig::default_batch",
+        deserialize_with = "OtlpConfig::read_batch"
+    )]
+    pub batch: usize,
+    /// How long a span may wait for its batch to fill [default: `5s`].
+    #[serde(default = "OtlpConfig::default_batch_delay")]
+    pub batch_delay: Period,
+    /// How long one export may take [default: `10s`].
+    #[serde(default = "OtlpConfig::default_timeout")]
+    pub timeout: Period,
+}
+
+impl OtlpConfig {
+    fn default_service_name() -> String {
+        "gateway".to_owned()
+    }
+
+    const fn default_queue() -> usize {
+        2048
+    }
+
+    const fn default_batch() -> usize {
+        512
+    }
+
+    const fn default_batch_delay() -> Period {
+        Period(std::time::Duration::from_secs(5))
+    }
+
+    const fn default_timeout() -> Period {
+        Period(std::time::Duration::from_secs(10))
+    }
+
+    /// An OTLP config sending to `endpoint`, the rest by default.
+    pub fn new(endpoint: impl Into<String>) -> Self {
+        Self {
+            endpoint: endpoint.into(),
+            service_name: Self::default_service_name(),
+            headers: BTreeMap::new(),
+            queue: Self::default_queue(),
+            batch: Self::default_batch(),
+            batch_delay: Self::default_batch_delay(),
+            timeout: Self::default_timeout(),
+        }
+    }
+
+    fn read_endpoint<'de, D: de::Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+        let text = String::deserialize(d)?;
+        let uri = text
+            .parse::<http::Uri>()
+            .map_err(|e| de::Error::custom(format!("`{text}`: {e}")))?;
+        if !matches!(uri.scheme_str(), Some("http" | "https")) || uri.authority().is_none() {
+            return Err(de::Error::custom(format!(
+                "`{text}` is not an http:// or https:// URL"
+            )));
+        }
+        Ok(text)
+    }
+
+    fn read_headers<'de, D: de::Deserializer<'de>>(
+        d: D,
+    ) -> Result<BTreeMap<String, String>, D::Error> {
+        let headers = BTreeMap::<String, String>::deserialize(d)?;
+        for (name, value) in &headers {
+            if http::HeaderName::try_from(name.as_str()).is_err() {
+                return Err(de::Error::custom(format!("`{name}` is not a header name")));
+            }
+            if http::HeaderValue::try_from(value.as_str()).is_err() {
+                return Err(de::Error::custom(format!(
+                    "the value of `{name}` is not a header value"
+                )));
+            }
+        }
+        Ok(headers)
+    }
+
+    fn read_queue<'de, D: de::Deserializer<'de>>(d: D) -> Result<usize, D::Error> {
+        let queue = usize::deserialize(d)?;
+        if !(1..=1_000_000).contains(&queue) {
+            return Err(de::Error::custom(format!(
+                "{queue} spans is not between 1 and 1000000"
+            )));
+        }
+        Ok(queue)
+    }
+
+    fn read_batch<'de, D: de::Deserializer<'de>>(d: D) -> Result<usize, D::Error> {
+        let batch = usize::deserialize(d)?;
+        if !(1..=10_000).contains(&batch) {
+            return Err(de::Error::custom(format!(
+                "{batch} spans is not between 1 and 10000"
+            )));
+        }
+        Ok(batch)
+    }
 }
 
 impl TracingConfig {
@@ -176,6 +299,7 @@ impl Default for TracingConfig {
             span_level: SpanLevel::default(),
             trace_context: Self::default_trace_context(),
             sample_ratio: Self::default_sample_ratio(),
+            otlp: None,
         }
     }
 }

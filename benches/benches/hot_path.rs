@@ -258,11 +258,11 @@ fn otlp_span(b: divan::Bencher<'_, '_>, sampling: &str) {
     });
 }
 
-/// The example gateway's observing edge: metrics, access log, trace context and the
-/// request span, against `named_route_alone`.
+/// The example gateway's observing edge: trace context, one observing layer for metrics
+/// and the access log, and the request span, against `named_route_alone`.
 #[divan::bench]
 fn observability_all(b: divan::Bencher<'_, '_>) {
-    use gateway_middleware::access_log::{AccessLog, AccessLogLayer};
+    use gateway_middleware::access_log::AccessLog;
     let _subscriber = tracing::subscriber::set_default(
         tracing_subscriber::fmt()
             .with_writer(std::io::sink)
@@ -276,9 +276,12 @@ fn observability_all(b: divan::Bencher<'_, '_>) {
         .start()
         .expect("a thread");
     let svc = tower::ServiceBuilder::new()
-        .layer(gateway_middleware::metrics::HttpMetricsLayer::new(&metrics))
-        .layer(AccessLogLayer::new(&log))
         .layer(TraceContextLayer::new())
+        .layer(
+            gateway_middleware::observe::ObserveLayer::new()
+                .metrics(&metrics)
+                .access_log(&log),
+        )
         .layer(gateway_middleware::request_span::RequestSpanLayer::new())
         .service(named_route());
     b.with_inputs(|| request("/api/orders"))

@@ -13,19 +13,19 @@
 //! | field | value |
 //! |---|---|
 //! | `time` | the request's arrival, RFC 3339 in UTC with milliseconds |
-//! | `client_ip` | the [`ClientIp`] (or the connection's peer) |
+//! | `client_ip` | the [`ClientIp`](gateway_core::ClientIp) (or the connection's peer) |
 //! | `method`, `host`, `path` | from the request (the path as the client sent it) |
 //! | `query` | only with [`QueryLog::Redact`] (names kept, values `REDACTED`) or [`QueryLog::Keep`] |
 //! | `status` | the response status |
 //! | `bytes_in`, `bytes_out` | request and response body bytes |
 //! | `duration_ms` | arrival to the end of the response body |
-//! | `route` | the [`RouteId`] |
+//! | `route` | the [`RouteId`](gateway_core::RouteId) |
 //! | `upstream`, `upstream_ms`, `upstream_attempts` | the endpoint the request ended on, its time to the response head, how many calls were made |
 //! | `user_agent` | the `User-Agent` |
-//! | `error` | the [`ErrorKind`] name when the gateway made the answer (`gateway_timeout`) |
+//! | `error` | the [`ErrorKind`](gateway_core::ErrorKind) name when the gateway made the answer (`gateway_timeout`) |
 //! | `aborted` | `true` when the response did not reach its end (the client went away) |
 //! | `trace_id` | the [`TraceContext`](crate::trace_context::TraceContext) set outside (feature `trace-context`) |
-//! | `request_id`, `trace_id`, ... | what inner layers put in the request's [`LogFields`] (a request id or a trace set inside) |
+//! | `request_id`, `trace_id`, ... | what inner layers put in the request's [`LogFields`](gateway_core::LogFields) (a request id or a trace set inside) |
 //!
 //! Strings are escaped, bytes that are not UTF-8 replaced, and the path, host, user agent
 //! and referer cut to a bounded length, so a line stays valid and bounded whatever a client
@@ -71,7 +71,7 @@
 //!
 //! At the edge, inside [`SetClientIpLayer`](gateway_core::SetClientIpLayer) (it reads the
 //! client's address) and outside the router and everything that can refuse a request, so
-//! that every answer is logged. Layers inside add their fields through [`LogFields`].
+//! that every answer is logged. Layers inside add their fields through [`LogFields`](gateway_core::LogFields).
 //!
 //! # Log rotation
 //!
@@ -81,26 +81,18 @@
 use std::cell::RefCell;
 use std::fmt;
 use std::fs::{File, OpenOptions};
-use std::future::Future;
 use std::io::{self, Write};
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
-use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, PoisonError};
-use std::task::{Context, Poll, ready};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use gateway_core::{
-    Body, BoxError, ClientIp, ConnectInfo, Error, ErrorKind, LogFields, LogValue, RequestId,
-    RouteId,
-};
-use http::header::{self, HeaderValue};
-use http::{Method, Request, Response, StatusCode, Uri, Version};
-use pin_project_lite::pin_project;
-use tower::{Layer, Service};
+use gateway_core::LogValue;
+use http::{HeaderValue, Version};
+use tower::Layer;
 
-use crate::observe::{self, Observed, OnEnd};
+use crate::observe::{Head, Observe, ObserveLayer, Outcome};
 
 /// Lines queued for the writer by default.
 const DEFAULT_CAPACITY: usize = 4096;
@@ -157,38 +149,22 @@ pub enum QueryLog {
     Keep,
 }
 
-/// Logs every request to an [`AccessLog`]; see the [module docs](self).
+/// Logs every request to an [`AccessLog`]; see the [module docs](self). An
+/// [`ObserveLayer`] with the access log alone.
 #[derive(Clone)]
 #[must_use]
 pub struct AccessLogLayer {
-    log: AccessLog,
+    observe: ObserveLayer,
 }
 
 /// The service of [`AccessLogLayer`].
-#[derive(Clone)]
-pub struct AccessLogService<S> {
-    inner: S,
-    log: AccessLog,
-}
+pub type AccessLogService<S> = Observe<S>;
 
-pin_project! {
-    /// Response future of [`AccessLogService`].
-    pub struct ResponseFuture<F> {
-        #[pin]
-        inner: F,
-        // NOTE: boxed: the request's details are a few hundred bytes, and futures are moved
-        // by every layer outside.
-        pending: Option<Box<Pending>>,
-    }
-}
+/// Response future of [`AccessLogService`].
+pub type ResponseFuture<F> = crate::observe::ResponseFuture<F>;
 
-pin_project! {
-    /// Response body of [`AccessLogService`]: logs the request when it ends or is dropped.
-    pub struct ResponseBody<B> {
-        #[pin]
-        inner: Observed<B, Entry>,
-    }
-}
+/// Response body of [`AccessLogService`]: logs the request when it ends or is dropped.
+pub type ResponseBody<B> = crate::observe::ResponseBody<B>;
 
 enum Target {
     Stdout,
@@ -235,41 +211,6 @@ struct Queued {
 
 #[cfg(feature = "metrics")]
 type Counter = prometheus_client::metrics::counter::Counter;
-
-/// A request on its way, until its response ends.
-struct Pending {
-    log: AccessLog,
-    start: tokio::time::Instant,
-    time: SystemTime,
-    method: Method,
-    uri: Uri,
-    version: Version,
-    host: Option<HeaderValue>,
-    user_agent: Option<HeaderValue>,
-    referer: Option<HeaderValue>,
-    client: Option<IpAddr>,
-    request_id: Option<RequestId>,
-    /// The trace, when a `TraceContextLayer` outside set it.
-    #[cfg(feature = "trace-context")]
-    trace: Option<crate::trace_context::TraceContext>,
-    fields: LogFields,
-    read: Option<Arc<AtomicU64>>,
-}
-
-/// An answered request, until its response body ends.
-struct Entry {
-    pending: Box<Pending>,
-    outcome: Outcome,
-}
-
-/// How a request ended: what a line says besides the [`Pending`] request.
-struct Outcome {
-    status: StatusCode,
-    route: Option<RouteId>,
-    error: Option<ErrorKind>,
-    bytes_out: u64,
-    complete: bool,
-}
 
 // === impl AccessLog ===
 
@@ -600,7 +541,9 @@ impl Writer {
 impl AccessLogLayer {
     /// Logs to `log`.
     pub fn new(log: &AccessLog) -> Self {
-        Self { log: log.clone() }
+        Self {
+            observe: ObserveLayer::new().access_log(log),
+        }
     }
 }
 
@@ -608,190 +551,38 @@ impl<S> Layer<S> for AccessLogLayer {
     type Service = AccessLogService<S>;
 
     fn layer(&self, inner: S) -> AccessLogService<S> {
-        AccessLogService {
-            inner,
-            log: self.log.clone(),
-        }
+        self.observe.layer(inner)
     }
 }
 
 impl fmt::Debug for AccessLogLayer {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("AccessLogLayer")
-            .field("log", &self.log)
-            .finish()
-    }
-}
-
-// === impl AccessLogService ===
-
-impl<S, ResB> Service<Request<Body>> for AccessLogService<S>
-where
-    S: Service<Request<Body>, Response = Response<ResB>>,
-    S::Error: Into<BoxError>,
-    ResB: http_body::Body,
-{
-    type Response = Response<ResponseBody<ResB>>;
-    type Error = BoxError;
-    type Future = ResponseFuture<S::Future>;
-
-    #[inline]
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
-        self.inner.poll_ready(cx).map_err(Into::into)
-    }
-
-    fn call(&mut self, req: Request<Body>) -> Self::Future {
-        let start = tokio::time::Instant::now();
-        let (mut head, body) = req.into_parts();
-        let (body, read) = observe::count_request(body);
-        let fields = LogFields::new();
-        head.extensions.insert(fields.clone());
-        let combined = self.log.shared.format == LogFormat::Combined;
-        let pending = Pending {
-            log: self.log.clone(),
-            start,
-            time: SystemTime::now(),
-            method: head.method.clone(),
-            uri: head.uri.clone(),
-            version: head.version,
-            host: head.headers.get(header::HOST).cloned(),
-            user_agent: head.headers.get(header::USER_AGENT).cloned(),
-            referer: combined
-                .then(|| head.headers.get(header::REFERER).cloned())
-                .flatten(),
-            client: head
-                .extensions
-                .get::<ClientIp>()
-                .map(ClientIp::ip)
-                .or_else(|| head.extensions.get::<ConnectInfo>().map(|c| c.peer.ip())),
-            request_id: head.extensions.get::<RequestId>().cloned(),
-            #[cfg(feature = "trace-context")]
-            trace: head
-                .extensions
-                .get::<crate::trace_context::TraceContext>()
-                .copied(),
-            fields,
-            read,
-        };
-        ResponseFuture {
-            inner: self.inner.call(Request::from_parts(head, body)),
-            pending: Some(Box::new(pending)),
-        }
-    }
-}
-
-impl<S: fmt::Debug> fmt::Debug for AccessLogService<S> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("AccessLogService")
-            .field("inner", &self.inner)
-            .finish_non_exhaustive()
-    }
-}
-
-// === impl ResponseFuture ===
-
-impl<F, ResB, E> Future for ResponseFuture<F>
-where
-    F: Future<Output = Result<Response<ResB>, E>>,
-    E: Into<BoxError>,
-    ResB: http_body::Body,
-{
-    type Output = Result<Response<ResponseBody<ResB>>, BoxError>;
-
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let this = self.project();
-        let res = match ready!(this.inner.poll(cx)) {
-            Ok(res) => res,
-            Err(err) => {
-                let err = err.into();
-                if let Some(pending) = this.pending.take() {
-                    let kind = Error::kind_of(&*err);
-                    pending.log(&Outcome {
-                        status: kind.status(),
-                        route: None,
-                        error: Some(kind),
-                        bytes_out: 0,
-                        complete: false,
-                    });
-                }
-                return Poll::Ready(Err(err));
-            }
-        };
-        let entry = this.pending.take().map(|pending| Entry {
-            pending,
-            outcome: Outcome {
-                status: res.status(),
-                route: res.extensions().get::<RouteId>().cloned(),
-                error: res.extensions().get::<ErrorKind>().copied(),
-                bytes_out: 0,
-                complete: false,
-            },
-        });
-        Poll::Ready(Ok(res.map(|inner| ResponseBody {
-            inner: Observed::new(inner, entry),
-        })))
-    }
-}
-
-impl<F> fmt::Debug for ResponseFuture<F> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("ResponseFuture").finish_non_exhaustive()
-    }
-}
-
-// === impl ResponseBody ===
-
-impl<B: http_body::Body> http_body::Body for ResponseBody<B> {
-    type Data = B::Data;
-    type Error = B::Error;
-
-    #[inline]
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<http_body::Frame<B::Data>, B::Error>>> {
-        self.project().inner.poll_frame(cx)
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> http_body::SizeHint {
-        self.inner.size_hint()
-    }
-}
-
-impl<B> fmt::Debug for ResponseBody<B> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("ResponseBody").finish_non_exhaustive()
-    }
-}
-
-impl OnEnd for Entry {
-    fn end(mut self, written: u64, complete: bool) {
-        self.outcome.bytes_out = written;
-        self.outcome.complete = complete;
-        self.pending.log(&self.outcome);
+        f.debug_struct("AccessLogLayer").finish_non_exhaustive()
     }
 }
 
 // === formatting ===
 
-impl Pending {
-    fn log(&self, outcome: &Outcome) {
+impl AccessLog {
+    /// Whether lines show the `Referer` (the combined format), which is then kept.
+    pub(crate) fn wants_referer(&self) -> bool {
+        self.shared.format == LogFormat::Combined
+    }
+
+    /// Formats and queues the line of a request.
+    pub(crate) fn line(&self, head: &Head, outcome: &Outcome) {
         thread_local! {
             // A line is formatted here, then copied into the queue: no allocation per line.
             static LINE: RefCell<Vec<u8>> = RefCell::new(Vec::with_capacity(1024));
         }
         LINE.with_borrow_mut(|out| {
             out.clear();
-            match self.log.shared.format {
-                LogFormat::Json => json(out, self, outcome, self.log.shared.query),
-                LogFormat::Combined => combined(out, self, outcome, self.log.shared.query),
+            match self.shared.format {
+                LogFormat::Json => json(out, head, outcome, self.shared.query),
+                LogFormat::Combined => combined(out, head, outcome, self.shared.query),
             }
             out.push(b'\n');
-            self.log.push(out);
+            self.push(out);
             // NOTE: every field is cut to a bound, so a line is a few KiB at most; this
             // only undoes an unusually long one.
             out.shrink_to(4096);
@@ -799,8 +590,7 @@ impl Pending {
     }
 }
 
-/// Whether `bytes` go into a JSON string as they are: printable ASCII without `"` or `\`
-/// (what nearly every field is).
+/// Whether `bytes` go into a JSON string as they are.
 fn is_plain(bytes: &[u8]) -> bool {
     bytes
         .iter()
@@ -836,7 +626,7 @@ fn int(out: &mut Vec<u8>, n: impl itoa::Integer) {
     out.extend_from_slice(itoa::Buffer::new().format(n).as_bytes());
 }
 
-fn json(out: &mut Vec<u8>, p: &Pending, line: &Outcome, query: QueryLog) {
+fn json(out: &mut Vec<u8>, p: &Head, line: &Outcome, query: QueryLog) {
     out.extend_from_slice(b"{\"time\":\"");
     rfc3339(out, p.time);
     out.push(b'"');
@@ -878,16 +668,16 @@ fn json(out: &mut Vec<u8>, p: &Pending, line: &Outcome, query: QueryLog) {
     out.extend_from_slice(b",\"status\":");
     int(out, line.status.as_u16());
     out.extend_from_slice(b",\"bytes_in\":");
-    int(out, observe::read(p.read.as_ref()));
+    int(out, line.bytes_in);
     out.extend_from_slice(b",\"bytes_out\":");
     int(out, line.bytes_out);
     out.extend_from_slice(b",\"duration_ms\":");
-    millis(out, p.start.elapsed());
+    millis(out, line.duration);
     if let Some(route) = &line.route {
         out.extend_from_slice(b",\"route\":");
         json_str(out, route.as_str());
     }
-    if let Some(call) = p.fields.upstream() {
+    if let Some(call) = &line.upstream {
         out.extend_from_slice(b",\"upstream\":");
         json_str(out, call.endpoint.as_str());
         out.extend_from_slice(b",\"upstream_ms\":");
@@ -928,7 +718,7 @@ fn json(out: &mut Vec<u8>, p: &Pending, line: &Outcome, query: QueryLog) {
 }
 
 /// `host - user [10/Oct/2000:13:55:36 +0000] "GET /path HTTP/1.1" 200 2326 "referer" "agent"`.
-fn combined(out: &mut Vec<u8>, p: &Pending, line: &Outcome, query: QueryLog) {
+fn combined(out: &mut Vec<u8>, p: &Head, line: &Outcome, query: QueryLog) {
     match p.client {
         Some(ip) => ip_addr(out, ip),
         None => out.push(b'-'),

@@ -16,6 +16,8 @@
 //! - [`metrics`] (`metrics`): Prometheus request counts, durations and bytes at the edge.
 //! - [`access_log`] (`access-log`): one JSON (or combined-format) line per request, written
 //!   off the request path.
+//! - [`observe`] (with any of `metrics`, `access-log`, `otlp`): the layer those three are,
+//!   observing a request once for all of them.
 //! - [`config`] (`config`): the layers above by name, for the declarative config.
 //!
 //! Auth, rate limiting, caching, retries and circuit breaking land as their issues do.
@@ -44,7 +46,7 @@ pub mod ip_filter;
 #[cfg(feature = "metrics")]
 pub mod metrics;
 #[cfg(any(feature = "metrics", feature = "access-log", feature = "otlp"))]
-mod observe;
+pub mod observe;
 #[cfg(feature = "otlp")]
 pub mod otlp;
 #[cfg(any(feature = "body-limit", feature = "ip-filter"))]

@@ -52,66 +52,51 @@
 //! # Ordering
 //!
 //! At the edge, outside the router: it reads the route from the response (the router
-//! answers its routes' errors itself, so every routed answer names its route). Outermost,
-//! outside the edge [`Rescue`](gateway_core::rescue::Rescue), is best: it then counts
-//! the rescued answers too, and its body goes to the server as it is, not boxed again.
+//! answers its routes' errors itself, so every routed answer names its route). An error
+//! from the inner service is counted with the status it maps to, so inside or outside the
+//! edge [`Rescue`](gateway_core::rescue::Rescue) counts the same.
+//!
+//! With the access log or OTLP export too, use one
+//! [`ObserveLayer`](crate::observe::ObserveLayer) for all of them: this layer is that
+//! layer with metrics alone, and each one stacked costs its own wrapper.
 
 use std::collections::HashMap;
 use std::fmt;
-use std::future::Future;
-use std::pin::Pin;
-use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, OnceLock, PoisonError, RwLock};
-use std::task::{Context, Poll, ready};
+use std::time::Duration;
 
+use gateway_core::RouteId;
 use gateway_core::metrics::{self as conv, Histograms, Metrics};
-use gateway_core::{Body, RouteId};
-use http::{Method, Request, Response, StatusCode};
-use http_body::{Frame, SizeHint};
-use pin_project_lite::pin_project;
+use http::{Method, StatusCode};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
-use tokio::time::Instant;
-use tower::{Layer, Service};
+use tower::Layer;
 
-use crate::observe::{self, Observed, OnEnd};
+use crate::observe::{Observe, ObserveLayer};
 
-/// Counts and times requests; see the [module docs](self).
+/// Counts and times requests; see the [module docs](self). An
+/// [`ObserveLayer`] with metrics alone.
 #[derive(Clone)]
 #[must_use]
 pub struct HttpMetricsLayer {
-    shared: Arc<Shared>,
+    observe: ObserveLayer,
 }
 
 /// The service of [`HttpMetricsLayer`].
-#[derive(Clone)]
-pub struct HttpMetrics<S> {
-    inner: S,
-    shared: Arc<Shared>,
-}
+pub type HttpMetrics<S> = Observe<S>;
 
-pin_project! {
-    /// Response future of [`HttpMetrics`].
-    pub struct ResponseFuture<F> {
-        #[pin]
-        inner: F,
-        exchange: Option<Exchange>,
-    }
-}
+/// Response future of [`HttpMetrics`].
+pub type ResponseFuture<F> = crate::observe::ResponseFuture<F>;
 
-pin_project! {
-    /// Response body of [`HttpMetrics`]: counts its bytes and records the exchange at its
-    /// end (or when dropped).
-    pub struct ResponseBody<B> {
-        #[pin]
-        inner: Observed<B, Answered>,
-    }
-}
+/// Response body of [`HttpMetrics`]: counts its bytes and records the exchange at its end
+/// (or when dropped).
+pub type ResponseBody<B> = crate::observe::ResponseBody<B>;
 
-struct Shared {
+/// The families a registry's request metrics go to, and each route's series in them.
+pub(crate) struct Shared {
     requests: Family<RequestLabels, Counter>,
     durations: Histograms<RouteLabel>,
     in_flight: Gauge,
@@ -138,29 +123,12 @@ const CLASSES: usize = 5;
 
 /// One route's series; the request counters are created on first use, so a route shows
 /// only the methods and classes it has seen.
-struct RouteSeries {
+pub(crate) struct RouteSeries {
     route: RouteId,
     requests: [[OnceLock<Counter>; CLASSES]; METHODS],
     duration: Histogram,
     bytes_in: Counter,
     bytes_out: Counter,
-}
-
-/// A request on its way, until its response comes.
-struct Exchange {
-    shared: Arc<Shared>,
-    /// The method's row in a route's counters, and its label.
-    method: (usize, &'static str),
-    start: Instant,
-    /// What the request body has read so far; `None` for a request without a body.
-    read: Option<Arc<AtomicU64>>,
-}
-
-/// An answered request, until its response body ends.
-struct Answered {
-    exchange: Exchange,
-    series: Arc<RouteSeries>,
-    status: StatusCode,
 }
 
 // === impl HttpMetricsLayer ===
@@ -170,30 +138,7 @@ impl HttpMetricsLayer {
     /// registry).
     pub fn new(metrics: &Metrics) -> Self {
         Self {
-            shared: Arc::new(Shared {
-                requests: metrics.family(
-                    "http_requests",
-                    "Requests answered, by route, method and status class.",
-                ),
-                durations: metrics.histograms(
-                    "http_request_duration_seconds",
-                    "Time from the request's arrival to the end of its response body.",
-                ),
-                in_flight: metrics.metric(
-                    "http_requests_in_flight",
-                    "Requests received and not yet answered to the end.",
-                    Gauge::default,
-                ),
-                bytes_in: metrics.family(
-                    "http_request_body_bytes",
-                    "Request body bytes read, by route.",
-                ),
-                bytes_out: metrics.family(
-                    "http_response_body_bytes",
-                    "Response body bytes sent, by route.",
-                ),
-                routes: RwLock::default(),
-            }),
+            observe: ObserveLayer::new().metrics(metrics),
         }
     }
 }
@@ -202,10 +147,7 @@ impl<S> Layer<S> for HttpMetricsLayer {
     type Service = HttpMetrics<S>;
 
     fn layer(&self, inner: S) -> HttpMetrics<S> {
-        HttpMetrics {
-            inner,
-            shared: Arc::clone(&self.shared),
-        }
+        self.observe.layer(inner)
     }
 }
 
@@ -215,116 +157,78 @@ impl fmt::Debug for HttpMetricsLayer {
     }
 }
 
-// === impl HttpMetrics ===
-
-impl<S, ResB> Service<Request<Body>> for HttpMetrics<S>
-where
-    S: Service<Request<Body>, Response = Response<ResB>>,
-    ResB: http_body::Body,
-{
-    type Response = Response<ResponseBody<ResB>>;
-    type Error = S::Error;
-    type Future = ResponseFuture<S::Future>;
-
-    #[inline]
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, req: Request<Body>) -> Self::Future {
-        let start = Instant::now();
-        self.shared.in_flight.inc();
-        let (head, body) = req.into_parts();
-        let (body, read) = observe::count_request(body);
-        let exchange = Exchange {
-            shared: Arc::clone(&self.shared),
-            method: (method_index(&head.method), conv::method(&head.method)),
-            start,
-            read,
-        };
-        ResponseFuture {
-            inner: self.inner.call(Request::from_parts(head, body)),
-            exchange: Some(exchange),
-        }
-    }
-}
-
-impl<S: fmt::Debug> fmt::Debug for HttpMetrics<S> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("HttpMetrics")
-            .field("inner", &self.inner)
-            .finish_non_exhaustive()
-    }
-}
-
-// === impl ResponseFuture ===
-
-impl<F, ResB, E> Future for ResponseFuture<F>
-where
-    F: Future<Output = Result<Response<ResB>, E>>,
-    ResB: http_body::Body,
-{
-    type Output = Result<Response<ResponseBody<ResB>>, E>;
-
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let this = self.project();
-        let res = ready!(this.inner.poll(cx))?;
-        let exchange = this.exchange.take().map(|exchange| {
-            let series = exchange.shared.series(res.extensions().get::<RouteId>());
-            Answered {
-                exchange,
-                series,
-                status: res.status(),
-            }
-        });
-        Poll::Ready(Ok(res.map(|inner| ResponseBody {
-            inner: Observed::new(inner, exchange),
-        })))
-    }
-}
-
-impl<F> fmt::Debug for ResponseFuture<F> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("ResponseFuture").finish_non_exhaustive()
-    }
-}
-
-// === impl ResponseBody ===
-
-impl<B> http_body::Body for ResponseBody<B>
-where
-    B: http_body::Body,
-{
-    type Data = B::Data;
-    type Error = B::Error;
-
-    #[inline]
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<B::Data>, B::Error>>> {
-        self.project().inner.poll_frame(cx)
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
-    }
-}
-
-impl<B> fmt::Debug for ResponseBody<B> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("ResponseBody").finish_non_exhaustive()
-    }
-}
-
 // === impl Shared ===
 
 impl Shared {
-    fn series(&self, route: Option<&RouteId>) -> Arc<RouteSeries> {
+    /// The request families of `metrics`.
+    pub(crate) fn new(metrics: &Metrics) -> Arc<Self> {
+        Arc::new(Self {
+            requests: metrics.family(
+                "http_requests",
+                "Requests answered, by route, method and status class.",
+            ),
+            durations: metrics.histograms(
+                "http_request_duration_seconds",
+                "Time from the request's arrival to the end of its response body.",
+            ),
+            in_flight: metrics.metric(
+                "http_requests_in_flight",
+                "Requests received and not yet answered to the end.",
+                Gauge::default,
+            ),
+            bytes_in: metrics.family(
+                "http_request_body_bytes",
+                "Request body bytes read, by route.",
+            ),
+            bytes_out: metrics.family(
+                "http_response_body_bytes",
+                "Response body bytes sent, by route.",
+            ),
+            routes: RwLock::default(),
+        })
+    }
+
+    /// A request arrived: it is in flight, and this is its method's row and label.
+    pub(crate) fn arrived(&self, method: &Method) -> (usize, &'static str) {
+        self.in_flight.inc();
+        (method_index(method), conv::method(method))
+    }
+
+    /// A request left (answered or not).
+    pub(crate) fn left(&self) {
+        self.in_flight.dec();
+    }
+
+    /// Records an answered request of `method` on `series`.
+    pub(crate) fn record(
+        &self,
+        series: &RouteSeries,
+        method: (usize, &'static str),
+        status: StatusCode,
+        duration: Duration,
+        bytes_in: u64,
+        bytes_out: u64,
+    ) {
+        series.requests[method.0][class_index(status)]
+            .get_or_init(|| {
+                self.requests.get_or_create_owned(&RequestLabels {
+                    route: series.route.clone(),
+                    method: method.1,
+                    status_class: conv::status_class(status),
+                })
+            })
+            .inc();
+        series.duration.observe(duration.as_secs_f64());
+        if bytes_out > 0 {
+            series.bytes_out.inc_by(bytes_out);
+        }
+        if bytes_in > 0 {
+            series.bytes_in.inc_by(bytes_in);
+        }
+    }
+
+    /// The series of `route` (`-` for none).
+    pub(crate) fn series(&self, route: Option<&RouteId>) -> Arc<RouteSeries> {
         static NO_ROUTE: OnceLock<RouteId> = OnceLock::new();
         let route = route.unwrap_or_else(|| NO_ROUTE.get_or_init(|| RouteId::new(conv::NO_ROUTE)));
         if let Some(series) = self
@@ -349,48 +253,6 @@ impl Shared {
             })
         });
         Arc::clone(series)
-    }
-}
-
-// === impl Answered ===
-
-impl OnEnd for Answered {
-    fn end(self, written: u64, _complete: bool) {
-        let Self {
-            exchange,
-            series,
-            status,
-        } = self;
-        let shared = &exchange.shared;
-        let (m, c) = (exchange.method.0, class_index(status));
-        series.requests[m][c]
-            .get_or_init(|| {
-                shared.requests.get_or_create_owned(&RequestLabels {
-                    route: series.route.clone(),
-                    method: exchange.method.1,
-                    status_class: conv::status_class(status),
-                })
-            })
-            .inc();
-        series
-            .duration
-            .observe(exchange.start.elapsed().as_secs_f64());
-        if written > 0 {
-            series.bytes_out.inc_by(written);
-        }
-        if exchange.read.is_some() {
-            series
-                .bytes_in
-                .inc_by(observe::read(exchange.read.as_ref()));
-        }
-    }
-}
-
-impl Drop for Exchange {
-    fn drop(&mut self) {
-        // An answered request is recorded first (`Answered::end` consumes it); one whose
-        // future was dropped before its answer (the client went away) only leaves.
-        self.shared.in_flight.dec();
     }
 }
 

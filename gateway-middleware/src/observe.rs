@@ -1,14 +1,544 @@
-//! What the observing layers (`metrics`, `access_log`, `otlp`) share: a request body that counts
-//! what it reads, and a response body that counts what it sends and says when it ends.
+//! Observing a request once for everything that reports on it: metrics, the access log and
+//! OTLP export.
+//!
+//! [`ObserveLayer`] wraps a service once, however many of the three it reports to: one
+//! clock read when a request arrives and one when its response body ends, one copy of the
+//! request's head (only when the access log or a span needs it), one wrapper around the
+//! future and one around the response body. Each of [`HttpMetricsLayer`],
+//! [`AccessLogLayer`] and [`OtlpLayer`] is this layer with one part; stacking them works,
+//! and costs a wrapper each. At the edge, use one `ObserveLayer` with the parts you want:
+//!
+//! ```
+//! use gateway_core::Body;
+//! use gateway_core::metrics::{Format, Metrics};
+//! use gateway_middleware::access_log::AccessLog;
+//! use gateway_middleware::observe::ObserveLayer;
+//! use http::{Request, Response};
+//! use tower::{ServiceBuilder, ServiceExt, service_fn};
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> std::io::Result<()> {
+//! let metrics = Metrics::new();
+//! let log = AccessLog::builder().writer(std::io::sink()).start()?;
+//! let svc = ServiceBuilder::new()
+//!     .layer(ObserveLayer::new().metrics(&metrics).access_log(&log))
+//!     .service(service_fn(|_: Request<Body>| async {
+//!         Ok::<_, std::convert::Infallible>(Response::new(Body::from("hello")))
+//!     }));
+//! let res = svc.oneshot(Request::new(Body::empty())).await.unwrap();
+//! Body::new(res.into_body()).collect_bytes().await.unwrap();
+//! assert!(metrics.encode(Format::Prometheus).contains("gateway_http_requests_total"));
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! A request is recorded when its response body ends, or when the client goes away before
+//! (the access log says `aborted`). A request the inner service fails is recorded with the
+//! status its error maps to. The layer's errors are boxed (`BoxError`).
+//!
+//! [`HttpMetricsLayer`]: crate::metrics::HttpMetricsLayer
+//! [`AccessLogLayer`]: crate::access_log::AccessLogLayer
+//! [`OtlpLayer`]: crate::otlp::OtlpLayer
 
+use std::fmt;
+use std::future::Future;
+#[cfg(any(feature = "access-log", feature = "otlp"))]
+use std::net::IpAddr;
 use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
 use std::task::{Context, Poll, ready};
+#[cfg(any(feature = "access-log", feature = "otlp"))]
+use std::time::{Duration, SystemTime};
 
+#[cfg(feature = "access-log")]
+use gateway_core::RequestId;
+use gateway_core::{Body, BoxError, Error, ErrorKind, RouteId};
+#[cfg(any(feature = "access-log", feature = "otlp"))]
+use gateway_core::{ClientIp, ConnectInfo, LogFields, UpstreamCall};
+#[cfg(any(feature = "access-log", feature = "otlp"))]
+use http::header::{self, HeaderValue};
+#[cfg(any(feature = "access-log", feature = "otlp"))]
+use http::{Method, Uri, Version};
+use http::{Request, Response, StatusCode};
 use http_body::{Frame, SizeHint};
 use pin_project_lite::pin_project;
+use tokio::time::Instant;
+use tower::{Layer, Service};
 
-#[cfg(any(feature = "metrics", feature = "access-log"))]
 pub(crate) use self::request::{count_request, read};
+
+/// Reports every request to the parts it was given; see the [module docs](self).
+#[derive(Clone, Default)]
+#[must_use]
+pub struct ObserveLayer {
+    parts: Arc<Parts>,
+}
+
+/// The service of [`ObserveLayer`] (and of the metrics, access-log and OTLP layers).
+#[derive(Clone)]
+pub struct Observe<S> {
+    inner: S,
+    parts: Arc<Parts>,
+}
+
+pin_project! {
+    /// Response future of [`Observe`].
+    pub struct ResponseFuture<F> {
+        #[pin]
+        inner: F,
+        exchange: Option<Exchange>,
+    }
+}
+
+pin_project! {
+    /// Response body of [`Observe`]: counts its bytes and records the request at its end
+    /// (or when it is dropped before).
+    pub struct ResponseBody<B> {
+        #[pin]
+        inner: Observed<B, Finish>,
+    }
+}
+
+/// What an [`Observe`] reports to.
+#[derive(Clone, Default)]
+struct Parts {
+    #[cfg(feature = "metrics")]
+    metrics: Option<Arc<crate::metrics::Shared>>,
+    #[cfg(feature = "access-log")]
+    log: Option<crate::access_log::AccessLog>,
+    #[cfg(feature = "otlp")]
+    otlp: Option<crate::otlp::OtlpExporter>,
+}
+
+/// A request on its way, until its response comes.
+struct Exchange {
+    parts: Arc<Parts>,
+    start: Instant,
+    /// What the request body has read so far; `None` for a request without a body.
+    read: Option<Arc<AtomicU64>>,
+    /// The method's row in a route's request counters, and its label.
+    #[cfg(feature = "metrics")]
+    method: (usize, &'static str),
+    /// The request's head, for the access log and the span.
+    #[cfg(any(feature = "access-log", feature = "otlp"))]
+    head: Option<Box<Head>>,
+}
+
+/// The request's head as the access log and the OTLP span report it.
+#[cfg(any(feature = "access-log", feature = "otlp"))]
+pub(crate) struct Head {
+    pub(crate) time: SystemTime,
+    pub(crate) method: Method,
+    pub(crate) uri: Uri,
+    pub(crate) version: Version,
+    #[cfg(feature = "otlp")]
+    pub(crate) tls: bool,
+    pub(crate) host: Option<HeaderValue>,
+    pub(crate) user_agent: Option<HeaderValue>,
+    #[cfg(feature = "access-log")]
+    pub(crate) referer: Option<HeaderValue>,
+    pub(crate) client: Option<IpAddr>,
+    #[cfg(feature = "access-log")]
+    pub(crate) request_id: Option<RequestId>,
+    /// The trace, when a `TraceContextLayer` outside set it.
+    #[cfg(feature = "trace-context")]
+    pub(crate) trace: Option<crate::trace_context::TraceContext>,
+    /// The caller's `tracestate`, for the span.
+    #[cfg(feature = "otlp")]
+    pub(crate) trace_state: Option<HeaderValue>,
+    /// Whether the request's span is exported.
+    #[cfg(feature = "otlp")]
+    pub(crate) export: bool,
+    pub(crate) fields: LogFields,
+}
+
+/// How a request ended.
+#[cfg(any(feature = "access-log", feature = "otlp"))]
+pub(crate) struct Outcome {
+    pub(crate) status: StatusCode,
+    pub(crate) route: Option<RouteId>,
+    pub(crate) error: Option<ErrorKind>,
+    pub(crate) bytes_in: u64,
+    pub(crate) bytes_out: u64,
+    /// From the request's arrival to the end of its response.
+    pub(crate) duration: Duration,
+    pub(crate) upstream: Option<UpstreamCall>,
+    /// Whether the response body reached its end.
+    pub(crate) complete: bool,
+}
+
+/// An answered request, until its response body ends.
+pub(crate) struct Finish {
+    exchange: Exchange,
+    status: StatusCode,
+    #[cfg(any(feature = "access-log", feature = "otlp"))]
+    route: Option<RouteId>,
+    #[cfg(any(feature = "access-log", feature = "otlp"))]
+    error: Option<ErrorKind>,
+    #[cfg(feature = "metrics")]
+    series: Option<Arc<crate::metrics::RouteSeries>>,
+}
+
+// === impl ObserveLayer ===
+
+impl ObserveLayer {
+    /// A layer that reports to nothing yet.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Counts and times requests in `metrics` (see [`crate::metrics`]).
+    #[cfg(feature = "metrics")]
+    pub fn metrics(mut self, metrics: &gateway_core::metrics::Metrics) -> Self {
+        Arc::make_mut(&mut self.parts).metrics = Some(crate::metrics::Shared::new(metrics));
+        self
+    }
+
+    /// Writes a line per request to `log` (see [`crate::access_log`]).
+    #[cfg(feature = "access-log")]
+    pub fn access_log(mut self, log: &crate::access_log::AccessLog) -> Self {
+        Arc::make_mut(&mut self.parts).log = Some(log.clone());
+        self
+    }
+
+    /// Exports a span per sampled request through `exporter` (see [`crate::otlp`]).
+    #[cfg(feature = "otlp")]
+    pub fn otlp(mut self, exporter: &crate::otlp::OtlpExporter) -> Self {
+        Arc::make_mut(&mut self.parts).otlp = Some(exporter.clone());
+        self
+    }
+}
+
+impl<S> Layer<S> for ObserveLayer {
+    type Service = Observe<S>;
+
+    fn layer(&self, inner: S) -> Observe<S> {
+        Observe {
+            inner,
+            parts: Arc::clone(&self.parts),
+        }
+    }
+}
+
+impl fmt::Debug for ObserveLayer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ObserveLayer").finish_non_exhaustive()
+    }
+}
+
+// === impl Parts ===
+
+impl Parts {
+    /// Whether the request's span is exported.
+    #[cfg(feature = "otlp")]
+    fn exports<B>(&self, req: &Request<B>) -> bool {
+        self.otlp.is_some()
+            && req
+                .extensions()
+                .get::<crate::trace_context::TraceContext>()
+                .is_some_and(crate::trace_context::TraceContext::is_sampled)
+    }
+
+    #[cfg(all(feature = "access-log", not(feature = "otlp")))]
+    const fn exports<B>(&self, _: &Request<B>) -> bool {
+        false
+    }
+
+    /// Whether requests are logged, and with their `Referer` (the combined format).
+    #[cfg(feature = "access-log")]
+    fn logs(&self) -> (bool, bool) {
+        self.log
+            .as_ref()
+            .map_or((false, false), |log| (true, log.wants_referer()))
+    }
+
+    #[cfg(all(feature = "otlp", not(feature = "access-log")))]
+    const fn logs(&self) -> (bool, bool) {
+        (false, false)
+    }
+}
+
+// === impl Observe ===
+
+impl<S, ResB> Service<Request<Body>> for Observe<S>
+where
+    S: Service<Request<Body>, Response = Response<ResB>>,
+    S::Error: Into<BoxError>,
+    ResB: http_body::Body,
+{
+    type Response = Response<ResponseBody<ResB>>;
+    type Error = BoxError;
+    type Future = ResponseFuture<S::Future>;
+
+    #[inline]
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        self.inner.poll_ready(cx).map_err(Into::into)
+    }
+
+    fn call(&mut self, mut req: Request<Body>) -> Self::Future {
+        let start = Instant::now();
+        // NOTE: a request without a body (most of them) keeps it as it is.
+        let read = if http_body::Body::is_end_stream(req.body()) {
+            None
+        } else {
+            let (body, read) = count_request(std::mem::take(req.body_mut()));
+            *req.body_mut() = body;
+            read
+        };
+        #[cfg(any(feature = "access-log", feature = "otlp"))]
+        let head = {
+            let export = self.parts.exports(&req);
+            let (logs, referer) = self.parts.logs();
+            (logs || export).then(|| Box::new(Head::of(&mut req, export, referer)))
+        };
+        #[cfg(feature = "metrics")]
+        let method = match &self.parts.metrics {
+            Some(metrics) => metrics.arrived(req.method()),
+            None => (0, ""),
+        };
+        let exchange = Exchange {
+            parts: Arc::clone(&self.parts),
+            start,
+            read,
+            #[cfg(feature = "metrics")]
+            method,
+            #[cfg(any(feature = "access-log", feature = "otlp"))]
+            head,
+        };
+        ResponseFuture {
+            inner: self.inner.call(req),
+            exchange: Some(exchange),
+        }
+    }
+}
+
+impl<S: fmt::Debug> fmt::Debug for Observe<S> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Observe")
+            .field("inner", &self.inner)
+            .finish_non_exhaustive()
+    }
+}
+
+// === impl Head ===
+
+#[cfg(any(feature = "access-log", feature = "otlp"))]
+impl Head {
+    /// The head of `req` (with its `Referer` when asked), whose extensions get the
+    /// [`LogFields`] the inner layers fill.
+    fn of<B>(req: &mut Request<B>, export: bool, referer: bool) -> Self {
+        #[cfg(not(feature = "access-log"))]
+        let _ = referer;
+        let fields = match req.extensions().get::<LogFields>() {
+            Some(fields) => fields.clone(),
+            None => {
+                let fields = LogFields::new();
+                req.extensions_mut().insert(fields.clone());
+                fields
+            }
+        };
+        let headers = req.headers();
+        let extensions = req.extensions();
+        let connection = extensions.get::<ConnectInfo>();
+        #[cfg(not(feature = "otlp"))]
+        let _ = export;
+        Self {
+            time: SystemTime::now(),
+            method: req.method().clone(),
+            uri: req.uri().clone(),
+            version: req.version(),
+            #[cfg(feature = "otlp")]
+            tls: connection.is_some_and(|c| c.tls),
+            host: headers.get(header::HOST).cloned(),
+            user_agent: headers.get(header::USER_AGENT).cloned(),
+            #[cfg(feature = "access-log")]
+            referer: referer
+                .then(|| headers.get(header::REFERER).cloned())
+                .flatten(),
+            client: extensions
+                .get::<ClientIp>()
+                .map(ClientIp::ip)
+                .or_else(|| connection.map(|c| c.peer.ip())),
+            #[cfg(feature = "access-log")]
+            request_id: extensions.get::<RequestId>().cloned(),
+            #[cfg(feature = "trace-context")]
+            trace: extensions
+                .get::<crate::trace_context::TraceContext>()
+                .copied(),
+            #[cfg(feature = "otlp")]
+            trace_state: if export {
+                headers.get(crate::trace_context::TRACESTATE).cloned()
+            } else {
+                None
+            },
+            #[cfg(feature = "otlp")]
+            export,
+            fields,
+        }
+    }
+}
+
+// === impl ResponseFuture ===
+
+impl<F, ResB, E> Future for ResponseFuture<F>
+where
+    F: Future<Output = Result<Response<ResB>, E>>,
+    E: Into<BoxError>,
+    ResB: http_body::Body,
+{
+    type Output = Result<Response<ResponseBody<ResB>>, BoxError>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        let res = match ready!(this.inner.poll(cx)) {
+            Ok(res) => res,
+            Err(err) => {
+                let err = err.into();
+                if let Some(exchange) = this.exchange.take() {
+                    let kind = Error::kind_of(&*err);
+                    Finish::new(exchange, kind.status(), None, Some(kind)).end(0, false);
+                }
+                return Poll::Ready(Err(err));
+            }
+        };
+        let finish = this.exchange.take().map(|exchange| {
+            let extensions = res.extensions();
+            Finish::new(
+                exchange,
+                res.status(),
+                extensions.get::<RouteId>().cloned(),
+                extensions.get::<ErrorKind>().copied(),
+            )
+        });
+        Poll::Ready(Ok(res.map(|inner| ResponseBody {
+            inner: Observed::new(inner, finish),
+        })))
+    }
+}
+
+impl<F> fmt::Debug for ResponseFuture<F> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ResponseFuture").finish_non_exhaustive()
+    }
+}
+
+// === impl ResponseBody ===
+
+impl<B: http_body::Body> http_body::Body for ResponseBody<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    #[inline]
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<B::Data>, B::Error>>> {
+        self.project().inner.poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl<B> fmt::Debug for ResponseBody<B> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ResponseBody").finish_non_exhaustive()
+    }
+}
+
+// === impl Finish ===
+
+impl Finish {
+    fn new(
+        exchange: Exchange,
+        status: StatusCode,
+        route: Option<RouteId>,
+        error: Option<ErrorKind>,
+    ) -> Self {
+        #[cfg(feature = "metrics")]
+        let series = exchange
+            .parts
+            .metrics
+            .as_ref()
+            .map(|metrics| metrics.series(route.as_ref()));
+        #[cfg(not(any(feature = "access-log", feature = "otlp")))]
+        let _ = (route, error);
+        Self {
+            exchange,
+            status,
+            #[cfg(any(feature = "access-log", feature = "otlp"))]
+            route,
+            #[cfg(any(feature = "access-log", feature = "otlp"))]
+            error,
+            #[cfg(feature = "metrics")]
+            series,
+        }
+    }
+}
+
+impl OnEnd for Finish {
+    fn end(mut self, written: u64, complete: bool) {
+        #[cfg(not(any(feature = "access-log", feature = "otlp")))]
+        let _ = complete;
+        let exchange = &mut self.exchange;
+        let duration = exchange.start.elapsed();
+        let bytes_in = read(exchange.read.as_ref());
+        #[cfg(feature = "metrics")]
+        if let (Some(metrics), Some(series)) = (&exchange.parts.metrics, &self.series) {
+            metrics.record(
+                series,
+                exchange.method,
+                self.status,
+                duration,
+                bytes_in,
+                written,
+            );
+        }
+        #[cfg(any(feature = "access-log", feature = "otlp"))]
+        let Some(head) = exchange.head.take() else {
+            return;
+        };
+        #[cfg(any(feature = "access-log", feature = "otlp"))]
+        let outcome = Outcome {
+            status: self.status,
+            route: self.route.take(),
+            error: self.error,
+            bytes_in,
+            bytes_out: written,
+            duration,
+            upstream: head.fields.upstream(),
+            complete,
+        };
+        #[cfg(feature = "access-log")]
+        if let Some(log) = &exchange.parts.log {
+            log.line(&head, &outcome);
+        }
+        #[cfg(feature = "otlp")]
+        if head.export
+            && let Some(exporter) = &exchange.parts.otlp
+        {
+            exporter.queue(head, outcome);
+        }
+    }
+}
+
+// === impl Exchange ===
+
+impl Drop for Exchange {
+    fn drop(&mut self) {
+        // Answered or not (the client went away before the answer), the request leaves.
+        #[cfg(feature = "metrics")]
+        if let Some(metrics) = &self.parts.metrics {
+            metrics.left();
+        }
+    }
+}
 
 /// Told how an exchange's response body ended.
 pub(crate) trait OnEnd {
@@ -95,7 +625,6 @@ where
 }
 
 /// Request bodies, counted.
-#[cfg(any(feature = "metrics", feature = "access-log"))]
 mod request {
     use std::pin::Pin;
     use std::sync::Arc;
@@ -116,8 +645,8 @@ mod request {
         }
     }
 
-    /// `body`, counted: a body with nothing to read (most requests) is passed on as it is,
-    /// since counting would box it.
+    /// `body`, counted: a body with nothing to read (most requests) is passed on as it
+    /// is, since counting would box it.
     pub(crate) fn count_request(body: Body) -> (Body, Option<Arc<AtomicU64>>) {
         if http_body::Body::is_end_stream(&body) {
             return (body, None);

@@ -14,6 +14,7 @@
 //! | kind | `SERVER` |
 //! | status | `ERROR` for a 5xx or a response body cut short, unset otherwise |
 //! | `http.request.method`, `url.path`, `url.scheme`, `server.address`, `client.address`, `user_agent.original`, `network.protocol.version` | from the request (client-sent text cut to a bound) |
+//! | `http.request.body.size` | the request body's size, when it had one |
 //! | `http.response.status_code`, `http.response.body.size` | from the response |
 //! | `error.type` | the [`ErrorKind`] name when the gateway made the answer, or the status code of a 5xx |
 //! | `gateway.route`, `gateway.upstream.endpoint`, `gateway.upstream.attempts` | the route's name, the endpoint of the last upstream call, the calls made |
@@ -73,27 +74,20 @@ mod wire;
 
 use std::error::Error as StdError;
 use std::fmt;
-use std::future::{Future, poll_fn};
-use std::net::IpAddr;
-use std::pin::Pin;
+use std::future::poll_fn;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::task::{Context, Poll, ready};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
-use gateway_core::{
-    Body, BoxError, ClientIp, ConnectInfo, Error, ErrorKind, LogFields, RouteId, UpstreamCall,
-};
+use gateway_core::{Body, BoxError};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
-use http::{Method, Request, Response, StatusCode, Uri, Version};
-use pin_project_lite::pin_project;
+use http::{Request, Response, Uri, Version};
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 use tower::{Layer, Service};
 
-use crate::observe::{Observed, OnEnd};
-use crate::trace_context::{TRACESTATE, TraceContext};
+use crate::observe::{Head, Observe, ObserveLayer, Outcome};
 
 /// Spans queued for the exporter by default.
 const DEFAULT_CAPACITY: usize = 2048;
@@ -144,36 +138,22 @@ pub struct OtlpExporterBuilder {
 #[derive(Debug)]
 pub struct InvalidExporter(&'static str);
 
-/// Exports a span for every sampled request; see the [module docs](self).
+/// Exports a span for every sampled request; see the [module docs](self). An
+/// [`ObserveLayer`] with OTLP export alone.
 #[derive(Clone)]
 #[must_use]
 pub struct OtlpLayer {
-    exporter: OtlpExporter,
+    observe: ObserveLayer,
 }
 
 /// The service of [`OtlpLayer`].
-#[derive(Clone)]
-pub struct OtlpService<S> {
-    inner: S,
-    exporter: OtlpExporter,
-}
+pub type OtlpService<S> = Observe<S>;
 
-pin_project! {
-    /// Response future of [`OtlpService`].
-    pub struct ResponseFuture<F> {
-        #[pin]
-        inner: F,
-        pending: Option<Box<Pending>>,
-    }
-}
+/// Response future of [`OtlpService`].
+pub type ResponseFuture<F> = crate::observe::ResponseFuture<F>;
 
-pin_project! {
-    /// Response body of [`OtlpService`]: ends the span when it ends or is dropped.
-    pub struct ResponseBody<B> {
-        #[pin]
-        inner: Observed<B, Finish>,
-    }
-}
+/// Response body of [`OtlpService`]: ends the span when it ends or is dropped.
+pub type ResponseBody<B> = crate::observe::ResponseBody<B>;
 
 /// What every handle shares; its drop (the last handle's) closes the queue.
 struct Shared {
@@ -203,41 +183,12 @@ enum Message {
     Flush(oneshot::Sender<()>),
 }
 
-/// A sampled request on its way, until its response ends.
-struct Pending {
-    exporter: OtlpExporter,
-    trace: TraceContext,
-    trace_state: Option<HeaderValue>,
-    start: Instant,
-    time: SystemTime,
-    method: Method,
-    uri: Uri,
-    version: Version,
-    tls: bool,
-    host: Option<HeaderValue>,
-    user_agent: Option<HeaderValue>,
-    client: Option<IpAddr>,
-    fields: LogFields,
-}
-
-/// A sampled request with its response head, until the response body ends.
-struct Finish {
-    pending: Box<Pending>,
-    status: StatusCode,
-    route: Option<RouteId>,
-    error: Option<ErrorKind>,
-}
-
 /// A finished span, as queued for the exporter.
 struct SpanRecord {
-    pending: Box<Pending>,
+    head: Box<Head>,
+    outcome: Outcome,
+    /// The span's end, in nanoseconds since the Unix epoch.
     end: u64,
-    status: StatusCode,
-    route: Option<RouteId>,
-    error: Option<ErrorKind>,
-    upstream: Option<UpstreamCall>,
-    bytes_out: u64,
-    complete: bool,
 }
 
 /// The exporter task.
@@ -312,7 +263,10 @@ impl OtlpExporter {
         }
     }
 
-    fn queue(&self, span: SpanRecord) {
+    /// Queues the span of a finished request, or drops and counts it.
+    pub(crate) fn queue(&self, head: Box<Head>, outcome: Outcome) {
+        let end = unix_nanos(head.time).saturating_add(nanos(outcome.duration));
+        let span = SpanRecord { head, outcome, end };
         if self
             .shared
             .queue
@@ -492,7 +446,7 @@ impl OtlpLayer {
     /// Exports the sampled requests' spans through `exporter`.
     pub fn new(exporter: &OtlpExporter) -> Self {
         Self {
-            exporter: exporter.clone(),
+            observe: ObserveLayer::new().otlp(exporter),
         }
     }
 }
@@ -507,187 +461,7 @@ impl<S> Layer<S> for OtlpLayer {
     type Service = OtlpService<S>;
 
     fn layer(&self, inner: S) -> OtlpService<S> {
-        OtlpService {
-            inner,
-            exporter: self.exporter.clone(),
-        }
-    }
-}
-
-// === impl OtlpService ===
-
-impl<S, B, ResB> Service<Request<B>> for OtlpService<S>
-where
-    S: Service<Request<B>, Response = Response<ResB>>,
-    S::Error: Into<BoxError>,
-    ResB: http_body::Body,
-{
-    type Response = Response<ResponseBody<ResB>>;
-    type Error = BoxError;
-    type Future = ResponseFuture<S::Future>;
-
-    #[inline]
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
-        self.inner.poll_ready(cx).map_err(Into::into)
-    }
-
-    fn call(&mut self, mut req: Request<B>) -> Self::Future {
-        let Some(trace) = req
-            .extensions()
-            .get::<TraceContext>()
-            .filter(|trace| trace.is_sampled())
-            .copied()
-        else {
-            return ResponseFuture {
-                inner: self.inner.call(req),
-                pending: None,
-            };
-        };
-        // The proxy records the upstream it called in the request's `LogFields`: the
-        // access log's, or ours when there is no access log outside.
-        let fields = match req.extensions().get::<LogFields>() {
-            Some(fields) => fields.clone(),
-            None => {
-                let fields = LogFields::new();
-                req.extensions_mut().insert(fields.clone());
-                fields
-            }
-        };
-        let headers = req.headers();
-        let connection = req.extensions().get::<ConnectInfo>();
-        let pending = Pending {
-            exporter: self.exporter.clone(),
-            trace,
-            trace_state: headers.get(TRACESTATE).cloned(),
-            start: Instant::now(),
-            time: SystemTime::now(),
-            method: req.method().clone(),
-            uri: req.uri().clone(),
-            version: req.version(),
-            tls: connection.is_some_and(|c| c.tls),
-            host: headers.get(header::HOST).cloned(),
-            user_agent: headers.get(header::USER_AGENT).cloned(),
-            client: req
-                .extensions()
-                .get::<ClientIp>()
-                .map(ClientIp::ip)
-                .or_else(|| connection.map(|c| c.peer.ip())),
-            fields,
-        };
-        ResponseFuture {
-            inner: self.inner.call(req),
-            pending: Some(Box::new(pending)),
-        }
-    }
-}
-
-impl<S: fmt::Debug> fmt::Debug for OtlpService<S> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("OtlpService")
-            .field("inner", &self.inner)
-            .finish_non_exhaustive()
-    }
-}
-
-// === impl ResponseFuture ===
-
-impl<F, ResB, E> Future for ResponseFuture<F>
-where
-    F: Future<Output = Result<Response<ResB>, E>>,
-    E: Into<BoxError>,
-    ResB: http_body::Body,
-{
-    type Output = Result<Response<ResponseBody<ResB>>, BoxError>;
-
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let this = self.project();
-        let res = match ready!(this.inner.poll(cx)) {
-            Ok(res) => res,
-            Err(err) => {
-                let err = err.into();
-                if let Some(pending) = this.pending.take() {
-                    let kind = Error::kind_of(&*err);
-                    let finish = Finish {
-                        pending,
-                        status: kind.status(),
-                        route: None,
-                        error: Some(kind),
-                    };
-                    finish.end(0, false);
-                }
-                return Poll::Ready(Err(err));
-            }
-        };
-        let finish = this.pending.take().map(|pending| Finish {
-            pending,
-            status: res.status(),
-            route: res.extensions().get::<RouteId>().cloned(),
-            error: res.extensions().get::<ErrorKind>().copied(),
-        });
-        Poll::Ready(Ok(res.map(|inner| ResponseBody {
-            inner: Observed::new(inner, finish),
-        })))
-    }
-}
-
-impl<F> fmt::Debug for ResponseFuture<F> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("ResponseFuture").finish_non_exhaustive()
-    }
-}
-
-// === impl ResponseBody ===
-
-impl<B: http_body::Body> http_body::Body for ResponseBody<B> {
-    type Data = B::Data;
-    type Error = B::Error;
-
-    #[inline]
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<http_body::Frame<B::Data>, B::Error>>> {
-        self.project().inner.poll_frame(cx)
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> http_body::SizeHint {
-        self.inner.size_hint()
-    }
-}
-
-impl<B> fmt::Debug for ResponseBody<B> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("ResponseBody").finish_non_exhaustive()
-    }
-}
-
-// === impl Finish ===
-
-impl OnEnd for Finish {
-    fn end(self, written: u64, complete: bool) {
-        let Self {
-            pending,
-            status,
-            route,
-            error,
-        } = self;
-        let end = unix_nanos(pending.time) + nanos(pending.start.elapsed());
-        let upstream = pending.fields.upstream();
-        let exporter = pending.exporter.clone();
-        exporter.queue(SpanRecord {
-            pending,
-            end,
-            status,
-            route,
-            error,
-            upstream,
-            bytes_out: written,
-            complete,
-        });
+        self.observe.layer(inner)
     }
 }
 
@@ -696,20 +470,24 @@ impl OnEnd for Finish {
 impl SpanRecord {
     /// Writes the span as an OTLP `Span` message's fields.
     fn encode(&self, out: &mut Vec<u8>) {
-        let p = &self.pending;
-        wire::bytes(out, 1, &p.trace.trace_id_bytes());
-        wire::bytes(out, 2, &p.trace.span_id_bytes());
+        let (p, o) = (&self.head, &self.outcome);
+        // NOTE: a span is exported only for a request with a (sampled) trace.
+        let Some(trace) = &p.trace else {
+            return;
+        };
+        wire::bytes(out, 1, &trace.trace_id_bytes());
+        wire::bytes(out, 2, &trace.span_id_bytes());
         if let Some(state) = &p.trace_state {
             wire::bytes(out, 3, cut(state.as_bytes(), MAX_HEADER).as_bytes());
         }
-        if let Some(parent) = p.trace.caller_span_id_bytes() {
+        if let Some(parent) = trace.caller_span_id_bytes() {
             wire::bytes(out, 4, &parent);
         }
         // The name, `GET api` (a string is written as a message is: its bytes after their
         // length).
         wire::message(out, 5, |out| {
             out.extend_from_slice(p.method.as_str().as_bytes());
-            if let Some(route) = &self.route {
+            if let Some(route) = &o.route {
                 out.push(b' ');
                 out.extend_from_slice(route.as_str().as_bytes());
             }
@@ -718,21 +496,21 @@ impl SpanRecord {
         wire::fixed64(out, 7, unix_nanos(p.time));
         wire::fixed64(out, 8, self.end);
         self.attributes(out);
-        let failed = self.status.is_server_error() || !self.complete;
+        let failed = o.status.is_server_error() || !o.complete;
         if failed {
             wire::message(out, 15, |out| {
-                if !self.complete && !self.status.is_server_error() {
+                if !o.complete && !o.status.is_server_error() {
                     wire::bytes(out, 2, b"the response ended before its body was sent");
                 }
                 wire::uint(out, 3, 2); // STATUS_CODE_ERROR
             });
         }
-        let remote = if p.trace.is_continued() { IS_REMOTE } else { 0 };
-        wire::fixed32(out, 16, u32::from(p.trace.flags()) | HAS_IS_REMOTE | remote);
+        let remote = if trace.is_continued() { IS_REMOTE } else { 0 };
+        wire::fixed32(out, 16, u32::from(trace.flags()) | HAS_IS_REMOTE | remote);
     }
 
     fn attributes(&self, out: &mut Vec<u8>) {
-        let p = &self.pending;
+        let (p, o) = (&self.head, &self.outcome);
         string_attribute(out, "http.request.method", p.method.as_str());
         string_attribute(out, "url.path", &cut(p.uri.path().as_bytes(), MAX_PATH));
         let scheme = p
@@ -769,18 +547,21 @@ impl SpanRecord {
         int_attribute(
             out,
             "http.response.status_code",
-            u64::from(self.status.as_u16()),
+            u64::from(o.status.as_u16()),
         );
-        int_attribute(out, "http.response.body.size", self.bytes_out);
-        if let Some(kind) = self.error {
-            string_attribute(out, "error.type", kind.name());
-        } else if self.status.is_server_error() {
-            string_attribute(out, "error.type", self.status.as_str());
+        if o.bytes_in > 0 {
+            int_attribute(out, "http.request.body.size", o.bytes_in);
         }
-        if let Some(route) = &self.route {
+        int_attribute(out, "http.response.body.size", o.bytes_out);
+        if let Some(kind) = o.error {
+            string_attribute(out, "error.type", kind.name());
+        } else if o.status.is_server_error() {
+            string_attribute(out, "error.type", o.status.as_str());
+        }
+        if let Some(route) = &o.route {
             string_attribute(out, "gateway.route", route.as_str());
         }
-        if let Some(upstream) = &self.upstream {
+        if let Some(upstream) = &o.upstream {
             string_attribute(out, "gateway.upstream.endpoint", upstream.endpoint.as_str());
             int_attribute(
                 out,

@@ -44,9 +44,9 @@ use gateway_core::RescueLayer;
 use gateway_core::client_ip::SetClientIpLayer;
 use gateway_core::metrics::Metrics;
 use gateway_core::registry::Registry;
-use gateway_middleware::access_log::{AccessLog, AccessLogLayer, LogFormat, QueryLog};
-use gateway_middleware::metrics::HttpMetricsLayer;
-use gateway_middleware::otlp::{OtlpExporter, OtlpLayer};
+use gateway_middleware::access_log::{AccessLog, LogFormat, QueryLog};
+use gateway_middleware::observe::ObserveLayer;
+use gateway_middleware::otlp::OtlpExporter;
 use gateway_middleware::request_span::RequestSpanLayer;
 use gateway_middleware::trace_context::TraceContextLayer;
 use gateway_proxy::admin::Admin;
@@ -554,23 +554,30 @@ async fn run(args: Args) -> Result<(), Failure> {
         .as_ref()
         .map(|config| start_otlp(config, &metrics))
         .transpose()?;
+    // What observes requests, once for all of its parts: metrics when there is an admin
+    // listener to serve them, the access log, OTLP export.
+    let observe = (admin_task.is_some() || access_log.is_some() || otlp.is_some()).then(|| {
+        let mut observe = ObserveLayer::new();
+        if admin_task.is_some() {
+            observe = observe.metrics(&metrics);
+        }
+        if let Some(log) = &access_log {
+            observe = observe.access_log(log);
+        }
+        if let Some(otlp) = &otlp {
+            observe = observe.otlp(otlp);
+        }
+        observe
+    });
     // Outermost first; a layer the config leaves out is not in the way (`Optional`).
     let stack = ServiceBuilder::new()
-        // Request metrics when there is an admin listener to serve them.
-        .layer(Optional::new(
-            admin_task
-                .is_some()
-                .then(|| HttpMetricsLayer::new(&metrics)),
-        ))
         .layer(RescueLayer::new())
         .layer(SetClientIpLayer::new(gateway.trusted.clone()))
-        // Trace context outside the access log, which reads the trace id from it.
+        // Trace context outside the observing layer, which reads the trace from it.
         .layer(Optional::new(tracing_config.trace_context.then(|| {
             TraceContextLayer::new().sample_ratio(tracing_config.sample_ratio)
         })))
-        .layer(Optional::new(access_log.as_ref().map(AccessLogLayer::new)))
-        // Inside the access log, so that the upstream it records is the span's too.
-        .layer(Optional::new(otlp.as_ref().map(OtlpLayer::new)))
+        .layer(Optional::new(observe))
         .layer(Optional::new(request_spans(&tracing_config)))
         .service(app);
     let served = server.serve(stack).await;

@@ -823,12 +823,20 @@ fn floor_char_boundary(s: &str, max: usize) -> usize {
 /// Appends `d` in milliseconds with three decimals: `12.345`.
 fn millis(out: &mut Vec<u8>, d: Duration) {
     let micros = u64::try_from(d.as_micros()).unwrap_or(u64::MAX);
-    int(out, micros / 1000);
-    out.push(b'.');
-    digits(out, micros % 1000, 3);
+    let mut buf = itoa::Buffer::new();
+    let text = buf.format(micros).as_bytes();
+    if text.len() > 3 {
+        let (whole, fraction) = text.split_at(text.len() - 3);
+        out.extend_from_slice(whole);
+        out.push(b'.');
+        out.extend_from_slice(fraction);
+    } else {
+        out.extend_from_slice(b"0.");
+        out.extend_from_slice(&b"000"[text.len()..]);
+        out.extend_from_slice(text);
+    }
 }
 
-/// Appends `n` as exactly `width` decimal digits (zero-padded; higher digits dropped).
 fn digits(out: &mut Vec<u8>, mut n: u64, width: usize) {
     let start = out.len();
     out.resize(start + width, b'0');
@@ -839,21 +847,32 @@ fn digits(out: &mut Vec<u8>, mut n: u64, width: usize) {
     }
 }
 
-/// An IP address as text, without `fmt`'s machinery for the common IPv4 case.
+/// An IP address as text. Each thread keeps the last address it wrote: the requests of a
+/// connection, served back to back by one thread, then copy it instead of formatting it.
 fn ip_addr(out: &mut Vec<u8>, ip: IpAddr) {
-    match ip {
-        IpAddr::V4(v4) => {
-            for (i, octet) in v4.octets().into_iter().enumerate() {
-                if i > 0 {
-                    out.push(b'.');
-                }
-                int(out, octet);
-            }
-        }
-        IpAddr::V6(v6) => {
-            let _ = write!(out, "{v6}");
-        }
+    thread_local! {
+        static LAST: RefCell<(Option<IpAddr>, Vec<u8>)> = const { RefCell::new((None, Vec::new())) };
     }
+    LAST.with_borrow_mut(|(last, text)| {
+        if *last != Some(ip) {
+            text.clear();
+            match ip {
+                IpAddr::V4(v4) => {
+                    for (i, octet) in v4.octets().into_iter().enumerate() {
+                        if i > 0 {
+                            text.push(b'.');
+                        }
+                        int(text, octet);
+                    }
+                }
+                IpAddr::V6(v6) => {
+                    let _ = write!(text, "{v6}");
+                }
+            }
+            *last = Some(ip);
+        }
+        out.extend_from_slice(text);
+    });
 }
 
 const fn version(v: Version) -> &'static str {
@@ -948,6 +967,28 @@ mod tests {
 
     fn at(secs: u64, millis: u64) -> SystemTime {
         UNIX_EPOCH + Duration::from_millis(secs * 1000 + millis)
+    }
+
+    #[test]
+    fn durations_and_addresses_are_formatted() {
+        for (micros, text) in [
+            (0, "0.000"),
+            (7, "0.007"),
+            (999, "0.999"),
+            (1000, "1.000"),
+            (12_345, "12.345"),
+            (3_600_000_001, "3600000.001"),
+        ] {
+            let mut out = Vec::new();
+            millis(&mut out, Duration::from_micros(micros));
+            assert_eq!(String::from_utf8(out).unwrap(), text);
+        }
+        // The second of two addresses in a row is written from the thread's last one.
+        for ip in ["10.0.0.1", "10.0.0.1", "2001:db8::7", "192.168.255.254"] {
+            let mut out = Vec::new();
+            ip_addr(&mut out, ip.parse().unwrap());
+            assert_eq!(String::from_utf8(out).unwrap(), ip);
+        }
     }
 
     #[test]

@@ -59,6 +59,11 @@ const FORWARDING: [(&[u8], &str); 17] = [
     (b"xclusterclientip", "x-cluster-client-ip"),
 ];
 
+/// The first three letters of every name in [`FORWARDING`].
+const PREFIXES: [[u8; 3]; 7] = [
+    *b"xfo", *b"xre", *b"xcl", *b"xor", *b"for", *b"cli", *b"tru",
+];
+
 /// Removes client-sent forwarding headers: all of them from untrusted peers, and from
 /// trusted peers every look-alike spelling (`X_Forwarded_For`, `x.forwarded.for`, ...) that
 /// some upstream frameworks would read as the real header.
@@ -81,6 +86,12 @@ pub(crate) fn scrub_forwarding(headers: &mut HeaderMap, trusted_peer: bool) {
             }
             folded[n] = b;
             n += 1;
+            // Most names that start like one of these are none of them (`traceparent`,
+            // `cache-control`): they are let go after three letters.
+            if n == 3 && !PREFIXES.contains(&[folded[0], folded[1], folded[2]]) {
+                n = 0;
+                break;
+            }
         }
         if let Some((_, canonical)) = FORWARDING.iter().find(|(f, _)| *f == &folded[..n])
             && (!trusted_peer || name.as_str() != *canonical)
@@ -285,6 +296,17 @@ mod tests {
     }
 
     #[test]
+    fn every_forwarding_name_starts_with_a_known_prefix() {
+        for (folded, _) in FORWARDING {
+            assert!(
+                PREFIXES.contains(&[folded[0], folded[1], folded[2]]),
+                "{}",
+                String::from_utf8_lossy(folded)
+            );
+        }
+    }
+
+    #[test]
     fn lookalikes_are_scrubbed() {
         let all = [
             ("x-forwarded-for", "1"),
@@ -297,12 +319,14 @@ mod tests {
             ("x-forwarded-proto", "8"),
             ("x-request-id", "9"),
             ("xforwardedfor", "10"),
+            ("traceparent", "11"),
+            ("x-cluster-client-ip", "12"),
         ];
         let mut untrusted = map(&all);
         scrub_forwarding(&mut untrusted, false);
         assert_eq!(
             untrusted.keys().map(HeaderName::as_str).collect::<Vec<_>>(),
-            ["x-request-id"]
+            ["x-request-id", "traceparent"]
         );
 
         let mut trusted = map(&all);
@@ -313,7 +337,9 @@ mod tests {
             left,
             [
                 "forwarded",
+                "traceparent",
                 "true-client-ip",
+                "x-cluster-client-ip",
                 "x-forwarded-for",
                 "x-forwarded-proto",
                 "x-real-ip",

@@ -183,7 +183,8 @@ pub(crate) struct Finish {
 // === impl ObserveLayer ===
 
 impl ObserveLayer {
-    /// A layer that reports to nothing yet.
+    /// A layer that reports to nothing yet: until it is given a part, requests pass through
+    /// it (so that a stack whose observing is a choice made at run time keeps its type).
     pub fn new() -> Self {
         Self::default()
     }
@@ -230,6 +231,24 @@ impl fmt::Debug for ObserveLayer {
 // === impl Parts ===
 
 impl Parts {
+    /// Whether there is nothing to report to.
+    fn is_empty(&self) -> bool {
+        let mut empty = true;
+        #[cfg(feature = "metrics")]
+        {
+            empty &= self.metrics.is_none();
+        }
+        #[cfg(feature = "access-log")]
+        {
+            empty &= self.log.is_none();
+        }
+        #[cfg(feature = "otlp")]
+        {
+            empty &= self.otlp.is_none();
+        }
+        empty
+    }
+
     /// Whether the request's span is exported.
     #[cfg(feature = "otlp")]
     fn exports<B>(&self, req: &Request<B>) -> bool {
@@ -277,6 +296,12 @@ where
     }
 
     fn call(&mut self, mut req: Request<Body>) -> Self::Future {
+        if self.parts.is_empty() {
+            return ResponseFuture {
+                inner: self.inner.call(req),
+                exchange: None,
+            };
+        }
         let start = Instant::now();
         // NOTE: a request without a body (most of them) keeps it as it is.
         let read = if http_body::Body::is_end_stream(req.body()) {

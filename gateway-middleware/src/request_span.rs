@@ -71,6 +71,7 @@ use crate::trace_context::TraceContext;
 pub struct RequestSpanLayer {
     level: Level,
     sampled_only: bool,
+    on: bool,
 }
 
 /// The service of [`RequestSpanLayer`].
@@ -79,6 +80,7 @@ pub struct RequestSpan<S> {
     inner: S,
     level: Level,
     sampled_only: bool,
+    on: bool,
 }
 
 pin_project! {
@@ -113,6 +115,17 @@ impl RequestSpanLayer {
         Self {
             level: Level::INFO,
             sampled_only: false,
+            on: true,
+        }
+    }
+
+    /// A layer that makes no spans, for a stack whose spans are a choice made at run time:
+    /// the stack's type stays the same, and requests pass through.
+    pub const fn off() -> Self {
+        Self {
+            level: Level::INFO,
+            sampled_only: false,
+            on: false,
         }
     }
 
@@ -139,6 +152,7 @@ impl<S> Layer<S> for RequestSpanLayer {
             inner,
             level: self.level,
             sampled_only: self.sampled_only,
+            on: self.on,
         }
     }
 }
@@ -175,6 +189,9 @@ where
 impl<S> RequestSpan<S> {
     /// The request's span, unless it gets none.
     fn span<B>(&self, req: &Request<B>) -> Option<Span> {
+        if !self.on {
+            return None;
+        }
         let trace = req.extensions().get::<TraceContext>();
         if self.sampled_only && !trace.is_some_and(TraceContext::is_sampled) {
             return None;

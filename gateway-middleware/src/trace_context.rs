@@ -67,6 +67,7 @@ const SAMPLED: u8 = 0x01;
 pub struct TraceContextLayer {
     /// New traces sampled out of `u64::MAX`.
     sample_below: u64,
+    on: bool,
 }
 
 /// The service of [`TraceContextLayer`].
@@ -74,6 +75,7 @@ pub struct TraceContextLayer {
 pub struct TraceContextService<S> {
     inner: S,
     sample_below: u64,
+    on: bool,
 }
 
 /// A request's place in its trace: the trace, the caller's span (when it sent one) and the
@@ -99,6 +101,17 @@ impl TraceContextLayer {
     pub const fn new() -> Self {
         Self {
             sample_below: u64::MAX,
+            on: true,
+        }
+    }
+
+    /// A layer that leaves requests alone (their trace headers included), for a stack
+    /// whose trace context is a choice made at run time: the stack's type stays the same,
+    /// and an `off` layer costs a request nothing.
+    pub const fn off() -> Self {
+        Self {
+            sample_below: 0,
+            on: false,
         }
     }
 
@@ -130,6 +143,7 @@ impl<S> Layer<S> for TraceContextLayer {
         TraceContextService {
             inner,
             sample_below: self.sample_below,
+            on: self.on,
         }
     }
 }
@@ -149,6 +163,9 @@ where
     }
 
     fn call(&mut self, mut req: Request<B>) -> S::Future {
+        if !self.on {
+            return self.inner.call(req);
+        }
         let headers = req.headers_mut();
         let trace = match TraceContext::continued(headers) {
             Some(trace) => {

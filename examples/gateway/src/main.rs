@@ -31,7 +31,6 @@
 //! ```
 
 mod demo;
-mod optional;
 
 use std::collections::BTreeMap;
 use std::ffi::OsString;
@@ -58,7 +57,6 @@ use gateway_proxy::config::{
 };
 use gateway_proxy::server::Readiness;
 use gateway_proxy::{HttpClient, Server};
-use optional::Optional;
 use tower::ServiceBuilder;
 use tower::util::Either;
 
@@ -555,30 +553,31 @@ async fn run(args: Args) -> Result<(), Failure> {
         .map(|config| start_otlp(config, &metrics))
         .transpose()?;
     // What observes requests, once for all of its parts: metrics when there is an admin
-    // listener to serve them, the access log, OTLP export.
-    let observe = (admin_task.is_some() || access_log.is_some() || otlp.is_some()).then(|| {
-        let mut observe = ObserveLayer::new();
-        if admin_task.is_some() {
-            observe = observe.metrics(&metrics);
-        }
-        if let Some(log) = &access_log {
-            observe = observe.access_log(log);
-        }
-        if let Some(otlp) = &otlp {
-            observe = observe.otlp(otlp);
-        }
-        observe
-    });
-    // Outermost first; a layer the config leaves out is not in the way (`Optional`).
+    // listener to serve them, the access log, OTLP export (with none of them, requests
+    // pass through it).
+    let mut observe = ObserveLayer::new();
+    if admin_task.is_some() {
+        observe = observe.metrics(&metrics);
+    }
+    if let Some(log) = &access_log {
+        observe = observe.access_log(log);
+    }
+    if let Some(otlp) = &otlp {
+        observe = observe.otlp(otlp);
+    }
+    // Outermost first; a layer the config leaves out is `off`, and passes requests
+    // through: the stack's type is the same whatever the config says.
     let stack = ServiceBuilder::new()
         .layer(RescueLayer::new())
         .layer(SetClientIpLayer::new(gateway.trusted.clone()))
         // Trace context outside the observing layer, which reads the trace from it.
-        .layer(Optional::new(tracing_config.trace_context.then(|| {
+        .layer(if tracing_config.trace_context {
             TraceContextLayer::new().sample_ratio(tracing_config.sample_ratio)
-        })))
-        .layer(Optional::new(observe))
-        .layer(Optional::new(request_spans(&tracing_config)))
+        } else {
+            TraceContextLayer::off()
+        })
+        .layer(observe)
+        .layer(request_spans(&tracing_config))
         .service(app);
     let served = server.serve(stack).await;
     drop(stop_admin);
@@ -694,8 +693,8 @@ async fn reopen_on_sigusr1(log: AccessLog) {
     drop(log);
 }
 
-/// The request spans the `tracing` section asks for, if any.
-fn request_spans(config: &TracingConfig) -> Option<RequestSpanLayer> {
+/// The request spans the `tracing` section asks for (`off` for none).
+fn request_spans(config: &TracingConfig) -> RequestSpanLayer {
     let layer = RequestSpanLayer::new().level(match config.span_level {
         SpanLevel::Error => tracing::Level::ERROR,
         SpanLevel::Warn => tracing::Level::WARN,
@@ -704,10 +703,10 @@ fn request_spans(config: &TracingConfig) -> Option<RequestSpanLayer> {
         SpanLevel::Trace => tracing::Level::TRACE,
     });
     match config.spans {
-        SpanMode::Off => None,
+        SpanMode::Off => RequestSpanLayer::off(),
         // NOTE: without trace context there is no sampling decision: every request.
-        SpanMode::Sampled if config.trace_context => Some(layer.sampled_only()),
-        SpanMode::Sampled | SpanMode::All => Some(layer),
+        SpanMode::Sampled if config.trace_context => layer.sampled_only(),
+        SpanMode::Sampled | SpanMode::All => layer,
     }
 }
 

@@ -97,8 +97,16 @@ pin_project! {
     pub struct ResponseBody<B> {
         #[pin]
         inner: Observed<B, Finish>,
+        // The request's span, entered while the body is polled.
+        span: SpanSlot,
     }
 }
+
+/// Where a request's span is kept (nowhere without the `request-span` feature).
+#[cfg(feature = "request-span")]
+type SpanSlot = Option<tracing::Span>;
+#[cfg(not(feature = "request-span"))]
+type SpanSlot = ();
 
 /// What an [`Observe`] reports to.
 #[derive(Clone, Default)]
@@ -109,11 +117,16 @@ struct Parts {
     log: Option<crate::access_log::AccessLog>,
     #[cfg(feature = "otlp")]
     otlp: Option<crate::otlp::OtlpExporter>,
+    #[cfg(feature = "request-span")]
+    span: Option<crate::request_span::RequestSpanLayer>,
 }
 
 /// A request on its way, until its response comes.
 struct Exchange {
     parts: Arc<Parts>,
+    /// The request's span, entered while the inner future is polled.
+    #[cfg(feature = "request-span")]
+    span: Option<tracing::Span>,
     start: Instant,
     /// What the request body has read so far; `None` for a request without a body.
     read: Option<Arc<AtomicU64>>,
@@ -209,6 +222,14 @@ impl ObserveLayer {
         Arc::make_mut(&mut self.parts).otlp = Some(exporter.clone());
         self
     }
+
+    /// Puts requests in a `request` span as `spans` says (see [`crate::request_span`]),
+    /// without a layer of its own around them.
+    #[cfg(feature = "request-span")]
+    pub fn request_span(mut self, spans: crate::request_span::RequestSpanLayer) -> Self {
+        Arc::make_mut(&mut self.parts).span = spans.is_on().then_some(spans);
+        self
+    }
 }
 
 impl<S> Layer<S> for ObserveLayer {
@@ -245,6 +266,10 @@ impl Parts {
         #[cfg(feature = "otlp")]
         {
             empty &= self.otlp.is_none();
+        }
+        #[cfg(feature = "request-span")]
+        {
+            empty &= self.span.is_none();
         }
         empty
     }
@@ -322,8 +347,17 @@ where
             Some(metrics) => metrics.arrived(req.method()),
             None => (0, ""),
         };
+        #[cfg(feature = "request-span")]
+        let span = self.parts.span.and_then(|spans| spans.span(&req));
+        #[cfg(feature = "request-span")]
+        if let Some(span) = &span {
+            // Inner layers record into the request's own span (`route`, `upstream`).
+            req.extensions_mut().insert(span.clone());
+        }
         let exchange = Exchange {
             parts: Arc::clone(&self.parts),
+            #[cfg(feature = "request-span")]
+            span,
             start,
             read,
             #[cfg(feature = "metrics")]
@@ -331,8 +365,13 @@ where
             #[cfg(any(feature = "access-log", feature = "otlp"))]
             head,
         };
+        let inner = {
+            #[cfg(feature = "request-span")]
+            let _entered = exchange.span.as_ref().map(tracing::Span::enter);
+            self.inner.call(req)
+        };
         ResponseFuture {
-            inner: self.inner.call(req),
+            inner,
             exchange: Some(exchange),
         }
     }
@@ -416,7 +455,16 @@ where
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.project();
-        let res = match ready!(this.inner.poll(cx)) {
+        let polled = {
+            #[cfg(feature = "request-span")]
+            let _entered = this
+                .exchange
+                .as_ref()
+                .and_then(|exchange| exchange.span.as_ref())
+                .map(tracing::Span::enter);
+            ready!(this.inner.poll(cx))
+        };
+        let res = match polled {
             Ok(res) => res,
             Err(err) => {
                 let err = err.into();
@@ -427,6 +475,17 @@ where
                 return Poll::Ready(Err(err));
             }
         };
+        #[cfg(feature = "request-span")]
+        let span = this
+            .exchange
+            .as_mut()
+            .and_then(|exchange| exchange.span.take());
+        #[cfg(feature = "request-span")]
+        if let Some(span) = &span {
+            span.record("status", res.status().as_u16());
+        }
+        #[cfg(not(feature = "request-span"))]
+        let span = ();
         let finish = this.exchange.take().map(|exchange| {
             let extensions = res.extensions();
             Finish::new(
@@ -438,6 +497,7 @@ where
         });
         Poll::Ready(Ok(res.map(|inner| ResponseBody {
             inner: Observed::new(inner, finish),
+            span,
         })))
     }
 }
@@ -459,7 +519,10 @@ impl<B: http_body::Body> http_body::Body for ResponseBody<B> {
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<B::Data>, B::Error>>> {
-        self.project().inner.poll_frame(cx)
+        let this = self.project();
+        #[cfg(feature = "request-span")]
+        let _entered = this.span.as_ref().map(tracing::Span::enter);
+        this.inner.poll_frame(cx)
     }
 
     fn is_end_stream(&self) -> bool {

@@ -78,9 +78,7 @@ pub struct RequestSpanLayer {
 #[derive(Clone, Debug)]
 pub struct RequestSpan<S> {
     inner: S,
-    level: Level,
-    sampled_only: bool,
-    on: bool,
+    layer: RequestSpanLayer,
 }
 
 pin_project! {
@@ -150,9 +148,7 @@ impl<S> Layer<S> for RequestSpanLayer {
     fn layer(&self, inner: S) -> RequestSpan<S> {
         RequestSpan {
             inner,
-            level: self.level,
-            sampled_only: self.sampled_only,
-            on: self.on,
+            layer: *self,
         }
     }
 }
@@ -173,7 +169,7 @@ where
     }
 
     fn call(&mut self, mut req: Request<B>) -> Self::Future {
-        let span = self.span(&req);
+        let span = self.layer.span(&req);
         let inner = match &span {
             Some(span) => {
                 // Inner layers record into the request's own span (`route`, `upstream`).
@@ -186,9 +182,14 @@ where
     }
 }
 
-impl<S> RequestSpan<S> {
+impl RequestSpanLayer {
+    /// Whether the layer makes spans at all.
+    pub(crate) const fn is_on(&self) -> bool {
+        self.on
+    }
+
     /// The request's span, unless it gets none.
-    fn span<B>(&self, req: &Request<B>) -> Option<Span> {
+    pub(crate) fn span<B>(&self, req: &Request<B>) -> Option<Span> {
         if !self.on {
             return None;
         }

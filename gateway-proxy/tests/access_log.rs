@@ -424,6 +424,18 @@ async fn a_failed_request_is_logged_with_its_method_path_route_and_upstream() {
         "{failed}"
     );
 
+    // The same span made by the observing layer, without a layer of its own.
+    let observe = gateway_middleware::observe::ObserveLayer::new()
+        .request_span(gateway_middleware::request_span::RequestSpanLayer::new());
+    let (text, dead) = logged_failures(observe).await;
+    let failed = failure_line(&text);
+    assert!(
+        failed.contains(&format!(
+            "request{{method=GET path=/api/orders route=api upstream={dead}}}"
+        )),
+        "{failed}"
+    );
+
     // Spans for sampled traces only: none for a request without a trace.
     let spans = gateway_middleware::request_span::RequestSpanLayer::new().sampled_only();
     let (text, _) = logged_failures(spans).await;

@@ -553,8 +553,8 @@ async fn run(args: Args) -> Result<(), Failure> {
         .map(|config| start_otlp(config, &metrics))
         .transpose()?;
     // What observes requests, once for all of its parts: metrics when there is an admin
-    // listener to serve them, the access log, OTLP export (with none of them, requests
-    // pass through it).
+    // listener to serve them, the access log, OTLP export, the request spans (with none of
+    // them, requests pass through it).
     let mut observe = ObserveLayer::new();
     if admin_task.is_some() {
         observe = observe.metrics(&metrics);
@@ -576,8 +576,7 @@ async fn run(args: Args) -> Result<(), Failure> {
         } else {
             TraceContextLayer::off()
         })
-        .layer(observe)
-        .layer(request_spans(&tracing_config))
+        .layer(observe.request_span(request_spans(&tracing_config)))
         .service(app);
     let served = server.serve(stack).await;
     drop(stop_admin);

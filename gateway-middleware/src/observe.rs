@@ -102,6 +102,34 @@ pin_project! {
     }
 }
 
+/// A request's trace (none without the `trace-context` feature).
+#[cfg(all(
+    feature = "trace-context",
+    any(feature = "access-log", feature = "otlp")
+))]
+type Trace = crate::trace_context::TraceContext;
+#[cfg(all(not(feature = "trace-context"), feature = "access-log"))]
+type Trace = ();
+
+/// The wall-clock time at `now`, from a pair of clock readings each thread renews every
+/// second: one clock read per request instead of two. (A step of the system clock shows
+/// in the access log within a second.)
+#[cfg(any(feature = "access-log", feature = "otlp"))]
+fn wall_clock(now: Instant) -> SystemTime {
+    thread_local! {
+        static BASE: std::cell::Cell<Option<(Instant, SystemTime)>> =
+            const { std::cell::Cell::new(None) };
+    }
+    BASE.with(|base| match base.get() {
+        Some((at, wall)) if now >= at && now - at < Duration::from_secs(1) => wall + (now - at),
+        _ => {
+            let wall = SystemTime::now();
+            base.set(Some((now, wall)));
+            wall
+        }
+    })
+}
+
 /// Where a request's span is kept (nowhere without the `request-span` feature).
 #[cfg(feature = "request-span")]
 type SpanSlot = Option<tracing::Span>;
@@ -274,18 +302,14 @@ impl Parts {
         empty
     }
 
-    /// Whether the request's span is exported.
+    /// Whether the span of a request in `trace` is exported.
     #[cfg(feature = "otlp")]
-    fn exports<B>(&self, req: &Request<B>) -> bool {
-        self.otlp.is_some()
-            && req
-                .extensions()
-                .get::<crate::trace_context::TraceContext>()
-                .is_some_and(crate::trace_context::TraceContext::is_sampled)
+    fn exports(&self, trace: Option<&crate::trace_context::TraceContext>) -> bool {
+        self.otlp.is_some() && trace.is_some_and(crate::trace_context::TraceContext::is_sampled)
     }
 
     #[cfg(all(feature = "access-log", not(feature = "otlp")))]
-    const fn exports<B>(&self, _: &Request<B>) -> bool {
+    const fn exports<T>(&self, _: Option<&T>) -> bool {
         false
     }
 
@@ -328,6 +352,16 @@ where
             };
         }
         let start = Instant::now();
+        #[cfg(all(
+            feature = "trace-context",
+            any(feature = "access-log", feature = "otlp", feature = "request-span")
+        ))]
+        let trace = req
+            .extensions()
+            .get::<crate::trace_context::TraceContext>()
+            .copied();
+        #[cfg(all(not(feature = "trace-context"), feature = "access-log"))]
+        let trace = None::<Trace>;
         // NOTE: a request without a body (most of them) keeps it as it is.
         let read = if http_body::Body::is_end_stream(req.body()) {
             None
@@ -338,9 +372,9 @@ where
         };
         #[cfg(any(feature = "access-log", feature = "otlp"))]
         let head = {
-            let export = self.parts.exports(&req);
+            let export = self.parts.exports(trace.as_ref());
             let (logs, referer) = self.parts.logs();
-            (logs || export).then(|| Box::new(Head::of(&mut req, export, referer)))
+            (logs || export).then(|| Box::new(Head::of(&mut req, start, trace, export, referer)))
         };
         #[cfg(feature = "metrics")]
         let method = match &self.parts.metrics {
@@ -348,7 +382,10 @@ where
             None => (0, ""),
         };
         #[cfg(feature = "request-span")]
-        let span = self.parts.span.and_then(|spans| spans.span(&req));
+        let span = self
+            .parts
+            .span
+            .and_then(|spans| spans.span(&req, trace.as_ref()));
         #[cfg(feature = "request-span")]
         if let Some(span) = &span {
             // Inner layers record into the request's own span (`route`, `upstream`).
@@ -391,9 +428,17 @@ impl<S: fmt::Debug> fmt::Debug for Observe<S> {
 impl Head {
     /// The head of `req` (with its `Referer` when asked), whose extensions get the
     /// [`LogFields`] the inner layers fill.
-    fn of<B>(req: &mut Request<B>, export: bool, referer: bool) -> Self {
+    fn of<B>(
+        req: &mut Request<B>,
+        start: Instant,
+        trace: Option<Trace>,
+        export: bool,
+        referer: bool,
+    ) -> Self {
         #[cfg(not(feature = "access-log"))]
         let _ = referer;
+        #[cfg(not(feature = "trace-context"))]
+        let _ = trace;
         let fields = match req.extensions().get::<LogFields>() {
             Some(fields) => fields.clone(),
             None => {
@@ -408,7 +453,7 @@ impl Head {
         #[cfg(not(feature = "otlp"))]
         let _ = export;
         Self {
-            time: SystemTime::now(),
+            time: wall_clock(start),
             method: req.method().clone(),
             uri: req.uri().clone(),
             version: req.version(),
@@ -427,9 +472,7 @@ impl Head {
             #[cfg(feature = "access-log")]
             request_id: extensions.get::<RequestId>().cloned(),
             #[cfg(feature = "trace-context")]
-            trace: extensions
-                .get::<crate::trace_context::TraceContext>()
-                .copied(),
+            trace,
             #[cfg(feature = "otlp")]
             trace_state: if export {
                 headers.get(crate::trace_context::TRACESTATE).cloned()
@@ -779,5 +822,25 @@ mod request {
         fn size_hint(&self) -> SizeHint {
             self.inner.size_hint()
         }
+    }
+}
+
+#[cfg(all(test, any(feature = "access-log", feature = "otlp")))]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_wall_clock_follows_the_monotonic_one_for_a_second() {
+        let now = Instant::now();
+        let first = wall_clock(now);
+        let later = wall_clock(now + Duration::from_millis(10));
+        assert_eq!(
+            later.duration_since(first).ok(),
+            Some(Duration::from_millis(10))
+        );
+        // Past a second, the system clock is read again (here: it has not moved by two).
+        let renewed = wall_clock(now + Duration::from_secs(2));
+        let moved = renewed.duration_since(first).unwrap_or_default();
+        assert!(moved < Duration::from_secs(1), "{moved:?}");
     }
 }

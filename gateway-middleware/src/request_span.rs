@@ -169,7 +169,8 @@ where
     }
 
     fn call(&mut self, mut req: Request<B>) -> Self::Future {
-        let span = self.layer.span(&req);
+        let trace = req.extensions().get::<TraceContext>().copied();
+        let span = self.layer.span(&req, trace.as_ref());
         let inner = match &span {
             Some(span) => {
                 // Inner layers record into the request's own span (`route`, `upstream`).
@@ -188,12 +189,11 @@ impl RequestSpanLayer {
         self.on
     }
 
-    /// The request's span, unless it gets none.
-    pub(crate) fn span<B>(&self, req: &Request<B>) -> Option<Span> {
+    /// The span of `req`, in `trace`, unless it gets none.
+    pub(crate) fn span<B>(&self, req: &Request<B>, trace: Option<&TraceContext>) -> Option<Span> {
         if !self.on {
             return None;
         }
-        let trace = req.extensions().get::<TraceContext>();
         if self.sampled_only && !trace.is_some_and(TraceContext::is_sampled) {
             return None;
         }

@@ -2,7 +2,7 @@
 //!
 //! [`HttpMetricsLayer`] sits at the edge, outside the router, so it sees every answer (a
 //! route's, the router's own 404 and 400). It reports into a
-//! [`Metrics`](gateway_core::metrics::Metrics) registry, following `docs/observability.md`:
+//! [`Metrics`] registry, following `docs/observability.md`:
 //!
 //! | metric | type | labels |
 //! |---|---|---|
@@ -57,7 +57,7 @@
 //! edge [`Rescue`](gateway_core::rescue::Rescue) counts the same.
 //!
 //! With the access log or OTLP export too, use one
-//! [`ObserveLayer`](crate::observe::ObserveLayer) for all of them: this layer is that
+//! [`ObserveLayer`] for all of them: this layer is that
 //! layer with metrics alone, and each one stacked costs its own wrapper.
 
 use std::collections::HashMap;

@@ -1,7 +1,8 @@
 //! OpenTelemetry export: a `SERVER` span for every sampled request, sent to a collector
 //! over OTLP/HTTP (binary protobuf, `POST /v1/traces`) in batches, off the request path.
 //!
-//! The span is the gateway's own span of the [`TraceContext`]: its id is the parent id the
+//! The span is the gateway's own span of the
+//! [`TraceContext`](crate::trace_context::TraceContext): its id is the parent id the
 //! upstream got in `traceparent`, and its parent is the caller's span (when the caller sent
 //! one). So a trace shows the client's span, the gateway's under it, and the upstream's
 //! under that. Only requests whose trace is sampled are exported; the others cost a
@@ -16,7 +17,7 @@
 //! | `http.request.method`, `url.path`, `url.scheme`, `server.address`, `client.address`, `user_agent.original`, `network.protocol.version` | from the request (client-sent text cut to a bound) |
 //! | `http.request.body.size` | the request body's size, when it had one |
 //! | `http.response.status_code`, `http.response.body.size` | from the response |
-//! | `error.type` | the [`ErrorKind`] name when the gateway made the answer, or the status code of a 5xx |
+//! | `error.type` | the [`ErrorKind`](gateway_core::ErrorKind) name when the gateway made the answer, or the status code of a 5xx |
 //! | `gateway.route`, `gateway.upstream.endpoint`, `gateway.upstream.attempts` | the route's name, the endpoint of the last upstream call, the calls made |
 //!
 //! Finished spans wait in a bounded queue for the exporter task; when it is full they are

@@ -6,7 +6,7 @@
 //! | field | set by |
 //! |---|---|
 //! | `method`, `path` | this layer, from the request (the path without its query) |
-//! | `trace_id` | this layer, from the [`TraceContext`](crate::trace_context::TraceContext) when one is set outside |
+//! | `trace_id` | this layer, from the [`TraceContext`] when one is set outside |
 //! | `route` | the router, when a route matches |
 //! | `upstream` | the proxy, with the endpoint (`host:port`) it picked |
 //!

@@ -1,7 +1,7 @@
-//! Observing a request once for everything that reports on it: metrics, the access log and
-//! OTLP export.
+//! Observing a request once for everything that reports on it: metrics, the access log, OTLP
+//! export and the request span.
 //!
-//! [`ObserveLayer`] wraps a service once, however many of the three it reports to: one
+//! [`ObserveLayer`] wraps a service once, however many of them it reports to: one
 //! clock read when a request arrives and one when its response body ends, one copy of the
 //! request's head (only when the access log or a span needs it), one wrapper around the
 //! future and one around the response body. Each of [`HttpMetricsLayer`],
@@ -66,7 +66,7 @@ use pin_project_lite::pin_project;
 use tokio::time::Instant;
 use tower::{Layer, Service};
 
-pub(crate) use self::request::{count_request, read};
+use self::request::{count_request, read};
 
 /// Reports every request to the parts it was given; see the [module docs](self).
 #[derive(Clone, Default)]
@@ -79,7 +79,8 @@ pub struct ObserveLayer {
 #[derive(Clone)]
 pub struct Observe<S> {
     inner: S,
-    parts: Arc<Parts>,
+    /// `None` when there is nothing to report to: requests pass through.
+    parts: Option<Arc<Parts>>,
 }
 
 pin_project! {
@@ -92,13 +93,27 @@ pin_project! {
 }
 
 pin_project! {
-    /// Response body of [`Observe`]: counts its bytes and records the request at its end
-    /// (or when it is dropped before).
+    /// Response body of [`Observe`]: counts its bytes and records the request once, at its
+    /// end or when it is dropped before.
     pub struct ResponseBody<B> {
         #[pin]
-        inner: Observed<B, Finish>,
+        inner: B,
+        written: u64,
+        // Whether the body had nothing to send from the start (it may never be polled).
+        empty: bool,
+        finish: Option<Finish>,
         // The request's span, entered while the body is polled.
         span: SpanSlot,
+    }
+
+    impl<B> PinnedDrop for ResponseBody<B> {
+        fn drop(this: Pin<&mut Self>) {
+            let this = this.project();
+            if let Some(finish) = this.finish.take() {
+                // A body with nothing to send ended, polled or not.
+                finish.end(*this.written, *this.empty);
+            }
+        }
     }
 }
 
@@ -266,7 +281,7 @@ impl<S> Layer<S> for ObserveLayer {
     fn layer(&self, inner: S) -> Observe<S> {
         Observe {
             inner,
-            parts: Arc::clone(&self.parts),
+            parts: (!self.parts.is_empty()).then(|| Arc::clone(&self.parts)),
         }
     }
 }
@@ -280,7 +295,7 @@ impl fmt::Debug for ObserveLayer {
 // === impl Parts ===
 
 impl Parts {
-    /// Whether there is nothing to report to.
+    /// Whether there is nothing to report to (checked when the layer wraps a service).
     fn is_empty(&self) -> bool {
         let mut empty = true;
         #[cfg(feature = "metrics")]
@@ -345,12 +360,12 @@ where
     }
 
     fn call(&mut self, mut req: Request<Body>) -> Self::Future {
-        if self.parts.is_empty() {
+        let Some(parts) = &self.parts else {
             return ResponseFuture {
                 inner: self.inner.call(req),
                 exchange: None,
             };
-        }
+        };
         let start = Instant::now();
         #[cfg(all(
             feature = "trace-context",
@@ -362,28 +377,20 @@ where
             .copied();
         #[cfg(all(not(feature = "trace-context"), feature = "access-log"))]
         let trace = None::<Trace>;
-        // NOTE: a request without a body (most of them) keeps it as it is.
-        let read = if http_body::Body::is_end_stream(req.body()) {
-            None
-        } else {
-            let (body, read) = count_request(std::mem::take(req.body_mut()));
-            *req.body_mut() = body;
-            read
-        };
+        let read = count_request(req.body_mut());
         #[cfg(any(feature = "access-log", feature = "otlp"))]
         let head = {
-            let export = self.parts.exports(trace.as_ref());
-            let (logs, referer) = self.parts.logs();
+            let export = parts.exports(trace.as_ref());
+            let (logs, referer) = parts.logs();
             (logs || export).then(|| Box::new(Head::of(&mut req, start, trace, export, referer)))
         };
         #[cfg(feature = "metrics")]
-        let method = match &self.parts.metrics {
+        let method = match &parts.metrics {
             Some(metrics) => metrics.arrived(req.method()),
             None => (0, ""),
         };
         #[cfg(feature = "request-span")]
-        let span = self
-            .parts
+        let span = parts
             .span
             .and_then(|spans| spans.span(&req, trace.as_ref()));
         #[cfg(feature = "request-span")]
@@ -392,7 +399,7 @@ where
             req.extensions_mut().insert(span.clone());
         }
         let exchange = Exchange {
-            parts: Arc::clone(&self.parts),
+            parts: Arc::clone(parts),
             #[cfg(feature = "request-span")]
             span,
             start,
@@ -539,7 +546,10 @@ where
             )
         });
         Poll::Ready(Ok(res.map(|inner| ResponseBody {
-            inner: Observed::new(inner, finish),
+            empty: inner.is_end_stream(),
+            inner,
+            written: 0,
+            finish,
             span,
         })))
     }
@@ -557,15 +567,33 @@ impl<B: http_body::Body> http_body::Body for ResponseBody<B> {
     type Data = B::Data;
     type Error = B::Error;
 
-    #[inline]
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<B::Data>, B::Error>>> {
-        let this = self.project();
+        let mut this = self.project();
         #[cfg(feature = "request-span")]
         let _entered = this.span.as_ref().map(tracing::Span::enter);
-        this.inner.poll_frame(cx)
+        let polled = ready!(this.inner.as_mut().poll_frame(cx));
+        if this.finish.is_none() {
+            return Poll::Ready(polled);
+        }
+        if let Some(Ok(frame)) = &polled
+            && let Some(data) = frame.data_ref()
+        {
+            *this.written += bytes::Buf::remaining(data) as u64;
+        }
+        let ended = match &polled {
+            None => Some(true),
+            Some(Err(_)) => Some(false),
+            Some(Ok(_)) => this.inner.is_end_stream().then_some(true),
+        };
+        if let Some(complete) = ended
+            && let Some(finish) = this.finish.take()
+        {
+            finish.end(*this.written, complete);
+        }
+        Poll::Ready(polled)
     }
 
     fn is_end_stream(&self) -> bool {
@@ -611,9 +639,9 @@ impl Finish {
             series,
         }
     }
-}
 
-impl OnEnd for Finish {
+    /// Records the request, whose response body sent `written` bytes and reached its end
+    /// (`complete`) or not.
     fn end(mut self, written: u64, complete: bool) {
         #[cfg(not(any(feature = "access-log", feature = "otlp")))]
         let _ = complete;
@@ -671,90 +699,6 @@ impl Drop for Exchange {
     }
 }
 
-/// Told how an exchange's response body ended.
-pub(crate) trait OnEnd {
-    /// The body sent `written` bytes and ended (`complete`), or was dropped before its end.
-    fn end(self, written: u64, complete: bool);
-}
-
-pin_project! {
-    /// A response body that counts its data bytes and calls its [`OnEnd`] once: at its end,
-    /// or when it is dropped before.
-    pub(crate) struct Observed<B, E: OnEnd> {
-        #[pin]
-        inner: B,
-        written: u64,
-        // Whether the body had nothing to send from the start (it may never be polled).
-        empty: bool,
-        on_end: Option<E>,
-    }
-
-    impl<B, E: OnEnd> PinnedDrop for Observed<B, E> {
-        fn drop(this: Pin<&mut Self>) {
-            let this = this.project();
-            if let Some(on_end) = this.on_end.take() {
-                // A body with nothing to send ended, polled or not.
-                on_end.end(*this.written, *this.empty);
-            }
-        }
-    }
-}
-
-// === impl Observed ===
-
-impl<B: http_body::Body, E: OnEnd> Observed<B, E> {
-    /// `inner`, observed by `on_end` (when there is one).
-    pub(crate) fn new(inner: B, on_end: Option<E>) -> Self {
-        Self {
-            empty: inner.is_end_stream(),
-            inner,
-            written: 0,
-            on_end,
-        }
-    }
-}
-
-impl<B, E> http_body::Body for Observed<B, E>
-where
-    B: http_body::Body,
-    E: OnEnd,
-{
-    type Data = B::Data;
-    type Error = B::Error;
-
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<B::Data>, B::Error>>> {
-        let mut this = self.project();
-        let polled = ready!(this.inner.as_mut().poll_frame(cx));
-        if let Some(Ok(frame)) = &polled
-            && let Some(data) = frame.data_ref()
-        {
-            *this.written += bytes::Buf::remaining(data) as u64;
-        }
-        let ended = match &polled {
-            None => Some(true),
-            Some(Err(_)) => Some(false),
-            Some(Ok(_)) => this.inner.is_end_stream().then_some(true),
-        };
-        if let Some(complete) = ended
-            && let Some(on_end) = this.on_end.take()
-        {
-            on_end.end(*this.written, complete);
-        }
-        Poll::Ready(polled)
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
-    }
-}
-
 /// Request bodies, counted.
 mod request {
     use std::pin::Pin;
@@ -776,22 +720,23 @@ mod request {
         }
     }
 
-    /// `body`, counted: a body with nothing to read (most requests) is passed on as it
-    /// is, since counting would box it.
-    pub(crate) fn count_request(body: Body) -> (Body, Option<Arc<AtomicU64>>) {
-        if http_body::Body::is_end_stream(&body) {
-            return (body, None);
+    /// Counts what `body` reads, and returns the count: a body with nothing to read (most
+    /// requests) is left as it is, since counting would box it.
+    pub(super) fn count_request(body: &mut Body) -> Option<Arc<AtomicU64>> {
+        if http_body::Body::is_end_stream(body) {
+            return None;
         }
         let read = Arc::new(AtomicU64::new(0));
         let counted = Counted {
-            inner: body,
+            inner: std::mem::take(body),
             read: Arc::clone(&read),
         };
-        (Body::new(counted), Some(read))
+        *body = Body::new(counted);
+        Some(read)
     }
 
     /// What a request body counted so far.
-    pub(crate) fn read(counter: Option<&Arc<AtomicU64>>) -> u64 {
+    pub(super) fn read(counter: Option<&Arc<AtomicU64>>) -> u64 {
         counter.map_or(0, |read| read.load(Ordering::Relaxed))
     }
 

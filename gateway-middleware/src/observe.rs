@@ -682,7 +682,7 @@ impl Finish {
         if head.export
             && let Some(exporter) = &exchange.parts.otlp
         {
-            exporter.queue(head, outcome);
+            exporter.queue(&head, &outcome);
         }
     }
 }

@@ -20,7 +20,9 @@
 //! | `error.type` | the [`ErrorKind`](gateway_core::ErrorKind) name when the gateway made the answer, or the status code of a 5xx |
 //! | `gateway.route`, `gateway.upstream.endpoint`, `gateway.upstream.attempts` | the route's name, the endpoint of the last upstream call, the calls made |
 //!
-//! Finished spans wait in a bounded queue for the exporter task; when it is full they are
+//! A span is written in the protobuf wire format when its request ends (its text cut, so
+//! at most a few KiB, and nothing of the request kept), then waits in a bounded queue for
+//! the exporter task; when the queue is full it is
 //! dropped and counted ([`OtlpExporter::dropped`], `gateway_otlp_dropped_spans_total`), and
 //! requests never wait. The task sends a batch when it is full or when the oldest span in
 //! it has waited [`batch_delay`](OtlpExporterBuilder::batch_delay); a batch the collector
@@ -180,14 +182,16 @@ struct Counts {
 type Counter = prometheus_client::metrics::counter::Counter;
 
 enum Message {
-    Span(Box<SpanRecord>),
+    /// A finished span: the fields of its `Span` message, written when its request ended
+    /// (bounded, and holding nothing of the request).
+    Span(Vec<u8>),
     Flush(oneshot::Sender<()>),
 }
 
-/// A finished span, as queued for the exporter.
-struct SpanRecord {
-    head: Box<Head>,
-    outcome: Outcome,
+/// A finished request's span, as it is written.
+struct SpanRecord<'a> {
+    head: &'a Head,
+    outcome: &'a Outcome,
     /// The span's end, in nanoseconds since the Unix epoch.
     end: u64,
 }
@@ -264,21 +268,26 @@ impl OtlpExporter {
         }
     }
 
-    /// Queues the span of a finished request, or drops and counts it.
-    pub(crate) fn queue(&self, head: Box<Head>, outcome: Outcome) {
+    /// Queues the span of a finished request, or drops and counts it. The span is written
+    /// now, so that a queued span holds its few bounded KiB rather than the request's head
+    /// (which a client may have made 64 KiB).
+    pub(crate) fn queue(&self, head: &Head, outcome: &Outcome) {
+        let Ok(permit) = self.shared.queue.try_reserve() else {
+            self.drop_one();
+            return;
+        };
         let end = unix_nanos(head.time).saturating_add(nanos(outcome.duration));
-        let span = SpanRecord { head, outcome, end };
-        if self
-            .shared
-            .queue
-            .try_send(Message::Span(Box::new(span)))
-            .is_err()
-        {
-            self.shared.dropped.fetch_add(1, Ordering::Relaxed);
-            #[cfg(feature = "metrics")]
-            if let Some(counter) = &self.shared.dropped_counter {
-                counter.inc();
-            }
+        let mut span = Vec::with_capacity(512);
+        SpanRecord { head, outcome, end }.encode(&mut span);
+        permit.send(Message::Span(span));
+    }
+
+    /// Counts a span dropped on a full queue.
+    fn drop_one(&self) {
+        self.shared.dropped.fetch_add(1, Ordering::Relaxed);
+        #[cfg(feature = "metrics")]
+        if let Some(counter) = &self.shared.dropped_counter {
+            counter.inc();
         }
     }
 }
@@ -468,10 +477,10 @@ impl<S> Layer<S> for OtlpLayer {
 
 // === impl SpanRecord ===
 
-impl SpanRecord {
+impl SpanRecord<'_> {
     /// Writes the span as an OTLP `Span` message's fields.
     fn encode(&self, out: &mut Vec<u8>) {
-        let (p, o) = (&self.head, &self.outcome);
+        let (p, o) = (self.head, self.outcome);
         // NOTE: a span is exported only for a request with a (sampled) trace.
         let Some(trace) = &p.trace else {
             return;
@@ -511,7 +520,7 @@ impl SpanRecord {
     }
 
     fn attributes(&self, out: &mut Vec<u8>) {
-        let (p, o) = (&self.head, &self.outcome);
+        let (p, o) = (self.head, self.outcome);
         string_attribute(out, "http.request.method", p.method.as_str());
         string_attribute(out, "url.path", &cut(p.uri.path().as_bytes(), MAX_PATH));
         let scheme = p
@@ -668,7 +677,7 @@ where
     }
 
     /// Sends `batch`, trying again as the collector allows, and counts the outcome.
-    async fn export(&mut self, batch: &[Box<SpanRecord>]) {
+    async fn export(&mut self, batch: &[Vec<u8>]) {
         let body = Bytes::from(self.encode(batch));
         let spans = batch.len() as u64;
         let mut tries = 0;
@@ -713,8 +722,9 @@ where
     }
 
     /// An `ExportTraceServiceRequest` of `batch`.
-    fn encode(&self, batch: &[Box<SpanRecord>]) -> Vec<u8> {
-        let mut out = Vec::with_capacity(256 + batch.len() * 512);
+    fn encode(&self, batch: &[Vec<u8>]) -> Vec<u8> {
+        let mut out =
+            Vec::with_capacity(256 + batch.iter().map(|span| span.len() + 3).sum::<usize>());
         // resource_spans
         wire::message(&mut out, 1, |out| {
             // resource
@@ -733,7 +743,7 @@ where
                     wire::bytes(out, 2, env!("CARGO_PKG_VERSION").as_bytes());
                 });
                 for span in batch {
-                    wire::message(out, 2, |out| span.encode(out));
+                    wire::message(out, 2, |out| out.extend_from_slice(span));
                 }
             });
         });

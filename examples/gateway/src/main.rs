@@ -153,7 +153,7 @@ struct Args {
     access_log: Option<Option<String>>,
     tracing: bool,
     /// `--otlp`: the collector's traces endpoint.
-    otlp: Option<String>,
+    otlp: Option<http::Uri>,
 }
 
 /// The `--lb` choice, as the config file spells it.
@@ -315,13 +315,7 @@ fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Command, String> {
             }
             Long("otlp") => {
                 let v = value(&mut parser)?;
-                let uri = v
-                    .parse::<http::Uri>()
-                    .map_err(|e| format!("--otlp: `{v}`: {e}"))?;
-                if !matches!(uri.scheme_str(), Some("http" | "https")) || uri.host().is_none() {
-                    return Err(format!("--otlp: `{v}` is not an http:// or https:// URL"));
-                }
-                args.otlp = Some(v);
+                args.otlp = Some(config::http_url(&v).map_err(|e| format!("--otlp: {e}"))?);
             }
             other => return Err(other.unexpected().to_string()),
         }
@@ -826,14 +820,10 @@ fn tracing_config(args: &Args) -> Option<TracingConfig> {
 /// it exports and loses in `metrics`.
 fn start_otlp(config: &OtlpConfig, metrics: &Metrics) -> Result<OtlpExporter, Failure> {
     let invalid = |e: String| Failure::Config(format!("tracing.otlp: {e}"));
-    let endpoint = config
-        .endpoint
-        .parse()
-        .map_err(|e: http::uri::InvalidUri| invalid(e.to_string()))?;
     let client = HttpClient::builder()
         .build()
         .map_err(|e| invalid(e.to_string()))?;
-    let mut builder = OtlpExporter::builder(endpoint)
+    let mut builder = OtlpExporter::builder(config.endpoint.clone())
         .service_name(&config.service_name)
         .capacity(config.queue)
         .batch_size(config.batch)
@@ -841,10 +831,7 @@ fn start_otlp(config: &OtlpConfig, metrics: &Metrics) -> Result<OtlpExporter, Fa
         .timeout(config.timeout.into())
         .metrics(metrics);
     for (name, value) in &config.headers {
-        let name = http::HeaderName::try_from(name.as_str()).map_err(|e| invalid(e.to_string()))?;
-        let value =
-            http::HeaderValue::try_from(value.as_str()).map_err(|e| invalid(e.to_string()))?;
-        builder = builder.header(name, value);
+        builder = builder.header(name.clone(), value.clone());
     }
     builder.start(client).map_err(|e| invalid(e.to_string()))
 }

@@ -53,4 +53,4 @@ pub use schema::{
     RedirectConfig, ReplacePrefix, RespondConfig, RouteConfig, RouteTimeouts, ServerConfig,
     SpanLevel, SpanMode, TlsFiles, TracingConfig, UpstreamConfig, UpstreamTls,
 };
-pub use units::{Cidr, Url, is_address};
+pub use units::{Cidr, Url, http_url, is_address};

@@ -161,13 +161,13 @@ pub struct TracingConfig {
 pub struct OtlpConfig {
     /// The collector's traces endpoint, `http://collector:4318/v1/traces`.
     #[serde(deserialize_with = "OtlpConfig::read_endpoint")]
-    pub endpoint: String,
+    pub endpoint: http::Uri,
     /// The resource's `service.name` [default: `gateway`].
     #[serde(default = "OtlpConfig::default_service_name")]
     pub service_name: String,
     /// Headers sent with every export (a backend's API key) [default: none].
     #[serde(default, deserialize_with = "OtlpConfig::read_headers")]
-    pub headers: BTreeMap<String, String>,
+    pub headers: http::HeaderMap,
     /// Finished spans that may wait for the exporter; more are dropped and counted
     /// [default: 2048].
     #[serde(
@@ -211,11 +211,11 @@ impl OtlpConfig {
     }
 
     /// An OTLP config sending to `endpoint`, the rest by default.
-    pub fn new(endpoint: impl Into<String>) -> Self {
+    pub fn new(endpoint: http::Uri) -> Self {
         Self {
-            endpoint: endpoint.into(),
+            endpoint,
             service_name: Self::default_service_name(),
-            headers: BTreeMap::new(),
+            headers: http::HeaderMap::new(),
             queue: Self::default_queue(),
             batch: Self::default_batch(),
             batch_delay: Self::default_batch_delay(),
@@ -223,32 +223,19 @@ impl OtlpConfig {
         }
     }
 
-    fn read_endpoint<'de, D: de::Deserializer<'de>>(d: D) -> Result<String, D::Error> {
-        let text = String::deserialize(d)?;
-        let uri = text
-            .parse::<http::Uri>()
-            .map_err(|e| de::Error::custom(format!("`{text}`: {e}")))?;
-        if !matches!(uri.scheme_str(), Some("http" | "https")) || uri.authority().is_none() {
-            return Err(de::Error::custom(format!(
-                "`{text}` is not an http:// or https:// URL"
-            )));
-        }
-        Ok(text)
+    fn read_endpoint<'de, D: de::Deserializer<'de>>(d: D) -> Result<http::Uri, D::Error> {
+        super::units::http_url(&String::deserialize(d)?).map_err(de::Error::custom)
     }
 
-    fn read_headers<'de, D: de::Deserializer<'de>>(
-        d: D,
-    ) -> Result<BTreeMap<String, String>, D::Error> {
-        let headers = BTreeMap::<String, String>::deserialize(d)?;
-        for (name, value) in &headers {
-            if http::HeaderName::try_from(name.as_str()).is_err() {
-                return Err(de::Error::custom(format!("`{name}` is not a header name")));
-            }
-            if http::HeaderValue::try_from(value.as_str()).is_err() {
-                return Err(de::Error::custom(format!(
-                    "the value of `{name}` is not a header value"
-                )));
-            }
+    fn read_headers<'de, D: de::Deserializer<'de>>(d: D) -> Result<http::HeaderMap, D::Error> {
+        let mut headers = http::HeaderMap::new();
+        for (name, value) in BTreeMap::<String, String>::deserialize(d)? {
+            let name = http::HeaderName::try_from(name.as_str())
+                .map_err(|_| de::Error::custom(format!("`{name}` is not a header name")))?;
+            let value = http::HeaderValue::try_from(value).map_err(|_| {
+                de::Error::custom(format!("the value of `{name}` is not a header value"))
+            })?;
+            headers.append(name, value);
         }
         Ok(headers)
     }

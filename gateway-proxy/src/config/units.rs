@@ -19,6 +19,28 @@ pub fn is_address(v: &str) -> bool {
             .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok())
 }
 
+/// `text` as an absolute `http://` or `https://` URL (a collector's, a service's).
+///
+/// ```
+/// use gateway_proxy::config::http_url;
+///
+/// assert_eq!(http_url("http://c:4318/v1/traces").unwrap().path(), "/v1/traces");
+/// assert!(http_url("grpc://c:4317").is_err() && http_url("/v1/traces").is_err());
+/// ```
+///
+/// # Errors
+///
+/// What is wrong with `text`, naming it.
+pub fn http_url(text: &str) -> Result<http::Uri, String> {
+    let uri = text
+        .parse::<http::Uri>()
+        .map_err(|e| format!("`{text}`: {e}"))?;
+    if !matches!(uri.scheme_str(), Some("http" | "https")) || uri.authority().is_none() {
+        return Err(format!("`{text}` is not an http:// or https:// URL"));
+    }
+    Ok(uri)
+}
+
 /// An endpoint URL (`http://host:port`, `https://host`, `host:port`), checked as it is read.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Url(pub String);

@@ -203,16 +203,22 @@ fn access_log(b: divan::Bencher<'_, '_>, format: &str) {
     log.flush(std::time::Duration::from_secs(10));
 }
 
-/// A `request` span per request, under a subscriber that formats spans and writes events
-/// (to nowhere): what a gateway logging at `info` pays.
-#[divan::bench]
-fn request_span(b: divan::Bencher<'_, '_>) {
-    let _subscriber = tracing::subscriber::set_default(
+/// A subscriber that formats spans and writes events at `info` (to nowhere), as this
+/// thread's default until the guard drops.
+fn info_subscriber() -> tracing::subscriber::DefaultGuard {
+    tracing::subscriber::set_default(
         tracing_subscriber::fmt()
             .with_writer(std::io::sink)
             .with_max_level(tracing::Level::INFO)
             .finish(),
-    );
+    )
+}
+
+/// A `request` span per request, under a subscriber that formats spans and writes events
+/// (to nowhere): what a gateway logging at `info` pays.
+#[divan::bench]
+fn request_span(b: divan::Bencher<'_, '_>) {
+    let _subscriber = info_subscriber();
     let svc = gateway_middleware::request_span::RequestSpanLayer::new().layer(named_route());
     b.with_inputs(|| request("/api/orders"))
         .bench_local_values(|req| {
@@ -263,12 +269,7 @@ fn otlp_span(b: divan::Bencher<'_, '_>, sampling: &str) {
 #[divan::bench]
 fn observability_all(b: divan::Bencher<'_, '_>) {
     use gateway_middleware::access_log::AccessLog;
-    let _subscriber = tracing::subscriber::set_default(
-        tracing_subscriber::fmt()
-            .with_writer(std::io::sink)
-            .with_max_level(tracing::Level::INFO)
-            .finish(),
-    );
+    let _subscriber = info_subscriber();
     let metrics = gateway_core::metrics::Metrics::new();
     let log = AccessLog::builder()
         .writer(std::io::sink())

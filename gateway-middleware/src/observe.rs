@@ -546,7 +546,8 @@ where
             )
         });
         Poll::Ready(Ok(res.map(|inner| ResponseBody {
-            empty: inner.is_end_stream(),
+            // NOTE: asked only when there is something to record.
+            empty: finish.is_some() && inner.is_end_stream(),
             inner,
             written: 0,
             finish,

@@ -31,6 +31,10 @@
 //! requests pay for one, and the others pass through untouched (no clock read, no entering). A failed request's log line names its method, path, route and
 //! upstream either way ([`gateway_core::Error::log_for`]).
 //!
+//! At an edge that also has metrics or an access log, the
+//! `observe::ObserveLayer` (features `metrics`, `access-log` or `otlp`) makes and enters the same span
+//! (`ObserveLayer::request_span`), without a wrapper of its own.
+//!
 //! [`TraceContext`]: crate::trace_context::TraceContext
 //!
 //! ```

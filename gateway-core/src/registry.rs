@@ -41,7 +41,7 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::sync::Arc;
 
-use std::task::{Context, Poll};
+use std::task::{self, Poll};
 
 use bytes::Bytes;
 use http::{Request, Response};
@@ -49,8 +49,10 @@ use serde::Deserializer;
 use serde::de::{DeserializeOwned, Error as _};
 use tower::{Layer, Service};
 
+#[cfg(feature = "metrics")]
+use crate::metrics::Metrics;
 use crate::rescue::Rescue;
-use crate::{Body, BoxError, Plugin, PluginLayer, RescueLayer};
+use crate::{Body, BoxError, Plugin, PluginLayer, RescueLayer, RouteId};
 
 /// A route's service, boxed: what the layers of a config-built stack wrap.
 ///
@@ -100,7 +102,7 @@ impl Service<Request<Body>> for RouteService {
     type Error = BoxError;
     type Future = RouteFuture;
 
-    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+    fn poll_ready(&mut self, _: &mut task::Context<'_>) -> Poll<Result<(), BoxError>> {
         Poll::Ready(Ok(()))
     }
 
@@ -136,19 +138,81 @@ pub trait PluginFactory: Send + Sync + 'static {
     /// Equality decides whether a reload may keep what an unchanged section built.
     type Config: DeserializeOwned + PartialEq + fmt::Debug + Send + Sync + 'static;
 
-    /// The layer `config` describes.
+    /// The layer `config` describes, for the route `cx` names.
     ///
     /// # Errors
     ///
     /// When the section is well-formed but cannot be used (a file that is not there, a
-    /// value out of range); the config is then refused as a whole.
-    fn layer(&self, config: &Self::Config) -> Result<RouteLayer, BoxError>;
+    /// value out of range, a URL without the client to fetch it); the config is then
+    /// refused as a whole.
+    fn layer(&self, config: &Self::Config, cx: &Context) -> Result<RouteLayer, BoxError>;
 }
 
-/// Plugin factories by name. Cloning is cheap (one `Arc`): a parse holds a clone.
+/// What a [`PluginFactory`] builds a layer with besides its section: the route the layer
+/// is for (the `route` label of the series it reports, see `docs/observability.md`) and
+/// what the gateway lends every plugin ([`Registry::metrics`], [`Registry::client`]).
+///
+/// A config reload keeps a layer whose route, place and section did not change, so a layer
+/// may hold state (buckets, key sets, caches) for as long as its config stays.
+#[derive(Clone, Debug)]
+pub struct Context {
+    route: RouteId,
+    lent: Lent,
+}
+
+/// What the registry lends the factories.
+#[derive(Clone, Default)]
+struct Lent {
+    #[cfg(feature = "metrics")]
+    metrics: Option<Metrics>,
+    client: Option<RouteService>,
+}
+
+/// Plugin factories by name, and what they are lent to build with. Cloning is cheap (one
+/// `Arc` each): a parse holds a clone.
 #[derive(Clone, Default)]
 pub struct Registry {
     factories: Arc<BTreeMap<String, Arc<dyn Erased>>>,
+    lent: Lent,
+}
+
+// === impl Context ===
+
+impl Context {
+    /// The context of a layer for `route`, with what `registry` lends.
+    pub fn new(route: RouteId, registry: &Registry) -> Self {
+        Self {
+            route,
+            lent: registry.lent.clone(),
+        }
+    }
+
+    /// The route the layer is for.
+    pub const fn route(&self) -> &RouteId {
+        &self.route
+    }
+
+    /// The gateway's metrics, when it keeps them: a layer registers its families here
+    /// (once, when it is built) and reports under this route's label.
+    #[cfg(feature = "metrics")]
+    pub const fn metrics(&self) -> Option<&Metrics> {
+        self.lent.metrics.as_ref()
+    }
+
+    /// A client for the HTTP calls a layer makes of its own (fetching a JWKS, asking an
+    /// authorization service): requests with absolute `http://` or `https://` URIs.
+    pub const fn client(&self) -> Option<&RouteService> {
+        self.lent.client.as_ref()
+    }
+}
+
+impl fmt::Debug for Lent {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut d = f.debug_struct("Lent");
+        #[cfg(feature = "metrics")]
+        d.field("metrics", &self.metrics.is_some());
+        d.field("client", &self.client.is_some()).finish()
+    }
 }
 
 /// A plugin's config section, read and ready to build. Cloning is cheap.
@@ -156,6 +220,7 @@ pub struct Registry {
 pub struct Section {
     name: Arc<str>,
     inner: Arc<dyn ErasedSection>,
+    lent: Lent,
 }
 
 // === impl RouteLayer ===
@@ -249,6 +314,25 @@ impl Registry {
         self.register(name, PluginFn::new(make))
     }
 
+    /// Lends `metrics` to the factories ([`Context::metrics`]).
+    #[cfg(feature = "metrics")]
+    pub fn metrics(&mut self, metrics: &Metrics) -> &mut Self {
+        self.lent.metrics = Some(metrics.clone());
+        self
+    }
+
+    /// Lends `client` to the factories ([`Context::client`]): the gateway's HTTP client,
+    /// boxed (`gateway_proxy::HttpClient` in the example gateway).
+    pub fn client<S>(&mut self, client: S) -> &mut Self
+    where
+        S: Service<Request<Body>, Response = Response<Body>> + Clone + Send + Sync + 'static,
+        S::Error: Into<BoxError>,
+        S::Future: Send + 'static,
+    {
+        self.lent.client = Some(RouteService::new(client));
+        self
+    }
+
     /// Whether a factory is registered under `name`.
     pub fn contains(&self, name: &str) -> bool {
         self.factories.contains_key(name)
@@ -285,6 +369,7 @@ impl Registry {
         Ok(Section {
             name: name.into(),
             inner: Arc::from(inner),
+            lent: self.lent.clone(),
         })
     }
 }
@@ -303,13 +388,16 @@ impl Section {
         &self.name
     }
 
-    /// Builds the layer.
+    /// Builds the layer for `route`, with what the registry that read the section lends.
     ///
     /// # Errors
     ///
     /// As [`PluginFactory::layer`].
-    pub fn layer(&self) -> Result<RouteLayer, BoxError> {
-        self.inner.layer()
+    pub fn layer(&self, route: &RouteId) -> Result<RouteLayer, BoxError> {
+        self.inner.layer(&Context {
+            route: route.clone(),
+            lent: self.lent.clone(),
+        })
     }
 
     /// Whether `other` is the same plugin (the same factory) with an equal config.
@@ -344,7 +432,7 @@ trait Erased: Send + Sync {
 }
 
 trait ErasedSection: Send + Sync {
-    fn layer(&self) -> Result<RouteLayer, BoxError>;
+    fn layer(&self, cx: &Context) -> Result<RouteLayer, BoxError>;
     fn same(&self, other: &dyn ErasedSection) -> bool;
     fn as_any(&self) -> &dyn Any;
     fn config(&self) -> &dyn fmt::Debug;
@@ -371,8 +459,8 @@ impl<F: PluginFactory> Erased for Typed<F> {
 }
 
 impl<F: PluginFactory> ErasedSection for Parsed<F> {
-    fn layer(&self) -> Result<RouteLayer, BoxError> {
-        self.factory.layer(&self.config)
+    fn layer(&self, cx: &Context) -> Result<RouteLayer, BoxError> {
+        self.factory.layer(&self.config, cx)
     }
 
     fn same(&self, other: &dyn ErasedSection) -> bool {
@@ -414,7 +502,7 @@ where
 {
     type Config = C;
 
-    fn layer(&self, config: &C) -> Result<RouteLayer, BoxError> {
+    fn layer(&self, config: &C, _: &Context) -> Result<RouteLayer, BoxError> {
         Ok(RouteLayer::new(PluginLayer::new((self.make)(config)?)))
     }
 }
@@ -447,5 +535,41 @@ mod tests {
         assert!(passing.oneshot(Request::new(Body::empty())).await.is_err());
         assert!(RouteLayer::passing_errors(identity()).passes_errors());
         assert!(!RouteLayer::new(identity()).passes_errors());
+    }
+
+    #[test]
+    fn a_factory_builds_for_its_route_with_what_the_registry_lends() {
+        use std::sync::Mutex;
+
+        #[derive(Default)]
+        struct Seen(Mutex<Vec<(String, bool)>>);
+        impl PluginFactory for Arc<Seen> {
+            type Config = ();
+            fn layer(&self, (): &(), cx: &Context) -> Result<RouteLayer, BoxError> {
+                let seen = (cx.route().as_str().to_owned(), cx.client().is_some());
+                self.0.lock().map_err(|_| "poisoned")?.push(seen);
+                Ok(RouteLayer::new(tower::layer::util::Identity::new()))
+            }
+        }
+
+        let seen = Arc::new(Seen::default());
+        let mut registry = Registry::new();
+        registry.register("seen", Arc::clone(&seen));
+        let bare = registry.section(
+            "seen",
+            serde::de::value::UnitDeserializer::<serde::de::value::Error>::new(),
+        );
+        registry.client(tower::service_fn(|_: Request<Body>| async {
+            Ok::<_, BoxError>(Response::new(Body::empty()))
+        }));
+        let lent = registry.section(
+            "seen",
+            serde::de::value::UnitDeserializer::<serde::de::value::Error>::new(),
+        );
+        let (bare, lent) = (bare.expect("a unit section"), lent.expect("a unit section"));
+        bare.layer(&RouteId::new("a")).expect("built");
+        lent.layer(&RouteId::new("b")).expect("built");
+        let seen = seen.0.lock().expect("not poisoned").clone();
+        assert_eq!(seen, [("a".to_owned(), false), ("b".to_owned(), true)]);
     }
 }

@@ -17,7 +17,7 @@
 use std::collections::BTreeMap;
 
 use gateway_core::BoxError;
-use gateway_core::registry::{PluginFactory, Registry, RouteLayer};
+use gateway_core::registry::{Context, PluginFactory, Registry, RouteLayer};
 use gateway_core::units::{Period, Size};
 use serde::Deserialize;
 
@@ -63,7 +63,7 @@ struct RequestIdFactory;
 impl PluginFactory for RequestIdFactory {
     type Config = RequestIdConfig;
 
-    fn layer(&self, config: &RequestIdConfig) -> Result<RouteLayer, BoxError> {
+    fn layer(&self, config: &RequestIdConfig, _: &Context) -> Result<RouteLayer, BoxError> {
         let mut layer = crate::request_id::SetRequestIdLayer::new();
         if let Some(header) = &config.header {
             layer = layer.header(http::HeaderName::try_from(header.as_str())?);
@@ -82,7 +82,7 @@ struct BodyLimitFactory;
 impl PluginFactory for BodyLimitFactory {
     type Config = BodyLimitConfig;
 
-    fn layer(&self, config: &BodyLimitConfig) -> Result<RouteLayer, BoxError> {
+    fn layer(&self, config: &BodyLimitConfig, _: &Context) -> Result<RouteLayer, BoxError> {
         Ok(RouteLayer::new(crate::body_limit::BodyLimitLayer::new(
             config.max.0,
         )))
@@ -108,7 +108,7 @@ struct IpFilterFactory;
 impl PluginFactory for IpFilterFactory {
     type Config = IpFilterConfig;
 
-    fn layer(&self, config: &IpFilterConfig) -> Result<RouteLayer, BoxError> {
+    fn layer(&self, config: &IpFilterConfig, _: &Context) -> Result<RouteLayer, BoxError> {
         let net = |text: &str| {
             gateway_core::client_ip::parse_net(text)
                 .map_err(|_| format!("`{}` is not a CIDR or an IP address", text.trim()))
@@ -141,7 +141,7 @@ struct TimeoutFactory;
 impl PluginFactory for TimeoutFactory {
     type Config = TimeoutConfig;
 
-    fn layer(&self, config: &TimeoutConfig) -> Result<RouteLayer, BoxError> {
+    fn layer(&self, config: &TimeoutConfig, _: &Context) -> Result<RouteLayer, BoxError> {
         if config.total.0.is_zero() {
             return Err("`total` must be more than 0".into());
         }
@@ -189,7 +189,7 @@ struct CorsFactory;
 impl PluginFactory for CorsFactory {
     type Config = CorsConfig;
 
-    fn layer(&self, config: &CorsConfig) -> Result<RouteLayer, BoxError> {
+    fn layer(&self, config: &CorsConfig, _: &Context) -> Result<RouteLayer, BoxError> {
         use crate::cors::{AllowedOrigin, CorsLayer};
         let mut layer = CorsLayer::new();
         let any = config.origins.iter().any(|o| o.trim() == "*");
@@ -289,7 +289,7 @@ struct CompressionFactory;
 impl PluginFactory for CompressionFactory {
     type Config = CompressionConfig;
 
-    fn layer(&self, config: &CompressionConfig) -> Result<RouteLayer, BoxError> {
+    fn layer(&self, config: &CompressionConfig, _: &Context) -> Result<RouteLayer, BoxError> {
         use crate::compression::{CompressionLayer, CompressionLevel};
         let mut layer = CompressionLayer::new();
         if let Some(algorithms) = &config.algorithms {
@@ -350,7 +350,7 @@ struct HeadersFactory;
 impl PluginFactory for HeadersFactory {
     type Config = HeadersConfig;
 
-    fn layer(&self, config: &HeadersConfig) -> Result<RouteLayer, BoxError> {
+    fn layer(&self, config: &HeadersConfig, _: &Context) -> Result<RouteLayer, BoxError> {
         let request = edits("request", &config.request)?;
         let response = edits("response", &config.response)?;
         if request.is_empty() && response.is_empty() {

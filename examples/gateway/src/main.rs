@@ -429,7 +429,8 @@ fn check(file: &std::path::Path) -> ExitCode {
         // Built (not served) inside a runtime: upstreams start their checks as they are built.
         rt.block_on(async {
             let name = file.display().to_string();
-            config::read(file, &plugins())
+            let registry = plugins(None).map_err(|(Failure::Config(e) | Failure::Runtime(e))| e)?;
+            config::read(file, &registry)
                 .and_then(|c| config::build(&name, &c))
                 .map_err(|e| e.to_string())
         })
@@ -449,9 +450,11 @@ fn check(file: &std::path::Path) -> ExitCode {
 async fn run(args: Args) -> Result<(), Failure> {
     let invalid = |e: ConfigError| Failure::Config(e.to_string());
     let mut demo = false;
+    let metrics = Metrics::new();
     let (gateway, live) = if let Some(file) = &args.config {
         // A config file is served live: reloaded when it changes and on SIGHUP.
-        let (live, gateway) = config::Live::load(file, plugins()).map_err(invalid)?;
+        let (live, gateway) =
+            config::Live::load(file, plugins(Some(&metrics))?).map_err(invalid)?;
         (gateway, Some(live))
     } else {
         let (name, config) = if args.upstreams.is_empty() {
@@ -466,7 +469,6 @@ async fn run(args: Args) -> Result<(), Failure> {
         (config::build(name, &config).map_err(invalid)?, None)
     };
 
-    let metrics = Metrics::new();
     gateway.inventory.register(&metrics);
     let access_log = gateway
         .access_log
@@ -704,11 +706,19 @@ fn request_spans(config: &TracingConfig) -> RequestSpanLayer {
 }
 
 /// The plugins a config file may name: the built-in layers (a gateway of your own adds its
-/// plugins here, each with one `Registry::plugin` call).
-fn plugins() -> Registry {
+/// plugins here, each with one `Registry::plugin` call), lent the gateway's metrics and an
+/// HTTP client of their own (for a JWKS URL or an authorization service).
+fn plugins(metrics: Option<&Metrics>) -> Result<Registry, Failure> {
     let mut registry = Registry::new();
     gateway_middleware::config::register(&mut registry);
-    registry
+    let client = HttpClient::builder()
+        .build()
+        .map_err(|e| Failure::Runtime(format!("cannot make the plugins' HTTP client: {e}")))?;
+    registry.client(client);
+    if let Some(metrics) = metrics {
+        registry.metrics(metrics);
+    }
+    Ok(registry)
 }
 
 /// The server settings the flags give.

@@ -6,9 +6,9 @@ use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
 use std::time::Duration;
 
-use gateway_core::Body;
 use gateway_core::client_ip::TrustedProxies;
 use gateway_core::registry::{RouteLayer, RouteService, Section};
+use gateway_core::{Body, RouteId};
 use http::header::{CONTENT_TYPE, HeaderValue};
 use http::{Method, Request, Response, StatusCode, Uri};
 
@@ -500,7 +500,7 @@ where
                 // The same plugin with the same config in the same place: its layer, and
                 // the state it holds, carry over.
                 Some((old, layer)) if old.same_as(section) => layer.clone(),
-                _ => section.layer().map_err(|e| Mistake {
+                _ => section.layer(&RouteId::new(id)).map_err(|e| Mistake {
                     key: format!("plugins[{index}].{}", section.name()),
                     at: plugin.location(),
                     message: chain(&*e),

@@ -58,6 +58,9 @@ pub enum ErrorKind {
     BadGateway,
     /// The circuit breaker is open for this upstream: 503.
     CircuitOpen,
+    /// Credentials cannot be checked now (the keys of a JWKS not fetched yet, the
+    /// authorization service unreachable): 503.
+    AuthUnavailable,
     /// Every endpoint of the upstream is unhealthy or the set is empty: 503.
     NoHealthyUpstream,
     /// The gateway sheds load (concurrency limit, full queue): 503.
@@ -129,6 +132,7 @@ status_table! {
     UpstreamConnect => 502 BAD_GATEWAY "upstream_connect" "upstream unreachable",
     BadGateway => 502 BAD_GATEWAY "bad_gateway" "upstream failed",
     CircuitOpen => 503 SERVICE_UNAVAILABLE "circuit_open" "upstream circuit open",
+    AuthUnavailable => 503 SERVICE_UNAVAILABLE "auth_unavailable" "authentication unavailable",
     NoHealthyUpstream => 503 SERVICE_UNAVAILABLE "no_healthy_upstream" "no healthy upstream",
     Overloaded => 503 SERVICE_UNAVAILABLE "overloaded" "gateway overloaded",
     GatewayTimeout => 504 GATEWAY_TIMEOUT "gateway_timeout" "upstream timed out",
@@ -377,7 +381,7 @@ impl fmt::Display for Chain<'_> {
 mod tests {
     use super::*;
 
-    const ALL: [ErrorKind; 15] = [
+    const ALL: [ErrorKind; 16] = [
         ErrorKind::BadRequest,
         ErrorKind::Unauthenticated,
         ErrorKind::Forbidden,
@@ -390,6 +394,7 @@ mod tests {
         ErrorKind::UpstreamConnect,
         ErrorKind::BadGateway,
         ErrorKind::CircuitOpen,
+        ErrorKind::AuthUnavailable,
         ErrorKind::NoHealthyUpstream,
         ErrorKind::Overloaded,
         ErrorKind::GatewayTimeout,

@@ -43,6 +43,7 @@ pub struct RouteId(Arc<str>);
 pub struct Identity {
     consumer: Arc<str>,
     groups: Arc<[Arc<str>]>,
+    attributes: Arc<[(Arc<str>, Arc<str>)]>,
     anonymous: bool,
 }
 
@@ -98,6 +99,8 @@ pub enum LogValue {
     Str(Cow<'static, str>),
     /// A header's value (a request id), written quoted; kept as it is, without a copy.
     Header(HeaderValue),
+    /// A shared string (a consumer's name), written quoted; kept without a copy.
+    Shared(Arc<str>),
     /// A number.
     Uint(u64),
     /// A flag.
@@ -170,6 +173,7 @@ impl Identity {
         Self {
             consumer: consumer.into(),
             groups: Arc::new([]),
+            attributes: Arc::new([]),
             anonymous: false,
         }
     }
@@ -179,6 +183,7 @@ impl Identity {
         Self {
             consumer: Arc::from("anonymous"),
             groups: Arc::new([]),
+            attributes: Arc::new([]),
             anonymous: true,
         }
     }
@@ -194,9 +199,52 @@ impl Identity {
         self
     }
 
+    /// Sets attributes of the caller that later layers may key on (a token's chosen claims:
+    /// `tenant`, `plan`), replacing any set before.
+    #[must_use]
+    pub fn with_attributes<I, K, V>(mut self, attributes: I) -> Self
+    where
+        I: IntoIterator<Item = (K, V)>,
+        K: Into<Arc<str>>,
+        V: Into<Arc<str>>,
+    {
+        self.attributes = attributes
+            .into_iter()
+            .map(|(k, v)| (k.into(), v.into()))
+            .collect();
+        self
+    }
+
+    /// The anonymous identity named `consumer` (Kong's anonymous consumer), for routes that
+    /// let callers without credentials through under a name of their own.
+    pub fn anonymous_as(consumer: impl Into<Arc<str>>) -> Self {
+        Self {
+            consumer: consumer.into(),
+            ..Self::anonymous()
+        }
+    }
+
     /// The consumer's name.
     pub fn name(&self) -> &str {
         &self.consumer
+    }
+
+    /// The consumer's name, shared (for a log field or a map key without a copy).
+    pub fn shared_name(&self) -> &Arc<str> {
+        &self.consumer
+    }
+
+    /// The attribute `name`, when the caller has it.
+    pub fn attribute(&self, name: &str) -> Option<&str> {
+        self.attributes
+            .iter()
+            .find(|(k, _)| &**k == name)
+            .map(|(_, v)| &**v)
+    }
+
+    /// Every attribute, in the order set.
+    pub fn attributes(&self) -> impl ExactSizeIterator<Item = (&str, &str)> {
+        self.attributes.iter().map(|(k, v)| (&**k, &**v))
     }
 
     /// The consumer's groups.
@@ -301,6 +349,12 @@ impl From<String> for LogValue {
     }
 }
 
+impl From<Arc<str>> for LogValue {
+    fn from(s: Arc<str>) -> Self {
+        Self::Shared(s)
+    }
+}
+
 impl From<HeaderValue> for LogValue {
     fn from(v: HeaderValue) -> Self {
         Self::Header(v)
@@ -329,6 +383,7 @@ impl fmt::Display for LogValue {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Self::Str(s) => f.write_str(s),
+            Self::Shared(s) => f.write_str(s),
             Self::Header(v) => f.write_str(&String::from_utf8_lossy(v.as_bytes())),
             Self::Uint(n) => n.fmt(f),
             Self::Bool(b) => b.fmt(f),

@@ -709,6 +709,7 @@ fn json(out: &mut Vec<u8>, p: &Head, line: &Outcome, query: QueryLog) {
         out.push(b':');
         match value {
             LogValue::Str(s) => json_bytes(out, s.as_bytes(), MAX_HEADER),
+            LogValue::Shared(s) => json_bytes(out, s.as_bytes(), MAX_HEADER),
             LogValue::Header(v) => json_bytes(out, v.as_bytes(), MAX_HEADER),
             LogValue::Uint(n) => int(out, *n),
             LogValue::Bool(b) => out.extend_from_slice(if *b { b"true" } else { b"false" }),

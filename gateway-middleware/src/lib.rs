@@ -18,9 +18,11 @@
 //!   off the request path.
 //! - [`observe`] (with any of `metrics`, `access-log`, `otlp`): the layer those three are,
 //!   observing a request once for all of them.
+//! - [`auth`] (`auth`): who is calling: JWT (static keys, JWKS files and URLs) and API
+//!   keys, any of several with an anonymous fallback, and ACLs by group.
 //! - [`config`] (`config`): the layers above by name, for the declarative config.
 //!
-//! Auth, rate limiting, caching, retries and circuit breaking land as their issues do.
+//! Rate limiting, caching, retries and circuit breaking land as their issues do.
 //! Every layer speaks the vocabulary of `gateway-core`: rejections are
 //! [`gateway_core::Error`]s rendered in-band, identities and client addresses are read from
 //! request extensions, and upstream outcomes are judged by [`gateway_core::classify`].
@@ -29,6 +31,8 @@
 
 #[cfg(feature = "access-log")]
 pub mod access_log;
+#[cfg(feature = "auth")]
+pub mod auth;
 #[cfg(feature = "body-limit")]
 pub mod body_limit;
 #[cfg(feature = "compression")]
@@ -49,7 +53,7 @@ pub mod metrics;
 pub mod observe;
 #[cfg(feature = "otlp")]
 pub mod otlp;
-#[cfg(any(feature = "body-limit", feature = "ip-filter"))]
+#[cfg(any(feature = "auth", feature = "body-limit", feature = "ip-filter"))]
 mod refuse;
 #[cfg(feature = "request-id")]
 pub mod request_id;

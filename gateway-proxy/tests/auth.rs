@@ -1,0 +1,518 @@
+//! Authentication and ACLs composed in code, over real sockets: API keys, JWTs minted here
+//! (good ones and every kind of bad one), any of several methods, the anonymous consumer,
+//! and ACLs by group. Every refused request must be refused before the upstream.
+#![expect(
+    clippy::unwrap_used,
+    reason = "a test fails by panicking, and every unwrap here is an assertion"
+)]
+
+mod support;
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use base64::Engine as _;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use gateway_core::Identity;
+use gateway_core::test_util::TestUpstream;
+use gateway_middleware::auth::{Acl, AclLayer, ApiKeys, AuthLayer, Jwks, Jwt, JwtKey, KeyAuth};
+use gateway_proxy::{Route, Router};
+use http::header::HeaderName;
+use jsonwebtoken::{Algorithm, EncodingKey};
+use support::{Gateway, fetch, proxy_to, request};
+use tower::ServiceBuilder;
+
+const RSA: &[u8] = include_bytes!("support/keys/rsa.pem");
+const RSA_PUB: &[u8] = include_bytes!("support/keys/rsa.pub.pem");
+const EC: &[u8] = include_bytes!("support/keys/ec.pem");
+const EC_PUB: &[u8] = include_bytes!("support/keys/ec.pub.pem");
+const ED: &[u8] = include_bytes!("support/keys/ed.pem");
+const ED_PUB: &[u8] = include_bytes!("support/keys/ed.pub.pem");
+const SECRET: &[u8] = b"a-secret-of-thirty-two-bytes-or-more!!";
+
+fn now() -> i64 {
+    let secs = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    i64::try_from(secs).unwrap()
+}
+
+/// A token with exactly this header and these claims, signed with `key` by `alg` (or with an
+/// empty signature when `alg` is `None`).
+fn mint(header: &str, claims: &str, key: Option<(&EncodingKey, Algorithm)>) -> String {
+    let message = format!(
+        "{}.{}",
+        URL_SAFE_NO_PAD.encode(header),
+        URL_SAFE_NO_PAD.encode(claims)
+    );
+    let signature = match key {
+        Some((key, alg)) => jsonwebtoken::crypto::sign(message.as_bytes(), key, alg).unwrap(),
+        None => String::new(),
+    };
+    format!("{message}.{signature}")
+}
+
+fn claims(extra: &str) -> String {
+    let exp = now() + 600;
+    format!(r#"{{"sub":"alice","iss":"https://idp.test","aud":"api","exp":{exp}{extra}}}"#)
+}
+
+fn bearer(token: &str) -> String {
+    format!("Bearer {token}")
+}
+
+#[tokio::test]
+async fn every_jwt_rule_refuses_before_the_upstream() {
+    let up = TestUpstream::echo().await;
+    let keys = Jwks::keys([
+        JwtKey::public_pem(Algorithm::RS256, RSA_PUB)
+            .unwrap()
+            .kid("rsa"),
+        JwtKey::public_pem(Algorithm::ES256, EC_PUB)
+            .unwrap()
+            .kid("ec"),
+        JwtKey::public_pem(Algorithm::EdDSA, ED_PUB)
+            .unwrap()
+            .kid("ed"),
+        JwtKey::hmac(Algorithm::HS256, SECRET).unwrap().kid("hs"),
+    ]);
+    let jwt = Jwt::builder(keys)
+        .issuer("https://idp.test")
+        .audience("api")
+        .leeway(Duration::from_secs(60))
+        .max_lifetime(Duration::from_secs(86_400))
+        .claim_header("sub", HeaderName::from_static("x-consumer"))
+        .build()
+        .unwrap();
+    let router = Router::new().route(
+        Route::prefix("/"),
+        ServiceBuilder::new()
+            .layer(AuthLayer::new(jwt))
+            .service(proxy_to(&up)),
+    );
+    let gw = Gateway::start(router).await;
+
+    let rsa = EncodingKey::from_rsa_pem(RSA).unwrap();
+    let ec = EncodingKey::from_ec_pem(EC).unwrap();
+    let ed = EncodingKey::from_ed_pem(ED).unwrap();
+    let hs = EncodingKey::from_secret(SECRET).unwrap();
+    let rs256 = Some((&rsa, Algorithm::RS256));
+    let head = |alg: &str, kid: &str| format!(r#"{{"alg":"{alg}","typ":"JWT","kid":"{kid}"}}"#);
+
+    // Good tokens, one per family; the client's own `x-consumer` is replaced by the claim.
+    for token in [
+        mint(&head("RS256", "rsa"), &claims(""), rs256),
+        mint(
+            &head("ES256", "ec"),
+            &claims(""),
+            Some((&ec, Algorithm::ES256)),
+        ),
+        mint(
+            &head("EdDSA", "ed"),
+            &claims(""),
+            Some((&ed, Algorithm::EdDSA)),
+        ),
+        mint(
+            &head("HS256", "hs"),
+            &claims(""),
+            Some((&hs, Algorithm::HS256)),
+        ),
+        // Within the leeway; `aud` as an array holding the audience; `jku` never followed.
+        mint(
+            &head("RS256", "rsa"),
+            &claims(&format!(r#","nbf":{}"#, now() + 30)),
+            rs256,
+        ),
+        mint(
+            r#"{"alg":"RS256","kid":"rsa","jku":"http://169.254.169.254/jwks"}"#,
+            &format!(
+                r#"{{"sub":"alice","iss":"https://idp.test","aud":["web","api"],"exp":{}}}"#,
+                now() - 30
+            ),
+            rs256,
+        ),
+    ] {
+        let res = fetch(
+            gw.addr,
+            request(
+                "GET",
+                "/",
+                &[
+                    ("authorization", &bearer(&token)),
+                    ("x-consumer", "mallory"),
+                ],
+            ),
+        )
+        .await;
+        assert_eq!(res.status(), 200, "{token}");
+        assert_eq!(up.last_request().header("x-consumer"), Some("alice"));
+    }
+    let accepted = up.requests().len();
+
+    let pub_as_secret = EncodingKey::from_secret(RSA_PUB).unwrap();
+    let hs512 = EncodingKey::from_secret(SECRET).unwrap();
+    let good = mint(&head("RS256", "rsa"), &claims(""), rs256);
+    let (good_head, rest) = good.split_once('.').unwrap();
+    let (good_payload, good_sig) = rest.split_once('.').unwrap();
+    let evil_payload = URL_SAFE_NO_PAD.encode(claims("").replace("alice", "admin"));
+    let mut flipped = URL_SAFE_NO_PAD.decode(good_sig).unwrap();
+    flipped[10] ^= 1;
+    let refused = [
+        ("alg none", mint(r#"{"alg":"none"}"#, &claims(""), None)),
+        (
+            "HS256 with the RSA public key as secret",
+            mint(
+                &head("HS256", "rsa"),
+                &claims(""),
+                Some((&pub_as_secret, Algorithm::HS256)),
+            ),
+        ),
+        (
+            "alg not the key's",
+            mint(
+                &head("HS512", "hs"),
+                &claims(""),
+                Some((&hs512, Algorithm::HS512)),
+            ),
+        ),
+        (
+            "no exp",
+            mint(
+                &head("RS256", "rsa"),
+                r#"{"sub":"alice","iss":"https://idp.test","aud":"api"}"#,
+                rs256,
+            ),
+        ),
+        (
+            "exp a string",
+            mint(
+                &head("RS256", "rsa"),
+                r#"{"sub":"alice","iss":"https://idp.test","aud":"api","exp":"9999999999"}"#,
+                rs256,
+            ),
+        ),
+        (
+            "expired past the leeway",
+            mint(
+                &head("RS256", "rsa"),
+                &claims("").replace(&format!("{}", now() + 600), &format!("{}", now() - 120)),
+                rs256,
+            ),
+        ),
+        (
+            "nbf ahead",
+            mint(
+                &head("RS256", "rsa"),
+                &claims(&format!(r#","nbf":{}"#, now() + 3600)),
+                rs256,
+            ),
+        ),
+        (
+            "nbf a string",
+            mint(&head("RS256", "rsa"), &claims(r#","nbf":"0""#), rs256),
+        ),
+        (
+            "exp ten years ahead",
+            mint(
+                &head("RS256", "rsa"),
+                &claims("").replace(
+                    &format!("{}", now() + 600),
+                    &format!("{}", now() + 315_360_000),
+                ),
+                rs256,
+            ),
+        ),
+        (
+            "wrong iss",
+            mint(
+                &head("RS256", "rsa"),
+                &claims("").replace("https://idp.test", "https://evil"),
+                rs256,
+            ),
+        ),
+        (
+            "iss a number",
+            mint(
+                &head("RS256", "rsa"),
+                &claims("").replace(r#""https://idp.test""#, "12345"),
+                rs256,
+            ),
+        ),
+        (
+            "no iss",
+            mint(
+                &head("RS256", "rsa"),
+                &format!(r#"{{"sub":"alice","aud":"api","exp":{}}}"#, now() + 600),
+                rs256,
+            ),
+        ),
+        (
+            "wrong aud",
+            mint(
+                &head("RS256", "rsa"),
+                &claims("").replace(r#""api""#, r#""web""#),
+                rs256,
+            ),
+        ),
+        (
+            "aud a number",
+            mint(
+                &head("RS256", "rsa"),
+                &claims("").replace(r#""api""#, "42"),
+                rs256,
+            ),
+        ),
+        (
+            "no aud",
+            mint(
+                &head("RS256", "rsa"),
+                &format!(
+                    r#"{{"sub":"alice","iss":"https://idp.test","exp":{}}}"#,
+                    now() + 600
+                ),
+                rs256,
+            ),
+        ),
+        (
+            "unknown kid",
+            mint(&head("RS256", "nope"), &claims(""), rs256),
+        ),
+        (
+            "kid path traversal",
+            mint(&head("RS256", "../../../../dev/null"), &claims(""), rs256),
+        ),
+        (
+            "crit",
+            mint(
+                r#"{"alg":"RS256","kid":"rsa","crit":["exp"],"exp":1}"#,
+                &claims(""),
+                rs256,
+            ),
+        ),
+        (
+            "tampered payload",
+            format!("{good_head}.{evil_payload}.{good_sig}"),
+        ),
+        (
+            "tampered signature",
+            format!(
+                "{good_head}.{good_payload}.{}",
+                URL_SAFE_NO_PAD.encode(&flipped)
+            ),
+        ),
+        ("two parts", format!("{good_head}.{good_payload}")),
+        ("four parts", format!("{good}.x")),
+        ("bad base64", format!("{good_head}.%%%.{good_sig}")),
+        (
+            "no sub",
+            mint(
+                &head("RS256", "rsa"),
+                &format!(
+                    r#"{{"iss":"https://idp.test","aud":"api","exp":{}}}"#,
+                    now() + 600
+                ),
+                rs256,
+            ),
+        ),
+    ];
+    for (what, token) in &refused {
+        let res = fetch(
+            gw.addr,
+            request("GET", "/", &[("authorization", &bearer(token))]),
+        )
+        .await;
+        assert_eq!(res.status(), 401, "{what}");
+        let challenge = res.headers()["www-authenticate"].to_str().unwrap();
+        assert_eq!(
+            challenge, r#"Bearer realm="gateway", error="invalid_token""#,
+            "{what}"
+        );
+        assert_eq!(
+            res.headers()["content-type"],
+            "application/problem+json",
+            "{what}"
+        );
+        let body = String::from_utf8_lossy(res.body());
+        assert!(
+            !body.contains("exp") && !body.contains("kid"),
+            "{what}: nothing about why: {body}"
+        );
+    }
+    for (what, value) in [
+        ("empty bearer", "Bearer".to_owned()),
+        ("two spaces", format!("Bearer  {good}")),
+        ("a 20 KiB token", bearer(&"a".repeat(20 * 1024))),
+    ] {
+        let res = fetch(gw.addr, request("GET", "/", &[("authorization", &value)])).await;
+        assert_eq!(res.status(), 401, "{what}");
+    }
+    let two = fetch(
+        gw.addr,
+        request(
+            "GET",
+            "/",
+            &[
+                ("authorization", &bearer(&good)),
+                ("authorization", &bearer(&good)),
+            ],
+        ),
+    )
+    .await;
+    assert_eq!(two.status(), 401, "two Authorization headers");
+    let none = fetch(gw.addr, request("GET", "/", &[])).await;
+    assert_eq!(none.status(), 401);
+    assert_eq!(
+        none.headers()["www-authenticate"],
+        r#"Bearer realm="gateway""#,
+        "no error without a token"
+    );
+    assert_eq!(
+        up.requests().len(),
+        accepted,
+        "no refused request reached the upstream"
+    );
+}
+
+#[tokio::test]
+async fn api_keys_acls_anonymous_and_any_of() {
+    let up = TestUpstream::echo().await;
+    let keys = || {
+        ApiKeys::new()
+            .consumer(
+                Identity::consumer("alice").with_groups(["admins"]),
+                ["alice-key"],
+            )
+            .consumer(
+                Identity::consumer("bob").with_groups(["staff"]),
+                ["bob-key", "bob-old-key"],
+            )
+    };
+    let jwt = Jwt::builder(Jwks::keys(
+        [JwtKey::hmac(Algorithm::HS256, SECRET).unwrap()],
+    ))
+    .build()
+    .unwrap();
+    let router = Router::new()
+        .route(
+            Route::prefix("/keys"),
+            ServiceBuilder::new()
+                .layer(AuthLayer::new(KeyAuth::new(keys()).hide_credentials(true)))
+                .service(proxy_to(&up)),
+        )
+        .route(
+            Route::prefix("/admin"),
+            ServiceBuilder::new()
+                .layer(AuthLayer::new(KeyAuth::new(keys())))
+                .layer(AclLayer::new(Acl::allow(["admins"])))
+                .service(proxy_to(&up)),
+        )
+        .route(
+            Route::prefix("/open"),
+            ServiceBuilder::new()
+                .layer(AuthLayer::new(KeyAuth::new(keys())).anonymous(Identity::anonymous()))
+                .layer(AclLayer::new(Acl::deny(["staff"])))
+                .service(proxy_to(&up)),
+        )
+        .route(
+            Route::prefix("/any"),
+            ServiceBuilder::new()
+                .layer(AuthLayer::new(jwt).or(KeyAuth::new(keys())))
+                .service(proxy_to(&up)),
+        );
+    let gw = Gateway::start(router).await;
+    let get = |path: &'static str, headers: Vec<(&'static str, String)>| {
+        let headers: Vec<(&str, &str)> = headers.iter().map(|(n, v)| (*n, v.as_str())).collect();
+        fetch(gw.addr, request("GET", path, &headers))
+    };
+    let key = |k: &str| vec![("x-api-key", k.to_owned())];
+
+    let before = up.requests().len();
+    let res = get("/keys", key("bob-old-key")).await;
+    assert_eq!(res.status(), 200);
+    assert_eq!(
+        up.last_request().header("x-api-key"),
+        None,
+        "hide_credentials"
+    );
+    for (what, headers) in [
+        ("a wrong key", key("guess")),
+        ("no key", vec![]),
+        ("an empty key", key("")),
+        (
+            "two keys",
+            vec![
+                ("x-api-key", "bob-key".to_owned()),
+                ("x-api-key", "bob-key".to_owned()),
+            ],
+        ),
+    ] {
+        let res = get("/keys", headers).await;
+        assert_eq!(res.status(), 401, "{what}");
+        assert_eq!(
+            res.headers()["www-authenticate"],
+            r#"ApiKey realm="gateway""#,
+            "{what}"
+        );
+    }
+    let res = fetch(gw.addr, request("GET", "/keys?apikey=bob-key", &[])).await;
+    assert_eq!(
+        res.status(),
+        401,
+        "a key in the query when only the header is read"
+    );
+    assert_eq!(up.requests().len(), before + 1);
+
+    assert_eq!(get("/admin", key("alice-key")).await.status(), 200);
+    assert_eq!(
+        get("/admin", key("bob-key")).await.status(),
+        403,
+        "not in the allowed group"
+    );
+    assert_eq!(get("/admin", vec![]).await.status(), 401);
+
+    assert_eq!(get("/open", vec![]).await.status(), 200, "anonymous");
+    assert_eq!(get("/open", key("alice-key")).await.status(), 200);
+    assert_eq!(
+        get("/open", key("guess")).await.status(),
+        401,
+        "a bad key never falls back to anonymous"
+    );
+    assert_eq!(
+        get("/open", key("bob-key")).await.status(),
+        403,
+        "denied group"
+    );
+
+    let hs = EncodingKey::from_secret(SECRET).unwrap();
+    let token = mint(
+        r#"{"alg":"HS256"}"#,
+        &claims(""),
+        Some((&hs, Algorithm::HS256)),
+    );
+    let auth = |t: &str| ("authorization", bearer(t));
+    assert_eq!(
+        get("/any", vec![auth(&token)]).await.status(),
+        200,
+        "the JWT"
+    );
+    assert_eq!(get("/any", key("bob-key")).await.status(), 200, "the key");
+    let bad = format!("{token}x");
+    let both = vec![auth(&bad), ("x-api-key", "bob-key".to_owned())];
+    assert_eq!(
+        get("/any", both).await.status(),
+        200,
+        "a bad token and a good key"
+    );
+    let res = get("/any", vec![auth(&bad)]).await;
+    assert_eq!(res.status(), 401);
+    assert_eq!(
+        res.headers()["www-authenticate"],
+        r#"Bearer realm="gateway", error="invalid_token""#
+    );
+    let res = get("/any", vec![]).await;
+    assert_eq!(
+        res.headers()["www-authenticate"],
+        r#"Bearer realm="gateway", ApiKey realm="gateway""#,
+        "every method's challenge"
+    );
+}

@@ -516,3 +516,193 @@ async fn api_keys_acls_anonymous_and_any_of() {
         "every method's challenge"
     );
 }
+
+/// The JWK of a PEM public key: the EC point or Ed25519 key is the end of its SPKI DER.
+fn jwk(pem: &[u8], kid: &str) -> String {
+    let pem = std::str::from_utf8(pem).unwrap();
+    let body: String = pem.lines().filter(|l| !l.starts_with("-----")).collect();
+    let der = base64::engine::general_purpose::STANDARD
+        .decode(body)
+        .unwrap();
+    if pem == std::str::from_utf8(EC_PUB).unwrap() {
+        let point = &der[der.len() - 65..];
+        let (x, y) = (
+            URL_SAFE_NO_PAD.encode(&point[1..33]),
+            URL_SAFE_NO_PAD.encode(&point[33..]),
+        );
+        format!(r#"{{"kty":"EC","crv":"P-256","kid":"{kid}","alg":"ES256","x":"{x}","y":"{y}"}}"#)
+    } else {
+        let x = URL_SAFE_NO_PAD.encode(&der[der.len() - 32..]);
+        format!(r#"{{"kty":"OKP","crv":"Ed25519","kid":"{kid}","x":"{x}"}}"#)
+    }
+}
+
+/// A JWKS endpoint serving what `doc` holds (503 when it is empty), counting its fetches.
+async fn idp(doc: std::sync::Arc<std::sync::Mutex<String>>) -> TestUpstream {
+    use gateway_core::Body;
+    TestUpstream::serve(move |_| {
+        let doc = doc.lock().unwrap().clone();
+        async move {
+            let mut res = http::Response::new(Body::from(doc.clone()));
+            if doc.is_empty() {
+                *res.status_mut() = http::StatusCode::SERVICE_UNAVAILABLE;
+            }
+            Ok(res)
+        }
+    })
+    .await
+}
+
+#[tokio::test]
+async fn a_rotated_key_is_fetched_once_and_random_kids_cost_the_idp_nothing() {
+    use std::sync::{Arc, Mutex};
+    let doc = Arc::new(Mutex::new(format!(r#"{{"keys":[{}]}}"#, jwk(EC_PUB, "k1"))));
+    let idp = idp(Arc::clone(&doc)).await;
+    let client = gateway_proxy::HttpClient::builder().build().unwrap();
+    let jwks = Jwks::remote(idp.url().parse().unwrap())
+        .refresh(Duration::from_secs(3600))
+        .refetch_cooldown(Duration::from_secs(60))
+        .start(client)
+        .unwrap();
+    let jwt = Jwt::builder(jwks).build().unwrap();
+    let up = TestUpstream::echo().await;
+    let router = Router::new().route(
+        Route::prefix("/"),
+        ServiceBuilder::new()
+            .layer(AuthLayer::new(jwt))
+            .service(proxy_to(&up)),
+    );
+    let gw = Gateway::start(router).await;
+    let ec = EncodingKey::from_ec_pem(EC).unwrap();
+    let ed = EncodingKey::from_ed_pem(ED).unwrap();
+    let send = |token: String| {
+        fetch(
+            gw.addr,
+            request("GET", "/", &[("authorization", &bearer(&token))]),
+        )
+    };
+
+    let k1 = mint(
+        r#"{"alg":"ES256","kid":"k1"}"#,
+        &claims(""),
+        Some((&ec, Algorithm::ES256)),
+    );
+    assert_eq!(
+        send(k1.clone()).await.status(),
+        200,
+        "waits for the first set"
+    );
+    assert_eq!(idp.requests().len(), 1);
+
+    // The IdP rotates in a new key: a token signed by it is accepted after one refetch.
+    *doc.lock().unwrap() = format!(
+        r#"{{"keys":[{},{}]}}"#,
+        jwk(EC_PUB, "k1"),
+        jwk(ED_PUB, "k2")
+    );
+    let k2 = mint(
+        r#"{"alg":"EdDSA","kid":"k2"}"#,
+        &claims(""),
+        Some((&ed, Algorithm::EdDSA)),
+    );
+    assert_eq!(send(k2.clone()).await.status(), 200);
+    assert_eq!(idp.requests().len(), 2, "one refetch");
+
+    // A thousand random `kid`s within the cooldown: refused, and no fetch at all.
+    let mut refused = 0;
+    for i in 0..1000u32 {
+        let kid = format!("random-{i}-{}", i.wrapping_mul(2_654_435_761));
+        let token = mint(
+            &format!(r#"{{"alg":"EdDSA","kid":"{kid}"}}"#),
+            &claims(""),
+            Some((&ed, Algorithm::EdDSA)),
+        );
+        if send(token).await.status() == 401 {
+            refused += 1;
+        }
+    }
+    assert_eq!(refused, 1000);
+    assert_eq!(
+        idp.requests().len(),
+        2,
+        "no fetch for unknown kids within the cooldown"
+    );
+    assert_eq!(send(k1).await.status(), 200);
+    assert_eq!(send(k2).await.status(), 200);
+}
+
+#[tokio::test]
+async fn the_last_good_keys_stay_while_the_idp_is_down() {
+    use std::sync::{Arc, Mutex};
+    let doc = Arc::new(Mutex::new(format!(r#"{{"keys":[{}]}}"#, jwk(ED_PUB, "k1"))));
+    let idp = idp(Arc::clone(&doc)).await;
+    let client = gateway_proxy::HttpClient::builder().build().unwrap();
+    let jwks = Jwks::remote(idp.url().parse().unwrap())
+        .refresh(Duration::from_millis(50))
+        .refresh_bounds(Duration::from_millis(50), Duration::from_secs(1))
+        .start(client)
+        .unwrap();
+    let jwt = Jwt::builder(jwks.clone()).build().unwrap();
+    let up = TestUpstream::echo().await;
+    let router = Router::new().route(
+        Route::prefix("/"),
+        ServiceBuilder::new()
+            .layer(AuthLayer::new(jwt))
+            .service(proxy_to(&up)),
+    );
+    let gw = Gateway::start(router).await;
+    let ed = EncodingKey::from_ed_pem(ED).unwrap();
+    let token = mint(
+        r#"{"alg":"EdDSA","kid":"k1"}"#,
+        &claims(""),
+        Some((&ed, Algorithm::EdDSA)),
+    );
+    let send = || {
+        fetch(
+            gw.addr,
+            request("GET", "/", &[("authorization", &bearer(&token))]),
+        )
+    };
+    assert_eq!(send().await.status(), 200);
+
+    doc.lock().unwrap().clear();
+    let down_at = idp.requests().len();
+    support::eventually("two failed fetches", || idp.requests().len() >= down_at + 2).await;
+    assert_eq!(
+        send().await.status(),
+        200,
+        "the last good keys still verify"
+    );
+    assert_eq!(jwks.current().len(), 1);
+}
+
+#[tokio::test]
+async fn before_the_first_set_requests_fail_with_503_when_asked() {
+    let down = gateway_core::test_util::refused_addr().await;
+    let client = gateway_proxy::HttpClient::builder().build().unwrap();
+    let jwks = Jwks::remote(format!("http://{down}/jwks").parse().unwrap())
+        .startup(gateway_middleware::auth::Startup::Fail)
+        .start(client)
+        .unwrap();
+    let up = TestUpstream::echo().await;
+    let router = Router::new().route(
+        Route::prefix("/"),
+        ServiceBuilder::new()
+            .layer(AuthLayer::new(Jwt::builder(jwks).build().unwrap()))
+            .service(proxy_to(&up)),
+    );
+    let gw = Gateway::start(router).await;
+    let hs = EncodingKey::from_secret(SECRET).unwrap();
+    let token = mint(
+        r#"{"alg":"HS256"}"#,
+        &claims(""),
+        Some((&hs, Algorithm::HS256)),
+    );
+    let res = fetch(
+        gw.addr,
+        request("GET", "/", &[("authorization", &bearer(&token))]),
+    )
+    .await;
+    assert_eq!(res.status(), 503);
+    assert!(up.requests().is_empty());
+}

@@ -121,7 +121,7 @@ impl fmt::Debug for RouteService {
 ///
 /// Most layers answer in-band ([`RouteLayer::new`]): an error that reaches them (their own,
 /// or one passed up from below) becomes its problem response right there, through
-/// [`Rescue`](crate::rescue::Rescue). The layers outside (CORS, compression, the access log)
+/// [`Rescue`]. The layers outside (CORS, compression, the access log)
 /// therefore see a `502` or a `504` as a response they decorate, never as an error that
 /// skips them. Layers of the upstream path (a timeout, retries, a breaker) pass errors up
 /// instead ([`RouteLayer::passing_errors`]), so that the layers around them can judge them;
@@ -229,7 +229,7 @@ impl RouteLayer {
     /// Boxes `layer`, its errors answered in-band (see [`RouteLayer`]): the choice for every
     /// layer that rejects, decorates or transforms.
     ///
-    /// The layer sits between two [`Rescue`](crate::rescue::Rescue)s: the inner one answers what
+    /// The layer sits between two [`Rescue`]s: the inner one answers what
     /// comes up from below (so the layer decorates a `502` like any response), the outer one
     /// answers the layer's own errors.
     pub fn new<L, ResB>(layer: L) -> Self

@@ -1,22 +1,4 @@
-//! JSON Web Tokens (RFC 7519), verified strictly.
-//!
-//! The signature is checked by `jsonwebtoken` (its RustCrypto backend); everything else is
-//! checked here, because `jsonwebtoken`'s `Validation` is lenient where a gateway must not
-//! be: it skips `iss` and `aud` when a token leaves them out unless they are listed as
-//! required, and skips them when they have the wrong JSON type (`"iss": 123`), leaves
-//! `nbf` unchecked by default, and has a 60 s leeway nobody chose. Here:
-//!
-//! - the header is read first: `alg` must be the algorithm of the key that verifies (the
-//!   key pins it; `none` names none), a `kid` is only looked up among the loaded keys, a
-//!   `crit` header refuses the token (no extension is understood), and `jku`, `x5u`,
-//!   `jwk` and `x5c` are never followed;
-//! - `exp` is required and must be a number; `nbf` and `iat`, when present, must be numbers,
-//!   and `nbf` is checked; the leeway is explicit (default 0);
-//! - a configured issuer makes `iss` required, a string, and one of those allowed; a
-//!   configured audience makes `aud` required, a string or an array of strings, and (one
-//!   of them) allowed;
-//! - an optional `max_lifetime` refuses tokens that expire too far ahead (Kong's
-//!   `maximum_expiration`).
+//! JSON Web Tokens (RFC 7519), verified strictly: see [`Jwt`].
 
 mod keys;
 mod remote;
@@ -47,8 +29,26 @@ const NAME: &str = "jwt";
 const MAX_GROUPS: usize = 64;
 const MAX_GROUP_LEN: usize = 256;
 
-/// Authenticates by JSON Web Token; see the [module docs](self). Build it with
+/// Authenticates by JSON Web Token (RFC 7519), verified strictly. Build it with
 /// [`Jwt::builder`].
+///
+/// The signature is checked by `jsonwebtoken` (its RustCrypto backend); everything else is
+/// checked here, because `jsonwebtoken`'s `Validation` is lenient where a gateway must not
+/// be: it skips `iss` and `aud` when a token leaves them out unless they are listed as
+/// required, and skips them when they have the wrong JSON type (`"iss": 123`), leaves
+/// `nbf` unchecked by default, and has a 60 s leeway nobody chose. Here:
+///
+/// - the header is read first: `alg` must be the algorithm of the key that verifies (the
+///   key pins it; `none` names none), a `kid` is only looked up among the loaded keys, a
+///   `crit` header refuses the token (no extension is understood), and `jku`, `x5u`,
+///   `jwk` and `x5c` are never followed;
+/// - `exp` is required and must be a number; `nbf` and `iat`, when present, must be numbers,
+///   and `nbf` is checked; the leeway is explicit (default 0);
+/// - a configured issuer makes `iss` required, a string, and one of those allowed; a
+///   configured audience makes `aud` required, a string or an array of strings, and (one
+///   of them) allowed;
+/// - an optional `max_lifetime` refuses tokens that expire too far ahead (Kong's
+///   `maximum_expiration`).
 #[derive(Clone)]
 pub struct Jwt {
     inner: Arc<Inner>,

@@ -61,6 +61,25 @@ fn bearer(token: &str) -> String {
     format!("Bearer {token}")
 }
 
+/// A gateway whose one route is `layer` over a proxy to `up`.
+async fn guarded<L, ResB>(layer: L, up: &TestUpstream) -> Gateway
+where
+    L: tower::Layer<gateway_proxy::ReverseProxy>,
+    L::Service: tower::Service<http::Request<gateway_core::Body>, Response = http::Response<ResB>>
+        + Clone
+        + Send
+        + Sync
+        + 'static,
+    <L::Service as tower::Service<http::Request<gateway_core::Body>>>::Future: Send,
+    <L::Service as tower::Service<http::Request<gateway_core::Body>>>::Error:
+        Into<gateway_core::BoxError>,
+    ResB: http_body::Body<Data = bytes::Bytes> + Send + 'static,
+    ResB::Error: Into<gateway_core::BoxError>,
+{
+    let router = Router::new().route(Route::prefix("/"), layer.layer(proxy_to(up)));
+    Gateway::start(router).await
+}
+
 #[tokio::test]
 async fn every_jwt_rule_refuses_before_the_upstream() {
     let up = TestUpstream::echo().await;
@@ -84,13 +103,7 @@ async fn every_jwt_rule_refuses_before_the_upstream() {
         .claim_header("sub", HeaderName::from_static("x-consumer"))
         .build()
         .unwrap();
-    let router = Router::new().route(
-        Route::prefix("/"),
-        ServiceBuilder::new()
-            .layer(AuthLayer::new(jwt))
-            .service(proxy_to(&up)),
-    );
-    let gw = Gateway::start(router).await;
+    let gw = guarded(AuthLayer::new(jwt), &up).await;
 
     let rsa = EncodingKey::from_rsa_pem(RSA).unwrap();
     let ec = EncodingKey::from_ec_pem(EC).unwrap();
@@ -566,13 +579,7 @@ async fn a_rotated_key_is_fetched_once_and_random_kids_cost_the_idp_nothing() {
         .unwrap();
     let jwt = Jwt::builder(jwks).build().unwrap();
     let up = TestUpstream::echo().await;
-    let router = Router::new().route(
-        Route::prefix("/"),
-        ServiceBuilder::new()
-            .layer(AuthLayer::new(jwt))
-            .service(proxy_to(&up)),
-    );
-    let gw = Gateway::start(router).await;
+    let gw = guarded(AuthLayer::new(jwt), &up).await;
     let ec = EncodingKey::from_ec_pem(EC).unwrap();
     let ed = EncodingKey::from_ed_pem(ED).unwrap();
     let send = |token: String| {
@@ -644,13 +651,7 @@ async fn the_last_good_keys_stay_while_the_idp_is_down() {
         .unwrap();
     let jwt = Jwt::builder(jwks.clone()).build().unwrap();
     let up = TestUpstream::echo().await;
-    let router = Router::new().route(
-        Route::prefix("/"),
-        ServiceBuilder::new()
-            .layer(AuthLayer::new(jwt))
-            .service(proxy_to(&up)),
-    );
-    let gw = Gateway::start(router).await;
+    let gw = guarded(AuthLayer::new(jwt), &up).await;
     let ed = EncodingKey::from_ed_pem(ED).unwrap();
     let token = mint(
         r#"{"alg":"EdDSA","kid":"k1"}"#,
@@ -685,13 +686,7 @@ async fn before_the_first_set_requests_fail_with_503_when_asked() {
         .start(client)
         .unwrap();
     let up = TestUpstream::echo().await;
-    let router = Router::new().route(
-        Route::prefix("/"),
-        ServiceBuilder::new()
-            .layer(AuthLayer::new(Jwt::builder(jwks).build().unwrap()))
-            .service(proxy_to(&up)),
-    );
-    let gw = Gateway::start(router).await;
+    let gw = guarded(AuthLayer::new(Jwt::builder(jwks).build().unwrap()), &up).await;
     let hs = EncodingKey::from_secret(SECRET).unwrap();
     let token = mint(
         r#"{"alg":"HS256"}"#,
@@ -705,4 +700,189 @@ async fn before_the_first_set_requests_fail_with_503_when_asked() {
     .await;
     assert_eq!(res.status(), 503);
     assert!(up.requests().is_empty());
+}
+
+#[tokio::test]
+async fn basic_auth_right_wrong_unknown_and_hidden() {
+    use gateway_middleware::auth::{BasicAuth, Users};
+    let up = TestUpstream::echo().await;
+    let users = Users::from_htpasswd(
+        &format!("alice:{}\n", bcrypt::hash("wonder land", 4).unwrap()),
+        |_| vec!["admins".to_owned()],
+    )
+    .unwrap();
+    let basic = BasicAuth::new(users).hide_credentials(true).realm("ops");
+    let gw = guarded(
+        ServiceBuilder::new()
+            .layer(AuthLayer::new(basic))
+            .layer(AclLayer::new(Acl::allow(["admins"]))),
+        &up,
+    )
+    .await;
+    let basic = |user_pass: &str| {
+        let value = format!(
+            "Basic {}",
+            base64::engine::general_purpose::STANDARD.encode(user_pass)
+        );
+        fetch(gw.addr, request("GET", "/", &[("authorization", &value)]))
+    };
+    for _ in 0..2 {
+        assert_eq!(basic("alice:wonder land").await.status(), 200);
+        assert_eq!(up.last_request().header("authorization"), None, "hidden");
+    }
+    let seen = up.requests().len();
+    for (what, user_pass) in [
+        ("wrong", "alice:wonderland"),
+        ("unknown", "mallory:x"),
+        ("no user", ":x"),
+    ] {
+        let res = basic(user_pass).await;
+        assert_eq!(res.status(), 401, "{what}");
+        assert_eq!(
+            res.headers()["www-authenticate"],
+            r#"Basic realm="ops""#,
+            "{what}"
+        );
+    }
+    let res = fetch(
+        gw.addr,
+        request("GET", "/", &[("authorization", "Basic !!")]),
+    )
+    .await;
+    assert_eq!(res.status(), 401);
+    assert_eq!(fetch(gw.addr, request("GET", "/", &[])).await.status(), 401);
+    assert_eq!(up.requests().len(), seen);
+}
+
+#[tokio::test]
+async fn forward_auth_allows_denies_and_caches_its_decisions() {
+    use gateway_core::Body;
+    use gateway_middleware::auth::ForwardAuthLayer;
+    // The authorization service: `Bearer good` is alice, anything else is sent to log in.
+    let authz = TestUpstream::serve(|req| async move {
+        let good = req
+            .headers()
+            .get("authorization")
+            .is_some_and(|v| v == "Bearer good");
+        let res = if good {
+            http::Response::builder()
+                .header("x-user", "alice")
+                .header("x-other", "no")
+                .body(Body::empty())
+        } else {
+            http::Response::builder()
+                .status(302)
+                .header("location", "https://login.test/")
+                .header("x-secret", "internal")
+                .body(Body::from("log in first"))
+        };
+        Ok(res.unwrap())
+    })
+    .await;
+    let up = TestUpstream::echo().await;
+    let client = gateway_proxy::HttpClient::builder().build().unwrap();
+    let layer = ForwardAuthLayer::new(client, format!("{}/check", authz.url()).parse().unwrap())
+        .response_headers([HeaderName::from_static("x-user")])
+        .identity_header(HeaderName::from_static("x-user"))
+        .cache_for(Duration::from_secs(60));
+    let gw = guarded(
+        ServiceBuilder::new()
+            .layer(layer)
+            .layer(AclLayer::new(Acl::deny(["nobody"]))),
+        &up,
+    )
+    .await;
+    let send = |auth: &'static str| {
+        fetch(
+            gw.addr,
+            request(
+                "GET",
+                "/orders?page=2",
+                &[("authorization", auth), ("x-user", "mallory")],
+            ),
+        )
+    };
+
+    for _ in 0..5 {
+        let res = send("Bearer good").await;
+        assert_eq!(res.status(), 200);
+        let seen = up.last_request();
+        assert_eq!(
+            seen.header("x-user"),
+            Some("alice"),
+            "the service's header, not the client's"
+        );
+        assert_eq!(seen.header("x-other"), None, "only the chosen headers");
+    }
+    assert_eq!(
+        authz.requests().len(),
+        1,
+        "one ask for five identical requests within the TTL"
+    );
+    let asked = authz.last_request();
+    assert_eq!(asked.uri, "/check");
+    assert_eq!(asked.header("authorization"), Some("Bearer good"));
+    assert_eq!(asked.header("x-forwarded-uri"), Some("/orders?page=2"));
+    assert_eq!(asked.header("x-forwarded-method"), Some("GET"));
+
+    let forwarded = up.requests().len();
+    for _ in 0..3 {
+        let res = send("Bearer bad").await;
+        assert_eq!(res.status(), 302, "the service's answer goes to the client");
+        assert_eq!(res.headers()["location"], "https://login.test/");
+        assert!(!res.headers().contains_key("x-secret"));
+        assert_eq!(res.body().as_ref(), b"log in first");
+    }
+    assert_eq!(authz.requests().len(), 2, "denials are cached too");
+    assert_eq!(
+        up.requests().len(),
+        forwarded,
+        "no denied request reached the upstream"
+    );
+
+    // An unreachable service: 503, nothing forwarded.
+    let down = gateway_core::test_util::refused_addr().await;
+    let client = gateway_proxy::HttpClient::builder().build().unwrap();
+    let gw = guarded(
+        ForwardAuthLayer::new(client, format!("http://{down}/").parse().unwrap()),
+        &up,
+    )
+    .await;
+    let res = fetch(
+        gw.addr,
+        request("GET", "/", &[("authorization", "Bearer good")]),
+    )
+    .await;
+    assert_eq!(res.status(), 503);
+    assert_eq!(up.requests().len(), forwarded);
+}
+
+#[tokio::test]
+async fn a_cached_token_still_expires() {
+    let up = TestUpstream::echo().await;
+    let jwt = Jwt::builder(Jwks::keys(
+        [JwtKey::hmac(Algorithm::HS256, SECRET).unwrap()],
+    ))
+    .build()
+    .unwrap();
+    let gw = guarded(AuthLayer::new(jwt), &up).await;
+    let hs = EncodingKey::from_secret(SECRET).unwrap();
+    let exp = now() + 1;
+    let token = mint(
+        r#"{"alg":"HS256"}"#,
+        &format!(r#"{{"sub":"alice","exp":{exp}}}"#),
+        Some((&hs, Algorithm::HS256)),
+    );
+    let send = || {
+        fetch(
+            gw.addr,
+            request("GET", "/", &[("authorization", &bearer(&token))]),
+        )
+    };
+    assert_eq!(send().await.status(), 200);
+    assert_eq!(send().await.status(), 200, "from the cache");
+    while now() < exp {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(send().await.status(), 401, "the cache honours exp");
 }

@@ -4,6 +4,10 @@
 //!
 //! - [`KeyAuth`]: API keys from a header or a query parameter, held as SHA-256 digests
 //!   and compared in constant time.
+//! - [`BasicAuth`]: `Authorization: Basic` against bcrypt or Argon2 hashes (an htpasswd
+//!   file), checked off the async workers, recent successes remembered.
+//! - [`ForwardAuthLayer`]: an external authorization service decides (a 2xx lets the
+//!   request through, anything else is the answer), its decisions cached by choice.
 //! - [`Jwt`]: JSON Web Tokens verified with static keys, a JWKS file or a JWKS URL, the
 //!   algorithm pinned by the key and every registered claim checked strictly.
 //!
@@ -45,7 +49,9 @@
 
 mod acl;
 mod api_key;
+mod basic;
 mod credential;
+mod forward;
 mod jwt;
 
 use std::borrow::Cow;
@@ -68,7 +74,11 @@ use tower::{Layer, Service};
 
 pub use acl::{Acl, AclLayer, AclService, ResponseFuture as AclResponseFuture};
 pub use api_key::{ApiKeys, KeyAuth};
+pub use basic::{BasicAuth, Users, UsersError};
 pub use credential::Source;
+pub use forward::{
+    AuthClient, ForwardAuth, ForwardAuthLayer, ResponseFuture as ForwardAuthResponseFuture,
+};
 pub use jwt::{Jwks, JwksBuilder, Jwt, JwtBuilder, JwtKey, KeyError, Startup};
 
 /// A way to authenticate a request: reads its credential and judges it.

@@ -11,8 +11,17 @@
 //! | `compression` | `{ algorithms: [zstd, br, gzip], level: 4, min_size: 1KiB }` | [`CompressionLayer`](crate::compression::CompressionLayer) |
 //! | `headers` | `{ request: { set: {x-env: prod} }, response: { remove: [server] } }` | [`EditHeadersLayer`](crate::headers::EditHeadersLayer) |
 //! | `timeout` | `{ total: 30s }` | tower's [`TimeoutLayer`](tower::timeout::TimeoutLayer): 504 when the route has not answered in time |
+//! | `jwt` | `{ jwks_url: https://idp/jwks.json, issuer: https://idp, audience: api }` | [`AuthLayer`](crate::auth::AuthLayer) with a [`Jwt`](crate::auth::Jwt) |
+//! | `key-auth` | `{ consumers: [{ name: alice, keys: ["${ALICE_KEY}"], groups: [admins] }] }` | [`AuthLayer`](crate::auth::AuthLayer) with a [`KeyAuth`](crate::auth::KeyAuth) |
+//! | `basic-auth` | `{ htpasswd_file: /etc/gateway/htpasswd, realm: ops }` | [`AuthLayer`](crate::auth::AuthLayer) with a [`BasicAuth`](crate::auth::BasicAuth) |
+//! | `auth` | `{ any_of: [{ jwt: {...} }, { key-auth: {...} }], anonymous: guest }` | [`AuthLayer`](crate::auth::AuthLayer) with several methods |
+//! | `acl` | `{ allow: [admins], deny: [banned] }` | [`AclLayer`](crate::auth::AclLayer) |
+//! | `forward-auth` | `{ url: http://authz:8080/check, cache_for: 30s }` | [`ForwardAuthLayer`](crate::auth::ForwardAuthLayer) |
 //!
 //! Every section is documented key by key in `docs/config.md`.
+
+#[cfg(feature = "auth")]
+pub mod auth;
 
 use std::collections::BTreeMap;
 
@@ -36,6 +45,8 @@ pub fn register(registry: &mut Registry) {
     #[cfg(feature = "headers")]
     registry.register("headers", HeadersFactory);
     registry.register("timeout", TimeoutFactory);
+    #[cfg(feature = "auth")]
+    auth::register(registry);
 }
 
 /// `request-id`'s section.

@@ -886,3 +886,229 @@ async fn a_cached_token_still_expires() {
     }
     assert_eq!(send().await.status(), 401, "the cache honours exp");
 }
+
+/// The auth sections of a config file, loaded as the example gateway loads them (with the
+/// metrics and an HTTP client lent), and their mistakes.
+#[cfg(feature = "config")]
+mod from_config {
+    use super::*;
+    use gateway_core::metrics::{Format, Metrics};
+    use gateway_core::registry::Registry;
+    use gateway_proxy::config;
+
+    fn registry(metrics: &Metrics) -> Registry {
+        let mut registry = Registry::new();
+        gateway_middleware::config::register(&mut registry);
+        registry.metrics(metrics);
+        registry.client(gateway_proxy::HttpClient::builder().build().unwrap());
+        registry
+    }
+
+    fn load(yaml: &str, metrics: &Metrics) -> Result<config::Gateway, config::ConfigError> {
+        let parsed = config::parse("gateway.yaml", yaml, |_| None, &registry(metrics))?;
+        config::build("gateway.yaml", &parsed)
+    }
+
+    #[tokio::test]
+    async fn every_auth_section_works_from_a_file() {
+        let up = TestUpstream::echo().await;
+        let dir = std::env::temp_dir().join(format!("gw-auth-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let consumers = dir.join("consumers.yaml");
+        std::fs::write(
+            &consumers,
+            "- { name: carol, keys: [carol-key-0123456789], groups: [admins] }\n",
+        )
+        .unwrap();
+        let htpasswd = dir.join("htpasswd");
+        std::fs::write(
+            &htpasswd,
+            format!("dave:{}\n", bcrypt::hash("pw", 4).unwrap()),
+        )
+        .unwrap();
+        let pem = dir.join("ec.pub.pem");
+        std::fs::write(&pem, EC_PUB).unwrap();
+        let yaml = format!(
+            r#"
+listen: 127.0.0.1:0
+upstreams:
+  app: {{ endpoints: ["{up}"] }}
+routes:
+  - id: keys
+    match: {{ path: /keys }}
+    upstream: app
+    plugins:
+      - key-auth:
+          consumers: [{{ name: alice, keys: [alice-key-0123456789], groups: [staff] }}]
+          consumers_file: {consumers}
+          hide_credentials: true
+      - acl: {{ allow: [admins] }}
+  - id: basic
+    match: {{ path: /basic }}
+    upstream: app
+    plugins:
+      - basic-auth: {{ htpasswd_file: {htpasswd}, realm: ops }}
+  - id: any
+    match: {{ path: /any }}
+    upstream: app
+    plugins:
+      - auth:
+          any_of:
+            - jwt: {{ public_key_file: {pem}, algorithm: ES256, issuer: https://idp.test, audience: api, claims_to_headers: {{ sub: x-user }} }}
+            - key-auth: {{ consumers_file: {consumers} }}
+          anonymous: guest
+"#,
+            up = up.url(),
+            consumers = consumers.display(),
+            htpasswd = htpasswd.display(),
+            pem = pem.display(),
+        );
+        let metrics = Metrics::new();
+        let built = load(&yaml, &metrics).unwrap_or_else(|e| panic!("{e}"));
+        let gw = Gateway::start(built.router).await;
+        let get = |path: &'static str, headers: Vec<(&'static str, String)>| {
+            let headers: Vec<(&str, &str)> =
+                headers.iter().map(|(n, v)| (*n, v.as_str())).collect();
+            fetch(gw.addr, request("GET", path, &headers))
+        };
+
+        assert_eq!(
+            get("/keys", vec![("x-api-key", "carol-key-0123456789".into())])
+                .await
+                .status(),
+            200
+        );
+        assert_eq!(up.last_request().header("x-api-key"), None);
+        assert_eq!(
+            get("/keys", vec![("x-api-key", "alice-key-0123456789".into())])
+                .await
+                .status(),
+            403
+        );
+        assert_eq!(
+            get("/keys", vec![("x-api-key", "wrong-key-0123456789".into())])
+                .await
+                .status(),
+            401
+        );
+
+        let basic = |pw: &str| {
+            (
+                "authorization",
+                format!(
+                    "Basic {}",
+                    base64::engine::general_purpose::STANDARD.encode(format!("dave:{pw}"))
+                ),
+            )
+        };
+        assert_eq!(get("/basic", vec![basic("pw")]).await.status(), 200);
+        let res = get("/basic", vec![basic("nope")]).await;
+        assert_eq!(
+            (
+                res.status().as_u16(),
+                res.headers()["www-authenticate"].to_str().unwrap()
+            ),
+            (401, r#"Basic realm="ops""#)
+        );
+
+        let ec = EncodingKey::from_ec_pem(EC).unwrap();
+        let token = mint(
+            r#"{"alg":"ES256"}"#,
+            &claims(""),
+            Some((&ec, Algorithm::ES256)),
+        );
+        assert_eq!(
+            get("/any", vec![("authorization", bearer(&token))])
+                .await
+                .status(),
+            200
+        );
+        assert_eq!(up.last_request().header("x-user"), Some("alice"));
+        assert_eq!(
+            get("/any", vec![("x-api-key", "carol-key-0123456789".into())])
+                .await
+                .status(),
+            200
+        );
+        assert_eq!(get("/any", vec![]).await.status(), 200, "anonymous");
+        assert_eq!(
+            get("/any", vec![("authorization", bearer("x.y.z"))])
+                .await
+                .status(),
+            401
+        );
+
+        let text = metrics.encode(Format::Prometheus);
+        for line in [
+            r#"gateway_auth_decisions_total{route="keys",method="key-auth",decision="accepted"} 2"#,
+            r#"gateway_auth_decisions_total{route="keys",method="key-auth",decision="rejected"} 1"#,
+            r#"gateway_auth_failures_total{route="keys",method="key-auth",reason="unknown_key"} 1"#,
+            r#"gateway_acl_decisions_total{route="keys",decision="denied"} 1"#,
+            r#"gateway_auth_decisions_total{route="any",method="none",decision="anonymous"} 1"#,
+            r#"gateway_auth_failures_total{route="basic",method="basic-auth",reason="bad_password"} 1"#,
+            r#"gateway_auth_failures_total{route="any",method="jwt",reason="malformed"} 1"#,
+        ] {
+            assert!(text.contains(line), "{line} in\n{text}");
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[tokio::test]
+    async fn auth_mistakes_are_refused_at_load() {
+        let metrics = Metrics::new();
+        let route = |plugin: &str| {
+            format!(
+                "listen: 127.0.0.1:0\nroutes:\n  - match: {{ path: / }}\n    respond: {{ status: 200 }}\n    plugins:\n      - {plugin}\n"
+            )
+        };
+        for (plugin, why) in [
+            ("jwt: {}", "give one of"),
+            (
+                "jwt: { secret: s, jwks_url: http://idp/jwks }",
+                "give one of",
+            ),
+            (
+                "jwt: { secret: short, algorithm: HS256 }",
+                "at least 32 bytes",
+            ),
+            (
+                "jwt: { secret: a-secret-of-thirty-two-bytes-or-more, algorithm: none }",
+                "not a signing algorithm",
+            ),
+            (
+                "jwt: { public_key_file: /nonexistent.pem, algorithm: RS256 }",
+                "cannot read",
+            ),
+            (
+                "jwt: { jwks_url: http://idp/jwks, startup: maybe }",
+                "`wait` or `fail`",
+            ),
+            (
+                "jwt: { secret: a-secret-of-thirty-two-bytes-or-more, algorithm: HS256, issuer: 5 }",
+                "a string or a list of strings",
+            ),
+            (
+                "jwt: { secret: a-secret-of-thirty-two-bytes-or-more, algorithm: HS256, oops: 1 }",
+                "unknown field",
+            ),
+            (
+                "key-auth: { consumers: [{ name: a, keys: [short] }] }",
+                "guessable",
+            ),
+            ("key-auth: { consumers: [] }", "no consumer has a key"),
+            (
+                "basic-auth: { users: [{ name: a, password_hash: plain }] }",
+                "not accepted",
+            ),
+            ("auth: { any_of: [] }", "at least one method"),
+            ("acl: {}", "`allow` or a `deny`"),
+            ("forward-auth: { url: /relative }", "absolute"),
+        ] {
+            let err = match load(&route(plugin), &metrics) {
+                Ok(_) => panic!("{plugin} was accepted"),
+                Err(err) => err.to_string(),
+            };
+            assert!(err.contains(why), "{plugin}: {err}");
+        }
+    }
+}

@@ -79,6 +79,10 @@ pub use credential::Source;
 pub use forward::{
     AuthClient, ForwardAuth, ForwardAuthLayer, ResponseFuture as ForwardAuthResponseFuture,
 };
+#[cfg(feature = "config")]
+pub(crate) mod jwt_internal {
+    pub(crate) use super::jwt::WeakJwks;
+}
 pub use jwt::{Jwks, JwksBuilder, Jwt, JwtBuilder, JwtKey, KeyError, Startup};
 
 /// A way to authenticate a request: reads its credential and judges it.
@@ -103,6 +107,24 @@ pub trait Authenticate: Send + Sync + 'static {
     /// (`Bearer realm="api"`), if the method has one.
     fn challenge(&self) -> Option<HeaderValue> {
         None
+    }
+}
+
+impl<T: Authenticate + ?Sized> Authenticate for Arc<T> {
+    fn name(&self) -> &'static str {
+        (**self).name()
+    }
+
+    fn prepare(&self, req: &mut request::Parts) {
+        (**self).prepare(req);
+    }
+
+    fn authenticate(&self, req: &request::Parts) -> Check {
+        (**self).authenticate(req)
+    }
+
+    fn challenge(&self) -> Option<HeaderValue> {
+        (**self).challenge()
     }
 }
 

@@ -230,6 +230,22 @@ impl Jwks {
     }
 }
 
+/// A [`Jwks`] that does not keep it alive (for sharing a remote set by URL).
+#[derive(Clone, Debug)]
+pub(crate) struct WeakJwks(Weak<State>);
+
+impl WeakJwks {
+    pub(crate) fn upgrade(&self) -> Option<Jwks> {
+        self.0.upgrade().map(|state| Jwks { state })
+    }
+}
+
+impl Jwks {
+    pub(crate) fn downgrade(&self) -> WeakJwks {
+        WeakJwks(Arc::downgrade(&self.state))
+    }
+}
+
 impl fmt::Debug for Jwks {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let mut d = f.debug_struct("Jwks");

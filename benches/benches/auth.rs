@@ -114,12 +114,39 @@ fn request(name: &str, value: &str) -> Request<Body> {
 
 const ALGS: [&str; 4] = ["RS256", "ES256", "EdDSA", "HS256"];
 
-/// The signature check alone, as the layer makes it.
+/// The signature check alone, with jsonwebtoken's own (RustCrypto) backend.
 #[divan::bench(args = ALGS)]
-fn jwt_bare_signature(b: divan::Bencher<'_, '_>, alg: &str) {
+fn jwt_bare_signature_rustcrypto(b: divan::Bencher<'_, '_>, alg: &str) {
     let (token, _, bare, algorithm) = token(alg);
     let (message, signature) = token.rsplit_once('.').expect("three parts");
     b.bench_local(|| jsonwebtoken::crypto::verify(signature, message.as_bytes(), &bare, algorithm));
+}
+
+/// The signature check alone, as the layer makes it (ring for public keys, jsonwebtoken
+/// for HMAC).
+#[divan::bench(args = ALGS)]
+fn jwt_bare_signature_layer(b: divan::Bencher<'_, '_>, alg: &str) {
+    use ring::signature as sig;
+    let (token, _, bare, algorithm) = token(alg);
+    let (message, signature) = token.rsplit_once('.').expect("three parts");
+    let raw = URL_SAFE_NO_PAD.decode(signature).expect("base64url");
+    let ring_alg: &'static dyn sig::VerificationAlgorithm = match algorithm {
+        Algorithm::RS256 => &sig::RSA_PKCS1_2048_8192_SHA256,
+        Algorithm::ES256 => &sig::ECDSA_P256_SHA256_FIXED,
+        Algorithm::EdDSA => &sig::ED25519,
+        _ => {
+            b.bench_local(|| {
+                jsonwebtoken::crypto::verify(signature, message.as_bytes(), &bare, algorithm)
+            });
+            return;
+        }
+    };
+    let der = bare.try_get_as_bytes().expect("a DER key");
+    b.bench_local(|| {
+        let raw = URL_SAFE_NO_PAD.decode(signature).map(|_| &raw);
+        sig::UnparsedPublicKey::new(ring_alg, der)
+            .verify(message.as_bytes(), raw.expect("base64url"))
+    });
 }
 
 /// The whole layer, every request verified (no cache).

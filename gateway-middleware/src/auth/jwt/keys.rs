@@ -4,7 +4,8 @@ use std::fmt;
 use std::sync::Arc;
 
 use jsonwebtoken::jwk::{AlgorithmParameters, EllipticCurve, Jwk, KeyAlgorithm, PublicKeyUse};
-use jsonwebtoken::{Algorithm, AlgorithmFamily, DecodingKey};
+use jsonwebtoken::{Algorithm, AlgorithmFamily, DecodingKey, DecodingKeyKind};
+use ring::signature::{self as ring_sig, RsaPublicKeyComponents, UnparsedPublicKey};
 
 /// A key that verifies signatures of exactly one algorithm.
 ///
@@ -16,6 +17,60 @@ pub struct JwtKey {
     pub(super) kid: Option<Arc<str>>,
     pub(super) alg: Algorithm,
     pub(super) key: Arc<DecodingKey>,
+}
+
+/// RSA and ECDSA signatures are checked with `ring` (the crypto the TLS stack already uses):
+/// several times faster than the RustCrypto backend jsonwebtoken is built with (ES256 about
+/// 5x, RS256 about 3.5x; `cargo bench -p gateway-benches --bench auth`), with no crate
+/// added to the tree. EdDSA (ed25519-dalek is as fast as ring) and HMAC stay with
+/// jsonwebtoken.
+impl JwtKey {
+    /// Whether `signature` (base64url, as in the token) signs `message` under this key.
+    pub(super) fn verifies(&self, message: &[u8], signature: &str) -> Result<bool, String> {
+        use base64::Engine as _;
+        let ring_alg: &'static dyn ring_sig::VerificationAlgorithm = match self.alg {
+            Algorithm::RS256 => &ring_sig::RSA_PKCS1_2048_8192_SHA256,
+            Algorithm::RS384 => &ring_sig::RSA_PKCS1_2048_8192_SHA384,
+            Algorithm::RS512 => &ring_sig::RSA_PKCS1_2048_8192_SHA512,
+            Algorithm::PS256 => &ring_sig::RSA_PSS_2048_8192_SHA256,
+            Algorithm::PS384 => &ring_sig::RSA_PSS_2048_8192_SHA384,
+            Algorithm::PS512 => &ring_sig::RSA_PSS_2048_8192_SHA512,
+            Algorithm::ES256 => &ring_sig::ECDSA_P256_SHA256_FIXED,
+            Algorithm::ES384 => &ring_sig::ECDSA_P384_SHA384_FIXED,
+            // EdDSA, HMAC, and whatever jsonwebtoken adds later.
+            _ => {
+                return jsonwebtoken::crypto::verify(signature, message, &self.key, self.alg)
+                    .map_err(|e| e.to_string());
+            }
+        };
+        let signature = base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(signature)
+            .map_err(|_| "the signature is not base64url".to_owned())?;
+        let verified = match self.key.kind() {
+            DecodingKeyKind::RsaModulusExponent { n, e } => {
+                let Some(params) = rsa_params(self.alg) else {
+                    return Err("an RSA key for a non-RSA algorithm".into());
+                };
+                RsaPublicKeyComponents { n, e }.verify(params, message, &signature)
+            }
+            DecodingKeyKind::SecretOrDer(der) => {
+                UnparsedPublicKey::new(ring_alg, der).verify(message, &signature)
+            }
+        };
+        Ok(verified.is_ok())
+    }
+}
+
+fn rsa_params(alg: Algorithm) -> Option<&'static ring_sig::RsaParameters> {
+    Some(match alg {
+        Algorithm::RS256 => &ring_sig::RSA_PKCS1_2048_8192_SHA256,
+        Algorithm::RS384 => &ring_sig::RSA_PKCS1_2048_8192_SHA384,
+        Algorithm::RS512 => &ring_sig::RSA_PKCS1_2048_8192_SHA512,
+        Algorithm::PS256 => &ring_sig::RSA_PSS_2048_8192_SHA256,
+        Algorithm::PS384 => &ring_sig::RSA_PSS_2048_8192_SHA384,
+        Algorithm::PS512 => &ring_sig::RSA_PSS_2048_8192_SHA512,
+        _ => return None,
+    })
 }
 
 /// Why a key could not be made.

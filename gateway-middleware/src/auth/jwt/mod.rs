@@ -336,13 +336,11 @@ impl Inner {
                     format!("`alg` {:?} is not its key's {:?}", parsed.alg, key.alg),
                 ));
             }
-            let ok = jsonwebtoken::crypto::verify(
-                parsed.signature,
-                parsed.message.as_bytes(),
-                &key.key,
-                key.alg,
-            )
-            .map_err(|e| refuse("signature", format!("the signature cannot be checked: {e}")))?;
+            let ok = key
+                .verifies(parsed.message.as_bytes(), parsed.signature)
+                .map_err(|e| {
+                    refuse("signature", format!("the signature cannot be checked: {e}"))
+                })?;
             if ok {
                 verified = true;
                 break;

@@ -61,6 +61,41 @@ impl JwtKey {
     }
 }
 
+/// The significant bits of a big-endian unsigned integer.
+fn bits(n: &[u8]) -> usize {
+    let n = &n[n.iter().take_while(|b| **b == 0).count()..];
+    n.first()
+        .map_or(0, |top| n.len() * 8 - top.leading_zeros() as usize)
+}
+
+/// The modulus of a PKCS#1 `RSAPublicKey` (`SEQUENCE { INTEGER n, INTEGER e }`, DER).
+fn pkcs1_modulus(der: &[u8]) -> Option<&[u8]> {
+    /// A DER element's tag check, and its contents and what follows.
+    fn element(der: &[u8], tag: u8) -> Option<(&[u8], &[u8])> {
+        let (&t, rest) = der.split_first()?;
+        let (&len, rest) = rest.split_first()?;
+        if t != tag {
+            return None;
+        }
+        let (len, rest) = if len < 0x80 {
+            (usize::from(len), rest)
+        } else {
+            let n = usize::from(len & 0x7f);
+            if n == 0 || n > 4 || rest.len() < n {
+                return None;
+            }
+            let len = rest[..n]
+                .iter()
+                .fold(0usize, |acc, b| (acc << 8) | usize::from(*b));
+            (len, &rest[n..])
+        };
+        (rest.len() >= len).then(|| rest.split_at(len))
+    }
+    let (sequence, _) = element(der, 0x30)?;
+    let (modulus, _) = element(sequence, 0x02)?;
+    Some(modulus)
+}
+
 fn rsa_params(alg: Algorithm) -> Option<&'static ring_sig::RsaParameters> {
     Some(match alg {
         Algorithm::RS256 => &ring_sig::RSA_PKCS1_2048_8192_SHA256,
@@ -129,10 +164,27 @@ impl JwtKey {
                 return Err(err(format!("{alg:?} takes a secret, not a PEM key")));
             }
         };
-        Ok(Self::with(
-            alg,
-            key.map_err(|e| err(format!("not a {alg:?} public key: {e}")))?,
-        ))
+        let key = key.map_err(|e| err(format!("not a {alg:?} public key: {e}")))?;
+        Self::public(alg, key)
+    }
+
+    /// A public key, RSA ones of 2048 bits at least (ring refuses smaller ones, and so
+    /// would every token they sign: better said at load).
+    fn public(alg: Algorithm, key: DecodingKey) -> Result<Self, KeyError> {
+        if alg.family() == AlgorithmFamily::Rsa {
+            let bits = match key.kind() {
+                DecodingKeyKind::RsaModulusExponent { n, .. } => Some(bits(n)),
+                DecodingKeyKind::SecretOrDer(der) => pkcs1_modulus(der).map(bits),
+            };
+            match bits {
+                Some(bits) if bits >= 2048 => {}
+                Some(bits) => {
+                    return Err(err(format!("an RSA key of {bits} bits (2048 at least)")));
+                }
+                None => return Err(err("not an RSA public key")),
+            }
+        }
+        Ok(Self::with(alg, key))
     }
 
     /// Names the key: a token whose header has a `kid` is verified only by the key of that
@@ -224,7 +276,7 @@ impl JwtKey {
             return Ok(made);
         }
         let key = DecodingKey::from_jwk(jwk).map_err(err)?;
-        let mut made = Self::with(alg, key);
+        let mut made = Self::public(alg, key)?;
         made.kid = jwk.common.key_id.as_deref().map(Arc::from);
         Ok(made)
     }
@@ -318,6 +370,27 @@ mod tests {
         assert_eq!(keys.len(), 2);
         assert_eq!(keys[1].alg, Algorithm::HS256);
         assert!(parse_jwks(b"[]", true).is_err());
+    }
+
+    #[test]
+    fn small_rsa_keys_are_refused_at_load() {
+        assert_eq!(bits(&[0, 0, 0x80, 0]), 16);
+        assert_eq!(bits(&[0x01; 256]), 2041);
+        let jwk = |n: &[u8]| {
+            use base64::Engine as _;
+            let n = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(n);
+            serde_json::from_str::<Jwk>(&format!(r#"{{"kty":"RSA","n":"{n}","e":"AQAB"}}"#))
+                .unwrap()
+        };
+        let err = JwtKey::from_jwk(&jwk(&[0xff; 128]), false).unwrap_err();
+        assert!(err.0.contains("1024 bits"), "{err}");
+        assert!(JwtKey::from_jwk(&jwk(&[0xff; 256]), false).is_ok());
+        // A 1024-bit PKCS#1 key: SEQUENCE { INTEGER (129 bytes), INTEGER 65537 }.
+        let mut der = vec![0x30, 0x81, 0x89, 0x02, 0x81, 0x81, 0x00];
+        der.extend([0xc5; 128]);
+        der.extend([0x02, 0x03, 0x01, 0x00, 0x01]);
+        assert_eq!(pkcs1_modulus(&der).map(bits), Some(1024));
+        assert_eq!(pkcs1_modulus(&der[..20]), None);
     }
 
     #[test]

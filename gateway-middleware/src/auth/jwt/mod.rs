@@ -17,6 +17,7 @@ use jsonwebtoken::Algorithm;
 use serde_json::{Map, Value};
 
 pub use keys::{JwtKey, KeyError};
+#[cfg(feature = "config")]
 pub(crate) use remote::WeakJwks;
 pub use remote::{Jwks, JwksBuilder, Startup};
 

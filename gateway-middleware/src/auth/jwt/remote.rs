@@ -231,15 +231,18 @@ impl Jwks {
 }
 
 /// A [`Jwks`] that does not keep it alive (for sharing a remote set by URL).
+#[cfg(feature = "config")]
 #[derive(Clone, Debug)]
 pub(crate) struct WeakJwks(Weak<State>);
 
+#[cfg(feature = "config")]
 impl WeakJwks {
     pub(crate) fn upgrade(&self) -> Option<Jwks> {
         self.0.upgrade().map(|state| Jwks { state })
     }
 }
 
+#[cfg(feature = "config")]
 impl Jwks {
     pub(crate) fn downgrade(&self) -> WeakJwks {
         WeakJwks(Arc::downgrade(&self.state))

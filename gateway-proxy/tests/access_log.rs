@@ -441,3 +441,71 @@ async fn a_failed_request_is_logged_with_its_method_path_route_and_upstream() {
     let (text, _) = logged_failures(spans).await;
     assert!(!failure_line(&text).contains("request{"), "{text}");
 }
+
+/// Auth layers inside the access log report the consumer, the method and why a credential
+/// was refused, and never the credential.
+#[tokio::test]
+async fn the_consumer_and_auth_outcome_reach_the_log() {
+    use gateway_core::Identity;
+    use gateway_middleware::auth::{Acl, AclLayer, ApiKeys, AuthLayer, KeyAuth};
+    let upstream = TestUpstream::echo().await;
+    let out = Captured::default();
+    let log = AccessLog::builder().writer(out.clone()).start().unwrap();
+    let keys = ApiKeys::new()
+        .consumer(
+            Identity::consumer("alice").with_groups(["admins"]),
+            ["alice-key-0123456789"],
+        )
+        .consumer(Identity::consumer("bob"), ["bob-key-0123456789"]);
+    let api = ServiceBuilder::new()
+        .layer(AuthLayer::new(KeyAuth::new(keys)).anonymous(Identity::anonymous_as("guest")))
+        .layer(AclLayer::new(
+            Acl::deny(["banned"]).and_allow(["admins", "nobody"]),
+        ))
+        .service(ReverseProxy::to(&upstream.url()).unwrap());
+    let app = ServiceBuilder::new()
+        .layer(AccessLogLayer::new(&log))
+        .service(Router::new().route(Route::prefix("/").id("api"), api));
+    let gw = Gateway::start(app).await;
+    for key in [
+        "alice-key-0123456789",
+        "wrong-key-0123456789",
+        "bob-key-0123456789",
+    ] {
+        fetch(gw.addr, request("GET", "/", &[("x-api-key", key)])).await;
+    }
+    fetch(gw.addr, request("GET", "/", &[])).await;
+    assert!(log.flush(Duration::from_secs(5)));
+    let lines = out.json();
+    assert_eq!(lines.len(), 4, "{:?}", out.lines());
+    let field = |i: usize, name: &str| lines[i][name].as_str().map(str::to_owned);
+    assert_eq!(
+        (
+            lines[0]["status"].as_u64(),
+            field(0, "consumer"),
+            field(0, "auth")
+        ),
+        (Some(200), Some("alice".into()), Some("key-auth".into()))
+    );
+    assert_eq!(
+        (lines[1]["status"].as_u64(), field(1, "auth_error")),
+        (Some(401), Some("unknown_key".into()))
+    );
+    assert_eq!(field(1, "consumer"), None);
+    assert_eq!(
+        (
+            lines[2]["status"].as_u64(),
+            field(2, "consumer"),
+            field(2, "acl")
+        ),
+        (Some(403), Some("bob".into()), Some("denied".into()))
+    );
+    assert_eq!(
+        (field(3, "consumer"), field(3, "auth")),
+        (Some("guest".into()), Some("anonymous".into()))
+    );
+    assert!(
+        !out.lines().concat().contains("key-0123456789"),
+        "no key in the log"
+    );
+}

@@ -1112,3 +1112,42 @@ routes:
         }
     }
 }
+
+/// The commented auth route of the example config loads once uncommented, and guards its
+/// route as its comments say.
+#[cfg(feature = "config")]
+#[tokio::test]
+async fn the_example_configs_auth_block_works_uncommented() {
+    let example = include_str!("../../examples/gateway/gateway.example.yaml");
+    let (before, rest) = example.split_once("  # --- auth example\n").unwrap();
+    let (block, after) = rest.split_once("  # --- end\n").unwrap();
+    let block: String = block
+        .lines()
+        .map(|l| format!("{}\n", l.replacen("# ", "", 1)))
+        .collect();
+    let yaml = format!("{before}{block}{after}");
+    let down = gateway_core::test_util::refused_addr().await;
+    let env = move |name: &str| match name {
+        "JWKS_URL" => Some(format!("http://{down}/jwks.json")),
+        "ADMIN_KEY" => Some("ops-bot-key-0123456789".to_owned()),
+        _ => None,
+    };
+    let mut registry = gateway_core::registry::Registry::new();
+    gateway_middleware::config::register(&mut registry);
+    registry.client(gateway_proxy::HttpClient::builder().build().unwrap());
+    let parsed = gateway_proxy::config::parse("gateway.example.yaml", &yaml, env, &registry)
+        .unwrap_or_else(|e| panic!("{e}"));
+    let built = gateway_proxy::config::build("gateway.example.yaml", &parsed)
+        .unwrap_or_else(|e| panic!("{e}"));
+    let gw = Gateway::start(built.router).await;
+    let res = fetch(gw.addr, request("GET", "/admin", &[])).await;
+    assert_eq!(res.status(), 401);
+    let key = [("x-api-key", "ops-bot-key-0123456789")];
+    let res = fetch(gw.addr, request("GET", "/admin", &key)).await;
+    assert_ne!(
+        res.status(),
+        401,
+        "the key passes auth and the ACL (the upstream may be down)"
+    );
+    assert_ne!(res.status(), 403);
+}

@@ -19,7 +19,7 @@ use gateway_proxy::{Route, Router};
 use http::header::HeaderName;
 use jsonwebtoken::{Algorithm, EncodingKey};
 use support::{Gateway, fetch, proxy_to, request};
-use tower::ServiceBuilder;
+use tower::{Layer as _, ServiceBuilder};
 
 const RSA: &[u8] = include_bytes!("support/keys/rsa.pem");
 const RSA_PUB: &[u8] = include_bytes!("support/keys/rsa.pub.pem");
@@ -105,6 +105,8 @@ async fn every_jwt_rule_refuses_before_the_upstream() {
         .unwrap();
     let gw = guarded(AuthLayer::new(jwt), &up).await;
 
+    // Where a token's `jku`, `x5u` and `jwk` point: nothing may ever ask it.
+    let lure = TestUpstream::echo().await;
     let rsa = EncodingKey::from_rsa_pem(RSA).unwrap();
     let ec = EncodingKey::from_ec_pem(EC).unwrap();
     let ed = EncodingKey::from_ed_pem(ED).unwrap();
@@ -137,7 +139,10 @@ async fn every_jwt_rule_refuses_before_the_upstream() {
             rs256,
         ),
         mint(
-            r#"{"alg":"RS256","kid":"rsa","jku":"http://169.254.169.254/jwks"}"#,
+            &format!(
+                r#"{{"alg":"RS256","kid":"rsa","jku":"{0}/jwks","x5u":"{0}/cert","jwk":{{"kty":"oct","k":"AAAA"}}}}"#,
+                lure.url()
+            ),
             &format!(
                 r#"{{"sub":"alice","iss":"https://idp.test","aud":["web","api"],"exp":{}}}"#,
                 now() - 30
@@ -384,6 +389,7 @@ async fn every_jwt_rule_refuses_before_the_upstream() {
         accepted,
         "no refused request reached the upstream"
     );
+    assert!(lure.requests().is_empty(), "jku and x5u are never followed");
 }
 
 #[tokio::test]
@@ -1150,4 +1156,45 @@ async fn the_example_configs_auth_block_works_uncommented() {
         "the key passes auth and the ACL (the upstream may be down)"
     );
     assert_ne!(res.status(), 403);
+}
+
+#[tokio::test]
+async fn preflights_pass_unauthenticated_only_when_asked() {
+    let up = TestUpstream::echo().await;
+    let keys = || ApiKeys::new().consumer(Identity::consumer("alice"), ["alice-key-0123456789"]);
+    let router = Router::new()
+        .route(
+            Route::prefix("/open"),
+            AuthLayer::new(KeyAuth::new(keys()))
+                .allow_preflights(true)
+                .layer(proxy_to(&up)),
+        )
+        .route(
+            Route::prefix("/closed"),
+            AuthLayer::new(KeyAuth::new(keys())).layer(proxy_to(&up)),
+        );
+    let gw = Gateway::start(router).await;
+    let preflight = [
+        ("origin", "https://app.test"),
+        ("access-control-request-method", "PUT"),
+    ];
+    let send = |path: &'static str, headers: &[(&str, &str)]| {
+        fetch(gw.addr, request("OPTIONS", path, headers))
+    };
+    assert_eq!(
+        send("/open", &preflight).await.status(),
+        200,
+        "a preflight passes"
+    );
+    assert_eq!(up.last_request().method, http::Method::OPTIONS);
+    assert_eq!(send("/closed", &preflight).await.status(), 401);
+    assert_eq!(
+        send("/open", &[("origin", "https://app.test")])
+            .await
+            .status(),
+        401,
+        "a plain OPTIONS is no preflight"
+    );
+    let get = fetch(gw.addr, request("GET", "/open", &preflight)).await;
+    assert_eq!(get.status(), 401, "nor is a GET with preflight headers");
 }

@@ -3,22 +3,21 @@
 
 use std::collections::HashMap;
 use std::fmt;
-use std::future::Future;
-use std::pin::Pin;
 use std::sync::{Arc, Mutex, PoisonError};
-use std::task::{Context, Poll, ready};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
-use bytes::{Buf, Bytes};
+use bytes::Bytes;
 use gateway_core::{Body, BoxError, Error, ErrorKind, Identity, LogFields};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Request, Response, StatusCode, Uri, request};
-use pin_project_lite::pin_project;
 use sha2::{Digest as _, Sha256};
 use tokio::sync::OnceCell;
 use tokio::time::Instant;
 use tower::util::BoxCloneSyncService;
 use tower::{Layer, Service, ServiceExt};
+
+use super::gate::{ResponseFuture, read_body};
 
 /// The client a [`ForwardAuthLayer`] asks its authorization service through.
 pub type AuthClient = BoxCloneSyncService<Request<Body>, Response<Body>, BoxError>;
@@ -336,27 +335,6 @@ impl Shared {
     }
 }
 
-async fn read_body(body: Body, max: usize) -> Result<Bytes, String> {
-    let mut body = std::pin::pin!(body);
-    let mut out = Vec::new();
-    while let Some(frame) =
-        std::future::poll_fn(|cx| http_body::Body::poll_frame(body.as_mut(), cx)).await
-    {
-        let frame = frame.map_err(|e| e.to_string())?;
-        if let Ok(mut data) = frame.into_data() {
-            if out.len() + data.remaining() > max {
-                return Err(format!("a denial body over {max} bytes"));
-            }
-            while data.has_remaining() {
-                let n = data.chunk().len();
-                out.extend_from_slice(data.chunk());
-                data.advance(n);
-            }
-        }
-    }
-    Ok(out.into())
-}
-
 impl<S, B, ResB> Service<Request<B>> for ForwardAuth<S>
 where
     S: Service<Request<B>, Response = Response<ResB>> + Clone + Send + 'static,
@@ -381,26 +359,32 @@ where
         let key = (!self.shared.ttl.is_zero()).then(|| self.shared.key(&parts));
         if let Some(decision) = key.and_then(|k| self.shared.cached(&k)) {
             return match apply(&decision, &mut parts) {
-                None => ResponseFuture {
-                    state: State::Called {
-                        fut: self.inner.call(Request::from_parts(parts, body)),
-                    },
-                },
-                Some(res) => ResponseFuture {
-                    state: State::Answered { res: Some(res) },
-                },
+                None => ResponseFuture::called(self.inner.call(Request::from_parts(parts, body))),
+                Some(res) => ResponseFuture::answered(res),
             };
         }
         let ask = self.shared.ask(&parts);
         let clone = self.inner.clone();
         let inner = std::mem::replace(&mut self.inner, clone);
         let shared = Arc::clone(&self.shared);
-        ResponseFuture {
-            state: State::Asking {
-                decision: Box::pin(shared.decision(ask, key)),
-                waiting: Some((parts, body, inner)),
-            },
-        }
+        let decision = Box::pin(async move {
+            let answer = match shared.decision(ask, key).await {
+                Ok(decision) => apply(&decision, &mut parts),
+                Err(why) => {
+                    tracing::warn!(
+                        path = parts.uri.path(),
+                        "the authorization service failed: {why}"
+                    );
+                    if let Some(log) = parts.extensions.get::<LogFields>() {
+                        log.insert("auth", "forward-auth");
+                        log.insert("auth_error", "unavailable");
+                    }
+                    Some(Error::new(ErrorKind::AuthUnavailable).to_response())
+                }
+            };
+            (parts, answer)
+        });
+        ResponseFuture::deciding(decision, body, inner)
     }
 }
 
@@ -444,89 +428,5 @@ fn apply(decision: &Decision, req: &mut request::Parts) -> Option<Response<Body>
             }
             Some(res)
         }
-    }
-}
-
-type DecisionFuture = Pin<Box<dyn Future<Output = Result<Arc<Decision>, String>> + Send>>;
-
-pin_project! {
-    /// The response future of [`ForwardAuth`].
-    pub struct ResponseFuture<S, B>
-    where
-        S: Service<Request<B>>,
-    {
-        #[pin]
-        state: State<S, B>,
-    }
-}
-
-pin_project! {
-    #[project = StateProj]
-    enum State<S, B>
-    where
-        S: Service<Request<B>>,
-    {
-        Asking { decision: DecisionFuture, waiting: Option<(request::Parts, B, S)> },
-        Called { #[pin] fut: S::Future },
-        Answered { res: Option<Response<Body>> },
-    }
-}
-
-impl<S, B, ResB> Future for ResponseFuture<S, B>
-where
-    S: Service<Request<B>, Response = Response<ResB>>,
-    ResB: http_body::Body<Data = Bytes> + Send + 'static,
-    ResB::Error: Into<BoxError>,
-{
-    type Output = Result<Response<Body>, S::Error>;
-
-    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        loop {
-            let mut state = self.as_mut().project().state;
-            match state.as_mut().project() {
-                StateProj::Asking { decision, waiting } => {
-                    let decided = ready!(decision.as_mut().poll(cx));
-                    let Some((mut parts, body, mut inner)) = waiting.take() else {
-                        return Poll::Ready(Ok(Error::new(ErrorKind::Internal).to_response()));
-                    };
-                    let answer = match decided {
-                        Ok(decision) => apply(&decision, &mut parts),
-                        Err(why) => {
-                            tracing::warn!(
-                                path = parts.uri.path(),
-                                "the authorization service failed: {why}"
-                            );
-                            if let Some(log) = parts.extensions.get::<LogFields>() {
-                                log.insert("auth", "forward-auth");
-                                log.insert("auth_error", "unavailable");
-                            }
-                            Some(Error::new(ErrorKind::AuthUnavailable).to_response())
-                        }
-                    };
-                    match answer {
-                        None => {
-                            let fut = inner.call(Request::from_parts(parts, body));
-                            state.set(State::Called { fut });
-                        }
-                        Some(res) => state.set(State::Answered { res: Some(res) }),
-                    }
-                }
-                StateProj::Called { fut } => {
-                    return Poll::Ready(Ok(ready!(fut.poll(cx))?.map(Body::new)));
-                }
-                StateProj::Answered { res } => {
-                    let res = res
-                        .take()
-                        .unwrap_or_else(|| Error::new(ErrorKind::Internal).to_response());
-                    return Poll::Ready(Ok(res));
-                }
-            }
-        }
-    }
-}
-
-impl<S: Service<Request<B>>, B> fmt::Debug for ResponseFuture<S, B> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("ResponseFuture").finish_non_exhaustive()
     }
 }

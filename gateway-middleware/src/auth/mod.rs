@@ -52,6 +52,7 @@ mod api_key;
 mod basic;
 mod credential;
 mod forward;
+mod gate;
 mod jwt;
 
 use std::borrow::Cow;
@@ -59,14 +60,13 @@ use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll, ready};
+use std::task::{Context, Poll};
 
 use bytes::Bytes;
 use gateway_core::metrics::Metrics;
 use gateway_core::{Body, BoxError, Error, ErrorKind, Identity, LogFields, RouteId};
 use http::header::{HeaderName, HeaderValue};
 use http::{Method, Request, Response, header, request};
-use pin_project_lite::pin_project;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -76,9 +76,8 @@ pub use acl::{Acl, AclLayer, AclService, ResponseFuture as AclResponseFuture};
 pub use api_key::{ApiKeys, KeyAuth};
 pub use basic::{BasicAuth, Users, UsersError};
 pub use credential::Source;
-pub use forward::{
-    AuthClient, ForwardAuth, ForwardAuthLayer, ResponseFuture as ForwardAuthResponseFuture,
-};
+pub use forward::{AuthClient, ForwardAuth, ForwardAuthLayer};
+pub use gate::ResponseFuture;
 #[cfg(feature = "config")]
 pub(crate) mod jwt_internal {
     pub(crate) use super::jwt::WeakJwks;
@@ -537,118 +536,21 @@ where
         match self.shared.check(&parts) {
             Check::Done(verdict) => match self.shared.apply(verdict, &mut parts) {
                 None => ResponseFuture::called(self.inner.call(Request::from_parts(parts, body))),
-                Some(res) => ResponseFuture::refused(res),
+                Some(res) => ResponseFuture::answered(res),
             },
             Check::Pending(check) => {
                 // The service that was made ready goes with the request; a clone stays.
                 let clone = self.inner.clone();
                 let inner = std::mem::replace(&mut self.inner, clone);
-                ResponseFuture {
-                    state: State::Checking {
-                        check,
-                        waiting: Some(Waiting {
-                            parts,
-                            body,
-                            inner,
-                            shared: Arc::clone(&self.shared),
-                        }),
-                    },
-                }
+                let shared = Arc::clone(&self.shared);
+                let decision = Box::pin(async move {
+                    let verdict = check.await;
+                    let answer = shared.apply(verdict, &mut parts);
+                    (parts, answer)
+                });
+                ResponseFuture::deciding(decision, body, inner)
             }
         }
-    }
-}
-
-struct Waiting<S, B> {
-    parts: request::Parts,
-    body: B,
-    inner: S,
-    shared: Arc<Shared>,
-}
-
-pin_project! {
-    /// The response future of [`Auth`].
-    pub struct ResponseFuture<S, B>
-    where
-        S: Service<Request<B>>,
-    {
-        #[pin]
-        state: State<S, B>,
-    }
-}
-
-pin_project! {
-    #[project = StateProj]
-    enum State<S, B>
-    where
-        S: Service<Request<B>>,
-    {
-        Checking {
-            check: Pin<Box<dyn Future<Output = Verdict> + Send>>,
-            waiting: Option<Waiting<S, B>>,
-        },
-        Called { #[pin] fut: S::Future },
-        Refused { res: Option<Response<Body>> },
-    }
-}
-
-impl<S: Service<Request<B>>, B> ResponseFuture<S, B> {
-    const fn called(fut: S::Future) -> Self {
-        Self {
-            state: State::Called { fut },
-        }
-    }
-
-    const fn refused(res: Response<Body>) -> Self {
-        Self {
-            state: State::Refused { res: Some(res) },
-        }
-    }
-}
-
-impl<S, B, ResB> Future for ResponseFuture<S, B>
-where
-    S: Service<Request<B>, Response = Response<ResB>>,
-    ResB: http_body::Body<Data = Bytes> + Send + 'static,
-    ResB::Error: Into<BoxError>,
-{
-    type Output = Result<Response<Body>, S::Error>;
-
-    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        loop {
-            let mut state = self.as_mut().project().state;
-            match state.as_mut().project() {
-                StateProj::Checking { check, waiting } => {
-                    let verdict = ready!(check.as_mut().poll(cx));
-                    let Some(mut w) = waiting.take() else {
-                        // NOTE: `waiting` is taken only here, and the state moves on below.
-                        return Poll::Ready(Ok(Error::new(ErrorKind::Internal).to_response()));
-                    };
-                    match w.shared.apply(verdict, &mut w.parts) {
-                        None => {
-                            let fut = w.inner.call(Request::from_parts(w.parts, w.body));
-                            state.set(State::Called { fut });
-                        }
-                        Some(res) => state.set(State::Refused { res: Some(res) }),
-                    }
-                }
-                StateProj::Called { fut } => {
-                    return Poll::Ready(Ok(ready!(fut.poll(cx))?.map(Body::new)));
-                }
-                StateProj::Refused { res } => {
-                    let res = res
-                        .take()
-                        .unwrap_or_else(|| Error::new(ErrorKind::Internal).to_response());
-                    return Poll::Ready(Ok(res));
-                }
-            }
-        }
-    }
-}
-
-impl<S: Service<Request<B>>, B> fmt::Debug for ResponseFuture<S, B> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("ResponseFuture").finish_non_exhaustive()
     }
 }
 

@@ -29,19 +29,16 @@ impl JwtKey {
     pub(super) fn verifies(&self, message: &[u8], signature: &str) -> Result<bool, String> {
         use base64::Engine as _;
         let ring_alg: &'static dyn ring_sig::VerificationAlgorithm = match self.alg {
-            Algorithm::RS256 => &ring_sig::RSA_PKCS1_2048_8192_SHA256,
-            Algorithm::RS384 => &ring_sig::RSA_PKCS1_2048_8192_SHA384,
-            Algorithm::RS512 => &ring_sig::RSA_PKCS1_2048_8192_SHA512,
-            Algorithm::PS256 => &ring_sig::RSA_PSS_2048_8192_SHA256,
-            Algorithm::PS384 => &ring_sig::RSA_PSS_2048_8192_SHA384,
-            Algorithm::PS512 => &ring_sig::RSA_PSS_2048_8192_SHA512,
             Algorithm::ES256 => &ring_sig::ECDSA_P256_SHA256_FIXED,
             Algorithm::ES384 => &ring_sig::ECDSA_P384_SHA384_FIXED,
-            // EdDSA, HMAC, and whatever jsonwebtoken adds later.
-            _ => {
-                return jsonwebtoken::crypto::verify(signature, message, &self.key, self.alg)
-                    .map_err(|e| e.to_string());
-            }
+            alg => match rsa_params(alg) {
+                Some(params) => params,
+                // EdDSA, HMAC, and whatever jsonwebtoken adds later.
+                None => {
+                    return jsonwebtoken::crypto::verify(signature, message, &self.key, self.alg)
+                        .map_err(|e| e.to_string());
+                }
+            },
         };
         let signature = base64::engine::general_purpose::URL_SAFE_NO_PAD
             .decode(signature)

@@ -9,7 +9,6 @@ use std::sync::{Arc, Mutex, PoisonError, Weak};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
-use bytes::Buf;
 use gateway_core::{Body, BoxError};
 use http::header::{self, HeaderValue};
 use http::{Request, Response, StatusCode, Uri};
@@ -18,6 +17,7 @@ use tokio::time::Instant;
 use tower::Service;
 
 use super::keys::{JwtKey, KeyError, parse_jwks};
+use crate::auth::gate::read_body;
 
 /// The keys tokens are verified with: a fixed set, or a JWKS URL's, refreshed in the
 /// background. Cloning is cheap; clones share the set (and its refresh task).
@@ -437,35 +437,10 @@ where
         .flat_map(|v| v.split(','))
         .find_map(|d| d.trim().strip_prefix("max-age=")?.parse::<u64>().ok())
         .map(Duration::from_secs);
-    let json: Vec<u8> = read_body(res.into_body(), MAX_DOCUMENT).await?;
+    let json = read_body(res.into_body(), MAX_DOCUMENT).await?;
     let (keys, skipped) = parse_jwks(&json, false).map_err(|e| e.to_string())?;
     if keys.is_empty() {
         return Err(format!("no usable key ({})", skipped.join("; ")));
     }
     Ok((keys, skipped, max_age))
-}
-
-/// The body, `max` bytes at most.
-async fn read_body<B>(body: B, max: usize) -> Result<Vec<u8>, String>
-where
-    B: http_body::Body,
-    B::Error: Into<BoxError>,
-{
-    let mut body = std::pin::pin!(body);
-    let mut out = Vec::new();
-    while let Some(frame) = std::future::poll_fn(|cx| body.as_mut().poll_frame(cx)).await {
-        let frame = frame.map_err(|e| e.into().to_string())?;
-        if let Ok(mut data) = frame.into_data() {
-            if out.len() + data.remaining() > max {
-                return Err(format!("the document is over {max} bytes"));
-            }
-            while data.has_remaining() {
-                let chunk = data.chunk();
-                out.extend_from_slice(chunk);
-                let n = chunk.len();
-                data.advance(n);
-            }
-        }
-    }
-    Ok(out)
 }

@@ -770,7 +770,17 @@ async fn forward_auth_allows_denies_and_caches_its_decisions() {
             .headers()
             .get("authorization")
             .is_some_and(|v| v == "Bearer good");
-        let res = if good {
+        let login = req
+            .headers()
+            .get("authorization")
+            .is_some_and(|v| v == "Bearer login");
+        let res = if login {
+            http::Response::builder()
+                .status(302)
+                .header("location", "https://login.test/")
+                .header("set-cookie", "state=nonce-for-one-client")
+                .body(Body::empty())
+        } else if good {
             http::Response::builder()
                 .header("x-user", "alice")
                 .header("x-other", "no")
@@ -840,6 +850,15 @@ async fn forward_auth_allows_denies_and_caches_its_decisions() {
         assert_eq!(res.body().as_ref(), b"log in first");
     }
     assert_eq!(authz.requests().len(), 2, "denials are cached too");
+    for _ in 0..2 {
+        let res = send("Bearer login").await;
+        assert_eq!(res.headers()["set-cookie"], "state=nonce-for-one-client");
+    }
+    assert_eq!(
+        authz.requests().len(),
+        4,
+        "a denial that sets a cookie is not shared"
+    );
     assert_eq!(
         up.requests().len(),
         forwarded,

@@ -76,6 +76,20 @@ enum Decision {
     },
 }
 
+impl Decision {
+    /// Whether the decision may be given to other requests with the same key: not a denial
+    /// that sets a cookie (a login flow's state or CSRF nonce belongs to one client; replayed,
+    /// it would be fixed for everyone who shares the key, all anonymous clients included).
+    fn shareable(&self) -> bool {
+        match self {
+            Self::Allow { .. } => true,
+            Self::Deny { headers, .. } => {
+                !headers.iter().any(|(name, _)| name == header::SET_COOKIE)
+            }
+        }
+    }
+}
+
 /// The most bytes of a denial's body passed to the client.
 const MAX_DENIAL_BODY: usize = 64 * 1024;
 
@@ -307,9 +321,11 @@ impl Shared {
         let decided = cell
             .get_or_try_init(|| async {
                 let decision = Arc::new(self.decide(ask).await?);
-                self.memory
-                    .cache
-                    .insert(key, (Arc::clone(&decision), Instant::now()));
+                if decision.shareable() {
+                    self.memory
+                        .cache
+                        .insert(key, (Arc::clone(&decision), Instant::now()));
+                }
                 Ok::<_, String>(decision)
             })
             .await

@@ -973,6 +973,12 @@ routes:
     upstream: app
     plugins:
       - basic-auth: {{ htpasswd_file: {htpasswd}, realm: ops }}
+  - id: guest
+    match: {{ path: /guest }}
+    upstream: app
+    plugins:
+      - key-auth: {{ consumers_file: {consumers}, anonymous: guest, anonymous_groups: [public] }}
+      - acl: {{ allow: [public] }}
   - id: any
     match: {{ path: /any }}
     upstream: app
@@ -1034,6 +1040,18 @@ routes:
                 res.headers()["www-authenticate"].to_str().unwrap()
             ),
             (401, r#"Basic realm="ops""#)
+        );
+
+        assert_eq!(
+            get("/guest", vec![]).await.status(),
+            200,
+            "the anonymous consumer's group is allowed"
+        );
+        let carol = vec![("x-api-key", "carol-key-0123456789".to_owned())];
+        assert_eq!(
+            get("/guest", carol).await.status(),
+            403,
+            "carol is not in `public`"
         );
 
         let ec = EncodingKey::from_ec_pem(EC).unwrap();

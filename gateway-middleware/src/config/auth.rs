@@ -151,6 +151,9 @@ pub struct JwtConfig {
     pub startup_wait: Option<Period>,
     /// Let requests without a token through as this consumer.
     pub anonymous: Option<String>,
+    /// The anonymous consumer\'s groups (for an ACL after it).
+    #[serde(default)]
+    pub anonymous_groups: Vec<String>,
     /// Let CORS preflights through unauthenticated [default: false].
     #[serde(default)]
     pub allow_preflights: bool,
@@ -188,6 +191,9 @@ pub struct KeyAuthConfig {
     pub realm: Option<String>,
     /// Let requests without a key through as this consumer.
     pub anonymous: Option<String>,
+    /// The anonymous consumer\'s groups (for an ACL after it).
+    #[serde(default)]
+    pub anonymous_groups: Vec<String>,
     /// Let CORS preflights through unauthenticated.
     #[serde(default)]
     pub allow_preflights: bool,
@@ -229,6 +235,9 @@ pub struct BasicAuthConfig {
     pub cache_for: Option<Period>,
     /// Let requests without credentials through as this consumer.
     pub anonymous: Option<String>,
+    /// The anonymous consumer\'s groups (for an ACL after it).
+    #[serde(default)]
+    pub anonymous_groups: Vec<String>,
     /// Let CORS preflights through unauthenticated.
     #[serde(default)]
     pub allow_preflights: bool,
@@ -254,6 +263,9 @@ pub struct AnyOfConfig {
     pub any_of: Vec<MethodConfig>,
     /// Let requests without any credential through as this consumer.
     pub anonymous: Option<String>,
+    /// The anonymous consumer\'s groups (for an ACL after it).
+    #[serde(default)]
+    pub anonymous_groups: Vec<String>,
     /// Let CORS preflights through unauthenticated.
     #[serde(default)]
     pub allow_preflights: bool,
@@ -298,7 +310,7 @@ trait MethodSection:
     serde::de::DeserializeOwned + PartialEq + std::fmt::Debug + Send + Sync + 'static
 {
     fn method(&self, cx: &Context, jwks: &SharedJwks) -> Result<Arc<dyn Authenticate>, BoxError>;
-    fn anonymous(&self) -> Option<&str>;
+    fn anonymous(&self) -> Option<(&str, &[String])>;
     fn allow_preflights(&self) -> bool;
 }
 
@@ -318,12 +330,13 @@ impl<C> MethodFactory<C> {
 
 fn finish(
     mut layer: AuthLayer,
-    anonymous: Option<&str>,
+    anonymous: Option<(&str, &[String])>,
     preflights: bool,
     cx: &Context,
 ) -> RouteLayer {
-    if let Some(name) = anonymous {
-        layer = layer.anonymous(Identity::anonymous_as(name));
+    if let Some((name, groups)) = anonymous {
+        layer = layer
+            .anonymous(Identity::anonymous_as(name).with_groups(groups.iter().map(String::as_str)));
     }
     layer = layer.allow_preflights(preflights);
     if let Some(metrics) = cx.metrics() {
@@ -371,7 +384,10 @@ impl PluginFactory for AnyOfFactory {
         }
         Ok(finish(
             layer,
-            config.anonymous.as_deref(),
+            config
+                .anonymous
+                .as_deref()
+                .map(|name| (name, config.anonymous_groups.as_slice())),
             config.allow_preflights,
             cx,
         ))
@@ -484,8 +500,8 @@ impl MethodSection for JwtConfig {
         Ok(Arc::new(jwt.build()?))
     }
 
-    fn anonymous(&self) -> Option<&str> {
-        self.anonymous.as_deref()
+    fn anonymous(&self) -> Option<(&str, &[String])> {
+        Some((self.anonymous.as_deref()?, &self.anonymous_groups))
     }
 
     fn allow_preflights(&self) -> bool {
@@ -548,8 +564,8 @@ impl MethodSection for KeyAuthConfig {
         Ok(Arc::new(method))
     }
 
-    fn anonymous(&self) -> Option<&str> {
-        self.anonymous.as_deref()
+    fn anonymous(&self) -> Option<(&str, &[String])> {
+        Some((self.anonymous.as_deref()?, &self.anonymous_groups))
     }
 
     fn allow_preflights(&self) -> bool {
@@ -585,8 +601,8 @@ impl MethodSection for BasicAuthConfig {
         Ok(Arc::new(method))
     }
 
-    fn anonymous(&self) -> Option<&str> {
-        self.anonymous.as_deref()
+    fn anonymous(&self) -> Option<(&str, &[String])> {
+        Some((self.anonymous.as_deref()?, &self.anonymous_groups))
     }
 
     fn allow_preflights(&self) -> bool {

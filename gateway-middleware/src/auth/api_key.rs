@@ -12,7 +12,7 @@ use sha2::{Digest as _, Sha256};
 use subtle::ConstantTimeEq;
 
 use super::credential::Source;
-use super::{Authenticate, Check, Grant, Rejection, Verdict};
+use super::{Authenticate, Check, Grant, Rejection, Verdict, challenge};
 
 /// The consumers that may call with an API key, each with one or more keys.
 ///
@@ -148,20 +148,14 @@ impl KeyAuth {
     /// When `realm` cannot be in a header (a control character): a bug in the caller.
     #[must_use]
     pub fn realm(mut self, realm: &str) -> Self {
-        self.challenge = challenge("ApiKey", realm);
+        #[expect(
+            clippy::expect_used,
+            reason = "documented: a realm is the caller's text"
+        )]
+        let challenge = challenge("ApiKey", realm, "").expect("a realm without control characters");
+        self.challenge = challenge;
         self
     }
-}
-
-/// `SCHEME realm="REALM"`, the realm's quotes and backslashes escaped.
-pub(crate) fn challenge(scheme: &str, realm: &str) -> HeaderValue {
-    let escaped = realm.replace('\\', "\\\\").replace('"', "\\\"");
-    #[expect(
-        clippy::expect_used,
-        reason = "a realm is the operator's text, checked at load"
-    )]
-    HeaderValue::from_str(&format!("{scheme} realm=\"{escaped}\""))
-        .expect("a realm without control characters")
 }
 
 impl Authenticate for KeyAuth {

@@ -15,9 +15,8 @@ use sha2::{Digest as _, Sha256};
 use tokio::sync::Semaphore;
 use tokio::time::Instant;
 
-use super::api_key::challenge;
 use super::credential::Source;
-use super::{Authenticate, Check, Grant, Rejection, Verdict};
+use super::{Authenticate, Check, Grant, Rejection, Verdict, challenge};
 
 const NAME: &str = "basic-auth";
 
@@ -157,15 +156,16 @@ impl fmt::Debug for Users {
 /// the same check as a known one, so timing does not tell which users exist.
 #[derive(Clone)]
 pub struct BasicAuth {
-    inner: Arc<Inner>,
-}
-
-struct Inner {
-    users: Users,
     hide: bool,
     challenge: HeaderValue,
-    permits: Arc<Semaphore>,
     ttl: Duration,
+    permits: Arc<Semaphore>,
+    shared: Arc<Shared>,
+}
+
+/// The users, and the successes remembered.
+struct Shared {
+    users: Users,
     /// Successes by the salted digest of `user:password`.
     cache: quick_cache::sync::Cache<[u8; 32], (Identity, Instant)>,
     salt: [u8; 32],
@@ -196,52 +196,24 @@ fn random_bytes() -> [u8; 32] {
 impl BasicAuth {
     /// Checks credentials against `users`, 2 hashes at once, caching successes for 5 min.
     pub fn new(users: Users) -> Self {
-        Self::with(
-            users,
-            false,
-            challenge("Basic", "gateway"),
-            2,
-            Duration::from_secs(300),
-        )
-    }
-
-    fn with(
-        users: Users,
-        hide: bool,
-        challenge: HeaderValue,
-        permits: usize,
-        ttl: Duration,
-    ) -> Self {
-        let salt = random_bytes();
         Self {
-            inner: Arc::new(Inner {
+            hide: false,
+            challenge: HeaderValue::from_static("Basic realm=\"gateway\""),
+            ttl: Duration::from_secs(300),
+            permits: Arc::new(Semaphore::new(2)),
+            shared: Arc::new(Shared {
                 users,
-                hide,
-                challenge,
-                permits: Arc::new(Semaphore::new(permits.max(1))),
-                ttl,
                 cache: quick_cache::sync::Cache::new(10_000),
-                salt,
+                salt: random_bytes(),
             }),
         }
     }
 
-    fn rebuild(self, f: impl FnOnce(&mut Settings)) -> Self {
-        let inner = &self.inner;
-        let mut s = Settings {
-            hide: inner.hide,
-            challenge: inner.challenge.clone(),
-            permits: inner.permits.available_permits(),
-            ttl: inner.ttl,
-        };
-        f(&mut s);
-        Self::with(inner.users.clone(), s.hide, s.challenge, s.permits, s.ttl)
-    }
-
     /// Takes `Authorization` out of the request before it goes on (`hide_credentials`).
     #[must_use]
-    pub fn hide_credentials(self, hide: bool) -> Self {
-        self.rebuild(|s| s.hide = hide)
+    pub const fn hide_credentials(mut self, hide: bool) -> Self {
+        self.hide = hide;
+        self
     }
 
     /// The realm of the 401's challenge (`Basic realm="..."`) [default: `gateway`].
@@ -250,35 +222,60 @@ impl BasicAuth {
     ///
     /// When `realm` cannot be in a header (a control character).
     #[must_use]
-    pub fn realm(self, realm: &str) -> Self {
-        self.rebuild(|s| s.challenge = challenge("Basic", realm))
+    pub fn realm(mut self, realm: &str) -> Self {
+        #[expect(
+            clippy::expect_used,
+            reason = "documented: a realm is the caller's text"
+        )]
+        let challenge = challenge("Basic", realm, "").expect("a realm without control characters");
+        self.challenge = challenge;
+        self
     }
 
     /// How many hashes are checked at once [default: 2].
     #[must_use]
-    pub fn concurrency(self, n: usize) -> Self {
-        self.rebuild(|s| s.permits = n)
+    pub fn concurrency(mut self, n: usize) -> Self {
+        self.permits = Arc::new(Semaphore::new(n.max(1)));
+        self
     }
 
     /// How long a success is remembered; zero remembers none [default: 5 min].
     #[must_use]
-    pub fn cache_for(self, ttl: Duration) -> Self {
-        self.rebuild(|s| s.ttl = ttl)
+    pub const fn cache_for(mut self, ttl: Duration) -> Self {
+        self.ttl = ttl;
+        self
     }
-}
 
-struct Settings {
-    hide: bool,
-    challenge: HeaderValue,
-    permits: usize,
-    ttl: Duration,
+    /// The salted digest a success is remembered by.
+    fn key(&self, user: &str, password: &str) -> [u8; 32] {
+        let mut hash = Sha256::new();
+        hash.update(self.shared.salt);
+        hash.update((user.len() as u64).to_be_bytes());
+        hash.update(user);
+        hash.update(password);
+        hash.finalize().into()
+    }
+
+    fn grant(&self, identity: Identity) -> Grant {
+        let grant = Grant::new(NAME, identity);
+        // `Source::Bearer` strips the `Authorization` header, whatever its scheme.
+        if self.hide {
+            grant.strip(Source::Bearer)
+        } else {
+            grant
+        }
+    }
+
+    fn refused(&self, reason: &'static str) -> Rejection {
+        Rejection::unauthenticated(NAME, reason).challenge(self.challenge.clone())
+    }
 }
 
 impl fmt::Debug for BasicAuth {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("BasicAuth")
-            .field("users", &self.inner.users)
-            .field("hide", &self.inner.hide)
+            .field("users", &self.shared.users)
+            .field("hide", &self.hide)
             .finish_non_exhaustive()
     }
 }
@@ -310,31 +307,6 @@ fn credentials(req: &request::Parts) -> Result<Option<(String, String)>, &'stati
     Ok(Some((user.to_owned(), password.to_owned())))
 }
 
-impl Inner {
-    fn key(&self, user: &str, password: &str) -> [u8; 32] {
-        let mut hash = Sha256::new();
-        hash.update(self.salt);
-        hash.update((user.len() as u64).to_be_bytes());
-        hash.update(user);
-        hash.update(password);
-        hash.finalize().into()
-    }
-
-    fn grant(&self, identity: Identity) -> Grant {
-        let grant = Grant::new(NAME, identity);
-        // `Source::Bearer` strips the `Authorization` header, whatever its scheme.
-        if self.hide {
-            grant.strip(Source::Bearer)
-        } else {
-            grant
-        }
-    }
-
-    fn refused(&self, reason: &'static str) -> Rejection {
-        Rejection::unauthenticated(NAME, reason).challenge(self.challenge.clone())
-    }
-}
-
 /// Whether `password` matches `hash` (bcrypt or Argon2; a hash that cannot be read does not).
 fn matches(password: &str, hash: &str) -> bool {
     if hash.starts_with("$argon2") {
@@ -353,34 +325,33 @@ impl Authenticate for BasicAuth {
     }
 
     fn authenticate(&self, req: &request::Parts) -> Check {
-        let inner = &self.inner;
         let (user, password) = match credentials(req) {
             Ok(Some(found)) => found,
             Ok(None) => return Verdict::Absent.into(),
-            Err(reason) => return Verdict::Rejected(inner.refused(reason)).into(),
+            Err(reason) => return Verdict::Rejected(self.refused(reason)).into(),
         };
-        let key = inner.key(&user, &password);
-        if let Some((identity, at)) = inner.cache.get(&key) {
-            if at.elapsed() < inner.ttl {
-                return Verdict::Accepted(inner.grant(identity)).into();
+        let cache = &self.shared.cache;
+        let key = self.key(&user, &password);
+        if let Some((identity, at)) = cache.get(&key) {
+            if at.elapsed() < self.ttl {
+                return Verdict::Accepted(self.grant(identity)).into();
             }
-            inner.cache.remove(&key);
+            cache.remove(&key);
         }
-        let this = Arc::clone(&self.inner);
+        let this = self.clone();
         Check::Pending(Box::pin(async move {
-            let inner = &this;
-            let permit = tokio::time::timeout(
+            let waited = tokio::time::timeout(
                 Duration::from_secs(5),
-                Arc::clone(&inner.permits).acquire_owned(),
+                Arc::clone(&this.permits).acquire_owned(),
             )
             .await;
-            let Ok(Ok(permit)) = permit else {
+            let Ok(Ok(permit)) = waited else {
                 return Verdict::Rejected(
                     Rejection::unavailable(NAME, "overloaded")
                         .detail("too many password checks waiting"),
                 );
             };
-            let found = inner.users.by_name.get(&user).cloned();
+            let found = this.shared.users.by_name.get(&user).cloned();
             let hash: Option<Arc<str>> = found.as_ref().map(|(_, h)| Arc::clone(h));
             let checked = tokio::task::spawn_blocking(move || {
                 let hash = hash.unwrap_or_else(decoy);
@@ -392,15 +363,15 @@ impl Authenticate for BasicAuth {
             .unwrap_or(false);
             match found {
                 Some((identity, _)) if checked => {
-                    if !inner.ttl.is_zero() {
-                        inner.cache.insert(key, (identity.clone(), Instant::now()));
+                    if !this.ttl.is_zero() {
+                        let at = Instant::now();
+                        this.shared.cache.insert(key, (identity.clone(), at));
                     }
-                    Verdict::Accepted(inner.grant(identity))
+                    Verdict::Accepted(this.grant(identity))
                 }
-                Some(_) => Verdict::Rejected(inner.refused("bad_password")),
+                Some(_) => Verdict::Rejected(this.refused("bad_password")),
                 None => Verdict::Rejected(
-                    inner
-                        .refused("unknown_user")
+                    this.refused("unknown_user")
                         .detail(format!("no user `{}`", user.escape_debug())),
                 ),
             }
@@ -408,7 +379,7 @@ impl Authenticate for BasicAuth {
     }
 
     fn challenge(&self) -> Option<HeaderValue> {
-        Some(self.inner.challenge.clone())
+        Some(self.challenge.clone())
     }
 }
 

@@ -255,11 +255,17 @@ impl Shared {
             hash.update([1]);
             hash.update(req.method.as_str());
             hash.update([0]);
-            if let Some(host) = req.headers.get(header::HOST) {
-                hash.update(host.as_bytes());
+            // The URI's authority (HTTP/2, absolute form) or else `Host`, then the target.
+            match req.uri.authority() {
+                Some(authority) => hash.update(authority.as_str()),
+                None => hash.update(
+                    req.headers
+                        .get(header::HOST)
+                        .map_or(&b""[..], |h| h.as_bytes()),
+                ),
             }
             hash.update([0]);
-            hash.update(req.uri.to_string());
+            hash.update(req.uri.path_and_query().map_or("", |p| p.as_str()));
         }
         hash.finalize().into()
     }

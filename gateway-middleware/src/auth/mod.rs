@@ -79,9 +79,7 @@ pub use credential::Source;
 pub use forward::{AuthClient, ForwardAuth, ForwardAuthLayer};
 pub use gate::ResponseFuture;
 #[cfg(feature = "config")]
-pub(crate) mod jwt_internal {
-    pub(crate) use super::jwt::WeakJwks;
-}
+pub(crate) use jwt::WeakJwks;
 pub use jwt::{Jwks, JwksBuilder, Jwt, JwtBuilder, JwtKey, KeyError, Startup};
 
 /// A way to authenticate a request: reads its credential and judges it.
@@ -497,6 +495,21 @@ impl Shared {
             }
         }
     }
+}
+
+/// The challenge `SCHEME realm="REALM"` followed by `params` (`, error="invalid_token"`),
+/// the realm's quotes and backslashes escaped.
+///
+/// # Errors
+///
+/// When the realm holds what no header may (a control character).
+pub(crate) fn challenge(
+    scheme: &str,
+    realm: &str,
+    params: &str,
+) -> Result<HeaderValue, http::header::InvalidHeaderValue> {
+    let escaped = realm.replace('\\', "\\\\").replace('"', "\\\"");
+    HeaderValue::try_from(format!("{scheme} realm=\"{escaped}\"{params}"))
 }
 
 /// Whether `req` is a CORS preflight.

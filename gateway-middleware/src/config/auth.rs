@@ -12,7 +12,7 @@ use http::HeaderName;
 use jsonwebtoken::Algorithm;
 use serde::Deserialize;
 
-use crate::auth::jwt_internal::WeakJwks;
+use crate::auth::WeakJwks;
 use crate::auth::{
     Acl, AclLayer, ApiKeys, AuthLayer, Authenticate, BasicAuth, ForwardAuthLayer, Jwks, Jwt,
     JwtKey, KeyAuth, Source, Startup, Users,

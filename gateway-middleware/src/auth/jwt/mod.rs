@@ -22,7 +22,7 @@ pub(crate) use remote::WeakJwks;
 pub use remote::{Jwks, JwksBuilder, Startup};
 
 use super::credential::Source;
-use super::{Authenticate, Check, Grant, Rejection, Verdict};
+use super::{Authenticate, Check, Grant, Rejection, Verdict, challenge};
 use remote::Lookup;
 
 const NAME: &str = "jwt";
@@ -199,14 +199,12 @@ impl JwtBuilder {
     ///
     /// When the realm cannot be in a header.
     pub fn build(self) -> Result<Jwt, KeyError> {
-        let escaped = self.realm.replace('\\', "\\\\").replace('"', "\\\"");
-        let header = |s: String| {
-            HeaderValue::try_from(s).map_err(|_| KeyError("the realm cannot be in a header".into()))
+        let header = |params| {
+            challenge("Bearer", &self.realm, params)
+                .map_err(|_| KeyError("the realm cannot be in a header".into()))
         };
-        let challenge = header(format!("Bearer realm=\"{escaped}\""))?;
-        let invalid = header(format!(
-            "Bearer realm=\"{escaped}\", error=\"invalid_token\""
-        ))?;
+        let challenge = header("")?;
+        let invalid = header(", error=\"invalid_token\"")?;
         Ok(Jwt {
             inner: Arc::new(Inner {
                 keys: self.keys,
@@ -312,18 +310,17 @@ impl Inner {
         // Without a `kid`, the keys of the token's algorithm are tried, a few at most: a
         // token must not make the gateway try every key of a large set.
         const MAX_TRIES: usize = 3;
-        let candidates: Vec<&JwtKey> = match &parsed.kid {
-            Some(kid) => keys
-                .iter()
-                .filter(|k| k.kid.as_deref() == Some(kid))
-                .collect(),
-            None => keys
-                .iter()
-                .filter(|k| k.alg == parsed.alg)
-                .take(MAX_TRIES)
-                .collect(),
+        let matches = |k: &&JwtKey| match &parsed.kid {
+            Some(kid) => k.kid.as_deref() == Some(kid.as_str()),
+            None => k.alg == parsed.alg,
         };
-        if candidates.is_empty() {
+        let tries = if parsed.kid.is_some() {
+            usize::MAX
+        } else {
+            MAX_TRIES
+        };
+        let mut candidates = keys.iter().filter(matches).take(tries).peekable();
+        if candidates.peek().is_none() {
             return Err(refuse(
                 "unknown_key",
                 "no loaded key matches its `kid` or algorithm",

@@ -20,9 +20,11 @@
 //!   observing a request once for all of them.
 //! - [`auth`] (`auth`): who is calling: JWT (static keys, JWKS files and URLs) and API
 //!   keys, any of several with an anonymous fallback, and ACLs by group.
+//! - [`rate_limit`] (`rate-limit`): limits per client, consumer, header or route, rates
+//!   and requests in flight, stacked, with bounded keys and the IETF `RateLimit` headers.
 //! - [`config`] (`config`): the layers above by name, for the declarative config.
 //!
-//! Rate limiting, caching, retries and circuit breaking land as their issues do.
+//! Caching, retries and circuit breaking land as their issues do.
 //! Every layer speaks the vocabulary of `gateway-core`: rejections are
 //! [`gateway_core::Error`]s rendered in-band, identities and client addresses are read from
 //! request extensions, and upstream outcomes are judged by [`gateway_core::classify`].
@@ -53,6 +55,8 @@ pub mod metrics;
 pub mod observe;
 #[cfg(feature = "otlp")]
 pub mod otlp;
+#[cfg(feature = "rate-limit")]
+pub mod rate_limit;
 #[cfg(any(feature = "auth", feature = "body-limit", feature = "ip-filter"))]
 mod refuse;
 #[cfg(feature = "request-id")]

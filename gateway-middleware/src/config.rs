@@ -17,11 +17,14 @@
 //! | `auth` | `{ any_of: [{ jwt: {...} }, { key-auth: {...} }], anonymous: guest }` | [`AuthLayer`](crate::auth::AuthLayer) with several methods |
 //! | `acl` | `{ allow: [admins], deny: [banned] }` | [`AclLayer`](crate::auth::AclLayer) |
 //! | `forward-auth` | `{ url: http://authz:8080/check, cache_for: 30s }` | [`ForwardAuthLayer`](crate::auth::ForwardAuthLayer) |
+//! | `rate-limit` | `{ limits: [{ requests: 10, per: 1s }, { requests: 1000, per: 1h }], key: consumer }` | [`RateLimitLayer`](crate::rate_limit::RateLimitLayer) |
 //!
 //! Every section is documented key by key in `docs/config.md`.
 
 #[cfg(feature = "auth")]
 pub mod auth;
+#[cfg(feature = "rate-limit")]
+pub mod rate_limit;
 
 use std::collections::BTreeMap;
 
@@ -47,6 +50,8 @@ pub fn register(registry: &mut Registry) {
     registry.register("timeout", TimeoutFactory);
     #[cfg(feature = "auth")]
     auth::register(registry);
+    #[cfg(feature = "rate-limit")]
+    rate_limit::register(registry);
 }
 
 /// `request-id`'s section.

@@ -509,3 +509,39 @@ async fn the_consumer_and_auth_outcome_reach_the_log() {
         "no key in the log"
     );
 }
+
+/// A rate limit inside the access log says what it decided, and which limit refused.
+#[tokio::test]
+async fn the_rate_limit_decision_reaches_the_log() {
+    use gateway_middleware::rate_limit::{Limit, Quota, RateLimitLayer};
+    let upstream = TestUpstream::echo().await;
+    let out = Captured::default();
+    let log = AccessLog::builder().writer(out.clone()).start().unwrap();
+    let api = ServiceBuilder::new()
+        .layer(
+            RateLimitLayer::per_ip(Quota::per_hour(100))
+                .and(Limit::rate("burst", Quota::per_hour(100).burst(1))),
+        )
+        .service(ReverseProxy::to(&upstream.url()).unwrap());
+    let app = ServiceBuilder::new()
+        .layer(AccessLogLayer::new(&log))
+        .service(Router::new().route(Route::prefix("/").id("api"), api));
+    let gw = Gateway::start(app).await;
+    for _ in 0..2 {
+        fetch(gw.addr, request("GET", "/", &[])).await;
+    }
+    assert!(log.flush(Duration::from_secs(5)));
+    let lines = out.json();
+    assert_eq!(lines.len(), 2, "{:?}", out.lines());
+    assert_eq!(lines[0]["status"], 200);
+    assert_eq!(lines[0]["rate_limit"], "allowed");
+    assert_eq!(lines[0].get("rate_limit_policy"), None);
+    assert_eq!(lines[1]["status"], 429);
+    assert_eq!(lines[1]["rate_limit"], "limited");
+    assert_eq!(lines[1]["rate_limit_policy"], "burst");
+    assert_eq!(
+        upstream.requests().len(),
+        1,
+        "the refused request never left"
+    );
+}

@@ -119,6 +119,26 @@ struct Refusal {
     why: &'static str,
 }
 
+// === impl Decision ===
+
+impl Decision {
+    /// Records a refusal; the one that asks the client to wait longest is kept (it is
+    /// the one `Retry-After` must honour).
+    fn refuse(&mut self, refusal: Refusal) {
+        let keep = match &self.refusal {
+            None => true,
+            Some(kept) => match (kept.retry_after, refusal.retry_after) {
+                (Some(a), Some(b)) => b > a,
+                (Some(_), None) => true,
+                (None, _) => false,
+            },
+        };
+        if keep {
+            self.refusal = Some(refusal);
+        }
+    }
+}
+
 /// A request let through (with what its response gets), or the answer refusing it.
 pub(crate) enum Concluded {
     Pass(After),
@@ -451,7 +471,8 @@ impl Shared {
             permits: Vec::new(),
             refusal: None,
         };
-        // Requests in flight first: a permit is given back by dropping it.
+        // Every limit judges the request (so the headers can report them all); when one
+        // refuses, what the others took is given back below.
         for (i, limit) in self.limits.iter().enumerate() {
             let State::Concurrent(in_flight) = &limit.state else {
                 continue;
@@ -466,7 +487,7 @@ impl Shared {
                 }
                 Err(busy) => {
                     decision.readings[i] = Some(Reading::default());
-                    decision.refusal = Some(Refusal {
+                    decision.refuse(Refusal {
                         limit: i,
                         retry_after: Some(Duration::from_secs(1)),
                         why: match busy {
@@ -474,8 +495,6 @@ impl Shared {
                             Busy::Shed => "shed",
                         },
                     });
-                    decision.permits.clear();
-                    return decision;
                 }
             }
         }
@@ -484,6 +503,9 @@ impl Shared {
             Cost::Fn(f) => f(req),
         };
         let Some(cost) = NonZeroU32::new(cost) else {
+            if decision.refusal.is_some() {
+                decision.permits.clear();
+            }
             return decision;
         };
         let mut taken = [None; MAX_LIMITS];
@@ -516,18 +538,15 @@ impl Shared {
                         remaining: 0,
                         reset: Some(reset),
                     });
-                    decision.refusal = Some(refusal(Some(wait), "limited"));
-                    break;
+                    decision.refuse(refusal(Some(wait), "limited"));
                 }
                 RateOutcome::Never => {
                     decision.readings[i] = Some(Reading::default());
-                    decision.refusal = Some(refusal(None, "over_burst"));
-                    break;
+                    decision.refuse(refusal(None, "over_burst"));
                 }
                 RateOutcome::Shed => {
                     decision.readings[i] = Some(Reading::default());
-                    decision.refusal = Some(refusal(Some(Duration::from_secs(1)), "shed"));
-                    break;
+                    decision.refuse(refusal(Some(Duration::from_secs(1)), "shed"));
                 }
             }
         }

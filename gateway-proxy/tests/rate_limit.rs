@@ -3,10 +3,6 @@
 //! (`X-Forwarded-For` from an untrusted peer, header values past the key cap), shadow mode,
 //! CORS around the limit, consumers, and buckets that survive a reload.
 #![cfg(feature = "config")]
-#![expect(
-    clippy::unwrap_used,
-    reason = "a test fails by panicking, and every unwrap here is an assertion"
-)]
 
 mod support;
 

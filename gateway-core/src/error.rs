@@ -61,6 +61,9 @@ pub enum ErrorKind {
     /// Credentials cannot be checked now (the keys of a JWKS not fetched yet, the
     /// authorization service unreachable): 503.
     AuthUnavailable,
+    /// A rate limit cannot be checked now (its Redis is down or slow) and is configured
+    /// to fail closed: 503.
+    RateLimitUnavailable,
     /// Every endpoint of the upstream is unhealthy or the set is empty: 503.
     NoHealthyUpstream,
     /// The gateway sheds load (concurrency limit, full queue): 503.
@@ -133,6 +136,7 @@ status_table! {
     BadGateway => 502 BAD_GATEWAY "bad_gateway" "upstream failed",
     CircuitOpen => 503 SERVICE_UNAVAILABLE "circuit_open" "upstream circuit open",
     AuthUnavailable => 503 SERVICE_UNAVAILABLE "auth_unavailable" "authentication unavailable",
+    RateLimitUnavailable => 503 SERVICE_UNAVAILABLE "rate_limit_unavailable" "rate limiting unavailable",
     NoHealthyUpstream => 503 SERVICE_UNAVAILABLE "no_healthy_upstream" "no healthy upstream",
     Overloaded => 503 SERVICE_UNAVAILABLE "overloaded" "gateway overloaded",
     GatewayTimeout => 504 GATEWAY_TIMEOUT "gateway_timeout" "upstream timed out",
@@ -381,7 +385,7 @@ impl fmt::Display for Chain<'_> {
 mod tests {
     use super::*;
 
-    const ALL: [ErrorKind; 16] = [
+    const ALL: [ErrorKind; 17] = [
         ErrorKind::BadRequest,
         ErrorKind::Unauthenticated,
         ErrorKind::Forbidden,
@@ -395,6 +399,7 @@ mod tests {
         ErrorKind::BadGateway,
         ErrorKind::CircuitOpen,
         ErrorKind::AuthUnavailable,
+        ErrorKind::RateLimitUnavailable,
         ErrorKind::NoHealthyUpstream,
         ErrorKind::Overloaded,
         ErrorKind::GatewayTimeout,

@@ -22,6 +22,8 @@
 //!   keys, any of several with an anonymous fallback, and ACLs by group.
 //! - [`rate_limit`] (`rate-limit`): limits per client, consumer, header or route, rates
 //!   and requests in flight, stacked, with bounded keys and the IETF `RateLimit` headers.
+//! - [`redis`] (`redis`): a Redis server shared by gateway instances, for distributed
+//!   rate limits.
 //! - [`config`] (`config`): the layers above by name, for the declarative config.
 //!
 //! Caching, retries and circuit breaking land as their issues do.
@@ -57,6 +59,8 @@ pub mod observe;
 pub mod otlp;
 #[cfg(feature = "rate-limit")]
 pub mod rate_limit;
+#[cfg(feature = "redis")]
+pub mod redis;
 #[cfg(any(feature = "auth", feature = "body-limit", feature = "ip-filter"))]
 mod refuse;
 #[cfg(feature = "request-id")]

@@ -1,5 +1,8 @@
 //! The `rate-limit` section.
 
+#[cfg(feature = "redis")]
+use std::time::Duration;
+
 use gateway_core::BoxError;
 use gateway_core::registry::{Context, PluginFactory, Registry, RouteLayer};
 use gateway_core::units::Period;
@@ -10,7 +13,7 @@ use crate::rate_limit::{HeaderStyle, Key, Limit, MAX_LIMITS, Quota, RateLimitLay
 
 /// Registers `rate-limit`.
 pub(super) fn register(registry: &mut Registry) {
-    registry.register("rate-limit", RateLimitFactory);
+    registry.register("rate-limit", RateLimitFactory::default());
 }
 
 /// `rate-limit`'s section: one or more limits, stacked.
@@ -48,6 +51,55 @@ pub struct RateLimitConfig {
     /// What new keys get when a limit is full of keys in use: `shed` (429) or `share` (one
     /// bucket for them all) [default: shed].
     pub when_full: Option<WhenFullConfig>,
+    /// Keep the rate limits in Redis, shared by every instance (feature `redis`).
+    pub redis: Option<RedisConfig>,
+}
+
+/// `redis`: where distributed limits are kept.
+///
+/// ```yaml
+/// redis:
+///   url: redis://:${REDIS_PASSWORD}@10.0.0.5:6379/0
+///   timeout: 50ms
+///   on_error: allow
+///   batch: { lease: 10, sync: 250ms }
+/// ```
+#[derive(Debug, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RedisConfig {
+    /// `redis://[user:password@]host[:port][/db]`, or `rediss://` for TLS.
+    pub url: String,
+    /// The most a call may take [default: 100ms].
+    pub timeout: Option<Period>,
+    /// The most opening a connection may take [default: 1s].
+    pub connect_timeout: Option<Period>,
+    /// When Redis cannot be asked: `allow` (fail open) or `deny` (503) [default: allow].
+    pub on_error: Option<OnErrorConfig>,
+    /// The keys' namespace [default: the route's id]; routes with the same namespace
+    /// and limit names share their limits.
+    pub namespace: Option<String>,
+    /// Take tokens in leases instead of asking Redis for every request.
+    pub batch: Option<BatchConfig>,
+}
+
+/// `on_error`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OnErrorConfig {
+    /// Let requests through.
+    Allow,
+    /// Refuse them with 503.
+    Deny,
+}
+
+/// `batch`: leases of `lease` tokens, unspent ones given back after `sync`.
+#[derive(Debug, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BatchConfig {
+    /// Tokens per lease.
+    pub lease: u32,
+    /// When unspent tokens go back [default: 250ms].
+    pub sync: Option<Period>,
 }
 
 /// One limit: a rate (`requests` per `per`, with an optional `burst`) or `concurrent`
@@ -118,18 +170,76 @@ pub enum WhenFullConfig {
     Share,
 }
 
-struct RateLimitFactory;
+/// Makes `rate-limit` layers; one Redis connection per URL and timeouts, however many
+/// routes (and reloads) use it.
+#[derive(Default)]
+struct RateLimitFactory {
+    #[cfg(feature = "redis")]
+    redis: std::sync::Mutex<std::collections::HashMap<String, crate::redis::WeakRedis>>,
+}
 
 impl PluginFactory for RateLimitFactory {
     type Config = RateLimitConfig;
 
     fn layer(&self, config: &RateLimitConfig, cx: &Context) -> Result<RouteLayer, BoxError> {
-        Ok(RouteLayer::new(config.layer(cx)?))
+        Ok(RouteLayer::new(config.layer(self, cx)?))
+    }
+}
+
+impl RateLimitFactory {
+    #[cfg(feature = "redis")]
+    fn distributed(
+        &self,
+        config: &RedisConfig,
+        cx: &Context,
+    ) -> Result<crate::rate_limit::Distributed, BoxError> {
+        use crate::rate_limit::{Batch, Distributed, OnError};
+        use crate::redis::Redis;
+        let timeout = config.timeout.map_or(Duration::from_millis(100), |p| p.0);
+        let connect = config
+            .connect_timeout
+            .map_or(Duration::from_secs(1), |p| p.0);
+        let id = format!("{} {timeout:?} {connect:?}", config.url);
+        let redis = {
+            let mut shared = self
+                .redis
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            shared.retain(|_, weak| weak.upgrade().is_some());
+            match shared.get(&id).and_then(crate::redis::WeakRedis::upgrade) {
+                Some(redis) => redis,
+                None => {
+                    let redis = Redis::builder(config.url.as_str())
+                        .timeout(timeout)
+                        .connect_timeout(connect)
+                        .build()?;
+                    shared.insert(id, redis.downgrade());
+                    redis
+                }
+            }
+        };
+        let mut distributed = Distributed::new(redis).namespace(
+            config
+                .namespace
+                .clone()
+                .unwrap_or_else(|| cx.route().as_str().to_owned()),
+        );
+        if let Some(on_error) = config.on_error {
+            distributed = distributed.on_error(match on_error {
+                OnErrorConfig::Allow => OnError::Allow,
+                OnErrorConfig::Deny => OnError::Deny,
+            });
+        }
+        if let Some(batch) = &config.batch {
+            let sync = batch.sync.map_or(Duration::from_millis(250), |p| p.0);
+            distributed = distributed.batch(Batch::try_new(batch.lease, sync)?);
+        }
+        Ok(distributed)
     }
 }
 
 impl RateLimitConfig {
-    fn layer(&self, cx: &Context) -> Result<RateLimitLayer, BoxError> {
+    fn layer(&self, factory: &RateLimitFactory, cx: &Context) -> Result<RateLimitLayer, BoxError> {
         if self.limits.is_empty() {
             return Err("`limits` needs at least one limit".into());
         }
@@ -204,6 +314,17 @@ impl RateLimitConfig {
         }
         if let Some(metrics) = cx.metrics() {
             layer = layer.metrics(metrics, cx.route().as_str());
+        }
+        if let Some(redis) = &self.redis {
+            #[cfg(feature = "redis")]
+            {
+                layer = layer.distributed(factory.distributed(redis, cx)?);
+            }
+            #[cfg(not(feature = "redis"))]
+            {
+                let _ = (redis, factory);
+                return Err("`redis` needs the gateway built with the `redis` feature".into());
+            }
         }
         Ok(layer)
     }

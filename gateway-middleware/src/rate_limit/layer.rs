@@ -2,8 +2,10 @@
 
 use std::collections::hash_map::RandomState;
 use std::fmt;
+use std::future::Future;
 use std::hash::{BuildHasher, Hasher};
 use std::num::NonZeroU32;
+use std::pin::Pin;
 use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -22,6 +24,8 @@ use super::Quota;
 use super::future::{After, ResponseFuture};
 use super::header::{Described, HeaderStyle, Policies, Reading};
 use super::key::{Key, Sink};
+#[cfg(feature = "redis")]
+use super::remote::{Answer, Distributed, OnError, Remote, RemoteRate, Taken};
 use super::store::{Busy, InFlight, LocalRate, Permit, RateOutcome, WhenFull};
 
 /// The most limits one layer holds.
@@ -72,6 +76,8 @@ struct Config {
     max_keys: usize,
     when_full: WhenFull,
     metrics: Option<(Metrics, RouteId)>,
+    #[cfg(feature = "redis")]
+    distributed: Option<Distributed>,
 }
 
 type CostFn = dyn Fn(&request::Parts) -> u32 + Send + Sync;
@@ -90,6 +96,8 @@ pub(crate) struct Shared {
     cost: Cost,
     shadow: bool,
     policies: Policies,
+    #[cfg(feature = "redis")]
+    remote: Option<Arc<Remote>>,
 }
 
 struct Armed {
@@ -103,6 +111,8 @@ struct Armed {
 enum State {
     Rate(LocalRate),
     Concurrent(Arc<InFlight>),
+    #[cfg(feature = "redis")]
+    Remote(Arc<RemoteRate>),
 }
 
 /// What the layer made of one request.
@@ -110,6 +120,22 @@ pub(crate) struct Decision {
     pub(crate) readings: [Option<Reading>; MAX_LIMITS],
     pub(crate) permits: Vec<Permit>,
     refusal: Option<Refusal>,
+    /// Redis could not be asked, and the request passes anyway.
+    failed_open: bool,
+}
+
+/// A decision now, or once Redis has answered.
+#[expect(
+    clippy::large_enum_variant,
+    reason = "a decision made now is the common case; boxing it would allocate per request"
+)]
+pub(crate) enum Decided {
+    Now(Decision),
+    #[cfg_attr(
+        not(feature = "redis"),
+        expect(dead_code, reason = "only limits kept in Redis decide later")
+    )]
+    Later(Pin<Box<dyn Future<Output = Decision> + Send>>),
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -119,9 +145,29 @@ struct Refusal {
     why: &'static str,
 }
 
+// === impl Armed ===
+
+impl Armed {
+    /// Whether the limit is kept in Redis.
+    fn is_remote(&self) -> bool {
+        #[cfg(feature = "redis")]
+        if let State::Remote(_) = self.state {
+            return true;
+        }
+        false
+    }
+}
+
 // === impl Decision ===
 
 impl Decision {
+    /// A refused request holds no place in the concurrency limits.
+    fn settle(&mut self) {
+        if self.refusal.is_some() {
+            self.permits.clear();
+        }
+    }
+
     /// Records a refusal; the one that asks the client to wait longest is kept (it is
     /// the one `Retry-After` must honour).
     fn refuse(&mut self, refusal: Refusal) {
@@ -143,6 +189,41 @@ impl Decision {
 pub(crate) enum Concluded {
     Pass(After),
     Refuse(Response<Body>),
+}
+
+/// A limit to ask Redis about, for one request.
+#[cfg(feature = "redis")]
+struct Ask {
+    limit: usize,
+    rate: Arc<RemoteRate>,
+    cell: Option<Arc<super::remote::Cell>>,
+    key: Arc<str>,
+}
+
+/// The digest of `req`'s `key` that names its bucket in Redis: the same in every instance
+/// (unlike the local maps' hash, which is seeded per process), and of bounded length
+/// whatever the client sent.
+#[cfg(feature = "redis")]
+fn digest(key: &Key, req: &request::Parts) -> String {
+    use sha2::Digest as _;
+    struct Sha(sha2::Sha256);
+    impl Sink for Sha {
+        fn part(&mut self, tag: u8, bytes: &[u8]) {
+            self.0.update([tag]);
+            self.0
+                .update(u64::try_from(bytes.len()).unwrap_or(u64::MAX).to_be_bytes());
+            self.0.update(bytes);
+        }
+    }
+    let mut sha = Sha(sha2::Sha256::new());
+    key.feed(req, &mut sha);
+    let digest = sha.0.finalize();
+    let mut out = String::with_capacity(32);
+    for byte in &digest[..16] {
+        use std::fmt::Write as _;
+        let _ = write!(out, "{byte:02x}");
+    }
+    out
 }
 
 /// Feeds a key to a hasher.
@@ -207,6 +288,8 @@ impl RateLimitLayer {
                 max_keys: 100_000,
                 when_full: WhenFull::default(),
                 metrics: None,
+                #[cfg(feature = "redis")]
+                distributed: None,
             }),
             state: Arc::default(),
         }
@@ -310,6 +393,28 @@ impl RateLimitLayer {
         self
     }
 
+    /// Keeps the rate limits in Redis, shared by every gateway instance that uses the same
+    /// namespace and limit names (feature `redis`). Concurrency limits stay per instance.
+    ///
+    /// ```
+    /// use gateway_middleware::rate_limit::{Batch, Distributed, OnError, Quota, RateLimitLayer};
+    /// use gateway_middleware::redis::Redis;
+    /// use std::time::Duration;
+    ///
+    /// let redis = Redis::builder("redis://127.0.0.1:6379").build().unwrap();
+    /// let layer = RateLimitLayer::per_ip(Quota::per_second(50)).distributed(
+    ///     Distributed::new(redis)
+    ///         .namespace("api")
+    ///         .on_error(OnError::Allow)
+    ///         .batch(Batch::new(5, Duration::from_millis(250))),
+    /// );
+    /// ```
+    #[cfg(feature = "redis")]
+    pub fn distributed(mut self, distributed: Distributed) -> Self {
+        self.config_mut().distributed = Some(distributed);
+        self
+    }
+
     /// Reports decisions and keys held in `metrics`, under the `route` label.
     pub fn metrics(mut self, metrics: &Metrics, route: &str) -> Self {
         self.config_mut().metrics = Some((metrics.clone(), RouteId::new(route)));
@@ -363,19 +468,21 @@ impl<S> RateLimit<S> {
         Some(match &limit.state {
             State::Rate(rate) => rate.buckets().len(),
             State::Concurrent(in_flight) => in_flight.len(),
+            #[cfg(feature = "redis")]
+            State::Remote(rate) => rate.cells_held(),
         })
     }
 }
 
 impl<S, B, ResB> Service<Request<B>> for RateLimit<S>
 where
-    S: Service<Request<B>, Response = Response<ResB>>,
+    S: Service<Request<B>, Response = Response<ResB>> + Clone,
     ResB: http_body::Body<Data = Bytes> + Send + 'static,
     ResB::Error: Into<BoxError>,
 {
     type Response = Response<Body>;
     type Error = S::Error;
-    type Future = ResponseFuture<S::Future>;
+    type Future = ResponseFuture<S, B>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
         self.inner.poll_ready(cx)
@@ -383,12 +490,19 @@ where
 
     fn call(&mut self, req: Request<B>) -> Self::Future {
         let (parts, body) = req.into_parts();
-        let decision = self.shared.decide(&parts);
-        match self.shared.conclude(decision, &parts) {
-            Concluded::Pass(after) => {
-                ResponseFuture::called(self.inner.call(Request::from_parts(parts, body)), after)
+        match self.shared.decide(&parts) {
+            Decided::Now(decision) => match self.shared.conclude(decision, &parts) {
+                Concluded::Pass(after) => {
+                    ResponseFuture::called(self.inner.call(Request::from_parts(parts, body)), after)
+                }
+                Concluded::Refuse(res) => ResponseFuture::answered(res),
+            },
+            Decided::Later(decision) => {
+                // The service that was made ready goes with the request; a clone stays.
+                let clone = self.inner.clone();
+                let inner = std::mem::replace(&mut self.inner, clone);
+                ResponseFuture::deciding(decision, Arc::clone(&self.shared), parts, body, inner)
             }
-            Concluded::Refuse(res) => ResponseFuture::answered(res),
         }
     }
 }
@@ -414,6 +528,10 @@ impl Shared {
                 .map(|(m, route)| Counters::new(m, route, &limit.name));
             let gauge = counters.as_ref().map(|c| c.keys.clone());
             let state = match limit.kind {
+                #[cfg(feature = "redis")]
+                Kind::Rate(quota) if config.distributed.is_some() => State::Remote(Arc::new(
+                    RemoteRate::new(Arc::clone(&limit.name), quota, config.max_keys),
+                )),
                 Kind::Rate(quota) => State::Rate(LocalRate::new(
                     quota,
                     config.max_keys,
@@ -448,6 +566,20 @@ impl Shared {
                 },
             }),
         );
+        #[cfg(feature = "redis")]
+        let remote = config.distributed.as_ref().map(|d| {
+            let metrics = config.metrics.as_ref().map(|(m, route)| (m, route));
+            let remote = Arc::new(Remote::new(d, metrics));
+            let rates = limits
+                .iter()
+                .filter_map(|l| match &l.state {
+                    State::Remote(rate) => Some(Arc::downgrade(rate)),
+                    _ => None,
+                })
+                .collect();
+            remote.reconcile(rates);
+            remote
+        });
         Self {
             limits: limits.into(),
             keys: keys.into(),
@@ -455,11 +587,14 @@ impl Shared {
             cost: config.cost.clone(),
             shadow: config.shadow,
             policies,
+            #[cfg(feature = "redis")]
+            remote,
         }
     }
 
-    /// Checks `req` against every limit; takes from them only when all have room.
-    pub(crate) fn decide(&self, req: &request::Parts) -> Decision {
+    /// Checks `req` against every limit; takes from them only when all have room. Limits
+    /// kept in Redis may need a round trip: then the decision comes later.
+    pub(crate) fn decide(self: &Arc<Self>, req: &request::Parts) -> Decided {
         let mut hashes = [0_u64; MAX_LIMITS];
         for (key, hash) in self.keys.iter().zip(hashes.iter_mut()) {
             let mut sink = Hashed(self.hasher.build_hasher());
@@ -470,9 +605,10 @@ impl Shared {
             readings: [None; MAX_LIMITS],
             permits: Vec::new(),
             refusal: None,
+            failed_open: false,
         };
         // Every limit judges the request (so the headers can report them all); when one
-        // refuses, what the others took is given back below.
+        // refuses, what the others took is given back.
         for (i, limit) in self.limits.iter().enumerate() {
             let State::Concurrent(in_flight) = &limit.state else {
                 continue;
@@ -503,11 +639,19 @@ impl Shared {
             Cost::Fn(f) => f(req),
         };
         let Some(cost) = NonZeroU32::new(cost) else {
-            if decision.refusal.is_some() {
-                decision.permits.clear();
-            }
-            return decision;
+            decision.settle();
+            return Decided::Now(decision);
         };
+        #[cfg(feature = "redis")]
+        if self.remote.is_some() {
+            return self.decide_remote(req, &hashes, cost, decision);
+        }
+        self.decide_local(&hashes, cost, &mut decision);
+        Decided::Now(decision)
+    }
+
+    /// The rate limits kept here.
+    fn decide_local(&self, hashes: &[u64; MAX_LIMITS], cost: NonZeroU32, decision: &mut Decision) {
         let mut taken = [None; MAX_LIMITS];
         for (i, limit) in self.limits.iter().enumerate() {
             let State::Rate(rate) = &limit.state else {
@@ -551,9 +695,8 @@ impl Shared {
             }
         }
         if decision.refusal.is_some() {
-            // NOTE: nothing is taken from a limit when another refuses: what the ones
-            // before took is given back, and their readings say so.
-            decision.permits.clear();
+            // NOTE: nothing is taken from a limit when another refuses: what the others
+            // took is given back, and their readings say so.
             for (i, limit) in self.limits.iter().enumerate() {
                 if let (State::Rate(rate), Some(outcome)) = (&limit.state, taken[i]) {
                     rate.refund(hashes[limit.key], cost, outcome);
@@ -564,7 +707,241 @@ impl Shared {
                 }
             }
         }
+        decision.settle();
+    }
+
+    /// The rate limits kept in Redis: leases and remembered refusals answer at once; the
+    /// rest asks Redis.
+    #[cfg(feature = "redis")]
+    fn decide_remote(
+        self: &Arc<Self>,
+        req: &request::Parts,
+        hashes: &[u64; MAX_LIMITS],
+        cost: NonZeroU32,
+        mut decision: Decision,
+    ) -> Decided {
+        let Some(remote) = &self.remote else {
+            return Decided::Now(decision);
+        };
+        let now = remote.now();
+        let mut asks = Vec::new();
+        let mut spent = Vec::new();
+        for (i, limit) in self.limits.iter().enumerate() {
+            let State::Remote(rate) = &limit.state else {
+                continue;
+            };
+            let cell = rate.cell(hashes[limit.key], now);
+            if let Some(cell) = &cell {
+                if let Some((wait, reading)) = cell.refused(now) {
+                    decision.readings[i] = Some(reading);
+                    decision.refuse(Refusal {
+                        limit: i,
+                        retry_after: Some(wait),
+                        why: "limited",
+                    });
+                    continue;
+                }
+                if remote.batched()
+                    && let Some(reading) = cell.spend(cost.get(), now)
+                {
+                    decision.readings[i] = Some(reading);
+                    spent.push(Arc::clone(cell));
+                    continue;
+                }
+            }
+            let key = &self.keys[limit.key];
+            let make = || remote.redis_key(rate, &digest(key, req));
+            let redis_key = match &cell {
+                Some(cell) => cell.redis_key(make),
+                None => make(),
+            };
+            asks.push(Ask {
+                limit: i,
+                rate: Arc::clone(rate),
+                cell,
+                key: redis_key,
+            });
+        }
+        if decision.refusal.is_some() || asks.is_empty() {
+            if decision.refusal.is_some() {
+                for cell in &spent {
+                    cell.unspend(cost.get());
+                }
+                // Refused without asking: the others report what Redis last said.
+                for ask in &asks {
+                    if let Some(cell) = &ask.cell {
+                        decision.readings[ask.limit] = cell.last_reading(now);
+                    }
+                }
+            }
+            decision.settle();
+            return Decided::Now(decision);
+        }
+        let shared = Arc::clone(self);
+        Decided::Later(Box::pin(async move {
+            shared.ask_redis(decision, asks, spent, cost.get()).await
+        }))
+    }
+
+    /// Asks Redis for what `asks` need: one call for all of them (all or nothing), or
+    /// with leases, a lease per limit that has none.
+    #[cfg(feature = "redis")]
+    async fn ask_redis(
+        self: Arc<Self>,
+        mut decision: Decision,
+        asks: Vec<Ask>,
+        mut spent: Vec<Arc<super::remote::Cell>>,
+        cost: u32,
+    ) -> Decision {
+        let Some(remote) = &self.remote else {
+            return decision;
+        };
+        let mut failed = None;
+        if remote.batched() {
+            for ask in &asks {
+                let now = remote.now();
+                let Some(cell) = &ask.cell else {
+                    // A key past the cap is asked each time, without a lease.
+                    match remote.take(&[(&ask.rate, &ask.key, 0)], cost, cost).await {
+                        Ok(taken) => self.record(&mut decision, ask, &taken, cost, now),
+                        Err(e) => failed = Some(e),
+                    }
+                    continue;
+                };
+                let _fetching = cell.fetching().await;
+                let now = remote.now();
+                if let Some(reading) = cell.spend(cost, now) {
+                    // Another request of this key fetched a lease meanwhile.
+                    decision.readings[ask.limit] = Some(reading);
+                    spent.push(Arc::clone(cell));
+                    continue;
+                }
+                if let Some((wait, reading)) = cell.refused(now) {
+                    decision.readings[ask.limit] = Some(reading);
+                    decision.refuse(Refusal {
+                        limit: ask.limit,
+                        retry_after: Some(wait),
+                        why: "limited",
+                    });
+                    continue;
+                }
+                let back = cell.take_expired(now);
+                let want = remote.lease().max(cost);
+                match remote
+                    .take(&[(&ask.rate, &ask.key, back)], cost, want)
+                    .await
+                {
+                    Ok(taken) => {
+                        if let Taken::Taken { .. } = taken {
+                            spent.push(Arc::clone(cell));
+                        }
+                        self.record(&mut decision, ask, &taken, cost, now);
+                    }
+                    Err(e) => {
+                        // The expired lease's tokens go back with a later call.
+                        cell.unspend(back);
+                        failed = Some(e);
+                    }
+                }
+            }
+        } else {
+            let keys: Vec<_> = asks.iter().map(|a| (&*a.rate, &*a.key, 0)).collect();
+            let now = remote.now();
+            match remote.take(&keys, cost, cost).await {
+                Ok(Taken::Taken { answers, .. }) => {
+                    for (ask, answer) in asks.iter().zip(answers) {
+                        if let Some(cell) = &ask.cell {
+                            cell.observed(answer, now);
+                        }
+                        decision.readings[ask.limit] = Some(Reading {
+                            remaining: answer.remaining,
+                            reset: Some(answer.reset),
+                        });
+                    }
+                }
+                Ok(Taken::Refused { answers }) => {
+                    for (ask, answer) in asks.iter().zip(answers) {
+                        let short = answer.remaining < u64::from(cost);
+                        self.refused(&mut decision, ask, answer, short, now);
+                    }
+                }
+                Err(e) => failed = Some(e),
+            }
+        }
+        if let Some(e) = failed {
+            tracing::debug!(error = %e, "rate limit not checked: redis unavailable");
+            match remote.on_error() {
+                OnError::Allow => decision.failed_open = true,
+                OnError::Deny => decision.refuse(Refusal {
+                    limit: asks[0].limit,
+                    retry_after: Some(Duration::from_secs(1)),
+                    why: "unavailable",
+                }),
+            }
+        }
+        if decision.refusal.is_some() {
+            for cell in &spent {
+                cell.unspend(cost);
+            }
+        }
+        decision.settle();
         decision
+    }
+
+    /// Records what Redis said about one limit's lease (or one request, past the cap).
+    #[cfg(feature = "redis")]
+    fn record(&self, decision: &mut Decision, ask: &Ask, taken: &Taken, cost: u32, now: u64) {
+        let Some(remote) = &self.remote else {
+            return;
+        };
+        match taken {
+            Taken::Taken { units, answers } => {
+                let Some(answer) = answers.first() else {
+                    return;
+                };
+                let reading = match &ask.cell {
+                    Some(cell) => cell.leased(
+                        units.saturating_sub(cost),
+                        remote.lease_until(now),
+                        *answer,
+                        now,
+                    ),
+                    None => Reading {
+                        remaining: answer.remaining,
+                        reset: Some(answer.reset),
+                    },
+                };
+                decision.readings[ask.limit] = Some(reading);
+            }
+            Taken::Refused { answers } => {
+                if let Some(answer) = answers.first() {
+                    self.refused(decision, ask, *answer, true, now);
+                }
+            }
+        }
+    }
+
+    /// Records one limit's answer in a refused call: refused by it when it is `short`.
+    #[cfg(feature = "redis")]
+    fn refused(&self, decision: &mut Decision, ask: &Ask, answer: Answer, short: bool, now: u64) {
+        decision.readings[ask.limit] = Some(Reading {
+            remaining: answer.remaining,
+            reset: Some(answer.reset),
+        });
+        if !short {
+            if let Some(cell) = &ask.cell {
+                cell.observed(answer, now);
+            }
+            return;
+        }
+        if let Some(cell) = &ask.cell {
+            cell.refused_for(answer, now);
+        }
+        decision.refuse(Refusal {
+            limit: ask.limit,
+            retry_after: Some(answer.wait),
+            why: "limited",
+        });
     }
 
     /// Counts and logs `decision`; the answer when it refuses `req`, else what the response
@@ -577,15 +954,37 @@ impl Shared {
         let log = req.extensions.get::<LogFields>();
         let Some(refusal) = decision.refusal else {
             for (limit, reading) in self.limits.iter().zip(&decision.readings) {
-                if let (Some(c), Some(_)) = (&limit.counters, reading) {
-                    c.allowed.inc();
+                if let Some(c) = &limit.counters {
+                    match reading {
+                        Some(_) => c.allowed.inc(),
+                        None if decision.failed_open && limit.is_remote() => c.failed_open.inc(),
+                        None => 0,
+                    };
                 }
             }
             if let Some(log) = log {
-                log.insert("rate_limit", "allowed");
+                let said = if decision.failed_open {
+                    "failed_open"
+                } else {
+                    "allowed"
+                };
+                log.insert("rate_limit", said);
             }
             return Concluded::Pass(After::new(Arc::clone(self), decision));
         };
+        if refusal.why == "unavailable" {
+            for limit in self.limits.iter().filter(|l| l.is_remote()) {
+                if let Some(c) = &limit.counters {
+                    c.failed_closed.inc();
+                }
+            }
+            if let Some(log) = log {
+                log.insert("rate_limit", "failed_closed");
+            }
+            let err =
+                Error::new(ErrorKind::RateLimitUnavailable).retry_after(Duration::from_secs(1));
+            return Concluded::Refuse(err.to_response());
+        }
         let limit = &self.limits[refusal.limit];
         let shadow = self.shadow;
         if let Some(c) = &limit.counters {
@@ -687,6 +1086,8 @@ struct Counters {
     allowed: Counter,
     limited: Counter,
     shadow_limited: Counter,
+    failed_open: Counter,
+    failed_closed: Counter,
     shed: Counter,
     shared: Counter,
     keys: Gauge,
@@ -696,7 +1097,7 @@ impl Counters {
     fn new(metrics: &Metrics, route: &RouteId, limit: &str) -> Self {
         let decisions: Family<DecisionLabels, Counter> = metrics.family(
             "rate_limit_decisions",
-            "Requests a rate limit judged, by limit and decision (allowed, limited, shadow_limited).",
+            "Requests a rate limit judged, by limit and decision (allowed, limited, shadow_limited, failed_open, failed_closed).",
         );
         let keys: Family<KeyLabels, Gauge> = metrics.family(
             "rate_limit_keys",
@@ -728,6 +1129,8 @@ impl Counters {
             allowed: decision("allowed"),
             limited: decision("limited"),
             shadow_limited: decision("shadow_limited"),
+            failed_open: decision("failed_open"),
+            failed_closed: decision("failed_closed"),
             shed: overflowed("shed"),
             shared: overflowed("shared"),
             keys: keys

@@ -65,6 +65,8 @@ mod header;
 mod key;
 mod layer;
 mod quota;
+#[cfg(feature = "redis")]
+mod remote;
 mod store;
 
 pub use future::ResponseFuture;
@@ -72,6 +74,8 @@ pub use header::HeaderStyle;
 pub use key::Key;
 pub use layer::{Limit, MAX_LIMITS, RateLimit, RateLimitLayer};
 pub use quota::{InvalidQuota, Quota};
+#[cfg(feature = "redis")]
+pub use remote::{Batch, Distributed, OnError};
 pub use store::WhenFull;
 
 #[cfg(test)]

@@ -63,7 +63,7 @@ pub(crate) struct Cells;
 type Limiter = RateLimiter<Bucket, Cells, TokioClock, StateInformationMiddleware>;
 
 /// A map keyed by an already-uniform hash.
-type Shard<V> = HashMap<u64, V, BuildHasherDefault<Prehashed>>;
+pub(crate) type Shard<V> = HashMap<u64, V, BuildHasherDefault<Prehashed>>;
 
 /// A rate limit kept in memory.
 #[derive(Debug)]
@@ -148,7 +148,7 @@ impl TokioClock {
         }
     }
 
-    fn nanos(&self) -> u64 {
+    pub(crate) fn nanos(&self) -> u64 {
         duration_nanos(self.origin.elapsed())
     }
 }
@@ -161,7 +161,7 @@ impl Clock for TokioClock {
     }
 }
 
-fn duration_nanos(d: Duration) -> u64 {
+pub(crate) fn duration_nanos(d: Duration) -> u64 {
     u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
 }
 

@@ -9,6 +9,7 @@
     reason = "set-up helpers panic on failure, like the tests"
 )]
 
+pub mod redis;
 pub mod scripted;
 
 use std::net::SocketAddr;

@@ -1,0 +1,134 @@
+//! A real `redis-server` on a free port, started (and stopped, and restarted) by the test.
+
+use std::net::TcpListener;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+pub struct RedisServer {
+    port: u16,
+    password: Option<String>,
+    dir: PathBuf,
+    child: Option<Child>,
+}
+
+impl RedisServer {
+    /// Starts one; fails the test when `redis-server` is not installed (`.ci/run`
+    /// installs it).
+    pub async fn start() -> Self {
+        Self::start_with(None).await
+    }
+
+    /// Starts one that requires `password`.
+    pub async fn start_with(password: Option<&str>) -> Self {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map(|a| a.port())
+            .unwrap();
+        let dir = std::env::temp_dir().join(format!("gateway-redis-{}-{port}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut server = Self {
+            port,
+            password: password.map(str::to_owned),
+            dir,
+            child: None,
+        };
+        server.restart().await;
+        server
+    }
+
+    /// `redis://127.0.0.1:PORT/0`, with the password when there is one.
+    pub fn url(&self) -> String {
+        match &self.password {
+            Some(password) => format!("redis://:{password}@127.0.0.1:{}/0", self.port),
+            None => format!("redis://127.0.0.1:{}/0", self.port),
+        }
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// Kills it (as a crash would) and waits for it to be gone.
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts it (again) on the same port, and waits until it answers `PING`.
+    pub async fn restart(&mut self) {
+        self.stop();
+        let port = self.port.to_string();
+        let mut args = vec![
+            "--port",
+            &port,
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--protected-mode",
+            "no",
+            "--loglevel",
+            "warning",
+        ];
+        if let Some(password) = &self.password {
+            args.extend(["--requirepass", password]);
+        }
+        let child = Command::new("redis-server")
+            .args(&args)
+            .current_dir(&self.dir)
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap_or_else(|e| {
+                panic!("redis-server could not be started ({e}); `.ci/run` installs it")
+            });
+        self.child = Some(child);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            if self.pings().await {
+                return;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "redis-server did not answer on port {port}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    async fn pings(&self) -> bool {
+        let Ok(mut conn) = tokio::net::TcpStream::connect(("127.0.0.1", self.port)).await else {
+            return false;
+        };
+        let hello = match &self.password {
+            Some(password) => format!("AUTH {password}\r\nPING\r\n"),
+            None => "PING\r\n".to_owned(),
+        };
+        if conn.write_all(hello.as_bytes()).await.is_err() {
+            return false;
+        }
+        let mut buf = [0; 64];
+        let mut got = Vec::new();
+        while !got.windows(5).any(|w| w == b"+PONG") {
+            match tokio::time::timeout(Duration::from_secs(1), conn.read(&mut buf)).await {
+                Ok(Ok(n)) if n > 0 => got.extend_from_slice(&buf[..n]),
+                _ => return false,
+            }
+        }
+        true
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        self.stop();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}

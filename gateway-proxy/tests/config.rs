@@ -1026,6 +1026,13 @@ async fn the_commented_example_config_routes_as_it_says() {
     assert_eq!(h["content-encoding"], "zstd");
     assert_eq!(h["strict-transport-security"], "max-age=63072000");
     assert_eq!(h["x-request-id"].len(), 32);
+    assert_eq!(
+        h["ratelimit-policy"],
+        r#""per-second";q=50;w=1, "per-hour";q=20000;w=3600"#
+    );
+    assert!(h.contains_key("ratelimit"));
+    let exposed = h["access-control-expose-headers"].to_str().unwrap();
+    assert!(exposed.contains("ratelimit"), "{exposed}");
     // Never /apiadmin.
     let res = support::fetch(gw.addr, support::request("GET", "/apiadmin", &[])).await;
     assert_eq!(res.status(), 404);
@@ -1072,4 +1079,18 @@ async fn the_commented_example_config_routes_as_it_says() {
     let seen = static_up.last_request();
     assert_eq!(seen.uri, "/logo.svg");
     assert_eq!(seen.header("host"), Some("static.example.com"));
+    // Past the per-second burst: 429, with the CORS headers a page needs to read it.
+    let mut refused = None;
+    for _ in 0..150 {
+        let res = support::fetch(gw.addr, support::request("GET", "/api/x", &[app])).await;
+        if res.status() == 429 {
+            refused = Some(res);
+            break;
+        }
+    }
+    let refused = refused.unwrap_or_else(|| panic!("never limited"));
+    let h = refused.headers();
+    assert_eq!(h["access-control-allow-origin"], "https://app.example.com");
+    assert_eq!(h["retry-after"], "1");
+    assert_eq!(h["content-type"], "application/problem+json");
 }

@@ -31,13 +31,17 @@ pub enum HeaderStyle {
     None,
 }
 
-/// What one limit says about a request: how much is left, and when it is all back.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+/// What one limit says about a request: how much is left, and when it is all back. Small
+/// (a request's decision carries one per limit, and moves with its future).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) struct Reading {
-    pub(crate) remaining: u64,
-    /// `None` for concurrency limits, which come back as requests end.
-    pub(crate) reset: Option<Duration>,
+    remaining: u32,
+    /// Milliseconds, rounded up; [`NO_RESET`] for concurrency limits, which come back as
+    /// requests end.
+    reset_ms: u32,
 }
+
+const NO_RESET: u32 = u32::MAX;
 
 /// The per-limit part of the headers of one layer, rendered once.
 #[derive(Clone, Debug)]
@@ -66,6 +70,29 @@ pub(crate) enum Described<'a> {
         name: &'a str,
         max: u32,
     },
+}
+
+// === impl Reading ===
+
+impl Reading {
+    pub(crate) fn new(remaining: u64, reset: Option<Duration>) -> Self {
+        let reset_ms = reset.map_or(NO_RESET, |d| {
+            let ms = d.as_millis() + u128::from(d.subsec_nanos() % 1_000_000 > 0);
+            u32::try_from(ms).unwrap_or(NO_RESET - 1).min(NO_RESET - 1)
+        });
+        Self {
+            remaining: u32::try_from(remaining).unwrap_or(u32::MAX),
+            reset_ms,
+        }
+    }
+
+    pub(crate) fn remaining(self) -> u64 {
+        u64::from(self.remaining)
+    }
+
+    pub(crate) fn reset(self) -> Option<Duration> {
+        (self.reset_ms != NO_RESET).then(|| Duration::from_millis(u64::from(self.reset_ms)))
+    }
 }
 
 // === impl Policies ===
@@ -113,17 +140,21 @@ impl Policies {
             if let Some(policy) = &self.policy {
                 headers.insert(RATELIMIT_POLICY, policy.clone());
             }
-            let mut value = String::with_capacity(32 * readings.len());
-            for (i, reading) in readings.iter().enumerate() {
-                let (Some(reading), Some((name, _))) = (reading, self.limits.get(i)) else {
+            let mut value = String::with_capacity(32 * self.limits.len());
+            let mut digits = itoa::Buffer::new();
+            for (reading, (name, _)) in readings.iter().zip(self.limits.iter()) {
+                let Some(reading) = reading else {
                     continue;
                 };
                 if !value.is_empty() {
                     value.push_str(", ");
                 }
-                let _ = write!(value, "{name};r={}", reading.remaining);
-                if let Some(reset) = reading.reset {
-                    let _ = write!(value, ";t={}", seconds(reset));
+                value.push_str(name);
+                value.push_str(";r=");
+                value.push_str(digits.format(reading.remaining()));
+                if let Some(reset) = reading.reset() {
+                    value.push_str(";t=");
+                    value.push_str(digits.format(seconds(reset)));
                 }
             }
             if let Ok(value) = HeaderValue::try_from(value)
@@ -138,11 +169,11 @@ impl Policies {
                 .iter()
                 .zip(self.limits.iter())
                 .filter_map(|(r, (_, q))| Some((r.as_ref()?, (*q)?)))
-                .min_by_key(|(r, _)| (r.remaining, std::cmp::Reverse(r.reset)));
+                .min_by_key(|(r, _)| (r.remaining(), std::cmp::Reverse(r.reset())));
             if let Some((reading, quota)) = tightest {
                 headers.insert(X_LIMIT, HeaderValue::from(quota));
-                headers.insert(X_REMAINING, HeaderValue::from(reading.remaining));
-                let reset = reading.reset.map_or(0, seconds);
+                headers.insert(X_REMAINING, HeaderValue::from(reading.remaining()));
+                let reset = reading.reset().map_or(0, seconds);
                 headers.insert(X_RESET, HeaderValue::from(reset));
             }
         }
@@ -203,18 +234,9 @@ mod tests {
     fn ietf_lists_every_limit() {
         let mut headers = HeaderMap::new();
         let readings = [
-            Some(Reading {
-                remaining: 7,
-                reset: Some(Duration::from_millis(300)),
-            }),
-            Some(Reading {
-                remaining: 990,
-                reset: Some(Duration::from_secs(36)),
-            }),
-            Some(Reading {
-                remaining: 3,
-                reset: None,
-            }),
+            Some(Reading::new(7, Some(Duration::from_millis(300)))),
+            Some(Reading::new(990, Some(Duration::from_secs(36)))),
+            Some(Reading::new(3, None)),
         ];
         policies(HeaderStyle::Ietf).write(&readings, &mut headers);
         assert_eq!(
@@ -232,15 +254,9 @@ mod tests {
     fn legacy_names_the_tightest_rate_limit() {
         let mut headers = HeaderMap::new();
         let readings = [
-            Some(Reading {
-                remaining: 0,
-                reset: Some(Duration::from_millis(1500)),
-            }),
+            Some(Reading::new(0, Some(Duration::from_millis(1500)))),
             None,
-            Some(Reading {
-                remaining: 0,
-                reset: None,
-            }),
+            Some(Reading::new(0, None)),
         ];
         policies(HeaderStyle::Legacy).write(&readings, &mut headers);
         assert_eq!(headers["x-ratelimit-limit"], "10");

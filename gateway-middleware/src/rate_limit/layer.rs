@@ -125,10 +125,6 @@ pub(crate) struct Decision {
 }
 
 /// A decision now, or once Redis has answered.
-#[expect(
-    clippy::large_enum_variant,
-    reason = "a decision made now is the common case; boxing it would allocate per request"
-)]
 pub(crate) enum Decided {
     Now(Decision),
     #[cfg_attr(
@@ -616,13 +612,10 @@ impl Shared {
             match in_flight.acquire(hashes[limit.key]) {
                 Ok((permit, left)) => {
                     decision.permits.push(permit);
-                    decision.readings[i] = Some(Reading {
-                        remaining: u64::from(left),
-                        reset: None,
-                    });
+                    decision.readings[i] = Some(Reading::new(u64::from(left), None));
                 }
                 Err(busy) => {
-                    decision.readings[i] = Some(Reading::default());
+                    decision.readings[i] = Some(Reading::new(0, None));
                     decision.refuse(Refusal {
                         limit: i,
                         retry_after: Some(Duration::from_secs(1)),
@@ -672,24 +665,18 @@ impl Shared {
                         c.shared.inc();
                     }
                     taken[i] = Some(outcome);
-                    decision.readings[i] = Some(Reading {
-                        remaining: u64::from(remaining),
-                        reset: Some(reset),
-                    });
+                    decision.readings[i] = Some(Reading::new(u64::from(remaining), Some(reset)));
                 }
                 RateOutcome::Refused { wait, reset } => {
-                    decision.readings[i] = Some(Reading {
-                        remaining: 0,
-                        reset: Some(reset),
-                    });
+                    decision.readings[i] = Some(Reading::new(0, Some(reset)));
                     decision.refuse(refusal(Some(wait), "limited"));
                 }
                 RateOutcome::Never => {
-                    decision.readings[i] = Some(Reading::default());
+                    decision.readings[i] = Some(Reading::new(0, None));
                     decision.refuse(refusal(None, "over_burst"));
                 }
                 RateOutcome::Shed => {
-                    decision.readings[i] = Some(Reading::default());
+                    decision.readings[i] = Some(Reading::new(0, None));
                     decision.refuse(refusal(Some(Duration::from_secs(1)), "shed"));
                 }
             }
@@ -702,7 +689,10 @@ impl Shared {
                     rate.refund(hashes[limit.key], cost, outcome);
                     if let Some(r) = &mut decision.readings[i] {
                         let burst = u64::from(rate.quota().burst_size());
-                        r.remaining = (r.remaining + u64::from(cost.get())).min(burst);
+                        *r = Reading::new(
+                            (r.remaining() + u64::from(cost.get())).min(burst),
+                            r.reset(),
+                        );
                     }
                 }
             }
@@ -853,10 +843,8 @@ impl Shared {
                         if let Some(cell) = &ask.cell {
                             cell.observed(answer, now);
                         }
-                        decision.readings[ask.limit] = Some(Reading {
-                            remaining: answer.remaining,
-                            reset: Some(answer.reset),
-                        });
+                        decision.readings[ask.limit] =
+                            Some(Reading::new(answer.remaining, Some(answer.reset)));
                     }
                 }
                 Ok(Taken::Refused { answers }) => {
@@ -906,10 +894,7 @@ impl Shared {
                         *answer,
                         now,
                     ),
-                    None => Reading {
-                        remaining: answer.remaining,
-                        reset: Some(answer.reset),
-                    },
+                    None => Reading::new(answer.remaining, Some(answer.reset)),
                 };
                 decision.readings[ask.limit] = Some(reading);
             }
@@ -924,10 +909,7 @@ impl Shared {
     /// Records one limit's answer in a refused call: refused by it when it is `short`.
     #[cfg(feature = "redis")]
     fn refused(&self, decision: &mut Decision, ask: &Ask, answer: Answer, short: bool, now: u64) {
-        decision.readings[ask.limit] = Some(Reading {
-            remaining: answer.remaining,
-            reset: Some(answer.reset),
-        });
+        decision.readings[ask.limit] = Some(Reading::new(answer.remaining, Some(answer.reset)));
         if !short {
             if let Some(cell) = &ask.cell {
                 cell.observed(answer, now);

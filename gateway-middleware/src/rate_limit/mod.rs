@@ -18,6 +18,13 @@
 //!   bucket is full again are evicted off the request path; a map full of keys in use
 //!   sheds new keys or counts them in one shared bucket ([`WhenFull`]), and says so in
 //!   `gateway_rate_limit_overflow_total`.
+//! - With [`distributed`](RateLimitLayer::distributed) (feature `redis`) the rates are kept
+//!   in Redis and hold across every gateway instance: one atomic script per request, or
+//!   leases that spare most requests the round trip; failing open or closed when Redis is
+//!   down.
+//!
+//! The guide, with every rule, the headers, Redis and the measured cost, is
+//! `docs/rate-limit.md`.
 //!
 //! # Example
 //!

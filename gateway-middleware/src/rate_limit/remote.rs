@@ -451,10 +451,10 @@ impl Cell {
         (state.refused_until > now).then(|| {
             (
                 Duration::from_nanos(state.refused_until - now),
-                Reading {
-                    remaining: 0,
-                    reset: Some(Duration::from_nanos(state.full_at.saturating_sub(now))),
-                },
+                Reading::new(
+                    0,
+                    Some(Duration::from_nanos(state.full_at.saturating_sub(now))),
+                ),
             )
         })
     }
@@ -535,10 +535,10 @@ impl Cell {
 
 impl CellState {
     fn reading(&self, now: u64) -> Reading {
-        Reading {
-            remaining: self.remaining + u64::from(self.tokens),
-            reset: Some(Duration::from_nanos(self.full_at.saturating_sub(now))),
-        }
+        Reading::new(
+            self.remaining + u64::from(self.tokens),
+            Some(Duration::from_nanos(self.full_at.saturating_sub(now))),
+        )
     }
 }
 

@@ -260,3 +260,47 @@ routes:
         "refused by Redis: fails closed"
     );
 }
+
+/// Tokens one instance leased and did not spend go back to Redis after `sync`: another
+/// instance refused meanwhile gets them then, not after the limit's whole wait.
+#[tokio::test]
+async fn unspent_leases_go_back() {
+    let Some(redis) = RedisServer::start().await else {
+        return;
+    };
+    let yaml = format!(
+        "
+listen: 127.0.0.1:0
+routes:
+  - id: leased
+    match: {{ path: /leased }}
+    respond: {{ body: ok }}
+    plugins:
+      - rate-limit:
+          limits: [{{ name: minute, requests: 10, per: 1m }}]
+          key: route
+          redis: {{ url: '{}', on_error: deny, batch: {{ lease: 10, sync: 200ms }} }}
+",
+        redis.url()
+    );
+    let a = start(&yaml, None).await;
+    let b = start(&yaml, None).await;
+    assert_eq!(
+        get(&a, "/leased").await.status(),
+        200,
+        "a leases all 10, spends 1"
+    );
+    let refused = get(&b, "/leased").await;
+    assert_eq!(refused.status(), 429, "b: nothing left in Redis");
+    let waited = refused.headers()["retry-after"]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    assert_eq!(waited, "6", "one token comes back every 6 s");
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let mut ok = 0;
+    for _ in 0..12 {
+        ok += u32::from(get(&b, "/leased").await.status() == 200);
+    }
+    assert_eq!(ok, 9, "a's 9 unspent tokens, given back; no more");
+}

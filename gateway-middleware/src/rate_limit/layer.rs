@@ -565,18 +565,9 @@ impl Shared {
         #[cfg(feature = "redis")]
         let remote = config.distributed.as_ref().map(|d| {
             let metrics = config.metrics.as_ref().map(|(m, route)| (m, route));
-            let remote = Arc::new(Remote::new(d, metrics));
-            let rates = limits
-                .iter()
-                .filter_map(|l| match &l.state {
-                    State::Remote(rate) => Some(Arc::downgrade(rate)),
-                    _ => None,
-                })
-                .collect();
-            remote.reconcile(rates);
-            remote
+            Arc::new(Remote::new(d, metrics))
         });
-        Self {
+        let shared = Self {
             limits: limits.into(),
             keys: keys.into(),
             hasher: RandomState::new(),
@@ -585,7 +576,24 @@ impl Shared {
             policies,
             #[cfg(feature = "redis")]
             remote,
+        };
+        #[cfg(feature = "redis")]
+        if let Some(remote) = &shared.remote {
+            remote.reconcile(shared.remote_rates());
         }
+        shared
+    }
+
+    /// The limits kept in Redis, for the task that gives leases back.
+    #[cfg(feature = "redis")]
+    fn remote_rates(&self) -> Vec<std::sync::Weak<RemoteRate>> {
+        self.limits
+            .iter()
+            .filter_map(|l| match &l.state {
+                State::Remote(rate) => Some(Arc::downgrade(rate)),
+                _ => None,
+            })
+            .collect()
     }
 
     /// Checks `req` against every limit; takes from them only when all have room. Limits
@@ -713,6 +721,10 @@ impl Shared {
         let Some(remote) = &self.remote else {
             return Decided::Now(decision);
         };
+        if remote.batched() && !remote.reconciling() {
+            // Started when the layer was built, unless that was outside a runtime.
+            remote.reconcile(self.remote_rates());
+        }
         let now = remote.now();
         let mut asks = Vec::new();
         let mut spent = Vec::new();
@@ -909,6 +921,9 @@ impl Shared {
     /// Records one limit's answer in a refused call: refused by it when it is `short`.
     #[cfg(feature = "redis")]
     fn refused(&self, decision: &mut Decision, ask: &Ask, answer: Answer, short: bool, now: u64) {
+        let Some(remote) = &self.remote else {
+            return;
+        };
         decision.readings[ask.limit] = Some(Reading::new(answer.remaining, Some(answer.reset)));
         if !short {
             if let Some(cell) = &ask.cell {
@@ -917,7 +932,7 @@ impl Shared {
             return;
         }
         if let Some(cell) = &ask.cell {
-            cell.refused_for(answer, now);
+            cell.refused_for(answer, remote.remember_at_most(), now);
         }
         decision.refuse(Refusal {
             limit: ask.limit,

@@ -388,6 +388,17 @@ impl Remote {
         }
     }
 
+    /// How long a refusal is remembered at most: with leases, tokens given back can make
+    /// room before the wait Redis computed is over.
+    pub(crate) fn remember_at_most(&self) -> Option<Duration> {
+        self.batch.map(|b| b.sync)
+    }
+
+    /// Whether the task that gives leases back is running.
+    pub(crate) fn reconciling(&self) -> bool {
+        self.reconciling.load(Ordering::Relaxed)
+    }
+
     pub(crate) fn lease(&self) -> u32 {
         self.batch.map_or(1, |b| b.lease)
     }
@@ -499,10 +510,12 @@ impl Cell {
         state.reading(now)
     }
 
-    /// Records a refusal: no asking again until the wait is over.
-    pub(crate) fn refused_for(&self, answer: Answer, now: u64) {
+    /// Records a refusal: no asking again until the wait is over, or `at_most` (leases
+    /// given back can make room sooner).
+    pub(crate) fn refused_for(&self, answer: Answer, at_most: Option<Duration>, now: u64) {
         let mut state = self.lock();
-        state.refused_until = now.saturating_add(duration_nanos(answer.wait));
+        let wait = at_most.map_or(answer.wait, |most| answer.wait.min(most));
+        state.refused_until = now.saturating_add(duration_nanos(wait));
         state.remaining = answer.remaining;
         state.full_at = now.saturating_add(duration_nanos(answer.reset));
         state.answered = true;

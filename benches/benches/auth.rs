@@ -6,20 +6,19 @@
 
 #![forbid(unsafe_code)]
 
-use std::convert::Infallible;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use base64::Engine as _;
 use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
 use divan::AllocProfiler;
-use gateway_benches::ready;
+use gateway_benches::{ok_service, ready};
 use gateway_core::{Body, Identity};
 use gateway_middleware::auth::{
     Acl, AclLayer, ApiKeys, AuthLayer, BasicAuth, Jwks, Jwt, JwtKey, KeyAuth, Users,
 };
-use http::{Request, Response};
+use http::Request;
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey};
-use tower::{Layer, Service, ServiceExt, service_fn};
+use tower::{Layer, ServiceExt};
 
 #[global_allocator]
 static ALLOC: AllocProfiler = AllocProfiler::system();
@@ -32,17 +31,6 @@ const SECRET: &[u8] = b"a-secret-of-thirty-two-bytes-or-more!!";
 
 fn main() {
     divan::main();
-}
-
-fn ok_service()
--> impl Service<Request<Body>, Response = Response<Body>, Error = Infallible, Future: Send>
-+ Clone
-+ Send
-+ Sync
-+ 'static {
-    service_fn(|_: Request<Body>| {
-        std::future::ready(Ok::<_, Infallible>(Response::new(Body::empty())))
-    })
 }
 
 fn file(name: &str) -> Vec<u8> {

@@ -9,7 +9,7 @@ use std::convert::Infallible;
 use std::net::IpAddr;
 
 use divan::AllocProfiler;
-use gateway_benches::ready;
+use gateway_benches::{ok_service, ready};
 use gateway_core::client_ip::TrustedProxies;
 use gateway_core::{Body, Flow, Plugin, PluginLayer, RescueLayer};
 use gateway_middleware::body_limit::BodyLimitLayer;
@@ -31,17 +31,6 @@ static ALLOC: AllocProfiler = AllocProfiler::system();
 
 fn main() {
     divan::main();
-}
-
-fn ok_service()
--> impl Service<Request<Body>, Response = Response<Body>, Error = Infallible, Future: Send>
-+ Clone
-+ Send
-+ Sync
-+ 'static {
-    service_fn(|_: Request<Body>| {
-        std::future::ready(Ok::<_, Infallible>(Response::new(Body::empty())))
-    })
 }
 
 fn request(path: &str) -> Request<Body> {

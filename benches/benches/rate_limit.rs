@@ -13,14 +13,14 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use divan::AllocProfiler;
-use gateway_benches::ready;
+use gateway_benches::{ok_service, ready};
 use gateway_core::{Body, ClientIp};
 use gateway_middleware::rate_limit::{
     Batch, Distributed, HeaderStyle, Limit, Quota, RateLimitLayer,
 };
 use gateway_middleware::redis::Redis;
 use http::{Request, Response};
-use tower::{Layer, Service, ServiceExt, service_fn};
+use tower::{Layer, Service, ServiceExt};
 
 #[global_allocator]
 static ALLOC: AllocProfiler = AllocProfiler::system();
@@ -29,17 +29,6 @@ const KEYS: u32 = 100_000;
 
 fn main() {
     divan::main();
-}
-
-fn ok_service()
--> impl Service<Request<Body>, Response = Response<Body>, Error = Infallible, Future: Send>
-+ Clone
-+ Send
-+ Sync
-+ 'static {
-    service_fn(|_: Request<Body>| {
-        std::future::ready(Ok::<_, Infallible>(Response::new(Body::empty())))
-    })
 }
 
 fn from(n: u32) -> Request<Body> {

@@ -25,18 +25,15 @@ fn registry(metrics: Option<&Metrics>) -> Registry {
 }
 
 fn load(yaml: &str, metrics: Option<&Metrics>) -> Result<config::Gateway, ConfigError> {
-    let parsed = config::parse("gateway.yaml", yaml, |_| None, &registry(metrics))?;
-    config::build("gateway.yaml", &parsed)
+    support::load_config(yaml, metrics)
 }
 
 async fn start(yaml: &str) -> Gateway {
-    start_observed(yaml, None).await
+    support::start_config(yaml, None).await
 }
 
 async fn start_observed(yaml: &str, metrics: Option<&Metrics>) -> Gateway {
-    let built = load(yaml, metrics).unwrap_or_else(|e| panic!("{e}"));
-    let trusted = built.trusted.clone();
-    Gateway::start_with(built.router, trusted, |s| s).await
+    support::start_config(yaml, metrics).await
 }
 
 async fn get(gw: &Gateway, path: &str, headers: &[(&str, &str)]) -> Response<Bytes> {

@@ -11,23 +11,12 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use gateway_core::metrics::{Format, Metrics};
-use gateway_core::registry::Registry;
-use gateway_proxy::config;
 use http::Response;
 use support::redis::RedisServer;
 use support::{Gateway, fetch, request, within};
 
 async fn start(yaml: &str, metrics: Option<&Metrics>) -> Gateway {
-    let mut registry = Registry::new();
-    if let Some(metrics) = metrics {
-        registry.metrics(metrics);
-    }
-    gateway_middleware::config::register(&mut registry);
-    let parsed =
-        config::parse("gateway.yaml", yaml, |_| None, &registry).unwrap_or_else(|e| panic!("{e}"));
-    let built = config::build("gateway.yaml", &parsed).unwrap_or_else(|e| panic!("{e}"));
-    let trusted = built.trusted.clone();
-    Gateway::start_with(built.router, trusted, |s| s).await
+    support::start_config(yaml, metrics).await
 }
 
 async fn get(gw: &Gateway, path: &str) -> Response<Bytes> {

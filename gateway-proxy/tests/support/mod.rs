@@ -274,3 +274,28 @@ pub async fn gateway_with_an_ejected_endpoint() -> (Observed, Backend) {
     };
     (observed, backend)
 }
+
+/// Builds the gateway `yaml` describes, with the built-in plugins registered and `metrics`
+/// lent to them.
+#[cfg(feature = "config")]
+pub fn load_config(
+    yaml: &str,
+    metrics: Option<&Metrics>,
+) -> Result<gateway_proxy::config::Gateway, gateway_proxy::config::ConfigError> {
+    use gateway_proxy::config;
+    let mut registry = gateway_core::registry::Registry::new();
+    if let Some(metrics) = metrics {
+        registry.metrics(metrics);
+    }
+    gateway_middleware::config::register(&mut registry);
+    let parsed = config::parse("gateway.yaml", yaml, |_| None, &registry)?;
+    config::build("gateway.yaml", &parsed)
+}
+
+/// Serves the gateway `yaml` describes (see [`load_config`]).
+#[cfg(feature = "config")]
+pub async fn start_config(yaml: &str, metrics: Option<&Metrics>) -> Gateway {
+    let built = load_config(yaml, metrics).unwrap_or_else(|e| panic!("{e}"));
+    let trusted = built.trusted.clone();
+    Gateway::start_with(built.router, trusted, |s| s).await
+}

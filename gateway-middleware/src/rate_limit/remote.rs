@@ -42,7 +42,7 @@ pub struct Distributed {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum OnError {
-    /// Let it through (fail open) [default]: a limiter outage does not become an API
+    /// Let it through (fail open, the default): a limiter outage does not become an API
     /// outage. Counted as `failed_open`.
     #[default]
     Allow,

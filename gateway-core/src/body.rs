@@ -120,6 +120,18 @@ impl Body {
         )
     }
 
+    /// A copy of a body that is all in memory ([`is_complete`](Self::is_complete)): its
+    /// bytes, shared (a guard stays with the original); `None` for a body that streams.
+    pub fn try_clone(&self) -> Option<Self> {
+        match &self.kind {
+            Kind::Empty => Some(Self::empty()),
+            Kind::Full(bytes) | Kind::Guarded { bytes, .. } => Some(Self {
+                kind: Kind::Full(bytes.clone()),
+            }),
+            Kind::Incoming { .. } | Kind::Boxed { .. } => None,
+        }
+    }
+
     /// Fails the body with [`BodyIdleTimeout`] when no frame arrives for `timeout`.
     ///
     /// Applies to streaming bodies; empty and full bodies are complete already and are

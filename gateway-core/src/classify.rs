@@ -77,6 +77,28 @@ pub fn error(err: &BoxError) -> Class {
     }
 }
 
+/// Whether `err` says the upstream's connection closed or reset under the request before
+/// its response came (an `io::Error` of such a kind anywhere in its `source()` chain):
+/// what a retry policy's "reset" condition means.
+pub fn is_reset(err: &(dyn std::error::Error + 'static)) -> bool {
+    let mut next = Some(err);
+    while let Some(err) = next {
+        if let Some(io) = err.downcast_ref::<std::io::Error>()
+            && matches!(
+                io.kind(),
+                std::io::ErrorKind::ConnectionReset
+                    | std::io::ErrorKind::ConnectionAborted
+                    | std::io::ErrorKind::BrokenPipe
+                    | std::io::ErrorKind::UnexpectedEof
+            )
+        {
+            return true;
+        }
+        next = err.source();
+    }
+    false
+}
+
 /// Classifies the result of a call to the upstream path.
 pub fn result<B>(res: &Result<Response<B>, BoxError>) -> Class {
     match res {
@@ -131,5 +153,21 @@ mod tests {
         assert_eq!(result(&ok), Class::Success);
         assert!(!Class::Success.is_failure());
         assert!(Class::Retryable.is_failure());
+    }
+
+    #[test]
+    fn resets_are_found_in_the_chain() {
+        use std::io;
+        let reset = |kind| -> BoxError {
+            Error::with_source(ErrorKind::BadGateway, io::Error::from(kind)).into()
+        };
+        assert!(is_reset(&*reset(io::ErrorKind::ConnectionReset)));
+        assert!(is_reset(&*reset(io::ErrorKind::UnexpectedEof)));
+        assert!(!is_reset(&*reset(io::ErrorKind::InvalidData)));
+        assert!(!is_reset(&*e_plain()));
+    }
+
+    fn e_plain() -> BoxError {
+        Error::new(ErrorKind::BadGateway).into()
     }
 }

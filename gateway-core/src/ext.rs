@@ -4,7 +4,7 @@ use std::borrow::Cow;
 use std::fmt;
 use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use http::HeaderValue;
@@ -107,6 +107,15 @@ pub enum LogValue {
     Bool(bool),
 }
 
+/// The endpoints already tried for one request, shared by every try of it.
+///
+/// A retry layer inserts one into the request before the first try (the copies of the
+/// request for later tries share it); the proxy's balancer then skips the endpoints it
+/// lists and adds the one it picks. When every endpoint has been tried, the list is
+/// ignored.
+#[derive(Clone, Debug, Default)]
+pub struct TriedEndpoints(Arc<Mutex<Vec<u64>>>);
+
 /// Work that outlives its HTTP exchange (a WebSocket tunnel, a background refresh started
 /// by a request) and that the server must wait for, then cut, when it shuts down.
 ///
@@ -117,6 +126,30 @@ pub enum LogValue {
 pub struct Drain {
     cut: CancellationToken,
     tracker: TaskTracker,
+}
+
+// === impl TriedEndpoints ===
+
+impl TriedEndpoints {
+    /// An empty list.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// How many endpoints were tried.
+    pub fn len(&self) -> usize {
+        self.ids().len()
+    }
+
+    /// Whether no endpoint was tried yet.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The ids of the endpoints tried, in order, for a balancer to skip and add to.
+    pub fn ids(&self) -> MutexGuard<'_, Vec<u64>> {
+        self.0.lock().unwrap_or_else(PoisonError::into_inner)
+    }
 }
 
 // === impl ClientIp ===

@@ -42,7 +42,8 @@ pub use body::{Body, BodyIdleTimeout};
 pub use client_ip::SetClientIpLayer;
 pub use error::{Error, ErrorKind};
 pub use ext::{
-    ClientIp, ConnectInfo, Drain, Identity, LogFields, LogValue, RequestId, RouteId, UpstreamCall,
+    ClientIp, ConnectInfo, Drain, Identity, LogFields, LogValue, RequestId, RouteId,
+    TriedEndpoints, UpstreamCall,
 };
 pub use plugin::{Flow, Plugin, PluginLayer};
 pub use rescue::RescueLayer;

@@ -112,6 +112,8 @@ impl Metrics {
             };
         }
         let metric = make();
+        // NOTE: the encoder ends the help text with a period of its own.
+        let help = help.strip_suffix('.').unwrap_or(help);
         inner.registry.register(name, help, metric.clone());
         inner.by_name.insert(name, Box::new(metric.clone()));
         metric

@@ -4,6 +4,12 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
+/// When a request must have its answer: a request extension, set by the route's total
+/// timeout and read by the layers below it (a retry is not started when it could not end
+/// in time; a try is cut when the deadline comes).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Deadline(Instant);
+
 /// How far ahead a deadline "never" is: what tokio itself uses for an endless sleep.
 const FAR: Duration = Duration::from_secs(86_400 * 365 * 30);
 
@@ -26,6 +32,25 @@ pub fn deadline(from: Instant, after: Duration) -> Instant {
     // NOTE: thirty years past any instant a process sees fits in an `Instant` (tokio's
     // endless sleep makes the same assumption).
     from + after.min(FAR)
+}
+
+// === impl Deadline ===
+
+impl Deadline {
+    /// The deadline `at`.
+    pub const fn new(at: Instant) -> Self {
+        Self(at)
+    }
+
+    /// When it is.
+    pub const fn at(self) -> Instant {
+        self.0
+    }
+
+    /// The time left before it (zero once it has passed).
+    pub fn remaining(self) -> Duration {
+        self.0.saturating_duration_since(Instant::now())
+    }
 }
 
 #[cfg(test)]

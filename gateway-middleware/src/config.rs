@@ -10,7 +10,7 @@
 //! | `cors` | `{ origins: [https://app.example.com], credentials: true }` | [`CorsLayer`](crate::cors::CorsLayer) |
 //! | `compression` | `{ algorithms: [zstd, br, gzip], level: 4, min_size: 1KiB }` | [`CompressionLayer`](crate::compression::CompressionLayer) |
 //! | `headers` | `{ request: { set: {x-env: prod} }, response: { remove: [server] } }` | [`EditHeadersLayer`](crate::headers::EditHeadersLayer) |
-//! | `timeout` | `{ total: 30s }` | tower's [`TimeoutLayer`](tower::timeout::TimeoutLayer): 504 when the route has not answered in time |
+//! | `timeout` | `{ total: 30s }` | [`TimeoutLayer`](crate::timeout::TimeoutLayer): 504 when the route has not answered in time, and the deadline for the layers below |
 //! | `jwt` | `{ jwks_url: https://idp/jwks.json, issuer: https://idp, audience: api }` | [`AuthLayer`](crate::auth::AuthLayer) with a [`Jwt`](crate::auth::Jwt) |
 //! | `key-auth` | `{ consumers: [{ name: alice, keys: ["${ALICE_KEY}"], groups: [admins] }] }` | [`AuthLayer`](crate::auth::AuthLayer) with a [`KeyAuth`](crate::auth::KeyAuth) |
 //! | `basic-auth` | `{ htpasswd_file: /etc/gateway/htpasswd, realm: ops }` | [`AuthLayer`](crate::auth::AuthLayer) with a [`BasicAuth`](crate::auth::BasicAuth) |
@@ -18,6 +18,7 @@
 //! | `acl` | `{ allow: [admins], deny: [banned] }` | [`AclLayer`](crate::auth::AclLayer) |
 //! | `forward-auth` | `{ url: http://authz:8080/check, cache_for: 30s }` | [`ForwardAuthLayer`](crate::auth::ForwardAuthLayer) |
 //! | `rate-limit` | `{ limits: [{ requests: 10, per: 1s }, { requests: 1000, per: 1h }], key: consumer }` | [`RateLimitLayer`](crate::rate_limit::RateLimitLayer) |
+//! | `retry` | `{ tries: 3, budget: { ratio: 0.2 }, per_try_timeout: 2s }` | [`RetryLayer`](crate::retry::RetryLayer) |
 //!
 //! Every section is documented key by key in `docs/config.md`.
 
@@ -25,6 +26,8 @@
 pub mod auth;
 #[cfg(feature = "rate-limit")]
 pub mod rate_limit;
+#[cfg(feature = "retry")]
+pub mod retry;
 
 use std::collections::BTreeMap;
 
@@ -52,6 +55,8 @@ pub fn register(registry: &mut Registry) {
     auth::register(registry);
     #[cfg(feature = "rate-limit")]
     rate_limit::register(registry);
+    #[cfg(feature = "retry")]
+    retry::register(registry);
 }
 
 /// `request-id`'s section.
@@ -148,7 +153,8 @@ impl PluginFactory for IpFilterFactory {
 #[serde(deny_unknown_fields)]
 pub struct TimeoutConfig {
     /// The most a request may take on this route, from the layer to the response head,
-    /// whatever the inner layers do (retries included, once they exist).
+    /// whatever the inner layers do (retries included: they are not started when they
+    /// could not end in time).
     pub total: Period,
 }
 
@@ -161,9 +167,9 @@ impl PluginFactory for TimeoutFactory {
         if config.total.0.is_zero() {
             return Err("`total` must be more than 0".into());
         }
-        // Its `Elapsed` travels up as an error, for retries and breakers to see.
+        // Its 504 travels up as an error, for breakers and the route's rescue to see.
         Ok(RouteLayer::passing_errors(
-            tower::timeout::TimeoutLayer::new(config.total.0),
+            crate::timeout::TimeoutLayer::new(config.total.0),
         ))
     }
 }

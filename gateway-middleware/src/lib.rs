@@ -24,9 +24,13 @@
 //!   and requests in flight, stacked, with bounded keys and the IETF `RateLimit` headers.
 //! - [`redis`] (`redis`): a Redis server shared by gateway instances, for distributed
 //!   rate limits.
+//! - [`timeout`] (`timeout`): a route's total time, and its deadline told to the layers
+//!   below.
+//! - [`retry`] (`retry`): failed requests tried again on other endpoints, within a budget,
+//!   with backoff, `Retry-After`, per-try timeouts and replayed bodies.
 //! - [`config`] (`config`): the layers above by name, for the declarative config.
 //!
-//! Caching, retries and circuit breaking land as their issues do.
+//! Caching and circuit breaking land as their issues do.
 //! Every layer speaks the vocabulary of `gateway-core`: rejections are
 //! [`gateway_core::Error`]s rendered in-band, identities and client addresses are read from
 //! request extensions, and upstream outcomes are judged by [`gateway_core::classify`].
@@ -67,6 +71,10 @@ mod refuse;
 pub mod request_id;
 #[cfg(feature = "request-span")]
 pub mod request_span;
+#[cfg(feature = "retry")]
+pub mod retry;
+#[cfg(feature = "timeout")]
+pub mod timeout;
 #[cfg(feature = "trace-context")]
 pub mod trace_context;
 

@@ -21,7 +21,7 @@ use super::service::Shared;
 use crate::task::register;
 use crate::upgrade::OnUpgrade;
 use crate::upstream::Selected;
-use crate::upstream::{Sending, Sent, Upgraded};
+use crate::upstream::{SendError, Sending, Sent, Upgraded};
 use gateway_core::time::deadline;
 
 pin_project! {
@@ -88,6 +88,8 @@ enum State {
         selected: Selected,
         is_head: bool,
         upgrade: Option<(OnUpgrade, Option<Drain>)>,
+        /// Other endpoints left to try if the connection cannot be opened.
+        connect_retries: u8,
     },
     Failed(Option<Error>),
     Done,
@@ -114,6 +116,7 @@ impl ResponseFuture {
             timeout,
             upload,
             state: State::Waiting {
+                connect_retries: shared.connect_retries,
                 fut,
                 shared,
                 selected,
@@ -150,6 +153,7 @@ impl Future for ResponseFuture {
             fut,
             selected,
             shared,
+            connect_retries,
             ..
         } = this.state
         else {
@@ -158,8 +162,42 @@ impl Future for ResponseFuture {
                 _ => Err(Error::new(ErrorKind::Internal).into()),
             });
         };
-        let result = match Pin::new(fut).poll(cx) {
-            Poll::Ready(result) => result,
+        let result = match fut.poll_send(cx) {
+            Poll::Ready(Err(SendError {
+                error,
+                unsent: Some(unsent),
+            })) if *connect_retries > 0 => {
+                // Nothing was sent: the request goes to another endpoint as it is.
+                *connect_retries -= 1;
+                selected.record(Class::Retryable);
+                let (req, out) = *unsent;
+                match shared.fail_over(selected.endpoint().id(), req) {
+                    Some((next, req)) => {
+                        tracing::debug!(
+                            %error,
+                            failed = %selected.endpoint().authority(),
+                            next = %next.endpoint().authority(),
+                            "upstream connection failed; sending the request to another endpoint"
+                        );
+                        *fut = shared.client.send(next.endpoint(), req, out);
+                        if matches!(this.upload, Upload::InMemory) {
+                            timeout.set(header_timer(shared, next.started()));
+                        }
+                        // NOTE: the failed endpoint was recorded above; dropping it ends
+                        // its count of requests in flight.
+                        *selected = next;
+                        cx.waker().wake_by_ref();
+                        return Poll::Pending;
+                    }
+                    None => {
+                        // NOTE: recorded above; the endpoint the error happened at.
+                        let at = selected.endpoint().authority().clone();
+                        *this.state = State::Done;
+                        return Poll::Ready(Err(error.at_upstream(at).into()));
+                    }
+                }
+            }
+            Poll::Ready(result) => result.map_err(|failed| failed.error),
             Poll::Pending => {
                 if let Upload::Streaming(uploaded) = this.upload {
                     // The timer starts once the body is all sent.

@@ -4,7 +4,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
-use gateway_core::{Body, BoxError, ClientIp, ConnectInfo, Error, ErrorKind};
+use gateway_core::{Body, BoxError, ClientIp, ConnectInfo, Error, ErrorKind, TriedEndpoints};
 use http::header::{CONNECTION, HOST, HeaderValue, TE, UPGRADE, VIA};
 use http::uri::{PathAndQuery, Uri};
 use http::{Request, Response, Version, request};
@@ -15,7 +15,7 @@ use super::headers::{self, X_FORWARDED_HOST, X_FORWARDED_PROTO};
 use crate::h1::fields;
 use crate::upgrade::OnUpgrade;
 use crate::upstream::{Forwarding, HttpClient, InvalidClient, Outbound};
-use crate::upstream::{InvalidEndpoint, Upstream};
+use crate::upstream::{InvalidEndpoint, Selected, Upstream};
 
 /// Forwards requests to an [`Upstream`]; see the [module docs](super).
 ///
@@ -39,6 +39,7 @@ pub struct ReverseProxyBuilder {
     response_header_timeout: Option<Duration>,
     body_idle_timeout: Option<Duration>,
     tunnel_idle_timeout: Option<Duration>,
+    connect_retries: u8,
 }
 
 /// What `Host` the upstream receives.
@@ -65,6 +66,8 @@ pub(super) struct Shared {
     pub(super) response_header_timeout: Option<Duration>,
     pub(super) body_idle_timeout: Option<Duration>,
     pub(super) tunnel_idle_timeout: Option<Duration>,
+    /// Other endpoints a request whose connection could not be opened goes to.
+    pub(super) connect_retries: u8,
 }
 
 // === impl ReverseProxy ===
@@ -103,6 +106,7 @@ impl ReverseProxy {
             response_header_timeout: Some(Duration::from_secs(60)),
             body_idle_timeout: Some(Duration::from_secs(60)),
             tunnel_idle_timeout: Some(Duration::from_secs(300)),
+            connect_retries: 2,
         }
     }
 
@@ -252,6 +256,31 @@ impl Shared {
         }
         let (body, uploaded) = UploadBody::new(body);
         (Body::new(body), Some(uploaded))
+    }
+
+    /// The endpoint for a request whose connection to `failed` could not be opened: one
+    /// not tried yet for it, with the request (which now lists `failed` as tried); `None`
+    /// when every endpoint has been.
+    pub(super) fn fail_over(
+        &self,
+        failed: u64,
+        req: Request<Body>,
+    ) -> Option<(Selected, Request<Body>)> {
+        let (mut head, body) = req.into_parts();
+        if head.extensions.get::<TriedEndpoints>().is_none() {
+            // NOTE: with a list, the balancer added `failed` when it picked it.
+            let tried = TriedEndpoints::new();
+            tried.ids().push(failed);
+            head.extensions.insert(tried);
+        }
+        let next = self.upstream.select(&head).ok()?;
+        let id = next.endpoint().id();
+        let tried = head.extensions.get::<TriedEndpoints>()?;
+        // Every endpoint was tried: the balancer picked one again.
+        if tried.ids().iter().filter(|&&i| i == id).count() > 1 {
+            return None;
+        }
+        Some((next, Request::from_parts(head, body)))
     }
 
     /// Scrubs client-sent forwarding headers and adds this hop's: to `out` where the request
@@ -461,6 +490,27 @@ impl ReverseProxyBuilder {
         self
     }
 
+    /// How many other endpoints a request is sent to when its connection could not be
+    /// opened [default: 2; 0 turns it off].
+    ///
+    /// Nothing of such a request left the gateway, so any request, a `POST` included, is
+    /// safe to send elsewhere, at once and without copying its body: the failover nginx
+    /// (`proxy_next_upstream error`) and Kong make by default. Each endpoint is tried once
+    /// per request ([`TriedEndpoints`](gateway_core::TriedEndpoints)), and the failure
+    /// counts against the endpoint (passive health). Everything else, and any failure
+    /// after the request was sent, is the [retry layer](https://docs.rs/gateway-middleware)'s
+    /// decision.
+    ///
+    /// ```
+    /// # use gateway_proxy::{ReverseProxy, Upstream};
+    /// let upstream = Upstream::round_robin(["10.0.0.1:80", "10.0.0.2:80", "10.0.0.3:80"]).unwrap();
+    /// ReverseProxy::builder(upstream).connect_retries(1);
+    /// ```
+    pub fn connect_retries(mut self, others: u8) -> Self {
+        self.connect_retries = others;
+        self
+    }
+
     /// Builds the proxy.
     ///
     /// # Errors
@@ -496,6 +546,7 @@ impl ReverseProxyBuilder {
                 response_header_timeout: self.response_header_timeout,
                 body_idle_timeout: self.body_idle_timeout,
                 tunnel_idle_timeout: self.tunnel_idle_timeout,
+                connect_retries: self.connect_retries,
             }),
         })
     }

@@ -66,7 +66,14 @@ pub(crate) enum Sending {
         client: Arc<Inner>,
     },
     /// Anything else: a new connection, HTTP/2, a request sent again.
-    Other(Pin<Box<dyn Future<Output = Result<Sent, Error>> + Send>>),
+    Other(Pin<Box<dyn Future<Output = Result<Sent, SendError>> + Send>>),
+}
+
+/// A failed send, with the request when none of it left: its connection could not be
+/// opened, so it can go to another endpoint as it is.
+pub(crate) struct SendError {
+    pub(crate) error: Error,
+    pub(crate) unsent: Option<Box<(Request<Body>, Outbound)>>,
 }
 
 /// Builds an [`HttpClient`].
@@ -124,7 +131,12 @@ impl HttpClient {
                 exchange: Exchange::new(io, reused, pool, req, out),
                 client,
             },
-            Some(Ready::H2(tx)) => Sending::Other(Box::pin(client.send_h2(pool, tx, req, out))),
+            Some(Ready::H2(tx)) => Sending::Other(Box::pin(async move {
+                client
+                    .send_h2(pool, tx, req, out)
+                    .await
+                    .map_err(SendError::from)
+            })),
             None => Sending::Other(Box::pin(client.send_new(pool, req, out))),
         }
     }
@@ -184,21 +196,31 @@ impl Inner {
         pool: Arc<Pool>,
         req: Request<Body>,
         out: Outbound,
-    ) -> Result<Sent, Error> {
+    ) -> Result<Sent, SendError> {
         let conn = if self.http2_only || pool.speaks_h2() {
             // One connection carries every request: wait for one being made.
             let _connecting = pool.h2_connecting.lock().await;
             match pool.checkout() {
-                Some(conn) => conn,
-                None => Box::pin(self.connect(&pool)).await?,
+                Some(conn) => Ok(conn),
+                None => Box::pin(self.connect(&pool)).await,
             }
         } else {
-            Box::pin(self.connect(&pool)).await?
+            Box::pin(self.connect(&pool)).await
         };
-        match conn {
+        let conn = match conn {
+            Ok(conn) => conn,
+            Err(error) => {
+                return Err(SendError {
+                    error,
+                    unsent: Some(Box::new((req, out))),
+                });
+            }
+        };
+        let sent = match conn {
             Ready::H1(io, reused) => self.exchange(pool, io, reused, req, out).await,
             Ready::H2(tx) => self.send_h2(pool, tx, req, out).await,
-        }
+        };
+        sent.map_err(SendError::from)
     }
 
     /// Sends `req` on the shared HTTP/2 connection; if it closed before taking the request,
@@ -360,25 +382,45 @@ impl fmt::Debug for ResponseFuture {
 
 // === impl Sending ===
 
-impl Future for Sending {
-    type Output = Result<Sent, Error>;
-
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let this = self.get_mut();
+impl Sending {
+    /// Polls the send; a failure gives the request back when none of it left.
+    pub(crate) fn poll_send(&mut self, cx: &mut Context<'_>) -> Poll<Result<Sent, SendError>> {
         loop {
-            match this {
+            match self {
                 Self::Pooled { exchange, client } => {
                     let failed = match ready!(Pin::new(exchange).poll(cx)) {
                         Ok(sent) => return Poll::Ready(Ok(sent)),
                         Err(failed) if failed.replay.is_none() => {
-                            return Poll::Ready(Err(failed.error));
+                            return Poll::Ready(Err(failed.error.into()));
                         }
                         Err(failed) => failed,
                     };
-                    *this = Self::Other(Box::pin(Arc::clone(client).after(failed)));
+                    let client = Arc::clone(client);
+                    *self = Self::Other(Box::pin(async move {
+                        client.after(failed).await.map_err(SendError::from)
+                    }));
                 }
                 Self::Other(fut) => return fut.as_mut().poll(cx),
             }
+        }
+    }
+}
+
+impl Future for Sending {
+    type Output = Result<Sent, Error>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        self.get_mut().poll_send(cx).map_err(|failed| failed.error)
+    }
+}
+
+// === impl SendError ===
+
+impl From<Error> for SendError {
+    fn from(error: Error) -> Self {
+        Self {
+            error,
+            unsent: None,
         }
     }
 }

@@ -648,7 +648,11 @@ impl Broken {
                 Error::with_source(kind, err)
             }
             Self::Io(err) => Error::with_source(ErrorKind::BadGateway, err),
-            Self::Closed => Error::with_source(ErrorKind::BadGateway, UpstreamClosed),
+            // An `io::Error` of kind `UnexpectedEof`, so that retry policies see a reset.
+            Self::Closed => Error::with_source(
+                ErrorKind::BadGateway,
+                io::Error::new(io::ErrorKind::UnexpectedEof, UpstreamClosed),
+            ),
             Self::Head(err) => Error::with_source(ErrorKind::BadGateway, err),
             Self::Body(err) => Error::with_source(ErrorKind::BadGateway, err),
             Self::Length(err) => Error::with_source(ErrorKind::BadGateway, err),

@@ -59,14 +59,15 @@ mod set;
 
 pub use balance::{Balance, BalanceClone, LeastRequest, PeakEwma, PickContext, Random, RoundRobin};
 pub use client::{HttpClient, HttpClientBuilder, InvalidClient, ResponseFuture};
-pub(crate) use client::{Sending, Sent};
+pub(crate) use client::{SendError, Sending, Sent};
 pub use discover::{DnsDiscovery, Resolve, ResolveFuture, SystemResolver};
 pub use endpoint::{Endpoint, EndpointState, InvalidEndpoint, Outcomes};
 pub(crate) use exchange::{Forwarding, Outbound, Upgraded};
+pub use gateway_core::TriedEndpoints;
 pub use hash::{ConsistentHash, HashKey};
 pub use health::{HealthCheck, InvalidHealthCheck};
 pub use outlier::OutlierDetection;
-pub use set::{Endpoints, Selected, TriedEndpoints, Upstream, UpstreamBuilder, WhenAllUnhealthy};
+pub use set::{Endpoints, Selected, Upstream, UpstreamBuilder, WhenAllUnhealthy};
 
 /// A histogram of response times, with the buckets of every latency in the gateway.
 fn latency_histogram() -> prometheus_client::metrics::histogram::Histogram {

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use gateway_core::classify::Class;
-use gateway_core::{BoxError, Error, ErrorKind, LogFields};
+use gateway_core::{BoxError, Error, ErrorKind, LogFields, TriedEndpoints};
 use http::request;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -93,14 +93,6 @@ pub struct Selected {
     /// The request's access-log fields, when it has them.
     log: Option<LogFields>,
 }
-
-/// The endpoints already tried for one request, shared by every attempt of it.
-///
-/// A retry layer inserts one into the request before the first attempt (clones of the
-/// request share it); [`Upstream::select`] then skips the endpoints it lists and adds the one
-/// it picks. When every endpoint has been tried, the list is ignored.
-#[derive(Clone, Debug, Default)]
-pub struct TriedEndpoints(Arc<Mutex<Vec<u64>>>);
 
 // === impl Upstream ===
 
@@ -225,7 +217,7 @@ impl Upstream {
         }
         let now = Instant::now();
         let tried = req.extensions.get::<TriedEndpoints>();
-        let mut ids = tried.map(|t| t.0.lock().unwrap_or_else(PoisonError::into_inner));
+        let mut ids = tried.map(TriedEndpoints::ids);
         let excluded: &[u64] = ids.as_deref().map_or(&[], |v| v.as_slice());
         let attempt = |excluded: &[u64], ignore_health: bool| {
             snapshot.balancer.pick(
@@ -529,25 +521,6 @@ impl fmt::Debug for Selected {
 impl Drop for Selected {
     fn drop(&mut self) {
         self.endpoint.in_flight.fetch_sub(1, Ordering::Relaxed);
-    }
-}
-
-// === impl TriedEndpoints ===
-
-impl TriedEndpoints {
-    /// An empty list.
-    pub fn new() -> Self {
-        Self::default()
-    }
-
-    /// How many endpoints were tried.
-    pub fn len(&self) -> usize {
-        self.0.lock().unwrap_or_else(PoisonError::into_inner).len()
-    }
-
-    /// Whether no endpoint was tried yet.
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
     }
 }
 

@@ -103,8 +103,8 @@ impl RetryLayer {
         }
     }
 
-    /// Counts retries in `metrics` under the `route` label: `gateway_retries_total` by
-    /// reason and `gateway_retries_skipped_total` by why not.
+    /// Counts retries in `metrics` under the `route` label: `gateway_retry_attempts_total` by
+    /// reason and `gateway_retry_skipped_total` by why not.
     pub fn metrics(self, metrics: &Metrics, route: &str) -> Self {
         Self {
             shared: Arc::new(Shared {
@@ -308,11 +308,11 @@ struct Labels {
 impl Counters {
     fn new(metrics: &Metrics, route: &RouteId) -> Self {
         let retried: Family<Labels, Counter> = metrics.family(
-            "retries",
+            "retry_attempts",
             "Tries after the first, by why the previous one failed (unsent, reset, timeout, status).",
         );
         let refused: Family<Labels, Counter> = metrics.family(
-            "retries_skipped",
+            "retry_skipped",
             "Retryable failures passed on without a retry, by why (tries, budget, deadline, retry_after, body).",
         );
         let counter = |family: &Family<Labels, Counter>, reason| {

@@ -22,8 +22,8 @@
 //!   forwarded as it comes (the first try never waits for it) while a copy of at most
 //!   [`RetryPolicy::replay_limit`] bytes is kept; a body over the limit is not retried.
 //!
-//! Every retry is counted (`gateway_retries_total{route, reason}`), and so is every
-//! retryable failure passed on without one (`gateway_retries_skipped_total{route,
+//! Every retry is counted (`gateway_retry_attempts_total{route, reason}`), and so is every
+//! retryable failure passed on without one (`gateway_retry_skipped_total{route,
 //! reason}`: tries, budget, deadline, retry_after, body); the access log's `retry` and
 //! `retry_refused` fields say the same for one request, and `upstream_attempts` counts its
 //! tries.

@@ -202,11 +202,11 @@ async fn tries_are_capped_and_the_last_answer_goes_back() {
     assert_eq!(up.calls(), 4);
     let text = metrics.encode(Format::Prometheus);
     assert!(
-        text.contains(r#"gateway_retries_total{route="api",reason="status"} 3"#),
+        text.contains(r#"gateway_retry_attempts_total{route="api",reason="status"} 3"#),
         "{text}"
     );
     assert!(
-        text.contains(r#"gateway_retries_skipped_total{route="api",reason="tries"} 1"#),
+        text.contains(r#"gateway_retry_skipped_total{route="api",reason="tries"} 1"#),
         "{text}"
     );
 }
@@ -365,7 +365,7 @@ async fn a_body_over_the_replay_limit_streams_but_is_not_retried() {
     assert_eq!(up.bodies(), [Ok(Bytes::from("abcdef"))]);
     let text = metrics.encode(Format::Prometheus);
     assert!(
-        text.contains(r#"gateway_retries_skipped_total{route="api",reason="body"} 1"#),
+        text.contains(r#"gateway_retry_skipped_total{route="api",reason="body"} 1"#),
         "{text}"
     );
     // At the limit, it is.
@@ -423,7 +423,7 @@ async fn retry_after_is_waited_for_up_to_its_cap_and_the_deadline() {
     assert_eq!(up.calls(), 1);
     let text = metrics.encode(Format::Prometheus);
     assert!(
-        text.contains(r#"gateway_retries_skipped_total{route="api",reason="deadline"} 1"#),
+        text.contains(r#"gateway_retry_skipped_total{route="api",reason="deadline"} 1"#),
         "{text}"
     );
 }
@@ -527,7 +527,7 @@ async fn an_empty_budget_passes_the_failure_on() {
     assert_eq!(up.calls(), 1);
     let text = metrics.encode(Format::Prometheus);
     assert!(
-        text.contains(r#"gateway_retries_skipped_total{route="api",reason="budget"} 1"#),
+        text.contains(r#"gateway_retry_skipped_total{route="api",reason="budget"} 1"#),
         "{text}"
     );
 }

@@ -7,7 +7,7 @@ mod support;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bytes::Bytes;
 use gateway_core::Body;
@@ -17,6 +17,7 @@ use http_body_util::BodyExt;
 use support::scripted::{Reply, Scripted};
 use support::{Gateway, eventually, fetch, request, within};
 use tokio::io::AsyncWriteExt;
+use tokio::time::Instant;
 
 /// A gateway with one route `/` to the upstream of `endpoints`, under `plugins` (YAML list
 /// items, indented for the route).
@@ -63,7 +64,7 @@ async fn flaky() -> (TestUpstream, Arc<AtomicUsize>) {
             Ok(Response::builder()
                 .status(status)
                 .body(Body::empty())
-                .unwrap())
+                .expect("a response"))
         }
     })
     .await;
@@ -181,7 +182,7 @@ async fn retry_after_delays_the_retry_unless_it_would_pass_the_deadline() {
     let counter = Arc::clone(&calls);
     // Every other call is a 503 asking for 2 s.
     let up = TestUpstream::serve(move |_| {
-        let first = counter.fetch_add(1, Ordering::SeqCst) % 2 == 0;
+        let first = counter.fetch_add(1, Ordering::SeqCst).is_multiple_of(2);
         async move {
             let res = if first {
                 Response::builder().status(503).header("retry-after", "2")
@@ -239,7 +240,7 @@ async fn a_large_upload_streams_and_is_not_retried_but_a_small_one_is() {
             Ok(Response::builder()
                 .status(status)
                 .body(Body::empty())
-                .unwrap())
+                .expect("a response"))
         }
     })
     .await;

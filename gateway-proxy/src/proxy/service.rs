@@ -273,10 +273,21 @@ impl Shared {
             tried.ids().push(failed);
             head.extensions.insert(tried);
         }
+        let tried = head.extensions.get::<TriedEndpoints>()?;
+        let untried = {
+            let ids = tried.ids();
+            self.upstream
+                .endpoints()
+                .iter()
+                .any(|e| !ids.contains(&e.id()))
+        };
+        if !untried {
+            return None;
+        }
         let next = self.upstream.select(&head).ok()?;
         let id = next.endpoint().id();
-        let tried = head.extensions.get::<TriedEndpoints>()?;
-        // Every endpoint was tried: the balancer picked one again.
+        // The untried ones are unavailable (ejected, unhealthy): the balancer picked one
+        // tried already.
         if tried.ids().iter().filter(|&&i| i == id).count() > 1 {
             return None;
         }

@@ -84,12 +84,17 @@ async fn a_dead_endpoint_is_ejected_after_consecutive_failures() {
     use gateway_proxy::upstream::{Endpoint, OutlierDetection, RoundRobin};
     let live = TestUpstream::echo().await;
     let dead = gateway_core::test_util::refused_addr().await;
-    let endpoints = [live.url(), dead.to_string()].map(|t| t.parse::<Endpoint>().unwrap());
-    let upstream = Upstream::builder(endpoints, RoundRobin::default())
+    let targets = [live.url(), dead.to_string()];
+    let endpoints = || targets.clone().map(|t| t.parse::<Endpoint>().unwrap());
+    let upstream = Upstream::builder(endpoints(), RoundRobin::default())
         .outlier_detection(OutlierDetection::new(2).max_ejected_percent(50))
         .build();
-    let gw =
-        Gateway::start(Router::new().route(Route::prefix("/"), ReverseProxy::new(upstream))).await;
+    // Without the failover to another endpoint, to see the failures that eject it.
+    let proxy = ReverseProxy::builder(upstream)
+        .connect_retries(0)
+        .build()
+        .unwrap();
+    let gw = Gateway::start(Router::new().route(Route::prefix("/"), proxy)).await;
     let mut statuses = Vec::new();
     for _ in 0..20 {
         let res = support::raw(gw.addr, &support::get("/", "")).await;
@@ -102,6 +107,18 @@ async fn a_dead_endpoint_is_ejected_after_consecutive_failures() {
     );
     assert!(statuses[4..].iter().all(|s| *s == 200), "{statuses:?}");
     assert_eq!(live.requests().len(), 18);
+
+    // With it (the default), the same failures eject the endpoint and no client sees one.
+    let upstream = Upstream::builder(endpoints(), RoundRobin::default())
+        .outlier_detection(OutlierDetection::new(2).max_ejected_percent(50))
+        .build();
+    let gw =
+        Gateway::start(Router::new().route(Route::prefix("/"), ReverseProxy::new(upstream))).await;
+    for _ in 0..20 {
+        let res = support::raw(gw.addr, &support::get("/", "")).await;
+        assert_eq!(support::status(&res), 200);
+    }
+    assert_eq!(live.requests().len(), 38);
 }
 
 /// A response body fed by the test, chunk by chunk.

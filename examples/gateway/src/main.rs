@@ -752,6 +752,7 @@ fn route(id: &str, prefix: &str, upstream: &str) -> RouteConfig {
         replace_prefix: None,
         host: None,
         timeouts: config::RouteTimeouts::default(),
+        connect_retries: None,
         plugins: Vec::new(),
     }
 }

@@ -564,6 +564,9 @@ fn proxy(config: &RouteConfig, built: &Built) -> Result<ReverseProxy, Wrong> {
             ),
         });
     }
+    if let Some(others) = config.connect_retries {
+        proxy = proxy.connect_retries(others);
+    }
     let t = &config.timeouts;
     if let Some(t) = t.response_header {
         proxy = proxy.response_header_timeout(Some(t.into()));

@@ -518,6 +518,9 @@ pub struct RouteConfig {
     /// Timeouts towards the upstream.
     #[serde(default)]
     pub timeouts: RouteTimeouts,
+    /// Other endpoints a request whose connection could not be opened is sent to
+    /// [default: 2; 0 for none].
+    pub connect_retries: Option<u8>,
     /// The route's plugins, outermost first: `- name: { section }`, each a plugin
     /// registered by that name (see [`Registry`]).
     #[serde(default)]

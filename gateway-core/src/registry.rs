@@ -154,11 +154,17 @@ pub trait PluginFactory: Send + Sync + 'static {
 ///
 /// A config reload keeps a layer whose route, place and section did not change, so a layer
 /// may hold state (buckets, key sets, caches) for as long as its config stays.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct Context {
     route: RouteId,
     lent: Lent,
+    upstreams: Option<Upstreams>,
 }
+
+/// The services of a config's upstreams, by name: what the config's builder lends the
+/// layers of its routes ([`Context::upstream`]), for those that send requests elsewhere
+/// (a circuit breaker's fallback).
+pub type Upstreams = Arc<dyn Fn(&str) -> Option<RouteService> + Send + Sync>;
 
 /// What the registry lends the factories.
 #[derive(Clone, Default)]
@@ -184,6 +190,7 @@ impl Context {
         Self {
             route,
             lent: registry.lent.clone(),
+            upstreams: None,
         }
     }
 
@@ -203,6 +210,24 @@ impl Context {
     /// authorization service): requests with absolute `http://` or `https://` URIs.
     pub const fn client(&self) -> Option<&RouteService> {
         self.lent.client.as_ref()
+    }
+
+    /// The service of the config's upstream `name` (a proxy to it), when the layer is
+    /// built from a config that has one.
+    pub fn upstream(&self, name: &str) -> Option<RouteService> {
+        self.upstreams
+            .as_ref()
+            .and_then(|upstreams| upstreams(name))
+    }
+}
+
+impl fmt::Debug for Context {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Context")
+            .field("route", &self.route)
+            .field("lent", &self.lent)
+            .field("upstreams", &self.upstreams.is_some())
+            .finish()
     }
 }
 
@@ -394,9 +419,24 @@ impl Section {
     ///
     /// As [`PluginFactory::layer`].
     pub fn layer(&self, route: &RouteId) -> Result<RouteLayer, BoxError> {
+        self.layer_with(route, None)
+    }
+
+    /// Builds the layer for `route`, lending it the config's `upstreams` as well
+    /// ([`Context::upstream`]).
+    ///
+    /// # Errors
+    ///
+    /// As [`PluginFactory::layer`].
+    pub fn layer_with(
+        &self,
+        route: &RouteId,
+        upstreams: Option<Upstreams>,
+    ) -> Result<RouteLayer, BoxError> {
         self.inner.layer(&Context {
             route: route.clone(),
             lent: self.lent.clone(),
+            upstreams,
         })
     }
 

@@ -19,11 +19,14 @@
 //! | `forward-auth` | `{ url: http://authz:8080/check, cache_for: 30s }` | [`ForwardAuthLayer`](crate::auth::ForwardAuthLayer) |
 //! | `rate-limit` | `{ limits: [{ requests: 10, per: 1s }, { requests: 1000, per: 1h }], key: consumer }` | [`RateLimitLayer`](crate::rate_limit::RateLimitLayer) |
 //! | `retry` | `{ tries: 3, budget: { ratio: 0.2 }, per_try_timeout: 2s }` | [`RetryLayer`](crate::retry::RetryLayer) |
+//! | `circuit-breaker` | `{ failure_rate: 0.5, min_calls: 20, fallback: { upstream: spare } }` | [`CircuitBreakerLayer`](crate::circuit_breaker::CircuitBreakerLayer) |
 //!
 //! Every section is documented key by key in `docs/config.md`.
 
 #[cfg(feature = "auth")]
 pub mod auth;
+#[cfg(feature = "circuit-breaker")]
+pub mod circuit_breaker;
 #[cfg(feature = "rate-limit")]
 pub mod rate_limit;
 #[cfg(feature = "retry")]
@@ -57,6 +60,8 @@ pub fn register(registry: &mut Registry) {
     rate_limit::register(registry);
     #[cfg(feature = "retry")]
     retry::register(registry);
+    #[cfg(feature = "circuit-breaker")]
+    circuit_breaker::register(registry);
 }
 
 /// `request-id`'s section.

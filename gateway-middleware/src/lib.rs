@@ -28,9 +28,11 @@
 //!   below.
 //! - [`retry`] (`retry`): failed requests tried again on other endpoints, within a budget,
 //!   with backoff, `Retry-After`, per-try timeouts and replayed bodies.
+//! - [`circuit_breaker`] (`circuit-breaker`): calls to a sick upstream refused for a
+//!   while, with bounded half-open probes and fallbacks.
 //! - [`config`] (`config`): the layers above by name, for the declarative config.
 //!
-//! Caching and circuit breaking land as their issues do.
+//! Caching lands with its issue.
 //! Every layer speaks the vocabulary of `gateway-core`: rejections are
 //! [`gateway_core::Error`]s rendered in-band, identities and client addresses are read from
 //! request extensions, and upstream outcomes are judged by [`gateway_core::classify`].
@@ -43,6 +45,8 @@ pub mod access_log;
 pub mod auth;
 #[cfg(feature = "body-limit")]
 pub mod body_limit;
+#[cfg(feature = "circuit-breaker")]
+pub mod circuit_breaker;
 #[cfg(feature = "compression")]
 pub mod compression;
 #[cfg(feature = "config")]

@@ -218,7 +218,8 @@ impl RetryPolicy {
                 .then_some(Reason::Status),
             Err(err) => {
                 let reason = match Error::kind_of(&**err) {
-                    ErrorKind::UpstreamConnect | ErrorKind::CircuitOpen => Reason::Unsent,
+                    // NOTE: not `CircuitOpen`: the breaker that refused would refuse again.
+                    ErrorKind::UpstreamConnect => Reason::Unsent,
                     ErrorKind::GatewayTimeout => Reason::Timeout,
                     ErrorKind::BadGateway if gateway_core::classify::is_reset(&**err) => {
                         Reason::Reset
@@ -257,8 +258,8 @@ fn retry_after(headers: &HeaderMap) -> Option<Duration> {
 // === impl On ===
 
 impl On {
-    /// The connection could not be opened (or an endpoint's breaker was open): nothing
-    /// was sent, so this is retried for every method.
+    /// The connection could not be opened: nothing was sent, so this is retried for
+    /// every method.
     pub const CONNECT: Self = Self(1);
     /// The connection closed or reset before any response.
     pub const RESET: Self = Self(2);

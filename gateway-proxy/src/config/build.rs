@@ -7,7 +7,7 @@ use std::net::IpAddr;
 use std::time::Duration;
 
 use gateway_core::client_ip::TrustedProxies;
-use gateway_core::registry::{RouteLayer, RouteService, Section};
+use gateway_core::registry::{RouteLayer, RouteService, Section, Upstreams};
 use gateway_core::{Body, RouteId};
 use http::header::{CONTENT_TYPE, HeaderValue};
 use http::{Method, Request, Response, StatusCode, Uri};
@@ -111,6 +111,25 @@ pub(super) struct Parts {
 struct Layers<'a> {
     previous: &'a HashMap<(String, usize), (Section, RouteLayer)>,
     next: HashMap<(String, usize), (Section, RouteLayer)>,
+    /// The config's upstreams, for layers that send requests elsewhere.
+    upstreams: Upstreams,
+}
+
+/// The upstreams of a config as services for its layers (a breaker's fallback): a proxy
+/// to each, with the default settings and the upstream's own client.
+fn lend(upstreams: &BTreeMap<String, (UpstreamConfig, Built)>) -> Upstreams {
+    let built: BTreeMap<String, Built> = upstreams
+        .iter()
+        .map(|(name, (_, built))| (name.clone(), built.clone()))
+        .collect();
+    std::sync::Arc::new(move |name: &str| {
+        let built = built.get(name)?;
+        let mut proxy = ReverseProxy::builder(built.upstream.clone());
+        if let Some(client) = &built.client {
+            proxy = proxy.client(client.clone());
+        }
+        proxy.build().ok().map(RouteService::new)
+    })
 }
 
 /// Builds `config` as [`build`] does, keeping from `previous` every upstream and plugin
@@ -149,6 +168,7 @@ pub(super) fn build_from(
     let mut layers = Layers {
         previous: &previous.layers,
         next: HashMap::new(),
+        upstreams: lend(&upstreams),
     };
     let mut router = Router::new();
     for (index, route) in config.routes.iter().enumerate() {
@@ -500,11 +520,13 @@ where
                 // The same plugin with the same config in the same place: its layer, and
                 // the state it holds, carry over.
                 Some((old, layer)) if old.same_as(section) => layer.clone(),
-                _ => section.layer(&RouteId::new(id)).map_err(|e| Mistake {
-                    key: format!("plugins[{index}].{}", section.name()),
-                    at: plugin.location(),
-                    message: chain(&*e),
-                })?,
+                _ => section
+                    .layer_with(&RouteId::new(id), Some(layers.upstreams.clone()))
+                    .map_err(|e| Mistake {
+                        key: format!("plugins[{index}].{}", section.name()),
+                        at: plugin.location(),
+                        message: chain(&*e),
+                    })?,
             };
             match in_band {
                 Some(inner) if layer.passes_errors() => tracing::warn!(

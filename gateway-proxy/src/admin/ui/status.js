@@ -48,6 +48,8 @@ function counters(samples) {
         add("5xx", s.value);
         add("route5xx:" + s.labels.route, s.value);
       }
+    } else if (s.name === "gateway_circuit_breaker_refused_total") {
+      add("refused:" + s.labels.breaker, s.value);
     } else if (s.name === "gateway_upstream_attempts_total") {
       add("endpoint:" + s.labels.upstream + " " + s.labels.endpoint, s.value);
     }
@@ -189,6 +191,33 @@ function renderUpstreams(now, upstreams) {
   box.replaceChildren(...(cards.length ? cards : [el("div", { class: "empty" }, "no upstreams")]));
 }
 
+// Circuit breakers, from their metrics: the section shows only when there are some.
+function renderBreakers(now, samples) {
+  const PHASES = ["closed", "open", "half-open"];
+  const openings = new Map();
+  for (const s of samples) {
+    if (s.name === "gateway_circuit_breaker_transitions_total" && s.labels.to === "open") {
+      openings.set(s.labels.breaker, s.value);
+    }
+  }
+  const rows = samples
+    .filter((s) => s.name === "gateway_circuit_breaker_state")
+    .sort((a, b) => a.labels.breaker.localeCompare(b.labels.breaker))
+    .map((s) => {
+      const phase = PHASES[s.value] || "closed";
+      return el(
+        "tr",
+        { "data-breaker": s.labels.breaker, "data-state": phase },
+        el("td", {}, el("strong", {}, s.labels.breaker)),
+        el("td", {}, badge(phase)),
+        el("td", { class: "num" }, fmtRate(rate(now, "refused:" + s.labels.breaker))),
+        el("td", { class: "num" }, openings.get(s.labels.breaker) || 0),
+      );
+    });
+  document.getElementById("breakers-section").hidden = rows.length === 0;
+  document.querySelector("#breakers tbody").replaceChildren(...rows);
+}
+
 async function fetchText(path) {
   const res = await fetch(path, { cache: "no-store", credentials: "same-origin" });
   if (!res.ok) throw new Error(`${path}: ${res.status}`);
@@ -205,6 +234,7 @@ async function refresh() {
     renderHeader(status);
     renderTiles(now, samples);
     renderRoutes(now, status.routes);
+    renderBreakers(now, samples);
     renderUpstreams(now, status.upstreams);
     previous = now;
     document.getElementById("updated").textContent = "updated " + new Date(now.at).toLocaleTimeString();

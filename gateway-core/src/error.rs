@@ -304,6 +304,8 @@ impl Error {
         }
         match self.kind {
             ErrorKind::Internal => event!(error, "request failed"),
+            // The breaker logged its opening once; each refusal while open is routine.
+            ErrorKind::CircuitOpen => event!(debug, "request refused: circuit open"),
             k if k.status().is_server_error() => event!(warn, "request failed"),
             _ => event!(debug, "request rejected"),
         }

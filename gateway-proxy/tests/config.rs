@@ -762,6 +762,60 @@ routes:
     );
 }
 
+/// An open circuit breaker stays open across a reload that leaves its section as it was
+/// (the upstream is still not called), and a changed section starts a closed one.
+#[tokio::test]
+async fn an_open_breaker_stays_open_across_a_reload_that_keeps_it() {
+    let failing = TestUpstream::serve(|_| async {
+        Ok(http::Response::builder()
+            .status(500)
+            .body(gateway_core::Body::empty())
+            .expect("a response"))
+    })
+    .await;
+    let config = |open_for: &str, other: &str| {
+        format!(
+            "
+listen: 127.0.0.1:0
+upstreams:
+  app: {{ endpoints: ['{up}'] }}
+routes:
+  - id: api
+    match: {{ path: /api }}
+    upstream: app
+    plugins:
+      - circuit-breaker: {{ consecutive_failures: 1, open_for: {open_for} }}
+  - {{ match: {{ exact: /other }}, respond: {{ body: {other} }} }}
+",
+            up = failing.url()
+        )
+    };
+    let file = File::new("breaker-state.yaml", &config("1m", "one"));
+    let (gw, live) = start_live(&file).await;
+    assert_eq!(status(&raw(gw.addr, &support::get("/api", "")).await), 500);
+    assert_eq!(status(&raw(gw.addr, &support::get("/api", "")).await), 503);
+    file.write(&config("1m", "two"));
+    applied(&live, 1).await;
+    assert_eq!(
+        support::body_of(&raw(gw.addr, &support::get("/other", "")).await),
+        "two"
+    );
+    assert_eq!(
+        status(&raw(gw.addr, &support::get("/api", "")).await),
+        503,
+        "still open"
+    );
+    assert_eq!(failing.requests().len(), 1);
+    file.write(&config("2m", "two"));
+    applied(&live, 2).await;
+    assert_eq!(
+        status(&raw(gw.addr, &support::get("/api", "")).await),
+        500,
+        "its section changed: a closed breaker"
+    );
+    assert_eq!(failing.requests().len(), 2);
+}
+
 /// `ip-filter` from the file judges the resolved client address: a forged
 /// `X-Forwarded-For` from an untrusted peer does not get it in.
 #[tokio::test]

@@ -214,6 +214,16 @@ async fn check_page(
         state_of(&client, &dead).await,
         (Some("ejected".to_owned()), "ejected".to_owned())
     );
+    // The open circuit breaker of route `orders`.
+    let breaker = client
+        .find(Locator::Css("tr[data-breaker=\"orders\"]"))
+        .await
+        .unwrap();
+    assert_eq!(
+        breaker.attr("data-state").await.unwrap().as_deref(),
+        Some("open")
+    );
+    assert!(breaker.text().await.unwrap().contains("open"));
     let readiness = client
         .find(Locator::Id("readiness"))
         .await
@@ -227,8 +237,10 @@ async fn check_page(
         // Traffic for the rates, over two refreshes.
         let addr = gateway;
         let traffic = tokio::spawn(async move {
-            loop {
-                fetch(addr, request("GET", "/orders", &[])).await;
+            for n in 0.. {
+                // Mostly to `all`; now and then to `orders`, whose breaker refuses.
+                let path = if n % 4 == 0 { "/orders" } else { "/shop/items" };
+                fetch(addr, request("GET", path, &[])).await;
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
         });

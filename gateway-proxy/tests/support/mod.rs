@@ -204,7 +204,16 @@ pub struct Observed {
 }
 
 pub async fn observed(router: Router, inventory: &Inventory, token: Option<&str>) -> Observed {
-    let metrics = Metrics::new();
+    observed_with(Metrics::new(), router, inventory, token).await
+}
+
+/// [`observed`], reporting into `metrics`.
+pub async fn observed_with(
+    metrics: Metrics,
+    router: Router,
+    inventory: &Inventory,
+    token: Option<&str>,
+) -> Observed {
     inventory.register(&metrics);
     let readiness = Readiness::new();
     let app = ServiceBuilder::new()
@@ -254,19 +263,43 @@ pub async fn gateway_with_an_ejected_endpoint() -> (Observed, Backend) {
     )
     .outlier_detection(gateway_proxy::upstream::OutlierDetection::new(1).max_ejected_percent(50))
     .build();
-    let router = Router::new().route(
-        gateway_proxy::Route::prefix("/").id("all"),
-        ReverseProxy::new(upstream.clone()),
-    );
+    // And a route `orders` whose circuit breaker is open (its upstream refused the one
+    // request it got).
+    let metrics = Metrics::new();
+    let breaker = gateway_middleware::circuit_breaker::CircuitBreakerLayer::new(
+        "orders",
+        gateway_middleware::circuit_breaker::Breaker::consecutive(1)
+            .open_for(Duration::from_secs(60), Duration::from_secs(60)),
+    )
+    .metrics(&metrics);
+    let orders = ReverseProxy::builder(Upstream::single(&format!("http://{dead}")).unwrap())
+        .connect_retries(0)
+        .build()
+        .unwrap();
+    let router = Router::new()
+        .route(
+            gateway_proxy::Route::prefix("/").id("all"),
+            ReverseProxy::new(upstream.clone()),
+        )
+        .route(
+            gateway_proxy::Route::prefix("/orders").id("orders"),
+            ServiceBuilder::new()
+                .layer(RescueLayer::new())
+                .layer(breaker)
+                .service(orders),
+        );
     let inventory = Inventory::new();
     inventory.set_upstreams([("backend", upstream)]);
     inventory.set_routes(vec![
         gateway_proxy::admin::RouteInfo::new("all", "/*", "proxy to backend").upstream("backend"),
+        gateway_proxy::admin::RouteInfo::new("orders", "/orders/*", "proxy to orders")
+            .plugins(["circuit-breaker"]),
     ]);
-    let observed = observed(router, &inventory, None).await;
+    let observed = observed_with(metrics, router, &inventory, None).await;
     for _ in 0..4 {
         fetch(observed.gateway.addr, request("GET", "/x", &[])).await;
     }
+    fetch(observed.gateway.addr, request("GET", "/orders", &[])).await;
     let backend = Backend {
         live_url: format!("http://{}", live.url().trim_start_matches("http://")),
         dead_url: format!("http://{dead}"),

@@ -68,7 +68,7 @@ fn baseline(b: divan::Bencher<'_, '_>) {
 /// The retry layer, first try answered: the copy for a retry, the budget's deposit.
 #[divan::bench]
 fn retry_first_try_succeeds(b: divan::Bencher<'_, '_>) {
-    let svc = RetryLayer::new(RetryPolicy::idempotent().budget(Budget::new(0.2).unwrap()))
+    let svc = RetryLayer::new(RetryPolicy::idempotent().budget(Budget::new(0.2).expect("a valid ratio")))
         .layer(ok_service());
     b.with_inputs(request)
         .bench_local_values(|req| ready(svc.clone().oneshot(req)));
@@ -90,7 +90,7 @@ fn retry_post_in_memory(b: divan::Bencher<'_, '_>) {
 /// A budget's check for a retry, with a full window.
 #[divan::bench]
 fn budget_withdraw(b: divan::Bencher<'_, '_>) {
-    let budget = Budget::new(1000.0).unwrap();
+    let budget = Budget::new(1000.0).expect("a valid ratio");
     for _ in 0..10_000 {
         budget.deposit();
     }

@@ -68,8 +68,9 @@ fn baseline(b: divan::Bencher<'_, '_>) {
 /// The retry layer, first try answered: the copy for a retry, the budget's deposit.
 #[divan::bench]
 fn retry_first_try_succeeds(b: divan::Bencher<'_, '_>) {
-    let svc = RetryLayer::new(RetryPolicy::idempotent().budget(Budget::new(0.2).expect("a valid ratio")))
-        .layer(ok_service());
+    let svc =
+        RetryLayer::new(RetryPolicy::idempotent().budget(Budget::new(0.2).expect("a valid ratio")))
+            .layer(ok_service());
     b.with_inputs(request)
         .bench_local_values(|req| ready(svc.clone().oneshot(req)));
 }

@@ -19,6 +19,7 @@
 //! | `forward-auth` | `{ url: http://authz:8080/check, cache_for: 30s }` | [`ForwardAuthLayer`](crate::auth::ForwardAuthLayer) |
 //! | `rate-limit` | `{ limits: [{ requests: 10, per: 1s }, { requests: 1000, per: 1h }], key: consumer }` | [`RateLimitLayer`](crate::rate_limit::RateLimitLayer) |
 //! | `retry` | `{ tries: 3, budget: { ratio: 0.2 }, per_try_timeout: 2s }` | [`RetryLayer`](crate::retry::RetryLayer) |
+//! | `concurrency-limit` | `{ max: 200 }` | [`ConcurrencyLimitLayer`](crate::concurrency_limit::ConcurrencyLimitLayer): 503 over the cap, no queue |
 //! | `circuit-breaker` | `{ failure_rate: 0.5, min_calls: 20, fallback: { upstream: spare } }` | [`CircuitBreakerLayer`](crate::circuit_breaker::CircuitBreakerLayer) |
 //!
 //! Every section is documented key by key in `docs/config.md`.
@@ -54,6 +55,8 @@ pub fn register(registry: &mut Registry) {
     #[cfg(feature = "headers")]
     registry.register("headers", HeadersFactory);
     registry.register("timeout", TimeoutFactory);
+    #[cfg(feature = "concurrency-limit")]
+    registry.register("concurrency-limit", ConcurrencyLimitFactory);
     #[cfg(feature = "auth")]
     auth::register(registry);
     #[cfg(feature = "rate-limit")]
@@ -176,6 +179,34 @@ impl PluginFactory for TimeoutFactory {
         Ok(RouteLayer::passing_errors(
             crate::timeout::TimeoutLayer::new(config.total.0),
         ))
+    }
+}
+
+/// `concurrency-limit`'s section.
+#[derive(Debug, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConcurrencyLimitConfig {
+    /// The most requests in flight on the route (until their response bodies end).
+    pub max: usize,
+}
+
+#[cfg(feature = "concurrency-limit")]
+struct ConcurrencyLimitFactory;
+
+#[cfg(feature = "concurrency-limit")]
+impl PluginFactory for ConcurrencyLimitFactory {
+    type Config = ConcurrencyLimitConfig;
+
+    fn layer(&self, config: &ConcurrencyLimitConfig, cx: &Context) -> Result<RouteLayer, BoxError> {
+        if config.max == 0 {
+            return Err("`max` must be more than 0".into());
+        }
+        let mut layer = crate::concurrency_limit::ConcurrencyLimitLayer::new(config.max);
+        if let Some(metrics) = cx.metrics() {
+            layer = layer.metrics(metrics, cx.route().as_str());
+        }
+        // Its 503s travel up as errors, for the route's rescue to answer.
+        Ok(RouteLayer::passing_errors(layer))
     }
 }
 

@@ -30,6 +30,8 @@
 //!   with backoff, `Retry-After`, per-try timeouts and replayed bodies.
 //! - [`circuit_breaker`] (`circuit-breaker`): calls to a sick upstream refused for a
 //!   while, with bounded half-open probes and fallbacks.
+//! - [`concurrency_limit`] (`concurrency-limit`): a route's requests in flight capped, the
+//!   rest shed at once with a 503.
 //! - [`config`] (`config`): the layers above by name, for the declarative config.
 //!
 //! Caching lands with its issue.
@@ -49,6 +51,8 @@ pub mod body_limit;
 pub mod circuit_breaker;
 #[cfg(feature = "compression")]
 pub mod compression;
+#[cfg(feature = "concurrency-limit")]
+pub mod concurrency_limit;
 #[cfg(feature = "config")]
 pub mod config;
 #[cfg(feature = "cors")]

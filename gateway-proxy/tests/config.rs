@@ -405,7 +405,7 @@ async fn mistakes_name_their_line_column_and_key_path() {
             "listen: x\nroutes:\n  - match: { path: /a }\n    respond: {}\n    plugins:\n      - tga: { value: x }\n",
             (6, 14),
             "routes[0].plugins[0].tga",
-            "no plugin is named `tga` (registered: acl, auth, basic-auth, body-limit, compression, cors, count, forward-auth, headers, ip-filter, jwt, key-auth, rate-limit, request-id, retry, tag, timeout)",
+            "no plugin is named `tga` (registered: acl, auth, basic-auth, body-limit, circuit-breaker, compression, concurrency-limit, cors, count, forward-auth, headers, ip-filter, jwt, key-auth, rate-limit, request-id, retry, tag, timeout)",
         ),
         (
             "a plugin's section with a mistake",

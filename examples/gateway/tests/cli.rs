@@ -159,6 +159,36 @@ async fn quick_start_proxy_forwards_and_stops_on_sigterm() {
     sigterm_and_wait(child).await;
 }
 
+/// With one of two `--upstream`s refusing connections, no client sees a 502: what could not
+/// be sent goes to the other endpoint.
+#[tokio::test]
+async fn a_refusing_endpoint_costs_no_502_with_the_default_flags() {
+    let up = TestUpstream::echo().await;
+    let dead = format!("http://{}", gateway_core::test_util::refused_addr().await);
+    let (child, addr) = start(&[
+        "--listen",
+        "127.0.0.1:0",
+        "--upstream",
+        &dead,
+        "--upstream",
+        &up.url(),
+        "--threads",
+        "1",
+    ])
+    .await;
+    for n in 0..20 {
+        let res = get(addr, &format!("/orders/{n}")).await;
+        assert_eq!(
+            raw::statuses(&res),
+            [200],
+            "{}",
+            String::from_utf8_lossy(&res)
+        );
+    }
+    assert_eq!(up.requests().len(), 20);
+    sigterm_and_wait(child).await;
+}
+
 #[tokio::test]
 async fn demo_mode_serves_its_curl_lines() {
     let (child, addr) = start(&["--listen", "127.0.0.1:0"]).await;

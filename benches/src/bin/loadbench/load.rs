@@ -7,7 +7,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::Request;
+use http::{HeaderValue, Request};
 use http_body_util::{BodyExt, Empty};
 use hyper::client::conn::http1;
 use hyper_util::rt::TokioIo;
@@ -25,7 +25,13 @@ pub(crate) struct Wrk {
 }
 
 /// Runs `wrk` (pinned to `core` when given) with `connections` for `secs` against `url`.
-pub(crate) fn wrk(core: Option<&str>, connections: u32, secs: u64, url: &str) -> io::Result<Wrk> {
+pub(crate) fn wrk(
+    core: Option<&str>,
+    connections: u32,
+    secs: u64,
+    url: &str,
+    auth: Option<&HeaderValue>,
+) -> io::Result<Wrk> {
     let mut cmd = match core {
         Some(core) => {
             let mut c = Command::new("taskset");
@@ -34,6 +40,9 @@ pub(crate) fn wrk(core: Option<&str>, connections: u32, secs: u64, url: &str) ->
         }
         None => Command::new("wrk"),
     };
+    if let Some(auth) = auth.and_then(|a| a.to_str().ok()) {
+        cmd.arg("-H").arg(format!("authorization: {auth}"));
+    }
     let out = cmd
         .args([
             "-t1",
@@ -106,12 +115,14 @@ pub(crate) async fn fixed_rate(
     rate: u32,
     secs: u64,
     connections: u32,
+    auth: Option<HeaderValue>,
 ) -> io::Result<Latency> {
     let period = Duration::from_secs(1) / rate;
     let start = Instant::now() + Duration::from_millis(100);
     let end = start + Duration::from_secs(secs);
     let mut tasks = JoinSet::new();
     for i in 0..connections {
+        let auth = auth.clone();
         tasks.spawn(async move {
             let mut send = connect(addr).await?;
             let (mut samples, mut errors) = (Vec::new(), 0_u64);
@@ -119,7 +130,7 @@ pub(crate) async fn fixed_rate(
             while at < end {
                 sleep_until(at).await;
                 let sent = Instant::now();
-                match get(&mut send, addr, path).await {
+                match get(&mut send, addr, path, auth.as_ref()).await {
                     Ok(()) => samples.push(sent.elapsed()),
                     Err(_) => errors += 1,
                 }
@@ -159,12 +170,21 @@ async fn connect(addr: SocketAddr) -> io::Result<Sender> {
     Ok(send)
 }
 
-async fn get(send: &mut Sender, addr: SocketAddr, path: &str) -> io::Result<()> {
+async fn get(
+    send: &mut Sender,
+    addr: SocketAddr,
+    path: &str,
+    auth: Option<&HeaderValue>,
+) -> io::Result<()> {
     send.ready().await.map_err(io::Error::other)?;
-    let req = Request::get(path)
+    let mut req = Request::get(path)
         .header(http::header::HOST, addr.to_string())
         .body(Empty::new())
         .map_err(io::Error::other)?;
+    if let Some(auth) = auth {
+        req.headers_mut()
+            .insert(http::header::AUTHORIZATION, auth.clone());
+    }
     let res = send.send_request(req).await.map_err(io::Error::other)?;
     let ok = res.status().is_success();
     res.into_body().collect().await.map_err(io::Error::other)?;
@@ -176,25 +196,34 @@ async fn get(send: &mut Sender, addr: SocketAddr, path: &str) -> io::Result<()> 
 }
 
 /// Sends `n` requests one after another over one connection (a warm-up).
-pub(crate) async fn sequential(addr: SocketAddr, n: u32) -> io::Result<()> {
+pub(crate) async fn sequential(
+    addr: SocketAddr,
+    n: u32,
+    auth: Option<&HeaderValue>,
+) -> io::Result<()> {
     let mut send = connect(addr).await?;
     for _ in 0..n {
-        get(&mut send, addr, "/").await?;
+        get(&mut send, addr, "/", auth).await?;
     }
     Ok(())
 }
 
 /// Opens `n` keep-alive connections, each after one request, and keeps them open until
 /// the returned value is dropped.
-pub(crate) async fn idle_connections(addr: SocketAddr, n: usize) -> io::Result<Vec<Sender>> {
+pub(crate) async fn idle_connections(
+    addr: SocketAddr,
+    n: usize,
+    auth: Option<HeaderValue>,
+) -> io::Result<Vec<Sender>> {
     let mut open = Vec::with_capacity(n);
     let batch = 250;
     while open.len() < n {
         let mut tasks = JoinSet::new();
         for _ in 0..batch.min(n - open.len()) {
+            let auth = auth.clone();
             tasks.spawn(async move {
                 let mut send = connect(addr).await?;
-                get(&mut send, addr, "/").await?;
+                get(&mut send, addr, "/", auth.as_ref()).await?;
                 io::Result::Ok(send)
             });
         }

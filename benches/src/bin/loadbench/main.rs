@@ -49,7 +49,9 @@ OPTIONS:
                        --baseline),hyper,nginx,haproxy]; `hand` is the route of
                        benches/ab-config.yaml built in code (hand-gateway);
                        `observed` is the gateway with metrics, a JSON access log,
-                       trace context and request spans on (`gateway` has them off)
+                       trace context and request spans on (`gateway` has them off);
+                       `full` adds JWT (ES256), a rate limit, retries and a circuit
+                       breaker on the route, every request with a bearer token
     --config FILE      the gateway (and baseline) serve FILE, with LOADBENCH_ORIGIN set
                        to the origin's URL, instead of proxying by flags
     --json PATH        where to write the results [default: target/loadbench.json]
@@ -216,7 +218,7 @@ async fn run(opts: &Opts) -> io::Result<()> {
             .push(value);
     };
     for round in 0..opts.rounds {
-        let direct = load::fixed_rate(origin, "/", opts.rate, opts.secs, 16).await?;
+        let direct = load::fixed_rate(origin, "/", opts.rate, opts.secs, 16, None).await?;
         let mut order: Vec<&Target> = running.iter().collect();
         let n = order.len();
         order.rotate_left(round % n);
@@ -232,10 +234,11 @@ async fn run(opts: &Opts) -> io::Result<()> {
             let mut errors = 0;
 
             let (cpu0, (conns0, reqs0)) = (target.cpu()?, counts.read());
-            let c32 = load::wrk(load_core, 32, opts.secs, &url)?;
-            let c64 = load::wrk(load_core, 64, opts.secs, &url)?;
+            let auth = target.auth.as_ref();
+            let c32 = load::wrk(load_core, 32, opts.secs, &url, auth)?;
+            let c64 = load::wrk(load_core, 64, opts.secs, &url, auth)?;
             let (cpu1, (conns1, reqs1)) = (target.cpu()?, counts.read());
-            let large = load::wrk(load_core, 32, opts.secs, &url_64k)?;
+            let large = load::wrk(load_core, 32, opts.secs, &url_64k, auth)?;
             let cpu2 = target.cpu()?;
             errors += c32.errors + c64.errors + large.errors;
             record("rps_c32", target.kind, c32.rps);
@@ -256,7 +259,15 @@ async fn run(opts: &Opts) -> io::Result<()> {
                 1.0 - (conns1 - conns0) as f64 / (reqs1 - reqs0).max(1) as f64,
             );
 
-            let lat = load::fixed_rate(target.addr, "/", opts.rate, opts.secs, 16).await?;
+            let lat = load::fixed_rate(
+                target.addr,
+                "/",
+                opts.rate,
+                opts.secs,
+                16,
+                target.auth.clone(),
+            )
+            .await?;
             errors += lat.errors;
             record(
                 "added_p50_us",
@@ -286,10 +297,10 @@ async fn run(opts: &Opts) -> io::Result<()> {
     };
     for &kind in memory_targets {
         let target = setup.start(kind)?;
-        load::sequential(target.addr, 1000).await?;
+        load::sequential(target.addr, 1000, target.auth.as_ref()).await?;
         tokio::time::sleep(Duration::from_millis(500)).await;
         let base = target.rss_kib()?;
-        let idle = load::idle_connections(target.addr, opts.idle).await?;
+        let idle = load::idle_connections(target.addr, opts.idle, target.auth.clone()).await?;
         tokio::time::sleep(Duration::from_secs(1)).await;
         let held = target.rss_kib()?;
         drop(idle);

@@ -8,6 +8,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
+use http::HeaderValue;
+
 /// Clock ticks per second of `/proc/<pid>/stat` times (`USER_HZ`, 100 on Linux).
 const TICKS_PER_SEC: u64 = 100;
 
@@ -28,12 +30,18 @@ pub(crate) enum Kind {
     /// access log (to `/dev/null`: formatted, queued and written), trace context, and
     /// request spans under an `info` log filter; against `Gateway`, which has them off.
     Observed,
+    /// The gateway with the whole policy stack on the route: JWT (ES256, verified keys
+    /// cached), a rate limit (never reached), retries, a circuit breaker, and the observing
+    /// of `Observed`; every request carries a bearer token.
+    Full,
 }
 
 /// A running proxy.
 pub(crate) struct Target {
     pub(crate) kind: Kind,
     pub(crate) addr: SocketAddr,
+    /// The `Authorization` every request to it carries, if it wants one.
+    pub(crate) auth: Option<HeaderValue>,
     child: Child,
 }
 
@@ -64,9 +72,10 @@ impl Kind {
     ];
 
     /// Every target, in the order of the table's columns.
-    pub(crate) const KNOWN: [Self; 7] = [
+    pub(crate) const KNOWN: [Self; 8] = [
         Self::Gateway,
         Self::Observed,
+        Self::Full,
         Self::Baseline,
         Self::Hand,
         Self::Hyper,
@@ -83,6 +92,7 @@ impl Kind {
             Self::Haproxy => "haproxy",
             Self::Hand => "hand",
             Self::Observed => "observed",
+            Self::Full => "full",
         }
     }
 }
@@ -110,6 +120,7 @@ impl Setup {
             Kind::Hyper => self.start_hyper()?,
             Kind::Nginx => self.start_nginx()?,
             Kind::Haproxy => self.start_haproxy()?,
+            Kind::Full => self.start_full()?,
             Kind::Hand => {
                 let mut cmd = self.command(&self.hand);
                 cmd.args(["--listen", "127.0.0.1:0", "--upstream"])
@@ -143,6 +154,56 @@ impl Setup {
             }
         }
         spawn_listening(cmd, program, kind)
+    }
+
+    /// The gateway serving a config whose one route has the whole policy stack, and the
+    /// bearer token its requests carry.
+    fn start_full(&self) -> io::Result<Target> {
+        const KEYS: &str = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../gateway-proxy/tests/support/keys/"
+        );
+        let config = format!(
+            "listen: 127.0.0.1:0
+admin: {{ listen: 127.0.0.1:0 }}
+access_log: {{ to: /dev/null }}
+upstreams:
+  origin: {{ endpoints: ['http://{origin}'], outlier_detection: off }}
+routes:
+  - id: api
+    match: {{ path: / }}
+    upstream: origin
+    plugins:
+      - jwt: {{ public_key_file: {KEYS}ec.pub.pem, algorithm: ES256 }}
+      - rate-limit: {{ limits: [{{ requests: 1000000, per: 1s }}] }}
+      - retry: {{ tries: 3 }}
+      - circuit-breaker: {{ failure_rate: 0.5, min_calls: 20 }}
+",
+            origin = self.origin,
+        );
+        let path = self.dir.join("full.yaml");
+        std::fs::write(&path, config)?;
+        let pem = std::fs::read(format!("{KEYS}ec.pem"))?;
+        let key = jsonwebtoken::EncodingKey::from_ec_pem(&pem).map_err(io::Error::other)?;
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_err(io::Error::other)?
+            .as_secs();
+        let claims = serde_json::json!({ "sub": "loadbench", "iat": now, "exp": now + 86_400 });
+        let token = jsonwebtoken::encode(
+            &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::ES256),
+            &claims,
+            &key,
+        )
+        .map_err(io::Error::other)?;
+        let mut cmd = self.command(&self.gateway);
+        cmd.args(["--threads", "1", "--config"])
+            .arg(&path)
+            .env("RUST_LOG", "info");
+        let mut target = spawn_listening(cmd, &self.gateway, Kind::Full)?;
+        target.auth =
+            Some(HeaderValue::try_from(format!("Bearer {token}")).map_err(io::Error::other)?);
+        Ok(target)
     }
 
     fn start_hyper(&self) -> io::Result<Target> {
@@ -203,6 +264,7 @@ http {{
         Ok(Target {
             kind: Kind::Nginx,
             addr,
+            auth: None,
             child,
         })
     }
@@ -244,6 +306,7 @@ backend be
         Ok(Target {
             kind: Kind::Haproxy,
             addr,
+            auth: None,
             child,
         })
     }
@@ -268,7 +331,12 @@ fn spawn_listening(mut cmd: Command, program: &Path, kind: Kind) -> io::Result<T
         .split_once("listening on http://")
         .and_then(|(_, a)| a.parse().ok())
         .ok_or_else(|| io::Error::other(format!("unexpected output {line:?}")))?;
-    Ok(Target { kind, addr, child })
+    Ok(Target {
+        kind,
+        addr,
+        auth: None,
+        child,
+    })
 }
 
 impl Target {

@@ -83,20 +83,26 @@ pub fn error(err: &BoxError) -> Class {
 pub fn is_reset(err: &(dyn std::error::Error + 'static)) -> bool {
     let mut next = Some(err);
     while let Some(err) = next {
-        if let Some(io) = err.downcast_ref::<std::io::Error>()
-            && matches!(
-                io.kind(),
-                std::io::ErrorKind::ConnectionReset
-                    | std::io::ErrorKind::ConnectionAborted
-                    | std::io::ErrorKind::BrokenPipe
-                    | std::io::ErrorKind::UnexpectedEof
-            )
+        if err
+            .downcast_ref::<std::io::Error>()
+            .is_some_and(|io| is_reset_kind(io.kind()))
         {
             return true;
         }
         next = err.source();
     }
     false
+}
+
+/// Whether an I/O error of `kind` means the peer closed or reset the connection.
+pub const fn is_reset_kind(kind: std::io::ErrorKind) -> bool {
+    matches!(
+        kind,
+        std::io::ErrorKind::ConnectionReset
+            | std::io::ErrorKind::ConnectionAborted
+            | std::io::ErrorKind::BrokenPipe
+            | std::io::ErrorKind::UnexpectedEof
+    )
 }
 
 /// Classifies the result of a call to the upstream path.

@@ -294,7 +294,10 @@ impl State {
                 {
                     // NOTE: the generation first: a caller that takes one of the probes
                     // stored next sees it.
-                    let generation = self.generation.fetch_add(1, Ordering::AcqRel) + 1;
+                    let generation = self
+                        .generation
+                        .fetch_add(1, Ordering::AcqRel)
+                        .wrapping_add(1);
                     self.probes_passed.store(0, Ordering::Release);
                     self.probes_left
                         .store(self.breaker.probes - 1, Ordering::Release);
@@ -396,16 +399,7 @@ impl State {
 
     /// Opens the breaker, if it is still in the phase of `generation`.
     fn open(&self, generation: u32, now: Instant) {
-        if self
-            .generation
-            .compare_exchange(
-                generation,
-                generation + 1,
-                Ordering::AcqRel,
-                Ordering::Acquire,
-            )
-            .is_err()
-        {
+        if !self.advance(generation) {
             return;
         }
         let openings = self.openings.fetch_add(1, Ordering::AcqRel);
@@ -421,16 +415,7 @@ impl State {
 
     /// Closes the breaker, if it is still in the phase of `generation`.
     fn close(&self, generation: u32) {
-        if self
-            .generation
-            .compare_exchange(
-                generation,
-                generation + 1,
-                Ordering::AcqRel,
-                Ordering::Acquire,
-            )
-            .is_err()
-        {
+        if !self.advance(generation) {
             return;
         }
         self.openings.store(0, Ordering::Release);
@@ -441,6 +426,18 @@ impl State {
             .clear();
         self.phase.store(CLOSED, Ordering::Release);
         self.report.changed(Phase::Closed);
+    }
+
+    /// Moves the breaker past `generation`; `false` when another change got there first.
+    fn advance(&self, generation: u32) -> bool {
+        self.generation
+            .compare_exchange(
+                generation,
+                generation.wrapping_add(1),
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            )
+            .is_ok()
     }
 
     fn nanos(&self, now: Instant) -> u64 {

@@ -459,13 +459,7 @@ impl Parts {
     fn fail(self: Box<Self>, broken: Broken) -> Failed {
         let closed = match &broken {
             Broken::Closed => true,
-            Broken::Io(err) => matches!(
-                err.kind(),
-                io::ErrorKind::ConnectionReset
-                    | io::ErrorKind::ConnectionAborted
-                    | io::ErrorKind::BrokenPipe
-                    | io::ErrorKind::UnexpectedEof
-            ),
+            Broken::Io(err) => gateway_core::classify::is_reset_kind(err.kind()),
             _ => false,
         };
         let replay = if closed && self.reused && self.replayable && !self.answered {

@@ -1,4 +1,4 @@
-//! The response future and body of [`RateLimit`](super::RateLimit).
+//! The response future of [`RateLimit`](super::RateLimit).
 
 use std::fmt;
 use std::future::Future;
@@ -9,13 +9,11 @@ use std::task::{Context, Poll, ready};
 use bytes::Bytes;
 use gateway_core::{Body, BoxError, Error, ErrorKind};
 use http::{Request, Response, request};
-use http_body::{Frame, SizeHint};
 use pin_project_lite::pin_project;
 
 use tower::Service;
 
 use super::layer::{Concluded, Decision, Shared};
-use super::store::Permit;
 
 /// What a response that was let through gets on its way out: the limits' headers, and the
 /// request's place in the concurrency limits, held until its body ends.
@@ -54,15 +52,6 @@ pin_project! {
     }
 }
 
-pin_project! {
-    /// A response body that holds its request's concurrency permits until it is done.
-    struct Holding<B> {
-        #[pin]
-        inner: B,
-        permits: Vec<Permit>,
-    }
-}
-
 // === impl After ===
 
 impl After {
@@ -80,13 +69,11 @@ impl After {
         } = self.decision;
         let (mut parts, body) = res.into_parts();
         self.shared.policies().write(&readings, &mut parts.headers);
+        // The request keeps its places in the concurrency limits until its body ends.
         let body = if permits.is_empty() {
             Body::new(body)
         } else {
-            Body::new(Holding {
-                inner: body,
-                permits,
-            })
+            Body::new(body).with_guard(permits)
         };
         Response::from_parts(parts, body)
     }
@@ -180,36 +167,5 @@ where
 impl<S: Service<Request<B>>, B> fmt::Debug for ResponseFuture<S, B> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("ResponseFuture").finish_non_exhaustive()
-    }
-}
-
-// === impl Holding ===
-
-impl<B> http_body::Body for Holding<B>
-where
-    B: http_body::Body,
-{
-    type Data = B::Data;
-    type Error = B::Error;
-
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
-        let this = self.project();
-        let frame = ready!(this.inner.poll_frame(cx));
-        if frame.is_none() {
-            // The body is done: the request no longer counts, even if the body lingers.
-            this.permits.clear();
-        }
-        Poll::Ready(frame)
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
     }
 }

@@ -126,6 +126,16 @@ impl Breaker {
         Self::base().and_failure_rate(rate)
     }
 
+    /// Opens on latency alone: when at least `rate` of the window's calls took `threshold`
+    /// or longer (see [`Breaker::slow_calls`]).
+    ///
+    /// # Panics
+    ///
+    /// When `rate` is not above 0 and at most 1.
+    pub fn on_slow_calls(threshold: Duration, rate: f64) -> Self {
+        Self::base().slow_calls(threshold, rate)
+    }
+
     /// Also opens on a failure rate (see [`Breaker::failure_rate`]).
     ///
     /// # Panics
@@ -267,18 +277,23 @@ impl State {
 
     /// Whether a call may go through now.
     pub(super) fn admit(&self) -> Admit {
-        let now = Instant::now();
         let generation = self.generation.load(Ordering::Acquire);
-        let permit = |probe| {
-            Admit::Call(Permit {
+        let phase = self.phase.load(Ordering::Acquire);
+        if phase == CLOSED {
+            // The clock is read only for what needs it: here, timing slow calls.
+            let started = match self.breaker.slow {
+                Some(_) => Instant::now(),
+                None => self.epoch,
+            };
+            return Admit::Call(Permit {
                 generation,
-                probe,
-                started: now,
+                probe: false,
+                started,
                 done: false,
-            })
-        };
-        match self.phase.load(Ordering::Acquire) {
-            CLOSED => permit(false),
+            });
+        }
+        let now = Instant::now();
+        match phase {
             OPEN => {
                 let until = self.open_until.load(Ordering::Acquire);
                 let at = self.nanos(now);
@@ -348,17 +363,22 @@ impl State {
             // Admitted before the breaker changed phase: it says nothing of the new one.
             return;
         }
-        let now = Instant::now();
-        let slow = self.breaker.slow.is_some_and(|(threshold, _)| {
-            now.saturating_duration_since(permit.started) >= threshold
-        });
+        // The clock is read only when the windows (slow calls among them) need it.
+        let windowed = self.breaker.failure_rate.is_some() || self.breaker.slow.is_some();
+        let now = windowed.then(Instant::now);
+        let slow = match (self.breaker.slow, now) {
+            (Some((threshold, _)), Some(now)) => {
+                now.saturating_duration_since(permit.started) >= threshold
+            }
+            _ => false,
+        };
         if permit.probe {
             match class {
                 // The client went away: the probe decided nothing; another may.
                 Class::Client => {
                     self.probes_left.fetch_add(1, Ordering::AcqRel);
                 }
-                class if class.is_failure() || slow => self.open(permit.generation, now),
+                class if class.is_failure() || slow => self.open(permit.generation),
                 _ => {
                     let passed = self.probes_passed.fetch_add(1, Ordering::AcqRel) + 1;
                     if passed >= self.breaker.probes {
@@ -376,14 +396,16 @@ impl State {
             if failed {
                 let run = self.consecutive.fetch_add(1, Ordering::AcqRel) + 1;
                 if run >= limit {
-                    self.open(permit.generation, now);
+                    self.open(permit.generation);
                     return;
                 }
-            } else {
+            } else if self.consecutive.load(Ordering::Relaxed) != 0 {
+                // NOTE: read first: a store on every success would bounce the cache line
+                // between cores for nothing.
                 self.consecutive.store(0, Ordering::Release);
             }
         }
-        if self.breaker.failure_rate.is_some() || self.breaker.slow.is_some() {
+        if let Some(now) = now {
             let stats = {
                 let mut window = self.window.lock().unwrap_or_else(PoisonError::into_inner);
                 window.push(
@@ -392,16 +414,17 @@ impl State {
                 )
             };
             if self.breaker.trips_on(stats) {
-                self.open(permit.generation, now);
+                self.open(permit.generation);
             }
         }
     }
 
     /// Opens the breaker, if it is still in the phase of `generation`.
-    fn open(&self, generation: u32, now: Instant) {
+    fn open(&self, generation: u32) {
         if !self.advance(generation) {
             return;
         }
+        let now = Instant::now();
         let openings = self.openings.fetch_add(1, Ordering::AcqRel);
         let open_time = self.breaker.open_time(openings);
         let until = self

@@ -323,29 +323,24 @@ impl Report {
             openings,
             "circuit breaker opened: calls are refused until it probes again"
         );
-        if let Some(c) = &self.counters {
-            c.state.set(1);
-            c.to_open.inc();
-        }
+        self.count(Phase::Open);
     }
 
+    /// Half-open or closed again (its opening is [`opened`](Self::opened)).
     pub(super) fn changed(&self, phase: Phase) {
         tracing::info!(breaker = %self.name, phase = phase.as_str(), "circuit breaker changed phase");
+        self.count(phase);
+    }
+
+    fn count(&self, phase: Phase) {
         if let Some(c) = &self.counters {
-            match phase {
-                Phase::HalfOpen => {
-                    c.state.set(2);
-                    c.to_half_open.inc();
-                }
-                Phase::Closed => {
-                    c.state.set(0);
-                    c.to_closed.inc();
-                }
-                Phase::Open => {
-                    c.state.set(1);
-                    c.to_open.inc();
-                }
-            }
+            let (state, to) = match phase {
+                Phase::Closed => (0, &c.to_closed),
+                Phase::Open => (1, &c.to_open),
+                Phase::HalfOpen => (2, &c.to_half_open),
+            };
+            c.state.set(state);
+            to.inc();
         }
     }
 

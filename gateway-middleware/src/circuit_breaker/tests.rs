@@ -271,9 +271,7 @@ async fn slow_calls_alone_open_it() {
     up.delay = Duration::from_millis(300);
     let layer = CircuitBreakerLayer::new(
         "api",
-        Breaker::consecutive(100)
-            .slow_calls(Duration::from_millis(200), 0.5)
-            .min_calls(4),
+        Breaker::on_slow_calls(Duration::from_millis(200), 0.5).min_calls(4),
     );
     let service = layer.layer(up.clone());
     for _ in 0..4 {

@@ -169,22 +169,26 @@ impl CircuitBreakerConfig {
                 Err(format!("{what}: a rate is above 0 and at most 1, not {rate}").into())
             }
         };
-        let mut breaker = match (self.consecutive_failures, self.failure_rate) {
-            (Some(0), _) => return Err("`consecutive_failures` must be more than 0".into()),
-            (Some(n), None) => Breaker::consecutive(n),
-            (Some(n), Some(r)) => {
+        let slow = match &self.slow_calls {
+            Some(slow) => Some((slow.duration.0, rate("slow_calls.rate", slow.rate)?)),
+            None => None,
+        };
+        let mut breaker = match (self.consecutive_failures, self.failure_rate, slow) {
+            (Some(0), ..) => return Err("`consecutive_failures` must be more than 0".into()),
+            (Some(n), None, _) => Breaker::consecutive(n),
+            (Some(n), Some(r), _) => {
                 Breaker::failure_rate(rate("failure_rate", r)?).and_consecutive(n)
             }
-            (None, Some(r)) => Breaker::failure_rate(rate("failure_rate", r)?),
-            (None, None) if self.slow_calls.is_some() => Breaker::consecutive(u32::MAX),
-            (None, None) => {
+            (None, Some(r), _) => Breaker::failure_rate(rate("failure_rate", r)?),
+            (None, None, Some((threshold, r))) => Breaker::on_slow_calls(threshold, r),
+            (None, None, None) => {
                 return Err(
                     "a breaker needs `consecutive_failures`, `failure_rate` or `slow_calls`".into(),
                 );
             }
         };
-        if let Some(slow) = &self.slow_calls {
-            breaker = breaker.slow_calls(slow.duration.0, rate("slow_calls.rate", slow.rate)?);
+        if let Some((threshold, r)) = slow {
+            breaker = breaker.slow_calls(threshold, r);
         }
         if let Some(window) = &self.window {
             breaker = breaker.window(match (window.calls, window.time) {

@@ -123,12 +123,8 @@ fn lend(upstreams: &BTreeMap<String, (UpstreamConfig, Built)>) -> Upstreams {
         .map(|(name, (_, built))| (name.clone(), built.clone()))
         .collect();
     std::sync::Arc::new(move |name: &str| {
-        let built = built.get(name)?;
-        let mut proxy = ReverseProxy::builder(built.upstream.clone());
-        if let Some(client) = &built.client {
-            proxy = proxy.client(client.clone());
-        }
-        proxy.build().ok().map(RouteService::new)
+        let proxy = built.get(name)?.proxy().build().ok()?;
+        Some(RouteService::new(proxy))
     })
 }
 
@@ -217,6 +213,17 @@ pub(super) fn build_from(
 struct Built {
     upstream: Upstream,
     client: Option<HttpClient>,
+}
+
+impl Built {
+    /// A proxy to the upstream, with its client when it has one of its own.
+    fn proxy(&self) -> crate::proxy::ReverseProxyBuilder {
+        let proxy = ReverseProxy::builder(self.upstream.clone());
+        match &self.client {
+            Some(client) => proxy.client(client.clone()),
+            None => proxy,
+        }
+    }
 }
 
 fn upstream(config: &UpstreamConfig) -> Result<Built, String> {
@@ -561,10 +568,7 @@ struct Mistake {
 
 /// The proxy of a route to its upstream; the failing key and why.
 fn proxy(config: &RouteConfig, built: &Built) -> Result<ReverseProxy, Wrong> {
-    let mut proxy = ReverseProxy::builder(built.upstream.clone());
-    if let Some(client) = &built.client {
-        proxy = proxy.client(client.clone());
-    }
+    let mut proxy = built.proxy();
     match (&config.strip_prefix, &config.replace_prefix) {
         (Some(_), Some(_)) => {
             return Err((

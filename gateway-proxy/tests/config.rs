@@ -816,6 +816,58 @@ routes:
     assert_eq!(failing.requests().len(), 2);
 }
 
+/// A breaker kept across a reload is not kept with its old fallback: when the fallback's
+/// upstream changes, refused requests go to the new one.
+#[tokio::test]
+async fn a_breakers_fallback_follows_its_upstream_across_a_reload() {
+    let failing = TestUpstream::serve(|_| async {
+        Ok(http::Response::builder()
+            .status(500)
+            .body(gateway_core::Body::empty())
+            .expect("a response"))
+    })
+    .await;
+    let named = |name: &'static str| {
+        TestUpstream::serve(move |_| async move {
+            Ok(http::Response::new(gateway_core::Body::from(name)))
+        })
+    };
+    let (old, new) = (named("old spare").await, named("new spare").await);
+    let config = |spare: &TestUpstream| {
+        format!(
+            "
+listen: 127.0.0.1:0
+upstreams:
+  app: {{ endpoints: ['{up}'] }}
+  spare: {{ endpoints: ['{spare}'] }}
+routes:
+  - id: api
+    match: {{ path: /api }}
+    upstream: app
+    plugins:
+      - circuit-breaker: {{ consecutive_failures: 1, open_for: 1m, fallback: {{ upstream: spare }} }}
+",
+            up = failing.url(),
+            spare = spare.url()
+        )
+    };
+    let file = File::new("breaker-fallback.yaml", &config(&old));
+    let (gw, live) = start_live(&file).await;
+    assert_eq!(status(&raw(gw.addr, &support::get("/api", "")).await), 500);
+    assert_eq!(
+        support::body_of(&raw(gw.addr, &support::get("/api", "")).await),
+        "old spare"
+    );
+    file.write(&config(&new));
+    applied(&live, 1).await;
+    assert_eq!(
+        support::body_of(&raw(gw.addr, &support::get("/api", "")).await),
+        "new spare",
+        "the fallback is the upstream as configured now"
+    );
+    assert_eq!(old.requests().len(), 1);
+}
+
 /// `ip-filter` from the file judges the resolved client address: a forged
 /// `X-Forwarded-For` from an untrusted peer does not get it in.
 #[tokio::test]

@@ -79,8 +79,8 @@ pub(super) fn register(registry: &mut Registry) {
     registry.register("circuit-breaker", CircuitBreakerFactory::default());
 }
 
-/// Builds breakers; those with a name are kept (weakly) so that routes naming the same
-/// breaker with the same settings share it.
+/// Builds breakers, kept (weakly) by name so that routes naming the same breaker with the
+/// same settings share it, and a route's own breaker outlives a remade layer.
 #[derive(Default)]
 struct CircuitBreakerFactory {
     shared: Mutex<HashMap<String, (Breaker, WeakBreaker)>>,
@@ -102,22 +102,21 @@ impl PluginFactory for CircuitBreakerFactory {
             }
             layer
         };
-        let mut layer = match &config.name {
-            None => make(),
-            Some(name) => {
-                let mut shared = self.shared.lock().unwrap_or_else(PoisonError::into_inner);
-                shared.retain(|_, (_, weak)| weak.is_alive());
-                match shared.get(name).and_then(|(settings, weak)| {
-                    (*settings == breaker).then(|| weak.upgrade()).flatten()
-                }) {
-                    Some(layer) => layer,
-                    // New, or with other settings (a reload changed them): a fresh breaker;
-                    // routes still holding the old one keep it until they are dropped.
-                    None => {
-                        let layer = make();
-                        shared.insert(name.clone(), (breaker.clone(), layer.downgrade()));
-                        layer
-                    }
+        // NOTE: every breaker is kept by its name (the route's id by default), so that a
+        // layer made again (its fallback's upstream changed) keeps the breaker's state.
+        let mut layer = {
+            let mut shared = self.shared.lock().unwrap_or_else(PoisonError::into_inner);
+            shared.retain(|_, (_, weak)| weak.is_alive());
+            match shared.get(&name).and_then(|(settings, weak)| {
+                (*settings == breaker).then(|| weak.upgrade()).flatten()
+            }) {
+                Some(layer) => layer,
+                // New, or with other settings (a reload changed them): a fresh breaker;
+                // routes still holding the old one keep it until they are dropped.
+                None => {
+                    let layer = make();
+                    shared.insert(name.clone(), (breaker.clone(), layer.downgrade()));
+                    layer
                 }
             }
         };

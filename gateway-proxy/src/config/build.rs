@@ -4,6 +4,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use gateway_core::client_ip::TrustedProxies;
@@ -104,15 +105,25 @@ pub fn build(file: &str, config: &Config) -> Result<Gateway, ConfigError> {
 #[derive(Default)]
 pub(super) struct Parts {
     upstreams: BTreeMap<String, (UpstreamConfig, Built)>,
-    layers: HashMap<(String, usize), (Section, RouteLayer)>,
+    layers: HashMap<(String, usize), Kept>,
+}
+
+/// A plugin layer a build made, with what it was made of.
+struct Kept {
+    section: Section,
+    layer: RouteLayer,
+    /// The upstreams the layer was lent (a breaker's fallback), as they were configured:
+    /// when one changes, the layer is made again, not kept with the old one.
+    lent: Vec<(String, UpstreamConfig)>,
 }
 
 /// Where a build's plugin layers come from and go.
 struct Layers<'a> {
-    previous: &'a HashMap<(String, usize), (Section, RouteLayer)>,
-    next: HashMap<(String, usize), (Section, RouteLayer)>,
+    previous: &'a HashMap<(String, usize), Kept>,
+    next: HashMap<(String, usize), Kept>,
     /// The config's upstreams, for layers that send requests elsewhere.
     upstreams: Upstreams,
+    configs: &'a BTreeMap<String, (UpstreamConfig, Built)>,
 }
 
 /// The upstreams of a config as services for its layers (a breaker's fallback): a proxy
@@ -122,7 +133,7 @@ fn lend(upstreams: &BTreeMap<String, (UpstreamConfig, Built)>) -> Upstreams {
         .iter()
         .map(|(name, (_, built))| (name.clone(), built.clone()))
         .collect();
-    std::sync::Arc::new(move |name: &str| {
+    Arc::new(move |name: &str| {
         let proxy = built.get(name)?.proxy().build().ok()?;
         Some(RouteService::new(proxy))
     })
@@ -165,6 +176,7 @@ pub(super) fn build_from(
         previous: &previous.layers,
         next: HashMap::new(),
         upstreams: lend(&upstreams),
+        configs: &upstreams,
     };
     let mut router = Router::new();
     for (index, route) in config.routes.iter().enumerate() {
@@ -183,10 +195,8 @@ pub(super) fn build_from(
     if let Some(admin) = &config.admin {
         check_admin(admin).map_err(|(key, message)| err(&format!("admin.{key}"), message))?;
     }
-    let parts = Parts {
-        upstreams,
-        layers: layers.next,
-    };
+    let layers = layers.next;
+    let parts = Parts { upstreams, layers };
     let inventory = Inventory::new();
     let (routes, upstreams) = inventory_of(config, &parts);
     inventory.set_routes(routes);
@@ -523,17 +533,50 @@ where
         for (index, plugin) in config.plugins.iter().enumerate().rev() {
             let section = &plugin.value.section;
             let key = (id.to_owned(), index);
-            let layer = match layers.previous.get(&key) {
-                // The same plugin with the same config in the same place: its layer, and
-                // the state it holds, carry over.
-                Some((old, layer)) if old.same_as(section) => layer.clone(),
-                _ => section
-                    .layer_with(&RouteId::new(id), Some(layers.upstreams.clone()))
-                    .map_err(|e| Mistake {
-                        key: format!("plugins[{index}].{}", section.name()),
-                        at: plugin.location(),
-                        message: chain(&*e),
-                    })?,
+            let configs = layers.configs;
+            let (layer, lent) = match layers.previous.get(&key) {
+                // The same plugin with the same config in the same place, lent the same
+                // upstreams: its layer, and the state it holds, carry over.
+                Some(old)
+                    if old.section.same_as(section)
+                        && old.lent.iter().all(|(name, config)| {
+                            configs.get(name).is_some_and(|(now, _)| now == config)
+                        }) =>
+                {
+                    (old.layer.clone(), old.lent.clone())
+                }
+                _ => {
+                    // The upstreams the factory asks for are noted, to know when to
+                    // make the layer again.
+                    let asked = Arc::new(Mutex::new(Vec::<String>::new()));
+                    let lend: Upstreams = {
+                        let (asked, upstreams) = (Arc::clone(&asked), layers.upstreams.clone());
+                        Arc::new(move |name: &str| {
+                            asked
+                                .lock()
+                                .unwrap_or_else(PoisonError::into_inner)
+                                .push(name.to_owned());
+                            upstreams(name)
+                        })
+                    };
+                    let layer = section
+                        .layer_with(&RouteId::new(id), Some(lend))
+                        .map_err(|e| Mistake {
+                            key: format!("plugins[{index}].{}", section.name()),
+                            at: plugin.location(),
+                            message: chain(&*e),
+                        })?;
+                    let asked =
+                        std::mem::take(&mut *asked.lock().unwrap_or_else(PoisonError::into_inner));
+                    let lent = asked
+                        .into_iter()
+                        .filter_map(|name| {
+                            let config = configs.get(&name)?.0.clone();
+                            Some((name, config))
+                        })
+                        .collect();
+                    (layer, lent)
+                }
             };
             match in_band {
                 Some(inner) if layer.passes_errors() => tracing::warn!(
@@ -548,7 +591,14 @@ where
                 _ => {}
             }
             stack = tower::Layer::layer(&layer, stack);
-            layers.next.insert(key, (section.clone(), layer));
+            layers.next.insert(
+                key,
+                Kept {
+                    section: section.clone(),
+                    layer,
+                    lent,
+                },
+            );
         }
         router.try_route(route, stack)
     };

@@ -1,6 +1,7 @@
 //! Per-request cost of the resilience layers: a retry layer whose first try succeeds (the
 //! request copied for a retry that does not come, the budget counted), and a circuit
-//! breaker's admission and record, closed (lock-free, and with a rate window) and open.
+//! breaker's admission and record, closed (lock-free, and with a rate window) and open, and
+//! per-endpoint breakers.
 //!
 //! `cargo bench -p gateway-benches --bench resilience`
 
@@ -12,10 +13,13 @@ use std::time::Duration;
 use bytes::Bytes;
 use divan::AllocProfiler;
 use gateway_benches::{ok_service, ready};
-use gateway_core::{Body, ClientIp, RouteId};
-use gateway_middleware::circuit_breaker::{Breaker, CircuitBreakerLayer, Window};
+use gateway_core::{Body, ClientIp, RouteId, TriedEndpoints};
+use gateway_middleware::circuit_breaker::{
+    Breaker, CircuitBreakerLayer, EndpointBreakerLayer, Window,
+};
 use gateway_middleware::retry::{Budget, RetryLayer, RetryPolicy};
 use http::header::{HeaderName, HeaderValue};
+use http::uri::Authority;
 use http::{Request, Response, StatusCode};
 use tower::{Layer, ServiceExt, service_fn};
 
@@ -133,6 +137,32 @@ fn breaker_open_refuses(b: divan::Bencher<'_, '_>) {
     );
     let svc = layer.layer(failing);
     let _ = ready(svc.clone().oneshot(request()));
+    b.with_inputs(request)
+        .bench_local_values(|req| ready(svc.clone().oneshot(req)));
+}
+
+/// Per-endpoint breakers over 8 endpoints, all closed: the 8 admissions, the bar list, and
+/// the record for the endpoint picked (here by a stand-in for the proxy's balancer).
+#[divan::bench]
+fn breaker_per_endpoint_8(b: divan::Bencher<'_, '_>) {
+    let authorities: Vec<Authority> = (0..8)
+        .map(|i| Authority::try_from(format!("10.0.0.{i}:8080")).expect("an authority"))
+        .collect();
+    let next = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let balancer = service_fn(move |req: Request<Body>| {
+        let id = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % 8;
+        if let Some(tried) = req.extensions().get::<TriedEndpoints>() {
+            let authority = authorities.get(usize::try_from(id).unwrap_or(0)).cloned();
+            tried.lock().push(id, authority);
+        }
+        std::future::ready(Ok::<_, std::convert::Infallible>(Response::new(
+            Body::empty(),
+        )))
+    });
+    let svc = EndpointBreakerLayer::new("api", Breaker::consecutive(5)).layer(balancer);
+    for _ in 0..8 {
+        let _ = ready(svc.clone().oneshot(request()));
+    }
     b.with_inputs(request)
         .bench_local_values(|req| ready(svc.clone().oneshot(req)));
 }

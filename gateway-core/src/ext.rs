@@ -107,14 +107,28 @@ pub enum LogValue {
     Bool(bool),
 }
 
-/// The endpoints already tried for one request, shared by every try of it.
+/// The endpoints already tried for one request, shared by every try of it, and the ones
+/// the request must not go to.
 ///
 /// A retry layer inserts one into the request before the first try (the copies of the
 /// request for later tries share it); the proxy's balancer then skips the endpoints it
 /// lists and adds the one it picks. When every endpoint has been tried, the list is
 /// ignored.
+///
+/// A layer that judges endpoints (a per-endpoint circuit breaker) [bars](Tried::bar) some
+/// for the next try: the balancer never picks those, and fails with
+/// [`ErrorKind::CircuitOpen`](crate::ErrorKind::CircuitOpen) when only they are left.
 #[derive(Clone, Debug, Default)]
-pub struct TriedEndpoints(Arc<Mutex<Vec<u64>>>);
+pub struct TriedEndpoints(Arc<Mutex<Tried>>);
+
+/// What a [`TriedEndpoints`] holds; see [`TriedEndpoints::lock`].
+#[derive(Debug, Default)]
+pub struct Tried {
+    ids: Vec<u64>,
+    /// The authority of each id in `ids`, when the picker gave it.
+    authorities: Vec<Option<Authority>>,
+    barred: Vec<u64>,
+}
 
 /// Work that outlives its HTTP exchange (a WebSocket tunnel, a background refresh started
 /// by a request) and that the server must wait for, then cut, when it shuts down.
@@ -138,7 +152,7 @@ impl TriedEndpoints {
 
     /// How many endpoints were tried.
     pub fn len(&self) -> usize {
-        self.ids().len()
+        self.lock().ids.len()
     }
 
     /// Whether no endpoint was tried yet.
@@ -146,9 +160,44 @@ impl TriedEndpoints {
         self.len() == 0
     }
 
-    /// The ids of the endpoints tried, in order, for a balancer to skip and add to.
-    pub fn ids(&self) -> MutexGuard<'_, Vec<u64>> {
+    /// The list, for a balancer to skip and add to.
+    pub fn lock(&self) -> MutexGuard<'_, Tried> {
         self.0.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+// === impl Tried ===
+
+impl Tried {
+    /// The ids of the endpoints tried, in order.
+    pub fn ids(&self) -> &[u64] {
+        &self.ids
+    }
+
+    /// The endpoints tried from the `from`th on, with their authority when known.
+    pub fn since(&self, from: usize) -> impl Iterator<Item = (u64, Option<&Authority>)> {
+        let ids = self.ids.get(from..).unwrap_or_default();
+        let authorities = self.authorities.get(from..).unwrap_or_default();
+        ids.iter()
+            .enumerate()
+            .map(|(i, &id)| (id, authorities.get(i).and_then(Option::as_ref)))
+    }
+
+    /// Adds the endpoint picked for a try.
+    pub fn push(&mut self, id: u64, authority: Option<Authority>) {
+        self.ids.push(id);
+        self.authorities.push(authority);
+    }
+
+    /// The endpoints the next try must not go to.
+    pub fn barred(&self) -> &[u64] {
+        &self.barred
+    }
+
+    /// Bars `ids` for the next try, in place of those barred before.
+    pub fn bar(&mut self, ids: impl IntoIterator<Item = u64>) {
+        self.barred.clear();
+        self.barred.extend(ids);
     }
 }
 

@@ -42,7 +42,7 @@ pub use body::{Body, BodyIdleTimeout};
 pub use client_ip::SetClientIpLayer;
 pub use error::{Error, ErrorKind};
 pub use ext::{
-    ClientIp, ConnectInfo, Drain, Identity, LogFields, LogValue, RequestId, RouteId,
+    ClientIp, ConnectInfo, Drain, Identity, LogFields, LogValue, RequestId, RouteId, Tried,
     TriedEndpoints, UpstreamCall,
 };
 pub use plugin::{Flow, Plugin, PluginLayer};

@@ -1,7 +1,7 @@
 //! Circuit breakers from the config file over real sockets: a dead upstream opens one, an
 //! open one answers without touching the upstream, half-open sends exactly its probes when
 //! a crowd arrives, recovery closes it, latency alone opens it, and the fallback upstream
-//! answers while it is open.
+//! answers while it is open; per endpoint, each endpoint's breaker opens alone.
 #![cfg(feature = "config")]
 
 mod support;
@@ -232,6 +232,166 @@ async fn the_fallback_upstream_answers_while_it_is_open() {
     assert_eq!(res.body().as_ref(), b"{\"orders\":[]}");
 }
 
+/// A gateway with one route `/` to an upstream of `endpoints` (round robin, no outlier
+/// detection, no connect failover), under a per-endpoint `circuit-breaker` with `settings`.
+async fn per_endpoint(endpoints: &[&str], settings: &str, metrics: Option<&Metrics>) -> Gateway {
+    let list = endpoints
+        .iter()
+        .map(|e| format!("'{e}'"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    support::start_config(
+        &format!(
+            "listen: 127.0.0.1:0
+upstreams:
+  app:
+    endpoints: [{list}]
+    outlier_detection: off
+routes:
+  - id: api
+    match: {{ path: / }}
+    upstream: app
+    connect_retries: 0
+    plugins:
+      - circuit-breaker: {settings}
+"
+        ),
+        metrics,
+    )
+    .await
+}
+
+/// Per endpoint: the failing endpoint's breaker opens and the healthy one takes every
+/// request (clients see only the failures that opened it); its half-open probe comes
+/// back, succeeds, and closes it; when every endpoint is open, calls are refused without
+/// touching any.
+#[tokio::test]
+async fn per_endpoint_breakers_open_alone_probe_and_refuse_when_all_are_open() {
+    let (sick, well) = (counted(Duration::ZERO).await, counted(Duration::ZERO).await);
+    sick.status.store(500, Ordering::SeqCst);
+    let metrics = Metrics::new();
+    let gw = per_endpoint(
+        &[&sick.up.url(), &well.up.url()],
+        "{ per: endpoint, consecutive_failures: 2, open_for: 1s, probes: 1 }",
+        Some(&metrics),
+    )
+    .await;
+    let mut statuses = Vec::new();
+    for _ in 0..20 {
+        statuses.push(status(&gw).await);
+    }
+    assert_eq!(
+        statuses.iter().filter(|s| **s == 500).count(),
+        2,
+        "{statuses:?}"
+    );
+    assert_eq!(
+        statuses.iter().filter(|s| **s == 200).count(),
+        18,
+        "{statuses:?}"
+    );
+    assert_eq!(
+        sick.calls.load(Ordering::SeqCst),
+        2,
+        "open after two failures"
+    );
+    let text = metrics.encode(Format::Prometheus);
+    let series = format!(
+        "gateway_circuit_breaker_state{{breaker=\"api/{}\"}} 1",
+        sick.up.addr()
+    );
+    assert!(text.contains(&series), "{series} in:\n{text}");
+
+    // The open time over, the sick endpoint recovered: one probe reaches it, and closes it.
+    sick.status.store(200, Ordering::SeqCst);
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    for _ in 0..10 {
+        assert_eq!(status(&gw).await, 200);
+    }
+    let probed = sick.calls.load(Ordering::SeqCst);
+    assert!(
+        probed >= 4,
+        "closed again: back in the rotation ({probed} calls)"
+    );
+
+    // Both failing: each opens on its own, then the route refuses without calling either.
+    sick.status.store(500, Ordering::SeqCst);
+    well.status.store(500, Ordering::SeqCst);
+    let before = sick.calls.load(Ordering::SeqCst) + well.calls.load(Ordering::SeqCst);
+    let mut failures = 0;
+    let res = loop {
+        let res = fetch(gw.addr, request("GET", "/", &[])).await;
+        if res.status() != 500 {
+            break res;
+        }
+        failures += 1;
+        assert!(failures <= 4, "two failures each open both");
+    };
+    assert_eq!(failures, 4);
+    assert_eq!(res.status(), 503);
+    assert_eq!(res.headers()["content-type"], "application/problem+json");
+    assert!(res.headers().contains_key("retry-after"));
+    let body = String::from_utf8_lossy(res.body());
+    assert!(body.contains("upstream circuit open"), "{body}");
+    for _ in 0..10 {
+        assert_eq!(status(&gw).await, 503);
+    }
+    let after = sick.calls.load(Ordering::SeqCst) + well.calls.load(Ordering::SeqCst);
+    assert_eq!(after - before, 4, "refused calls touch no endpoint");
+    let refused = metrics.encode(Format::Prometheus);
+    assert!(
+        refused.contains("gateway_circuit_breaker_refused_total{breaker=\"api\"} 11"),
+        "{refused}"
+    );
+}
+
+/// Per endpoint, behind retries: a try refused by one endpoint's breaker goes to another,
+/// and the proxy's connect failover counts a refusing endpoint's failures against it.
+#[tokio::test]
+async fn a_dead_endpoint_opens_its_breaker_through_the_connect_failover() {
+    let dead_addr = refused_addr().await;
+    let dead = format!("http://{dead_addr}");
+    let well = counted(Duration::ZERO).await;
+    let metrics = Metrics::new();
+    let gw = support::start_config(
+        &format!(
+            "listen: 127.0.0.1:0
+upstreams:
+  app:
+    endpoints: ['{dead}', '{well}']
+    outlier_detection: off
+routes:
+  - id: api
+    match: {{ path: / }}
+    upstream: app
+    plugins:
+      - circuit-breaker: {{ per: endpoint, consecutive_failures: 2, open_for: 1m }}
+",
+            well = well.up.url()
+        ),
+        Some(&metrics),
+    )
+    .await;
+    for _ in 0..20 {
+        assert_eq!(
+            status(&gw).await,
+            200,
+            "the proxy fails over; the client sees no 502"
+        );
+    }
+    assert_eq!(well.calls.load(Ordering::SeqCst), 20);
+    let text = metrics.encode(Format::Prometheus);
+    for series in [
+        format!("gateway_circuit_breaker_state{{breaker=\"api/{dead_addr}\"}} 1"),
+        format!(
+            "gateway_circuit_breaker_state{{breaker=\"api/{}\"}} 0",
+            well.up.addr()
+        ),
+    ] {
+        assert!(text.contains(&series), "{series} in:\n{text}");
+    }
+}
+
 #[tokio::test]
 async fn mistakes_in_the_section_are_refused_at_load() {
     for (section, says) in [
@@ -250,6 +410,14 @@ async fn mistakes_in_the_section_are_refused_at_load() {
         (
             "{ consecutive_failures: 1, open_for: 10s, max_open: 1s }",
             "less than",
+        ),
+        (
+            "{ per: endpoint, consecutive_failures: 1, fallback: { upstream: app } }",
+            "not with `per: endpoint`",
+        ),
+        (
+            "{ per: upstream, consecutive_failures: 1 }",
+            "unknown variant",
         ),
     ] {
         let yaml = format!(

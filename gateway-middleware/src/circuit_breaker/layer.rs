@@ -41,11 +41,12 @@ pub struct CircuitBreaker<S> {
 }
 
 /// A breaker held weakly: what the config keeps to share breakers by name.
+#[cfg(feature = "config")]
 pub(crate) struct WeakBreaker(std::sync::Weak<State>);
 
 /// What a refused call gets.
 #[derive(Clone, Default)]
-enum Fallback {
+pub(super) enum Fallback {
     /// A `503` (`circuit_open`) with `Retry-After`, passed up as an error.
     #[default]
     Error,
@@ -100,7 +101,8 @@ struct Counters {
     to_open: Counter,
     to_half_open: Counter,
     to_closed: Counter,
-    refused: Counter,
+    /// `None` for an endpoint's breaker: its refusals are counted by its layer's name.
+    refused: Option<Counter>,
 }
 
 // === impl CircuitBreakerLayer ===
@@ -127,7 +129,7 @@ impl CircuitBreakerLayer {
     /// Call it before the layer is cloned: the state starts afresh.
     pub fn metrics(self, metrics: &Metrics) -> Self {
         let name = Arc::clone(&self.state.report.name);
-        let counters = Counters::new(metrics, &name);
+        let counters = Counters::new(metrics, &name, true);
         Self {
             state: Arc::new(State::new(
                 self.state.breaker.clone(),
@@ -165,6 +167,7 @@ impl CircuitBreakerLayer {
     }
 
     /// The breaker, held weakly (its fallback is not kept).
+    #[cfg(feature = "config")]
     pub(crate) fn downgrade(&self) -> WeakBreaker {
         WeakBreaker(Arc::downgrade(&self.state))
     }
@@ -172,6 +175,7 @@ impl CircuitBreakerLayer {
 
 // === impl WeakBreaker ===
 
+#[cfg(feature = "config")]
 impl WeakBreaker {
     /// A layer on the breaker, if it is still used, with the default fallback.
     pub(crate) fn upgrade(&self) -> Option<CircuitBreakerLayer> {
@@ -242,23 +246,17 @@ where
         if let Some(log) = req.extensions().get::<LogFields>() {
             log.insert("circuit_breaker", "open");
         }
-        let kind = match &self.fallback {
-            Fallback::Error => Kind::Ready {
-                result: Some(Err(Error::new(ErrorKind::CircuitOpen)
-                    .retry_after(wait)
-                    .into())),
+        let kind = match self.fallback.answer(wait) {
+            Some(result) => Kind::Ready {
+                result: Some(result),
             },
-            Fallback::Response(fixed) => {
-                let (status, headers, body) = &**fixed;
-                let mut res = Response::new(Body::from(body.clone()));
-                *res.status_mut() = *status;
-                *res.headers_mut() = headers.clone();
-                Kind::Ready {
-                    result: Some(Ok(res)),
-                }
-            }
-            Fallback::Service(service) => Kind::Fallback {
-                fut: service.clone().oneshot(req),
+            None => match &self.fallback {
+                Fallback::Service(service) => Kind::Fallback {
+                    fut: service.clone().oneshot(req),
+                },
+                _ => Kind::Ready {
+                    result: Some(Err(Error::new(ErrorKind::Internal).into())),
+                },
             },
         };
         ResponseFuture { kind }
@@ -298,6 +296,27 @@ where
     }
 }
 
+// === impl Fallback ===
+
+impl Fallback {
+    /// The answer to a refused call, unless it goes to the fallback service.
+    pub(super) fn answer(&self, wait: Duration) -> Option<Result<Response<Body>, BoxError>> {
+        match self {
+            Self::Error => Some(Err(Error::new(ErrorKind::CircuitOpen)
+                .retry_after(wait)
+                .into())),
+            Self::Response(fixed) => {
+                let (status, headers, body) = &**fixed;
+                let mut res = Response::new(Body::from(body.clone()));
+                *res.status_mut() = *status;
+                *res.headers_mut() = headers.clone();
+                Some(Ok(res))
+            }
+            Self::Service(_) => None,
+        }
+    }
+}
+
 // === impl Guard ===
 
 impl Guard {
@@ -316,6 +335,25 @@ impl Drop for Guard {
 // === impl Report ===
 
 impl Report {
+    /// Where the breaker of one endpoint reports (`name` is `layer/host:port`): its state
+    /// and transitions; its layer counts the refusals.
+    pub(super) fn endpoint(name: Arc<str>, metrics: Option<&Metrics>) -> Self {
+        let counters = metrics.map(|m| Counters::new(m, &name, false));
+        Self { name, counters }
+    }
+
+    /// Where a layer of per-endpoint breakers counts its refusals.
+    pub(super) fn refusals(name: Arc<str>, metrics: Option<&Metrics>) -> Option<Counter> {
+        let refused: Family<BreakerLabels, Counter> = metrics?.family(
+            "circuit_breaker_refused",
+            "Calls an open (or deciding half-open) circuit breaker refused",
+        );
+        let counter = refused
+            .get_or_create(&BreakerLabels { breaker: name })
+            .clone();
+        Some(counter)
+    }
+
     pub(super) fn opened(&self, open_for: Duration, openings: u32) {
         tracing::warn!(
             breaker = %self.name,
@@ -344,9 +382,9 @@ impl Report {
         }
     }
 
-    fn refused(&self) {
-        if let Some(c) = &self.counters {
-            c.refused.inc();
+    pub(super) fn refused(&self) {
+        if let Some(refused) = self.counters.as_ref().and_then(|c| c.refused.as_ref()) {
+            refused.inc();
         }
     }
 }
@@ -363,7 +401,7 @@ struct TransitionLabels {
 }
 
 impl Counters {
-    fn new(metrics: &Metrics, name: &Arc<str>) -> Self {
+    fn new(metrics: &Metrics, name: &Arc<str>, refusals: bool) -> Self {
         let state: Family<BreakerLabels, Gauge> = metrics.family(
             "circuit_breaker_state",
             "A circuit breaker's phase: 0 closed, 1 open, 2 half-open",
@@ -394,7 +432,7 @@ impl Counters {
             to_open: to("open"),
             to_half_open: to("half_open"),
             to_closed: to("closed"),
-            refused: refused.get_or_create(&labels).clone(),
+            refused: refusals.then(|| refused.get_or_create(&labels).clone()),
         }
     }
 }

@@ -25,6 +25,27 @@
 //! counted (`gateway_circuit_breaker_refused_total`) and carry `circuit_breaker: "open"` in
 //! the access log.
 //!
+//! # One breaker per endpoint
+//!
+//! A [`CircuitBreakerLayer`] judges what is behind it as one: a route, or an upstream
+//! when routes share the layer. An [`EndpointBreakerLayer`] keeps a breaker for each
+//! endpoint of the upstream behind it instead (Resilience4j's breakers by instance, or
+//! Envoy's outlier detection with half-open probes): before each call it bars the
+//! endpoints whose breaker is open ([`Tried::bar`](gateway_core::Tried::bar)), the
+//! proxy's balancer picks among the others, and the outcome goes to the breaker of the
+//! endpoint picked (and, when the proxy failed over from endpoints it could not connect
+//! to, a failure to each of them). A half-open endpoint gets exactly its probes. When
+//! every endpoint is barred, the call is refused without touching the upstream: a `503`
+//! (`circuit_open`) with `Retry-After`, or a fixed response.
+//!
+//! ```
+//! use gateway_middleware::circuit_breaker::{Breaker, EndpointBreakerLayer};
+//!
+//! // Each endpoint of `orders` opens on its own after 5 failures in a row.
+//! let layer = EndpointBreakerLayer::new("orders", Breaker::consecutive(5));
+//! # let _ = layer;
+//! ```
+//!
 //! # Ordering
 //!
 //! `Retry → CircuitBreaker → Timeout → ReverseProxy`: below the retry layer, so that each
@@ -60,10 +81,14 @@
 //! ```
 
 mod breaker;
+mod endpoint;
 mod layer;
 mod window;
 
 pub use breaker::{Breaker, Phase};
+#[cfg(feature = "config")]
+pub(crate) use endpoint::WeakEndpointBreakers;
+pub use endpoint::{EndpointBreaker, EndpointBreakerLayer, EndpointFuture};
 #[cfg(feature = "config")]
 pub(crate) use layer::WeakBreaker;
 pub use layer::{CircuitBreaker, CircuitBreakerLayer, ResponseFuture};

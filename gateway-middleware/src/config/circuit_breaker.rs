@@ -11,7 +11,9 @@ use gateway_core::units::Period;
 use http::{Response, StatusCode};
 use serde::Deserialize;
 
-use crate::circuit_breaker::{Breaker, CircuitBreakerLayer, WeakBreaker, Window};
+use crate::circuit_breaker::{
+    Breaker, CircuitBreakerLayer, EndpointBreakerLayer, WeakBreaker, WeakEndpointBreakers, Window,
+};
 
 /// `circuit-breaker`'s section: `- circuit-breaker: { consecutive_failures: 5 }`.
 #[derive(Debug, Default, PartialEq, Deserialize)]
@@ -37,8 +39,22 @@ pub struct CircuitBreakerConfig {
     /// The breaker's name: routes giving the same name share one breaker (one per
     /// upstream, say) [default: the route's id].
     pub name: Option<String>,
+    /// What one breaker judges: `route` (everything behind the layer, the default) or
+    /// `endpoint` (a breaker per endpoint of the route's upstream).
+    pub per: Option<Per>,
     /// What a refused call gets [default: 503 with `Retry-After`].
     pub fallback: Option<FallbackConfig>,
+}
+
+/// `circuit-breaker.per`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Per {
+    /// One breaker for what is behind the layer.
+    #[default]
+    Route,
+    /// A breaker per endpoint of the upstream behind the layer.
+    Endpoint,
 }
 
 /// `circuit-breaker.slow_calls`.
@@ -84,6 +100,7 @@ pub(super) fn register(registry: &mut Registry) {
 #[derive(Default)]
 struct CircuitBreakerFactory {
     shared: Mutex<HashMap<String, (Breaker, WeakBreaker)>>,
+    per_endpoint: Mutex<HashMap<String, (Breaker, WeakEndpointBreakers)>>,
 }
 
 impl PluginFactory for CircuitBreakerFactory {
@@ -95,6 +112,9 @@ impl PluginFactory for CircuitBreakerFactory {
             .name
             .clone()
             .unwrap_or_else(|| cx.route().as_str().to_owned());
+        if config.per == Some(Per::Endpoint) {
+            return self.per_endpoint(config, cx, breaker, &name);
+        }
         let make = || {
             let mut layer = CircuitBreakerLayer::new(&name, breaker.clone());
             if let Some(metrics) = cx.metrics() {
@@ -134,29 +154,75 @@ impl PluginFactory for CircuitBreakerFactory {
                     })?;
                     layer.fallback(service)
                 }
-                None => {
-                    let status = StatusCode::from_u16(fallback.status.unwrap_or(503))
-                        .ok()
-                        .filter(|s| !s.is_informational())
-                        .ok_or("fallback.status: must be a final status, 200 to 599")?;
-                    let content_type = fallback
-                        .content_type
-                        .as_deref()
-                        .unwrap_or("text/plain; charset=utf-8");
-                    let response = Response::builder()
-                        .status(status)
-                        .header(http::header::CONTENT_TYPE, content_type)
-                        .body(Bytes::from(fallback.body.clone().unwrap_or_default()))
-                        .map_err(|_| {
-                            format!("fallback.content_type: `{content_type}` is not a header value")
-                        })?;
-                    layer.fallback_response(response)
-                }
+                None => layer.fallback_response(fixed(fallback)?),
             };
         }
         // Its refusals (503 circuit_open) travel up as errors, for the route's rescue.
         Ok(RouteLayer::passing_errors(layer))
     }
+}
+
+impl CircuitBreakerFactory {
+    /// A breaker per endpoint (`per: endpoint`), carried across reloads by name.
+    fn per_endpoint(
+        &self,
+        config: &CircuitBreakerConfig,
+        cx: &Context,
+        breaker: Breaker,
+        name: &str,
+    ) -> Result<RouteLayer, BoxError> {
+        let mut layer = {
+            let mut shared = self
+                .per_endpoint
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            shared.retain(|_, (_, weak)| weak.is_alive());
+            match shared.get(name).and_then(|(settings, weak)| {
+                (*settings == breaker).then(|| weak.upgrade()).flatten()
+            }) {
+                Some(layer) => layer,
+                None => {
+                    let mut layer = EndpointBreakerLayer::new(name, breaker.clone());
+                    if let Some(metrics) = cx.metrics() {
+                        layer = layer.metrics(metrics);
+                    }
+                    shared.insert(name.to_owned(), (breaker, layer.downgrade()));
+                    layer
+                }
+            }
+        };
+        if let Some(fallback) = &config.fallback {
+            if fallback.upstream.is_some() {
+                return Err(
+                    "fallback.upstream: not with `per: endpoint` (the request has \
+                            gone to the proxy by the time every endpoint is found refused); \
+                            a fixed answer, or a `per: route` breaker with the fallback"
+                        .into(),
+                );
+            }
+            layer = layer.fallback_response(fixed(fallback)?);
+        }
+        Ok(RouteLayer::passing_errors(layer))
+    }
+}
+
+/// The fixed answer of `fallback`.
+fn fixed(fallback: &FallbackConfig) -> Result<Response<Bytes>, BoxError> {
+    let status = StatusCode::from_u16(fallback.status.unwrap_or(503))
+        .ok()
+        .filter(|s| !s.is_informational())
+        .ok_or("fallback.status: must be a final status, 200 to 599")?;
+    let content_type = fallback
+        .content_type
+        .as_deref()
+        .unwrap_or("text/plain; charset=utf-8");
+    Response::builder()
+        .status(status)
+        .header(http::header::CONTENT_TYPE, content_type)
+        .body(Bytes::from(fallback.body.clone().unwrap_or_default()))
+        .map_err(|_| {
+            format!("fallback.content_type: `{content_type}` is not a header value").into()
+        })
 }
 
 impl CircuitBreakerConfig {

@@ -542,7 +542,7 @@ async fn each_try_sees_the_endpoints_tried_before() {
             let n = tried.len();
             seen.lock().unwrap().push(n);
             // As the proxy's balancer does: the endpoint picked joins the list.
-            tried.ids().push(u64::try_from(n).unwrap());
+            tried.lock().push(u64::try_from(n).unwrap(), None);
             async move {
                 Ok::<_, BoxError>(response(
                     if n < 2 {

@@ -171,7 +171,7 @@ impl Future for ResponseFuture {
                 *connect_retries -= 1;
                 selected.record(Class::Retryable);
                 let (req, out) = *unsent;
-                match shared.fail_over(selected.endpoint().id(), req) {
+                match shared.fail_over(selected.endpoint(), req) {
                     Some((next, req)) => {
                         tracing::debug!(
                             %error,

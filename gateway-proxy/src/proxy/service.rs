@@ -14,8 +14,8 @@ use super::future::{ResponseFuture, UploadBody, Uploaded};
 use super::headers::{self, X_FORWARDED_HOST, X_FORWARDED_PROTO};
 use crate::h1::fields;
 use crate::upgrade::OnUpgrade;
+use crate::upstream::{Endpoint, InvalidEndpoint, Selected, Upstream};
 use crate::upstream::{Forwarding, HttpClient, InvalidClient, Outbound};
-use crate::upstream::{InvalidEndpoint, Selected, Upstream};
 
 /// Forwards requests to an [`Upstream`]; see the [module docs](super).
 ///
@@ -263,23 +263,25 @@ impl Shared {
     /// when every endpoint has been.
     pub(super) fn fail_over(
         &self,
-        failed: u64,
+        failed: &Endpoint,
         req: Request<Body>,
     ) -> Option<(Selected, Request<Body>)> {
         let (mut head, body) = req.into_parts();
         if head.extensions.get::<TriedEndpoints>().is_none() {
             // NOTE: with a list, the balancer added `failed` when it picked it.
             let tried = TriedEndpoints::new();
-            tried.ids().push(failed);
+            tried
+                .lock()
+                .push(failed.id(), Some(failed.authority().clone()));
             head.extensions.insert(tried);
         }
         let tried = head.extensions.get::<TriedEndpoints>()?;
         let untried = {
-            let ids = tried.ids();
+            let tried = tried.lock();
             self.upstream
                 .endpoints()
                 .iter()
-                .any(|e| !ids.contains(&e.id()))
+                .any(|e| !tried.ids().contains(&e.id()) && !tried.barred().contains(&e.id()))
         };
         if !untried {
             return None;
@@ -288,7 +290,7 @@ impl Shared {
         let id = next.endpoint().id();
         // The untried ones are unavailable (ejected, unhealthy): the balancer picked one
         // tried already.
-        if tried.ids().iter().filter(|&&i| i == id).count() > 1 {
+        if tried.lock().ids().iter().filter(|&&i| i == id).count() > 1 {
             return None;
         }
         Some((next, Request::from_parts(head, body)))

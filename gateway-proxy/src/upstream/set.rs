@@ -216,9 +216,22 @@ impl Upstream {
             return Err(Error::new(ErrorKind::NoHealthyUpstream));
         }
         let now = Instant::now();
-        let tried = req.extensions.get::<TriedEndpoints>();
-        let mut ids = tried.map(TriedEndpoints::ids);
-        let excluded: &[u64] = ids.as_deref().map_or(&[], |v| v.as_slice());
+        let mut tried = req
+            .extensions
+            .get::<TriedEndpoints>()
+            .map(TriedEndpoints::lock);
+        let (tried_ids, barred) = tried
+            .as_deref()
+            .map_or((&[][..], &[][..]), |t| (t.ids(), t.barred()));
+        let both;
+        let excluded = match (tried_ids.is_empty(), barred.is_empty()) {
+            (_, true) => tried_ids,
+            (true, false) => barred,
+            (false, false) => {
+                both = [tried_ids, barred].concat();
+                &both[..]
+            }
+        };
         let attempt = |excluded: &[u64], ignore_health: bool| {
             snapshot.balancer.pick(
                 endpoints,
@@ -226,24 +239,28 @@ impl Upstream {
             )
         };
         // Relax constraints one at a time: first an endpoint tried before (all were), then,
-        // in panic mode, an unavailable one.
+        // in panic mode, an unavailable one. A barred endpoint is never picked.
         let picked = attempt(excluded, false)
             .or_else(|| {
-                (!excluded.is_empty())
-                    .then(|| attempt(&[], false))
+                (!tried_ids.is_empty())
+                    .then(|| attempt(barred, false))
                     .flatten()
             })
             .or_else(|| match inner.all_unhealthy {
                 WhenAllUnhealthy::TryAnyway => {
-                    attempt(excluded, true).or_else(|| attempt(&[], true))
+                    attempt(excluded, true).or_else(|| attempt(barred, true))
                 }
                 WhenAllUnhealthy::Refuse => None,
             });
-        let endpoint = picked
-            .and_then(|i| endpoints.get(i))
-            .ok_or(Error::new(ErrorKind::NoHealthyUpstream))?;
-        if let Some(ids) = ids.as_mut() {
-            ids.push(endpoint.id());
+        let Some(endpoint) = picked.and_then(|i| endpoints.get(i)) else {
+            return Err(Error::new(if barred.is_empty() {
+                ErrorKind::NoHealthyUpstream
+            } else {
+                ErrorKind::CircuitOpen
+            }));
+        };
+        if let Some(tried) = tried.as_mut() {
+            tried.push(endpoint.id(), Some(endpoint.authority().clone()));
         }
         endpoint.in_flight.fetch_add(1, Ordering::Relaxed);
         // The request's span, when it has one, names the endpoint.
@@ -713,6 +730,38 @@ mod tests {
             assert_eq!(tried.len(), 3);
             // Everything tried: the exclusion is lifted rather than failing.
             assert!(up.select(&parts).is_ok());
+        }
+    }
+
+    #[test]
+    fn barred_endpoints_are_never_picked() {
+        for up in [
+            Upstream::round_robin(["a:1", "b:2", "c:3"]).unwrap(),
+            Upstream::least_request(["a:1", "b:2", "c:3"]).unwrap(),
+            Upstream::peak_ewma(["a:1", "b:2", "c:3"]).unwrap(),
+            Upstream::random(["a:1", "b:2", "c:3"]).unwrap(),
+            Upstream::consistent_hash(HashKey::Path, ["a:1", "b:2", "c:3"]).unwrap(),
+        ] {
+            let ids: Vec<u64> = up.endpoints().iter().map(|e| e.id()).collect();
+            let mut parts = parts();
+            let tried = TriedEndpoints::new();
+            parts.extensions.insert(tried.clone());
+            tried.lock().bar([ids[0], ids[2]]);
+            for _ in 0..6 {
+                let picked = up.select(&parts).unwrap();
+                assert_eq!(picked.endpoint().id(), ids[1], "{up:?}");
+                let (id, authority) = tried
+                    .lock()
+                    .since(0)
+                    .last()
+                    .map(|(id, a)| (id, a.cloned()))
+                    .unwrap();
+                assert_eq!((id, authority.unwrap().as_str()), (ids[1], "b:2"));
+            }
+            // b was tried (every time): the exclusion of tried ones is lifted, not the bar.
+            tried.lock().bar(ids.iter().copied());
+            let err = up.select(&parts).unwrap_err();
+            assert_eq!(err.kind(), ErrorKind::CircuitOpen, "{up:?}");
         }
     }
 

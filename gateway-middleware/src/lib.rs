@@ -47,6 +47,8 @@ pub mod access_log;
 pub mod auth;
 #[cfg(feature = "body-limit")]
 pub mod body_limit;
+#[cfg(feature = "cache")]
+pub mod cache;
 #[cfg(feature = "circuit-breaker")]
 pub mod circuit_breaker;
 #[cfg(feature = "compression")]

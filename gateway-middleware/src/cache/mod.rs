@@ -16,6 +16,12 @@
 //!   and what a request may get from it ([`Reuse`]): fresh, stale within `max-stale` or
 //!   `stale-while-revalidate`, or validated first; and whether `stale-if-error` lets it
 //!   answer when the upstream fails.
+//! - [`Key`]: scheme, host (lowercased, default port left out), path and query; nothing
+//!   else a client sends (a forwarded host, say) is in it. [`Selection`]: the request
+//!   fields a response's `Vary` names, normalised as RFC 9111 §4.1 allows (field lines
+//!   combined, whitespace dropped, case folded where the field's tokens ignore case,
+//!   `Accept-Encoding` sorted), so that `gzip, br` and `br,gzip` share an entry while an
+//!   identity client never gets gzip bytes; `Vary: *` matches nothing.
 //!
 //! ```
 //! use std::time::{Duration, SystemTime};
@@ -49,6 +55,8 @@
 
 mod directives;
 mod freshness;
+mod key;
 
 pub use directives::CacheControl;
 pub use freshness::{Freshness, Heuristic, NotStorable, Reuse, storable};
+pub use key::{Key, MAX_VARY, Selection, VaryError};

@@ -1,0 +1,308 @@
+//! What a stored response is found by: the request's scheme, host, path and query (the
+//! primary key, RFC 9111 §4), then the request fields its `Vary` names, normalised
+//! (§4.1).
+
+use std::fmt;
+
+use bytes::{BufMut, Bytes, BytesMut};
+use http::header::{HOST, VARY};
+use http::{HeaderMap, HeaderName, request};
+
+/// The most `Vary` field names one stored response may select on; a response naming
+/// more is not stored (each is compared on every hit).
+pub const MAX_VARY: usize = 8;
+
+/// The primary key of a request: `scheme://host[:port]path?query`, the host lowercased
+/// and a default port left out. Only what the client asked for is in it: never a
+/// forwarded host or any other field a client could send to poison another client's
+/// entry (the key of Pingora's CVE-2026-2836 had no host).
+#[derive(Clone, PartialEq, Eq, Hash)]
+pub struct Key(Bytes);
+
+impl Key {
+    /// The key of `req`, reached over TLS when `tls`; `None` when it names no host
+    /// (an HTTP/1.0 request without `Host`), which is not cached.
+    pub fn of(req: &request::Parts, tls: bool) -> Option<Self> {
+        let host = match req.uri.authority() {
+            Some(authority) => authority.as_str(),
+            None => req.headers.get(HOST)?.to_str().ok()?,
+        };
+        // Userinfo is never part of an HTTP URI's key (nor allowed in `Host`).
+        let host = host.rsplit('@').next().unwrap_or(host);
+        let scheme = if tls { "https" } else { "http" };
+        let default_port = if tls { ":443" } else { ":80" };
+        let host = host.strip_suffix(default_port).unwrap_or(host);
+        if host.is_empty() {
+            return None;
+        }
+        let path = req.uri.path_and_query().map_or("/", |p| p.as_str());
+        let mut key = BytesMut::with_capacity(scheme.len() + 3 + host.len() + path.len());
+        key.put_slice(scheme.as_bytes());
+        key.put_slice(b"://");
+        for b in host.bytes() {
+            key.put_u8(b.to_ascii_lowercase());
+        }
+        key.put_slice(path.as_bytes());
+        Some(Self(key.freeze()))
+    }
+
+    /// The key as text (the URL it stands for).
+    pub fn as_str(&self) -> &str {
+        // NOTE: built from `&str` pieces only.
+        std::str::from_utf8(&self.0).unwrap_or_default()
+    }
+
+    /// Its bytes.
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.0
+    }
+
+    /// A key from its text (as [`as_str`](Self::as_str) gave it), for a purge.
+    pub fn from_url(url: &str) -> Self {
+        Self(Bytes::copy_from_slice(url.as_bytes()))
+    }
+}
+
+impl fmt::Debug for Key {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_tuple("Key").field(&self.as_str()).finish()
+    }
+}
+
+impl fmt::Display for Key {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The request fields a stored response was selected by (its `Vary`), with the values
+/// its request had, normalised: a later request matches when its own normalised values
+/// are the same.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Selection(Vec<(HeaderName, Option<Bytes>)>);
+
+/// Why a response's `Vary` cannot be honoured.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum VaryError {
+    /// `Vary: *`: no request matches.
+    Star,
+    /// More than [`MAX_VARY`] names, or a name that is not a field name.
+    Unsupported,
+}
+
+impl Selection {
+    /// The selection of a response with headers `res` to a request with headers `req`.
+    ///
+    /// # Errors
+    ///
+    /// When the response's `Vary` cannot be honoured.
+    pub fn of(req: &HeaderMap, res: &HeaderMap) -> Result<Self, VaryError> {
+        let mut names: Vec<HeaderName> = Vec::new();
+        for value in res.get_all(VARY) {
+            for name in value.as_bytes().split(|&b| b == b',') {
+                let name = name.trim_ascii();
+                if name.is_empty() {
+                    continue;
+                }
+                if name == b"*" {
+                    return Err(VaryError::Star);
+                }
+                let name = HeaderName::from_bytes(name).map_err(|_| VaryError::Unsupported)?;
+                if !names.contains(&name) {
+                    names.push(name);
+                }
+            }
+        }
+        if names.len() > MAX_VARY {
+            return Err(VaryError::Unsupported);
+        }
+        names.sort_by(|a, b| a.as_str().cmp(b.as_str()));
+        Ok(Self(
+            names
+                .into_iter()
+                .map(|name| {
+                    let value = normalised(req, &name);
+                    (name, value)
+                })
+                .collect(),
+        ))
+    }
+
+    /// Whether a request with headers `req` selects the same response.
+    pub fn matches(&self, req: &HeaderMap) -> bool {
+        self.0
+            .iter()
+            .all(|(name, value)| normalised(req, name) == *value)
+    }
+
+    /// The field names selected on.
+    pub fn names(&self) -> impl Iterator<Item = &HeaderName> {
+        self.0.iter().map(|(name, _)| name)
+    }
+
+    /// Whether the response varies on nothing.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+/// The value of the fields `name` of `req` as a cache compares them (RFC 9111 §4.1): the
+/// field lines combined, whitespace around list elements and their parameters removed;
+/// for the fields whose tokens are case-insensitive, lowercased; for `Accept-Encoding`,
+/// whose order carries no meaning, sorted. `None` when the request has no such field.
+fn normalised(req: &HeaderMap, name: &HeaderName) -> Option<Bytes> {
+    let mut values = req.get_all(name).iter().peekable();
+    values.peek()?;
+    let lower = matches!(
+        name.as_str(),
+        "accept-encoding" | "accept-language" | "accept-charset"
+    );
+    let mut elements: Vec<Vec<u8>> = Vec::new();
+    for value in values {
+        for element in value.as_bytes().split(|&b| b == b',') {
+            let element = element.trim_ascii();
+            if element.is_empty() {
+                continue;
+            }
+            let mut clean = Vec::with_capacity(element.len());
+            for part in element.split(|&b| b == b';') {
+                if !clean.is_empty() {
+                    clean.push(b';');
+                }
+                let part = part.trim_ascii();
+                match part.iter().position(|&b| b == b'=') {
+                    Some(eq) => {
+                        clean.extend_from_slice(part[..eq].trim_ascii());
+                        clean.push(b'=');
+                        clean.extend_from_slice(part[eq + 1..].trim_ascii());
+                    }
+                    None => clean.extend_from_slice(part),
+                }
+            }
+            if lower {
+                clean.make_ascii_lowercase();
+            }
+            elements.push(clean);
+        }
+    }
+    if name == http::header::ACCEPT_ENCODING {
+        elements.sort();
+    }
+    Some(Bytes::from(elements.join(&b","[..])))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http::Request;
+
+    fn parts(uri: &str, headers: &[(&str, &str)]) -> request::Parts {
+        let mut req = Request::get(uri);
+        for (name, value) in headers {
+            req = req.header(*name, *value);
+        }
+        req.body(()).unwrap().into_parts().0
+    }
+
+    fn key(uri: &str, headers: &[(&str, &str)], tls: bool) -> Option<String> {
+        Key::of(&parts(uri, headers), tls).map(|k| k.to_string())
+    }
+
+    #[test]
+    fn the_key_has_scheme_host_path_and_query() {
+        assert_eq!(
+            key("/a/b?x=1&y=2", &[("host", "API.Example.com")], false).as_deref(),
+            Some("http://api.example.com/a/b?x=1&y=2")
+        );
+        assert_eq!(
+            key("/a", &[("host", "example.com:443")], true).as_deref(),
+            Some("https://example.com/a"),
+            "a default port is left out"
+        );
+        assert_eq!(
+            key("/a", &[("host", "example.com:8443")], true).as_deref(),
+            Some("https://example.com:8443/a")
+        );
+        assert_eq!(
+            key("http://b.example/x", &[("host", "a.example")], false).as_deref(),
+            Some("http://b.example/x"),
+            "the absolute form's authority is the host"
+        );
+        assert_eq!(key("/a", &[], false), None, "no host, no key");
+        // Hosts, schemes and queries apart are keys apart; unkeyed fields change nothing.
+        let a = key("/x", &[("host", "a.example")], false);
+        assert_ne!(a, key("/x", &[("host", "b.example")], false));
+        assert_ne!(a, key("/x", &[("host", "a.example")], true));
+        assert_ne!(a, key("/x?a=1", &[("host", "a.example")], false));
+        assert_eq!(
+            a,
+            key(
+                "/x",
+                &[("host", "a.example"), ("x-forwarded-host", "evil.example")],
+                false
+            )
+        );
+    }
+
+    fn headers(fields: &[(&str, &str)]) -> HeaderMap {
+        parts("/", fields).headers
+    }
+
+    #[test]
+    fn vary_selects_on_normalised_values() {
+        let res = headers(&[
+            ("vary", "Accept-Encoding, accept-language"),
+            ("vary", "x-a"),
+        ]);
+        let req = headers(&[
+            ("accept-encoding", "gzip, br"),
+            ("accept-language", "en-GB"),
+        ]);
+        let selection = Selection::of(&req, &res).unwrap();
+        let names: Vec<&str> = selection.names().map(HeaderName::as_str).collect();
+        assert_eq!(names, ["accept-encoding", "accept-language", "x-a"]);
+        assert!(selection.matches(&req));
+        assert!(selection.matches(&headers(&[
+            ("accept-encoding", "BR"),
+            ("accept-encoding", "gzip"),
+            ("accept-language", "en-gb"),
+        ])));
+        assert!(!selection.matches(&headers(&[
+            ("accept-encoding", "gzip"),
+            ("accept-language", "en-GB"),
+        ])));
+        assert!(
+            !selection.matches(&headers(&[
+                ("accept-encoding", "gzip, br"),
+                ("accept-language", "en-GB"),
+                ("x-a", "1"),
+            ])),
+            "absent and present differ"
+        );
+        assert!(!selection.matches(&headers(&[("accept-encoding", "identity")])));
+        // Parameters' whitespace does not matter; their values' case does, outside the
+        // case-insensitive fields.
+        let res = headers(&[("vary", "accept")]);
+        let s = Selection::of(&headers(&[("accept", "text/html; q=0.9")]), &res).unwrap();
+        assert!(s.matches(&headers(&[("accept", "text/html;q=0.9")])));
+        assert!(!s.matches(&headers(&[("accept", "text/html;q=0.8")])));
+    }
+
+    #[test]
+    fn vary_star_and_too_many_names_are_refused() {
+        let req = HeaderMap::new();
+        assert_eq!(
+            Selection::of(&req, &headers(&[("vary", "accept, *")])),
+            Err(VaryError::Star)
+        );
+        let many = (0..=MAX_VARY)
+            .map(|i| format!("x-{i}"))
+            .collect::<Vec<_>>()
+            .join(",");
+        assert_eq!(
+            Selection::of(&req, &headers(&[("vary", &many)])),
+            Err(VaryError::Unsupported)
+        );
+        assert!(Selection::of(&req, &HeaderMap::new()).unwrap().is_empty());
+    }
+}

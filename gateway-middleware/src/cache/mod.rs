@@ -22,6 +22,11 @@
 //!   combined, whitespace dropped, case folded where the field's tokens ignore case,
 //!   `Accept-Encoding` sorted), so that `gzip, br` and `br,gzip` share an entry while an
 //!   identity client never gets gzip bytes; `Vary: *` matches nothing.
+//! - [`Store`]: where responses are kept, by key, with up to [`MAX_VARIANTS`] `Vary`
+//!   variants each; [`MemoryStore`] keeps them in a byte budget, evicted by S3-FIFO
+//!   (`quick_cache`, already in the tree for the auth caches: scan-resistant, no
+//!   background threads, weights per object; `moka` would add TTLs we do not need, as
+//!   freshness is decided per request, and a heavier tree).
 //!
 //! ```
 //! use std::time::{Duration, SystemTime};
@@ -56,7 +61,9 @@
 mod directives;
 mod freshness;
 mod key;
+mod store;
 
 pub use directives::CacheControl;
 pub use freshness::{Freshness, Heuristic, NotStorable, Reuse, storable};
 pub use key::{Key, MAX_VARY, Selection, VaryError};
+pub use store::{MAX_VARIANTS, MemoryStore, Store, StoreError, Stored, Variants};

@@ -1,0 +1,319 @@
+//! Where responses are kept: the [`Store`] trait, and [`MemoryStore`], a byte-bounded
+//! in-process store.
+
+use std::fmt;
+use std::future::{Future, ready};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use bytes::Bytes;
+use http::{HeaderMap, StatusCode};
+
+use super::{Freshness, Key, Selection};
+
+/// The most responses kept under one key (its `Vary` variants); storing another drops
+/// the oldest.
+pub const MAX_VARIANTS: usize = 8;
+
+/// A response as stored: what a hit answers with, and what it was selected and judged by.
+#[derive(Clone, Debug)]
+pub struct Stored {
+    /// Its status.
+    pub status: StatusCode,
+    /// Its header fields, without the hop-by-hop ones.
+    pub headers: HeaderMap,
+    /// Its whole body.
+    pub body: Bytes,
+    /// The request fields its `Vary` selects on, with their values.
+    pub selection: Selection,
+    /// Its freshness and age.
+    pub freshness: Freshness,
+}
+
+impl Stored {
+    /// What it weighs in a store: its body, its fields, and a fixed overhead.
+    pub fn weight(&self) -> u64 {
+        let fields: usize = self
+            .headers
+            .iter()
+            .map(|(name, value)| name.as_str().len() + value.len() + 32)
+            .sum();
+        u64::try_from(self.body.len() + fields + 256).unwrap_or(u64::MAX)
+    }
+}
+
+/// The responses stored under one key, newest first.
+pub type Variants = Arc<[Arc<Stored>]>;
+
+/// A store failed (a remote one: unreachable, timed out). The cache then goes to the
+/// upstream as if nothing were stored.
+#[derive(Debug)]
+pub struct StoreError(pub Box<dyn std::error::Error + Send + Sync>);
+
+impl fmt::Display for StoreError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "cache store: {}", self.0)
+    }
+}
+
+impl std::error::Error for StoreError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(&*self.0)
+    }
+}
+
+/// Where a cache keeps responses. Implement it for another backend; [`MemoryStore`] is
+/// the default.
+///
+/// A store bounds what it holds (bytes, objects) and may forget anything at any time: a
+/// forgotten response is a miss.
+pub trait Store: Send + Sync + 'static {
+    /// The responses stored under `key`, newest first (empty when none).
+    fn get(&self, key: &Key) -> impl Future<Output = Result<Variants, StoreError>> + Send;
+
+    /// Stores `stored` under `key`, in place of a response with the same selection, and
+    /// keeping at most [`MAX_VARIANTS`] under the key.
+    fn put(
+        &self,
+        key: &Key,
+        stored: Arc<Stored>,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send;
+
+    /// Forgets what is stored under `key`; whether there was anything.
+    fn remove(&self, key: &Key) -> impl Future<Output = Result<bool, StoreError>> + Send;
+
+    /// Forgets what is stored under every key starting with `prefix` (a URL prefix, such
+    /// as `https://api.example.com/v1/`); how many keys.
+    fn purge_prefix(&self, prefix: &str) -> impl Future<Output = Result<u64, StoreError>> + Send;
+}
+
+/// Responses kept in memory, up to a byte budget, evicted by S3-FIFO (`quick_cache`):
+/// scan-resistant, so one crawl over many URLs does not flush the hot entries.
+///
+/// Clones share the store.
+#[derive(Clone)]
+pub struct MemoryStore {
+    inner: Arc<Memory>,
+}
+
+struct Memory {
+    cache:
+        quick_cache::sync::Cache<Key, Variants, Weight, quick_cache::DefaultHashBuilder, Evictions>,
+    budget: u64,
+    evictions: Arc<AtomicU64>,
+}
+
+#[derive(Clone)]
+struct Weight;
+
+impl quick_cache::Weighter<Key, Variants> for Weight {
+    fn weight(&self, key: &Key, variants: &Variants) -> u64 {
+        let stored: u64 = variants.iter().map(|s| s.weight()).sum();
+        stored + u64::try_from(key.as_bytes().len()).unwrap_or(u64::MAX)
+    }
+}
+
+/// Counts what the store evicts (for `gateway_cache_evictions_total`).
+#[derive(Clone)]
+struct Evictions(Arc<AtomicU64>);
+
+impl quick_cache::Lifecycle<Key, Variants> for Evictions {
+    type RequestState = ();
+
+    fn on_evict(&self, (): &mut (), _: Key, _: Variants) {
+        self.0.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+impl MemoryStore {
+    /// A store holding at most `bytes` of responses (bodies, fields and overhead).
+    pub fn with_capacity(bytes: u64) -> Self {
+        let evictions = Arc::new(AtomicU64::new(0));
+        // About one object per 16 KiB of budget to start with; the table grows as needed.
+        let estimated = usize::try_from(bytes / 16_384)
+            .unwrap_or(usize::MAX)
+            .clamp(64, 1 << 20);
+        let cache = quick_cache::sync::Cache::with(
+            estimated,
+            bytes.max(1),
+            Weight,
+            quick_cache::DefaultHashBuilder::default(),
+            Evictions(Arc::clone(&evictions)),
+        );
+        Self {
+            inner: Arc::new(Memory {
+                cache,
+                budget: bytes,
+                evictions,
+            }),
+        }
+    }
+
+    /// The bytes held now.
+    pub fn bytes_held(&self) -> u64 {
+        self.inner.cache.weight()
+    }
+
+    /// The byte budget.
+    pub fn budget(&self) -> u64 {
+        self.inner.budget
+    }
+
+    /// The keys held now.
+    pub fn len(&self) -> usize {
+        self.inner.cache.len()
+    }
+
+    /// Whether nothing is held.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The keys evicted to make room so far.
+    pub fn evictions(&self) -> u64 {
+        self.inner.evictions.load(Ordering::Relaxed)
+    }
+
+    /// The responses under `key`, at once.
+    pub fn get_now(&self, key: &Key) -> Variants {
+        self.inner.cache.get(key).unwrap_or_else(|| Arc::new([]))
+    }
+
+    fn put_now(&self, key: &Key, stored: Arc<Stored>) {
+        let old = self.get_now(key);
+        // An object heavier than the whole budget is not stored (nor are its variants
+        // pushed out for it).
+        if stored.weight() > self.inner.budget {
+            return;
+        }
+        let variants: Variants = std::iter::once(Arc::clone(&stored))
+            .chain(
+                old.iter()
+                    .filter(|v| v.selection != stored.selection)
+                    .cloned(),
+            )
+            .take(MAX_VARIANTS)
+            .collect();
+        self.inner.cache.insert(key.clone(), variants);
+    }
+}
+
+impl Store for MemoryStore {
+    fn get(&self, key: &Key) -> impl Future<Output = Result<Variants, StoreError>> + Send {
+        ready(Ok(self.get_now(key)))
+    }
+
+    fn put(
+        &self,
+        key: &Key,
+        stored: Arc<Stored>,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send {
+        self.put_now(key, stored);
+        ready(Ok(()))
+    }
+
+    fn remove(&self, key: &Key) -> impl Future<Output = Result<bool, StoreError>> + Send {
+        ready(Ok(self.inner.cache.remove(key).is_some()))
+    }
+
+    fn purge_prefix(&self, prefix: &str) -> impl Future<Output = Result<u64, StoreError>> + Send {
+        let purged = AtomicU64::new(0);
+        self.inner.cache.retain(|key, _| {
+            let keep = !key.as_bytes().starts_with(prefix.as_bytes());
+            if !keep {
+                purged.fetch_add(1, Ordering::Relaxed);
+            }
+            keep
+        });
+        ready(Ok(purged.into_inner()))
+    }
+}
+
+impl fmt::Debug for MemoryStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("MemoryStore")
+            .field("keys", &self.len())
+            .field("bytes", &self.bytes_held())
+            .field("budget", &self.inner.budget)
+            .finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::SystemTime;
+
+    use super::*;
+    use crate::cache::CacheControl;
+
+    fn stored(body: usize, vary_value: Option<&str>) -> Arc<Stored> {
+        let mut req = HeaderMap::new();
+        let mut headers = HeaderMap::new();
+        headers.insert("cache-control", "max-age=60".parse().unwrap());
+        if let Some(v) = vary_value {
+            headers.insert("vary", "accept-language".parse().unwrap());
+            req.insert("accept-language", v.parse().unwrap());
+        }
+        let now = SystemTime::now();
+        Arc::new(Stored {
+            status: StatusCode::OK,
+            selection: Selection::of(&req, &headers).unwrap(),
+            freshness: Freshness::new(
+                StatusCode::OK,
+                &headers,
+                &CacheControl::parse(&headers),
+                now,
+                now,
+                None,
+            ),
+            headers,
+            body: Bytes::from(vec![b'x'; body]),
+        })
+    }
+
+    fn key(path: &str) -> Key {
+        Key::from_url(&format!("http://a.example{path}"))
+    }
+
+    #[test]
+    fn variants_replace_their_own_selection_and_are_capped() {
+        let store = MemoryStore::with_capacity(1 << 20);
+        let k = key("/x");
+        store.put_now(&k, stored(10, Some("en")));
+        store.put_now(&k, stored(20, Some("fr")));
+        store.put_now(&k, stored(30, Some("en")));
+        let variants = store.get_now(&k);
+        let sizes: Vec<usize> = variants.iter().map(|v| v.body.len()).collect();
+        assert_eq!(sizes, [30, 20], "newest first; the old `en` replaced");
+        for i in 0..20 {
+            store.put_now(&k, stored(1, Some(&format!("l{i}"))));
+        }
+        assert_eq!(store.get_now(&k).len(), MAX_VARIANTS);
+    }
+
+    #[test]
+    fn the_byte_budget_holds_and_evictions_are_counted() {
+        let store = MemoryStore::with_capacity(256 * 1024);
+        for i in 0..200 {
+            store.put_now(&key(&format!("/{i}")), stored(4096, None));
+        }
+        assert!(store.bytes_held() <= 256 * 1024, "{}", store.bytes_held());
+        assert!(store.evictions() > 100, "{}", store.evictions());
+        // Heavier than the whole budget: not stored.
+        store.put_now(&key("/huge"), stored(300 * 1024, None));
+        assert!(store.get_now(&key("/huge")).is_empty());
+    }
+
+    #[tokio::test]
+    async fn purge_by_key_and_by_prefix() {
+        let store = MemoryStore::with_capacity(1 << 20);
+        for path in ["/v1/a", "/v1/b", "/v2/a"] {
+            store.put_now(&key(path), stored(1, None));
+        }
+        assert!(store.remove(&key("/v2/a")).await.unwrap());
+        assert!(!store.remove(&key("/v2/a")).await.unwrap());
+        let purged = store.purge_prefix("http://a.example/v1/").await.unwrap();
+        assert_eq!(purged, 2);
+        assert!(store.is_empty());
+    }
+}

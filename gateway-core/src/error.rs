@@ -70,6 +70,9 @@ pub enum ErrorKind {
     Overloaded,
     /// The upstream did not answer in time: 504.
     GatewayTimeout,
+    /// The request asked for a stored response only (`Cache-Control: only-if-cached`) and
+    /// none could answer it: 504 (RFC 9111 §5.2.1.7).
+    NotCached,
     /// The request is not HTTP/1.x (on an HTTP/1 connection): 505.
     VersionNotSupported,
 }
@@ -140,6 +143,7 @@ status_table! {
     NoHealthyUpstream => 503 SERVICE_UNAVAILABLE "no_healthy_upstream" "no healthy upstream",
     Overloaded => 503 SERVICE_UNAVAILABLE "overloaded" "gateway overloaded",
     GatewayTimeout => 504 GATEWAY_TIMEOUT "gateway_timeout" "upstream timed out",
+    NotCached => 504 GATEWAY_TIMEOUT "not_cached" "no stored response (only-if-cached)",
     VersionNotSupported => 505 HTTP_VERSION_NOT_SUPPORTED "version_not_supported" "HTTP version not supported",
 }
 
@@ -306,6 +310,8 @@ impl Error {
             ErrorKind::Internal => event!(error, "request failed"),
             // The breaker logged its opening once; each refusal while open is routine.
             ErrorKind::CircuitOpen => event!(debug, "request refused: circuit open"),
+            // The client asked for a stored response only: its choice, not a failure.
+            ErrorKind::NotCached => event!(debug, "request not answered: nothing stored"),
             k if k.status().is_server_error() => event!(warn, "request failed"),
             _ => event!(debug, "request rejected"),
         }
@@ -387,7 +393,7 @@ impl fmt::Display for Chain<'_> {
 mod tests {
     use super::*;
 
-    const ALL: [ErrorKind; 17] = [
+    const ALL: [ErrorKind; 18] = [
         ErrorKind::BadRequest,
         ErrorKind::Unauthenticated,
         ErrorKind::Forbidden,
@@ -405,6 +411,7 @@ mod tests {
         ErrorKind::NoHealthyUpstream,
         ErrorKind::Overloaded,
         ErrorKind::GatewayTimeout,
+        ErrorKind::NotCached,
     ];
 
     #[tokio::test]

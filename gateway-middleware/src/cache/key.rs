@@ -6,7 +6,7 @@ use std::fmt;
 
 use bytes::{BufMut, Bytes, BytesMut};
 use http::header::{HOST, VARY};
-use http::{HeaderMap, HeaderName, request};
+use http::{HeaderMap, HeaderName, Uri};
 
 /// The most `Vary` field names one stored response may select on; a response naming
 /// more is not stored (each is compared on every hit).
@@ -20,12 +20,13 @@ pub const MAX_VARY: usize = 8;
 pub struct Key(Bytes);
 
 impl Key {
-    /// The key of `req`, reached over TLS when `tls`; `None` when it names no host
-    /// (an HTTP/1.0 request without `Host`), which is not cached.
-    pub fn of(req: &request::Parts, tls: bool) -> Option<Self> {
-        let host = match req.uri.authority() {
+    /// The key of a request for `uri` with fields `headers`, reached over TLS when
+    /// `tls`; `None` when it names no host (an HTTP/1.0 request without `Host`), which is
+    /// not cached.
+    pub fn of(uri: &Uri, headers: &HeaderMap, tls: bool) -> Option<Self> {
+        let host = match uri.authority() {
             Some(authority) => authority.as_str(),
-            None => req.headers.get(HOST)?.to_str().ok()?,
+            None => headers.get(HOST)?.to_str().ok()?,
         };
         // Userinfo is never part of an HTTP URI's key (nor allowed in `Host`).
         let host = host.rsplit('@').next().unwrap_or(host);
@@ -35,7 +36,7 @@ impl Key {
         if host.is_empty() {
             return None;
         }
-        let path = req.uri.path_and_query().map_or("/", |p| p.as_str());
+        let path = uri.path_and_query().map_or("/", |p| p.as_str());
         let mut key = BytesMut::with_capacity(scheme.len() + 3 + host.len() + path.len());
         key.put_slice(scheme.as_bytes());
         key.put_slice(b"://");
@@ -194,7 +195,7 @@ fn normalised(req: &HeaderMap, name: &HeaderName) -> Option<Bytes> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use http::Request;
+    use http::{Request, request};
 
     fn parts(uri: &str, headers: &[(&str, &str)]) -> request::Parts {
         let mut req = Request::get(uri);
@@ -205,7 +206,8 @@ mod tests {
     }
 
     fn key(uri: &str, headers: &[(&str, &str)], tls: bool) -> Option<String> {
-        Key::of(&parts(uri, headers), tls).map(|k| k.to_string())
+        let parts = parts(uri, headers);
+        Key::of(&parts.uri, &parts.headers, tls).map(|k| k.to_string())
     }
 
     #[test]

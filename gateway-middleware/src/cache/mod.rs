@@ -1,7 +1,68 @@
-//! The semantics of a shared HTTP cache (RFC 9111, with RFC 5861's stale extensions).
+//! A shared HTTP cache (RFC 9111, with RFC 5861's stale extensions and RFC 9211's
+//! `Cache-Status`).
 //!
-//! These are the rules the cache layer decides by, usable on their own (a plugin that
-//! needs to know whether a response may be shared, say):
+//! [`CacheLayer`] answers from its [`Store`] what it may and sends the rest upstream:
+//! - a fresh stored response (for this request's `Vary` fields and directives) is a hit,
+//!   with its `Age`; a `HEAD` is answered from a stored `GET`, and a conditional request
+//!   the stored response satisfies (`If-None-Match`, `If-Modified-Since`) gets a `304`;
+//! - anything else goes upstream, and a response that may be stored streams to the
+//!   client while a copy is kept (up to [`max_object`](CacheLayer::max_object)); the copy
+//!   is stored only when the body ended complete (never one cut short, with trailers, or
+//!   of the wrong length);
+//! - a successful unsafe request (`POST`, `PUT`, `DELETE`...) forgets its URI and its
+//!   response's same-origin `Location` and `Content-Location` (§4.4);
+//! - `only-if-cached` with nothing to serve is a `504` (`not_cached`);
+//! - every response carries `Cache-Status` (`gateway; hit; ttl=42`, `gateway;
+//!   fwd=uri-miss; stored`, `fwd=vary-miss`, `fwd=stale`, `fwd=request`, `fwd=bypass`),
+//!   ahead of any from caches upstream, and the access log's `cache` field (`hit`, `miss`,
+//!   `bypass`).
+//!
+//! A stale response is not served yet: it is fetched again (validation with the upstream,
+//! `stale-while-revalidate` and `stale-if-error` are the cache's next steps, as are
+//! collapsing concurrent misses, ranges, a Redis store, purging on the admin listener,
+//! metrics and the config section).
+//!
+//! ```
+//! use gateway_core::Body;
+//! use gateway_middleware::cache::{CacheLayer, MemoryStore};
+//! use http::{Request, Response};
+//! use std::sync::atomic::{AtomicUsize, Ordering};
+//! use std::sync::Arc;
+//! use tower::{BoxError, Service, ServiceExt, service_fn};
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() {
+//! let calls = Arc::new(AtomicUsize::new(0));
+//! let counted = Arc::clone(&calls);
+//! let upstream = service_fn(move |_: Request<Body>| {
+//!     counted.fetch_add(1, Ordering::SeqCst);
+//!     async {
+//!         let res = Response::builder().header("cache-control", "max-age=60");
+//!         Ok::<_, BoxError>(res.body(Body::from("hello")).unwrap())
+//!     }
+//! });
+//! let store = MemoryStore::with_capacity(64 * 1024 * 1024);
+//! let mut cache = tower::ServiceBuilder::new()
+//!     .layer(CacheLayer::new(store.clone()))
+//!     .service(upstream);
+//! let get = || Request::get("/greeting").header("host", "api.example").body(Body::empty()).unwrap();
+//!
+//! let miss = cache.ready().await.unwrap().call(get()).await.unwrap();
+//! assert_eq!(miss.headers()["cache-status"], "gateway; fwd=uri-miss; stored");
+//! // The copy is stored once the body has streamed to the client.
+//! http_body_util::BodyExt::collect(miss.into_body()).await.unwrap();
+//! # tokio::task::yield_now().await;
+//!
+//! let hit = cache.ready().await.unwrap().call(get()).await.unwrap();
+//! assert!(hit.headers()["cache-status"].to_str().unwrap().starts_with("gateway; hit"));
+//! assert_eq!(calls.load(Ordering::SeqCst), 1);
+//! # }
+//! ```
+//!
+//! # The rules
+//!
+//! The rules the layer decides by are usable on their own (a plugin that needs to know
+//! whether a response may be shared, say):
 //! - [`CacheControl`]: the `Cache-Control` directives of a request or a response, parsed
 //!   without allocating; malformed or conflicting freshness makes it
 //!   [invalid](CacheControl::is_invalid), and an invalid response is stale.
@@ -61,9 +122,11 @@
 mod directives;
 mod freshness;
 mod key;
+mod layer;
 mod store;
 
 pub use directives::CacheControl;
 pub use freshness::{Freshness, Heuristic, NotStorable, Reuse, storable};
 pub use key::{Key, MAX_VARY, Selection, VaryError};
+pub use layer::{Cache, CacheLayer};
 pub use store::{MAX_VARIANTS, MemoryStore, Store, StoreError, Stored, Variants};

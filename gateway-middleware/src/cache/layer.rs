@@ -1,0 +1,656 @@
+//! The cache layer: answers from the store what it may, sends the rest upstream, and
+//! stores what it may while the response streams to the client.
+
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll, ready};
+use std::time::SystemTime;
+
+use bytes::{Bytes, BytesMut};
+use gateway_core::{Body, BoxError, ConnectInfo, Error, ErrorKind, LogFields};
+use http::header::{
+    AGE, CACHE_CONTROL, CONNECTION, CONTENT_LENGTH, CONTENT_LOCATION, DATE, ETAG, EXPIRES,
+    HeaderName, HeaderValue, IF_MODIFIED_SINCE, IF_NONE_MATCH, LAST_MODIFIED, LOCATION, VARY,
+};
+use http::{HeaderMap, Method, Request, Response, StatusCode, Uri};
+use http_body::Frame;
+use pin_project_lite::pin_project;
+use tower::{Layer, Service};
+
+use super::{CacheControl, Freshness, Heuristic, Key, Reuse, Selection, Store, Stored, storable};
+
+/// `Cache-Status` (RFC 9211).
+static CACHE_STATUS: HeaderName = HeaderName::from_static("cache-status");
+
+/// The largest response stored by default.
+const DEFAULT_MAX_OBJECT: usize = 8 * 1024 * 1024;
+
+/// A shared HTTP cache in front of a route's upstream; see the [module docs](super).
+///
+/// Cloning is cheap; clones (and the services they make) share the store.
+#[must_use]
+pub struct CacheLayer<S> {
+    shared: Arc<Shared<S>>,
+}
+
+/// The service of a [`CacheLayer`].
+pub struct Cache<St, S> {
+    inner: S,
+    shared: Arc<Shared<St>>,
+}
+
+struct Shared<S> {
+    store: S,
+    name: HeaderValue,
+    max_object: usize,
+    heuristic: Option<Heuristic>,
+}
+
+impl<S> Clone for CacheLayer<S> {
+    fn clone(&self) -> Self {
+        Self {
+            shared: Arc::clone(&self.shared),
+        }
+    }
+}
+
+impl<St, S: Clone> Clone for Cache<St, S> {
+    fn clone(&self) -> Self {
+        Self {
+            inner: self.inner.clone(),
+            shared: Arc::clone(&self.shared),
+        }
+    }
+}
+
+impl<S: Store> CacheLayer<S> {
+    /// A cache keeping responses in `store`, named `gateway` in `Cache-Status`, storing
+    /// responses of up to 8 MiB, without heuristic freshness.
+    pub fn new(store: S) -> Self {
+        Self {
+            shared: Arc::new(Shared {
+                store,
+                name: HeaderValue::from_static("gateway"),
+                max_object: DEFAULT_MAX_OBJECT,
+                heuristic: None,
+            }),
+        }
+    }
+
+    fn with(self, f: impl FnOnce(&mut Shared<S>)) -> Self
+    where
+        S: Clone,
+    {
+        let mut shared = Shared {
+            store: self.shared.store.clone(),
+            name: self.shared.name.clone(),
+            max_object: self.shared.max_object,
+            heuristic: self.shared.heuristic,
+        };
+        f(&mut shared);
+        Self {
+            shared: Arc::new(shared),
+        }
+    }
+
+    /// Responses over `bytes` are not stored (they stream to the client all the same).
+    pub fn max_object(self, bytes: usize) -> Self
+    where
+        S: Clone,
+    {
+        self.with(|s| s.max_object = bytes)
+    }
+
+    /// Gives responses with a `Last-Modified` but no explicit lifetime a heuristic one
+    /// (RFC 9111 §4.2.2); off by default.
+    pub fn heuristic(self, heuristic: Heuristic) -> Self
+    where
+        S: Clone,
+    {
+        self.with(|s| s.heuristic = Some(heuristic))
+    }
+
+    /// The cache's name in `Cache-Status` (a token, such as `edge`).
+    ///
+    /// # Panics
+    ///
+    /// When `name` is not a valid header value.
+    pub fn name(self, name: &str) -> Self
+    where
+        S: Clone,
+    {
+        let name = HeaderValue::from_str(name).expect("a cache name is a header value");
+        self.with(|s| s.name = name)
+    }
+
+    /// The store.
+    pub fn store(&self) -> &S {
+        &self.shared.store
+    }
+}
+
+impl<St, S> Layer<S> for CacheLayer<St> {
+    type Service = Cache<St, S>;
+
+    fn layer(&self, inner: S) -> Cache<St, S> {
+        Cache {
+            inner,
+            shared: Arc::clone(&self.shared),
+        }
+    }
+}
+
+impl<S> fmt::Debug for CacheLayer<S> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CacheLayer")
+            .field("name", &self.shared.name)
+            .field("max_object", &self.shared.max_object)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<St, S: fmt::Debug> fmt::Debug for Cache<St, S> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Cache")
+            .field("inner", &self.inner)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Why a request went upstream (`Cache-Status: fwd=`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Forward {
+    /// Nothing stored under the key.
+    UriMiss,
+    /// Something stored, but not for this request's `Vary` fields.
+    VaryMiss,
+    /// Stored, but stale (or the request asked for fresher).
+    Stale,
+    /// The request asked for the upstream (`no-cache`).
+    Request,
+    /// Not cacheable at all: a method other than GET and HEAD, or no host.
+    Bypass,
+}
+
+impl Forward {
+    const fn as_str(self) -> &'static str {
+        match self {
+            Self::UriMiss => "uri-miss",
+            Self::VaryMiss => "vary-miss",
+            Self::Stale => "stale",
+            Self::Request => "request",
+            Self::Bypass => "bypass",
+        }
+    }
+}
+
+impl<St, S> Service<Request<Body>> for Cache<St, S>
+where
+    St: Store + Clone,
+    S: Service<Request<Body>, Response = Response<Body>> + Clone + Send + 'static,
+    S::Error: Into<BoxError>,
+    S::Future: Send + 'static,
+{
+    type Response = Response<Body>;
+    type Error = BoxError;
+    type Future = Pin<Box<dyn Future<Output = Result<Response<Body>, BoxError>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        self.inner.poll_ready(cx).map_err(Into::into)
+    }
+
+    fn call(&mut self, req: Request<Body>) -> Self::Future {
+        let shared = Arc::clone(&self.shared);
+        // NOTE: the ready service goes to this request; the clone stays for the next.
+        let clone = self.inner.clone();
+        let inner = std::mem::replace(&mut self.inner, clone);
+        Box::pin(serve(shared, inner, req))
+    }
+}
+
+async fn serve<St, S>(
+    shared: Arc<Shared<St>>,
+    mut inner: S,
+    req: Request<Body>,
+) -> Result<Response<Body>, BoxError>
+where
+    St: Store + Clone,
+    S: Service<Request<Body>, Response = Response<Body>> + Send,
+    S::Error: Into<BoxError>,
+    S::Future: Send,
+{
+    let tls = req.extensions().get::<ConnectInfo>().is_some_and(|c| c.tls);
+    let log = req.extensions().get::<LogFields>().cloned();
+    let key = Key::of(req.uri(), req.headers(), tls);
+    let method = req.method().clone();
+    let Some(key) = key
+        .as_ref()
+        .filter(|_| method == Method::GET || method == Method::HEAD)
+        .cloned()
+    else {
+        // Unsafe methods invalidate what they may have changed (RFC 9111 §4.4).
+        let unsafe_method = !method.is_safe();
+        let target = key;
+        let res = inner.call(req).await.map_err(Into::into)?;
+        if unsafe_method
+            && let Some(target) = target
+            && (res.status().is_success() || res.status().is_redirection())
+        {
+            invalidate(&shared.store, &target, res.headers()).await;
+        }
+        return Ok(mark(
+            res,
+            &shared.name,
+            Forward::Bypass,
+            false,
+            log.as_ref(),
+        ));
+    };
+    let req_cc = CacheControl::parse_request(req.headers());
+    let now = SystemTime::now();
+    let variants = match shared.store.get(&key).await {
+        Ok(variants) => variants,
+        Err(e) => {
+            tracing::warn!(error = %e, "cache store unavailable: the request goes upstream");
+            Arc::new([])
+        }
+    };
+    let found = variants.iter().find(|v| v.selection.matches(req.headers()));
+    let forward = match found {
+        Some(stored) => match stored.freshness.reuse(&req_cc, now) {
+            Reuse::Fresh | Reuse::Stale => {
+                return Ok(hit(stored, &req, now, &shared.name, log.as_ref()));
+            }
+            Reuse::StaleWhileRevalidate | Reuse::Validate if req_cc.no_cache() => Forward::Request,
+            Reuse::StaleWhileRevalidate | Reuse::Validate => Forward::Stale,
+        },
+        None if variants.is_empty() => Forward::UriMiss,
+        None => Forward::VaryMiss,
+    };
+    if req_cc.only_if_cached() {
+        return Err(Error::new(ErrorKind::NotCached).into());
+    }
+    // Only a GET's response fills the cache; its request's fields are kept to judge it.
+    let keep = (method == Method::GET).then(|| req.headers().clone());
+    let res = inner.call(req).await.map_err(Into::into)?;
+    let received = SystemTime::now();
+    let Some(req_headers) = keep else {
+        return Ok(mark(res, &shared.name, forward, false, log.as_ref()));
+    };
+    let res_cc = CacheControl::parse(res.headers());
+    let verdict = storable(
+        &method,
+        &req_headers,
+        &req_cc,
+        res.status(),
+        res.headers(),
+        &res_cc,
+        shared.heuristic,
+    )
+    .map_err(|why| why.as_str())
+    .and_then(|()| Selection::of(&req_headers, res.headers()).map_err(|_| "vary"))
+    .and_then(|selection| {
+        let too_big = length(&res)
+            .is_some_and(|len| len > u64::try_from(shared.max_object).unwrap_or(u64::MAX));
+        if too_big { Err("size") } else { Ok(selection) }
+    });
+    let selection = match verdict {
+        Ok(selection) => selection,
+        Err(why) => {
+            tracing::trace!(key = %key, why, "response not stored");
+            return Ok(mark(res, &shared.name, forward, false, log.as_ref()));
+        }
+    };
+    let freshness = Freshness::new(
+        res.status(),
+        res.headers(),
+        &res_cc,
+        now,
+        received,
+        shared.heuristic,
+    );
+    let expected = length(&res);
+    let (parts, body) = res.into_parts();
+    let pending = Pending {
+        store: shared.store.clone(),
+        key,
+        status: parts.status,
+        headers: storable_headers(&parts.headers),
+        selection,
+        freshness,
+    };
+    let body = Body::new(Recording {
+        inner: body,
+        buf: Some(BytesMut::with_capacity(expected.map_or(0, |n| {
+            usize::try_from(n).unwrap_or(0).min(shared.max_object)
+        }))),
+        limit: shared.max_object,
+        expected,
+        pending: Some(pending),
+    });
+    let res = Response::from_parts(parts, body);
+    Ok(mark(res, &shared.name, forward, true, log.as_ref()))
+}
+
+/// A hit: the stored response, its `Age`, and `Cache-Status`; a `304` to a conditional
+/// request it satisfies; no body for a `HEAD`.
+fn hit(
+    stored: &Stored,
+    req: &Request<Body>,
+    now: SystemTime,
+    name: &HeaderValue,
+    log: Option<&LogFields>,
+) -> Response<Body> {
+    let age = stored.freshness.age(now).as_secs();
+    let ttl = i128::from(stored.freshness.lifetime().as_secs()) - i128::from(age);
+    let status = format!("{}; hit; ttl={ttl}", name.to_str().unwrap_or("gateway"));
+    if let Some(log) = log {
+        log.insert("cache", "hit");
+    }
+    let mut res = if not_modified(stored, req.headers()) {
+        let mut res = Response::new(Body::empty());
+        *res.status_mut() = StatusCode::NOT_MODIFIED;
+        // RFC 9110 §15.4.5: the fields a 200 would have carried that describe it.
+        for field in [CACHE_CONTROL, CONTENT_LOCATION, DATE, ETAG, EXPIRES, VARY] {
+            for value in stored.headers.get_all(&field) {
+                res.headers_mut().append(field.clone(), value.clone());
+            }
+        }
+        res
+    } else {
+        let head = req.method() == Method::HEAD;
+        let body = if head {
+            Body::empty()
+        } else {
+            Body::from(stored.body.clone())
+        };
+        let mut res = Response::new(body);
+        *res.status_mut() = stored.status;
+        *res.headers_mut() = stored.headers.clone();
+        if head {
+            // The length of the body a GET would get.
+            res.headers_mut()
+                .insert(CONTENT_LENGTH, HeaderValue::from(stored.body.len()));
+        }
+        res
+    };
+    let headers = res.headers_mut();
+    headers.insert(AGE, HeaderValue::from(age));
+    prepend_status(headers, status);
+    res
+}
+
+/// Whether a stored response satisfies the client's conditional request (RFC 9110 §13.1.2
+/// and §13.1.3): a matching `If-None-Match` (weak comparison), or, without one, no change
+/// since `If-Modified-Since`.
+fn not_modified(stored: &Stored, req: &HeaderMap) -> bool {
+    if stored.status != StatusCode::OK {
+        return false;
+    }
+    if req.contains_key(IF_NONE_MATCH) {
+        let Some(etag) = stored.headers.get(ETAG).map(|e| weak(e.as_bytes())) else {
+            return false;
+        };
+        return req.get_all(IF_NONE_MATCH).iter().any(|v| {
+            v.as_bytes()
+                .split(|&b| b == b',')
+                .map(<[u8]>::trim_ascii)
+                .any(|tag| tag == b"*" || weak(tag) == etag)
+        });
+    }
+    let date = |h: &HeaderMap, name| {
+        h.get(name)
+            .and_then(|v: &HeaderValue| v.to_str().ok())
+            .and_then(|v| httpdate::parse_http_date(v).ok())
+    };
+    match (
+        date(req, IF_MODIFIED_SINCE),
+        date(&stored.headers, LAST_MODIFIED),
+    ) {
+        (Some(since), Some(modified)) => modified <= since,
+        _ => false,
+    }
+}
+
+/// An entity tag without its weakness mark, for the weak comparison.
+fn weak(tag: &[u8]) -> &[u8] {
+    tag.strip_prefix(b"W/").unwrap_or(tag)
+}
+
+/// Adds `Cache-Status` (and the log field) to a response that went upstream.
+fn mark(
+    mut res: Response<Body>,
+    name: &HeaderValue,
+    forward: Forward,
+    stored: bool,
+    log: Option<&LogFields>,
+) -> Response<Body> {
+    let name = name.to_str().unwrap_or("gateway");
+    let status = if stored {
+        format!("{name}; fwd={}; stored", forward.as_str())
+    } else {
+        format!("{name}; fwd={}", forward.as_str())
+    };
+    if let Some(log) = log {
+        log.insert(
+            "cache",
+            match forward {
+                Forward::Bypass => "bypass",
+                _ => "miss",
+            },
+        );
+    }
+    prepend_status(res.headers_mut(), status);
+    res
+}
+
+/// Puts this cache's entry first in `Cache-Status`, before the ones of caches upstream
+/// (RFC 9211 §2).
+fn prepend_status(headers: &mut HeaderMap, ours: String) {
+    let value = match headers.get(&CACHE_STATUS).map(HeaderValue::to_str) {
+        Some(Ok(theirs)) if headers.get_all(&CACHE_STATUS).iter().count() == 1 => {
+            format!("{ours}, {theirs}")
+        }
+        _ => ours,
+    };
+    if let Ok(value) = HeaderValue::try_from(value) {
+        headers.insert(CACHE_STATUS.clone(), value);
+    }
+}
+
+/// The fields of a response as stored: without the hop-by-hop ones (and those its
+/// `Connection` names), its `Age` (recomputed on each hit) and our `Cache-Status`.
+fn storable_headers(headers: &HeaderMap) -> HeaderMap {
+    let mut kept = headers.clone();
+    let named: Vec<HeaderName> = headers
+        .get_all(CONNECTION)
+        .iter()
+        .flat_map(|v| v.as_bytes().split(|&b| b == b','))
+        .filter_map(|n| HeaderName::from_bytes(n.trim_ascii()).ok())
+        .collect();
+    for name in named {
+        kept.remove(name);
+    }
+    for name in [
+        "connection",
+        "keep-alive",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+        "proxy-authenticate",
+        "age",
+        "cache-status",
+    ] {
+        kept.remove(name);
+    }
+    kept
+}
+
+/// The length of a response's body: its exact size (the proxy conveys the upstream's
+/// framing so), or its `Content-Length`.
+fn length(res: &Response<Body>) -> Option<u64> {
+    http_body::Body::size_hint(res.body()).exact().or_else(|| {
+        res.headers()
+            .get(CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse().ok())
+    })
+}
+
+/// Forgets what an unsafe request may have changed: its own URI, and its response's
+/// `Location` and `Content-Location` when they are on the same origin (RFC 9111 §4.4).
+async fn invalidate<St: Store>(store: &St, target: &Key, res: &HeaderMap) {
+    let mut keys = vec![target.clone()];
+    let origin = origin_of(target.as_str());
+    for field in [LOCATION, CONTENT_LOCATION] {
+        let Some(uri) = res
+            .get(field)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<Uri>().ok())
+        else {
+            continue;
+        };
+        let url = match (uri.scheme_str(), uri.authority()) {
+            (Some(scheme), Some(authority)) => {
+                let url = format!(
+                    "{scheme}://{}{}",
+                    authority.as_str().to_ascii_lowercase(),
+                    uri.path_and_query().map_or("/", |p| p.as_str())
+                );
+                // Another origin's entries are not this response's to invalidate.
+                if origin_of(&url) != origin {
+                    continue;
+                }
+                url
+            }
+            (None, None) if uri.path().starts_with('/') => format!(
+                "{origin}{}",
+                uri.path_and_query().map_or("/", |p| p.as_str())
+            ),
+            _ => continue,
+        };
+        keys.push(Key::from_url(&url));
+    }
+    for key in keys {
+        if let Err(e) = store.remove(&key).await {
+            tracing::warn!(error = %e, key = %key, "cache invalidation failed");
+        }
+    }
+}
+
+/// `scheme://host[:port]` of a key's URL.
+fn origin_of(url: &str) -> &str {
+    let after = url.find("://").map_or(0, |i| i + 3);
+    let end = url[after..].find('/').map_or(url.len(), |i| after + i);
+    &url[..end]
+}
+
+/// What a response being recorded is stored as once its body has ended well.
+struct Pending<St> {
+    store: St,
+    key: Key,
+    status: StatusCode,
+    headers: HeaderMap,
+    selection: Selection,
+    freshness: Freshness,
+}
+
+pin_project! {
+    /// A response body passed to the client as it comes, and copied (up to the object
+    /// limit) to be stored when it ends complete: never a body cut short, over the
+    /// limit, with trailers, or shorter or longer than its `Content-Length`.
+    struct Recording<B, St> {
+        #[pin]
+        inner: B,
+        buf: Option<BytesMut>,
+        limit: usize,
+        expected: Option<u64>,
+        pending: Option<Pending<St>>,
+    }
+}
+
+impl<B, St> http_body::Body for Recording<B, St>
+where
+    B: http_body::Body<Data = Bytes>,
+    St: Store,
+{
+    type Data = Bytes;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
+        let mut this = self.project();
+        let frame = ready!(this.inner.as_mut().poll_frame(cx));
+        let ended = match &frame {
+            Some(Ok(frame)) => {
+                match frame.data_ref() {
+                    Some(data) => {
+                        if let Some(buf) = this.buf.as_mut() {
+                            if buf.len() + data.len() > *this.limit {
+                                *this.buf = None;
+                            } else {
+                                buf.extend_from_slice(data);
+                            }
+                        }
+                    }
+                    // Trailers: not stored (a hit could not replay them faithfully).
+                    None => *this.buf = None,
+                }
+                // A server that knows the body is over does not poll it again.
+                this.inner.is_end_stream()
+            }
+            Some(Err(_)) => {
+                *this.buf = None;
+                false
+            }
+            None => true,
+        };
+        if ended && let (Some(buf), Some(pending)) = (this.buf.take(), this.pending.take()) {
+            let complete = this
+                .expected
+                .is_none_or(|n| u64::try_from(buf.len()).is_ok_and(|len| len == n));
+            if complete {
+                pending.store(buf.freeze());
+            }
+        }
+        Poll::Ready(frame)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl<St: Store> Pending<St> {
+    fn store(self, body: Bytes) {
+        let stored = Arc::new(Stored {
+            status: self.status,
+            headers: self.headers,
+            body,
+            selection: self.selection,
+            freshness: self.freshness,
+        });
+        let (store, key) = (self.store, self.key);
+        let put = async move {
+            if let Err(e) = store.put(&key, stored).await {
+                tracing::warn!(error = %e, key = %key, "cache store failed: response not kept");
+            }
+        };
+        match tokio::runtime::Handle::try_current() {
+            Ok(handle) => {
+                handle.spawn(put);
+            }
+            Err(_) => tracing::debug!("no runtime to store the response in"),
+        }
+    }
+}

@@ -1,0 +1,311 @@
+//! The cache layer in front of the proxy, over real sockets: misses stored as they
+//! stream, hits without the upstream (HEAD and conditional requests too), and the rules
+//! that keep one client's response from another: host and scheme in the key, unkeyed
+//! fields, `Authorization`, `Vary`, `no-store`/`private`/`Set-Cookie`, truncated bodies,
+//! invalidation by unsafe methods, `only-if-cached`.
+#![cfg(feature = "config")]
+
+mod support;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use bytes::Bytes;
+use gateway_core::Body;
+use gateway_core::test_util::TestUpstream;
+use gateway_middleware::cache::{CacheLayer, MemoryStore};
+use http::{Request, Response};
+use support::{Gateway, fetch, proxy_to};
+use tower::ServiceBuilder;
+
+/// An upstream answering every request with `headers` and a body naming the request
+/// (path, host, `Accept-Encoding`, call number), counting calls.
+async fn upstream(
+    headers: &'static [(&'static str, &'static str)],
+) -> (TestUpstream, Arc<AtomicUsize>) {
+    let calls = Arc::new(AtomicUsize::new(0));
+    let counted = Arc::clone(&calls);
+    let up = TestUpstream::serve(move |req| {
+        let n = counted.fetch_add(1, Ordering::SeqCst) + 1;
+        let header = |name: &str| {
+            req.headers()
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("-")
+                .to_owned()
+        };
+        let body = format!(
+            "{} host={} ae={} xfh={} call={n}",
+            req.uri().path(),
+            header("host"),
+            header("accept-encoding"),
+            header("x-forwarded-host"),
+        );
+        async move {
+            let mut res = Response::builder();
+            for (name, value) in headers {
+                res = res.header(*name, *value);
+            }
+            Ok(res.body(Body::from(body)).expect("a response"))
+        }
+    })
+    .await;
+    (up, calls)
+}
+
+async fn cached(up: &TestUpstream) -> (Gateway, MemoryStore) {
+    let store = MemoryStore::with_capacity(16 * 1024 * 1024);
+    let app = ServiceBuilder::new()
+        .layer(CacheLayer::new(store.clone()))
+        .service(proxy_to(up));
+    (Gateway::start(app).await, store)
+}
+
+fn get(path: &str, headers: &[(&str, &str)]) -> Request<Bytes> {
+    let mut req = Request::get(path);
+    if !headers.iter().any(|(n, _)| n.eq_ignore_ascii_case("host")) {
+        req = req.header("host", "a.example");
+    }
+    for (name, value) in headers {
+        req = req.header(*name, *value);
+    }
+    req.body(Bytes::new()).expect("a request")
+}
+
+fn cache_status(res: &Response<Bytes>) -> &str {
+    res.headers()
+        .get("cache-status")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+}
+
+/// The store is written when the body has ended: wait for it.
+async fn stored(store: &MemoryStore, keys: usize) {
+    support::eventually("the response is stored", || store.len() >= keys).await;
+}
+
+#[tokio::test]
+async fn a_miss_is_stored_and_the_next_request_is_a_hit_without_the_upstream() {
+    let (up, calls) = upstream(&[("cache-control", "max-age=60"), ("etag", "\"v1\"")]).await;
+    let (gw, store) = cached(&up).await;
+    let first = fetch(gw.addr, get("/x?q=1", &[])).await;
+    assert_eq!(first.status(), 200);
+    assert_eq!(cache_status(&first), "gateway; fwd=uri-miss; stored");
+    stored(&store, 1).await;
+
+    let second = fetch(gw.addr, get("/x?q=1", &[])).await;
+    assert_eq!(second.body(), first.body());
+    assert!(
+        cache_status(&second).starts_with("gateway; hit; ttl="),
+        "{second:?}"
+    );
+    assert!(second.headers().contains_key("age"));
+    assert_eq!(calls.load(Ordering::SeqCst), 1);
+
+    // HEAD from the stored GET: the same fields, no body.
+    let head = fetch(
+        gw.addr,
+        Request::head("/x?q=1")
+            .header("host", "a.example")
+            .body(Bytes::new())
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(head.status(), 200);
+    assert_eq!(
+        head.headers()["content-length"],
+        first.body().len().to_string().as_str()
+    );
+    assert!(head.body().is_empty());
+    // A conditional request the stored response satisfies: 304 from the cache.
+    let not_modified = fetch(gw.addr, get("/x?q=1", &[("if-none-match", "W/\"v1\"")])).await;
+    assert_eq!(not_modified.status(), 304);
+    assert_eq!(not_modified.headers()["etag"], "\"v1\"");
+    assert_eq!(calls.load(Ordering::SeqCst), 1);
+
+    // Another query is another key.
+    let other = fetch(gw.addr, get("/x?q=2", &[])).await;
+    assert_eq!(cache_status(&other), "gateway; fwd=uri-miss; stored");
+    assert_eq!(calls.load(Ordering::SeqCst), 2);
+}
+
+#[tokio::test]
+async fn host_is_keyed_and_a_forwarded_host_cannot_poison_the_entry() {
+    let (up, calls) = upstream(&[("cache-control", "max-age=60")]).await;
+    let (gw, store) = cached(&up).await;
+    let a = fetch(
+        gw.addr,
+        get(
+            "/p",
+            &[("host", "a.example"), ("x-forwarded-host", "evil.example")],
+        ),
+    )
+    .await;
+    stored(&store, 1).await;
+    let b = fetch(gw.addr, get("/p", &[("host", "b.example")])).await;
+    assert!(
+        String::from_utf8_lossy(b.body()).contains("xfh=b.example"),
+        "{b:?}"
+    );
+    assert_eq!(
+        calls.load(Ordering::SeqCst),
+        2,
+        "Host b is not served Host a's entry"
+    );
+    // The client's X-Forwarded-Host never reached the upstream (the proxy sets its own
+    // from the Host it keyed on), so it is not in the entry.
+    assert!(
+        String::from_utf8_lossy(a.body()).contains("xfh=a.example"),
+        "{a:?}"
+    );
+    let plain = fetch(gw.addr, get("/p", &[("host", "a.example")])).await;
+    assert_eq!(plain.body(), a.body());
+    assert_eq!(calls.load(Ordering::SeqCst), 2);
+}
+
+#[tokio::test]
+async fn a_response_to_an_authorized_request_is_not_served_to_others() {
+    let (up, calls) = upstream(&[("cache-control", "max-age=60")]).await;
+    let (gw, store) = cached(&up).await;
+    let with_a = fetch(gw.addr, get("/me", &[("authorization", "Bearer A")])).await;
+    assert_eq!(cache_status(&with_a), "gateway; fwd=uri-miss");
+    assert!(store.is_empty());
+    let with_b = fetch(gw.addr, get("/me", &[("authorization", "Bearer B")])).await;
+    assert_eq!(cache_status(&with_b), "gateway; fwd=uri-miss");
+    let without = fetch(gw.addr, get("/me", &[])).await;
+    assert_eq!(cache_status(&without), "gateway; fwd=uri-miss; stored");
+    assert_ne!(without.body(), with_a.body());
+    assert_eq!(calls.load(Ordering::SeqCst), 3);
+    stored(&store, 1).await;
+
+    // `public` allows sharing it.
+    let (up, calls) = upstream(&[("cache-control", "public, max-age=60")]).await;
+    let (gw, store) = cached(&up).await;
+    fetch(gw.addr, get("/pub", &[("authorization", "Bearer A")])).await;
+    stored(&store, 1).await;
+    let res = fetch(gw.addr, get("/pub", &[])).await;
+    assert!(cache_status(&res).contains("hit"));
+    assert_eq!(calls.load(Ordering::SeqCst), 1);
+}
+
+#[tokio::test]
+async fn vary_keeps_encodings_apart() {
+    let (up, calls) =
+        upstream(&[("cache-control", "max-age=60"), ("vary", "Accept-Encoding")]).await;
+    let (gw, store) = cached(&up).await;
+    let gzip = fetch(gw.addr, get("/v", &[("accept-encoding", "gzip, br")])).await;
+    stored(&store, 1).await;
+    let identity = fetch(gw.addr, get("/v", &[])).await;
+    assert_eq!(cache_status(&identity), "gateway; fwd=vary-miss; stored");
+    assert!(String::from_utf8_lossy(identity.body()).contains("ae=-"));
+    // The same preference in another order and case is the same variant.
+    let again = fetch(gw.addr, get("/v", &[("accept-encoding", "BR,gzip")])).await;
+    assert!(cache_status(&again).contains("hit"), "{again:?}");
+    assert_eq!(again.body(), gzip.body());
+    assert_eq!(calls.load(Ordering::SeqCst), 2);
+}
+
+#[tokio::test]
+async fn responses_that_must_not_be_shared_are_not_stored() {
+    for headers in [
+        &[("cache-control", "max-age=60, no-store")][..],
+        &[("cache-control", "private, max-age=60")],
+        &[("cache-control", "max-age=60"), ("set-cookie", "session=1")],
+        &[("cache-control", "max-age=60"), ("vary", "*")],
+        &[],
+    ] {
+        let (up, calls) = upstream(headers).await;
+        let (gw, store) = cached(&up).await;
+        for _ in 0..2 {
+            let res = fetch(gw.addr, get("/s", &[])).await;
+            assert_eq!(cache_status(&res), "gateway; fwd=uri-miss", "{headers:?}");
+        }
+        assert_eq!(calls.load(Ordering::SeqCst), 2, "{headers:?}");
+        assert!(store.is_empty());
+    }
+}
+
+#[tokio::test]
+async fn a_truncated_body_is_never_stored() {
+    use futures_util::stream;
+    use http_body::Frame;
+    let up = TestUpstream::serve(|_| async {
+        // The head and a part of the body go out; then the upstream dies.
+        let frames = stream::unfold(0, |step| async move {
+            match step {
+                0 => Some((Ok(Frame::data(Bytes::from_static(b"half of it"))), 1)),
+                1 => {
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    Some((Err(std::io::Error::other("the upstream died")), 2))
+                }
+                _ => None,
+            }
+        });
+        Ok(Response::builder()
+            .header("cache-control", "max-age=60")
+            .header("content-length", "100")
+            .body(Body::new(http_body_util::StreamBody::new(frames)))
+            .expect("a response"))
+    })
+    .await;
+    let (gw, store) = cached(&up).await;
+    let raw = support::raw(gw.addr, &support::get("/t", "")).await;
+    assert!(raw.starts_with("HTTP/1.1 200"), "the head went out: {raw}");
+    assert!(raw.contains("half of it"), "{raw}");
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    assert!(store.is_empty(), "a cut body is not stored");
+    // Nor one over the object limit, nor one whose length is wrong: the limit.
+    let (up, calls) = upstream(&[("cache-control", "max-age=60")]).await;
+    let store = MemoryStore::with_capacity(1 << 20);
+    let app = ServiceBuilder::new()
+        .layer(CacheLayer::new(store.clone()).max_object(10))
+        .service(proxy_to(&up));
+    let gw = Gateway::start(app).await;
+    for _ in 0..2 {
+        let res = fetch(gw.addr, get("/big", &[])).await;
+        assert!(res.body().len() > 10);
+    }
+    assert_eq!(calls.load(Ordering::SeqCst), 2);
+    assert!(store.is_empty());
+}
+
+#[tokio::test]
+async fn unsafe_methods_invalidate_and_only_if_cached_gets_504() {
+    let (up, calls) = upstream(&[
+        ("cache-control", "max-age=60"),
+        ("content-location", "/other"),
+    ])
+    .await;
+    let (gw, store) = cached(&up).await;
+    fetch(gw.addr, get("/doc", &[])).await;
+    fetch(gw.addr, get("/other", &[])).await;
+    stored(&store, 2).await;
+    let post = fetch(
+        gw.addr,
+        Request::post("/doc")
+            .header("host", "a.example")
+            .body(Bytes::from_static(b"x"))
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(post.status(), 200);
+    assert!(
+        store.is_empty(),
+        "the URI and its Content-Location are forgotten"
+    );
+    let res = fetch(gw.addr, get("/doc", &[])).await;
+    assert_eq!(cache_status(&res), "gateway; fwd=uri-miss; stored");
+    assert_eq!(calls.load(Ordering::SeqCst), 4);
+
+    let res = fetch(
+        gw.addr,
+        get("/nothing", &[("cache-control", "only-if-cached")]),
+    )
+    .await;
+    assert_eq!(res.status(), 504);
+    assert_eq!(
+        calls.load(Ordering::SeqCst),
+        4,
+        "only-if-cached never goes upstream"
+    );
+}

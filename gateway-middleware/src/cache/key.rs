@@ -6,7 +6,7 @@ use std::fmt;
 
 use bytes::{BufMut, Bytes, BytesMut};
 use http::header::{HOST, VARY};
-use http::{HeaderMap, HeaderName, Uri};
+use http::{HeaderMap, HeaderName, HeaderValue, Uri};
 
 /// The most `Vary` field names one stored response may select on; a response naming
 /// more is not stored (each is compared on every hit).
@@ -79,8 +79,33 @@ impl fmt::Display for Key {
 /// The request fields a stored response was selected by (its `Vary`), with the values
 /// its request had, normalised: a later request matches when its own normalised values
 /// are the same.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct Selection(Vec<(HeaderName, Option<Bytes>)>);
+#[derive(Clone, Debug, Default)]
+pub struct Selection(Vec<Selected>);
+
+/// One field a response varies on, with the value its request had.
+#[derive(Clone, Debug)]
+struct Selected {
+    name: HeaderName,
+    /// The value normalised; `None` when the request had no such field.
+    normalised: Option<Bytes>,
+    /// The value as sent, when it was one field line: a later request sending the very
+    /// same bytes matches without normalising (the common case, and no allocation).
+    raw: Option<HeaderValue>,
+}
+
+impl PartialEq for Selection {
+    /// The same fields with the same normalised values.
+    fn eq(&self, other: &Self) -> bool {
+        self.0.len() == other.0.len()
+            && self
+                .0
+                .iter()
+                .zip(&other.0)
+                .all(|(a, b)| a.name == b.name && a.normalised == b.normalised)
+    }
+}
+
+impl Eq for Selection {}
 
 /// Why a response's `Vary` cannot be honoured.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -122,8 +147,16 @@ impl Selection {
             names
                 .into_iter()
                 .map(|name| {
-                    let value = normalised(req, &name);
-                    (name, value)
+                    let mut values = req.get_all(&name).iter();
+                    let raw = match (values.next(), values.next()) {
+                        (Some(one), None) => Some(one.clone()),
+                        _ => None,
+                    };
+                    Selected {
+                        normalised: normalised(req, &name),
+                        raw,
+                        name,
+                    }
                 })
                 .collect(),
         ))
@@ -131,14 +164,19 @@ impl Selection {
 
     /// Whether a request with headers `req` selects the same response.
     pub fn matches(&self, req: &HeaderMap) -> bool {
-        self.0
-            .iter()
-            .all(|(name, value)| normalised(req, name) == *value)
+        self.0.iter().all(|selected| {
+            let mut values = req.get_all(&selected.name).iter();
+            match (values.next(), values.next(), &selected.raw) {
+                (None, _, _) => selected.normalised.is_none(),
+                (Some(one), None, Some(raw)) if one == raw => true,
+                _ => normalised(req, &selected.name) == selected.normalised,
+            }
+        })
     }
 
     /// The field names selected on.
     pub fn names(&self) -> impl Iterator<Item = &HeaderName> {
-        self.0.iter().map(|(name, _)| name)
+        self.0.iter().map(|selected| &selected.name)
     }
 
     /// Whether the response varies on nothing.

@@ -345,7 +345,10 @@ fn hit(
 ) -> Response<Body> {
     let age = stored.freshness.age(now).as_secs();
     let ttl = i128::from(stored.freshness.lifetime().as_secs()) - i128::from(age);
-    let status = format!("{}; hit; ttl={ttl}", name.to_str().unwrap_or("gateway"));
+    let mut status = BytesMut::with_capacity(name.len() + 32);
+    status.extend_from_slice(name.as_bytes());
+    status.extend_from_slice(b"; hit; ttl=");
+    status.extend_from_slice(itoa::Buffer::new().format(ttl).as_bytes());
     if let Some(log) = log {
         log.insert("cache", "hit");
     }
@@ -378,7 +381,11 @@ fn hit(
     };
     let headers = res.headers_mut();
     headers.insert(AGE, HeaderValue::from(age));
-    prepend_status(headers, status);
+    // NOTE: a stored response has no `Cache-Status` of ours or theirs (see
+    // `storable_headers`): ours is the only one.
+    if let Ok(status) = HeaderValue::from_maybe_shared(status.freeze()) {
+        headers.insert(CACHE_STATUS.clone(), status);
+    }
     res
 }
 

@@ -309,3 +309,92 @@ async fn unsafe_methods_invalidate_and_only_if_cached_gets_504() {
         "only-if-cached never goes upstream"
     );
 }
+
+/// An upstream with `cache-control` and an ETag `"v1"`, answering a matching
+/// `If-None-Match` with 304, or `status` when it is set to something else than 200.
+async fn validating(
+    cache_control: &'static str,
+) -> (
+    TestUpstream,
+    Arc<AtomicUsize>,
+    Arc<std::sync::atomic::AtomicU16>,
+) {
+    let calls = Arc::new(AtomicUsize::new(0));
+    let status = Arc::new(std::sync::atomic::AtomicU16::new(200));
+    let (c, st) = (Arc::clone(&calls), Arc::clone(&status));
+    let up = TestUpstream::serve(move |req| {
+        c.fetch_add(1, Ordering::SeqCst);
+        let status = st.load(Ordering::SeqCst);
+        let matches = req
+            .headers()
+            .get("if-none-match")
+            .is_some_and(|v| v == "\"v1\"");
+        async move {
+            let res = Response::builder()
+                .header("cache-control", cache_control)
+                .header("etag", "\"v1\"");
+            let res = match (status, matches) {
+                (200, true) => res.status(304).body(Body::empty()),
+                (200, false) => res.body(Body::from("the document")),
+                (status, _) => res.status(status).body(Body::from("failing")),
+            };
+            Ok(res.expect("a response"))
+        }
+    })
+    .await;
+    (up, calls, status)
+}
+
+#[tokio::test]
+async fn a_stale_response_is_validated_and_a_304_makes_it_fresh_again() {
+    let (up, calls, _) = validating("max-age=1").await;
+    let (gw, store) = cached(&up).await;
+    fetch(gw.addr, get("/d", &[])).await;
+    stored(&store, 1).await;
+    tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
+
+    let res = fetch(gw.addr, get("/d", &[])).await;
+    assert_eq!(res.status(), 200);
+    assert_eq!(
+        res.body().as_ref(),
+        b"the document",
+        "the stored body, validated"
+    );
+    assert_eq!(
+        cache_status(&res),
+        "gateway; fwd=stale; fwd-status=304; stored"
+    );
+    assert_eq!(up.last_request().header("if-none-match"), Some("\"v1\""));
+    assert_eq!(calls.load(Ordering::SeqCst), 2);
+    // Fresh again: a hit.
+    let res = fetch(gw.addr, get("/d", &[])).await;
+    assert!(cache_status(&res).contains("hit"), "{res:?}");
+    assert_eq!(calls.load(Ordering::SeqCst), 2);
+}
+
+#[tokio::test]
+async fn stale_if_error_answers_for_a_failing_upstream_unless_must_revalidate() {
+    for (cache_control, served_stale) in [
+        ("max-age=1, stale-if-error=60", true),
+        ("max-age=1, stale-if-error=60, must-revalidate", false),
+        ("max-age=1", false),
+    ] {
+        let (up, _, status) = validating(cache_control).await;
+        let (gw, store) = cached(&up).await;
+        fetch(gw.addr, get("/e", &[])).await;
+        stored(&store, 1).await;
+        status.store(503, Ordering::SeqCst);
+        tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
+        let res = fetch(gw.addr, get("/e", &[])).await;
+        if served_stale {
+            assert_eq!(res.status(), 200, "{cache_control}");
+            assert_eq!(res.body().as_ref(), b"the document");
+            assert_eq!(
+                cache_status(&res),
+                "gateway; fwd=stale; fwd-status=503; detail=stale-if-error"
+            );
+        } else {
+            assert_eq!(res.status(), 503, "{cache_control}");
+        }
+    }
+}

@@ -11,8 +11,9 @@ use std::time::SystemTime;
 use bytes::{Bytes, BytesMut};
 use gateway_core::{Body, BoxError, ConnectInfo, Error, ErrorKind, LogFields};
 use http::header::{
-    AGE, CACHE_CONTROL, CONNECTION, CONTENT_LENGTH, CONTENT_LOCATION, DATE, ETAG, EXPIRES,
-    HeaderName, HeaderValue, IF_MODIFIED_SINCE, IF_NONE_MATCH, LAST_MODIFIED, LOCATION, VARY,
+    AGE, CACHE_CONTROL, CONNECTION, CONTENT_ENCODING, CONTENT_LENGTH, CONTENT_LOCATION,
+    CONTENT_RANGE, DATE, ETAG, EXPIRES, HeaderName, HeaderValue, IF_MATCH, IF_MODIFIED_SINCE,
+    IF_NONE_MATCH, IF_RANGE, IF_UNMODIFIED_SINCE, LAST_MODIFIED, LOCATION, TRANSFER_ENCODING, VARY,
 };
 use http::{HeaderMap, Method, Request, Response, StatusCode, Uri};
 use http_body::Frame;
@@ -195,25 +196,103 @@ where
 {
     type Response = Response<Body>;
     type Error = BoxError;
-    type Future = Pin<Box<dyn Future<Output = Result<Response<Body>, BoxError>> + Send>>;
+    type Future = ResponseFuture;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
         self.inner.poll_ready(cx).map_err(Into::into)
     }
 
-    fn call(&mut self, req: Request<Body>) -> Self::Future {
+    fn call(&mut self, req: Request<Body>) -> ResponseFuture {
         let shared = Arc::clone(&self.shared);
+        let tls = req.extensions().get::<ConnectInfo>().is_some_and(|c| c.tls);
+        let key = Key::of(req.uri(), req.headers(), tls);
+        let cacheable = req.method() == Method::GET || req.method() == Method::HEAD;
+        // A store that answers at once (memory) answers a hit without the boxed future.
+        let mut seen = None;
+        if cacheable
+            && let Some(key) = &key
+            && let Some(variants) = shared.store.peek(key)
+        {
+            let req_cc = CacheControl::parse_request(req.headers());
+            let now = SystemTime::now();
+            if let Some(stored) = variants.iter().find(|v| v.selection.matches(req.headers()))
+                && matches!(
+                    stored.freshness.reuse(&req_cc, now),
+                    Reuse::Fresh | Reuse::Stale
+                )
+            {
+                let log = req.extensions().get::<LogFields>();
+                let res = hit(stored, &req, now, &shared.name, log);
+                return ResponseFuture::ready(Ok(res));
+            }
+            seen = Some(variants);
+        }
         // NOTE: the ready service goes to this request; the clone stays for the next.
         let clone = self.inner.clone();
         let inner = std::mem::replace(&mut self.inner, clone);
-        Box::pin(serve(shared, inner, req))
+        ResponseFuture::boxed(serve(shared, inner, req, key, seen))
+    }
+}
+
+pin_project! {
+    /// The response future of [`Cache`]: a hit answered at once, or the way upstream.
+    pub struct ResponseFuture {
+        #[pin]
+        kind: FutureKind,
+    }
+}
+
+pin_project! {
+    #[project = FutureKindProj]
+    enum FutureKind {
+        Ready { result: Option<Result<Response<Body>, BoxError>> },
+        Boxed { fut: Pin<Box<dyn Future<Output = Result<Response<Body>, BoxError>> + Send>> },
+    }
+}
+
+impl ResponseFuture {
+    fn ready(result: Result<Response<Body>, BoxError>) -> Self {
+        Self {
+            kind: FutureKind::Ready {
+                result: Some(result),
+            },
+        }
+    }
+
+    fn boxed(fut: impl Future<Output = Result<Response<Body>, BoxError>> + Send + 'static) -> Self {
+        Self {
+            kind: FutureKind::Boxed { fut: Box::pin(fut) },
+        }
+    }
+}
+
+impl Future for ResponseFuture {
+    type Output = Result<Response<Body>, BoxError>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match self.project().kind.project() {
+            FutureKindProj::Ready { result } => Poll::Ready(
+                result
+                    .take()
+                    .unwrap_or_else(|| Err(Error::new(ErrorKind::Internal).into())),
+            ),
+            FutureKindProj::Boxed { fut } => fut.as_mut().poll(cx),
+        }
+    }
+}
+
+impl fmt::Debug for ResponseFuture {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ResponseFuture").finish_non_exhaustive()
     }
 }
 
 async fn serve<St, S>(
     shared: Arc<Shared<St>>,
     mut inner: S,
-    req: Request<Body>,
+    mut req: Request<Body>,
+    key: Option<Key>,
+    seen: Option<crate::cache::Variants>,
 ) -> Result<Response<Body>, BoxError>
 where
     St: Store + Clone,
@@ -221,9 +300,7 @@ where
     S::Error: Into<BoxError>,
     S::Future: Send,
 {
-    let tls = req.extensions().get::<ConnectInfo>().is_some_and(|c| c.tls);
     let log = req.extensions().get::<LogFields>().cloned();
-    let key = Key::of(req.uri(), req.headers(), tls);
     let method = req.method().clone();
     let Some(key) = key
         .as_ref()
@@ -250,15 +327,21 @@ where
     };
     let req_cc = CacheControl::parse_request(req.headers());
     let now = SystemTime::now();
-    let variants = match shared.store.get(&key).await {
-        Ok(variants) => variants,
-        Err(e) => {
-            tracing::warn!(error = %e, "cache store unavailable: the request goes upstream");
-            Arc::new([])
-        }
+    let variants = match seen {
+        Some(variants) => variants,
+        None => match shared.store.get(&key).await {
+            Ok(variants) => variants,
+            Err(e) => {
+                tracing::warn!(error = %e, "cache store unavailable: the request goes upstream");
+                Arc::new([])
+            }
+        },
     };
-    let found = variants.iter().find(|v| v.selection.matches(req.headers()));
-    let forward = match found {
+    let found = variants
+        .iter()
+        .find(|v| v.selection.matches(req.headers()))
+        .cloned();
+    let forward = match &found {
         Some(stored) => match stored.freshness.reuse(&req_cc, now) {
             Reuse::Fresh | Reuse::Stale => {
                 return Ok(hit(stored, &req, now, &shared.name, log.as_ref()));
@@ -272,10 +355,59 @@ where
     if req_cc.only_if_cached() {
         return Err(Error::new(ErrorKind::NotCached).into());
     }
+    // A stored response to validate: the upstream is asked whether it changed (RFC 9111
+    // §4.3.1), unless the client asks a question of its own.
+    let validating = found.as_ref().filter(|stored| {
+        method == Method::GET && !conditional(req.headers()) && add_validators(stored, &mut req)
+    });
+    let validating = validating.cloned();
     // Only a GET's response fills the cache; its request's fields are kept to judge it.
     let keep = (method == Method::GET).then(|| req.headers().clone());
-    let res = inner.call(req).await.map_err(Into::into)?;
+    let result = inner.call(req).await.map_err(Into::into);
     let received = SystemTime::now();
+    // The upstream failed: a stale response that allows it answers instead (RFC 5861 §4).
+    let failed = match &result {
+        Ok(res) => res.status().is_server_error(),
+        Err(_) => true,
+    };
+    if failed
+        && let Some(stored) = &found
+        && stored.freshness.usable_on_error(&req_cc, received)
+    {
+        let status = result.as_ref().map_or(502, |res| res.status().as_u16());
+        tracing::debug!(key = %key, status, "upstream failed: a stale response answers");
+        return Ok(stale_on_error(
+            stored,
+            received,
+            status,
+            &shared.name,
+            log.as_ref(),
+        ));
+    }
+    let res = result?;
+    if let (Some(stored), StatusCode::NOT_MODIFIED) = (&validating, res.status()) {
+        let refreshed = refresh(stored, res.headers(), now, received, shared.heuristic);
+        if let Err(e) = shared.store.put(&key, Arc::clone(&refreshed)).await {
+            tracing::warn!(error = %e, key = %key, "cache store failed: response not kept");
+        }
+        let mut res = hit(
+            &refreshed,
+            &Request::new(Body::empty()),
+            received,
+            &shared.name,
+            None,
+        );
+        if let Some(log) = &log {
+            log.insert("cache", "revalidated");
+        }
+        let name = shared.name.to_str().unwrap_or("gateway");
+        if let Ok(status) =
+            HeaderValue::try_from(format!("{name}; fwd=stale; fwd-status=304; stored"))
+        {
+            res.headers_mut().insert(CACHE_STATUS.clone(), status);
+        }
+        return Ok(res);
+    }
     let Some(req_headers) = keep else {
         return Ok(mark(res, &shared.name, forward, false, log.as_ref()));
     };
@@ -385,6 +517,93 @@ fn hit(
     // `storable_headers`): ours is the only one.
     if let Ok(status) = HeaderValue::from_maybe_shared(status.freeze()) {
         headers.insert(CACHE_STATUS.clone(), status);
+    }
+    res
+}
+
+/// Whether the client's request is conditional (its own validators).
+fn conditional(req: &HeaderMap) -> bool {
+    [
+        IF_NONE_MATCH,
+        IF_MODIFIED_SINCE,
+        IF_MATCH,
+        IF_UNMODIFIED_SINCE,
+        IF_RANGE,
+    ]
+    .iter()
+    .any(|name| req.contains_key(name))
+}
+
+/// Makes `req` ask whether `stored` changed, with its validators; `false` when it has
+/// none (then the request fetches it whole).
+fn add_validators(stored: &Stored, req: &mut Request<Body>) -> bool {
+    let mut added = false;
+    if let Some(etag) = stored.headers.get(ETAG) {
+        req.headers_mut().insert(IF_NONE_MATCH, etag.clone());
+        added = true;
+    }
+    if let Some(modified) = stored.headers.get(LAST_MODIFIED) {
+        req.headers_mut()
+            .insert(IF_MODIFIED_SINCE, modified.clone());
+        added = true;
+    }
+    added
+}
+
+/// The stored response updated by a `304` (RFC 9111 §4.3.4): its fields replaced by the
+/// 304's, but for those describing the body, and its freshness computed again.
+fn refresh(
+    stored: &Stored,
+    fresh: &HeaderMap,
+    requested: SystemTime,
+    received: SystemTime,
+    heuristic: Option<Heuristic>,
+) -> Arc<Stored> {
+    let mut headers = stored.headers.clone();
+    let updates = storable_headers(fresh);
+    for name in updates.keys() {
+        if [
+            CONTENT_LENGTH,
+            CONTENT_ENCODING,
+            CONTENT_RANGE,
+            TRANSFER_ENCODING,
+        ]
+        .contains(name)
+        {
+            continue;
+        }
+        headers.remove(name);
+        for value in updates.get_all(name) {
+            headers.append(name.clone(), value.clone());
+        }
+    }
+    let cc = CacheControl::parse(&headers);
+    Arc::new(Stored {
+        status: stored.status,
+        freshness: Freshness::new(stored.status, &headers, &cc, requested, received, heuristic),
+        headers,
+        body: stored.body.clone(),
+        selection: stored.selection.clone(),
+    })
+}
+
+/// A stale response answering for an upstream that failed with `status`.
+fn stale_on_error(
+    stored: &Stored,
+    now: SystemTime,
+    status: u16,
+    name: &HeaderValue,
+    log: Option<&LogFields>,
+) -> Response<Body> {
+    let mut res = hit(stored, &Request::new(Body::empty()), now, name, None);
+    if let Some(log) = log {
+        log.insert("cache", "stale");
+    }
+    let name = name.to_str().unwrap_or("gateway");
+    if let Ok(value) = HeaderValue::try_from(format!(
+        "{name}; fwd=stale; fwd-status={status}; detail=stale-if-error"
+    )) {
+        res.headers_mut().insert(CACHE_STATUS.clone(), value);
     }
     res
 }

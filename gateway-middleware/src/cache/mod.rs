@@ -128,5 +128,5 @@ mod store;
 pub use directives::CacheControl;
 pub use freshness::{Freshness, Heuristic, NotStorable, Reuse, storable};
 pub use key::{Key, MAX_VARY, Selection, VaryError};
-pub use layer::{Cache, CacheLayer};
+pub use layer::{Cache, CacheLayer, ResponseFuture};
 pub use store::{MAX_VARIANTS, MemoryStore, Store, StoreError, Stored, Variants};

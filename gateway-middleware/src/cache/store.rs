@@ -68,6 +68,14 @@ impl std::error::Error for StoreError {
 /// A store bounds what it holds (bytes, objects) and may forget anything at any time: a
 /// forgotten response is a miss.
 pub trait Store: Send + Sync + 'static {
+    /// The responses under `key` at once, when the store can tell without waiting (an
+    /// in-process store); `None` (the default) to be asked with [`get`](Self::get). A hit
+    /// found here is answered without allocating the cache's future.
+    fn peek(&self, key: &Key) -> Option<Variants> {
+        let _ = key;
+        None
+    }
+
     /// The responses stored under `key`, newest first (empty when none).
     fn get(&self, key: &Key) -> impl Future<Output = Result<Variants, StoreError>> + Send;
 
@@ -199,6 +207,10 @@ impl MemoryStore {
 }
 
 impl Store for MemoryStore {
+    fn peek(&self, key: &Key) -> Option<Variants> {
+        Some(self.get_now(key))
+    }
+
     fn get(&self, key: &Key) -> impl Future<Output = Result<Variants, StoreError>> + Send {
         ready(Ok(self.get_now(key)))
     }

@@ -398,3 +398,60 @@ async fn stale_if_error_answers_for_a_failing_upstream_unless_must_revalidate() 
         }
     }
 }
+
+/// A slow upstream: 100 concurrent misses for one key make one upstream request; 20
+/// concurrent requests with 20 different credentials never share a response.
+#[tokio::test]
+async fn concurrent_misses_collapse_into_one_upstream_request_but_never_across_credentials() {
+    let calls = Arc::new(AtomicUsize::new(0));
+    let counted = Arc::clone(&calls);
+    let up = TestUpstream::serve(move |req| {
+        let n = counted.fetch_add(1, Ordering::SeqCst) + 1;
+        let auth = req
+            .headers()
+            .get("authorization")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("-")
+            .to_owned();
+        async move {
+            tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+            Ok(Response::builder()
+                .header("cache-control", "max-age=60")
+                .body(Body::from(format!("call={n} auth={auth}")))
+                .expect("a response"))
+        }
+    })
+    .await;
+    let (gw, _store) = cached(&up).await;
+    let addr = gw.addr;
+    let crowd: Vec<_> = (0..100)
+        .map(|_| tokio::spawn(async move { fetch(addr, get("/hot", &[])).await }))
+        .collect();
+    let mut collapsed = 0;
+    for call in crowd {
+        let res = support::within("the crowd", call).await.unwrap();
+        assert_eq!(res.status(), 200);
+        assert_eq!(res.body().as_ref(), b"call=1 auth=-");
+        collapsed += usize::from(cache_status(&res).ends_with("detail=collapsed"));
+    }
+    assert_eq!(calls.load(Ordering::SeqCst), 1, "one upstream request");
+    assert_eq!(collapsed, 99);
+
+    let crowd: Vec<_> = (0..20)
+        .map(|i| {
+            tokio::spawn(async move {
+                let auth = format!("Bearer token-{i}");
+                let res = fetch(addr, get("/private", &[("authorization", &auth)])).await;
+                (auth, res)
+            })
+        })
+        .collect();
+    for call in crowd {
+        let (auth, res) = support::within("the credentialed crowd", call)
+            .await
+            .unwrap();
+        let body = String::from_utf8_lossy(res.body()).into_owned();
+        assert!(body.ends_with(&format!("auth={auth}")), "{auth} got {body}");
+    }
+    assert_eq!(calls.load(Ordering::SeqCst), 21);
+}

@@ -6,20 +6,22 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll, ready};
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use bytes::{Bytes, BytesMut};
 use gateway_core::{Body, BoxError, ConnectInfo, Error, ErrorKind, LogFields};
 use http::header::{
-    AGE, CACHE_CONTROL, CONNECTION, CONTENT_ENCODING, CONTENT_LENGTH, CONTENT_LOCATION,
-    CONTENT_RANGE, DATE, ETAG, EXPIRES, HeaderName, HeaderValue, IF_MATCH, IF_MODIFIED_SINCE,
-    IF_NONE_MATCH, IF_RANGE, IF_UNMODIFIED_SINCE, LAST_MODIFIED, LOCATION, TRANSFER_ENCODING, VARY,
+    AGE, AUTHORIZATION, CACHE_CONTROL, CONNECTION, CONTENT_ENCODING, CONTENT_LENGTH,
+    CONTENT_LOCATION, CONTENT_RANGE, DATE, ETAG, EXPIRES, HeaderName, HeaderValue, IF_MATCH,
+    IF_MODIFIED_SINCE, IF_NONE_MATCH, IF_RANGE, IF_UNMODIFIED_SINCE, LAST_MODIFIED, LOCATION,
+    TRANSFER_ENCODING, VARY,
 };
 use http::{HeaderMap, Method, Request, Response, StatusCode, Uri};
 use http_body::Frame;
 use pin_project_lite::pin_project;
 use tower::{Layer, Service};
 
+use super::collapse::{FlightKey, Flights, Leader, Role, follow};
 use super::{CacheControl, Freshness, Heuristic, Key, Reuse, Selection, Store, Stored, storable};
 
 /// `Cache-Status` (RFC 9211).
@@ -27,6 +29,9 @@ static CACHE_STATUS: HeaderName = HeaderName::from_static("cache-status");
 
 /// The largest response stored by default.
 const DEFAULT_MAX_OBJECT: usize = 8 * 1024 * 1024;
+
+/// How long a miss waits by default for the same request in flight.
+const DEFAULT_COLLAPSE_WAIT: Duration = Duration::from_secs(5);
 
 /// A shared HTTP cache in front of a route's upstream; see the [module docs](super).
 ///
@@ -47,6 +52,8 @@ struct Shared<S> {
     name: HeaderValue,
     max_object: usize,
     heuristic: Option<Heuristic>,
+    collapse_wait: Duration,
+    flights: Arc<Flights>,
 }
 
 impl<S> Clone for CacheLayer<S> {
@@ -76,6 +83,8 @@ impl<S: Store> CacheLayer<S> {
                 name: HeaderValue::from_static("gateway"),
                 max_object: DEFAULT_MAX_OBJECT,
                 heuristic: None,
+                collapse_wait: DEFAULT_COLLAPSE_WAIT,
+                flights: Arc::default(),
             }),
         }
     }
@@ -89,6 +98,8 @@ impl<S: Store> CacheLayer<S> {
             name: self.shared.name.clone(),
             max_object: self.shared.max_object,
             heuristic: self.shared.heuristic,
+            collapse_wait: self.shared.collapse_wait,
+            flights: Arc::default(),
         };
         f(&mut shared);
         Self {
@@ -111,6 +122,15 @@ impl<S: Store> CacheLayer<S> {
         S: Clone,
     {
         self.with(|s| s.heuristic = Some(heuristic))
+    }
+
+    /// How long a miss waits for the same request already on its way upstream (then it
+    /// goes itself) [default: 5 s]; zero turns collapsing off.
+    pub fn collapse_wait(self, wait: Duration) -> Self
+    where
+        S: Clone,
+    {
+        self.with(|s| s.collapse_wait = wait)
     }
 
     /// The cache's name in `Cache-Status` (a token, such as `edge`).
@@ -355,6 +375,33 @@ where
     if req_cc.only_if_cached() {
         return Err(Error::new(ErrorKind::NotCached).into());
     }
+    // The same request already on its way upstream: wait for it, then look again
+    // (bounded; then go upstream alone).
+    let mut leader = None;
+    if method == Method::GET && !req_cc.no_cache() && !shared.collapse_wait.is_zero() {
+        let flight = FlightKey::new(&key, req.headers().get(AUTHORIZATION));
+        match shared.flights.join(flight) {
+            Role::Leader(l) => leader = Some(l),
+            Role::Follower(waiting) => {
+                if follow(waiting, shared.collapse_wait).await
+                    && let Ok(variants) = shared.store.get(&key).await
+                    && let Some(stored) =
+                        variants.iter().find(|v| v.selection.matches(req.headers()))
+                {
+                    let now = SystemTime::now();
+                    if matches!(
+                        stored.freshness.reuse(&req_cc, now),
+                        Reuse::Fresh | Reuse::Stale
+                    ) {
+                        let mut res = hit(stored, &req, now, &shared.name, log.as_ref());
+                        append_detail(res.headers_mut(), "collapsed");
+                        return Ok(res);
+                    }
+                }
+            }
+            Role::Alone => {}
+        }
+    }
     // A stored response to validate: the upstream is asked whether it changed (RFC 9111
     // §4.3.1), unless the client asks a question of its own.
     let validating = found.as_ref().filter(|stored| {
@@ -447,6 +494,7 @@ where
     let (parts, body) = res.into_parts();
     let pending = Pending {
         store: shared.store.clone(),
+        flight: leader,
         key,
         status: parts.status,
         headers: storable_headers(&parts.headers),
@@ -645,6 +693,17 @@ fn weak(tag: &[u8]) -> &[u8] {
     tag.strip_prefix(b"W/").unwrap_or(tag)
 }
 
+/// Adds a `detail` to this cache's `Cache-Status` entry.
+fn append_detail(headers: &mut HeaderMap, detail: &str) {
+    let value = headers
+        .get(&CACHE_STATUS)
+        .and_then(|v| v.to_str().ok())
+        .map(|v| format!("{v}; detail={detail}"));
+    if let Some(value) = value.and_then(|v| HeaderValue::try_from(v).ok()) {
+        headers.insert(CACHE_STATUS.clone(), value);
+    }
+}
+
 /// Adds `Cache-Status` (and the log field) to a response that went upstream.
 fn mark(
     mut res: Response<Body>,
@@ -778,6 +837,8 @@ fn origin_of(url: &str) -> &str {
 /// What a response being recorded is stored as once its body has ended well.
 struct Pending<St> {
     store: St,
+    /// Released once the response is stored (or will not be): the waiters look again.
+    flight: Option<Leader>,
     key: Key,
     status: StatusCode,
     headers: HeaderMap,
@@ -866,11 +927,12 @@ impl<St: Store> Pending<St> {
             selection: self.selection,
             freshness: self.freshness,
         });
-        let (store, key) = (self.store, self.key);
+        let (store, key, flight) = (self.store, self.key, self.flight);
         let put = async move {
             if let Err(e) = store.put(&key, stored).await {
                 tracing::warn!(error = %e, key = %key, "cache store failed: response not kept");
             }
+            drop(flight);
         };
         match tokio::runtime::Handle::try_current() {
             Ok(handle) => {

@@ -5,22 +5,29 @@
 //! - a fresh stored response (for this request's `Vary` fields and directives) is a hit,
 //!   with its `Age`; a `HEAD` is answered from a stored `GET`, and a conditional request
 //!   the stored response satisfies (`If-None-Match`, `If-Modified-Since`) gets a `304`;
+//! - a stale one with validators is validated: the upstream is asked with
+//!   `If-None-Match`/`If-Modified-Since`, and a `304` refreshes its fields and freshness
+//!   (RFC 9111 §4.3.4) and answers from the store; when the upstream fails (an error or
+//!   a 5xx), a stale response whose `stale-if-error` (or the request's) allows it
+//!   answers instead, never past `must-revalidate`;
 //! - anything else goes upstream, and a response that may be stored streams to the
 //!   client while a copy is kept (up to [`max_object`](CacheLayer::max_object)); the copy
 //!   is stored only when the body ended complete (never one cut short, with trailers, or
 //!   of the wrong length);
+//! - concurrent misses for the same key and credentials wait for the one request already
+//!   on its way ([`collapse_wait`](CacheLayer::collapse_wait), then they go themselves),
+//!   and answer from what it stored if it fits them (`Vary` and all);
 //! - a successful unsafe request (`POST`, `PUT`, `DELETE`...) forgets its URI and its
 //!   response's same-origin `Location` and `Content-Location` (§4.4);
 //! - `only-if-cached` with nothing to serve is a `504` (`not_cached`);
 //! - every response carries `Cache-Status` (`gateway; hit; ttl=42`, `gateway;
-//!   fwd=uri-miss; stored`, `fwd=vary-miss`, `fwd=stale`, `fwd=request`, `fwd=bypass`),
-//!   ahead of any from caches upstream, and the access log's `cache` field (`hit`, `miss`,
-//!   `bypass`).
+//!   fwd=uri-miss; stored`, `fwd=vary-miss`, `fwd=stale; fwd-status=304`, `fwd=request`,
+//!   `fwd=bypass`, `detail=collapsed`, `detail=stale-if-error`), and the access log's
+//!   `cache` field (`hit`, `miss`, `revalidated`, `stale`, `bypass`).
 //!
-//! A stale response is not served yet: it is fetched again (validation with the upstream,
-//! `stale-while-revalidate` and `stale-if-error` are the cache's next steps, as are
-//! collapsing concurrent misses, ranges, a Redis store, purging on the admin listener,
-//! metrics and the config section).
+//! Not yet: `stale-while-revalidate` is treated as stale (validated in the request's
+//! time, not in the background); range requests go upstream; the Redis store, purging on
+//! the admin listener, metrics and the config section are the cache's next steps.
 //!
 //! ```
 //! use gateway_core::Body;
@@ -119,6 +126,7 @@
 //! the stricter storing rules above. The rules here are small, allocation-free and
 //! tested clause by clause.
 
+mod collapse;
 mod directives;
 mod freshness;
 mod key;

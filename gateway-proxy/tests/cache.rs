@@ -455,3 +455,42 @@ async fn concurrent_misses_collapse_into_one_upstream_request_but_never_across_c
     }
     assert_eq!(calls.load(Ordering::SeqCst), 21);
 }
+
+#[tokio::test]
+async fn stale_while_revalidate_serves_at_once_and_refreshes_in_the_background() {
+    let (up, calls, _) = validating("max-age=1, stale-while-revalidate=30").await;
+    let (gw, store) = cached(&up).await;
+    fetch(gw.addr, get("/swr", &[])).await;
+    stored(&store, 1).await;
+    tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
+
+    let res = fetch(gw.addr, get("/swr", &[])).await;
+    assert_eq!(res.body().as_ref(), b"the document");
+    let status = cache_status(&res);
+    assert!(
+        status.starts_with("gateway; hit; ttl=")
+            && status.ends_with("detail=stale-while-revalidate"),
+        "{status}"
+    );
+    // The refresh: one conditional request, which makes the entry fresh again.
+    support::eventually("the background refresh", || {
+        calls.load(Ordering::SeqCst) == 2
+    })
+    .await;
+    assert_eq!(up.last_request().header("if-none-match"), Some("\"v1\""));
+    let mut fresh = false;
+    for _ in 0..50 {
+        let res = fetch(gw.addr, get("/swr", &[])).await;
+        if !cache_status(&res).contains("detail=") {
+            fresh = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert!(fresh, "the entry was refreshed");
+    assert_eq!(
+        calls.load(Ordering::SeqCst),
+        2,
+        "one refresh for all those requests"
+    );
+}

@@ -9,7 +9,7 @@ use std::task::{Context, Poll, ready};
 use std::time::{Duration, SystemTime};
 
 use bytes::{Bytes, BytesMut};
-use gateway_core::{Body, BoxError, ConnectInfo, Error, ErrorKind, LogFields};
+use gateway_core::{Body, BoxError, ConnectInfo, Drain, Error, ErrorKind, LogFields};
 use http::header::{
     AGE, AUTHORIZATION, CACHE_CONTROL, CONNECTION, CONTENT_ENCODING, CONTENT_LENGTH,
     CONTENT_LOCATION, CONTENT_RANGE, DATE, ETAG, EXPIRES, HeaderName, HeaderValue, IF_MATCH,
@@ -316,7 +316,7 @@ async fn serve<St, S>(
 ) -> Result<Response<Body>, BoxError>
 where
     St: Store + Clone,
-    S: Service<Request<Body>, Response = Response<Body>> + Send,
+    S: Service<Request<Body>, Response = Response<Body>> + Send + 'static,
     S::Error: Into<BoxError>,
     S::Future: Send,
 {
@@ -365,6 +365,29 @@ where
         Some(stored) => match stored.freshness.reuse(&req_cc, now) {
             Reuse::Fresh | Reuse::Stale => {
                 return Ok(hit(stored, &req, now, &shared.name, log.as_ref()));
+            }
+            // Served stale now, refreshed in the background (RFC 5861 §3), one refresh
+            // per key at a time.
+            Reuse::StaleWhileRevalidate if !req_cc.no_cache() && method == Method::GET => {
+                let flight = FlightKey::new(&key, req.headers().get(AUTHORIZATION));
+                let mut res = hit(stored, &req, now, &shared.name, log.as_ref());
+                append_detail(res.headers_mut(), "stale-while-revalidate");
+                if let Role::Leader(leader) = shared.flights.join(flight) {
+                    let drain = req.extensions().get::<Drain>().cloned();
+                    let refresh = background(
+                        Arc::clone(&shared),
+                        inner,
+                        req,
+                        key,
+                        Arc::clone(stored),
+                        leader,
+                    );
+                    match drain {
+                        Some(drain) => drop(drain.spawn(refresh)),
+                        None => drop(tokio::spawn(refresh)),
+                    }
+                }
+                return Ok(res);
             }
             Reuse::StaleWhileRevalidate | Reuse::Validate if req_cc.no_cache() => Forward::Request,
             Reuse::StaleWhileRevalidate | Reuse::Validate => Forward::Stale,
@@ -458,38 +481,13 @@ where
     let Some(req_headers) = keep else {
         return Ok(mark(res, &shared.name, forward, false, log.as_ref()));
     };
-    let res_cc = CacheControl::parse(res.headers());
-    let verdict = storable(
-        &method,
-        &req_headers,
-        &req_cc,
-        res.status(),
-        res.headers(),
-        &res_cc,
-        shared.heuristic,
-    )
-    .map_err(|why| why.as_str())
-    .and_then(|()| Selection::of(&req_headers, res.headers()).map_err(|_| "vary"))
-    .and_then(|selection| {
-        let too_big = length(&res)
-            .is_some_and(|len| len > u64::try_from(shared.max_object).unwrap_or(u64::MAX));
-        if too_big { Err("size") } else { Ok(selection) }
-    });
-    let selection = match verdict {
-        Ok(selection) => selection,
+    let (selection, freshness) = match judge(&shared, &req_headers, &req_cc, &res, now, received) {
+        Ok(judged) => judged,
         Err(why) => {
             tracing::trace!(key = %key, why, "response not stored");
             return Ok(mark(res, &shared.name, forward, false, log.as_ref()));
         }
     };
-    let freshness = Freshness::new(
-        res.status(),
-        res.headers(),
-        &res_cc,
-        now,
-        received,
-        shared.heuristic,
-    );
     let expected = length(&res);
     let (parts, body) = res.into_parts();
     let pending = Pending {
@@ -512,6 +510,120 @@ where
     });
     let res = Response::from_parts(parts, body);
     Ok(mark(res, &shared.name, forward, true, log.as_ref()))
+}
+
+/// Whether a GET's response may be stored, and if so by what it is selected and how
+/// fresh it is; if not, why (for the trace).
+fn judge<St>(
+    shared: &Shared<St>,
+    req: &HeaderMap,
+    req_cc: &CacheControl,
+    res: &Response<Body>,
+    requested: SystemTime,
+    received: SystemTime,
+) -> Result<(Selection, Freshness), &'static str> {
+    let res_cc = CacheControl::parse(res.headers());
+    storable(
+        &Method::GET,
+        req,
+        req_cc,
+        res.status(),
+        res.headers(),
+        &res_cc,
+        shared.heuristic,
+    )
+    .map_err(|why| why.as_str())?;
+    let selection = Selection::of(req, res.headers()).map_err(|_| "vary")?;
+    if length(res).is_some_and(|len| len > u64::try_from(shared.max_object).unwrap_or(u64::MAX)) {
+        return Err("size");
+    }
+    let freshness = Freshness::new(
+        res.status(),
+        res.headers(),
+        &res_cc,
+        requested,
+        received,
+        shared.heuristic,
+    );
+    Ok((selection, freshness))
+}
+
+/// Refreshes `stored` in the background: validated when it has validators, fetched
+/// whole otherwise, stored if it may be. `leader` keeps other refreshes (and misses) of
+/// the key waiting until it is done.
+async fn background<St, S>(
+    shared: Arc<Shared<St>>,
+    mut inner: S,
+    req: Request<Body>,
+    key: Key,
+    stored: Arc<Stored>,
+    leader: Leader,
+) where
+    St: Store + Clone,
+    S: Service<Request<Body>, Response = Response<Body>> + Send,
+    S::Error: Into<BoxError>,
+    S::Future: Send,
+{
+    let (mut parts, _) = req.into_parts();
+    // Its own request: no client conditionals, and no share in the client's log line.
+    for name in [
+        IF_NONE_MATCH,
+        IF_MODIFIED_SINCE,
+        IF_MATCH,
+        IF_UNMODIFIED_SINCE,
+        IF_RANGE,
+    ] {
+        parts.headers.remove(name);
+    }
+    parts.extensions.remove::<LogFields>();
+    let req_headers = parts.headers.clone();
+    let req_cc = CacheControl::parse_request(&req_headers);
+    let mut req = Request::from_parts(parts, Body::empty());
+    let validating = add_validators(&stored, &mut req);
+    let requested = SystemTime::now();
+    let res = match inner.call(req).await {
+        Ok(res) => res,
+        Err(e) => {
+            let e: BoxError = e.into();
+            tracing::debug!(key = %key, error = %e, "background refresh failed");
+            return;
+        }
+    };
+    let received = SystemTime::now();
+    let refreshed = if validating && res.status() == StatusCode::NOT_MODIFIED {
+        refresh(
+            &stored,
+            res.headers(),
+            requested,
+            received,
+            shared.heuristic,
+        )
+    } else {
+        let Ok((selection, freshness)) =
+            judge(&shared, &req_headers, &req_cc, &res, requested, received)
+        else {
+            return;
+        };
+        let (parts, body) = res.into_parts();
+        let limited = http_body_util::Limited::new(body, shared.max_object);
+        let Ok(collected) = http_body_util::BodyExt::collect(limited).await else {
+            return;
+        };
+        if collected.trailers().is_some() {
+            return;
+        }
+        Arc::new(Stored {
+            status: parts.status,
+            headers: storable_headers(&parts.headers),
+            body: collected.to_bytes(),
+            selection,
+            freshness,
+        })
+    };
+    if let Err(e) = shared.store.put(&key, refreshed).await {
+        tracing::warn!(error = %e, key = %key, "cache store failed: response not kept");
+    }
+    drop(leader);
 }
 
 /// A hit: the stored response, its `Age`, and `Cache-Status`; a `304` to a conditional

@@ -10,6 +10,8 @@
 //!   (RFC 9111 §4.3.4) and answers from the store; when the upstream fails (an error or
 //!   a 5xx), a stale response whose `stale-if-error` (or the request's) allows it
 //!   answers instead, never past `must-revalidate`;
+//! - a stale one within its `stale-while-revalidate` answers at once, and is refreshed in
+//!   the background (validated, or fetched whole), one refresh per key at a time;
 //! - anything else goes upstream, and a response that may be stored streams to the
 //!   client while a copy is kept (up to [`max_object`](CacheLayer::max_object)); the copy
 //!   is stored only when the body ended complete (never one cut short, with trailers, or
@@ -22,12 +24,13 @@
 //! - `only-if-cached` with nothing to serve is a `504` (`not_cached`);
 //! - every response carries `Cache-Status` (`gateway; hit; ttl=42`, `gateway;
 //!   fwd=uri-miss; stored`, `fwd=vary-miss`, `fwd=stale; fwd-status=304`, `fwd=request`,
-//!   `fwd=bypass`, `detail=collapsed`, `detail=stale-if-error`), and the access log's
+//!   `fwd=bypass`, `detail=collapsed`, `detail=stale-while-revalidate`,
+//!   `detail=stale-if-error`), and the access log's
 //!   `cache` field (`hit`, `miss`, `revalidated`, `stale`, `bypass`).
 //!
-//! Not yet: `stale-while-revalidate` is treated as stale (validated in the request's
-//! time, not in the background); range requests go upstream; the Redis store, purging on
-//! the admin listener, metrics and the config section are the cache's next steps.
+//! Not yet: range requests go upstream (no 206 from a stored response); the Redis store,
+//! purging on the admin listener, metrics and the config section are the cache's next
+//! steps.
 //!
 //! ```
 //! use gateway_core::Body;

@@ -494,3 +494,38 @@ async fn stale_while_revalidate_serves_at_once_and_refreshes_in_the_background()
         "one refresh for all those requests"
     );
 }
+
+#[tokio::test]
+async fn a_range_of_a_stored_response_is_a_206_from_the_cache() {
+    let (up, calls, _) = validating("max-age=60").await;
+    let (gw, store) = cached(&up).await;
+    fetch(gw.addr, get("/r", &[])).await;
+    stored(&store, 1).await;
+    let part = fetch(gw.addr, get("/r", &[("range", "bytes=4-11")])).await;
+    assert_eq!(part.status(), 206);
+    assert_eq!(part.body().as_ref(), b"document");
+    assert_eq!(part.headers()["content-range"], "bytes 4-11/12");
+    let tail = fetch(
+        gw.addr,
+        get("/r", &[("range", "bytes=-3"), ("if-range", "\"v1\"")]),
+    )
+    .await;
+    assert_eq!(
+        (tail.status().as_u16(), tail.body().as_ref()),
+        (206, &b"ent"[..])
+    );
+    let changed = fetch(
+        gw.addr,
+        get("/r", &[("range", "bytes=0-2"), ("if-range", "\"v0\"")]),
+    )
+    .await;
+    assert_eq!(
+        changed.status(),
+        200,
+        "another version: the whole of this one"
+    );
+    let beyond = fetch(gw.addr, get("/r", &[("range", "bytes=50-")])).await;
+    assert_eq!(beyond.status(), 416);
+    assert_eq!(beyond.headers()["content-range"], "bytes */12");
+    assert_eq!(calls.load(Ordering::SeqCst), 1);
+}

@@ -14,7 +14,7 @@ use http::header::{
     AGE, AUTHORIZATION, CACHE_CONTROL, CONNECTION, CONTENT_ENCODING, CONTENT_LENGTH,
     CONTENT_LOCATION, CONTENT_RANGE, DATE, ETAG, EXPIRES, HeaderName, HeaderValue, IF_MATCH,
     IF_MODIFIED_SINCE, IF_NONE_MATCH, IF_RANGE, IF_UNMODIFIED_SINCE, LAST_MODIFIED, LOCATION,
-    TRANSFER_ENCODING, VARY,
+    RANGE, TRANSFER_ENCODING, VARY,
 };
 use http::{HeaderMap, Method, Request, Response, StatusCode, Uri};
 use http_body::Frame;
@@ -22,6 +22,7 @@ use pin_project_lite::pin_project;
 use tower::{Layer, Service};
 
 use super::collapse::{FlightKey, Flights, Leader, Role, follow};
+use super::range::{Ranged, ranged};
 use super::{CacheControl, Freshness, Heuristic, Key, Reuse, Selection, Store, Stored, storable};
 
 /// `Cache-Status` (RFC 9211).
@@ -656,18 +657,39 @@ fn hit(
         res
     } else {
         let head = req.method() == Method::HEAD;
-        let body = if head {
-            Body::empty()
+        let len = stored.body.len();
+        let range = if req.method() == Method::GET
+            && stored.status == StatusCode::OK
+            && req.headers().contains_key(RANGE)
+        {
+            ranged(req.headers(), &stored.headers, len)
         } else {
-            Body::from(stored.body.clone())
+            Ranged::Whole
+        };
+        let (status, body, content_range) = match range {
+            Ranged::Whole if head => (stored.status, Body::empty(), None),
+            Ranged::Whole => (stored.status, Body::from(stored.body.clone()), None),
+            Ranged::Part(part) => {
+                let value = format!("bytes {}-{}/{len}", part.start, part.end.saturating_sub(1));
+                let body = Body::from(stored.body.slice(part));
+                (StatusCode::PARTIAL_CONTENT, body, Some(value))
+            }
+            Ranged::Unsatisfiable => (
+                StatusCode::RANGE_NOT_SATISFIABLE,
+                Body::empty(),
+                Some(format!("bytes */{len}")),
+            ),
         };
         let mut res = Response::new(body);
-        *res.status_mut() = stored.status;
+        *res.status_mut() = status;
         *res.headers_mut() = stored.headers.clone();
         if head {
             // The length of the body a GET would get.
             res.headers_mut()
-                .insert(CONTENT_LENGTH, HeaderValue::from(stored.body.len()));
+                .insert(CONTENT_LENGTH, HeaderValue::from(len));
+        }
+        if let Some(value) = content_range.and_then(|v| HeaderValue::try_from(v).ok()) {
+            res.headers_mut().insert(CONTENT_RANGE, value);
         }
         res
     };

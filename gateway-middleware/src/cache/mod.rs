@@ -28,9 +28,13 @@
 //!   `detail=stale-if-error`), and the access log's
 //!   `cache` field (`hit`, `miss`, `revalidated`, `stale`, `bypass`).
 //!
-//! Not yet: range requests go upstream (no 206 from a stored response); the Redis store,
-//! purging on the admin listener, metrics and the config section are the cache's next
-//! steps.
+//! - a single byte range of a stored full response is a `206` (a slice of the stored
+//!   body, no copy), an unsatisfiable one a `416`; `If-Range` is honoured (strong
+//!   validators only), and several ranges get the whole response;
+//!
+//! Not yet: a range request that misses goes upstream as it is (its 206 is not stored);
+//! the Redis store, purging on the admin listener, metrics and the config section are
+//! the cache's next steps.
 //!
 //! ```
 //! use gateway_core::Body;
@@ -134,6 +138,7 @@ mod directives;
 mod freshness;
 mod key;
 mod layer;
+mod range;
 mod store;
 
 pub use directives::CacheControl;

@@ -21,11 +21,14 @@
 //! | `retry` | `{ tries: 3, budget: { ratio: 0.2 }, per_try_timeout: 2s }` | [`RetryLayer`](crate::retry::RetryLayer) |
 //! | `concurrency-limit` | `{ max: 200 }` | [`ConcurrencyLimitLayer`](crate::concurrency_limit::ConcurrencyLimitLayer): 503 over the cap, no queue |
 //! | `circuit-breaker` | `{ failure_rate: 0.5, min_calls: 20, fallback: { upstream: spare } }` | [`CircuitBreakerLayer`](crate::circuit_breaker::CircuitBreakerLayer) |
+//! | `cache` | `{ max_memory: 256MiB, max_object: 8MiB }` | [`CacheLayer`](crate::cache::CacheLayer) over a [`MemoryStore`](crate::cache::MemoryStore) |
 //!
 //! Every section is documented key by key in `docs/config.md`.
 
 #[cfg(feature = "auth")]
 pub mod auth;
+#[cfg(feature = "cache")]
+pub mod cache;
 #[cfg(feature = "circuit-breaker")]
 pub mod circuit_breaker;
 #[cfg(feature = "rate-limit")]
@@ -65,6 +68,8 @@ pub fn register(registry: &mut Registry) {
     retry::register(registry);
     #[cfg(feature = "circuit-breaker")]
     circuit_breaker::register(registry);
+    #[cfg(feature = "cache")]
+    cache::register(registry);
 }
 
 /// `request-id`'s section.

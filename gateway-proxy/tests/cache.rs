@@ -529,3 +529,53 @@ async fn a_range_of_a_stored_response_is_a_206_from_the_cache() {
     assert_eq!(beyond.headers()["content-range"], "bytes */12");
     assert_eq!(calls.load(Ordering::SeqCst), 1);
 }
+
+/// From the config file, with metrics: every request counted once by what the cache did,
+/// and the bytes it holds.
+#[tokio::test]
+async fn the_cache_section_counts_what_it_does() {
+    use gateway_core::metrics::{Format, Metrics};
+    let (up, calls) = upstream(&[("cache-control", "max-age=60")]).await;
+    let metrics = Metrics::new();
+    let gw = support::start_config(
+        &format!(
+            "listen: 127.0.0.1:0
+upstreams:
+  app: {{ endpoints: ['{}'] }}
+routes:
+  - id: api
+    match: {{ path: / }}
+    upstream: app
+    plugins:
+      - cache: {{ max_memory: 8MiB, max_object: 1MiB }}
+",
+            up.url()
+        ),
+        Some(&metrics),
+    )
+    .await;
+    fetch(gw.addr, get("/m", &[])).await;
+    let text = || metrics.encode(Format::Prometheus);
+    support::eventually("the response is stored", || {
+        !text().contains("gateway_cache_bytes{cache=\"api\"} 0")
+    })
+    .await;
+    for _ in 0..3 {
+        fetch(gw.addr, get("/m", &[])).await;
+    }
+    let post = Request::post("/m")
+        .header("host", "a.example")
+        .body(Bytes::new())
+        .unwrap();
+    fetch(gw.addr, post).await;
+    let text = text();
+    for line in [
+        "gateway_cache_requests_total{cache=\"api\",result=\"miss\"} 1",
+        "gateway_cache_requests_total{cache=\"api\",result=\"hit\"} 3",
+        "gateway_cache_requests_total{cache=\"api\",result=\"bypass\"} 1",
+        "gateway_cache_evictions_total{cache=\"api\"} 0",
+    ] {
+        assert!(text.contains(line), "{line} in\n{text}");
+    }
+    assert_eq!(calls.load(Ordering::SeqCst), 2);
+}

@@ -405,7 +405,7 @@ async fn mistakes_name_their_line_column_and_key_path() {
             "listen: x\nroutes:\n  - match: { path: /a }\n    respond: {}\n    plugins:\n      - tga: { value: x }\n",
             (6, 14),
             "routes[0].plugins[0].tga",
-            "no plugin is named `tga` (registered: acl, auth, basic-auth, body-limit, circuit-breaker, compression, concurrency-limit, cors, count, forward-auth, headers, ip-filter, jwt, key-auth, rate-limit, request-id, retry, tag, timeout)",
+            "no plugin is named `tga` (registered: acl, auth, basic-auth, body-limit, cache, circuit-breaker, compression, concurrency-limit, cors, count, forward-auth, headers, ip-filter, jwt, key-auth, rate-limit, request-id, retry, tag, timeout)",
         ),
         (
             "a plugin's section with a mistake",
@@ -866,6 +866,76 @@ routes:
         "the fallback is the upstream as configured now"
     );
     assert_eq!(old.requests().len(), 1);
+}
+
+/// A `cache` section from the file: a miss then a hit, and what it holds survives a
+/// reload that leaves the section as it was; a resized cache starts empty.
+#[tokio::test]
+async fn a_cache_keeps_its_contents_across_a_reload_that_keeps_it() {
+    let calls = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counted = std::sync::Arc::clone(&calls);
+    let up = TestUpstream::serve(move |_| {
+        counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        async {
+            Ok(http::Response::builder()
+                .header("cache-control", "max-age=600")
+                .body(gateway_core::Body::from("cached"))
+                .expect("a response"))
+        }
+    })
+    .await;
+    let config = |memory: &str, other: &str| {
+        format!(
+            "
+listen: 127.0.0.1:0
+upstreams:
+  app: {{ endpoints: ['{up}'] }}
+routes:
+  - id: api
+    match: {{ path: /api }}
+    upstream: app
+    plugins:
+      - cache: {{ max_memory: {memory} }}
+  - {{ match: {{ exact: /other }}, respond: {{ body: {other} }} }}
+",
+            up = up.url()
+        )
+    };
+    let cache_status = |raw: &str| {
+        raw.lines()
+            .find_map(|l| l.strip_prefix("cache-status: "))
+            .unwrap_or_default()
+            .to_owned()
+    };
+    let file = File::new("cache-state.yaml", &config("16MiB", "one"));
+    let (gw, live) = start_live(&file).await;
+    let first = raw(gw.addr, &support::get("/api", "")).await;
+    assert_eq!(cache_status(&first), "gateway; fwd=uri-miss; stored");
+    let mut hit = String::new();
+    for _ in 0..50 {
+        hit = raw(gw.addr, &support::get("/api", "")).await;
+        if cache_status(&hit).contains("hit") {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    assert!(cache_status(&hit).starts_with("gateway; hit"), "{hit}");
+    file.write(&config("16MiB", "two"));
+    applied(&live, 1).await;
+    let kept = raw(gw.addr, &support::get("/api", "")).await;
+    assert!(
+        cache_status(&kept).starts_with("gateway; hit"),
+        "kept: {kept}"
+    );
+    assert_eq!(calls.load(std::sync::atomic::Ordering::SeqCst), 1);
+    file.write(&config("32MiB", "two"));
+    applied(&live, 2).await;
+    let fresh = raw(gw.addr, &support::get("/api", "")).await;
+    assert_eq!(
+        cache_status(&fresh),
+        "gateway; fwd=uri-miss; stored",
+        "resized: empty"
+    );
 }
 
 /// `ip-filter` from the file judges the resolved client address: a forged

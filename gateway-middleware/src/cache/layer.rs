@@ -9,6 +9,7 @@ use std::task::{Context, Poll, ready};
 use std::time::{Duration, SystemTime};
 
 use bytes::{Bytes, BytesMut};
+use gateway_core::metrics::Metrics;
 use gateway_core::{Body, BoxError, ConnectInfo, Drain, Error, ErrorKind, LogFields};
 use http::header::{
     AGE, AUTHORIZATION, CACHE_CONTROL, CONNECTION, CONTENT_ENCODING, CONTENT_LENGTH,
@@ -19,6 +20,9 @@ use http::header::{
 use http::{HeaderMap, Method, Request, Response, StatusCode, Uri};
 use http_body::Frame;
 use pin_project_lite::pin_project;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
 use tower::{Layer, Service};
 
 use super::collapse::{FlightKey, Flights, Leader, Role, follow};
@@ -55,6 +59,8 @@ struct Shared<S> {
     heuristic: Option<Heuristic>,
     collapse_wait: Duration,
     flights: Arc<Flights>,
+    /// `gateway_cache_requests_total{cache, result}`, by [`Outcome`].
+    counters: Option<[Counter; 7]>,
 }
 
 impl<S> Clone for CacheLayer<S> {
@@ -86,6 +92,7 @@ impl<S: Store> CacheLayer<S> {
                 heuristic: None,
                 collapse_wait: DEFAULT_COLLAPSE_WAIT,
                 flights: Arc::default(),
+                counters: None,
             }),
         }
     }
@@ -101,6 +108,7 @@ impl<S: Store> CacheLayer<S> {
             heuristic: self.shared.heuristic,
             collapse_wait: self.shared.collapse_wait,
             flights: Arc::default(),
+            counters: self.shared.counters.clone(),
         };
         f(&mut shared);
         Self {
@@ -132,6 +140,29 @@ impl<S: Store> CacheLayer<S> {
         S: Clone,
     {
         self.with(|s| s.collapse_wait = wait)
+    }
+
+    /// Counts requests by what the cache did in `metrics`
+    /// (`gateway_cache_requests_total{cache, result}`, `cache` being `label`: a route id,
+    /// or the name routes share a cache by).
+    pub fn metrics(self, metrics: &Metrics, label: &str) -> Self
+    where
+        S: Clone,
+    {
+        let family: Family<RequestLabels, Counter> = metrics.family(
+            "cache_requests",
+            "Requests by what the cache did: hit, miss, bypass, revalidated, stale_while_revalidate, stale_if_error, collapsed",
+        );
+        let cache: Arc<str> = label.into();
+        let counters = Outcome::ALL.map(|outcome| {
+            family
+                .get_or_create(&RequestLabels {
+                    cache: Arc::clone(&cache),
+                    result: outcome.as_str(),
+                })
+                .clone()
+        });
+        self.with(|s| s.counters = Some(counters))
     }
 
     /// The cache's name in `Cache-Status` (a token, such as `edge`).
@@ -178,6 +209,68 @@ impl<St, S: fmt::Debug> fmt::Debug for Cache<St, S> {
         f.debug_struct("Cache")
             .field("inner", &self.inner)
             .finish_non_exhaustive()
+    }
+}
+
+/// What the cache did for a request: the access log's `cache` field and the `result`
+/// label of `gateway_cache_requests_total`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Outcome {
+    /// Answered from the store.
+    Hit,
+    /// Went upstream (a miss, a stale entry fetched again, or the client asking for it).
+    Miss,
+    /// Not cacheable (a method other than GET and HEAD, no host).
+    Bypass,
+    /// A stale entry validated with the upstream (304) and answered from the store.
+    Revalidated,
+    /// A stale entry answered at once and refreshed in the background.
+    StaleWhileRevalidate,
+    /// A stale entry answering for a failing upstream.
+    StaleIfError,
+    /// Waited for the same request in flight, then answered from what it stored.
+    Collapsed,
+}
+
+impl Outcome {
+    const ALL: [Self; 7] = [
+        Self::Hit,
+        Self::Miss,
+        Self::Bypass,
+        Self::Revalidated,
+        Self::StaleWhileRevalidate,
+        Self::StaleIfError,
+        Self::Collapsed,
+    ];
+
+    const fn as_str(self) -> &'static str {
+        match self {
+            Self::Hit => "hit",
+            Self::Miss => "miss",
+            Self::Bypass => "bypass",
+            Self::Revalidated => "revalidated",
+            Self::StaleWhileRevalidate => "stale_while_revalidate",
+            Self::StaleIfError => "stale_if_error",
+            Self::Collapsed => "collapsed",
+        }
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RequestLabels {
+    cache: Arc<str>,
+    result: &'static str,
+}
+
+impl<S> Shared<S> {
+    /// Counts `outcome` and notes it in the access log.
+    fn report(&self, log: Option<&LogFields>, outcome: Outcome) {
+        if let Some(log) = log {
+            log.insert("cache", outcome.as_str());
+        }
+        if let Some(counters) = &self.counters {
+            counters[outcome as usize].inc();
+        }
     }
 }
 
@@ -242,8 +335,8 @@ where
                     Reuse::Fresh | Reuse::Stale
                 )
             {
-                let log = req.extensions().get::<LogFields>();
-                let res = hit(stored, &req, now, &shared.name, log);
+                shared.report(req.extensions().get::<LogFields>(), Outcome::Hit);
+                let res = hit(stored, &req, now, &shared.name);
                 return ResponseFuture::ready(Ok(res));
             }
             seen = Some(variants);
@@ -338,13 +431,8 @@ where
         {
             invalidate(&shared.store, &target, res.headers()).await;
         }
-        return Ok(mark(
-            res,
-            &shared.name,
-            Forward::Bypass,
-            false,
-            log.as_ref(),
-        ));
+        shared.report(log.as_ref(), Outcome::Bypass);
+        return Ok(mark(res, &shared.name, Forward::Bypass, false));
     };
     let req_cc = CacheControl::parse_request(req.headers());
     let now = SystemTime::now();
@@ -365,13 +453,15 @@ where
     let forward = match &found {
         Some(stored) => match stored.freshness.reuse(&req_cc, now) {
             Reuse::Fresh | Reuse::Stale => {
-                return Ok(hit(stored, &req, now, &shared.name, log.as_ref()));
+                shared.report(log.as_ref(), Outcome::Hit);
+                return Ok(hit(stored, &req, now, &shared.name));
             }
             // Served stale now, refreshed in the background (RFC 5861 §3), one refresh
             // per key at a time.
             Reuse::StaleWhileRevalidate if !req_cc.no_cache() && method == Method::GET => {
                 let flight = FlightKey::new(&key, req.headers().get(AUTHORIZATION));
-                let mut res = hit(stored, &req, now, &shared.name, log.as_ref());
+                shared.report(log.as_ref(), Outcome::StaleWhileRevalidate);
+                let mut res = hit(stored, &req, now, &shared.name);
                 append_detail(res.headers_mut(), "stale-while-revalidate");
                 if let Role::Leader(leader) = shared.flights.join(flight) {
                     let drain = req.extensions().get::<Drain>().cloned();
@@ -417,7 +507,8 @@ where
                         stored.freshness.reuse(&req_cc, now),
                         Reuse::Fresh | Reuse::Stale
                     ) {
-                        let mut res = hit(stored, &req, now, &shared.name, log.as_ref());
+                        shared.report(log.as_ref(), Outcome::Collapsed);
+                        let mut res = hit(stored, &req, now, &shared.name);
                         append_detail(res.headers_mut(), "collapsed");
                         return Ok(res);
                     }
@@ -447,13 +538,8 @@ where
     {
         let status = result.as_ref().map_or(502, |res| res.status().as_u16());
         tracing::debug!(key = %key, status, "upstream failed: a stale response answers");
-        return Ok(stale_on_error(
-            stored,
-            received,
-            status,
-            &shared.name,
-            log.as_ref(),
-        ));
+        shared.report(log.as_ref(), Outcome::StaleIfError);
+        return Ok(stale_on_error(stored, received, status, &shared.name));
     }
     let res = result?;
     if let (Some(stored), StatusCode::NOT_MODIFIED) = (&validating, res.status()) {
@@ -461,16 +547,13 @@ where
         if let Err(e) = shared.store.put(&key, Arc::clone(&refreshed)).await {
             tracing::warn!(error = %e, key = %key, "cache store failed: response not kept");
         }
+        shared.report(log.as_ref(), Outcome::Revalidated);
         let mut res = hit(
             &refreshed,
             &Request::new(Body::empty()),
             received,
             &shared.name,
-            None,
         );
-        if let Some(log) = &log {
-            log.insert("cache", "revalidated");
-        }
         let name = shared.name.to_str().unwrap_or("gateway");
         if let Ok(status) =
             HeaderValue::try_from(format!("{name}; fwd=stale; fwd-status=304; stored"))
@@ -479,14 +562,15 @@ where
         }
         return Ok(res);
     }
+    shared.report(log.as_ref(), Outcome::Miss);
     let Some(req_headers) = keep else {
-        return Ok(mark(res, &shared.name, forward, false, log.as_ref()));
+        return Ok(mark(res, &shared.name, forward, false));
     };
     let (selection, freshness) = match judge(&shared, &req_headers, &req_cc, &res, now, received) {
         Ok(judged) => judged,
         Err(why) => {
             tracing::trace!(key = %key, why, "response not stored");
-            return Ok(mark(res, &shared.name, forward, false, log.as_ref()));
+            return Ok(mark(res, &shared.name, forward, false));
         }
     };
     let expected = length(&res);
@@ -510,7 +594,7 @@ where
         pending: Some(pending),
     });
     let res = Response::from_parts(parts, body);
-    Ok(mark(res, &shared.name, forward, true, log.as_ref()))
+    Ok(mark(res, &shared.name, forward, true))
 }
 
 /// Whether a GET's response may be stored, and if so by what it is selected and how
@@ -634,7 +718,6 @@ fn hit(
     req: &Request<Body>,
     now: SystemTime,
     name: &HeaderValue,
-    log: Option<&LogFields>,
 ) -> Response<Body> {
     let age = stored.freshness.age(now).as_secs();
     let ttl = i128::from(stored.freshness.lifetime().as_secs()) - i128::from(age);
@@ -642,9 +725,6 @@ fn hit(
     status.extend_from_slice(name.as_bytes());
     status.extend_from_slice(b"; hit; ttl=");
     status.extend_from_slice(itoa::Buffer::new().format(ttl).as_bytes());
-    if let Some(log) = log {
-        log.insert("cache", "hit");
-    }
     let mut res = if not_modified(stored, req.headers()) {
         let mut res = Response::new(Body::empty());
         *res.status_mut() = StatusCode::NOT_MODIFIED;
@@ -775,12 +855,8 @@ fn stale_on_error(
     now: SystemTime,
     status: u16,
     name: &HeaderValue,
-    log: Option<&LogFields>,
 ) -> Response<Body> {
-    let mut res = hit(stored, &Request::new(Body::empty()), now, name, None);
-    if let Some(log) = log {
-        log.insert("cache", "stale");
-    }
+    let mut res = hit(stored, &Request::new(Body::empty()), now, name);
     let name = name.to_str().unwrap_or("gateway");
     if let Ok(value) = HeaderValue::try_from(format!(
         "{name}; fwd=stale; fwd-status={status}; detail=stale-if-error"
@@ -838,13 +914,12 @@ fn append_detail(headers: &mut HeaderMap, detail: &str) {
     }
 }
 
-/// Adds `Cache-Status` (and the log field) to a response that went upstream.
+/// Adds `Cache-Status` to a response that went upstream.
 fn mark(
     mut res: Response<Body>,
     name: &HeaderValue,
     forward: Forward,
     stored: bool,
-    log: Option<&LogFields>,
 ) -> Response<Body> {
     let name = name.to_str().unwrap_or("gateway");
     let status = if stored {
@@ -852,15 +927,6 @@ fn mark(
     } else {
         format!("{name}; fwd={}", forward.as_str())
     };
-    if let Some(log) = log {
-        log.insert(
-            "cache",
-            match forward {
-                Forward::Bypass => "bypass",
-                _ => "miss",
-            },
-        );
-    }
     prepend_status(res.headers_mut(), status);
     res
 }

@@ -25,16 +25,19 @@
 //! - every response carries `Cache-Status` (`gateway; hit; ttl=42`, `gateway;
 //!   fwd=uri-miss; stored`, `fwd=vary-miss`, `fwd=stale; fwd-status=304`, `fwd=request`,
 //!   `fwd=bypass`, `detail=collapsed`, `detail=stale-while-revalidate`,
-//!   `detail=stale-if-error`), and the access log's
-//!   `cache` field (`hit`, `miss`, `revalidated`, `stale`, `bypass`).
-//!
+//!   `detail=stale-if-error`);
 //! - a single byte range of a stored full response is a `206` (a slice of the stored
 //!   body, no copy), an unsatisfiable one a `416`; `If-Range` is honoured (strong
-//!   validators only), and several ranges get the whole response;
+//!   validators only), and several ranges get the whole response.
+//!
+//! Reporting: [`CacheLayer::metrics`] counts requests by what the cache did
+//! (`gateway_cache_requests_total{cache, result}`), [`MemoryStore::metrics`] the bytes it
+//! holds and its evictions; the access log's `cache` field says the same per request.
+//! From the config file: the `cache` section (`docs/config.md`).
 //!
 //! Not yet: a range request that misses goes upstream as it is (its 206 is not stored);
-//! the Redis store, purging on the admin listener, metrics and the config section are
-//! the cache's next steps.
+//! a Redis store shared by several instances and purging on the admin listener are the
+//! cache's next steps.
 //!
 //! ```
 //! use gateway_core::Body;
@@ -145,4 +148,6 @@ pub use directives::CacheControl;
 pub use freshness::{Freshness, Heuristic, NotStorable, Reuse, storable};
 pub use key::{Key, MAX_VARY, Selection, VaryError};
 pub use layer::{Cache, CacheLayer, ResponseFuture};
+#[cfg(feature = "config")]
+pub(crate) use store::WeakMemoryStore;
 pub use store::{MAX_VARIANTS, MemoryStore, Store, StoreError, Stored, Variants};

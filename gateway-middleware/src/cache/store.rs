@@ -3,11 +3,16 @@
 
 use std::fmt;
 use std::future::{Future, ready};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
 
 use bytes::Bytes;
+use gateway_core::metrics::Metrics;
 use http::{HeaderMap, StatusCode};
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
 
 use super::{Freshness, Key, Selection};
 
@@ -108,7 +113,14 @@ struct Memory {
     cache:
         quick_cache::sync::Cache<Key, Variants, Weight, quick_cache::DefaultHashBuilder, Evictions>,
     budget: u64,
-    evictions: Arc<AtomicU64>,
+    report: Arc<Report>,
+}
+
+/// What the store reports: evictions always, and its metrics once asked to.
+#[derive(Default)]
+struct Report {
+    evictions: AtomicU64,
+    metrics: OnceLock<(Gauge, Counter)>,
 }
 
 #[derive(Clone)]
@@ -123,20 +135,28 @@ impl quick_cache::Weighter<Key, Variants> for Weight {
 
 /// Counts what the store evicts (for `gateway_cache_evictions_total`).
 #[derive(Clone)]
-struct Evictions(Arc<AtomicU64>);
+struct Evictions(Arc<Report>);
 
 impl quick_cache::Lifecycle<Key, Variants> for Evictions {
     type RequestState = ();
 
     fn on_evict(&self, (): &mut (), _: Key, _: Variants) {
-        self.0.fetch_add(1, Ordering::Relaxed);
+        self.0.evictions.fetch_add(1, Ordering::Relaxed);
+        if let Some((_, evicted)) = self.0.metrics.get() {
+            evicted.inc();
+        }
     }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StoreLabels {
+    cache: Arc<str>,
 }
 
 impl MemoryStore {
     /// A store holding at most `bytes` of responses (bodies, fields and overhead).
     pub fn with_capacity(bytes: u64) -> Self {
-        let evictions = Arc::new(AtomicU64::new(0));
+        let report = Arc::new(Report::default());
         // About one object per 16 KiB of budget to start with; the table grows as needed.
         let estimated = usize::try_from(bytes / 16_384)
             .unwrap_or(usize::MAX)
@@ -146,14 +166,49 @@ impl MemoryStore {
             bytes.max(1),
             Weight,
             quick_cache::DefaultHashBuilder::default(),
-            Evictions(Arc::clone(&evictions)),
+            Evictions(Arc::clone(&report)),
         );
         Self {
             inner: Arc::new(Memory {
                 cache,
                 budget: bytes,
-                evictions,
+                report,
             }),
+        }
+    }
+
+    /// Reports the bytes held (`gateway_cache_bytes{cache}`) and the evictions
+    /// (`gateway_cache_evictions_total{cache}`) in `metrics`, `cache` being `label`. Once:
+    /// later calls change nothing.
+    pub fn metrics(&self, metrics: &Metrics, label: &str) {
+        let labels = StoreLabels {
+            cache: label.into(),
+        };
+        let bytes: Family<StoreLabels, Gauge> =
+            metrics.family("cache_bytes", "Bytes of responses a cache holds");
+        let evicted: Family<StoreLabels, Counter> = metrics.family(
+            "cache_evictions",
+            "Keys a cache evicted to stay within its byte budget",
+        );
+        let pair = (
+            bytes.get_or_create(&labels).clone(),
+            evicted.get_or_create(&labels).clone(),
+        );
+        if self.inner.report.metrics.set(pair).is_ok() {
+            self.measured();
+        }
+    }
+
+    /// The store, held weakly (what the config keeps to carry it across reloads).
+    #[cfg(feature = "config")]
+    pub(crate) fn downgrade(&self) -> WeakMemoryStore {
+        WeakMemoryStore(Arc::downgrade(&self.inner))
+    }
+
+    /// Updates the bytes-held gauge.
+    fn measured(&self) {
+        if let Some((bytes, _)) = self.inner.report.metrics.get() {
+            bytes.set(i64::try_from(self.bytes_held()).unwrap_or(i64::MAX));
         }
     }
 
@@ -179,7 +234,7 @@ impl MemoryStore {
 
     /// The keys evicted to make room so far.
     pub fn evictions(&self) -> u64 {
-        self.inner.evictions.load(Ordering::Relaxed)
+        self.inner.report.evictions.load(Ordering::Relaxed)
     }
 
     /// The responses under `key`, at once.
@@ -203,6 +258,24 @@ impl MemoryStore {
             .take(MAX_VARIANTS)
             .collect();
         self.inner.cache.insert(key.clone(), variants);
+        self.measured();
+    }
+}
+
+/// A [`MemoryStore`] held weakly.
+#[cfg(feature = "config")]
+pub(crate) struct WeakMemoryStore(std::sync::Weak<Memory>);
+
+#[cfg(feature = "config")]
+impl WeakMemoryStore {
+    pub(crate) fn upgrade(&self) -> Option<MemoryStore> {
+        Some(MemoryStore {
+            inner: self.0.upgrade()?,
+        })
+    }
+
+    pub(crate) fn is_alive(&self) -> bool {
+        self.0.strong_count() > 0
     }
 }
 
@@ -225,7 +298,9 @@ impl Store for MemoryStore {
     }
 
     fn remove(&self, key: &Key) -> impl Future<Output = Result<bool, StoreError>> + Send {
-        ready(Ok(self.inner.cache.remove(key).is_some()))
+        let removed = self.inner.cache.remove(key).is_some();
+        self.measured();
+        ready(Ok(removed))
     }
 
     fn purge_prefix(&self, prefix: &str) -> impl Future<Output = Result<u64, StoreError>> + Send {
@@ -237,6 +312,7 @@ impl Store for MemoryStore {
             }
             keep
         });
+        self.measured();
         ready(Ok(purged.into_inner()))
     }
 }

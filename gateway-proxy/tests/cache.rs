@@ -579,3 +579,69 @@ routes:
     }
     assert_eq!(calls.load(Ordering::SeqCst), 2);
 }
+
+/// A 100 MiB miss streams: its first megabyte reaches the client while the upstream is
+/// still sending (the upstream sends the rest only once the client has it, so a cache
+/// that waited for the whole body would hang here), and past the object limit nothing is
+/// held or stored.
+#[tokio::test]
+async fn a_large_miss_streams_to_the_client_before_the_upstream_is_done() {
+    use http_body::Frame;
+    use http_body_util::BodyExt;
+    const CHUNK: usize = 1024 * 1024;
+    const CHUNKS: usize = 100;
+    let (reached_tx, reached_rx) = tokio::sync::oneshot::channel::<()>();
+    let gate = Arc::new(std::sync::Mutex::new(Some(reached_rx)));
+    let up = TestUpstream::serve(move |_| {
+        let gate = gate.lock().unwrap().take();
+        async move {
+            let chunk = Bytes::from(vec![b'x'; CHUNK]);
+            let frames = futures_util::stream::unfold((0, gate), move |(i, mut gate)| {
+                let chunk = chunk.clone();
+                async move {
+                    if i == CHUNKS {
+                        return None;
+                    }
+                    if i == 1
+                        && let Some(gate) = gate.take()
+                    {
+                        let _ = gate.await;
+                    }
+                    Some((Ok::<_, std::io::Error>(Frame::data(chunk)), (i + 1, gate)))
+                }
+            });
+            Ok(Response::builder()
+                .header("cache-control", "max-age=60")
+                .header("content-length", (CHUNK * CHUNKS).to_string())
+                .body(Body::new(http_body_util::StreamBody::new(frames)))
+                .expect("a response"))
+        }
+    })
+    .await;
+    let (gw, store) = cached(&up).await;
+    let stream = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+    let (mut sender, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    let res = sender
+        .send_request(get("/big", &[]).map(http_body_util::Full::new))
+        .await
+        .unwrap();
+    assert_eq!(res.headers()["cache-status"], "gateway; fwd=uri-miss");
+    let mut body = res.into_body();
+    let mut received = 0;
+    let mut reached_tx = Some(reached_tx);
+    while let Some(frame) = support::within("the body", body.frame()).await {
+        received += frame.unwrap().into_data().map_or(0, |d| d.len());
+        if received >= CHUNK
+            && let Some(tx) = reached_tx.take()
+        {
+            tx.send(()).unwrap();
+        }
+    }
+    assert_eq!(received, CHUNK * CHUNKS);
+    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    assert!(store.is_empty(), "over the object limit: not stored");
+}

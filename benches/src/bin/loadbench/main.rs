@@ -51,7 +51,9 @@ OPTIONS:
                        `observed` is the gateway with metrics, a JSON access log,
                        trace context and request spans on (`gateway` has them off);
                        `full` adds JWT (ES256), a rate limit, retries and a circuit
-                       breaker on the route, every request with a bearer token
+                       breaker on the route, every request with a bearer token;
+                       `cached` puts a cache on the route (every request a hit
+                       after the first of its path)
     --config FILE      the gateway (and baseline) serve FILE, with LOADBENCH_ORIGIN set
                        to the origin's URL, instead of proxying by flags
     --json PATH        where to write the results [default: target/loadbench.json]

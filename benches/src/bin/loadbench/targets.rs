@@ -34,6 +34,9 @@ pub(crate) enum Kind {
     /// cached), a rate limit (never reached), retries, a circuit breaker, and the observing
     /// of `Observed`; every request carries a bearer token.
     Full,
+    /// The gateway with a cache on the route (the origin's responses made cacheable for
+    /// an hour): after the first request of each path, every request is a hit.
+    Cached,
 }
 
 /// A running proxy.
@@ -72,10 +75,11 @@ impl Kind {
     ];
 
     /// Every target, in the order of the table's columns.
-    pub(crate) const KNOWN: [Self; 8] = [
+    pub(crate) const KNOWN: [Self; 9] = [
         Self::Gateway,
         Self::Observed,
         Self::Full,
+        Self::Cached,
         Self::Baseline,
         Self::Hand,
         Self::Hyper,
@@ -93,6 +97,7 @@ impl Kind {
             Self::Hand => "hand",
             Self::Observed => "observed",
             Self::Full => "full",
+            Self::Cached => "cached",
         }
     }
 }
@@ -121,6 +126,7 @@ impl Setup {
             Kind::Nginx => self.start_nginx()?,
             Kind::Haproxy => self.start_haproxy()?,
             Kind::Full => self.start_full()?,
+            Kind::Cached => self.start_cached()?,
             Kind::Hand => {
                 let mut cmd = self.command(&self.hand);
                 cmd.args(["--listen", "127.0.0.1:0", "--upstream"])
@@ -204,6 +210,32 @@ routes:
         target.auth =
             Some(HeaderValue::try_from(format!("Bearer {token}")).map_err(io::Error::other)?);
         Ok(target)
+    }
+
+    fn start_cached(&self) -> io::Result<Target> {
+        // The `headers` layer sits inside the cache: it makes the origin's answers
+        // cacheable before the cache judges them.
+        let config = format!(
+            "listen: 127.0.0.1:0
+upstreams:
+  origin: {{ endpoints: ['http://{origin}'], outlier_detection: off }}
+routes:
+  - id: api
+    match: {{ path: / }}
+    upstream: origin
+    plugins:
+      - cache: {{ max_memory: 64MiB }}
+      - headers: {{ response: {{ set: {{ cache-control: max-age=3600 }} }} }}
+",
+            origin = self.origin,
+        );
+        let path = self.dir.join("cached.yaml");
+        std::fs::write(&path, config)?;
+        let mut cmd = self.command(&self.gateway);
+        cmd.args(["--threads", "1", "--config"])
+            .arg(&path)
+            .env("RUST_LOG", "error");
+        spawn_listening(cmd, &self.gateway, Kind::Cached)
     }
 
     fn start_hyper(&self) -> io::Result<Target> {

@@ -13,9 +13,7 @@ use bytes::Bytes;
 use divan::AllocProfiler;
 use gateway_benches::{ok_service, ready};
 use gateway_core::Body;
-use gateway_middleware::cache::{
-    CacheControl, CacheLayer, Freshness, Key, MemoryStore, Selection, Store, Stored,
-};
+use gateway_middleware::cache::{CacheControl, CacheLayer, Key, MemoryStore, Store, Stored};
 use http::{HeaderMap, Request, StatusCode};
 use tower::{Layer, ServiceExt};
 
@@ -55,20 +53,16 @@ fn warm_store() -> MemoryStore {
         );
     }
     let now = SystemTime::now();
-    let stored = Stored {
-        status: StatusCode::OK,
-        selection: Selection::of(req.headers(), &headers).expect("a selection"),
-        freshness: Freshness::new(
-            StatusCode::OK,
-            &headers,
-            &CacheControl::parse(&headers),
-            now,
-            now,
-            None,
-        ),
+    let body = Bytes::from(vec![b'x'; 1024]);
+    let stored = Stored::new(
+        req.headers(),
+        StatusCode::OK,
         headers,
-        body: Bytes::from(vec![b'x'; 1024]),
-    };
+        body,
+        (now, now),
+        None,
+    )
+    .expect("a response to store");
     let key = Key::of(req.uri(), req.headers(), false).expect("a key");
     ready(store.put(&key, Arc::new(stored))).expect("stored");
     store

@@ -5,6 +5,7 @@ use std::fmt;
 use std::future::{Future, ready};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
+use std::time::SystemTime;
 
 use bytes::Bytes;
 use gateway_core::metrics::Metrics;
@@ -14,7 +15,7 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 
-use super::{Freshness, Key, Selection};
+use super::{CacheControl, Freshness, Heuristic, Key, Selection, VaryError};
 
 /// The most responses kept under one key (its `Vary` variants); storing another drops
 /// the oldest.
@@ -36,6 +37,31 @@ pub struct Stored {
 }
 
 impl Stored {
+    /// The response of `status`, `headers` and `body` to a request with fields `req`,
+    /// sent at `requested` and answered at `received`, as a store keeps it (its fields as
+    /// given: leave out the hop-by-hop ones).
+    ///
+    /// # Errors
+    ///
+    /// When its `Vary` cannot be honoured.
+    pub fn new(
+        req: &HeaderMap,
+        status: StatusCode,
+        headers: HeaderMap,
+        body: Bytes,
+        (requested, received): (SystemTime, SystemTime),
+        heuristic: Option<Heuristic>,
+    ) -> Result<Self, VaryError> {
+        let cc = CacheControl::parse(&headers);
+        Ok(Self {
+            status,
+            selection: Selection::of(req, &headers)?,
+            freshness: Freshness::new(status, &headers, &cc, requested, received, heuristic),
+            headers,
+            body,
+        })
+    }
+
     /// What it weighs in a store: its body, its fields, and a fixed overhead.
     pub fn weight(&self) -> u64 {
         let fields: usize = self
@@ -329,10 +355,7 @@ impl fmt::Debug for MemoryStore {
 
 #[cfg(test)]
 mod tests {
-    use std::time::SystemTime;
-
     use super::*;
-    use crate::cache::CacheControl;
 
     fn stored(body: usize, vary_value: Option<&str>) -> Arc<Stored> {
         let mut req = HeaderMap::new();
@@ -343,20 +366,8 @@ mod tests {
             req.insert("accept-language", v.parse().unwrap());
         }
         let now = SystemTime::now();
-        Arc::new(Stored {
-            status: StatusCode::OK,
-            selection: Selection::of(&req, &headers).unwrap(),
-            freshness: Freshness::new(
-                StatusCode::OK,
-                &headers,
-                &CacheControl::parse(&headers),
-                now,
-                now,
-                None,
-            ),
-            headers,
-            body: Bytes::from(vec![b'x'; body]),
-        })
+        let body = Bytes::from(vec![b'x'; body]);
+        Arc::new(Stored::new(&req, StatusCode::OK, headers, body, (now, now), None).unwrap())
     }
 
     fn key(path: &str) -> Key {

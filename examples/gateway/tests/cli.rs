@@ -460,7 +460,16 @@ async fn logs_to_a_pipe_have_no_colour_codes() {
         .unwrap();
     let mut stdout = BufReader::new(child.stdout.take().unwrap()).lines();
     let first = tokio::time::timeout(Duration::from_secs(20), stdout.next_line()).await;
-    assert!(first.is_ok_and(|l| l.is_ok_and(|l| l.is_some())));
+    if !matches!(first, Ok(Ok(Some(_)))) {
+        // Say why: how the gateway ended, and what it logged.
+        let _ = child.start_kill();
+        let out = child.wait_with_output().await.unwrap();
+        panic!(
+            "no first line on stdout ({first:?}); exit {:?}; stderr: {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
     let pid = child.id().unwrap().to_string();
     let term = std::process::Command::new("kill")
         .args(["-TERM", &pid])

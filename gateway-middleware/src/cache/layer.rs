@@ -317,7 +317,7 @@ where
     }
 
     fn call(&mut self, req: Request<Body>) -> ResponseFuture {
-        let shared = Arc::clone(&self.shared);
+        let shared = &self.shared;
         let tls = req.extensions().get::<ConnectInfo>().is_some_and(|c| c.tls);
         let key = Key::of(req.uri(), req.headers(), tls);
         let cacheable = req.method() == Method::GET || req.method() == Method::HEAD;
@@ -329,18 +329,14 @@ where
         {
             let req_cc = CacheControl::parse_request(req.headers());
             let now = SystemTime::now();
-            if let Some(stored) = variants.iter().find(|v| v.selection.matches(req.headers()))
-                && matches!(
-                    stored.freshness.reuse(&req_cc, now),
-                    Reuse::Fresh | Reuse::Stale
-                )
-            {
+            if let Some(stored) = reusable(&variants, req.headers(), &req_cc, now) {
                 shared.report(req.extensions().get::<LogFields>(), Outcome::Hit);
-                let res = hit(stored, &req, now, &shared.name);
+                let res = hit(stored, &req, now, shared.hit_status(stored, now, None));
                 return ResponseFuture::ready(Ok(res));
             }
             seen = Some(variants);
         }
+        let shared = Arc::clone(&self.shared);
         // NOTE: the ready service goes to this request; the clone stays for the next.
         let clone = self.inner.clone();
         let inner = std::mem::replace(&mut self.inner, clone);
@@ -416,23 +412,12 @@ where
 {
     let log = req.extensions().get::<LogFields>().cloned();
     let method = req.method().clone();
-    let Some(key) = key
-        .as_ref()
-        .filter(|_| method == Method::GET || method == Method::HEAD)
-        .cloned()
-    else {
-        // Unsafe methods invalidate what they may have changed (RFC 9111 §4.4).
-        let unsafe_method = !method.is_safe();
-        let target = key;
-        let res = inner.call(req).await.map_err(Into::into)?;
-        if unsafe_method
-            && let Some(target) = target
-            && (res.status().is_success() || res.status().is_redirection())
-        {
-            invalidate(&shared.store, &target, res.headers()).await;
+    let key = match key {
+        Some(key) if method == Method::GET || method == Method::HEAD => key,
+        target => {
+            // Unsafe methods invalidate what they may have changed (RFC 9111 §4.4).
+            return bypass(&shared, inner, req, target, log.as_ref()).await;
         }
-        shared.report(log.as_ref(), Outcome::Bypass);
-        return Ok(mark(res, &shared.name, Forward::Bypass, false));
     };
     let req_cc = CacheControl::parse_request(req.headers());
     let now = SystemTime::now();
@@ -454,15 +439,15 @@ where
         Some(stored) => match stored.freshness.reuse(&req_cc, now) {
             Reuse::Fresh | Reuse::Stale => {
                 shared.report(log.as_ref(), Outcome::Hit);
-                return Ok(hit(stored, &req, now, &shared.name));
+                return Ok(hit(stored, &req, now, shared.hit_status(stored, now, None)));
             }
             // Served stale now, refreshed in the background (RFC 5861 §3), one refresh
             // per key at a time.
             Reuse::StaleWhileRevalidate if !req_cc.no_cache() && method == Method::GET => {
                 let flight = FlightKey::new(&key, req.headers().get(AUTHORIZATION));
                 shared.report(log.as_ref(), Outcome::StaleWhileRevalidate);
-                let mut res = hit(stored, &req, now, &shared.name);
-                append_detail(res.headers_mut(), "stale-while-revalidate");
+                let status = shared.hit_status(stored, now, Some("stale-while-revalidate"));
+                let res = hit(stored, &req, now, status);
                 if let Role::Leader(leader) = shared.flights.join(flight) {
                     let drain = req.extensions().get::<Drain>().cloned();
                     let refresh = background(
@@ -497,21 +482,14 @@ where
         match shared.flights.join(flight) {
             Role::Leader(l) => leader = Some(l),
             Role::Follower(waiting) => {
+                let now = SystemTime::now();
                 if follow(waiting, shared.collapse_wait).await
                     && let Ok(variants) = shared.store.get(&key).await
-                    && let Some(stored) =
-                        variants.iter().find(|v| v.selection.matches(req.headers()))
+                    && let Some(stored) = reusable(&variants, req.headers(), &req_cc, now)
                 {
-                    let now = SystemTime::now();
-                    if matches!(
-                        stored.freshness.reuse(&req_cc, now),
-                        Reuse::Fresh | Reuse::Stale
-                    ) {
-                        shared.report(log.as_ref(), Outcome::Collapsed);
-                        let mut res = hit(stored, &req, now, &shared.name);
-                        append_detail(res.headers_mut(), "collapsed");
-                        return Ok(res);
-                    }
+                    shared.report(log.as_ref(), Outcome::Collapsed);
+                    let status = shared.hit_status(stored, now, Some("collapsed"));
+                    return Ok(hit(stored, &req, now, status));
                 }
             }
             Role::Alone => {}
@@ -519,10 +497,12 @@ where
     }
     // A stored response to validate: the upstream is asked whether it changed (RFC 9111
     // §4.3.1), unless the client asks a question of its own.
-    let validating = found.as_ref().filter(|stored| {
-        method == Method::GET && !conditional(req.headers()) && add_validators(stored, &mut req)
-    });
-    let validating = validating.cloned();
+    let validating = found
+        .as_ref()
+        .filter(|stored| {
+            method == Method::GET && !conditional(req.headers()) && add_validators(stored, &mut req)
+        })
+        .cloned();
     // Only a GET's response fills the cache; its request's fields are kept to judge it.
     let keep = (method == Method::GET).then(|| req.headers().clone());
     let result = inner.call(req).await.map_err(Into::into);
@@ -539,27 +519,20 @@ where
         let status = result.as_ref().map_or(502, |res| res.status().as_u16());
         tracing::debug!(key = %key, status, "upstream failed: a stale response answers");
         shared.report(log.as_ref(), Outcome::StaleIfError);
-        return Ok(stale_on_error(stored, received, status, &shared.name));
+        let entry = shared.forwarded_status(&format!(
+            "fwd=stale; fwd-status={status}; detail=stale-if-error"
+        ));
+        let headers = HeaderMap::new();
+        return Ok(hit(stored, (&Method::GET, &headers), received, entry));
     }
     let res = result?;
     if let (Some(stored), StatusCode::NOT_MODIFIED) = (&validating, res.status()) {
         let refreshed = refresh(stored, res.headers(), now, received, shared.heuristic);
-        if let Err(e) = shared.store.put(&key, Arc::clone(&refreshed)).await {
-            tracing::warn!(error = %e, key = %key, "cache store failed: response not kept");
-        }
+        put(&shared.store, &key, Arc::clone(&refreshed)).await;
         shared.report(log.as_ref(), Outcome::Revalidated);
-        let mut res = hit(
-            &refreshed,
-            &Request::new(Body::empty()),
-            received,
-            &shared.name,
-        );
-        let name = shared.name.to_str().unwrap_or("gateway");
-        if let Ok(status) =
-            HeaderValue::try_from(format!("{name}; fwd=stale; fwd-status=304; stored"))
-        {
-            res.headers_mut().insert(CACHE_STATUS.clone(), status);
-        }
+        let entry = shared.forwarded_status("fwd=stale; fwd-status=304; stored");
+        let headers = HeaderMap::new();
+        let res = hit(&refreshed, (&Method::GET, &headers), received, entry);
         return Ok(res);
     }
     shared.report(log.as_ref(), Outcome::Miss);
@@ -651,13 +624,7 @@ async fn background<St, S>(
 {
     let (mut parts, _) = req.into_parts();
     // Its own request: no client conditionals, and no share in the client's log line.
-    for name in [
-        IF_NONE_MATCH,
-        IF_MODIFIED_SINCE,
-        IF_MATCH,
-        IF_UNMODIFIED_SINCE,
-        IF_RANGE,
-    ] {
+    for name in CONDITIONALS {
         parts.headers.remove(name);
     }
     parts.extensions.remove::<LogFields>();
@@ -705,27 +672,22 @@ async fn background<St, S>(
             freshness,
         })
     };
-    if let Err(e) = shared.store.put(&key, refreshed).await {
-        tracing::warn!(error = %e, key = %key, "cache store failed: response not kept");
-    }
+    put(&shared.store, &key, refreshed).await;
     drop(leader);
 }
 
-/// A hit: the stored response, its `Age`, and `Cache-Status`; a `304` to a conditional
-/// request it satisfies; no body for a `HEAD`.
-fn hit(
+/// A hit: the stored response, its `Age`, and `entry` as its `Cache-Status`; a `304` to a
+/// conditional request it satisfies; a `206` or `416` to a range request; no body for a
+/// `HEAD`.
+fn hit<'r>(
     stored: &Stored,
-    req: &Request<Body>,
+    req: impl Into<Asked<'r>>,
     now: SystemTime,
-    name: &HeaderValue,
+    entry: HeaderValue,
 ) -> Response<Body> {
+    let req: Asked<'r> = req.into();
     let age = stored.freshness.age(now).as_secs();
-    let ttl = i128::from(stored.freshness.lifetime().as_secs()) - i128::from(age);
-    let mut status = BytesMut::with_capacity(name.len() + 32);
-    status.extend_from_slice(name.as_bytes());
-    status.extend_from_slice(b"; hit; ttl=");
-    status.extend_from_slice(itoa::Buffer::new().format(ttl).as_bytes());
-    let mut res = if not_modified(stored, req.headers()) {
+    let mut res = if not_modified(stored, req.headers) {
         let mut res = Response::new(Body::empty());
         *res.status_mut() = StatusCode::NOT_MODIFIED;
         // RFC 9110 §15.4.5: the fields a 200 would have carried that describe it.
@@ -736,13 +698,13 @@ fn hit(
         }
         res
     } else {
-        let head = req.method() == Method::HEAD;
+        let head = req.method == Method::HEAD;
         let len = stored.body.len();
-        let range = if req.method() == Method::GET
+        let range = if req.method == Method::GET
             && stored.status == StatusCode::OK
-            && req.headers().contains_key(RANGE)
+            && req.headers.contains_key(RANGE)
         {
-            ranged(req.headers(), &stored.headers, len)
+            ranged(req.headers, &stored.headers, len)
         } else {
             Ranged::Whole
         };
@@ -777,23 +739,116 @@ fn hit(
     headers.insert(AGE, HeaderValue::from(age));
     // NOTE: a stored response has no `Cache-Status` of ours or theirs (see
     // `storable_headers`): ours is the only one.
-    if let Ok(status) = HeaderValue::from_maybe_shared(status.freeze()) {
-        headers.insert(CACHE_STATUS.clone(), status);
-    }
+    headers.insert(CACHE_STATUS.clone(), entry);
     res
+}
+
+/// What a hit answers: the request's method and fields.
+struct Asked<'r> {
+    method: &'r Method,
+    headers: &'r HeaderMap,
+}
+
+impl<'r> From<&'r Request<Body>> for Asked<'r> {
+    fn from(req: &'r Request<Body>) -> Self {
+        Self {
+            method: req.method(),
+            headers: req.headers(),
+        }
+    }
+}
+
+impl<'r> From<(&'r Method, &'r HeaderMap)> for Asked<'r> {
+    fn from((method, headers): (&'r Method, &'r HeaderMap)) -> Self {
+        Self { method, headers }
+    }
+}
+
+impl<S> Shared<S> {
+    /// This cache's `Cache-Status` entry for a hit on `stored` at `now`, with `detail`.
+    fn hit_status(&self, stored: &Stored, now: SystemTime, detail: Option<&str>) -> HeaderValue {
+        let age = stored.freshness.age(now).as_secs();
+        let ttl = i128::from(stored.freshness.lifetime().as_secs()) - i128::from(age);
+        let mut entry = BytesMut::with_capacity(self.name.len() + 48);
+        entry.extend_from_slice(self.name.as_bytes());
+        entry.extend_from_slice(b"; hit; ttl=");
+        entry.extend_from_slice(itoa::Buffer::new().format(ttl).as_bytes());
+        if let Some(detail) = detail {
+            entry.extend_from_slice(b"; detail=");
+            entry.extend_from_slice(detail.as_bytes());
+        }
+        // NOTE: a header value (the name) and ASCII: always valid.
+        HeaderValue::from_maybe_shared(entry.freeze()).unwrap_or_else(|_| self.name.clone())
+    }
+
+    /// This cache's `Cache-Status` entry for an answer from the store after going
+    /// upstream: `params` after the name.
+    fn forwarded_status(&self, params: &str) -> HeaderValue {
+        let name = self.name.to_str().unwrap_or("gateway");
+        HeaderValue::try_from(format!("{name}; {params}")).unwrap_or_else(|_| self.name.clone())
+    }
 }
 
 /// Whether the client's request is conditional (its own validators).
 fn conditional(req: &HeaderMap) -> bool {
-    [
-        IF_NONE_MATCH,
-        IF_MODIFIED_SINCE,
-        IF_MATCH,
-        IF_UNMODIFIED_SINCE,
-        IF_RANGE,
-    ]
-    .iter()
-    .any(|name| req.contains_key(name))
+    CONDITIONALS.iter().any(|name| req.contains_key(name))
+}
+
+/// The fields that make a request conditional.
+const CONDITIONALS: [HeaderName; 5] = [
+    IF_NONE_MATCH,
+    IF_MODIFIED_SINCE,
+    IF_MATCH,
+    IF_UNMODIFIED_SINCE,
+    IF_RANGE,
+];
+
+/// Stores `stored` under `key`; a store that fails is logged, and the response simply
+/// not kept.
+async fn put<St: Store>(store: &St, key: &Key, stored: Arc<Stored>) {
+    if let Err(e) = store.put(key, stored).await {
+        tracing::warn!(error = %e, key = %key, "cache store failed: response not kept");
+    }
+}
+
+/// The first of `variants` that a request with fields `req` and directives `req_cc` may
+/// be answered with as it is at `now`.
+fn reusable<'a>(
+    variants: &'a [Arc<Stored>],
+    req: &HeaderMap,
+    req_cc: &CacheControl,
+    now: SystemTime,
+) -> Option<&'a Arc<Stored>> {
+    variants
+        .iter()
+        .find(|v| v.selection.matches(req))
+        .filter(|v| matches!(v.freshness.reuse(req_cc, now), Reuse::Fresh | Reuse::Stale))
+}
+
+/// A request that does not go through the cache: passed on; an unsafe one that
+/// succeeded forgets what it may have changed (RFC 9111 §4.4).
+async fn bypass<St, S>(
+    shared: &Shared<St>,
+    mut inner: S,
+    req: Request<Body>,
+    target: Option<Key>,
+    log: Option<&LogFields>,
+) -> Result<Response<Body>, BoxError>
+where
+    St: Store,
+    S: Service<Request<Body>, Response = Response<Body>>,
+    S::Error: Into<BoxError>,
+{
+    let unsafe_method = !req.method().is_safe();
+    let res = inner.call(req).await.map_err(Into::into)?;
+    if unsafe_method
+        && let Some(target) = target
+        && (res.status().is_success() || res.status().is_redirection())
+    {
+        invalidate(&shared.store, &target, res.headers()).await;
+    }
+    shared.report(log, Outcome::Bypass);
+    Ok(mark(res, &shared.name, Forward::Bypass, false))
 }
 
 /// Makes `req` ask whether `stored` changed, with its validators; `false` when it has
@@ -849,23 +904,6 @@ fn refresh(
     })
 }
 
-/// A stale response answering for an upstream that failed with `status`.
-fn stale_on_error(
-    stored: &Stored,
-    now: SystemTime,
-    status: u16,
-    name: &HeaderValue,
-) -> Response<Body> {
-    let mut res = hit(stored, &Request::new(Body::empty()), now, name);
-    let name = name.to_str().unwrap_or("gateway");
-    if let Ok(value) = HeaderValue::try_from(format!(
-        "{name}; fwd=stale; fwd-status={status}; detail=stale-if-error"
-    )) {
-        res.headers_mut().insert(CACHE_STATUS.clone(), value);
-    }
-    res
-}
-
 /// Whether a stored response satisfies the client's conditional request (RFC 9110 §13.1.2
 /// and §13.1.3): a matching `If-None-Match` (weak comparison), or, without one, no change
 /// since `If-Modified-Since`.
@@ -901,17 +939,6 @@ fn not_modified(stored: &Stored, req: &HeaderMap) -> bool {
 /// An entity tag without its weakness mark, for the weak comparison.
 fn weak(tag: &[u8]) -> &[u8] {
     tag.strip_prefix(b"W/").unwrap_or(tag)
-}
-
-/// Adds a `detail` to this cache's `Cache-Status` entry.
-fn append_detail(headers: &mut HeaderMap, detail: &str) {
-    let value = headers
-        .get(&CACHE_STATUS)
-        .and_then(|v| v.to_str().ok())
-        .map(|v| format!("{v}; detail={detail}"));
-    if let Some(value) = value.and_then(|v| HeaderValue::try_from(v).ok()) {
-        headers.insert(CACHE_STATUS.clone(), value);
-    }
 }
 
 /// Adds `Cache-Status` to a response that went upstream.
@@ -1128,15 +1155,13 @@ impl<St: Store> Pending<St> {
             freshness: self.freshness,
         });
         let (store, key, flight) = (self.store, self.key, self.flight);
-        let put = async move {
-            if let Err(e) = store.put(&key, stored).await {
-                tracing::warn!(error = %e, key = %key, "cache store failed: response not kept");
-            }
+        let storing = async move {
+            put(&store, &key, stored).await;
             drop(flight);
         };
         match tokio::runtime::Handle::try_current() {
             Ok(handle) => {
-                handle.spawn(put);
+                handle.spawn(storing);
             }
             Err(_) => tracing::debug!("no runtime to store the response in"),
         }

@@ -37,11 +37,105 @@ pub mod rate_limit;
 pub mod retry;
 
 use std::collections::BTreeMap;
+#[cfg(any(
+    feature = "auth",
+    feature = "redis",
+    feature = "circuit-breaker",
+    feature = "cache"
+))]
+use std::collections::HashMap;
+#[cfg(any(
+    feature = "auth",
+    feature = "redis",
+    feature = "circuit-breaker",
+    feature = "cache"
+))]
+use std::sync::{Mutex, PoisonError};
 
 use gateway_core::BoxError;
 use gateway_core::registry::{Context, PluginFactory, Registry, RouteLayer};
 use gateway_core::units::{Period, Size};
 use serde::Deserialize;
+
+/// What a factory keeps by name, weakly, with the settings it was made with: a route (or
+/// a reload) naming the same thing with the same settings gets the same one back, state
+/// and all; one made with other settings replaces it for the routes built from then on;
+/// one no route holds any more is forgotten.
+#[cfg(any(
+    feature = "auth",
+    feature = "redis",
+    feature = "circuit-breaker",
+    feature = "cache"
+))]
+pub(crate) struct Kept<S, W>(Mutex<HashMap<String, (S, W)>>);
+
+/// A value held weakly, as [`Kept`] holds it.
+#[cfg(any(
+    feature = "auth",
+    feature = "redis",
+    feature = "circuit-breaker",
+    feature = "cache"
+))]
+pub(crate) trait Downgraded {
+    type Strong;
+
+    fn upgrade(&self) -> Option<Self::Strong>;
+}
+
+#[cfg(any(
+    feature = "auth",
+    feature = "redis",
+    feature = "circuit-breaker",
+    feature = "cache"
+))]
+impl<S, W> Default for Kept<S, W> {
+    fn default() -> Self {
+        Self(Mutex::default())
+    }
+}
+
+#[cfg(any(
+    feature = "auth",
+    feature = "redis",
+    feature = "circuit-breaker",
+    feature = "cache"
+))]
+impl<S: PartialEq, W: Downgraded> Kept<S, W> {
+    /// The one kept as `name` with `settings`, or a new one from `make` (its strong and
+    /// weak halves), kept from now on.
+    pub(crate) fn get_or_try<E>(
+        &self,
+        name: &str,
+        settings: S,
+        make: impl FnOnce() -> Result<(W::Strong, W), E>,
+    ) -> Result<W::Strong, E> {
+        let mut kept = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        kept.retain(|_, (_, weak)| weak.upgrade().is_some());
+        if let Some(strong) = kept
+            .get(name)
+            .and_then(|(old, weak)| (*old == settings).then(|| weak.upgrade()).flatten())
+        {
+            return Ok(strong);
+        }
+        let (strong, weak) = make()?;
+        kept.insert(name.to_owned(), (settings, weak));
+        Ok(strong)
+    }
+
+    /// As [`get_or_try`](Self::get_or_try), with a `make` that cannot fail.
+    #[cfg(any(feature = "circuit-breaker", feature = "cache"))]
+    pub(crate) fn get_or(
+        &self,
+        name: &str,
+        settings: S,
+        make: impl FnOnce() -> (W::Strong, W),
+    ) -> W::Strong {
+        match self.get_or_try(name, settings, || Ok::<_, std::convert::Infallible>(make())) {
+            Ok(strong) => strong,
+            Err(never) => match never {},
+        }
+    }
+}
 
 /// Registers the built-in layers compiled into this build under their config names.
 pub fn register(registry: &mut Registry) {

@@ -299,10 +299,6 @@ impl WeakMemoryStore {
             inner: self.0.upgrade()?,
         })
     }
-
-    pub(crate) fn is_alive(&self) -> bool {
-        self.0.strong_count() > 0
-    }
 }
 
 impl Store for MemoryStore {

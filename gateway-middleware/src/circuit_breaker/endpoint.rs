@@ -165,10 +165,6 @@ impl WeakEndpointBreakers {
             fallback: Fallback::Error,
         })
     }
-
-    pub(crate) fn is_alive(&self) -> bool {
-        self.0.strong_count() > 0
-    }
 }
 
 impl<S> Layer<S> for EndpointBreakerLayer {

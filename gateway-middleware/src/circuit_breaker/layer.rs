@@ -184,10 +184,6 @@ impl WeakBreaker {
             fallback: Fallback::Error,
         })
     }
-
-    pub(crate) fn is_alive(&self) -> bool {
-        self.0.strong_count() > 0
-    }
 }
 
 impl<S> Layer<S> for CircuitBreakerLayer {

@@ -1,8 +1,8 @@
 //! The auth sections: `jwt`, `key-auth`, `basic-auth`, `auth` (any of several, with an
 //! anonymous consumer), `acl` and `forward-auth`.
 
-use std::collections::{BTreeMap, HashMap};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use gateway_core::registry::{Context, PluginFactory, Registry, RouteLayer};
@@ -33,7 +33,15 @@ pub(super) fn register(registry: &mut Registry) {
 /// refresh task per JWKS, however many routes (and reloads) use it. Weak, so a set no route
 /// uses any more stops.
 #[derive(Default)]
-struct SharedJwks(Mutex<HashMap<String, WeakJwks>>);
+struct SharedJwks(super::Kept<(), WeakJwks>);
+
+impl super::Downgraded for WeakJwks {
+    type Strong = Jwks;
+
+    fn upgrade(&self) -> Option<Jwks> {
+        Self::upgrade(self)
+    }
+}
 
 impl SharedJwks {
     fn get(
@@ -41,14 +49,11 @@ impl SharedJwks {
         key: &str,
         start: impl FnOnce() -> Result<Jwks, BoxError>,
     ) -> Result<Jwks, BoxError> {
-        let mut sets = self.0.lock().unwrap_or_else(PoisonError::into_inner);
-        sets.retain(|_, set| set.upgrade().is_some());
-        if let Some(set) = sets.get(key).and_then(WeakJwks::upgrade) {
-            return Ok(set);
-        }
-        let set = start()?;
-        sets.insert(key.to_owned(), set.downgrade());
-        Ok(set)
+        self.0.get_or_try(key, (), || {
+            let set = start()?;
+            let weak = set.downgrade();
+            Ok((set, weak))
+        })
     }
 }
 

@@ -1,7 +1,5 @@
 //! The `cache` section.
 
-use std::collections::HashMap;
-use std::sync::{Mutex, PoisonError};
 use std::time::Duration;
 
 use gateway_core::BoxError;
@@ -9,7 +7,16 @@ use gateway_core::registry::{Context, PluginFactory, Registry, RouteLayer};
 use gateway_core::units::{Period, Size};
 use serde::Deserialize;
 
+use super::{Downgraded, Kept};
 use crate::cache::{CacheLayer, Heuristic, MemoryStore, WeakMemoryStore};
+
+impl Downgraded for WeakMemoryStore {
+    type Strong = MemoryStore;
+
+    fn upgrade(&self) -> Option<MemoryStore> {
+        Self::upgrade(self)
+    }
+}
 
 /// `cache`'s section: `- cache: { max_memory: 256MiB }`.
 #[derive(Debug, Default, PartialEq, Deserialize)]
@@ -40,7 +47,7 @@ pub(super) fn register(registry: &mut Registry) {
 /// they hold, and routes naming the same cache share it.
 #[derive(Default)]
 struct CacheFactory {
-    stores: Mutex<HashMap<String, (u64, WeakMemoryStore)>>,
+    stores: Kept<u64, WeakMemoryStore>,
 }
 
 const MIB: u64 = 1024 * 1024;
@@ -61,25 +68,15 @@ impl PluginFactory for CacheFactory {
             .name
             .clone()
             .unwrap_or_else(|| cx.route().as_str().to_owned());
-        let store = {
-            let mut stores = self.stores.lock().unwrap_or_else(PoisonError::into_inner);
-            stores.retain(|_, (_, weak)| weak.is_alive());
-            match stores
-                .get(&name)
-                .and_then(|(size, weak)| (*size == memory).then(|| weak.upgrade()).flatten())
-            {
-                Some(store) => store,
-                // New, or resized by a reload: a fresh store.
-                None => {
-                    let store = MemoryStore::with_capacity(memory);
-                    if let Some(metrics) = cx.metrics() {
-                        store.metrics(metrics, &name);
-                    }
-                    stores.insert(name.clone(), (memory, store.downgrade()));
-                    store
-                }
+        // New, or resized by a reload: a fresh store.
+        let store = self.stores.get_or(&name, memory, || {
+            let store = MemoryStore::with_capacity(memory);
+            if let Some(metrics) = cx.metrics() {
+                store.metrics(metrics, &name);
             }
-        };
+            let weak = store.downgrade();
+            (store, weak)
+        });
         let mut layer = CacheLayer::new(store)
             .max_object(usize::try_from(max_object).unwrap_or(usize::MAX))
             .collapse_wait(config.collapse_wait.map_or(Duration::from_secs(5), |p| p.0));

@@ -1,7 +1,5 @@
 //! The `circuit-breaker` section.
 
-use std::collections::HashMap;
-use std::sync::{Mutex, PoisonError};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -11,6 +9,7 @@ use gateway_core::units::Period;
 use http::{Response, StatusCode};
 use serde::Deserialize;
 
+use super::{Downgraded, Kept};
 use crate::circuit_breaker::{
     Breaker, CircuitBreakerLayer, EndpointBreakerLayer, WeakBreaker, WeakEndpointBreakers, Window,
 };
@@ -95,12 +94,28 @@ pub(super) fn register(registry: &mut Registry) {
     registry.register("circuit-breaker", CircuitBreakerFactory::default());
 }
 
+impl Downgraded for WeakBreaker {
+    type Strong = CircuitBreakerLayer;
+
+    fn upgrade(&self) -> Option<CircuitBreakerLayer> {
+        Self::upgrade(self)
+    }
+}
+
+impl Downgraded for WeakEndpointBreakers {
+    type Strong = EndpointBreakerLayer;
+
+    fn upgrade(&self) -> Option<EndpointBreakerLayer> {
+        Self::upgrade(self)
+    }
+}
+
 /// Builds breakers, kept (weakly) by name so that routes naming the same breaker with the
 /// same settings share it, and a route's own breaker outlives a remade layer.
 #[derive(Default)]
 struct CircuitBreakerFactory {
-    shared: Mutex<HashMap<String, (Breaker, WeakBreaker)>>,
-    per_endpoint: Mutex<HashMap<String, (Breaker, WeakEndpointBreakers)>>,
+    shared: Kept<Breaker, WeakBreaker>,
+    per_endpoint: Kept<Breaker, WeakEndpointBreakers>,
 }
 
 impl PluginFactory for CircuitBreakerFactory {
@@ -115,31 +130,18 @@ impl PluginFactory for CircuitBreakerFactory {
         if config.per == Some(Per::Endpoint) {
             return self.per_endpoint(config, cx, breaker, &name);
         }
-        let make = || {
-            let mut layer = CircuitBreakerLayer::new(&name, breaker.clone());
+        // NOTE: every breaker is kept by its name (the route's id by default), so that a
+        // layer made again (its fallback's upstream changed) keeps the breaker's state.
+        // New, or with other settings (a reload changed them): a fresh breaker; routes
+        // still holding the old one keep it until they are dropped.
+        let mut layer = self.shared.get_or(&name, breaker.clone(), || {
+            let mut layer = CircuitBreakerLayer::new(&name, breaker);
             if let Some(metrics) = cx.metrics() {
                 layer = layer.metrics(metrics);
             }
-            layer
-        };
-        // NOTE: every breaker is kept by its name (the route's id by default), so that a
-        // layer made again (its fallback's upstream changed) keeps the breaker's state.
-        let mut layer = {
-            let mut shared = self.shared.lock().unwrap_or_else(PoisonError::into_inner);
-            shared.retain(|_, (_, weak)| weak.is_alive());
-            match shared.get(&name).and_then(|(settings, weak)| {
-                (*settings == breaker).then(|| weak.upgrade()).flatten()
-            }) {
-                Some(layer) => layer,
-                // New, or with other settings (a reload changed them): a fresh breaker;
-                // routes still holding the old one keep it until they are dropped.
-                None => {
-                    let layer = make();
-                    shared.insert(name.clone(), (breaker.clone(), layer.downgrade()));
-                    layer
-                }
-            }
-        };
+            let weak = layer.downgrade();
+            (layer, weak)
+        });
         if let Some(fallback) = &config.fallback {
             layer = match &fallback.upstream {
                 Some(upstream) => {
@@ -171,26 +173,14 @@ impl CircuitBreakerFactory {
         breaker: Breaker,
         name: &str,
     ) -> Result<RouteLayer, BoxError> {
-        let mut layer = {
-            let mut shared = self
-                .per_endpoint
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner);
-            shared.retain(|_, (_, weak)| weak.is_alive());
-            match shared.get(name).and_then(|(settings, weak)| {
-                (*settings == breaker).then(|| weak.upgrade()).flatten()
-            }) {
-                Some(layer) => layer,
-                None => {
-                    let mut layer = EndpointBreakerLayer::new(name, breaker.clone());
-                    if let Some(metrics) = cx.metrics() {
-                        layer = layer.metrics(metrics);
-                    }
-                    shared.insert(name.to_owned(), (breaker, layer.downgrade()));
-                    layer
-                }
+        let mut layer = self.per_endpoint.get_or(name, breaker.clone(), || {
+            let mut layer = EndpointBreakerLayer::new(name, breaker);
+            if let Some(metrics) = cx.metrics() {
+                layer = layer.metrics(metrics);
             }
-        };
+            let weak = layer.downgrade();
+            (layer, weak)
+        });
         if let Some(fallback) = &config.fallback {
             if fallback.upstream.is_some() {
                 return Err(

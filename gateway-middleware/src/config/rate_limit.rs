@@ -170,12 +170,21 @@ pub enum WhenFullConfig {
     Share,
 }
 
+#[cfg(feature = "redis")]
+impl super::Downgraded for crate::redis::WeakRedis {
+    type Strong = crate::redis::Redis;
+
+    fn upgrade(&self) -> Option<crate::redis::Redis> {
+        Self::upgrade(self)
+    }
+}
+
 /// Makes `rate-limit` layers; one Redis connection per URL and timeouts, however many
 /// routes (and reloads) use it.
 #[derive(Default)]
 struct RateLimitFactory {
     #[cfg(feature = "redis")]
-    redis: std::sync::Mutex<std::collections::HashMap<String, crate::redis::WeakRedis>>,
+    redis: super::Kept<(), crate::redis::WeakRedis>,
 }
 
 impl PluginFactory for RateLimitFactory {
@@ -200,24 +209,14 @@ impl RateLimitFactory {
             .connect_timeout
             .map_or(Duration::from_secs(1), |p| p.0);
         let id = format!("{} {timeout:?} {connect:?}", config.url);
-        let redis = {
-            let mut shared = self
-                .redis
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
-            shared.retain(|_, weak| weak.upgrade().is_some());
-            match shared.get(&id).and_then(crate::redis::WeakRedis::upgrade) {
-                Some(redis) => redis,
-                None => {
-                    let redis = Redis::builder(config.url.as_str())
-                        .timeout(timeout)
-                        .connect_timeout(connect)
-                        .build()?;
-                    shared.insert(id, redis.downgrade());
-                    redis
-                }
-            }
-        };
+        let redis = self.redis.get_or_try(&id, (), || {
+            let redis = Redis::builder(config.url.as_str())
+                .timeout(timeout)
+                .connect_timeout(connect)
+                .build()?;
+            let weak = redis.downgrade();
+            Ok::<_, BoxError>((redis, weak))
+        })?;
         let mut distributed = Distributed::new(redis).namespace(
             config
                 .namespace

@@ -14,6 +14,7 @@
 //!   metrics.
 //! - `metrics` (feature `metrics`): the Prometheus registry and its label conventions.
 //! - [`time::deadline`]: configured durations as deadlines, "forever" included.
+//! - [`purge`]: caches forgetting what they hold, on the admin listener's request.
 //! - [`boxed::oneshot`]: a type-erased route service called with one allocation.
 //! - `test_util` (feature `test-util`): in-process upstreams and raw-socket helpers.
 
@@ -29,6 +30,7 @@ mod ext;
 #[cfg(feature = "metrics")]
 pub mod metrics;
 pub mod plugin;
+pub mod purge;
 #[cfg(feature = "registry")]
 pub mod registry;
 pub mod rescue;

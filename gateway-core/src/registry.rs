@@ -172,6 +172,7 @@ struct Lent {
     #[cfg(feature = "metrics")]
     metrics: Option<Metrics>,
     client: Option<RouteService>,
+    purgers: Option<crate::purge::Purgers>,
 }
 
 /// Plugin factories by name, and what they are lent to build with. Cloning is cheap (one
@@ -212,6 +213,12 @@ impl Context {
         self.lent.client.as_ref()
     }
 
+    /// Where a layer that caches lists itself, so that the admin listener can purge it
+    /// ([`Registry::purgers`]).
+    pub const fn purgers(&self) -> Option<&crate::purge::Purgers> {
+        self.lent.purgers.as_ref()
+    }
+
     /// The service of the config's upstream `name` (a proxy to it), when the layer is
     /// built from a config that has one.
     pub fn upstream(&self, name: &str) -> Option<RouteService> {
@@ -236,7 +243,9 @@ impl fmt::Debug for Lent {
         let mut d = f.debug_struct("Lent");
         #[cfg(feature = "metrics")]
         d.field("metrics", &self.metrics.is_some());
-        d.field("client", &self.client.is_some()).finish()
+        d.field("client", &self.client.is_some())
+            .field("purgers", &self.purgers.is_some())
+            .finish()
     }
 }
 
@@ -355,6 +364,13 @@ impl Registry {
         S::Future: Send + 'static,
     {
         self.lent.client = Some(RouteService::new(client));
+        self
+    }
+
+    /// Lends `purgers` to the factories ([`Context::purgers`]): the caches a config builds
+    /// list themselves there, and an admin listener given the same list purges them.
+    pub fn purgers(&mut self, purgers: &crate::purge::Purgers) -> &mut Self {
+        self.lent.purgers = Some(purgers.clone());
         self
     }
 

@@ -1,5 +1,6 @@
 //! A Redis server shared by the layers that keep state across gateway instances (feature
-//! `redis`): distributed rate limits today.
+//! `redis`): distributed rate limits, and the cache's
+//! [`RedisStore`](crate::cache::RedisStore) when the `cache` feature is on too.
 //!
 //! [`Redis`] is a cheap handle over one multiplexed connection (the `redis` crate's
 //! `ConnectionManager`: pipelined, reconnecting by itself), made on first use, so a gateway
@@ -22,6 +23,7 @@
 
 use std::error::Error as StdError;
 use std::fmt;
+use std::future::Future;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock, Weak};
 use std::time::Duration;
@@ -116,11 +118,31 @@ impl Redis {
         &self,
         script: &ScriptInvocation<'_>,
     ) -> Result<T, Unavailable> {
+        self.call(|mut conn| async move { script.invoke_async(&mut conn).await })
+            .await
+    }
+
+    /// Runs `cmd` with a deadline, unless Redis is being backed off from.
+    #[cfg(feature = "cache")]
+    pub(crate) async fn query<T: FromRedisValue>(
+        &self,
+        cmd: &redis::Cmd,
+    ) -> Result<T, Unavailable> {
+        self.call(|mut conn| async move { cmd.query_async(&mut conn).await })
+            .await
+    }
+
+    /// Runs what `call` sends on the connection, with a deadline, unless Redis is being
+    /// backed off from; notes how it went.
+    async fn call<T, F>(&self, call: impl FnOnce(ConnectionManager) -> F) -> Result<T, Unavailable>
+    where
+        F: Future<Output = redis::RedisResult<T>>,
+    {
         let health = &self.inner.health;
         if !health.admit() {
             return Err(Unavailable::Backoff);
         }
-        let mut conn = match self.manager() {
+        let conn = match self.manager() {
             Ok(conn) => conn,
             Err(e) => {
                 // NOTE: only a misconfigured client fails here; it never gets better.
@@ -132,7 +154,7 @@ impl Redis {
                 ))));
             }
         };
-        match tokio::time::timeout(self.inner.timeout, script.invoke_async(&mut conn)).await {
+        match tokio::time::timeout(self.inner.timeout, call(conn)).await {
             Ok(Ok(value)) => {
                 health.succeeded(&self.inner.shown);
                 Ok(value)
@@ -295,6 +317,15 @@ impl Unavailable {
             Self::Failed(e) if e.is_io_error() || e.is_connection_dropped() => "connection",
             Self::Failed(e) if e.is_connection_refusal() => "connection",
             Self::Failed(_) => "server",
+        }
+    }
+}
+
+impl StdError for Unavailable {
+    fn source(&self) -> Option<&(dyn StdError + 'static)> {
+        match self {
+            Self::Failed(e) => Some(e),
+            Self::Backoff | Self::Timeout => None,
         }
     }
 }

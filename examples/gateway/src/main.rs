@@ -42,6 +42,7 @@ use std::time::Duration;
 use gateway_core::RescueLayer;
 use gateway_core::client_ip::SetClientIpLayer;
 use gateway_core::metrics::Metrics;
+use gateway_core::purge::Purgers;
 use gateway_core::registry::Registry;
 use gateway_middleware::access_log::{AccessLog, LogFormat, QueryLog};
 use gateway_middleware::observe::ObserveLayer;
@@ -429,7 +430,8 @@ fn check(file: &std::path::Path) -> ExitCode {
         // Built (not served) inside a runtime: upstreams start their checks as they are built.
         rt.block_on(async {
             let name = file.display().to_string();
-            let registry = plugins(None).map_err(|(Failure::Config(e) | Failure::Runtime(e))| e)?;
+            let registry =
+                plugins(None, None).map_err(|(Failure::Config(e) | Failure::Runtime(e))| e)?;
             config::read(file, &registry)
                 .and_then(|c| config::build(&name, &c))
                 .map_err(|e| e.to_string())
@@ -451,10 +453,12 @@ async fn run(args: Args) -> Result<(), Failure> {
     let invalid = |e: ConfigError| Failure::Config(e.to_string());
     let mut demo = false;
     let metrics = Metrics::new();
+    // The config's caches list themselves here; the admin listener purges them.
+    let purgers = Purgers::new();
     let (gateway, live) = if let Some(file) = &args.config {
         // A config file is served live: reloaded when it changes and on SIGHUP.
         let (live, gateway) =
-            config::Live::load(file, plugins(Some(&metrics))?).map_err(invalid)?;
+            config::Live::load(file, plugins(Some(&metrics), Some(&purgers))?).map_err(invalid)?;
         (gateway, Some(live))
     } else {
         let (name, config) = if args.upstreams.is_empty() {
@@ -527,7 +531,8 @@ async fn run(args: Args) -> Result<(), Failure> {
     // stops after it.
     let (stop_admin, admin_stops) = tokio::sync::oneshot::channel::<()>();
     let admin_task = admin.map(|(admin_server, token)| {
-        let mut service = Admin::builder(&metrics, &gateway.inventory, &readiness);
+        let mut service =
+            Admin::builder(&metrics, &gateway.inventory, &readiness).purgers(&purgers);
         if let Some(token) = token {
             service = service.token(token);
         }
@@ -706,9 +711,10 @@ fn request_spans(config: &TracingConfig) -> RequestSpanLayer {
 }
 
 /// The plugins a config file may name: the built-in layers (a gateway of your own adds its
-/// plugins here, each with one `Registry::plugin` call), lent the gateway's metrics and an
-/// HTTP client of their own (for a JWKS URL or an authorization service).
-fn plugins(metrics: Option<&Metrics>) -> Result<Registry, Failure> {
+/// plugins here, each with one `Registry::plugin` call), lent the gateway's metrics, an
+/// HTTP client of their own (for a JWKS URL or an authorization service) and the list the
+/// caches go in for the admin listener's purge.
+fn plugins(metrics: Option<&Metrics>, purgers: Option<&Purgers>) -> Result<Registry, Failure> {
     let mut registry = Registry::new();
     gateway_middleware::config::register(&mut registry);
     let client = HttpClient::builder()
@@ -717,6 +723,9 @@ fn plugins(metrics: Option<&Metrics>) -> Result<Registry, Failure> {
     registry.client(client);
     if let Some(metrics) = metrics {
         registry.metrics(metrics);
+    }
+    if let Some(purgers) = purgers {
+        registry.purgers(purgers);
     }
     Ok(registry)
 }

@@ -213,6 +213,37 @@ impl Freshness {
         }
     }
 
+    /// When it was received (or last validated).
+    pub const fn received(&self) -> SystemTime {
+        self.received
+    }
+
+    pub(super) fn write(&self, w: &mut super::codec::Writer) {
+        w.duration(self.lifetime);
+        w.duration(self.initial_age);
+        w.time(self.received);
+        w.u8(u8::from(self.must_revalidate) | u8::from(self.no_cache) << 1);
+        w.duration(self.stale_while_revalidate);
+        w.duration(self.stale_if_error);
+    }
+
+    pub(super) fn read(r: &mut super::codec::Reader) -> Option<Self> {
+        let (lifetime, initial_age, received) = (r.duration()?, r.duration()?, r.time()?);
+        let flags = r.u8()?;
+        if flags > 0b11 {
+            return None;
+        }
+        Some(Self {
+            lifetime,
+            initial_age,
+            received,
+            must_revalidate: flags & 1 != 0,
+            no_cache: flags & 2 != 0,
+            stale_while_revalidate: r.duration()?,
+            stale_if_error: r.duration()?,
+        })
+    }
+
     /// Its age at `now` (`current_age`, §4.2.3): what the `Age` field says.
     pub fn age(&self, now: SystemTime) -> Duration {
         let resident = now.duration_since(self.received).unwrap_or(Duration::ZERO);

@@ -174,6 +174,49 @@ impl Selection {
         })
     }
 
+    /// The selected fields and their normalised values as bytes: equal for equal
+    /// selections (a remote store's name for a variant).
+    pub fn id(&self) -> Vec<u8> {
+        let mut w = super::codec::Writer::default();
+        w.u8(u8::try_from(self.0.len()).unwrap_or(u8::MAX));
+        for selected in &self.0 {
+            w.bytes(selected.name.as_str().as_bytes());
+            w.optional(selected.normalised.as_deref());
+        }
+        w.into_vec()
+    }
+
+    pub(super) fn write(&self, w: &mut super::codec::Writer) {
+        w.u8(u8::try_from(self.0.len()).unwrap_or(u8::MAX));
+        for selected in &self.0 {
+            w.bytes(selected.name.as_str().as_bytes());
+            w.optional(selected.normalised.as_deref());
+            w.optional(selected.raw.as_ref().map(HeaderValue::as_bytes));
+        }
+    }
+
+    pub(super) fn read(r: &mut super::codec::Reader) -> Option<Self> {
+        let n = usize::from(r.u8()?);
+        if n > MAX_VARY {
+            return None;
+        }
+        let mut selected = Vec::with_capacity(n);
+        for _ in 0..n {
+            let name = r.name()?;
+            let normalised = r.optional()?;
+            let raw = match r.optional()? {
+                Some(raw) => Some(HeaderValue::from_maybe_shared(raw).ok()?),
+                None => None,
+            };
+            selected.push(Selected {
+                name,
+                normalised,
+                raw,
+            });
+        }
+        Some(Self(selected))
+    }
+
     /// The field names selected on.
     pub fn names(&self) -> impl Iterator<Item = &HeaderName> {
         self.0.iter().map(|selected| &selected.name)

@@ -426,7 +426,8 @@ where
         None => match shared.store.get(&key).await {
             Ok(variants) => variants,
             Err(e) => {
-                tracing::warn!(error = %e, "cache store unavailable: the request goes upstream");
+                // NOTE: the store logs its own outage once (and counts each failure).
+                tracing::debug!(error = %e, "cache store unavailable: the request goes upstream");
                 Arc::new([])
             }
         },
@@ -807,7 +808,7 @@ const CONDITIONALS: [HeaderName; 5] = [
 /// not kept.
 async fn put<St: Store>(store: &St, key: &Key, stored: Arc<Stored>) {
     if let Err(e) = store.put(key, stored).await {
-        tracing::warn!(error = %e, key = %key, "cache store failed: response not kept");
+        tracing::debug!(error = %e, key = %key, "cache store failed: response not kept");
     }
 }
 

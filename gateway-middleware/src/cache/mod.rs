@@ -104,7 +104,9 @@
 //!   variants each; [`MemoryStore`] keeps them in a byte budget, evicted by S3-FIFO
 //!   (`quick_cache`, already in the tree for the auth caches: scan-resistant, no
 //!   background threads, weights per object; `moka` would add TTLs we do not need, as
-//!   freshness is decided per request, and a heavier tree).
+//!   freshness is decided per request, and a heavier tree). [`RedisStore`] (feature
+//!   `redis`) keeps them in Redis, shared by every instance, each for as long as it can
+//!   still be served; [`Stored::to_bytes`] is the layout a store of your own may use.
 //!
 //! ```
 //! use std::time::{Duration, SystemTime};
@@ -136,18 +138,23 @@
 //! the stricter storing rules above. The rules here are small, allocation-free and
 //! tested clause by clause.
 
+mod codec;
 mod collapse;
 mod directives;
 mod freshness;
 mod key;
 mod layer;
 mod range;
+#[cfg(feature = "redis")]
+mod redis;
 mod store;
 
 pub use directives::CacheControl;
 pub use freshness::{Freshness, Heuristic, NotStorable, Reuse, storable};
 pub use key::{Key, MAX_VARY, Selection, VaryError};
 pub use layer::{Cache, CacheLayer, ResponseFuture};
+#[cfg(feature = "redis")]
+pub use redis::RedisStore;
 #[cfg(feature = "config")]
 pub(crate) use store::WeakMemoryStore;
 pub use store::{MAX_VARIANTS, MemoryStore, Store, StoreError, Stored, Variants};

@@ -231,11 +231,15 @@ impl MemoryStore {
         WeakMemoryStore(Arc::downgrade(&self.inner))
     }
 
-    /// Updates the bytes-held gauge.
     fn measured(&self) {
-        if let Some((bytes, _)) = self.inner.report.metrics.get() {
-            bytes.set(i64::try_from(self.bytes_held()).unwrap_or(i64::MAX));
-        }
+        self.inner.measured();
+    }
+
+    /// The store as a [`Purge`](gateway_core::purge::Purge), for the admin listener's
+    /// purge: it is the store itself, so [`Purgers`](gateway_core::purge::Purgers), which
+    /// holds it weakly, lists the store for as long as it exists.
+    pub fn purger(&self) -> Arc<dyn gateway_core::purge::Purge> {
+        Arc::clone(&self.inner) as _
     }
 
     /// The bytes held now.
@@ -320,14 +324,31 @@ impl Store for MemoryStore {
     }
 
     fn remove(&self, key: &Key) -> impl Future<Output = Result<bool, StoreError>> + Send {
-        let removed = self.inner.cache.remove(key).is_some();
-        self.measured();
-        ready(Ok(removed))
+        ready(Ok(self.inner.remove(key)))
     }
 
     fn purge_prefix(&self, prefix: &str) -> impl Future<Output = Result<u64, StoreError>> + Send {
+        ready(Ok(self.inner.purge_prefix(prefix)))
+    }
+}
+
+impl Memory {
+    /// Updates the bytes-held gauge.
+    fn measured(&self) {
+        if let Some((bytes, _)) = self.report.metrics.get() {
+            bytes.set(i64::try_from(self.cache.weight()).unwrap_or(i64::MAX));
+        }
+    }
+
+    fn remove(&self, key: &Key) -> bool {
+        let removed = self.cache.remove(key).is_some();
+        self.measured();
+        removed
+    }
+
+    fn purge_prefix(&self, prefix: &str) -> u64 {
         let purged = AtomicU64::new(0);
-        self.inner.cache.retain(|key, _| {
+        self.cache.retain(|key, _| {
             let keep = !key.as_bytes().starts_with(prefix.as_bytes());
             if !keep {
                 purged.fetch_add(1, Ordering::Relaxed);
@@ -335,7 +356,22 @@ impl Store for MemoryStore {
             keep
         });
         self.measured();
-        ready(Ok(purged.into_inner()))
+        purged.into_inner()
+    }
+}
+
+impl gateway_core::purge::Purge for Memory {
+    fn purge<'a>(
+        &'a self,
+        target: &'a gateway_core::purge::PurgeTarget,
+    ) -> std::pin::Pin<Box<dyn Future<Output = Result<u64, gateway_core::BoxError>> + Send + 'a>>
+    {
+        use gateway_core::purge::PurgeTarget;
+        let purged = match target {
+            PurgeTarget::Url(url) => u64::from(self.remove(&Key::from_url(url))),
+            PurgeTarget::Prefix(prefix) => self.purge_prefix(prefix),
+        };
+        Box::pin(ready(Ok(purged)))
     }
 }
 

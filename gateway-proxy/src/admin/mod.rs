@@ -10,11 +10,34 @@
 //! | `/healthz` | `200 ok`: the process is alive |
 //! | `/readyz` | `200 ready` when every server serves; `503` while starting or draining |
 //! | `/status` | JSON: routes, upstreams with each endpoint's state, the config's version and reloads |
+//! | `POST /cache/purge` | forgets cached responses, when given the caches ([`AdminBuilder::purgers`]; see below) |
 //!
 //! With a [token](AdminBuilder::token), every path requires `Authorization: Bearer <token>`,
 //! or Basic credentials with the token as the password (what a browser sends after asking
 //! for them); a 401 problem response otherwise. What `/status` shows is an [`Inventory`], kept
 //! current by whoever builds the gateway (the config loader does on every reload).
+//!
+//! # Purging caches
+//!
+//! With the gateway's caches ([`Purgers`](gateway_core::purge::Purgers): the config lists
+//! every `cache` section's store there), `POST /cache/purge` takes one of:
+//!
+//! - `url=<absolute URL>`: every stored variant of that URL
+//!   (`url=https%3A%2F%2Fshop.example%2Fcart%3Fid%3D7`);
+//! - `prefix=<absolute URL prefix>`: every URL starting with it
+//!   (`prefix=https%3A%2F%2Fshop.example%2Fstatic%2F`);
+//!
+//! and `cache=<name>` to purge one cache only (all of them otherwise). Scheme and host
+//! are matched as the cache keys them (lowercase, without the default port). The answer
+//! is JSON: the keys each cache forgot (`{"prefix": "…", "purged": {"static": 12},
+//! "failed": []}`), `502` when a cache's store could not be reached (it is named in
+//! `failed`, the cause logged), `404` for a `cache` that does not exist, `400` for
+//! anything else. The admin token, when set, is required as on every path.
+//!
+//! ```text
+//! curl -X POST -H "Authorization: Bearer $TOKEN" \
+//!   "http://127.0.0.1:9901/cache/purge?prefix=https%3A%2F%2Fshop.example%2Fstatic%2F"
+//! ```
 //!
 //! # Example
 //!

@@ -1,6 +1,7 @@
 use std::convert::Infallible;
 use std::fmt;
-use std::future::{Ready, ready};
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::UNIX_EPOCH;
@@ -8,6 +9,7 @@ use std::time::UNIX_EPOCH;
 use base64::Engine as _;
 use bytes::Bytes;
 use gateway_core::metrics::{Format, Metrics};
+use gateway_core::purge::{PurgeTarget, Purgers};
 use gateway_core::{Body, Error, ErrorKind};
 use http::header::{ALLOW, AUTHORIZATION, CACHE_CONTROL, CONTENT_TYPE, HeaderValue};
 use http::{Method, Request, Response, StatusCode};
@@ -33,12 +35,14 @@ pub struct AdminBuilder {
     inventory: Inventory,
     readiness: Readiness,
     token: Option<String>,
+    purgers: Option<Purgers>,
 }
 
 struct Shared {
     metrics: Metrics,
     inventory: Inventory,
     readiness: Readiness,
+    purgers: Option<Purgers>,
     /// The token, when one is required.
     token: Option<Vec<u8>>,
 }
@@ -73,6 +77,7 @@ impl Admin {
             inventory: inventory.clone(),
             readiness: readiness.clone(),
             token: None,
+            purgers: None,
         }
     }
 }
@@ -88,14 +93,23 @@ impl fmt::Debug for Admin {
 impl Service<Request<Body>> for Admin {
     type Response = Response<Body>;
     type Error = Infallible;
-    type Future = Ready<Result<Response<Body>, Infallible>>;
+    type Future = Pin<Box<dyn Future<Output = Result<Response<Body>, Infallible>> + Send>>;
 
     fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
         Poll::Ready(Ok(()))
     }
 
     fn call(&mut self, req: Request<Body>) -> Self::Future {
-        ready(Ok(self.shared.answer(&req)))
+        if req.uri().path() == PURGE
+            && self.shared.purgers.is_some()
+            && self.shared.authorized(&req)
+        {
+            let shared = Arc::clone(&self.shared);
+            let (method, uri) = (req.method().clone(), req.uri().clone());
+            return Box::pin(async move { Ok(shared.purge(&method, uri.query()).await) });
+        }
+        let res = self.shared.answer(&req);
+        Box::pin(async move { Ok(res) })
     }
 }
 
@@ -110,6 +124,13 @@ impl AdminBuilder {
         self
     }
 
+    /// Serves `POST /cache/purge` for the caches in `purgers` (see the
+    /// [module docs](super#purging-caches)).
+    pub fn purgers(mut self, purgers: &Purgers) -> Self {
+        self.purgers = Some(purgers.clone());
+        self
+    }
+
     /// The service.
     pub fn build(self) -> Admin {
         Admin {
@@ -118,6 +139,7 @@ impl AdminBuilder {
                 inventory: self.inventory,
                 readiness: self.readiness,
                 token: self.token.map(String::into_bytes),
+                purgers: self.purgers,
             }),
         }
     }
@@ -224,6 +246,57 @@ impl Shared {
             .is_some_and(|colon| same(&decoded[colon + 1..], token))
     }
 
+    /// `POST /cache/purge?url=…|prefix=…[&cache=…]`: forgets what the caches hold for a
+    /// URL or under a URL prefix; how many keys each cache forgot, as JSON.
+    async fn purge(&self, method: &Method, query: Option<&str>) -> Response<Body> {
+        let Some(purgers) = &self.purgers else {
+            return Error::new(ErrorKind::NotFound).to_response();
+        };
+        if method != Method::POST {
+            let mut res = Error::new(ErrorKind::MethodNotAllowed).to_response();
+            res.headers_mut()
+                .insert(ALLOW, HeaderValue::from_static("POST"));
+            return res;
+        }
+        let Some((cache, target)) = purge_query(query.unwrap_or("")) else {
+            return Error::new(ErrorKind::BadRequest).to_response();
+        };
+        let Ok(results) = purgers.purge(cache.as_deref(), &target).await else {
+            return Error::new(ErrorKind::NotFound).to_response();
+        };
+        let mut purged = serde_json::Map::new();
+        let mut failed = Vec::new();
+        for (name, result) in results {
+            match result {
+                Ok(n) => {
+                    purged.insert(name, n.into());
+                }
+                Err(e) => {
+                    tracing::warn!(cache = %name, error = %e, "cache purge failed");
+                    failed.push(name);
+                }
+            }
+        }
+        let (what, value) = match &target {
+            PurgeTarget::Url(url) => ("url", url),
+            PurgeTarget::Prefix(prefix) => ("prefix", prefix),
+        };
+        tracing::info!(target: "gateway::admin", %what, %value, ?purged, ?failed, "cache purge");
+        let status = if failed.is_empty() {
+            StatusCode::OK
+        } else {
+            StatusCode::BAD_GATEWAY
+        };
+        let mut res = text(
+            status,
+            "application/json",
+            json!({ what: value, "purged": purged, "failed": failed }).to_string(),
+        );
+        res.headers_mut()
+            .insert(CACHE_CONTROL, HeaderValue::from_static("no-store"));
+        res
+    }
+
     /// The `/status` document.
     fn status(&self) -> Value {
         let now = Instant::now();
@@ -303,6 +376,62 @@ impl Shared {
 }
 
 const TEXT: &str = "text/plain; charset=utf-8";
+
+/// The purge's path.
+const PURGE: &str = "/cache/purge";
+
+/// The longest URL or prefix a purge takes.
+const MAX_PURGE_URL: usize = 8 * 1024;
+
+/// A purge's query: the cache (`cache=`, optional) and what to forget: `url=` or
+/// `prefix=`, exactly one, an absolute `http://` or `https://` URL with a host, its
+/// scheme and host normalised as a cache key has them (lowercase host, no default port).
+fn purge_query(query: &str) -> Option<(Option<String>, PurgeTarget)> {
+    if query.len() > 3 * MAX_PURGE_URL {
+        return None;
+    }
+    let (mut cache, mut target) = (None, None);
+    for (name, value) in form_urlencoded::parse(query.as_bytes()) {
+        let slot = match &*name {
+            "cache" => {
+                if cache.replace(value.into_owned()).is_some() {
+                    return None;
+                }
+                continue;
+            }
+            "url" => PurgeTarget::Url(normalised_url(&value)?),
+            "prefix" => PurgeTarget::Prefix(normalised_url(&value)?),
+            _ => return None,
+        };
+        if target.replace(slot).is_some() {
+            return None;
+        }
+    }
+    Some((cache, target?))
+}
+
+/// `url`'s scheme and host as a cache's key has them: scheme and host lowercased, the
+/// scheme's default port left out; the rest as given.
+fn normalised_url(url: &str) -> Option<String> {
+    if url.len() > MAX_PURGE_URL {
+        return None;
+    }
+    let (scheme, rest) = url.split_once("://")?;
+    let scheme = scheme.to_ascii_lowercase();
+    let default_port = match scheme.as_str() {
+        "http" => ":80",
+        "https" => ":443",
+        _ => return None,
+    };
+    let (host, path) = rest.split_at(rest.find(['/', '?']).unwrap_or(rest.len()));
+    let host = host.to_ascii_lowercase();
+    let host = host.strip_suffix(default_port).unwrap_or(&host);
+    if host.is_empty() || host.contains('@') || !path.chars().all(|c| c.is_ascii_graphic()) {
+        return None;
+    }
+    let slash = if path.starts_with('/') { "" } else { "/" };
+    Some(format!("{scheme}://{host}{slash}{path}"))
+}
 
 /// Whether `a` and `b` are equal, in time that depends on their lengths only.
 fn same(a: &[u8], b: &[u8]) -> bool {

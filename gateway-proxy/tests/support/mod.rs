@@ -315,10 +315,23 @@ pub fn load_config(
     yaml: &str,
     metrics: Option<&Metrics>,
 ) -> Result<gateway_proxy::config::Gateway, gateway_proxy::config::ConfigError> {
+    load_config_with(yaml, metrics, None)
+}
+
+/// [`load_config`], the caches it builds listed in `purgers`.
+#[cfg(feature = "config")]
+pub fn load_config_with(
+    yaml: &str,
+    metrics: Option<&Metrics>,
+    purgers: Option<&gateway_core::purge::Purgers>,
+) -> Result<gateway_proxy::config::Gateway, gateway_proxy::config::ConfigError> {
     use gateway_proxy::config;
     let mut registry = gateway_core::registry::Registry::new();
     if let Some(metrics) = metrics {
         registry.metrics(metrics);
+    }
+    if let Some(purgers) = purgers {
+        registry.purgers(purgers);
     }
     gateway_middleware::config::register(&mut registry);
     let parsed = config::parse("gateway.yaml", yaml, |_| None, &registry)?;

@@ -117,6 +117,42 @@ impl RedisServer {
         }
     }
 
+    /// Sends one command (its words as RESP bulk strings) on a new connection; the raw
+    /// reply, as far as its first line and one bulk string.
+    pub async fn command(&self, words: &[&[u8]]) -> Vec<u8> {
+        let mut conn = tokio::net::TcpStream::connect(("127.0.0.1", self.port))
+            .await
+            .unwrap();
+        let mut out = format!("*{}\r\n", words.len()).into_bytes();
+        for word in words {
+            out.extend_from_slice(format!("${}\r\n", word.len()).as_bytes());
+            out.extend_from_slice(word);
+            out.extend_from_slice(b"\r\n");
+        }
+        conn.write_all(&out).await.unwrap();
+        let mut got = Vec::new();
+        let mut buf = [0; 4096];
+        while !got.ends_with(b"\r\n") {
+            let n = tokio::time::timeout(Duration::from_secs(5), conn.read(&mut buf))
+                .await
+                .expect("redis answers")
+                .unwrap();
+            assert!(n > 0, "redis closed the connection");
+            got.extend_from_slice(&buf[..n]);
+        }
+        got
+    }
+
+    /// A command whose reply is an integer.
+    pub async fn integer(&self, words: &[&[u8]]) -> i64 {
+        let reply = self.command(words).await;
+        let text = String::from_utf8_lossy(&reply);
+        text.trim()
+            .strip_prefix(':')
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("not an integer reply: {text:?}"))
+    }
+
     async fn pings(&self) -> bool {
         let Ok(mut conn) = tokio::net::TcpStream::connect(("127.0.0.1", self.port)).await else {
             return false;

@@ -163,7 +163,11 @@ async fn purge_with(
     if let Some(token) = token {
         req = req.header("authorization", format!("Bearer {token}"));
     }
-    within("purge", fetch(gw.admin, req.body(Bytes::new()).expect("a request"))).await
+    within(
+        "purge",
+        fetch(gw.admin, req.body(Bytes::new()).expect("a request")),
+    )
+    .await
 }
 
 fn json(res: &Response<Bytes>) -> serde_json::Value {

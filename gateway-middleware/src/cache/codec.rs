@@ -159,13 +159,7 @@ impl Stored {
         if r.0.has_remaining() {
             return None;
         }
-        Some(Self {
-            status,
-            headers,
-            body,
-            selection,
-            freshness,
-        })
+        Some(Self::assemble(status, headers, body, selection, freshness))
     }
 }
 

@@ -27,6 +27,7 @@ use tower::{Layer, Service};
 
 use super::collapse::{FlightKey, Flights, Leader, Role, follow};
 use super::range::{Ranged, ranged};
+use super::store::Stamp;
 use super::{CacheControl, Freshness, Heuristic, Key, Reuse, Selection, Store, Stored, storable};
 
 /// `Cache-Status` (RFC 9211).
@@ -665,13 +666,13 @@ async fn background<St, S>(
         if collected.trailers().is_some() {
             return;
         }
-        Arc::new(Stored {
-            status: parts.status,
-            headers: storable_headers(&parts.headers),
-            body: collected.to_bytes(),
+        Arc::new(Stored::assemble(
+            parts.status,
+            storable_headers(&parts.headers),
+            collected.to_bytes(),
             selection,
             freshness,
-        })
+        ))
     };
     put(&shared.store, &key, refreshed).await;
     drop(leader);
@@ -725,7 +726,7 @@ fn hit<'r>(
         };
         let mut res = Response::new(body);
         *res.status_mut() = status;
-        *res.headers_mut() = stored.headers.clone();
+        *res.headers_mut() = template(stored).clone();
         if head {
             // The length of the body a GET would get.
             res.headers_mut()
@@ -736,12 +737,33 @@ fn hit<'r>(
         }
         res
     };
+    let age = match stored.hot().stamp.try_lock().as_deref() {
+        Ok(Some(stamp)) if stamp.age == age => stamp.age_value.clone(),
+        _ => HeaderValue::from(age),
+    };
     let headers = res.headers_mut();
-    headers.insert(AGE, HeaderValue::from(age));
+    headers.insert(AGE, age);
     // NOTE: a stored response has no `Cache-Status` of ours or theirs (see
     // `storable_headers`): ours is the only one.
     headers.insert(CACHE_STATUS.clone(), entry);
     res
+}
+
+/// `stored`'s fields with room for `Age` and `Cache-Status` (placeholders, replaced by
+/// every hit), made on its first hit: a hit clones them and replaces the two in place
+/// instead of growing the map.
+fn template(stored: &Stored) -> &HeaderMap {
+    stored.hot().template.get_or_init(|| {
+        let mut headers = HeaderMap::with_capacity(stored.headers.len() + 2);
+        for (name, value) in &stored.headers {
+            if name != AGE && name != CACHE_STATUS {
+                headers.append(name.clone(), value.clone());
+            }
+        }
+        headers.insert(AGE, HeaderValue::from_static("0"));
+        headers.insert(CACHE_STATUS.clone(), HeaderValue::from_static("-"));
+        headers
+    })
 }
 
 /// What a hit answers: the request's method and fields.
@@ -769,6 +791,30 @@ impl<S> Shared<S> {
     /// This cache's `Cache-Status` entry for a hit on `stored` at `now`, with `detail`.
     fn hit_status(&self, stored: &Stored, now: SystemTime, detail: Option<&str>) -> HeaderValue {
         let age = stored.freshness.age(now).as_secs();
+        if detail.is_some() {
+            return self.make_hit_status(stored, age, detail);
+        }
+        // Hits in the same second share their values (a hot object is hit thousands of
+        // times a second); a contended stamp is made afresh instead of waited for.
+        let Ok(mut stamp) = stored.hot().stamp.try_lock() else {
+            return self.make_hit_status(stored, age, None);
+        };
+        match &*stamp {
+            Some(s) if s.age == age && s.name == self.name => s.status.clone(),
+            _ => {
+                let status = self.make_hit_status(stored, age, None);
+                *stamp = Some(Stamp {
+                    age,
+                    name: self.name.clone(),
+                    age_value: HeaderValue::from(age),
+                    status: status.clone(),
+                });
+                status
+            }
+        }
+    }
+
+    fn make_hit_status(&self, stored: &Stored, age: u64, detail: Option<&str>) -> HeaderValue {
         let ttl = i128::from(stored.freshness.lifetime().as_secs()) - i128::from(age);
         let mut entry = BytesMut::with_capacity(self.name.len() + 48);
         entry.extend_from_slice(self.name.as_bytes());
@@ -896,13 +942,13 @@ fn refresh(
         }
     }
     let cc = CacheControl::parse(&headers);
-    Arc::new(Stored {
-        status: stored.status,
-        freshness: Freshness::new(stored.status, &headers, &cc, requested, received, heuristic),
-        headers,
-        body: stored.body.clone(),
-        selection: stored.selection.clone(),
-    })
+    Arc::new(Stored::assemble(
+        stored.status,
+        headers.clone(),
+        stored.body.clone(),
+        stored.selection.clone(),
+        Freshness::new(stored.status, &headers, &cc, requested, received, heuristic),
+    ))
 }
 
 /// Whether a stored response satisfies the client's conditional request (RFC 9110 §13.1.2
@@ -1148,13 +1194,13 @@ where
 
 impl<St: Store> Pending<St> {
     fn store(self, body: Bytes) {
-        let stored = Arc::new(Stored {
-            status: self.status,
-            headers: self.headers,
+        let stored = Arc::new(Stored::assemble(
+            self.status,
+            self.headers,
             body,
-            selection: self.selection,
-            freshness: self.freshness,
-        });
+            self.selection,
+            self.freshness,
+        ));
         let (store, key, flight) = (self.store, self.key, self.flight);
         let storing = async move {
             put(&store, &key, stored).await;

@@ -9,7 +9,7 @@ use std::time::SystemTime;
 
 use bytes::Bytes;
 use gateway_core::metrics::Metrics;
-use http::{HeaderMap, StatusCode};
+use http::{HeaderMap, HeaderValue, StatusCode};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -22,6 +22,8 @@ use super::{CacheControl, Freshness, Heuristic, Key, Selection, VaryError};
 pub const MAX_VARIANTS: usize = 8;
 
 /// A response as stored: what a hit answers with, and what it was selected and judged by.
+///
+/// Made by [`Stored::new`] (or read back by [`Stored::from_bytes`]).
 #[derive(Clone, Debug)]
 pub struct Stored {
     /// Its status.
@@ -34,6 +36,40 @@ pub struct Stored {
     pub selection: Selection,
     /// Its freshness and age.
     pub freshness: Freshness,
+    /// What hits on it reuse.
+    hot: Hot,
+}
+
+/// What the hits on a stored response reuse instead of making again: its fields with room
+/// for `Age` and `Cache-Status`, and those two values as of the last hit's second.
+#[derive(Default)]
+pub(super) struct Hot {
+    /// The fields, `Age` and `Cache-Status` among them (their values replaced on each
+    /// hit): a clone takes both without growing.
+    pub(super) template: OnceLock<HeaderMap>,
+    /// The `Age` and plain-hit `Cache-Status` values of the second the last hit was in.
+    pub(super) stamp: std::sync::Mutex<Option<Stamp>>,
+}
+
+/// `Age` and a plain hit's `Cache-Status` at one age (in seconds), for one cache name.
+pub(super) struct Stamp {
+    pub(super) age: u64,
+    pub(super) name: HeaderValue,
+    pub(super) age_value: HeaderValue,
+    pub(super) status: HeaderValue,
+}
+
+impl Clone for Hot {
+    /// A copy starts without: its fields may change.
+    fn clone(&self) -> Self {
+        Self::default()
+    }
+}
+
+impl fmt::Debug for Hot {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Hot").finish_non_exhaustive()
+    }
 }
 
 impl Stored {
@@ -59,7 +95,31 @@ impl Stored {
             freshness: Freshness::new(status, &headers, &cc, requested, received, heuristic),
             headers,
             body,
+            hot: Hot::default(),
         })
+    }
+
+    /// A stored response of these parts.
+    pub(super) fn assemble(
+        status: StatusCode,
+        headers: HeaderMap,
+        body: Bytes,
+        selection: Selection,
+        freshness: Freshness,
+    ) -> Self {
+        Self {
+            status,
+            headers,
+            body,
+            selection,
+            freshness,
+            hot: Hot::default(),
+        }
+    }
+
+    /// What hits on it reuse.
+    pub(super) const fn hot(&self) -> &Hot {
+        &self.hot
     }
 
     /// What it weighs in a store: its body, its fields, and a fixed overhead.

@@ -568,3 +568,25 @@ fn edits(side: &str, config: &EditsConfig) -> Result<crate::headers::Edits, BoxE
     }
     Ok(edits)
 }
+
+#[cfg(feature = "redis")]
+impl Kept<(), crate::redis::WeakRedis> {
+    /// The connection to `url` with these timeouts: one however many sections (and
+    /// reloads) name it.
+    pub(crate) fn connection(
+        &self,
+        url: &str,
+        timeout: std::time::Duration,
+        connect: std::time::Duration,
+    ) -> Result<crate::redis::Redis, BoxError> {
+        let id = format!("{url} {timeout:?} {connect:?}");
+        self.get_or_try(&id, (), || {
+            let redis = crate::redis::Redis::builder(url)
+                .timeout(timeout)
+                .connect_timeout(connect)
+                .build()?;
+            let weak = redis.downgrade();
+            Ok::<_, BoxError>((redis, weak))
+        })
+    }
+}

@@ -135,20 +135,11 @@ impl CacheFactory {
         max_object: usize,
     ) -> Result<RouteLayer, BoxError> {
         use crate::cache::RedisStore;
-        use crate::redis::Redis;
         let timeout = redis.timeout.map_or(Duration::from_millis(250), |p| p.0);
         let connect = redis
             .connect_timeout
             .map_or(Duration::from_secs(1), |p| p.0);
-        let id = format!("{} {timeout:?} {connect:?}", redis.url);
-        let connection = self.redis.get_or_try(&id, (), || {
-            let connection = Redis::builder(redis.url.as_str())
-                .timeout(timeout)
-                .connect_timeout(connect)
-                .build()?;
-            let weak = connection.downgrade();
-            Ok::<_, BoxError>((connection, weak))
-        })?;
+        let connection = self.redis.connection(&redis.url, timeout, connect)?;
         let namespace = redis
             .namespace
             .clone()

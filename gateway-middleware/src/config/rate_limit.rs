@@ -203,20 +203,11 @@ impl RateLimitFactory {
         cx: &Context,
     ) -> Result<crate::rate_limit::Distributed, BoxError> {
         use crate::rate_limit::{Batch, Distributed, OnError};
-        use crate::redis::Redis;
         let timeout = config.timeout.map_or(Duration::from_millis(100), |p| p.0);
         let connect = config
             .connect_timeout
             .map_or(Duration::from_secs(1), |p| p.0);
-        let id = format!("{} {timeout:?} {connect:?}", config.url);
-        let redis = self.redis.get_or_try(&id, (), || {
-            let redis = Redis::builder(config.url.as_str())
-                .timeout(timeout)
-                .connect_timeout(connect)
-                .build()?;
-            let weak = redis.downgrade();
-            Ok::<_, BoxError>((redis, weak))
-        })?;
+        let redis = self.redis.connection(&config.url, timeout, connect)?;
         let mut distributed = Distributed::new(redis).namespace(
             config
                 .namespace

@@ -610,3 +610,96 @@ async fn sampled_requests_reach_the_otlp_collector_by_the_time_the_gateway_exits
         "and the span's name"
     );
 }
+
+/// Starts the binary with an admin listener; where the gateway and the admin listen.
+async fn start_with_admin(args: &[&str]) -> (Child, std::net::SocketAddr, std::net::SocketAddr) {
+    let mut child = Command::new(BIN)
+        .args(args)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let mut next = async || {
+        tokio::time::timeout(Duration::from_secs(20), lines.next_line())
+            .await
+            .expect("the gateway must print where it listens")
+            .unwrap()
+            .unwrap()
+    };
+    let first = next().await;
+    let addr = first
+        .strip_prefix("gateway listening on http://")
+        .unwrap_or_else(|| panic!("unexpected first line {first:?}"))
+        .parse()
+        .unwrap();
+    let second = next().await;
+    let admin = second
+        .strip_prefix("admin on http://")
+        .and_then(|rest| rest.split('/').next())
+        .unwrap_or_else(|| panic!("unexpected second line {second:?}"))
+        .parse()
+        .unwrap();
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    (child, addr, admin)
+}
+
+/// The example gateway lists its config's caches for its admin listener: a cached page is
+/// purged by `POST /cache/purge` (with the admin token) and fetched again.
+#[tokio::test]
+async fn the_admin_listener_purges_the_configs_caches() {
+    let up = TestUpstream::serve(|_| async {
+        Ok(http::Response::builder()
+            .header("cache-control", "max-age=600")
+            .body(gateway_core::Body::from("page"))
+            .expect("a response"))
+    })
+    .await;
+    let yaml = format!(
+        "
+listen: 127.0.0.1:0
+admin: {{ listen: 127.0.0.1:0, token: t0ken }}
+upstreams:
+  site: {{ endpoints: [{}] }}
+routes:
+  - id: pages
+    match: {{ path: /pages }}
+    upstream: site
+    plugins:
+      - cache: {{ max_memory: 8MiB }}
+",
+        up.url()
+    );
+    let path = config_file("purge.yaml", &yaml);
+    let (child, addr, admin) =
+        start_with_admin(&["--config", path.to_str().unwrap(), "--threads", "1"]).await;
+    let cache_status = |res: &[u8]| {
+        String::from_utf8_lossy(res)
+            .lines()
+            .find_map(|l| l.strip_prefix("cache-status: ").map(str::to_owned))
+            .unwrap_or_default()
+    };
+    assert!(cache_status(&get(addr, "/pages/a").await).contains("fwd=uri-miss"));
+    let mut hit = false;
+    for _ in 0..100 {
+        if cache_status(&get(addr, "/pages/a").await).contains("hit") {
+            hit = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(hit, "never a hit");
+    assert_eq!(up.requests().len(), 1);
+
+    let purge = "POST /cache/purge?prefix=http%3A%2F%2Fgw%2Fpages%2F HTTP/1.1\r\nHost: admin\r\n\
+        Authorization: Bearer t0ken\r\nContent-Length: 0\r\nConnection: close\r\n\r\n";
+    let res = raw::exchange(admin, purge.as_bytes(), Duration::from_secs(5)).await;
+    let text = String::from_utf8_lossy(&res);
+    assert_eq!(raw::statuses(&res), [200], "{text}");
+    assert!(text.contains(r#""purged":{"pages":1}"#), "{text}");
+    assert!(cache_status(&get(addr, "/pages/a").await).contains("fwd=uri-miss"));
+    assert_eq!(up.requests().len(), 2);
+    sigterm_and_wait(child).await;
+}

@@ -57,8 +57,8 @@ pub struct CacheRedisConfig {
     pub timeout: Option<Period>,
     /// The most opening a connection may take [default: 1s].
     pub connect_timeout: Option<Period>,
-    /// The keys' prefix [default: `gateway:cache:<name>:`]; instances sharing a cache
-    /// give the same.
+    /// The keys' prefix (default: `gateway:cache:NAME:`, NAME being the cache's name);
+    /// instances sharing a cache give the same.
     pub namespace: Option<String>,
 }
 

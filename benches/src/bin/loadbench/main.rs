@@ -53,7 +53,9 @@ OPTIONS:
                        `full` adds JWT (ES256), a rate limit, retries and a circuit
                        breaker on the route, every request with a bearer token;
                        `cached` puts a cache on the route (every request a hit
-                       after the first of its path)
+                       after the first of its path); `cache-miss` is the same
+                       route with the answers `no-store` (every request proxied
+                       through the cache layer)
     --config FILE      the gateway (and baseline) serve FILE, with LOADBENCH_ORIGIN set
                        to the origin's URL, instead of proxying by flags
     --json PATH        where to write the results [default: target/loadbench.json]

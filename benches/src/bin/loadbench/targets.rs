@@ -37,6 +37,10 @@ pub(crate) enum Kind {
     /// The gateway with a cache on the route (the origin's responses made cacheable for
     /// an hour): after the first request of each path, every request is a hit.
     Cached,
+    /// The `cached` target's stack with the origin's answers made `no-store`: every
+    /// request goes through the cache layer to the origin (a proxied request on the same
+    /// route, for the hit to be compared with).
+    CacheMiss,
 }
 
 /// A running proxy.
@@ -75,11 +79,12 @@ impl Kind {
     ];
 
     /// Every target, in the order of the table's columns.
-    pub(crate) const KNOWN: [Self; 9] = [
+    pub(crate) const KNOWN: [Self; 10] = [
         Self::Gateway,
         Self::Observed,
         Self::Full,
         Self::Cached,
+        Self::CacheMiss,
         Self::Baseline,
         Self::Hand,
         Self::Hyper,
@@ -98,6 +103,7 @@ impl Kind {
             Self::Observed => "observed",
             Self::Full => "full",
             Self::Cached => "cached",
+            Self::CacheMiss => "cache-miss",
         }
     }
 }
@@ -126,7 +132,8 @@ impl Setup {
             Kind::Nginx => self.start_nginx()?,
             Kind::Haproxy => self.start_haproxy()?,
             Kind::Full => self.start_full()?,
-            Kind::Cached => self.start_cached()?,
+            Kind::Cached => self.start_cached(Kind::Cached, "max-age=3600")?,
+            Kind::CacheMiss => self.start_cached(Kind::CacheMiss, "no-store")?,
             Kind::Hand => {
                 let mut cmd = self.command(&self.hand);
                 cmd.args(["--listen", "127.0.0.1:0", "--upstream"])
@@ -212,9 +219,10 @@ routes:
         Ok(target)
     }
 
-    fn start_cached(&self) -> io::Result<Target> {
-        // The `headers` layer sits inside the cache: it makes the origin's answers
-        // cacheable before the cache judges them.
+    /// The gateway with a cache on the route, the origin's answers given `cache_control`.
+    fn start_cached(&self, kind: Kind, cache_control: &str) -> io::Result<Target> {
+        // The `headers` layer sits inside the cache: it sets the origin's answers'
+        // `Cache-Control` before the cache judges them.
         let config = format!(
             "listen: 127.0.0.1:0
 upstreams:
@@ -225,17 +233,17 @@ routes:
     upstream: origin
     plugins:
       - cache: {{ max_memory: 64MiB }}
-      - headers: {{ response: {{ set: {{ cache-control: max-age=3600 }} }} }}
+      - headers: {{ response: {{ set: {{ cache-control: {cache_control} }} }} }}
 ",
             origin = self.origin,
         );
-        let path = self.dir.join("cached.yaml");
+        let path = self.dir.join(format!("{}.yaml", kind.name()));
         std::fs::write(&path, config)?;
         let mut cmd = self.command(&self.gateway);
         cmd.args(["--threads", "1", "--config"])
             .arg(&path)
             .env("RUST_LOG", "error");
-        spawn_listening(cmd, &self.gateway, Kind::Cached)
+        spawn_listening(cmd, &self.gateway, kind)
     }
 
     fn start_hyper(&self) -> io::Result<Target> {

@@ -456,6 +456,56 @@ async fn concurrent_misses_collapse_into_one_upstream_request_but_never_across_c
     assert_eq!(calls.load(Ordering::SeqCst), 21);
 }
 
+/// A key whose response is not storable stops collapsing for a while (hit-for-miss):
+/// after one `no-store` answer, 10 concurrent requests reach the upstream together
+/// instead of 9 of them waiting for the first only to go upstream after it.
+#[tokio::test]
+async fn a_key_whose_response_is_not_stored_is_not_collapsed() {
+    let in_flight = Arc::new(AtomicUsize::new(0));
+    let most = Arc::new(AtomicUsize::new(0));
+    let (now, peak) = (Arc::clone(&in_flight), Arc::clone(&most));
+    let up = TestUpstream::serve(move |_| {
+        let n = now.fetch_add(1, Ordering::SeqCst) + 1;
+        peak.fetch_max(n, Ordering::SeqCst);
+        let now = Arc::clone(&now);
+        async move {
+            tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+            now.fetch_sub(1, Ordering::SeqCst);
+            Ok(Response::builder()
+                .header("cache-control", "no-store")
+                .body(Body::from("fresh every time"))
+                .expect("a response"))
+        }
+    })
+    .await;
+    let (gw, store) = cached(&up).await;
+    let addr = gw.addr;
+    assert_eq!(fetch(addr, get("/live", &[])).await.status(), 200);
+    let crowd: Vec<_> = (0..10)
+        .map(|_| tokio::spawn(async move { fetch(addr, get("/live", &[])).await }))
+        .collect();
+    for call in crowd {
+        let res = support::within("the crowd", call).await.unwrap();
+        assert_eq!(res.status(), 200);
+        assert!(!cache_status(&res).contains("collapsed"), "{res:?}");
+    }
+    assert_eq!(most.load(Ordering::SeqCst), 10, "all ten upstream at once");
+    assert!(store.is_empty());
+
+    // Another key still collapses.
+    most.store(0, Ordering::SeqCst);
+    let crowd: Vec<_> = (0..10)
+        .map(|_| tokio::spawn(async move { fetch(addr, get("/other", &[])).await }))
+        .collect();
+    for call in crowd {
+        support::within("the second crowd", call).await.unwrap();
+    }
+    assert!(
+        most.load(Ordering::SeqCst) < 10,
+        "the first of a key is waited for"
+    );
+}
+
 #[tokio::test]
 async fn stale_while_revalidate_serves_at_once_and_refreshes_in_the_background() {
     let (up, calls, _) = validating("max-age=1, stale-while-revalidate=30").await;

@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use http::HeaderValue;
 use tokio::sync::watch;
+use tokio::time::Instant;
 
 use super::Key;
 
@@ -13,13 +14,29 @@ use super::Key;
 /// upstream without collapsing (the table never grows with an attack on many keys).
 const MAX_FLIGHTS: usize = 10_000;
 
+/// The most keys remembered as not storable ([`Leader::pass`]); past it, no more are
+/// remembered until some expire (those keys collapse as before: slower, never wrong).
+const MAX_PASSES: usize = 10_000;
+
+/// How long a key whose response could not be stored goes upstream without collapsing
+/// (Varnish's hit-for-miss): waiting for a response that will not be stored only
+/// delays the waiters, who then go upstream anyway.
+pub(super) const PASS_FOR: Duration = Duration::from_secs(10);
+
 /// The requests in flight that later misses may wait for, by flight key: the primary key
 /// and the request's credentials (a response to one client's `Authorization` is never
 /// waited for by another's; whether a waiter may use what was stored is then decided
 /// by the same rules as any hit, `Vary` included).
 #[derive(Default)]
 pub(super) struct Flights {
-    table: Mutex<HashMap<FlightKey, watch::Receiver<bool>>>,
+    table: Mutex<Table>,
+}
+
+#[derive(Default)]
+struct Table {
+    flights: HashMap<FlightKey, watch::Receiver<bool>>,
+    /// Keys not to collapse, until when (their last response could not be stored).
+    passes: HashMap<FlightKey, Instant>,
 }
 
 #[derive(Clone, PartialEq, Eq, Hash)]
@@ -34,7 +51,8 @@ pub(super) enum Role {
     Leader(Leader),
     /// Waits for the leader (at most the collapse wait), then looks again.
     Follower(watch::Receiver<bool>),
-    /// Goes upstream on its own (the table is full).
+    /// Goes upstream on its own (the table is full, or the key's responses are not
+    /// stored).
     Alone,
 }
 
@@ -59,16 +77,22 @@ impl Flights {
     /// The role of a miss for `key`.
     pub(super) fn join(self: &Arc<Self>, key: FlightKey) -> Role {
         let mut table = self.table.lock().unwrap_or_else(PoisonError::into_inner);
-        if let Some(waiting) = table.get(&key)
+        if let Some(&until) = table.passes.get(&key) {
+            if Instant::now() < until {
+                return Role::Alone;
+            }
+            table.passes.remove(&key);
+        }
+        if let Some(waiting) = table.flights.get(&key)
             && !*waiting.borrow()
         {
             return Role::Follower(waiting.clone());
         }
-        if table.len() >= MAX_FLIGHTS {
+        if table.flights.len() >= MAX_FLIGHTS {
             return Role::Alone;
         }
         let (done, waiting) = watch::channel(false);
-        table.insert(key.clone(), waiting);
+        table.flights.insert(key.clone(), waiting);
         Role::Leader(Leader {
             flights: Arc::clone(self),
             key,
@@ -84,6 +108,27 @@ pub(super) async fn follow(mut waiting: watch::Receiver<bool>, wait: Duration) -
         .is_ok_and(|r| r.is_ok())
 }
 
+impl Leader {
+    /// The response could not be stored: the key's misses go upstream without waiting
+    /// for one another for `period`, and those waiting now are released.
+    pub(super) fn pass(self, period: Duration) {
+        let mut table = self
+            .flights
+            .table
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let now = Instant::now();
+        if table.passes.len() >= MAX_PASSES {
+            table.passes.retain(|_, until| *until > now);
+        }
+        if table.passes.len() < MAX_PASSES {
+            table.passes.insert(self.key.clone(), now + period);
+        }
+        drop(table);
+        // NOTE: dropping `self` now releases the waiters (it takes the lock again).
+    }
+}
+
 impl Drop for Leader {
     fn drop(&mut self) {
         let mut table = self
@@ -92,10 +137,11 @@ impl Drop for Leader {
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
         if table
+            .flights
             .get(&self.key)
             .is_some_and(|w| w.same_channel(&self.done.subscribe()))
         {
-            table.remove(&self.key);
+            table.flights.remove(&self.key);
         }
         drop(table);
         // A leader dropped without a result (an error, the client gone) also releases

@@ -25,7 +25,7 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use tower::{Layer, Service};
 
-use super::collapse::{FlightKey, Flights, Leader, Role, follow};
+use super::collapse::{FlightKey, Flights, Leader, PASS_FOR, Role, follow};
 use super::range::{Ranged, ranged};
 use super::store::Stamp;
 use super::{CacheControl, Freshness, Heuristic, Key, Reuse, Selection, Store, Stored, storable};
@@ -545,6 +545,10 @@ where
         Ok(judged) => judged,
         Err(why) => {
             tracing::trace!(key = %key, why, "response not stored");
+            // Later misses for the key need not wait for one another (hit-for-miss).
+            if let Some(leader) = leader {
+                leader.pass(PASS_FOR);
+            }
             return Ok(mark(res, &shared.name, forward, false));
         }
     };

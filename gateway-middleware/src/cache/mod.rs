@@ -18,7 +18,9 @@
 //!   of the wrong length);
 //! - concurrent misses for the same key and credentials wait for the one request already
 //!   on its way ([`collapse_wait`](CacheLayer::collapse_wait), then they go themselves),
-//!   and answer from what it stored if it fits them (`Vary` and all);
+//!   and answer from what it stored if it fits them (`Vary` and all); a key whose
+//!   response could not be stored is not collapsed for the next 10 s (hit-for-miss), so
+//!   an uncacheable URL's requests never queue behind one another;
 //! - a successful unsafe request (`POST`, `PUT`, `DELETE`...) forgets its URI and its
 //!   response's same-origin `Location` and `Content-Location` (§4.4);
 //! - `only-if-cached` with nothing to serve is a `504` (`not_cached`);

@@ -91,8 +91,11 @@ async fn bad_flags_and_files_exit_2_with_one_line() {
     }
 }
 
-/// Starts the binary and reads the address it prints.
-async fn start(args: &[&str]) -> (Child, std::net::SocketAddr) {
+/// The binary's stdout, line by line.
+type Lines = tokio::io::Lines<BufReader<tokio::process::ChildStdout>>;
+
+/// Starts the binary with its stdout piped.
+fn spawn(args: &[&str]) -> (Child, Lines) {
     let mut child = Command::new(BIN)
         .args(args)
         .env("RUST_LOG", "warn")
@@ -101,17 +104,31 @@ async fn start(args: &[&str]) -> (Child, std::net::SocketAddr) {
         .kill_on_drop(true)
         .spawn()
         .unwrap();
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    let line = tokio::time::timeout(Duration::from_secs(20), lines.next_line())
+    let lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    (child, lines)
+}
+
+/// The next line the gateway prints, within 20 s.
+async fn next_line(lines: &mut Lines) -> String {
+    tokio::time::timeout(Duration::from_secs(20), lines.next_line())
         .await
         .expect("the gateway must print where it listens")
         .unwrap()
-        .unwrap();
-    let addr = line
-        .strip_prefix("gateway listening on http://")
+        .unwrap()
+}
+
+/// The address in `gateway listening on http://ADDR`.
+fn listening(line: &str) -> std::net::SocketAddr {
+    line.strip_prefix("gateway listening on http://")
         .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
         .parse()
-        .unwrap();
+        .unwrap()
+}
+
+/// Starts the binary and reads the address it prints.
+async fn start(args: &[&str]) -> (Child, std::net::SocketAddr) {
+    let (child, mut lines) = spawn(args);
+    let addr = listening(&next_line(&mut lines).await);
     tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
     (child, addr)
 }
@@ -613,29 +630,9 @@ async fn sampled_requests_reach_the_otlp_collector_by_the_time_the_gateway_exits
 
 /// Starts the binary with an admin listener; where the gateway and the admin listen.
 async fn start_with_admin(args: &[&str]) -> (Child, std::net::SocketAddr, std::net::SocketAddr) {
-    let mut child = Command::new(BIN)
-        .args(args)
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    let mut next = async || {
-        tokio::time::timeout(Duration::from_secs(20), lines.next_line())
-            .await
-            .expect("the gateway must print where it listens")
-            .unwrap()
-            .unwrap()
-    };
-    let first = next().await;
-    let addr = first
-        .strip_prefix("gateway listening on http://")
-        .unwrap_or_else(|| panic!("unexpected first line {first:?}"))
-        .parse()
-        .unwrap();
-    let second = next().await;
+    let (child, mut lines) = spawn(args);
+    let addr = listening(&next_line(&mut lines).await);
+    let second = next_line(&mut lines).await;
     let admin = second
         .strip_prefix("admin on http://")
         .and_then(|rest| rest.split('/').next())

@@ -332,7 +332,7 @@ where
             let now = SystemTime::now();
             if let Some(stored) = reusable(&variants, req.headers(), &req_cc, now) {
                 shared.report(req.extensions().get::<LogFields>(), Outcome::Hit);
-                let res = hit(stored, &req, now, shared.hit_status(stored, now, None));
+                let res = hit(stored, &req, shared.hit_marks(stored, now, None));
                 return ResponseFuture::ready(Ok(res));
             }
             seen = Some(variants);
@@ -441,15 +441,15 @@ where
         Some(stored) => match stored.freshness.reuse(&req_cc, now) {
             Reuse::Fresh | Reuse::Stale => {
                 shared.report(log.as_ref(), Outcome::Hit);
-                return Ok(hit(stored, &req, now, shared.hit_status(stored, now, None)));
+                return Ok(hit(stored, &req, shared.hit_marks(stored, now, None)));
             }
             // Served stale now, refreshed in the background (RFC 5861 §3), one refresh
             // per key at a time.
             Reuse::StaleWhileRevalidate if !req_cc.no_cache() && method == Method::GET => {
                 let flight = FlightKey::new(&key, req.headers().get(AUTHORIZATION));
                 shared.report(log.as_ref(), Outcome::StaleWhileRevalidate);
-                let status = shared.hit_status(stored, now, Some("stale-while-revalidate"));
-                let res = hit(stored, &req, now, status);
+                let marks = shared.hit_marks(stored, now, Some("stale-while-revalidate"));
+                let res = hit(stored, &req, marks);
                 if let Role::Leader(leader) = shared.flights.join(flight) {
                     let drain = req.extensions().get::<Drain>().cloned();
                     let refresh = background(
@@ -490,8 +490,8 @@ where
                     && let Some(stored) = reusable(&variants, req.headers(), &req_cc, now)
                 {
                     shared.report(log.as_ref(), Outcome::Collapsed);
-                    let status = shared.hit_status(stored, now, Some("collapsed"));
-                    return Ok(hit(stored, &req, now, status));
+                    let marks = shared.hit_marks(stored, now, Some("collapsed"));
+                    return Ok(hit(stored, &req, marks));
                 }
             }
             Role::Alone => {}
@@ -521,21 +521,23 @@ where
         let status = result.as_ref().map_or(502, |res| res.status().as_u16());
         tracing::debug!(key = %key, status, "upstream failed: a stale response answers");
         shared.report(log.as_ref(), Outcome::StaleIfError);
-        let entry = shared.forwarded_status(&format!(
-            "fwd=stale; fwd-status={status}; detail=stale-if-error"
-        ));
+        let marks = shared.forwarded_marks(
+            stored,
+            received,
+            &format!("fwd=stale; fwd-status={status}; detail=stale-if-error"),
+        );
         let headers = HeaderMap::new();
-        return Ok(hit(stored, (&Method::GET, &headers), received, entry));
+        return Ok(hit(stored, (&Method::GET, &headers), marks));
     }
     let res = result?;
     if let (Some(stored), StatusCode::NOT_MODIFIED) = (&validating, res.status()) {
         let refreshed = refresh(stored, res.headers(), now, received, shared.heuristic);
         put(&shared.store, &key, Arc::clone(&refreshed)).await;
         shared.report(log.as_ref(), Outcome::Revalidated);
-        let entry = shared.forwarded_status("fwd=stale; fwd-status=304; stored");
+        let marks =
+            shared.forwarded_marks(&refreshed, received, "fwd=stale; fwd-status=304; stored");
         let headers = HeaderMap::new();
-        let res = hit(&refreshed, (&Method::GET, &headers), received, entry);
-        return Ok(res);
+        return Ok(hit(&refreshed, (&Method::GET, &headers), marks));
     }
     shared.report(log.as_ref(), Outcome::Miss);
     let Some(req_headers) = keep else {
@@ -682,17 +684,16 @@ async fn background<St, S>(
     drop(leader);
 }
 
-/// A hit: the stored response, its `Age`, and `entry` as its `Cache-Status`; a `304` to a
-/// conditional request it satisfies; a `206` or `416` to a range request; no body for a
-/// `HEAD`.
-fn hit<'r>(
-    stored: &Stored,
-    req: impl Into<Asked<'r>>,
-    now: SystemTime,
-    entry: HeaderValue,
-) -> Response<Body> {
+/// The `Age` and `Cache-Status` a response from the store carries.
+struct Marks {
+    age: HeaderValue,
+    status: HeaderValue,
+}
+
+/// A hit: the stored response with its `marks`; a `304` to a conditional request it
+/// satisfies; a `206` or `416` to a range request; no body for a `HEAD`.
+fn hit<'r>(stored: &Stored, req: impl Into<Asked<'r>>, marks: Marks) -> Response<Body> {
     let req: Asked<'r> = req.into();
-    let age = stored.freshness.age(now).as_secs();
     let mut res = if not_modified(stored, req.headers) {
         let mut res = Response::new(Body::empty());
         *res.status_mut() = StatusCode::NOT_MODIFIED;
@@ -741,15 +742,11 @@ fn hit<'r>(
         }
         res
     };
-    let age = match stored.hot().stamp.try_lock().as_deref() {
-        Ok(Some(stamp)) if stamp.age == age => stamp.age_value.clone(),
-        _ => HeaderValue::from(age),
-    };
     let headers = res.headers_mut();
-    headers.insert(AGE, age);
+    headers.insert(AGE, marks.age);
     // NOTE: a stored response has no `Cache-Status` of ours or theirs (see
     // `storable_headers`): ours is the only one.
-    headers.insert(CACHE_STATUS.clone(), entry);
+    headers.insert(CACHE_STATUS.clone(), marks.status);
     res
 }
 
@@ -792,29 +789,48 @@ impl<'r> From<(&'r Method, &'r HeaderMap)> for Asked<'r> {
 }
 
 impl<S> Shared<S> {
-    /// This cache's `Cache-Status` entry for a hit on `stored` at `now`, with `detail`.
-    fn hit_status(&self, stored: &Stored, now: SystemTime, detail: Option<&str>) -> HeaderValue {
+    /// The `Age` and this cache's `Cache-Status` entry for a hit on `stored` at `now`,
+    /// with `detail`.
+    fn hit_marks(&self, stored: &Stored, now: SystemTime, detail: Option<&str>) -> Marks {
         let age = stored.freshness.age(now).as_secs();
+        let made = || Marks {
+            age: HeaderValue::from(age),
+            status: self.make_hit_status(stored, age, detail),
+        };
         if detail.is_some() {
-            return self.make_hit_status(stored, age, detail);
+            return made();
         }
         // Hits in the same second share their values (a hot object is hit thousands of
         // times a second); a contended stamp is made afresh instead of waited for.
         let Ok(mut stamp) = stored.hot().stamp.try_lock() else {
-            return self.make_hit_status(stored, age, None);
+            return made();
         };
-        match &*stamp {
-            Some(s) if s.age == age && s.name == self.name => s.status.clone(),
-            _ => {
-                let status = self.make_hit_status(stored, age, None);
-                *stamp = Some(Stamp {
-                    age,
-                    name: self.name.clone(),
-                    age_value: HeaderValue::from(age),
-                    status: status.clone(),
-                });
-                status
-            }
+        if let Some(s) = &*stamp
+            && s.age == age
+            && s.name == self.name
+        {
+            return Marks {
+                age: s.age_value.clone(),
+                status: s.status.clone(),
+            };
+        }
+        let marks = made();
+        *stamp = Some(Stamp {
+            age,
+            name: self.name.clone(),
+            age_value: marks.age.clone(),
+            status: marks.status.clone(),
+        });
+        marks
+    }
+
+    /// The `Age` of `stored` at `now`, and this cache's `Cache-Status` entry for an answer
+    /// from the store after going upstream: `params` after the name.
+    fn forwarded_marks(&self, stored: &Stored, now: SystemTime, params: &str) -> Marks {
+        Marks {
+            age: HeaderValue::from(stored.freshness.age(now).as_secs()),
+            status: HeaderValue::try_from(entry(&self.name, params))
+                .unwrap_or_else(|_| self.name.clone()),
         }
     }
 
@@ -830,13 +846,6 @@ impl<S> Shared<S> {
         }
         // NOTE: a header value (the name) and ASCII: always valid.
         HeaderValue::from_maybe_shared(entry.freeze()).unwrap_or_else(|_| self.name.clone())
-    }
-
-    /// This cache's `Cache-Status` entry for an answer from the store after going
-    /// upstream: `params` after the name.
-    fn forwarded_status(&self, params: &str) -> HeaderValue {
-        let name = self.name.to_str().unwrap_or("gateway");
-        HeaderValue::try_from(format!("{name}; {params}")).unwrap_or_else(|_| self.name.clone())
     }
 }
 
@@ -946,12 +955,13 @@ fn refresh(
         }
     }
     let cc = CacheControl::parse(&headers);
+    let freshness = Freshness::new(stored.status, &headers, &cc, requested, received, heuristic);
     Arc::new(Stored::assemble(
         stored.status,
-        headers.clone(),
+        headers,
         stored.body.clone(),
         stored.selection.clone(),
-        Freshness::new(stored.status, &headers, &cc, requested, received, heuristic),
+        freshness,
     ))
 }
 
@@ -999,14 +1009,15 @@ fn mark(
     forward: Forward,
     stored: bool,
 ) -> Response<Body> {
-    let name = name.to_str().unwrap_or("gateway");
-    let status = if stored {
-        format!("{name}; fwd={}; stored", forward.as_str())
-    } else {
-        format!("{name}; fwd={}", forward.as_str())
-    };
+    let stored = if stored { "; stored" } else { "" };
+    let status = entry(name, format_args!("fwd={}{stored}", forward.as_str()));
     prepend_status(res.headers_mut(), status);
     res
+}
+
+/// This cache's `Cache-Status` entry: its `name`, then `params`.
+fn entry(name: &HeaderValue, params: impl fmt::Display) -> String {
+    format!("{}; {params}", name.to_str().unwrap_or("gateway"))
 }
 
 /// Puts this cache's entry first in `Cache-Status`, before the ones of caches upstream

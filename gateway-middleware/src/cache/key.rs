@@ -178,20 +178,23 @@ impl Selection {
     /// selections (a remote store's name for a variant).
     pub fn id(&self) -> Vec<u8> {
         let mut w = super::codec::Writer::default();
-        w.u8(u8::try_from(self.0.len()).unwrap_or(u8::MAX));
-        for selected in &self.0 {
-            w.bytes(selected.name.as_str().as_bytes());
-            w.optional(selected.normalised.as_deref());
-        }
+        self.write_with(&mut w, false);
         w.into_vec()
     }
 
     pub(super) fn write(&self, w: &mut super::codec::Writer) {
+        self.write_with(w, true);
+    }
+
+    /// The fields and normalised values, and the raw values when `raw`.
+    fn write_with(&self, w: &mut super::codec::Writer, raw: bool) {
         w.u8(u8::try_from(self.0.len()).unwrap_or(u8::MAX));
         for selected in &self.0 {
             w.bytes(selected.name.as_str().as_bytes());
             w.optional(selected.normalised.as_deref());
-            w.optional(selected.raw.as_ref().map(HeaderValue::as_bytes));
+            if raw {
+                w.optional(selected.raw.as_ref().map(HeaderValue::as_bytes));
+            }
         }
     }
 

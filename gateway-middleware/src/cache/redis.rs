@@ -156,10 +156,8 @@ impl Store for RedisStore {
     fn get(&self, key: &Key) -> impl Future<Output = Result<Variants, StoreError>> + Send {
         let mut cmd = redis::cmd("HGETALL");
         cmd.arg(self.inner.key(key.as_bytes()));
-        let inner = Arc::clone(&self.inner);
         async move {
-            let fields: Vec<(Vec<u8>, Vec<u8>)> =
-                inner.redis.query(&cmd).await.map_err(|e| inner.failed(e))?;
+            let fields: Vec<(Vec<u8>, Vec<u8>)> = self.inner.query(&cmd).await?;
             let mut variants: Vec<Arc<Stored>> = fields
                 .into_iter()
                 .filter_map(|(_, value)| Stored::from_bytes(Bytes::from(value)))
@@ -191,27 +189,25 @@ impl Store for RedisStore {
                 .arg(MAX_VARIANTS);
             call
         });
-        let inner = Arc::clone(&self.inner);
         async move {
             if let Some(call) = call {
-                let _: i64 = inner
+                let _: i64 = self
+                    .inner
                     .redis
                     .invoke(&call)
                     .await
-                    .map_err(|e| inner.failed(e))?;
+                    .map_err(|e| self.inner.failed(e))?;
             }
             Ok(())
         }
     }
 
     fn remove(&self, key: &Key) -> impl Future<Output = Result<bool, StoreError>> + Send {
-        let (inner, key) = (Arc::clone(&self.inner), key.clone());
-        async move { inner.remove(key.as_bytes()).await }
+        self.inner.remove(key.as_bytes())
     }
 
     fn purge_prefix(&self, prefix: &str) -> impl Future<Output = Result<u64, StoreError>> + Send {
-        let (inner, prefix) = (Arc::clone(&self.inner), prefix.to_owned());
-        async move { inner.purge_prefix(prefix.as_bytes()).await }
+        self.inner.purge_prefix(prefix.as_bytes())
     }
 }
 
@@ -229,6 +225,11 @@ impl Inner {
         StoreError(Box::new(e))
     }
 
+    /// Runs `cmd`; a failure is counted and made the store's error.
+    async fn query<T: redis::FromRedisValue>(&self, cmd: &redis::Cmd) -> Result<T, StoreError> {
+        self.redis.query(cmd).await.map_err(|e| self.failed(e))
+    }
+
     fn key(&self, key: &[u8]) -> Vec<u8> {
         let mut k = Vec::with_capacity(self.namespace.len() + key.len());
         k.extend_from_slice(self.namespace.as_bytes());
@@ -239,7 +240,7 @@ impl Inner {
     async fn remove(&self, key: &[u8]) -> Result<bool, StoreError> {
         let mut cmd = redis::cmd("DEL");
         cmd.arg(self.key(key));
-        let removed: u64 = self.redis.query(&cmd).await.map_err(|e| self.failed(e))?;
+        let removed: u64 = self.query(&cmd).await?;
         Ok(removed > 0)
     }
 
@@ -256,16 +257,11 @@ impl Inner {
                 .arg(&pattern)
                 .arg("COUNT")
                 .arg(SCAN_BATCH);
-            let (next, keys): (u64, Vec<Vec<u8>>) =
-                self.redis.query(&scan).await.map_err(|e| self.failed(e))?;
+            let (next, keys): (u64, Vec<Vec<u8>>) = self.query(&scan).await?;
             if !keys.is_empty() {
                 let mut unlink = redis::cmd("UNLINK");
                 unlink.arg(&keys);
-                let n: u64 = self
-                    .redis
-                    .query(&unlink)
-                    .await
-                    .map_err(|e| self.failed(e))?;
+                let n: u64 = self.query(&unlink).await?;
                 purged += n;
             }
             if next == 0 {

@@ -89,14 +89,9 @@ impl Stored {
         heuristic: Option<Heuristic>,
     ) -> Result<Self, VaryError> {
         let cc = CacheControl::parse(&headers);
-        Ok(Self {
-            status,
-            selection: Selection::of(req, &headers)?,
-            freshness: Freshness::new(status, &headers, &cc, requested, received, heuristic),
-            headers,
-            body,
-            hot: Hot::default(),
-        })
+        let selection = Selection::of(req, &headers)?;
+        let freshness = Freshness::new(status, &headers, &cc, requested, received, heuristic);
+        Ok(Self::assemble(status, headers, body, selection, freshness))
     }
 
     /// A stored response of these parts.
@@ -124,10 +119,12 @@ impl Stored {
 
     /// What it weighs in a store: its body, its fields, and a fixed overhead.
     pub fn weight(&self) -> u64 {
+        // NOTE: 64 bytes a field for its two map entries (its own, and its hits'
+        // template's, which shares the names and values).
         let fields: usize = self
             .headers
             .iter()
-            .map(|(name, value)| name.as_str().len() + value.len() + 32)
+            .map(|(name, value)| name.as_str().len() + value.len() + 64)
             .sum();
         u64::try_from(self.body.len() + fields + 256).unwrap_or(u64::MAX)
     }
@@ -281,7 +278,7 @@ impl MemoryStore {
             evicted.get_or_create(&labels).clone(),
         );
         if self.inner.report.metrics.set(pair).is_ok() {
-            self.measured();
+            self.inner.measured();
         }
     }
 
@@ -289,10 +286,6 @@ impl MemoryStore {
     #[cfg(feature = "config")]
     pub(crate) fn downgrade(&self) -> WeakMemoryStore {
         WeakMemoryStore(Arc::downgrade(&self.inner))
-    }
-
-    fn measured(&self) {
-        self.inner.measured();
     }
 
     /// The store as a [`Purge`](gateway_core::purge::Purge), for the admin listener's
@@ -333,12 +326,12 @@ impl MemoryStore {
     }
 
     fn put_now(&self, key: &Key, stored: Arc<Stored>) {
-        let old = self.get_now(key);
         // An object heavier than the whole budget is not stored (nor are its variants
         // pushed out for it).
         if stored.weight() > self.inner.budget {
             return;
         }
+        let old = self.get_now(key);
         let variants: Variants = std::iter::once(Arc::clone(&stored))
             .chain(
                 old.iter()
@@ -348,7 +341,7 @@ impl MemoryStore {
             .take(MAX_VARIANTS)
             .collect();
         self.inner.cache.insert(key.clone(), variants);
-        self.measured();
+        self.inner.measured();
     }
 }
 

@@ -14,6 +14,7 @@
 //!   metrics.
 //! - `metrics` (feature `metrics`): the Prometheus registry and its label conventions.
 //! - [`time::deadline`]: configured durations as deadlines, "forever" included.
+//! - [`fields::HOP_BY_HOP`]: the fields that describe one connection, never passed on.
 //! - [`purge`]: caches forgetting what they hold, on the admin listener's request.
 //! - [`boxed::oneshot`]: a type-erased route service called with one allocation.
 //! - `test_util` (feature `test-util`): in-process upstreams and raw-socket helpers.
@@ -27,6 +28,7 @@ pub mod classify;
 pub mod client_ip;
 mod error;
 mod ext;
+pub mod fields;
 #[cfg(feature = "metrics")]
 pub mod metrics;
 pub mod plugin;

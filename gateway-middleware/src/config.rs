@@ -523,26 +523,20 @@ impl PluginFactory for HeadersFactory {
     }
 }
 
-/// Fields the codec owns (framing, hop-by-hop) and the route's `host` sets.
+/// Whether `name` is a field the codec owns (framing, hop-by-hop) or the route's `host`
+/// sets.
 #[cfg(feature = "headers")]
-const NOT_EDITABLE: [&str; 10] = [
-    "connection",
-    "content-length",
-    "host",
-    "keep-alive",
-    "proxy-connection",
-    "te",
-    "trailer",
-    "transfer-encoding",
-    "upgrade",
-    "proxy-authenticate",
-];
+fn not_editable(name: &http::HeaderName) -> bool {
+    use http::header::{CONTENT_LENGTH, HOST, TRAILER};
+    gateway_core::fields::HOP_BY_HOP.contains(name)
+        || [CONTENT_LENGTH, HOST, TRAILER].contains(name)
+}
 
 #[cfg(feature = "headers")]
 fn edits(side: &str, config: &EditsConfig) -> Result<crate::headers::Edits, BoxError> {
     let name = |name: &str| {
         let name = header_name(name)?;
-        if NOT_EDITABLE.contains(&name.as_str()) {
+        if not_editable(&name) {
             let why = if name == http::header::HOST {
                 "the route's `host` sets it"
             } else {

@@ -15,7 +15,7 @@ use http::header::{
     AGE, AUTHORIZATION, CACHE_CONTROL, CONNECTION, CONTENT_ENCODING, CONTENT_LENGTH,
     CONTENT_LOCATION, CONTENT_RANGE, DATE, ETAG, EXPIRES, HeaderName, HeaderValue, IF_MATCH,
     IF_MODIFIED_SINCE, IF_NONE_MATCH, IF_RANGE, IF_UNMODIFIED_SINCE, LAST_MODIFIED, LOCATION,
-    RANGE, TRANSFER_ENCODING, VARY,
+    RANGE, TRAILER, TRANSFER_ENCODING, VARY,
 };
 use http::{HeaderMap, Method, Request, Response, StatusCode, Uri};
 use http_body::Frame;
@@ -1047,18 +1047,11 @@ fn storable_headers(headers: &HeaderMap) -> HeaderMap {
     for name in named {
         kept.remove(name);
     }
-    for name in [
-        "connection",
-        "keep-alive",
-        "proxy-connection",
-        "te",
-        "trailer",
-        "transfer-encoding",
-        "upgrade",
-        "proxy-authenticate",
-        "age",
-        "cache-status",
-    ] {
+    // NOTE: a stored body has no trailers, so no `Trailer` announcing them.
+    for name in gateway_core::fields::HOP_BY_HOP
+        .iter()
+        .chain([&TRAILER, &AGE, &CACHE_STATUS])
+    {
         kept.remove(name);
     }
     kept

@@ -216,14 +216,10 @@ where
                 }
             })
             .collect();
-        let tried = match req.extensions().get::<TriedEndpoints>() {
-            Some(tried) => tried.clone(),
-            None => {
-                let tried = TriedEndpoints::new();
-                req.extensions_mut().insert(tried.clone());
-                tried
-            }
-        };
+        let tried = req
+            .extensions_mut()
+            .get_or_insert_default::<TriedEndpoints>()
+            .clone();
         let from = {
             let mut list = tried.lock();
             list.bar(

@@ -1,8 +1,10 @@
 //! The `cache` section.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use gateway_core::BoxError;
+use gateway_core::purge::Purge;
 use gateway_core::registry::{Context, PluginFactory, Registry, RouteLayer};
 use gateway_core::units::{Period, Size};
 use serde::Deserialize;
@@ -117,10 +119,15 @@ impl PluginFactory for CacheFactory {
             let weak = store.downgrade();
             (store, weak)
         });
-        if let Some(purgers) = cx.purgers() {
-            purgers.register(&name, &store.purger());
-        }
-        configured(CacheLayer::new(store), config, cx, &name, max_object)
+        let purger = store.purger();
+        configured(
+            CacheLayer::new(store),
+            &purger,
+            config,
+            cx,
+            &name,
+            max_object,
+        )
     }
 }
 
@@ -150,10 +157,15 @@ impl CacheFactory {
         if let Some(metrics) = cx.metrics() {
             store = store.metrics(metrics, name);
         }
-        if let Some(purgers) = cx.purgers() {
-            purgers.register(name, &store.purger());
-        }
-        configured(CacheLayer::new(store), config, cx, name, max_object)
+        let purger = store.purger();
+        configured(
+            CacheLayer::new(store),
+            &purger,
+            config,
+            cx,
+            name,
+            max_object,
+        )
     }
 
     #[cfg(not(feature = "redis"))]
@@ -169,9 +181,11 @@ impl CacheFactory {
     }
 }
 
-/// The layer over `layer`'s store, with the rest of `config`.
+/// The layer over `layer`'s store, with the rest of `config`; the store listed as
+/// `purger` for the admin listener's purge.
 fn configured<S: Store + Clone>(
     layer: CacheLayer<S>,
+    purger: &Arc<dyn Purge>,
     config: &CacheConfig,
     cx: &Context,
     name: &str,
@@ -195,6 +209,9 @@ fn configured<S: Store + Clone>(
     }
     if let Some(metrics) = cx.metrics() {
         layer = layer.metrics(metrics, name);
+    }
+    if let Some(purgers) = cx.purgers() {
+        purgers.register(name, purger);
     }
     Ok(RouteLayer::new(layer))
 }

@@ -170,9 +170,7 @@ where
             let replay = Replay::new(body, limit);
             (Body::new(replay.body()), Some(replay))
         };
-        if parts.extensions.get::<TriedEndpoints>().is_none() {
-            parts.extensions.insert(TriedEndpoints::new());
-        }
+        parts.extensions.get_or_insert_default::<TriedEndpoints>();
         let deadline = parts.extensions.get::<Deadline>().map(|d| d.at());
         policy.budget.deposit();
         let attempt = Attempt {

@@ -101,12 +101,11 @@ impl Service<Request<Body>> for Admin {
 
     fn call(&mut self, req: Request<Body>) -> Self::Future {
         if req.uri().path() == PURGE
-            && self.shared.purgers.is_some()
+            && let Some(purgers) = self.shared.purgers.clone()
             && self.shared.authorized(&req)
         {
-            let shared = Arc::clone(&self.shared);
             let (method, uri) = (req.method().clone(), req.uri().clone());
-            return Box::pin(async move { Ok(shared.purge(&method, uri.query()).await) });
+            return Box::pin(async move { Ok(purge(&purgers, &method, uri.query()).await) });
         }
         let res = self.shared.answer(&req);
         Box::pin(async move { Ok(res) })
@@ -246,57 +245,6 @@ impl Shared {
             .is_some_and(|colon| same(&decoded[colon + 1..], token))
     }
 
-    /// `POST /cache/purge?url=…|prefix=…[&cache=…]`: forgets what the caches hold for a
-    /// URL or under a URL prefix; how many keys each cache forgot, as JSON.
-    async fn purge(&self, method: &Method, query: Option<&str>) -> Response<Body> {
-        let Some(purgers) = &self.purgers else {
-            return Error::new(ErrorKind::NotFound).to_response();
-        };
-        if method != Method::POST {
-            let mut res = Error::new(ErrorKind::MethodNotAllowed).to_response();
-            res.headers_mut()
-                .insert(ALLOW, HeaderValue::from_static("POST"));
-            return res;
-        }
-        let Some((cache, target)) = purge_query(query.unwrap_or("")) else {
-            return Error::new(ErrorKind::BadRequest).to_response();
-        };
-        let Ok(results) = purgers.purge(cache.as_deref(), &target).await else {
-            return Error::new(ErrorKind::NotFound).to_response();
-        };
-        let mut purged = serde_json::Map::new();
-        let mut failed = Vec::new();
-        for (name, result) in results {
-            match result {
-                Ok(n) => {
-                    purged.insert(name, n.into());
-                }
-                Err(e) => {
-                    tracing::warn!(cache = %name, error = %e, "cache purge failed");
-                    failed.push(name);
-                }
-            }
-        }
-        let (what, value) = match &target {
-            PurgeTarget::Url(url) => ("url", url),
-            PurgeTarget::Prefix(prefix) => ("prefix", prefix),
-        };
-        tracing::info!(target: "gateway::admin", %what, %value, ?purged, ?failed, "cache purge");
-        let status = if failed.is_empty() {
-            StatusCode::OK
-        } else {
-            StatusCode::BAD_GATEWAY
-        };
-        let mut res = text(
-            status,
-            "application/json",
-            json!({ what: value, "purged": purged, "failed": failed }).to_string(),
-        );
-        res.headers_mut()
-            .insert(CACHE_CONTROL, HeaderValue::from_static("no-store"));
-        res
-    }
-
     /// The `/status` document.
     fn status(&self) -> Value {
         let now = Instant::now();
@@ -373,6 +321,54 @@ impl Shared {
             "upstreams": upstreams,
         })
     }
+}
+
+/// `POST /cache/purge?url=…|prefix=…[&cache=…]`: forgets what the caches hold for a
+/// URL or under a URL prefix; how many keys each cache forgot, as JSON.
+async fn purge(purgers: &Purgers, method: &Method, query: Option<&str>) -> Response<Body> {
+    if method != Method::POST {
+        let mut res = Error::new(ErrorKind::MethodNotAllowed).to_response();
+        res.headers_mut()
+            .insert(ALLOW, HeaderValue::from_static("POST"));
+        return res;
+    }
+    let Some((cache, target)) = purge_query(query.unwrap_or("")) else {
+        return Error::new(ErrorKind::BadRequest).to_response();
+    };
+    let Ok(results) = purgers.purge(cache.as_deref(), &target).await else {
+        return Error::new(ErrorKind::NotFound).to_response();
+    };
+    let mut purged = serde_json::Map::new();
+    let mut failed = Vec::new();
+    for (name, result) in results {
+        match result {
+            Ok(n) => {
+                purged.insert(name, n.into());
+            }
+            Err(e) => {
+                tracing::warn!(cache = %name, error = %e, "cache purge failed");
+                failed.push(name);
+            }
+        }
+    }
+    let (what, value) = match &target {
+        PurgeTarget::Url(url) => ("url", url),
+        PurgeTarget::Prefix(prefix) => ("prefix", prefix),
+    };
+    tracing::info!(target: "gateway::admin", %what, %value, ?purged, ?failed, "cache purge");
+    let status = if failed.is_empty() {
+        StatusCode::OK
+    } else {
+        StatusCode::BAD_GATEWAY
+    };
+    let mut res = text(
+        status,
+        "application/json",
+        json!({ what: value, "purged": purged, "failed": failed }).to_string(),
+    );
+    res.headers_mut()
+        .insert(CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    res
 }
 
 const TEXT: &str = "text/plain; charset=utf-8";

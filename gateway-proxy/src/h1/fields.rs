@@ -292,6 +292,12 @@ mod tests {
             assert!(Fields::NOT_IN_TRAILERS.contains(field) != (field == Field::Expect));
         }
         assert!(!Fields::HOP_BY_HOP.contains(Field::Other));
+        // The codec's set is the one the other crates use.
+        let mut names: Vec<_> = hop.iter().filter_map(|f| f.name()).collect();
+        let mut shared = gateway_core::fields::HOP_BY_HOP.to_vec();
+        names.sort_by(|a, b| a.as_str().cmp(b.as_str()));
+        shared.sort_by(|a, b| a.as_str().cmp(b.as_str()));
+        assert_eq!(names, shared);
     }
 
     fn map<const N: usize>(pairs: [(&'static str, &'static str); N]) -> HeaderMap {

@@ -750,12 +750,16 @@ fn hit<'r>(stored: &Stored, req: impl Into<Asked<'r>>, marks: Marks) -> Response
     res
 }
 
-/// `stored`'s fields with room for `Age` and `Cache-Status` (placeholders, replaced by
-/// every hit), made on its first hit: a hit clones them and replaces the two in place
-/// instead of growing the map.
+/// `stored`'s fields with `Age` and `Cache-Status` (placeholders, replaced by every hit),
+/// made on its first hit: a hit clones them and replaces the two in place instead of
+/// growing the map.
 fn template(stored: &Stored) -> &HeaderMap {
     stored.hot().template.get_or_init(|| {
-        let mut headers = HeaderMap::with_capacity(stored.headers.len() + 2);
+        // NOTE: `HeaderMap::insert` reserves a slot before it looks for the name, so a
+        // map that is full grows even to replace a value: the template has room for the
+        // two placeholders, one more, and a HEAD's `Content-Length` or a range's
+        // `Content-Range` (its capacity survives a clone: it is the index's).
+        let mut headers = HeaderMap::with_capacity(stored.headers.len() + 4);
         for (name, value) in &stored.headers {
             if name != AGE && name != CACHE_STATUS {
                 headers.append(name.clone(), value.clone());
@@ -1219,6 +1223,65 @@ impl<St: Store> Pending<St> {
                 handle.spawn(storing);
             }
             Err(_) => tracing::debug!("no runtime to store the response in"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn marks() -> Marks {
+        Marks {
+            age: HeaderValue::from_static("1"),
+            status: HeaderValue::from_static("gateway; hit"),
+        }
+    }
+
+    /// A hit fills its two marks into the room its template keeps, whatever the count of
+    /// stored fields: the map it clones never grows (it did for 4 fields, which left a
+    /// `HeaderMap` of capacity 6 full).
+    #[test]
+    fn a_hits_fields_never_grow() {
+        let now = SystemTime::now();
+        for count in 0..40 {
+            let mut headers = HeaderMap::new();
+            for i in 0..count {
+                let name = HeaderName::try_from(format!("x-field-{i}")).expect("a name");
+                headers.insert(name, HeaderValue::from_static("v"));
+            }
+            let stored = Stored::new(
+                &HeaderMap::new(),
+                StatusCode::OK,
+                headers,
+                Bytes::from_static(b"body"),
+                (now, now),
+                None,
+            )
+            .expect("storable");
+            let room = template(&stored).capacity();
+            for (method, range) in [
+                (Method::GET, None),
+                (Method::HEAD, None),
+                (Method::GET, Some("bytes=0-1")),
+            ] {
+                let mut asked = HeaderMap::new();
+                if let Some(range) = range {
+                    asked.insert(RANGE, HeaderValue::from_static(range));
+                }
+                let res = hit(&stored, (&method, &asked), marks());
+                assert_eq!(
+                    res.headers().len(),
+                    count + 2 + usize::from(range.is_some() || method == Method::HEAD),
+                    "{count} fields, {method}"
+                );
+                assert_eq!(
+                    res.headers().capacity(),
+                    room,
+                    "{count} fields, {method} {range:?}: grew"
+                );
+                assert_eq!(res.headers()[AGE], "1");
+            }
         }
     }
 }

@@ -55,7 +55,8 @@ OPTIONS:
                        `cached` puts a cache on the route (every request a hit
                        after the first of its path); `cache-miss` is the same
                        route with the answers `no-store` (every request proxied
-                       through the cache layer)
+                       through the cache layer); `nginx-cached` and
+                       `haproxy-cached` are nginx and HAProxy with their caches on
     --config FILE      the gateway (and baseline) serve FILE, with LOADBENCH_ORIGIN set
                        to the origin's URL, instead of proxying by flags
     --json PATH        where to write the results [default: target/loadbench.json]

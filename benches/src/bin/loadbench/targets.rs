@@ -23,6 +23,11 @@ pub(crate) enum Kind {
     Hyper,
     Nginx,
     Haproxy,
+    /// nginx with `proxy_cache` on (the origin's answers kept for an hour): its hit, to
+    /// compare with its proxied request as `cached` is with `gateway`.
+    NginxCached,
+    /// HAProxy with its cache on, like `NginxCached`.
+    HaproxyCached,
     /// `hand-gateway`: the route of `benches/ab-config.yaml` built by hand in code, to
     /// compare with the gateway serving that file (`--config`).
     Hand,
@@ -79,7 +84,7 @@ impl Kind {
     ];
 
     /// Every target, in the order of the table's columns.
-    pub(crate) const KNOWN: [Self; 10] = [
+    pub(crate) const KNOWN: [Self; 12] = [
         Self::Gateway,
         Self::Observed,
         Self::Full,
@@ -90,6 +95,8 @@ impl Kind {
         Self::Hyper,
         Self::Nginx,
         Self::Haproxy,
+        Self::NginxCached,
+        Self::HaproxyCached,
     ];
 
     pub(crate) const fn name(self) -> &'static str {
@@ -99,6 +106,8 @@ impl Kind {
             Self::Hyper => "hyper",
             Self::Nginx => "nginx",
             Self::Haproxy => "haproxy",
+            Self::NginxCached => "nginx-cached",
+            Self::HaproxyCached => "haproxy-cached",
             Self::Hand => "hand",
             Self::Observed => "observed",
             Self::Full => "full",
@@ -129,8 +138,8 @@ impl Setup {
                 None => return Err(io::Error::other("the baseline target needs --baseline")),
             },
             Kind::Hyper => self.start_hyper()?,
-            Kind::Nginx => self.start_nginx()?,
-            Kind::Haproxy => self.start_haproxy()?,
+            Kind::Nginx | Kind::NginxCached => self.start_nginx(kind)?,
+            Kind::Haproxy | Kind::HaproxyCached => self.start_haproxy(kind)?,
             Kind::Full => self.start_full()?,
             Kind::Cached => self.start_cached(Kind::Cached, "max-age=3600")?,
             Kind::CacheMiss => self.start_cached(Kind::CacheMiss, "no-store")?,
@@ -253,10 +262,21 @@ routes:
         spawn_listening(cmd, &self.hyper, Kind::Hyper)
     }
 
-    fn start_nginx(&self) -> io::Result<Target> {
+    fn start_nginx(&self, kind: Kind) -> io::Result<Target> {
         let addr = free_addr()?;
-        let dir = self.dir.join("nginx");
+        let dir = self.dir.join(kind.name());
         std::fs::create_dir_all(&dir)?;
+        // The origin's answers carry no `Cache-Control`: `proxy_cache_valid` keeps them.
+        let cache = if kind == Kind::NginxCached {
+            format!(
+                "proxy_cache_path {}/cache keys_zone=pages:16m max_size=64m;
+    proxy_cache pages;
+    proxy_cache_valid 200 1h;",
+                dir.display()
+            )
+        } else {
+            String::new()
+        };
         let conf = format!(
             "worker_processes 1;
 worker_rlimit_nofile 20000;
@@ -272,6 +292,7 @@ http {{
     uwsgi_temp_path {dir}/uwsgi;
     scgi_temp_path {dir}/scgi;
     keepalive_requests 1000000;
+    {cache}
     upstream origin {{
         server {origin};
         keepalive 128;
@@ -302,17 +323,33 @@ http {{
             .stderr(Stdio::inherit())
             .spawn()?;
         Ok(Target {
-            kind: Kind::Nginx,
+            kind,
             addr,
             auth: None,
             child,
         })
     }
 
-    fn start_haproxy(&self) -> io::Result<Target> {
+    fn start_haproxy(&self, kind: Kind) -> io::Result<Target> {
         let addr = free_addr()?;
-        let dir = self.dir.join("haproxy");
+        let dir = self.dir.join(kind.name());
         std::fs::create_dir_all(&dir)?;
+        // HAProxy stores only answers that say they may be: the origin's are given an hour.
+        let (cache, use_cache) = if kind == Kind::HaproxyCached {
+            (
+                "cache pages
+    total-max-size 64
+    max-object-size 1048576
+    max-age 3600
+",
+                "    http-request cache-use pages
+    http-response set-header cache-control max-age=3600
+    http-response cache-store pages
+",
+            )
+        } else {
+            ("", "")
+        };
         let conf = format!(
             "global
     nbthread 1
@@ -329,8 +366,8 @@ frontend fe
     bind {addr}
     default_backend be
 backend be
-    server origin {origin}
-",
+{use_cache}    server origin {origin}
+{cache}",
             origin = self.origin,
         );
         let path = dir.join("haproxy.cfg");
@@ -344,7 +381,7 @@ backend be
             .stderr(Stdio::inherit())
             .spawn()?;
         Ok(Target {
-            kind: Kind::Haproxy,
+            kind,
             addr,
             auth: None,
             child,

@@ -1078,39 +1078,106 @@ async fn invalidate<St: Store>(store: &St, target: &Key, res: &HeaderMap) {
     let mut keys = vec![target.clone()];
     let origin = origin_of(target.as_str());
     for field in [LOCATION, CONTENT_LOCATION] {
-        let Some(uri) = res
+        let Some(url) = res
             .get(field)
             .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.parse::<Uri>().ok())
+            .and_then(|reference| resolve(target.as_str(), reference))
         else {
             continue;
         };
-        let url = match (uri.scheme_str(), uri.authority()) {
-            (Some(scheme), Some(authority)) => {
-                let url = format!(
-                    "{scheme}://{}{}",
-                    authority.as_str().to_ascii_lowercase(),
-                    uri.path_and_query().map_or("/", |p| p.as_str())
-                );
-                // Another origin's entries are not this response's to invalidate.
-                if origin_of(&url) != origin {
-                    continue;
-                }
-                url
-            }
-            (None, None) if uri.path().starts_with('/') => format!(
-                "{origin}{}",
-                uri.path_and_query().map_or("/", |p| p.as_str())
-            ),
-            _ => continue,
-        };
-        keys.push(Key::from_url(&url));
+        // Another origin's entries are not this response's to invalidate.
+        if origin_of(&url) == origin {
+            keys.push(Key::from_url(&url));
+        }
     }
     for key in keys {
         if let Err(e) = store.remove(&key).await {
             tracing::warn!(error = %e, key = %key, "cache invalidation failed");
         }
     }
+}
+
+/// The URL a `Location` or `Content-Location` (a URI reference) names, resolved against
+/// the request's `base` URL (RFC 3986 §5.2), with the scheme and host in lower case as
+/// keys have them; `None` for what is not an http(s) URL or does not parse.
+fn resolve(base: &str, reference: &str) -> Option<String> {
+    let reference = reference.split('#').next().unwrap_or_default();
+    let (scheme, rest) = base.split_once("://")?;
+    let absolute = if let Some(net) = reference.strip_prefix("//") {
+        format!("{scheme}://{net}")
+    } else if reference
+        .split_once(':')
+        .is_some_and(|(s, _)| !s.is_empty() && !s.contains(['/', '?']))
+    {
+        reference.to_owned()
+    } else {
+        let authority = rest.find(['/', '?']).map_or(rest, |end| &rest[..end]);
+        let base_path = base[scheme.len() + 3 + authority.len()..]
+            .split('?')
+            .next()
+            .unwrap_or_default();
+        let (path, query) = match reference.split_once('?') {
+            Some((path, query)) => (path, Some(query)),
+            None => (reference, None),
+        };
+        let merged = if path.is_empty() {
+            base_path.to_owned()
+        } else if path.starts_with('/') {
+            path.to_owned()
+        } else {
+            // §5.2.3: the base's path up to its last segment, then the reference's.
+            let dir = base_path.rfind('/').map_or("/", |i| &base_path[..=i]);
+            format!("{dir}{path}")
+        };
+        let mut url = format!("{scheme}://{authority}{}", remove_dot_segments(&merged));
+        match (query, path.is_empty()) {
+            (Some(query), _) => {
+                url.push('?');
+                url.push_str(query);
+            }
+            // §5.2.2: an empty reference keeps the base's query.
+            (None, true) => {
+                if let Some((_, query)) = base.split_once('?') {
+                    url.push('?');
+                    url.push_str(query);
+                }
+            }
+            (None, false) => {}
+        }
+        url
+    };
+    let uri = absolute.parse::<Uri>().ok()?;
+    let scheme = uri.scheme_str()?.to_ascii_lowercase();
+    if scheme != "http" && scheme != "https" {
+        return None;
+    }
+    Some(format!(
+        "{scheme}://{}{}",
+        uri.authority()?.as_str().to_ascii_lowercase(),
+        uri.path_and_query().map_or("/", |p| p.as_str())
+    ))
+}
+
+/// RFC 3986 §5.2.4: `.` and `..` segments taken out of an absolute path.
+fn remove_dot_segments(path: &str) -> String {
+    let mut out: Vec<&str> = Vec::new();
+    let segments: Vec<&str> = path.split('/').skip(1).collect();
+    for (i, segment) in segments.iter().enumerate() {
+        let last = i + 1 == segments.len();
+        match *segment {
+            "." | ".." => {
+                if *segment == ".." {
+                    out.pop();
+                }
+                // A trailing `.` or `..` leaves a directory: `/a/b/..` is `/a/`.
+                if last {
+                    out.push("");
+                }
+            }
+            segment => out.push(segment),
+        }
+    }
+    format!("/{}", out.join("/"))
 }
 
 /// `scheme://host[:port]` of a key's URL.
@@ -1230,6 +1297,41 @@ impl<St: Store> Pending<St> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// RFC 3986 §5.4.1's normal examples (on an http base, with `g:h` not an http URL),
+    /// and the lower-cased origin keys have.
+    #[test]
+    fn locations_resolve_against_the_request() {
+        let base = "http://a/b/c/d;p?q";
+        for (reference, url) in [
+            ("g:h", None),
+            ("g", Some("http://a/b/c/g")),
+            ("./g", Some("http://a/b/c/g")),
+            ("g/", Some("http://a/b/c/g/")),
+            ("/g", Some("http://a/g")),
+            ("//g", Some("http://g/")),
+            ("?y", Some("http://a/b/c/d;p?y")),
+            ("g?y", Some("http://a/b/c/g?y")),
+            ("#s", Some("http://a/b/c/d;p?q")),
+            ("g#s", Some("http://a/b/c/g")),
+            (";x", Some("http://a/b/c/;x")),
+            ("", Some("http://a/b/c/d;p?q")),
+            (".", Some("http://a/b/c/")),
+            ("./", Some("http://a/b/c/")),
+            ("..", Some("http://a/b/")),
+            ("../", Some("http://a/b/")),
+            ("../g", Some("http://a/b/g")),
+            ("../..", Some("http://a/")),
+            ("../../g", Some("http://a/g")),
+            ("../../../g", Some("http://a/g")),
+            ("/./g", Some("http://a/g")),
+            ("g/../h", Some("http://a/b/c/h")),
+            ("HTTPS://Other.Example/X", Some("https://other.example/X")),
+            ("ftp://a/b", None),
+        ] {
+            assert_eq!(resolve(base, reference).as_deref(), url, "{reference:?}");
+        }
+    }
 
     fn marks() -> Marks {
         Marks {

@@ -5,6 +5,8 @@
 
 #![forbid(unsafe_code)]
 
+pub mod conformance;
+
 use std::convert::Infallible;
 use std::future::Future;
 use std::pin::pin;

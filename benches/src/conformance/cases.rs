@@ -176,6 +176,30 @@ pub fn cases() -> Vec<Case> {
             ok(&[("cache-control", "max-age=3600, max-age=0")]),
         ),
         reused(
+            "freshness-expires-rfc850",
+            Must,
+            "an Expires in RFC 850 form is understood (RFC 9110 §5.6.7)",
+            ok(&[("expires", "{rfc850+3600}")]),
+        ),
+        reused(
+            "freshness-expires-asctime",
+            Must,
+            "an Expires in asctime form is understood (RFC 9110 §5.6.7)",
+            ok(&[("expires", "{asctime+3600}")]),
+        ),
+        not_reused(
+            "freshness-expires-from-date",
+            Must,
+            "Expires counts from Date: an hour-old Date with Expires half an hour ago is stale (§4.2.1)",
+            ok(&[("date", "{date-3600}"), ("expires", "{date-1800}")]),
+        ),
+        reused(
+            "freshness-heuristic",
+            May,
+            "a 200 with only a Last-Modified long ago may be given heuristic freshness (§4.2.2)",
+            ok(&[("last-modified", MODIFIED)]),
+        ),
+        reused(
             "freshness-directive-case",
             Should,
             "directive names are case-insensitive (§5.2)",
@@ -338,6 +362,22 @@ pub fn cases() -> Vec<Case> {
             ],
         ),
         case(
+            "request-no-cache-validates",
+            Should,
+            "a request's no-cache is sent to the origin as a conditional request (§5.2.1.4)",
+            vec![
+                ok(&[("cache-control", "max-age=3600"), ("etag", "\"a\"")]),
+                answer(304, &[("cache-control", "max-age=3600"), ("etag", "\"a\"")]),
+            ],
+            vec![
+                get(&[Version(1)]),
+                get_with(
+                    &[("cache-control", "no-cache")],
+                    &[Status(200), Version(1), Conditional(2)],
+                ),
+            ],
+        ),
+        case(
             "request-max-age-0",
             Must,
             "a request's max-age=0 goes to the origin (§5.2.1.1)",
@@ -444,6 +484,25 @@ pub fn cases() -> Vec<Case> {
             ok(&[("cache-control", "max-age=3600"), ("vary", "*")]),
         ),
         case(
+            "vary-order",
+            Should,
+            "the order of the fields Vary names does not matter (§4.1)",
+            vec![ok(&[
+                ("cache-control", "max-age=3600"),
+                ("vary", "accept-language, accept"),
+            ])],
+            vec![
+                get_with(
+                    &[("accept", "text/a"), ("accept-language", "en")],
+                    &[Version(1)],
+                ),
+                get_with(
+                    &[("accept-language", "en"), ("accept", "text/a")],
+                    &[Version(1)],
+                ),
+            ],
+        ),
+        case(
             "vary-name-case",
             Should,
             "field names in Vary are case-insensitive (§4.1)",
@@ -486,6 +545,22 @@ pub fn cases() -> Vec<Case> {
             vec![
                 ok(&[("cache-control", "max-age=1"), ("etag", "\"a\"")]),
                 answer(304, &[("cache-control", "max-age=3600"), ("etag", "\"a\"")]),
+            ],
+            vec![
+                get(&[Version(1)]),
+                get(&[Status(200), Version(1), Conditional(2)]).after(STALE),
+            ],
+        ),
+        case(
+            "validate-weak-etag",
+            Should,
+            "a weak ETag is validated with If-None-Match too (§4.3.1)",
+            vec![
+                ok(&[("cache-control", "max-age=1"), ("etag", "W/\"a\"")]),
+                answer(
+                    304,
+                    &[("cache-control", "max-age=3600"), ("etag", "W/\"a\"")],
+                ),
             ],
             vec![
                 get(&[Version(1)]),

@@ -142,7 +142,7 @@ impl Origin {
             let Ok(name) = HeaderName::try_from(*name) else {
                 continue;
             };
-            let value = if value.starts_with("{date") {
+            let value = if value.starts_with('{') {
                 date(now, value)
             } else {
                 HeaderValue::from_static(value)
@@ -165,12 +165,14 @@ impl std::fmt::Debug for Origin {
     }
 }
 
-/// `{date}`, `{date-N}` or `{date+N}` as an HTTP date relative to `now`.
+/// `{date}`, `{date-N}` or `{date+N}` as an HTTP date relative to `now`; `{rfc850...}`
+/// and `{asctime...}` the same in the two obsolete formats a recipient must accept too
+/// (RFC 9110 §5.6.7).
 fn date(now: SystemTime, spec: &str) -> HeaderValue {
-    let offset = spec
-        .trim_start_matches("{date")
-        .trim_end_matches('}')
-        .to_owned();
+    let spec = spec.trim_start_matches('{').trim_end_matches('}');
+    let (format, offset) = spec
+        .find(['-', '+'])
+        .map_or((spec, ""), |at| spec.split_at(at));
     let when = match offset.split_at_checked(1) {
         Some(("-", secs)) => secs
             .parse()
@@ -183,6 +185,56 @@ fn date(now: SystemTime, spec: &str) -> HeaderValue {
         _ => Some(now),
     }
     .unwrap_or(now);
-    HeaderValue::try_from(httpdate::fmt_http_date(when))
-        .unwrap_or_else(|_| HeaderValue::from_static("invalid"))
+    let imf = httpdate::fmt_http_date(when);
+    let text = match format {
+        "rfc850" => obsolete(&imf, false),
+        "asctime" => obsolete(&imf, true),
+        _ => Some(imf),
+    };
+    text.and_then(|text| HeaderValue::try_from(text).ok())
+        .unwrap_or_else(|| HeaderValue::from_static("invalid"))
+}
+
+/// An IMF-fixdate (`Sun, 06 Nov 1994 08:49:37 GMT`) in RFC 850 form
+/// (`Sunday, 06-Nov-94 08:49:37 GMT`) or asctime form (`Sun Nov  6 08:49:37 1994`).
+fn obsolete(imf: &str, asctime: bool) -> Option<String> {
+    let mut parts = imf.split(' ');
+    let day = parts.next()?.trim_end_matches(',');
+    let (dd, mon, year, time) = (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
+    if asctime {
+        let dd = dd.trim_start_matches('0');
+        return Some(format!("{day} {mon} {dd:>2} {time} {year}"));
+    }
+    let day = match day {
+        "Mon" => "Monday",
+        "Tue" => "Tuesday",
+        "Wed" => "Wednesday",
+        "Thu" => "Thursday",
+        "Fri" => "Friday",
+        "Sat" => "Saturday",
+        _ => "Sunday",
+    };
+    Some(format!("{day}, {dd}-{mon}-{} {time} GMT", year.get(2..)?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dates_in_the_three_formats() {
+        let imf = "Sun, 06 Nov 1994 08:49:37 GMT";
+        assert_eq!(
+            obsolete(imf, false).as_deref(),
+            Some("Sunday, 06-Nov-94 08:49:37 GMT")
+        );
+        assert_eq!(
+            obsolete(imf, true).as_deref(),
+            Some("Sun Nov  6 08:49:37 1994")
+        );
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(784_111_777);
+        assert_eq!(date(now, "{date}"), imf);
+        assert_eq!(date(now, "{date+60}"), "Sun, 06 Nov 1994 08:50:37 GMT");
+        assert_eq!(date(now, "{asctime-3600}"), "Sun Nov  6 07:49:37 1994");
+    }
 }

@@ -201,6 +201,9 @@ impl RequestSpanLayer {
         if self.sampled_only && !trace.is_some_and(TraceContext::is_sampled) {
             return None;
         }
+        // NOTE: the trace id goes in with the span, not recorded after it: a subscriber
+        // that formats fields (`tracing_subscriber::fmt`) formats once, not twice.
+        let trace_id = trace.map(|trace| tracing::field::display(trace.trace_id()));
         macro_rules! span {
             ($level:expr) => {
                 tracing::span!(
@@ -211,7 +214,7 @@ impl RequestSpanLayer {
                     route = Empty,
                     upstream = Empty,
                     status = Empty,
-                    trace_id = Empty,
+                    trace_id = trace_id,
                 )
             };
         }
@@ -224,9 +227,6 @@ impl RequestSpanLayer {
         };
         if span.is_disabled() {
             return None;
-        }
-        if let Some(trace) = trace {
-            span.record("trace_id", tracing::field::display(trace.trace_id()));
         }
         Some(span)
     }

@@ -475,10 +475,21 @@ pub(crate) fn write_request<'a>(
     target: &str,
     host: Option<&HeaderValue>,
     headers: &HeaderMap,
-    extra: impl Iterator<Item = &'a (HeaderName, HeaderValue)>,
+    extra: impl Iterator<Item = &'a (HeaderName, HeaderValue)> + Clone,
     length: BodyLength,
 ) {
-    out.reserve(128 + target.len() + headers.len() * 32);
+    // The head's exact size (give or take the framing field's 40 bytes): a guess grew the
+    // buffer, a copy of the whole head, whenever the forwarding fields and a
+    // `traceparent` took it past.
+    let field = |(name, value): (&HeaderName, &HeaderValue)| name.as_str().len() + value.len() + 4;
+    let size = method.as_str().len()
+        + target.len()
+        + 16
+        + host.map_or(0, |host| host.len() + 8)
+        + headers.iter().map(field).sum::<usize>()
+        + extra.clone().map(|(name, value)| field((name, value))).sum::<usize>()
+        + 40;
+    out.reserve(size);
     out.extend_from_slice(method.as_str().as_bytes());
     out.push(b' ');
     out.extend_from_slice(target.as_bytes());

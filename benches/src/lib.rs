@@ -6,6 +6,7 @@
 #![forbid(unsafe_code)]
 
 pub mod conformance;
+pub mod process;
 
 use std::convert::Infallible;
 use std::future::Future;

@@ -7,14 +7,14 @@
 #![forbid(unsafe_code)]
 
 use std::fmt::Write as _;
-use std::io::{self, BufRead, BufReader};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::io;
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitCode, Stdio};
-use std::time::Duration;
 
 use gateway_benches::arg_value;
 use gateway_benches::conformance::{self, Case, Level, Origin, Outcome};
+use gateway_benches::process::{free_addr, spawn_listening, wait_accepting};
 
 const HELP: &str = "\
 cache-conformance: RFC 9111 cases against caching proxies (see benches/conformance.sh)
@@ -217,25 +217,13 @@ fn start(kind: Kind, opts: &Opts, origin: SocketAddr, dir: &Path) -> io::Result<
 fn start_gateway(program: &Path, origin: SocketAddr, dir: &Path) -> io::Result<Target> {
     let config = dir.join("gateway.yaml");
     std::fs::write(&config, conformance::gateway_config(origin))?;
-    let mut child = Command::new(program)
-        .arg("--config")
-        .arg(&config)
-        .env("RUST_LOG", "error")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .map_err(|e| io::Error::other(format!("{}: {e}", program.display())))?;
-    let stdout = child
-        .stdout
-        .take()
-        .ok_or_else(|| io::Error::other("no stdout"))?;
-    let mut line = String::new();
-    BufReader::new(stdout).read_line(&mut line)?;
-    let addr = line
-        .trim()
-        .split_once("listening on http://")
-        .and_then(|(_, a)| a.parse().ok())
-        .ok_or_else(|| io::Error::other(format!("unexpected output {line:?}")))?;
+    let (child, addr) = spawn_listening(
+        Command::new(program)
+            .arg("--config")
+            .arg(&config)
+            .env("RUST_LOG", "error"),
+        program,
+    )?;
     Ok(Target { addr, child })
 }
 
@@ -331,19 +319,4 @@ cache pages
         .spawn()
         .map_err(|e| io::Error::other(format!("haproxy: {e}")))?;
     Ok(Target { addr, child })
-}
-
-fn free_addr() -> io::Result<SocketAddr> {
-    TcpListener::bind("127.0.0.1:0")?.local_addr()
-}
-
-/// Waits (up to 10 s) until `addr` accepts connections.
-fn wait_accepting(addr: SocketAddr) -> io::Result<()> {
-    for _ in 0..200 {
-        if TcpStream::connect(addr).is_ok() {
-            return Ok(());
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    Err(io::Error::other(format!("nothing accepts on {addr}")))
 }

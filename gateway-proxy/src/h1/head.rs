@@ -487,7 +487,10 @@ pub(crate) fn write_request<'a>(
         + 16
         + host.map_or(0, |host| host.len() + 8)
         + headers.iter().map(field).sum::<usize>()
-        + extra.clone().map(|(name, value)| field((name, value))).sum::<usize>()
+        + extra
+            .clone()
+            .map(|(name, value)| field((name, value)))
+            .sum::<usize>()
         + 40;
     out.reserve(size);
     out.extend_from_slice(method.as_str().as_bytes());

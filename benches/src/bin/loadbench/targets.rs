@@ -2,12 +2,13 @@
 //! `/proc` says about them.
 
 use std::fmt::Write as _;
-use std::io::{self, BufRead, BufReader};
+use std::io;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
+use gateway_benches::process::{self, free_addr, wait_accepting};
 use http::HeaderValue;
 
 /// Clock ticks per second of `/proc/<pid>/stat` times (`USER_HZ`, 100 on Linux).
@@ -389,25 +390,9 @@ backend be
     }
 }
 
-/// Spawns `cmd` (the gateway or `hyper-proxy`, both of which bind port 0) and reads the
-/// address from the `... listening on http://ADDR` line it prints first.
+/// Spawns `cmd` (`program`, which prints where it listens) as the `kind` target.
 fn spawn_listening(mut cmd: Command, program: &Path, kind: Kind) -> io::Result<Target> {
-    let mut child = cmd
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .map_err(|e| io::Error::other(format!("{}: {e}", program.display())))?;
-    let stdout = child
-        .stdout
-        .take()
-        .ok_or_else(|| io::Error::other("no stdout"))?;
-    let mut line = String::new();
-    BufReader::new(stdout).read_line(&mut line)?;
-    let addr = line
-        .trim()
-        .split_once("listening on http://")
-        .and_then(|(_, a)| a.parse().ok())
-        .ok_or_else(|| io::Error::other(format!("unexpected output {line:?}")))?;
+    let (child, addr) = process::spawn_listening(&mut cmd, program)?;
     Ok(Target {
         kind,
         addr,
@@ -500,20 +485,6 @@ fn vm_rss(pid: u32) -> io::Result<u64> {
 }
 
 /// A loopback address nobody listens on right now.
-fn free_addr() -> io::Result<SocketAddr> {
-    std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()
-}
-
-fn wait_accepting(addr: SocketAddr) -> io::Result<()> {
-    for _ in 0..200 {
-        if std::net::TcpStream::connect(addr).is_ok() {
-            return Ok(());
-        }
-        std::thread::sleep(Duration::from_millis(25));
-    }
-    Err(io::Error::other(format!("nothing accepts on {addr}")))
-}
-
 /// One line about the machine: cores, CPU model, kernel.
 pub(crate) fn machine() -> String {
     let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();

@@ -1,0 +1,57 @@
+//! Starting the proxies the load and conformance runs measure.
+
+use std::io::{self, BufRead, BufReader};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+/// Spawns `cmd` (`program`, which binds port 0: the gateway, `hyper-proxy`) and reads the
+/// address from the `... listening on http://ADDR` line it prints first.
+///
+/// # Errors
+///
+/// If it does not start, or its first line names no address.
+pub fn spawn_listening(cmd: &mut Command, program: &Path) -> io::Result<(Child, SocketAddr)> {
+    let mut child = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .map_err(|e| io::Error::other(format!("{}: {e}", program.display())))?;
+    let stdout = child
+        .stdout
+        .take()
+        .ok_or_else(|| io::Error::other("no stdout"))?;
+    let mut line = String::new();
+    BufReader::new(stdout).read_line(&mut line)?;
+    let addr = line
+        .trim()
+        .split_once("listening on http://")
+        .and_then(|(_, a)| a.parse().ok())
+        .ok_or_else(|| io::Error::other(format!("unexpected output {line:?}")))?;
+    Ok((child, addr))
+}
+
+/// A loopback address nothing listens on now, for a proxy that cannot bind port 0.
+///
+/// # Errors
+///
+/// If no port can be had.
+pub fn free_addr() -> io::Result<SocketAddr> {
+    TcpListener::bind("127.0.0.1:0")?.local_addr()
+}
+
+/// Waits (up to 5 s) until `addr` accepts connections.
+///
+/// # Errors
+///
+/// If it does not by then.
+pub fn wait_accepting(addr: SocketAddr) -> io::Result<()> {
+    for _ in 0..200 {
+        if TcpStream::connect(addr).is_ok() {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(25));
+    }
+    Err(io::Error::other(format!("nothing accepts on {addr}")))
+}

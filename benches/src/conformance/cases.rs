@@ -671,7 +671,7 @@ pub fn cases() -> Vec<Case> {
             vec![
                 get(&[Version(1)]),
                 get(&[Version(1)]).after(STALE),
-                get(&[Version(2)]).after(Duration::from_millis(500)),
+                get(&[Version(2)]).after(Duration::from_secs(1)),
             ],
         ),
         case(

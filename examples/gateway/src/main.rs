@@ -449,6 +449,15 @@ fn check(file: &std::path::Path) -> ExitCode {
     }
 }
 
+/// A line on stdout that a closed stdout (`gateway | head -1`, a parent that read the
+/// address and went) does not turn into a panic: the gateway serves on.
+macro_rules! say {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stdout(), $($arg)*);
+    }};
+}
+
 async fn run(args: Args) -> Result<(), Failure> {
     let invalid = |e: ConfigError| Failure::Config(e.to_string());
     let mut demo = false;
@@ -498,26 +507,26 @@ async fn run(args: Args) -> Result<(), Failure> {
         .readiness(&readiness)
         .shrink_after_close(SHRINK_CROWD, give_back_heap);
 
-    println!("gateway listening on {scheme}://{local}");
+    say!("gateway listening on {scheme}://{local}");
     if let Some((server, _)) = &admin
         && let Ok(addr) = server.local_addr()
     {
-        println!("admin on http://{addr}/ (/metrics, /status, /readyz, /healthz)");
+        say!("admin on http://{addr}/ (/metrics, /status, /readyz, /healthz)");
     }
     if demo {
-        println!("try:");
-        println!("  curl -i {scheme}://{local}/api/hello");
-        println!("  curl -i {scheme}://{local}/api/headers -H 'X-Forwarded-For: 6.6.6.6'");
-        println!("  curl -i {scheme}://{local}/api/%2e%2e%2fadmin");
+        say!("try:");
+        say!("  curl -i {scheme}://{local}/api/hello");
+        say!("  curl -i {scheme}://{local}/api/headers -H 'X-Forwarded-For: 6.6.6.6'");
+        say!("  curl -i {scheme}://{local}/api/%2e%2e%2fadmin");
     } else if let Some(file) = &args.config {
         let when = if args.watch.is_some() {
             "when it changes, and on SIGHUP"
         } else {
             "on SIGHUP"
         };
-        println!("serving {} (reloaded {when})", file.display());
+        say!("serving {} (reloaded {when})", file.display());
     } else {
-        println!("proxying every path to {}", args.upstreams.join(", "));
+        say!("proxying every path to {}", args.upstreams.join(", "));
     }
 
     let app = match live {

@@ -176,6 +176,44 @@ async fn quick_start_proxy_forwards_and_stops_on_sigterm() {
     sigterm_and_wait(child).await;
 }
 
+/// A gateway whose stdout is closed before it prints where it listens (a parent that
+/// went away, `gateway | head -0`) serves on: printing failed, and used to panic.
+#[tokio::test]
+async fn a_closed_stdout_does_not_stop_the_gateway() {
+    let up = TestUpstream::echo().await;
+    let addr = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let (reader, writer) = std::io::pipe().unwrap();
+    drop(reader);
+    let mut child = Command::new(BIN)
+        .args(["--listen", &addr.to_string(), "--upstream", &up.url()])
+        .env("RUST_LOG", "warn")
+        .stdout(writer)
+        .stderr(Stdio::inherit())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    for _ in 0..100 {
+        if let Ok(Some(status)) = child.try_wait() {
+            panic!("the gateway exited: {status:?}");
+        }
+        if tokio::net::TcpStream::connect(addr).await.is_ok() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let answered = get(addr, "/after").await;
+    assert_eq!(
+        raw::statuses(&answered),
+        [200],
+        "{}",
+        String::from_utf8_lossy(&answered)
+    );
+    sigterm_and_wait(child).await;
+}
+
 /// With one of two `--upstream`s refusing connections, no client sees a 502: what could not
 /// be sent goes to the other endpoint.
 #[tokio::test]

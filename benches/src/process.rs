@@ -22,8 +22,11 @@ pub fn spawn_listening(cmd: &mut Command, program: &Path) -> io::Result<(Child, 
         .stdout
         .take()
         .ok_or_else(|| io::Error::other("no stdout"))?;
+    let mut reader = BufReader::new(stdout);
     let mut line = String::new();
-    BufReader::new(stdout).read_line(&mut line)?;
+    reader.read_line(&mut line)?;
+    // The rest of what it prints is read too: a closed pipe would fail its next write.
+    std::thread::spawn(move || io::copy(&mut reader, &mut io::sink()));
     let addr = line
         .trim()
         .split_once("listening on http://")
@@ -54,4 +57,17 @@ pub fn wait_accepting(addr: SocketAddr) -> io::Result<()> {
         std::thread::sleep(Duration::from_millis(25));
     }
     Err(io::Error::other(format!("nothing accepts on {addr}")))
+}
+
+/// The `http` block's lines that keep an unprivileged nginx's files under `dir` (it would
+/// write under its compiled-in prefix otherwise).
+pub fn nginx_temp_paths(dir: &Path) -> String {
+    let dir = dir.display();
+    format!(
+        "client_body_temp_path {dir}/body;
+    proxy_temp_path {dir}/proxy;
+    fastcgi_temp_path {dir}/fastcgi;
+    uwsgi_temp_path {dir}/uwsgi;
+    scgi_temp_path {dir}/scgi;"
+    )
 }

@@ -14,7 +14,7 @@ use std::process::{Child, Command, ExitCode, Stdio};
 
 use gateway_benches::arg_value;
 use gateway_benches::conformance::{self, Case, Level, Origin, Outcome};
-use gateway_benches::process::{free_addr, spawn_listening, wait_accepting};
+use gateway_benches::process::{free_addr, nginx_temp_paths, spawn_listening, wait_accepting};
 
 const HELP: &str = "\
 cache-conformance: RFC 9111 cases against caching proxies (see benches/conformance.sh)
@@ -244,11 +244,7 @@ error_log stderr error;
 events {{ worker_connections 1024; }}
 http {{
     access_log off;
-    client_body_temp_path {dir}/body;
-    proxy_temp_path {dir}/proxy;
-    fastcgi_temp_path {dir}/fastcgi;
-    uwsgi_temp_path {dir}/uwsgi;
-    scgi_temp_path {dir}/scgi;
+    {temp_paths}
     proxy_cache_path {dir}/cache keys_zone=pages:16m max_size=64m;
     server {{
         listen {addr};
@@ -267,6 +263,7 @@ http {{
 }}
 ",
             dir = dir.display(),
+            temp_paths = nginx_temp_paths(dir),
         ),
     )?;
     let child = Command::new("nginx")

@@ -91,6 +91,30 @@ fn not_reused(id: &'static str, level: Level, title: &'static str, first: Answer
     )
 }
 
+/// A stored response invalidated by a `method` request's success (§4.4).
+fn invalidated_by(method: &'static str) -> Case {
+    let id = match method {
+        "POST" => "invalidate-post",
+        "PUT" => "invalidate-put",
+        _ => "invalidate-delete",
+    };
+    case(
+        id,
+        Level::Must,
+        "an unsafe method's success invalidates the stored response (§4.4)",
+        vec![
+            ok(&[("cache-control", "max-age=3600")]),
+            ok(&[]),
+            ok(&[("cache-control", "max-age=3600")]),
+        ],
+        vec![
+            get(&[Version(1)]),
+            step(method, &[], &[Version(2)]),
+            get(&[Version(3)]),
+        ],
+    )
+}
+
 /// Every case of the suite.
 #[expect(
     clippy::too_many_lines,
@@ -701,51 +725,9 @@ pub fn cases() -> Vec<Case> {
             vec![get(&[Version(1)]), get(&[NotVersion(1)]).after(STALE)],
         ),
         // RFC 9111 §4.4: invalidation.
-        case(
-            "invalidate-post",
-            Must,
-            "a POST's success invalidates the stored response (§4.4)",
-            vec![
-                ok(&[("cache-control", "max-age=3600")]),
-                ok(&[]),
-                ok(&[("cache-control", "max-age=3600")]),
-            ],
-            vec![
-                get(&[Version(1)]),
-                step("POST", &[], &[Version(2)]),
-                get(&[Version(3)]),
-            ],
-        ),
-        case(
-            "invalidate-put",
-            Must,
-            "a PUT's success invalidates the stored response (§4.4)",
-            vec![
-                ok(&[("cache-control", "max-age=3600")]),
-                ok(&[]),
-                ok(&[("cache-control", "max-age=3600")]),
-            ],
-            vec![
-                get(&[Version(1)]),
-                step("PUT", &[], &[Version(2)]),
-                get(&[Version(3)]),
-            ],
-        ),
-        case(
-            "invalidate-delete",
-            Must,
-            "a DELETE's success invalidates the stored response (§4.4)",
-            vec![
-                ok(&[("cache-control", "max-age=3600")]),
-                ok(&[]),
-                ok(&[("cache-control", "max-age=3600")]),
-            ],
-            vec![
-                get(&[Version(1)]),
-                step("DELETE", &[], &[Version(2)]),
-                get(&[Version(3)]),
-            ],
-        ),
+        invalidated_by("POST"),
+        invalidated_by("PUT"),
+        invalidated_by("DELETE"),
         case(
             "invalidate-location",
             May,

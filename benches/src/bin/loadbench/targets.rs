@@ -287,11 +287,7 @@ error_log stderr error;
 events {{ worker_connections 20000; }}
 http {{
     access_log off;
-    client_body_temp_path {dir}/body;
-    proxy_temp_path {dir}/proxy;
-    fastcgi_temp_path {dir}/fastcgi;
-    uwsgi_temp_path {dir}/uwsgi;
-    scgi_temp_path {dir}/scgi;
+    {temp_paths}
     keepalive_requests 1000000;
     {cache}
     upstream origin {{
@@ -310,6 +306,7 @@ http {{
 }}
 ",
             dir = dir.display(),
+            temp_paths = process::nginx_temp_paths(&dir),
             origin = self.origin,
         );
         let path = dir.join("nginx.conf");

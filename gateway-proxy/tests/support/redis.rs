@@ -39,10 +39,7 @@ impl RedisServer {
             eprintln!("skipped: no redis-server (apt-get install redis-server)");
             return None;
         }
-        let port = TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .map(|a| a.port())
-            .unwrap();
+        let port = listen_port();
         let dir = std::env::temp_dir().join(format!("gateway-redis-{}-{port}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let mut server = Self {
@@ -96,23 +93,30 @@ impl RedisServer {
         if let Some(password) = &self.password {
             args.extend(["--requirepass", password]);
         }
-        let child = Command::new("redis-server")
-            .args(&args)
-            .current_dir(&self.dir)
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .unwrap_or_else(|e| panic!("redis-server could not be started: {e}"));
-        self.child = Some(child);
+        let spawn = || {
+            Command::new("redis-server")
+                .args(&args)
+                .current_dir(&self.dir)
+                .stdout(Stdio::null())
+                .stderr(Stdio::inherit())
+                .spawn()
+                .unwrap_or_else(|e| panic!("redis-server could not be started: {e}"))
+        };
+        let mut child = spawn();
         let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
         loop {
             if self.pings().await {
+                self.child = Some(child);
                 return;
             }
             assert!(
                 tokio::time::Instant::now() < deadline,
                 "redis-server did not answer on port {port}"
             );
+            // It exits when it cannot listen (the port briefly taken): start it again.
+            if let Ok(Some(_)) = child.try_wait() {
+                child = spawn();
+            }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
@@ -181,4 +185,19 @@ impl Drop for RedisServer {
         self.stop();
         let _ = std::fs::remove_dir_all(&self.dir);
     }
+}
+
+/// A port to start a server on: one that is free now, and below the ephemeral range, so
+/// the tests' own outgoing connections (whose local ports come from that range) cannot
+/// take it before the server binds it, as a port the kernel handed out for `:0` could be.
+fn listen_port() -> u16 {
+    use std::hash::{BuildHasher, RandomState};
+    let random = RandomState::new();
+    for attempt in 0u32..1000 {
+        let port = 20_000 + (random.hash_one(attempt) % 12_000) as u16;
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free port in 20000..32000");
 }

@@ -9,8 +9,10 @@ pub mod conformance;
 pub mod process;
 
 use std::convert::Infallible;
+use std::fmt::Display;
 use std::future::Future;
 use std::pin::pin;
+use std::process::ExitCode;
 use std::task::{Context, Poll, Waker};
 
 use gateway_core::Body;
@@ -55,4 +57,44 @@ pub fn arg_value(parser: &mut lexopt::Parser) -> Result<String, String> {
         .map_err(|e| e.to_string())?
         .into_string()
         .map_err(|_| "arguments must be UTF-8".to_owned())
+}
+
+/// The `main` of a bench binary called `name`: its options from `parse` (`None` for
+/// `--help`, which prints `help`; an error exits 2 with `help`), then `run` on a
+/// current-thread runtime, whose error is printed as `name: error`.
+pub fn bin_main<O, F, E>(
+    name: &str,
+    help: &str,
+    parse: impl FnOnce() -> Result<Option<O>, String>,
+    run: impl FnOnce(O) -> F,
+) -> ExitCode
+where
+    F: Future<Output = Result<ExitCode, E>>,
+    E: Display,
+{
+    let opts = match parse() {
+        Ok(Some(opts)) => opts,
+        Ok(None) => {
+            print!("{help}");
+            return ExitCode::SUCCESS;
+        }
+        Err(err) => {
+            eprintln!("{name}: {err}\n\n{help}");
+            return ExitCode::from(2);
+        }
+    };
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(err) => {
+            eprintln!("{name}: no runtime: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(run(opts)).unwrap_or_else(|err| {
+        eprintln!("{name}: {err}");
+        ExitCode::FAILURE
+    })
 }

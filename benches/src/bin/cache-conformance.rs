@@ -50,31 +50,9 @@ struct Opts {
 }
 
 fn main() -> ExitCode {
-    let opts = match parse() {
-        Ok(Some(opts)) => opts,
-        Ok(None) => {
-            print!("{HELP}");
-            return ExitCode::SUCCESS;
-        }
-        Err(e) => {
-            eprintln!("cache-conformance: {e}\n\n{HELP}");
-            return ExitCode::from(2);
-        }
-    };
-    let runtime = match tokio::runtime::Runtime::new() {
-        Ok(runtime) => runtime,
-        Err(e) => {
-            eprintln!("cache-conformance: no runtime: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    match runtime.block_on(run(&opts)) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("cache-conformance: {e}");
-            ExitCode::FAILURE
-        }
-    }
+    gateway_benches::bin_main("cache-conformance", HELP, parse, |opts| async move {
+        run(&opts).await.map(|()| ExitCode::SUCCESS)
+    })
 }
 
 fn parse() -> Result<Option<Opts>, String> {

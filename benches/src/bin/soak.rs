@@ -74,35 +74,15 @@ struct Counts {
 }
 
 fn main() -> ExitCode {
-    let opts = match parse() {
-        Ok(Some(opts)) => opts,
-        Ok(None) => {
-            print!("{HELP}");
-            return ExitCode::SUCCESS;
-        }
-        Err(err) => {
-            eprintln!("soak: {err}");
-            return ExitCode::from(2);
-        }
-    };
-    let runtime = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(err) => {
-            eprintln!("soak: {err}");
-            return ExitCode::FAILURE;
-        }
-    };
-    match runtime.block_on(run(&opts)) {
-        Ok(true) => ExitCode::SUCCESS,
-        Ok(false) => ExitCode::from(1),
-        Err(err) => {
-            eprintln!("soak: {err}");
-            ExitCode::FAILURE
-        }
-    }
+    gateway_benches::bin_main("soak", HELP, parse, |opts| async move {
+        run(&opts).await.map(|ok| {
+            if ok {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            }
+        })
+    })
 }
 
 fn parse() -> Result<Option<Opts>, String> {

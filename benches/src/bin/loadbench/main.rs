@@ -82,34 +82,9 @@ struct Opts {
 type Series = BTreeMap<&'static str, BTreeMap<Kind, Vec<f64>>>;
 
 fn main() -> ExitCode {
-    let opts = match parse() {
-        Ok(Some(opts)) => opts,
-        Ok(None) => {
-            print!("{HELP}");
-            return ExitCode::SUCCESS;
-        }
-        Err(err) => {
-            eprintln!("loadbench: {err}");
-            return ExitCode::from(2);
-        }
-    };
-    let runtime = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(err) => {
-            eprintln!("loadbench: {err}");
-            return ExitCode::FAILURE;
-        }
-    };
-    match runtime.block_on(run(&opts)) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(err) => {
-            eprintln!("loadbench: {err}");
-            ExitCode::FAILURE
-        }
-    }
+    gateway_benches::bin_main("loadbench", HELP, parse, |opts| async move {
+        run(&opts).await.map(|()| ExitCode::SUCCESS)
+    })
 }
 
 fn parse() -> Result<Option<Opts>, String> {

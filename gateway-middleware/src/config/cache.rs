@@ -119,10 +119,9 @@ impl PluginFactory for CacheFactory {
             let weak = store.downgrade();
             (store, weak)
         });
-        let purger = store.purger();
         configured(
+            store.purger(),
             CacheLayer::new(store),
-            &purger,
             config,
             cx,
             &name,
@@ -157,10 +156,9 @@ impl CacheFactory {
         if let Some(metrics) = cx.metrics() {
             store = store.metrics(metrics, name);
         }
-        let purger = store.purger();
         configured(
+            store.purger(),
             CacheLayer::new(store),
-            &purger,
             config,
             cx,
             name,
@@ -184,8 +182,8 @@ impl CacheFactory {
 /// The layer over `layer`'s store, with the rest of `config`; the store listed as
 /// `purger` for the admin listener's purge.
 fn configured<S: Store + Clone>(
+    purger: Arc<dyn Purge>,
     layer: CacheLayer<S>,
-    purger: &Arc<dyn Purge>,
     config: &CacheConfig,
     cx: &Context,
     name: &str,
@@ -211,7 +209,7 @@ fn configured<S: Store + Clone>(
         layer = layer.metrics(metrics, name);
     }
     if let Some(purgers) = cx.purgers() {
-        purgers.register(name, purger);
+        purgers.register(name, &purger);
     }
     Ok(RouteLayer::new(layer))
 }

@@ -28,7 +28,30 @@ impl Key {
             Some(authority) => authority.as_str(),
             None => headers.get(HOST)?.to_str().ok()?,
         };
-        // Userinfo is never part of an HTTP URI's key (nor allowed in `Host`).
+        let path = uri.path_and_query().map_or("/", |p| p.as_str());
+        Self::assemble(tls, host, path)
+    }
+
+    /// The key of an absolute `http` or `https` URL (a `Location`, a purge's URL),
+    /// normalised as [`of`](Self::of) normalises a request's; `None` for another scheme
+    /// or no host.
+    pub fn from_absolute(url: &str) -> Option<Self> {
+        let (scheme, rest) = url.split_once("://")?;
+        let tls = if scheme.eq_ignore_ascii_case("https") {
+            true
+        } else if scheme.eq_ignore_ascii_case("http") {
+            false
+        } else {
+            return None;
+        };
+        let (host, path) = rest.split_at(rest.find(['/', '?']).unwrap_or(rest.len()));
+        Self::assemble(tls, host, path)
+    }
+
+    /// `scheme://host path`: no user info (never part of an HTTP URI's key, nor allowed
+    /// in `Host`), the host lowercased, the scheme's default port left out, `/` for an
+    /// empty path.
+    fn assemble(tls: bool, host: &str, path: &str) -> Option<Self> {
         let host = host.rsplit('@').next().unwrap_or(host);
         let scheme = if tls { "https" } else { "http" };
         let default_port = if tls { ":443" } else { ":80" };
@@ -36,13 +59,15 @@ impl Key {
         if host.is_empty() {
             return None;
         }
-        let path = uri.path_and_query().map_or("/", |p| p.as_str());
-        let mut key = BytesMut::with_capacity(scheme.len() + 3 + host.len() + path.len());
+        let slash = if path.starts_with('/') { "" } else { "/" };
+        let mut key =
+            BytesMut::with_capacity(scheme.len() + 3 + host.len() + slash.len() + path.len());
         key.put_slice(scheme.as_bytes());
         key.put_slice(b"://");
         for b in host.bytes() {
             key.put_u8(b.to_ascii_lowercase());
         }
+        key.put_slice(slash.as_bytes());
         key.put_slice(path.as_bytes());
         Some(Self(key.freeze()))
     }
@@ -292,6 +317,33 @@ mod tests {
     fn key(uri: &str, headers: &[(&str, &str)], tls: bool) -> Option<String> {
         let parts = parts(uri, headers);
         Key::of(&parts.uri, &parts.headers, tls).map(|k| k.to_string())
+    }
+
+    #[test]
+    fn an_absolute_url_has_the_key_of_its_request() {
+        for (url, target, host, tls) in [
+            (
+                "http://API.example.com:80/a?b",
+                "/a?b",
+                "api.example.com",
+                false,
+            ),
+            ("HTTPS://u@Example.com:443", "/", "example.com", true),
+            (
+                "https://example.com:8443?q",
+                "/?q",
+                "example.com:8443",
+                true,
+            ),
+        ] {
+            assert_eq!(
+                Key::from_absolute(url).map(|k| k.to_string()),
+                key(target, &[("host", host)], tls),
+                "{url}"
+            );
+        }
+        assert!(Key::from_absolute("ftp://example.com/").is_none());
+        assert!(Key::from_absolute("http:///a").is_none());
     }
 
     #[test]

@@ -17,7 +17,7 @@ use http::header::{
     IF_MODIFIED_SINCE, IF_NONE_MATCH, IF_RANGE, IF_UNMODIFIED_SINCE, LAST_MODIFIED, LOCATION,
     RANGE, TRAILER, TRANSFER_ENCODING, VARY,
 };
-use http::{HeaderMap, Method, Request, Response, StatusCode, Uri};
+use http::{HeaderMap, Method, Request, Response, StatusCode};
 use http_body::Frame;
 use pin_project_lite::pin_project;
 use prometheus_client::encoding::EncodeLabelSet;
@@ -1078,7 +1078,7 @@ async fn invalidate<St: Store>(store: &St, target: &Key, res: &HeaderMap) {
     let mut keys = vec![target.clone()];
     let origin = origin_of(target.as_str());
     for field in [LOCATION, CONTENT_LOCATION] {
-        let Some(url) = res
+        let Some(key) = res
             .get(field)
             .and_then(|v| v.to_str().ok())
             .and_then(|reference| resolve(target.as_str(), reference))
@@ -1086,8 +1086,8 @@ async fn invalidate<St: Store>(store: &St, target: &Key, res: &HeaderMap) {
             continue;
         };
         // Another origin's entries are not this response's to invalidate.
-        if origin_of(&url) == origin {
-            keys.push(Key::from_url(&url));
+        if origin_of(key.as_str()) == origin {
+            keys.push(key);
         }
     }
     for key in keys {
@@ -1097,10 +1097,10 @@ async fn invalidate<St: Store>(store: &St, target: &Key, res: &HeaderMap) {
     }
 }
 
-/// The URL a `Location` or `Content-Location` (a URI reference) names, resolved against
-/// the request's `base` URL (RFC 3986 §5.2), with the scheme and host in lower case as
-/// keys have them; `None` for what is not an http(s) URL or does not parse.
-fn resolve(base: &str, reference: &str) -> Option<String> {
+/// The key of the URL a `Location` or `Content-Location` (a URI reference) names,
+/// resolved against the request's `base` URL (RFC 3986 §5.2); `None` for what is not an
+/// http(s) URL.
+fn resolve(base: &str, reference: &str) -> Option<Key> {
     let reference = reference.split('#').next().unwrap_or_default();
     let (scheme, rest) = base.split_once("://")?;
     let absolute = if let Some(net) = reference.strip_prefix("//") {
@@ -1146,16 +1146,7 @@ fn resolve(base: &str, reference: &str) -> Option<String> {
         }
         url
     };
-    let uri = absolute.parse::<Uri>().ok()?;
-    let scheme = uri.scheme_str()?.to_ascii_lowercase();
-    if scheme != "http" && scheme != "https" {
-        return None;
-    }
-    Some(format!(
-        "{scheme}://{}{}",
-        uri.authority()?.as_str().to_ascii_lowercase(),
-        uri.path_and_query().map_or("/", |p| p.as_str())
-    ))
+    Key::from_absolute(&absolute)
 }
 
 /// RFC 3986 §5.2.4: `.` and `..` segments taken out of an absolute path.
@@ -1327,9 +1318,14 @@ mod tests {
             ("/./g", Some("http://a/g")),
             ("g/../h", Some("http://a/b/c/h")),
             ("HTTPS://Other.Example/X", Some("https://other.example/X")),
+            ("http://A:80/x", Some("http://a/x")),
             ("ftp://a/b", None),
         ] {
-            assert_eq!(resolve(base, reference).as_deref(), url, "{reference:?}");
+            assert_eq!(
+                resolve(base, reference).as_ref().map(Key::as_str),
+                url,
+                "{reference:?}"
+            );
         }
     }
 

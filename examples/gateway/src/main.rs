@@ -31,6 +31,7 @@
 //! ```
 
 mod demo;
+mod fields;
 
 use std::collections::BTreeMap;
 use std::ffi::OsString;
@@ -379,6 +380,7 @@ fn main() -> ExitCode {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .with_writer(std::io::stderr)
+        .fmt_fields(fields::Fields)
         // Colour codes only for a person at a terminal, never into a file or a collector.
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();

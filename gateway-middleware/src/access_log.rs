@@ -100,8 +100,13 @@ const DEFAULT_CAPACITY: usize = 4096;
 const MAX_PATH: usize = 2048;
 /// The most bytes of a host, user agent or referer written.
 const MAX_HEADER: usize = 512;
-/// The capacity the writer's batch buffer keeps between batches.
+/// The capacity the two batch buffers (the one lines go into and the one being written)
+/// start with.
 const BATCH: usize = 64 * 1024;
+/// The most capacity a batch buffer keeps between batches. A busy gateway's batch (70,000
+/// lines/s of 300 bytes fill 210 KiB per [`REST`]) keeps its room, rather than growing
+/// again under the queue's lock, on the request path, every 10 ms; a burst's is given back.
+const KEEP: usize = 1024 * 1024;
 /// After a batch the writer rests this long, so that lines gather into the next batch
 /// without a wake-up of the thread for each of them (a wake-up would cost the request a
 /// system call). The queue must hold this long's lines.
@@ -477,8 +482,9 @@ impl Writer {
             };
             self.write(&batch, lines);
             batch.clear();
-            // NOTE: a burst's buffer is not kept for good.
-            batch.shrink_to(BATCH);
+            if batch.capacity() > KEEP {
+                batch.shrink_to(BATCH);
+            }
             self.queue.lock().done = taken;
             self.queue.written.notify_all();
             if closed {
@@ -590,9 +596,30 @@ impl AccessLog {
     }
 }
 
-/// Whether `bytes` go into a JSON string as they are.
+/// Whether `bytes` go into a JSON string as they are: printable ASCII, no quote, no
+/// backslash. Eight bytes at a time (a line's strings are most of its bytes).
 fn is_plain(bytes: &[u8]) -> bool {
-    bytes
+    const ONES: u64 = u64::from_ne_bytes([0x01; 8]);
+    const HIGH: u64 = u64::from_ne_bytes([0x80; 8]);
+    /// Whether a byte of `w` is below `n` (at most 0x80; bytes from 0x80 up never count).
+    const fn below(w: u64, n: u8) -> bool {
+        w.wrapping_sub(ONES * n as u64) & !w & HIGH != 0
+    }
+    /// Whether a byte of `w` is `b` (`w ^ b` has a zero byte).
+    const fn has(w: u64, b: u8) -> bool {
+        below(w ^ (ONES * b as u64), 1)
+    }
+    let mut chunks = bytes.chunks_exact(8);
+    for chunk in &mut chunks {
+        let mut word = [0; 8];
+        word.copy_from_slice(chunk);
+        let w = u64::from_ne_bytes(word);
+        if w & HIGH != 0 || below(w, 0x20) || has(w, 0x7f) || has(w, b'"') || has(w, b'\\') {
+            return false;
+        }
+    }
+    chunks
+        .remainder()
         .iter()
         .all(|&b| (0x20..0x7f).contains(&b) && b != b'"' && b != b'\\')
 }
@@ -968,6 +995,39 @@ mod tests {
 
     fn at(secs: u64, millis: u64) -> SystemTime {
         UNIX_EPOCH + Duration::from_millis(secs * 1000 + millis)
+    }
+
+    #[test]
+    fn plain_bytes_are_told_from_the_escaped_eight_at_a_time() {
+        let slow = |bytes: &[u8]| {
+            bytes
+                .iter()
+                .all(|&b| (0x20..0x7f).contains(&b) && b != b'"' && b != b'\\')
+        };
+        // Every byte value, at every place of a word and of the remainder after one.
+        for len in [1, 7, 8, 9, 16, 19] {
+            for at in 0..len {
+                for b in 0..=u8::MAX {
+                    let mut bytes = vec![b'a'; len];
+                    bytes[at] = b;
+                    assert_eq!(is_plain(&bytes), slow(&bytes), "{b:#x} at {at} of {len}");
+                }
+            }
+        }
+        // Neighbours of the bounds side by side (a borrow must not hide one).
+        for pair in [
+            [0x1f, 0x20],
+            [0x20, 0x1f],
+            [0x7f, 0x7e],
+            [0x00, 0x80],
+            [0x80, 0x00],
+        ] {
+            let mut bytes = [b'a'; 16];
+            bytes[6..8].copy_from_slice(&pair);
+            assert_eq!(is_plain(&bytes), slow(&bytes), "{pair:x?}");
+        }
+        assert!(is_plain(b""));
+        assert!(is_plain(b"GET /api/orders?page=2 curl/8.5.0"));
     }
 
     #[test]

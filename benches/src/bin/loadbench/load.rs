@@ -102,6 +102,8 @@ pub(crate) struct Latency {
     pub(crate) p50: Duration,
     pub(crate) p99: Duration,
     pub(crate) p999: Duration,
+    /// Requests answered.
+    pub(crate) requests: u64,
     pub(crate) errors: u64,
 }
 
@@ -154,6 +156,7 @@ pub(crate) async fn fixed_rate(
         p50: pct(0.50),
         p99: pct(0.99),
         p999: pct(0.999),
+        requests: all.len() as u64,
         errors,
     })
 }

@@ -9,7 +9,11 @@
 //! measures per target:
 //! - requests/s at 32 and 64 connections (`wrk`, small body);
 //! - proxy CPU µs per request (utime + stime of the proxy's processes from `/proc`, divided
-//!   by completed requests), small and 64 KiB bodies;
+//!   by completed requests), small and 64 KiB bodies, at full load (`wrk`);
+//! - the same at the fixed rate of the latency run (`cpu_us_per_req_at_rate`), where every
+//!   target faces the same load: at full load a slower proxy also pays more in the kernel
+//!   per request, since the client and the origin, less busy, are asleep more often when a
+//!   packet reaches them (their wake-up and the packet's delivery run on the sender's core);
 //! - p50/p99/p99.9 latency at a fixed rate minus the origin's own (open loop, keep-alive);
 //! - the upstream connection reuse ratio (1 − origin connections / origin requests);
 //!
@@ -43,7 +47,8 @@ OPTIONS:
     --baseline PATH    another gateway build, measured in the same rounds (A/B a change)
     --rounds N         interleaved rounds [default: 5]
     --secs N           seconds per throughput and latency run [default: 5]
-    --rate N           requests/s of the latency runs [default: 2000]
+    --rate N           requests/s of the latency runs (and of `cpu_us_per_req_at_rate`)
+                       [default: 2000]
     --idle N           idle connections of the memory run, 0 to skip it [default: 5000]
     --targets LIST     which proxies, comma-separated [default: gateway,baseline (with
                        --baseline),hyper,nginx,haproxy]; `hand` is the route of
@@ -239,6 +244,7 @@ async fn run(opts: &Opts) -> io::Result<()> {
                 1.0 - (conns1 - conns0) as f64 / (reqs1 - reqs0).max(1) as f64,
             );
 
+            let cpu3 = target.cpu()?;
             let lat = load::fixed_rate(
                 target.addr,
                 "/",
@@ -248,7 +254,13 @@ async fn run(opts: &Opts) -> io::Result<()> {
                 target.auth.clone(),
             )
             .await?;
+            let cpu4 = target.cpu()?;
             errors += lat.errors;
+            record(
+                "cpu_us_per_req_at_rate",
+                target.kind,
+                micros(cpu4 - cpu3) / lat.requests.max(1) as f64,
+            );
             record(
                 "added_p50_us",
                 target.kind,

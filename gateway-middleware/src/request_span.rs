@@ -9,11 +9,11 @@
 //! | `trace_id` | this layer, from the [`TraceContext`] when one is set outside |
 //! | `route` | the router, when a route matches |
 //! | `upstream` | the proxy, with the endpoint (`host:port`) it picked |
+//! | `status` | this layer, when the response head is ready |
 //!
 //! The span rides in the request's extensions (a [`tracing::Span`]): that is where the
 //! router and the proxy find it to record their fields, and a request without one costs
 //! them a lookup, not a trip through the subscriber.
-//! | `status` | this layer, when the response head is ready |
 //!
 //! A failed request's log line then reads
 //! `WARN request{method=GET path=/api/x route=api upstream=10.0.0.7:8080}: request failed
@@ -28,8 +28,9 @@
 //! rest of the observing layers together), so [`sampled_only`](RequestSpanLayer::sampled_only)
 //! makes one only for requests whose trace is sampled (a [`TraceContext`] set outside says
 //! so), the way tracing systems record spans: with a sample ratio of 0.1, a tenth of the
-//! requests pay for one, and the others pass through untouched (no clock read, no entering). A failed request's log line names its method, path, route and
-//! upstream either way ([`gateway_core::Error::log_for`]).
+//! requests pay for one, and the others pass through untouched (no clock read, no
+//! entering). A failed request's log line names its method, path, route and upstream either
+//! way ([`gateway_core::Error::log_for`]).
 //!
 //! At an edge that also has metrics or an access log, the
 //! `observe::ObserveLayer` (features `metrics`, `access-log` or `otlp`) makes and enters the same span

@@ -68,6 +68,21 @@ impl Visitor<'_> {
         name == "message" || name.starts_with("r#") || name.starts_with("log.")
     }
 
+    /// Writes `field` with `plain`, or has `DefaultVisitor` write it (`special`) when it is
+    /// one that visitor writes its own way.
+    fn record(
+        &mut self,
+        field: &Field,
+        special: impl FnOnce(&mut DefaultVisitor<'_>),
+        plain: impl FnOnce(&mut Writer<'_>) -> fmt::Result,
+    ) {
+        if Self::is_special(field) {
+            self.defer(special);
+        } else {
+            self.field(field.name(), plain);
+        }
+    }
+
     /// Has `DefaultVisitor` write the field `record` records.
     fn defer(&mut self, record: impl FnOnce(&mut DefaultVisitor<'_>)) {
         if self.result.is_err() {
@@ -84,50 +99,44 @@ impl Visitor<'_> {
 
 impl Visit for Visitor<'_> {
     fn record_debug(&mut self, field: &Field, value: &dyn fmt::Debug) {
-        if Self::is_special(field) {
-            self.defer(|v| v.record_debug(field, value));
-        } else {
-            self.field(field.name(), |w| write!(w, "{value:?}"));
-        }
+        self.record(
+            field,
+            |v| v.record_debug(field, value),
+            |w| write!(w, "{value:?}"),
+        );
     }
 
     fn record_str(&mut self, field: &Field, value: &str) {
-        if Self::is_special(field) {
-            self.defer(|v| v.record_str(field, value));
-        } else {
-            // Quoted, as `DefaultFields` writes a `str`.
-            self.field(field.name(), |w| write!(w, "{value:?}"));
-        }
+        // Quoted, as `DefaultFields` writes a `str`.
+        self.record(
+            field,
+            |v| v.record_str(field, value),
+            |w| write!(w, "{value:?}"),
+        );
     }
 
     fn record_u64(&mut self, field: &Field, value: u64) {
-        if Self::is_special(field) {
-            self.defer(|v| v.record_u64(field, value));
-        } else {
-            self.field(field.name(), |w| {
-                w.write_str(itoa::Buffer::new().format(value))
-            });
-        }
+        self.record(
+            field,
+            |v| v.record_u64(field, value),
+            |w| w.write_str(itoa::Buffer::new().format(value)),
+        );
     }
 
     fn record_i64(&mut self, field: &Field, value: i64) {
-        if Self::is_special(field) {
-            self.defer(|v| v.record_i64(field, value));
-        } else {
-            self.field(field.name(), |w| {
-                w.write_str(itoa::Buffer::new().format(value))
-            });
-        }
+        self.record(
+            field,
+            |v| v.record_i64(field, value),
+            |w| w.write_str(itoa::Buffer::new().format(value)),
+        );
     }
 
     fn record_bool(&mut self, field: &Field, value: bool) {
-        if Self::is_special(field) {
-            self.defer(|v| v.record_bool(field, value));
-        } else {
-            self.field(field.name(), |w| {
-                w.write_str(if value { "true" } else { "false" })
-            });
-        }
+        self.record(
+            field,
+            |v| v.record_bool(field, value),
+            |w| w.write_str(if value { "true" } else { "false" }),
+        );
     }
 
     fn record_error(&mut self, field: &Field, value: &(dyn std::error::Error + 'static)) {

@@ -59,6 +59,60 @@ pub enum PurgeTarget {
     Prefix(String),
 }
 
+/// The URL a cache keys a request by, the form [`PurgeTarget`] names it in: `scheme://`,
+/// the host lowercased, without user info (never part of an HTTP URI's key, nor allowed in
+/// `Host`) or the scheme's default port, then the request target (`/` for an empty one).
+/// `None` for an empty host.
+///
+/// ```
+/// use gateway_core::purge::key_url;
+///
+/// assert_eq!(key_url(true, "u@API.example.com:443", "?q").as_deref(), Some("https://api.example.com/?q"));
+/// assert_eq!(key_url(false, ":80", "/"), None);
+/// ```
+pub fn key_url(https: bool, host: &str, target: &str) -> Option<String> {
+    let host = host.rsplit('@').next().unwrap_or(host);
+    let (scheme, default_port) = if https {
+        ("https://", ":443")
+    } else {
+        ("http://", ":80")
+    };
+    let host = host.strip_suffix(default_port).unwrap_or(host);
+    if host.is_empty() {
+        return None;
+    }
+    let slash = if target.starts_with('/') { "" } else { "/" };
+    let mut url = String::with_capacity(scheme.len() + host.len() + slash.len() + target.len());
+    url.push_str(scheme);
+    url.push_str(host);
+    url[scheme.len()..].make_ascii_lowercase();
+    url.push_str(slash);
+    url.push_str(target);
+    Some(url)
+}
+
+/// [`key_url`] of an absolute `http` or `https` URL (a `Location`, a purge's URL); `None`
+/// for another scheme or no host.
+///
+/// ```
+/// use gateway_core::purge::key_url_of;
+///
+/// assert_eq!(key_url_of("HTTP://A.example:80").as_deref(), Some("http://a.example/"));
+/// assert_eq!(key_url_of("ftp://a.example/"), None);
+/// ```
+pub fn key_url_of(url: &str) -> Option<String> {
+    let (scheme, rest) = url.split_once("://")?;
+    let https = if scheme.eq_ignore_ascii_case("https") {
+        true
+    } else if scheme.eq_ignore_ascii_case("http") {
+        false
+    } else {
+        return None;
+    };
+    let (host, target) = rest.split_at(rest.find(['/', '?']).unwrap_or(rest.len()));
+    key_url(https, host, target)
+}
+
 /// A cache that can forget what it holds.
 pub trait Purge: Send + Sync + 'static {
     /// Forgets what `target` names; how many keys (URLs) it forgot.

@@ -4,7 +4,8 @@
 
 use std::fmt;
 
-use bytes::{BufMut, Bytes, BytesMut};
+use bytes::Bytes;
+use gateway_core::purge::{key_url, key_url_of};
 use http::header::{HOST, VARY};
 use http::{HeaderMap, HeaderName, HeaderValue, Uri};
 
@@ -29,47 +30,14 @@ impl Key {
             None => headers.get(HOST)?.to_str().ok()?,
         };
         let path = uri.path_and_query().map_or("/", |p| p.as_str());
-        Self::assemble(tls, host, path)
+        key_url(tls, host, path).map(|url| Self(Bytes::from(url)))
     }
 
-    /// The key of an absolute `http` or `https` URL (a `Location`, a purge's URL),
-    /// normalised as [`of`](Self::of) normalises a request's; `None` for another scheme
-    /// or no host.
+    /// The key of an absolute `http` or `https` URL (a `Location`), normalised as
+    /// [`of`](Self::of) normalises a request's (and the admin listener a purge's URL);
+    /// `None` for another scheme or no host.
     pub fn from_absolute(url: &str) -> Option<Self> {
-        let (scheme, rest) = url.split_once("://")?;
-        let tls = if scheme.eq_ignore_ascii_case("https") {
-            true
-        } else if scheme.eq_ignore_ascii_case("http") {
-            false
-        } else {
-            return None;
-        };
-        let (host, path) = rest.split_at(rest.find(['/', '?']).unwrap_or(rest.len()));
-        Self::assemble(tls, host, path)
-    }
-
-    /// `scheme://host path`: no user info (never part of an HTTP URI's key, nor allowed
-    /// in `Host`), the host lowercased, the scheme's default port left out, `/` for an
-    /// empty path.
-    fn assemble(tls: bool, host: &str, path: &str) -> Option<Self> {
-        let host = host.rsplit('@').next().unwrap_or(host);
-        let scheme = if tls { "https" } else { "http" };
-        let default_port = if tls { ":443" } else { ":80" };
-        let host = host.strip_suffix(default_port).unwrap_or(host);
-        if host.is_empty() {
-            return None;
-        }
-        let slash = if path.starts_with('/') { "" } else { "/" };
-        let mut key =
-            BytesMut::with_capacity(scheme.len() + 3 + host.len() + slash.len() + path.len());
-        key.put_slice(scheme.as_bytes());
-        key.put_slice(b"://");
-        for b in host.bytes() {
-            key.put_u8(b.to_ascii_lowercase());
-        }
-        key.put_slice(slash.as_bytes());
-        key.put_slice(path.as_bytes());
-        Some(Self(key.freeze()))
+        key_url_of(url).map(|url| Self(Bytes::from(url)))
     }
 
     /// The key as text (the URL it stands for).

@@ -1102,7 +1102,10 @@ async fn invalidate<St: Store>(store: &St, target: &Key, res: &HeaderMap) {
 /// http(s) URL.
 fn resolve(base: &str, reference: &str) -> Option<Key> {
     let reference = reference.split('#').next().unwrap_or_default();
-    let (scheme, rest) = base.split_once("://")?;
+    // A key is `scheme://authority` and a target that starts with `/`.
+    let origin = origin_of(base);
+    let (scheme, _) = origin.split_once("://")?;
+    let (base_path, base_query) = split_query(&base[origin.len()..]);
     let absolute = if let Some(net) = reference.strip_prefix("//") {
         format!("{scheme}://{net}")
     } else if reference
@@ -1111,15 +1114,7 @@ fn resolve(base: &str, reference: &str) -> Option<Key> {
     {
         reference.to_owned()
     } else {
-        let authority = rest.find(['/', '?']).map_or(rest, |end| &rest[..end]);
-        let base_path = base[scheme.len() + 3 + authority.len()..]
-            .split('?')
-            .next()
-            .unwrap_or_default();
-        let (path, query) = match reference.split_once('?') {
-            Some((path, query)) => (path, Some(query)),
-            None => (reference, None),
-        };
+        let (path, query) = split_query(reference);
         let merged = if path.is_empty() {
             base_path.to_owned()
         } else if path.starts_with('/') {
@@ -1129,7 +1124,7 @@ fn resolve(base: &str, reference: &str) -> Option<Key> {
             let dir = base_path.rfind('/').map_or("/", |i| &base_path[..=i]);
             format!("{dir}{path}")
         };
-        let mut url = format!("{scheme}://{authority}{}", remove_dot_segments(&merged));
+        let mut url = format!("{origin}{}", remove_dot_segments(&merged));
         match (query, path.is_empty()) {
             (Some(query), _) => {
                 url.push('?');
@@ -1137,7 +1132,7 @@ fn resolve(base: &str, reference: &str) -> Option<Key> {
             }
             // §5.2.2: an empty reference keeps the base's query.
             (None, true) => {
-                if let Some((_, query)) = base.split_once('?') {
+                if let Some(query) = base_query {
                     url.push('?');
                     url.push_str(query);
                 }
@@ -1147,6 +1142,14 @@ fn resolve(base: &str, reference: &str) -> Option<Key> {
         url
     };
     Key::from_absolute(&absolute)
+}
+
+/// A path and its query, if it has one.
+fn split_query(target: &str) -> (&str, Option<&str>) {
+    match target.split_once('?') {
+        Some((path, query)) => (path, Some(query)),
+        None => (target, None),
+    }
 }
 
 /// RFC 3986 §5.2.4: `.` and `..` segments taken out of an absolute path.

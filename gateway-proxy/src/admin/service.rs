@@ -9,7 +9,7 @@ use std::time::UNIX_EPOCH;
 use base64::Engine as _;
 use bytes::Bytes;
 use gateway_core::metrics::{Format, Metrics};
-use gateway_core::purge::{PurgeTarget, Purgers};
+use gateway_core::purge::{PurgeTarget, Purgers, key_url_of};
 use gateway_core::{Body, Error, ErrorKind};
 use http::header::{ALLOW, AUTHORIZATION, CACHE_CONTROL, CONTENT_TYPE, HeaderValue};
 use http::{Method, Request, Response, StatusCode};
@@ -406,27 +406,12 @@ fn purge_query(query: &str) -> Option<(Option<String>, PurgeTarget)> {
     Some((cache, target?))
 }
 
-/// `url`'s scheme and host as a cache's key has them: scheme and host lowercased, the
-/// scheme's default port left out; the rest as given.
+/// `url` as a cache keys it ([`key_url_of`]), if it is printable ASCII within the bounds.
 fn normalised_url(url: &str) -> Option<String> {
-    if url.len() > MAX_PURGE_URL {
+    if url.len() > MAX_PURGE_URL || !url.bytes().all(|b| b.is_ascii_graphic()) {
         return None;
     }
-    let (scheme, rest) = url.split_once("://")?;
-    let scheme = scheme.to_ascii_lowercase();
-    let default_port = match scheme.as_str() {
-        "http" => ":80",
-        "https" => ":443",
-        _ => return None,
-    };
-    let (host, path) = rest.split_at(rest.find(['/', '?']).unwrap_or(rest.len()));
-    let host = host.to_ascii_lowercase();
-    let host = host.strip_suffix(default_port).unwrap_or(&host);
-    if host.is_empty() || host.contains('@') || !path.chars().all(|c| c.is_ascii_graphic()) {
-        return None;
-    }
-    let slash = if path.starts_with('/') { "" } else { "/" };
-    Some(format!("{scheme}://{host}{slash}{path}"))
+    key_url_of(url)
 }
 
 /// Whether `a` and `b` are equal, in time that depends on their lengths only.

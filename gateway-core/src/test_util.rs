@@ -252,6 +252,27 @@ pub async fn refused_addr() -> SocketAddr {
     addr
 }
 
+/// A loopback address for a server a test starts in another process (which cannot be
+/// handed a bound socket): free now, and on a port below the ephemeral range, so that the
+/// tests' own outgoing connections, whose local ports come from that range, cannot take
+/// it before the server binds it, as they could a port the kernel handed out for `:0`.
+///
+/// # Panics
+///
+/// If no port in 20000..32000 is free.
+pub fn listen_addr() -> SocketAddr {
+    use std::hash::{BuildHasher, RandomState};
+    let random = RandomState::new();
+    for attempt in 0u32..1000 {
+        let port = 20_000 + (random.hash_one(attempt) % 12_000) as u16;
+        let addr = SocketAddr::from(([127, 0, 0, 1], port));
+        if std::net::TcpListener::bind(addr).is_ok() {
+            return addr;
+        }
+    }
+    panic!("no free port in 20000..32000");
+}
+
 /// Binds `127.0.0.1:0`.
 ///
 /// # Panics

@@ -181,19 +181,7 @@ async fn quick_start_proxy_forwards_and_stops_on_sigterm() {
 #[tokio::test]
 async fn a_closed_stdout_does_not_stop_the_gateway() {
     let up = TestUpstream::echo().await;
-    // A free port below the ephemeral range: the other tests' outgoing connections cannot
-    // take it before the gateway binds it.
-    let addr = (0u32..1000)
-        .map(|i| {
-            let port = 20_000
-                + (std::process::id()
-                    .wrapping_mul(7919)
-                    .wrapping_add(i * 104_729)
-                    % 12_000);
-            std::net::SocketAddr::from(([127, 0, 0, 1], u16::try_from(port).unwrap()))
-        })
-        .find(|addr| std::net::TcpListener::bind(addr).is_ok())
-        .unwrap();
+    let addr = gateway_core::test_util::listen_addr();
     let (reader, writer) = std::io::pipe().unwrap();
     drop(reader);
     let mut child = Command::new(BIN)

@@ -3,7 +3,6 @@
 //! Without `redis-server` on the machine a test says so and passes, except under CI (`CI`
 //! set), where `.ci/run` installs it and its absence fails the test.
 
-use std::net::TcpListener;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
@@ -39,7 +38,7 @@ impl RedisServer {
             eprintln!("skipped: no redis-server (apt-get install redis-server)");
             return None;
         }
-        let port = listen_port();
+        let port = gateway_core::test_util::listen_addr().port();
         let dir = std::env::temp_dir().join(format!("gateway-redis-{}-{port}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let mut server = Self {
@@ -185,19 +184,4 @@ impl Drop for RedisServer {
         self.stop();
         let _ = std::fs::remove_dir_all(&self.dir);
     }
-}
-
-/// A port to start a server on: one that is free now, and below the ephemeral range, so
-/// the tests' own outgoing connections (whose local ports come from that range) cannot
-/// take it before the server binds it, as a port the kernel handed out for `:0` could be.
-fn listen_port() -> u16 {
-    use std::hash::{BuildHasher, RandomState};
-    let random = RandomState::new();
-    for attempt in 0u32..1000 {
-        let port = 20_000 + (random.hash_one(attempt) % 12_000) as u16;
-        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
-            return port;
-        }
-    }
-    panic!("no free port in 20000..32000");
 }

@@ -45,55 +45,45 @@ struct Visitor<'w> {
 }
 
 impl Visitor<'_> {
-    /// Writes `name=` and then the value with `value`, unless an earlier field failed.
-    fn field(&mut self, name: &str, value: impl FnOnce(&mut Writer<'_>) -> fmt::Result) {
-        if self.result.is_err() {
-            return;
-        }
-        let w = &mut self.writer;
-        self.result = (|| {
-            if !self.empty {
-                w.write_char(' ')?;
-            }
-            w.write_str(name)?;
-            w.write_char('=')?;
-            value(w)
-        })();
-        self.empty = false;
-    }
-
-    /// Whether `field` is one `DefaultVisitor` writes its own way.
-    fn is_special(field: &Field) -> bool {
-        let name = field.name();
-        name == "message" || name.starts_with("r#") || name.starts_with("log.")
-    }
-
-    /// Writes `field` with `plain`, or has `DefaultVisitor` write it (`special`) when it is
-    /// one that visitor writes its own way.
+    /// Writes `field`: as `name=` and `plain`'s value, or, for a field `DefaultVisitor`
+    /// writes its own way (`message`, `r#` and `log.` names), through that visitor
+    /// (`special`).
     fn record(
         &mut self,
         field: &Field,
         special: impl FnOnce(&mut DefaultVisitor<'_>),
         plain: impl FnOnce(&mut Writer<'_>) -> fmt::Result,
     ) {
-        if Self::is_special(field) {
+        let name = field.name();
+        if name == "message" || name.starts_with("r#") || name.starts_with("log.") {
             self.defer(special);
-        } else {
-            self.field(field.name(), plain);
+        } else if self.result.is_ok() {
+            self.result = self.plain(name, plain);
+            self.empty = false;
         }
     }
 
-    /// Has `DefaultVisitor` write the field `record` records.
-    fn defer(&mut self, record: impl FnOnce(&mut DefaultVisitor<'_>)) {
-        if self.result.is_err() {
-            return;
+    /// Has `DefaultVisitor` write a field, unless an earlier one failed.
+    fn defer(&mut self, special: impl FnOnce(&mut DefaultVisitor<'_>)) {
+        if self.result.is_ok() {
+            let mut visitor = DefaultVisitor::new(self.writer.by_ref(), self.empty);
+            special(&mut visitor);
+            self.result = visitor.finish();
+            self.empty = false;
         }
-        let mut visitor = DefaultVisitor::new(self.writer.by_ref(), self.empty);
-        record(&mut visitor);
-        self.result = visitor.finish();
-        // NOTE: a skipped `log.` field leaves nothing written; a later field then starts
-        // with a space, which only the very first field of a line avoids.
-        self.empty = false;
+    }
+
+    fn plain(
+        &mut self,
+        name: &str,
+        value: impl FnOnce(&mut Writer<'_>) -> fmt::Result,
+    ) -> fmt::Result {
+        if !self.empty {
+            self.writer.write_char(' ')?;
+        }
+        self.writer.write_str(name)?;
+        self.writer.write_char('=')?;
+        value(&mut self.writer)
     }
 }
 

@@ -59,6 +59,35 @@ pub fn wait_accepting(addr: SocketAddr) -> io::Result<()> {
     Err(io::Error::other(format!("nothing accepts on {addr}")))
 }
 
+/// Starts nginx through `cmd` (`nginx`, or `taskset` running it) on the config file
+/// `conf`, with `dir` as its prefix: its output dropped, its errors on ours.
+///
+/// # Errors
+///
+/// If it cannot be started.
+pub fn spawn_nginx(mut cmd: Command, dir: &Path, conf: &Path) -> io::Result<Child> {
+    cmd.arg("-p").arg(dir).arg("-c").arg(conf);
+    spawn_quiet(cmd, "nginx")
+}
+
+/// Starts HAProxy through `cmd` (`haproxy`, or `taskset` running it) in the foreground on
+/// the config file `conf`: its output dropped, its errors on ours.
+///
+/// # Errors
+///
+/// If it cannot be started.
+pub fn spawn_haproxy(mut cmd: Command, conf: &Path) -> io::Result<Child> {
+    cmd.arg("-db").arg("-f").arg(conf);
+    spawn_quiet(cmd, "haproxy")
+}
+
+fn spawn_quiet(mut cmd: Command, name: &str) -> io::Result<Child> {
+    cmd.stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .map_err(|e| io::Error::other(format!("{name}: {e}")))
+}
+
 /// The `http` block's lines that keep an unprivileged nginx's files under `dir` (it would
 /// write under its compiled-in prefix otherwise).
 pub fn nginx_temp_paths(dir: &Path) -> String {

@@ -10,11 +10,13 @@ use std::fmt::Write as _;
 use std::io;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitCode, Stdio};
+use std::process::{Child, Command, ExitCode};
 
 use gateway_benches::arg_value;
 use gateway_benches::conformance::{self, Case, Level, Origin, Outcome};
-use gateway_benches::process::{free_addr, nginx_temp_paths, spawn_listening, wait_accepting};
+use gateway_benches::process::{
+    free_addr, nginx_temp_paths, spawn_haproxy, spawn_listening, spawn_nginx, wait_accepting,
+};
 
 const HELP: &str = "\
 cache-conformance: RFC 9111 cases against caching proxies (see benches/conformance.sh)
@@ -244,15 +246,7 @@ http {{
             temp_paths = nginx_temp_paths(dir),
         ),
     )?;
-    let child = Command::new("nginx")
-        .arg("-p")
-        .arg(dir)
-        .arg("-c")
-        .arg(&conf)
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .map_err(|e| io::Error::other(format!("nginx: {e}")))?;
+    let child = spawn_nginx(Command::new("nginx"), dir, &conf)?;
     Ok(Target { addr, child })
 }
 
@@ -285,13 +279,6 @@ cache pages
 "
         ),
     )?;
-    let child = Command::new("haproxy")
-        .arg("-db")
-        .arg("-f")
-        .arg(&conf)
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .map_err(|e| io::Error::other(format!("haproxy: {e}")))?;
+    let child = spawn_haproxy(Command::new("haproxy"), &conf)?;
     Ok(Target { addr, child })
 }

@@ -8,7 +8,7 @@
 //! to the other. Every proxy gets one worker. For each round, in a rotating order, it
 //! measures per target:
 //! - requests/s at 32 and 64 connections (`wrk`, small body);
-//! - proxy CPU µs per request (utime + stime of the proxy's processes from `/proc`, divided
+//! - proxy CPU µs per request (the CPU time of the proxy's processes from `/proc`, divided
 //!   by completed requests), small and 64 KiB bodies, at full load (`wrk`);
 //! - the same at the fixed rate of the latency run (`cpu_us_per_req_at_rate`), where every
 //!   target faces the same load: at full load a slower proxy also pays more in the kernel
@@ -244,7 +244,6 @@ async fn run(opts: &Opts) -> io::Result<()> {
                 1.0 - (conns1 - conns0) as f64 / (reqs1 - reqs0).max(1) as f64,
             );
 
-            let cpu3 = target.cpu()?;
             let lat = load::fixed_rate(
                 target.addr,
                 "/",
@@ -254,12 +253,12 @@ async fn run(opts: &Opts) -> io::Result<()> {
                 target.auth.clone(),
             )
             .await?;
-            let cpu4 = target.cpu()?;
+            let cpu3 = target.cpu()?;
             errors += lat.errors;
             record(
                 "cpu_us_per_req_at_rate",
                 target.kind,
-                micros(cpu4 - cpu3) / lat.requests.max(1) as f64,
+                micros(cpu3 - cpu2) / lat.requests.max(1) as f64,
             );
             record(
                 "added_p50_us",

@@ -5,7 +5,7 @@ use std::fmt::Write as _;
 use std::io;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::time::Duration;
 
 use gateway_benches::process::{self, free_addr, wait_accepting};
@@ -311,15 +311,7 @@ http {{
         );
         let path = dir.join("nginx.conf");
         std::fs::write(&path, conf)?;
-        let child = self
-            .command(Path::new("nginx"))
-            .arg("-p")
-            .arg(&dir)
-            .arg("-c")
-            .arg(&path)
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .spawn()?;
+        let child = process::spawn_nginx(self.command(Path::new("nginx")), &dir, &path)?;
         Ok(Target {
             kind,
             addr,
@@ -370,14 +362,7 @@ backend be
         );
         let path = dir.join("haproxy.cfg");
         std::fs::write(&path, conf)?;
-        let child = self
-            .command(Path::new("haproxy"))
-            .arg("-db")
-            .arg("-f")
-            .arg(&path)
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .spawn()?;
+        let child = process::spawn_haproxy(self.command(Path::new("haproxy")), &path)?;
         Ok(Target {
             kind,
             addr,

@@ -24,7 +24,6 @@ mod origin;
 
 use std::fmt;
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::time::Duration;
 
 pub use cases::cases;
@@ -152,7 +151,7 @@ pub async fn run(proxy: SocketAddr, origin: &Origin, run: &str, cases: &[Case]) 
         let path = format!("/{run}/{}", case.id);
         origin.script(&path, case.answers.clone());
         let origin = origin.clone();
-        let case = Arc::new(case.clone());
+        let case = case.clone();
         tasks.spawn(async move { (i, play(proxy, &origin, &path, &case).await) });
     }
     let mut outcomes = vec![Outcome::Error("not run".into()); cases.len()];

@@ -1,5 +1,6 @@
 //! Request extensions with well-known types: set once, read by every later layer.
 
+use std::any::Any;
 use std::borrow::Cow;
 use std::fmt;
 use std::future::Future;
@@ -71,8 +72,14 @@ pub struct RequestId(HeaderValue);
 /// fields.for_each(|name, value| seen.push(format!("{name}={value}")));
 /// assert_eq!(seen, ["cache=MISS", "tries=2"]);
 /// ```
-#[derive(Clone, Default)]
-pub struct LogFields(Arc<Mutex<Fields>>);
+#[derive(Clone)]
+pub struct LogFields(Arc<Shared<dyn Any + Send + Sync>>);
+
+/// The fields, and what the layer that made them keeps with them ([`LogFields::with`]).
+struct Shared<T: ?Sized> {
+    fields: Mutex<Fields>,
+    attached: T,
+}
 
 #[derive(Default)]
 struct Fields {
@@ -361,10 +368,40 @@ impl RequestId {
 
 // === impl LogFields ===
 
+impl Default for LogFields {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 impl LogFields {
     /// No fields set.
     pub fn new() -> Self {
-        Self::default()
+        Self::with(())
+    }
+
+    /// No fields set, and `attached` kept with them, in the same allocation, for the layer
+    /// that made them to read back ([`attached`](Self::attached)): the access log keeps its
+    /// copy of the request's head there, one allocation per request instead of two.
+    pub fn with<T: Any + Send + Sync>(attached: T) -> Self {
+        Self(Arc::new(Shared {
+            fields: Mutex::new(Fields::default()),
+            attached,
+        }))
+    }
+
+    /// What [`with`](Self::with) attached, if it is a `T`.
+    ///
+    /// ```
+    /// use gateway_core::LogFields;
+    ///
+    /// let fields = LogFields::with(7u32);
+    /// assert_eq!(fields.attached::<u32>(), Some(&7));
+    /// assert_eq!(fields.attached::<u64>(), None);
+    /// assert_eq!(LogFields::new().attached::<u32>(), None);
+    /// ```
+    pub fn attached<T: Any>(&self) -> Option<&T> {
+        self.0.attached.downcast_ref()
     }
 
     /// Records an upstream call to `endpoint` that took `duration`; a later call (a retry)
@@ -403,7 +440,7 @@ impl LogFields {
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Fields> {
-        self.0.lock().unwrap_or_else(PoisonError::into_inner)
+        self.0.fields.lock().unwrap_or_else(PoisonError::into_inner)
     }
 }
 

@@ -576,7 +576,7 @@ impl AccessLog {
     }
 
     /// Formats and queues the line of a request.
-    pub(crate) fn line(&self, head: &Head, outcome: &Outcome) {
+    pub(crate) fn line(&self, head: &Head, outcome: &Outcome<'_>) {
         thread_local! {
             // A line is formatted here, then copied into the queue: no allocation per line.
             static LINE: RefCell<Vec<u8>> = RefCell::new(Vec::with_capacity(1024));
@@ -653,7 +653,7 @@ fn int(out: &mut Vec<u8>, n: impl itoa::Integer) {
     out.extend_from_slice(itoa::Buffer::new().format(n).as_bytes());
 }
 
-fn json(out: &mut Vec<u8>, p: &Head, line: &Outcome, query: QueryLog) {
+fn json(out: &mut Vec<u8>, p: &Head, line: &Outcome<'_>, query: QueryLog) {
     out.extend_from_slice(b"{\"time\":\"");
     rfc3339(out, p.time);
     out.push(b'"');
@@ -730,7 +730,7 @@ fn json(out: &mut Vec<u8>, p: &Head, line: &Outcome, query: QueryLog) {
         trace.write_trace_id(out);
         out.push(b'"');
     }
-    p.fields.for_each(|name, value| {
+    line.fields.for_each(|name, value| {
         out.push(b',');
         json_str(out, name);
         out.push(b':');
@@ -746,14 +746,14 @@ fn json(out: &mut Vec<u8>, p: &Head, line: &Outcome, query: QueryLog) {
 }
 
 /// `host - user [10/Oct/2000:13:55:36 +0000] "GET /path HTTP/1.1" 200 2326 "referer" "agent"`.
-fn combined(out: &mut Vec<u8>, p: &Head, line: &Outcome, query: QueryLog) {
+fn combined(out: &mut Vec<u8>, p: &Head, line: &Outcome<'_>, query: QueryLog) {
     match p.client {
         Some(ip) => ip_addr(out, ip),
         None => out.push(b'-'),
     }
     out.extend_from_slice(b" - ");
     let mut user = None;
-    p.fields.for_each(|name, value| {
+    line.fields.for_each(|name, value| {
         if name == "consumer" {
             user = Some(value.to_string());
         }

@@ -176,9 +176,9 @@ struct Exchange {
     /// The method's row in a route's request counters, and its label.
     #[cfg(feature = "metrics")]
     method: (usize, &'static str),
-    /// The request's head, for the access log and the span.
+    /// The request's log fields, which carry its head (for the access log and the span).
     #[cfg(any(feature = "access-log", feature = "otlp"))]
-    head: Option<Box<Head>>,
+    log: Option<LogFields>,
 }
 
 /// The request's head as the access log and the OTLP span report it.
@@ -206,12 +206,14 @@ pub(crate) struct Head {
     /// Whether the request's span is exported.
     #[cfg(feature = "otlp")]
     pub(crate) export: bool,
-    pub(crate) fields: LogFields,
+    /// The fields an outer layer put in the request before this one (it reports them
+    /// too): the inner layers write there, not into the fields that carry this head.
+    outer: Option<LogFields>,
 }
 
 /// How a request ended.
 #[cfg(any(feature = "access-log", feature = "otlp"))]
-pub(crate) struct Outcome {
+pub(crate) struct Outcome<'a> {
     pub(crate) status: StatusCode,
     pub(crate) route: Option<RouteId>,
     pub(crate) error: Option<ErrorKind>,
@@ -222,6 +224,11 @@ pub(crate) struct Outcome {
     pub(crate) upstream: Option<UpstreamCall>,
     /// Whether the response body reached its end.
     pub(crate) complete: bool,
+    /// What the inner layers added to the request's log line.
+    #[cfg(feature = "access-log")]
+    pub(crate) fields: &'a LogFields,
+    #[cfg(not(feature = "access-log"))]
+    pub(crate) fields: std::marker::PhantomData<&'a LogFields>,
 }
 
 /// An answered request, until its response body ends.
@@ -382,7 +389,7 @@ where
         let head = {
             let export = parts.exports(trace.as_ref());
             let (logs, referer) = parts.logs();
-            (logs || export).then(|| Box::new(Head::of(&mut req, start, trace, export, referer)))
+            (logs || export).then(|| Head::of(&mut req, start, trace, export, referer))
         };
         #[cfg(feature = "metrics")]
         let method = match &parts.metrics {
@@ -407,7 +414,7 @@ where
             #[cfg(feature = "metrics")]
             method,
             #[cfg(any(feature = "access-log", feature = "otlp"))]
-            head,
+            log: head,
         };
         let inner = {
             #[cfg(feature = "request-span")]
@@ -433,33 +440,26 @@ impl<S: fmt::Debug> fmt::Debug for Observe<S> {
 
 #[cfg(any(feature = "access-log", feature = "otlp"))]
 impl Head {
-    /// The head of `req` (with its `Referer` when asked), whose extensions get the
-    /// [`LogFields`] the inner layers fill.
+    /// The head of `req` (with its `Referer` when asked), in the [`LogFields`] the inner
+    /// layers fill, which go in its extensions (unless an outer layer's are there).
     fn of<B>(
         req: &mut Request<B>,
         start: Instant,
         trace: Option<Trace>,
         export: bool,
         referer: bool,
-    ) -> Self {
+    ) -> LogFields {
         #[cfg(not(feature = "access-log"))]
         let _ = referer;
         #[cfg(not(feature = "trace-context"))]
         let _ = trace;
-        let fields = match req.extensions().get::<LogFields>() {
-            Some(fields) => fields.clone(),
-            None => {
-                let fields = LogFields::new();
-                req.extensions_mut().insert(fields.clone());
-                fields
-            }
-        };
+        let outer = req.extensions().get::<LogFields>().cloned();
         let headers = req.headers();
         let extensions = req.extensions();
         let connection = extensions.get::<ConnectInfo>();
         #[cfg(not(feature = "otlp"))]
         let _ = export;
-        Self {
+        let head = Self {
             time: wall_clock(start),
             method: req.method().clone(),
             uri: req.uri().clone(),
@@ -488,8 +488,20 @@ impl Head {
             },
             #[cfg(feature = "otlp")]
             export,
-            fields,
+            outer,
+        };
+        let fresh = head.outer.is_none();
+        let log = LogFields::with(head);
+        if fresh {
+            req.extensions_mut().insert(log.clone());
         }
+        log
+    }
+
+    /// The fields the inner layers wrote: `own`, the fields this head is in, unless an
+    /// outer layer's came first.
+    fn fields<'a>(&'a self, own: &'a LogFields) -> &'a LogFields {
+        self.outer.as_ref().unwrap_or(own)
     }
 }
 
@@ -661,9 +673,15 @@ impl Finish {
             );
         }
         #[cfg(any(feature = "access-log", feature = "otlp"))]
-        let Some(head) = exchange.head.take() else {
+        let Some(own) = exchange.log.take() else {
             return;
         };
+        #[cfg(any(feature = "access-log", feature = "otlp"))]
+        let Some(head) = own.attached::<Head>() else {
+            return;
+        };
+        #[cfg(any(feature = "access-log", feature = "otlp"))]
+        let fields = head.fields(&own);
         #[cfg(any(feature = "access-log", feature = "otlp"))]
         let outcome = Outcome {
             status: self.status,
@@ -672,18 +690,22 @@ impl Finish {
             bytes_in,
             bytes_out: written,
             duration,
-            upstream: head.fields.upstream(),
+            upstream: fields.upstream(),
             complete,
+            #[cfg(feature = "access-log")]
+            fields,
+            #[cfg(not(feature = "access-log"))]
+            fields: std::marker::PhantomData,
         };
         #[cfg(feature = "access-log")]
         if let Some(log) = &exchange.parts.log {
-            log.line(&head, &outcome);
+            log.line(head, &outcome);
         }
         #[cfg(feature = "otlp")]
         if head.export
             && let Some(exporter) = &exchange.parts.otlp
         {
-            exporter.queue(&head, &outcome);
+            exporter.queue(head, &outcome);
         }
     }
 }
@@ -774,6 +796,65 @@ mod request {
 #[cfg(all(test, any(feature = "access-log", feature = "otlp")))]
 mod tests {
     use super::*;
+
+    /// What a log writer has been given.
+    #[cfg(feature = "access-log")]
+    #[derive(Clone, Default)]
+    struct Captured(Arc<std::sync::Mutex<Vec<u8>>>);
+
+    #[cfg(feature = "access-log")]
+    impl std::io::Write for Captured {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .extend_from_slice(buf);
+            Ok(buf.len())
+        }
+
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[cfg(feature = "access-log")]
+    #[tokio::test]
+    async fn stacked_logs_both_get_what_the_inner_layers_add() {
+        use tower::{ServiceBuilder, ServiceExt, service_fn};
+
+        let (outer, inner) = (Captured::default(), Captured::default());
+        let start = |to: &Captured| {
+            crate::access_log::AccessLog::builder()
+                .writer(to.clone())
+                .start()
+                .unwrap()
+        };
+        let (outer_log, inner_log) = (start(&outer), start(&inner));
+        let svc = ServiceBuilder::new()
+            .layer(ObserveLayer::new().access_log(&outer_log))
+            .layer(ObserveLayer::new().access_log(&inner_log))
+            .service(service_fn(|req: Request<Body>| async move {
+                let fields = req.extensions().get::<LogFields>().unwrap();
+                // The outer layer's fields, not ones carrying the inner layer's head.
+                assert!(
+                    fields
+                        .attached::<Head>()
+                        .is_some_and(|head| head.outer.is_none())
+                );
+                fields.insert("cache", "HIT");
+                Ok::<_, std::convert::Infallible>(Response::new(Body::from("hello")))
+            }));
+        let req = Request::builder().uri("/a").body(Body::empty()).unwrap();
+        let res = svc.oneshot(req).await.unwrap();
+        Body::new(res.into_body()).collect_bytes().await.unwrap();
+        for (log, captured) in [(&outer_log, &outer), (&inner_log, &inner)] {
+            assert!(log.flush(Duration::from_secs(5)));
+            let text = String::from_utf8(captured.0.lock().unwrap().clone()).unwrap();
+            let line: serde_json::Value = serde_json::from_str(text.trim_end()).unwrap();
+            assert_eq!(line["path"], "/a");
+            assert_eq!(line["cache"], "HIT", "{text}");
+        }
+    }
 
     #[test]
     fn the_wall_clock_follows_the_monotonic_one_for_a_second() {

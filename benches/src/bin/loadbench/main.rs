@@ -17,6 +17,11 @@
 //! - p50/p99/p99.9 latency at a fixed rate minus the origin's own (open loop, keep-alive);
 //! - the upstream connection reuse ratio (1 − origin connections / origin requests);
 //!
+//! then, with `--pairs N`, the CPU per request of the first two targets again in N pairs
+//! of 1 s runs back to back, in A B B A order (`cpu_us_per_req_paired`, at full load, and
+//! `cpu_us_per_req_at_rate_paired`): on a host whose speed drifts (a VM's neighbours), a
+//! ratio of runs a second apart is less exposed to the drift than one of runs a round apart;
+//!
 //! and once per target, on a fresh process, the RSS per idle client connection with
 //! thousands held open after one request each, and the RSS after they close. It prints one
 //! table of medians with min–max and the gateway's ratios to the others (medians of the
@@ -50,6 +55,9 @@ OPTIONS:
     --rate N           requests/s of the latency runs (and of `cpu_us_per_req_at_rate`)
                        [default: 2000]
     --idle N           idle connections of the memory run, 0 to skip it [default: 5000]
+    --pairs N          after the rounds, N pairs of 1 s CPU runs of the first two
+                       targets back to back (A B B A), for a ratio less exposed to a
+                       noisy host [default: 0]
     --targets LIST     which proxies, comma-separated [default: gateway,baseline (with
                        --baseline),hyper,nginx,haproxy]; `hand` is the route of
                        benches/ab-config.yaml built in code (hand-gateway);
@@ -77,6 +85,7 @@ struct Opts {
     secs: u64,
     rate: u32,
     idle: usize,
+    pairs: usize,
     json: PathBuf,
     proxy_core: String,
     load_core: String,
@@ -102,6 +111,7 @@ fn parse() -> Result<Option<Opts>, String> {
         secs: 5,
         rate: 2000,
         idle: 5000,
+        pairs: 0,
         json: "target/loadbench.json".into(),
         proxy_core: "0".into(),
         load_core: "1".into(),
@@ -131,6 +141,12 @@ fn parse() -> Result<Option<Opts>, String> {
                 opts.idle = v
                     .parse()
                     .map_err(|_| format!("--idle: `{v}` is not a number"))?;
+            }
+            Long("pairs") => {
+                let v = arg_value(&mut parser)?;
+                opts.pairs = v
+                    .parse()
+                    .map_err(|_| format!("--pairs: `{v}` is not a number"))?;
             }
             Long("targets") => {
                 opts.targets = arg_value(&mut parser)?
@@ -278,6 +294,43 @@ async fn run(opts: &Opts) -> io::Result<()> {
             record("errors", target.kind, errors as f64);
         }
     }
+    if let [first, second, ..] = &running[..]
+        && opts.pairs > 0
+    {
+        eprintln!(
+            "loadbench: {} pairs of {} and {}",
+            opts.pairs,
+            first.kind.name(),
+            second.kind.name()
+        );
+        for pair in 0..opts.pairs {
+            let order = if pair % 2 == 0 {
+                [first, second]
+            } else {
+                [second, first]
+            };
+            for target in order {
+                let url = format!("http://{}/", target.addr);
+                let cpu0 = target.cpu()?;
+                let full = load::wrk(load_core, 32, 1, &url, target.auth.as_ref())?;
+                let cpu1 = target.cpu()?;
+                let at_rate =
+                    load::fixed_rate(target.addr, "/", opts.rate, 1, 16, target.auth.clone())
+                        .await?;
+                let cpu2 = target.cpu()?;
+                record(
+                    "cpu_us_per_req_paired",
+                    target.kind,
+                    micros(cpu1 - cpu0) / full.requests.max(1) as f64,
+                );
+                record(
+                    "cpu_us_per_req_at_rate_paired",
+                    target.kind,
+                    micros(cpu2 - cpu1) / at_rate.requests.max(1) as f64,
+                );
+            }
+        }
+    }
     drop(running);
 
     // Memory per idle connection, each on a fresh process.
@@ -315,7 +368,7 @@ async fn run(opts: &Opts) -> io::Result<()> {
         "machine": machine,
         "settings": {
             "rounds": opts.rounds, "secs": opts.secs, "rate": opts.rate,
-            "idle_connections": opts.idle, "pinned": pinned,
+            "idle_connections": opts.idle, "pairs": opts.pairs, "pinned": pinned,
         },
         "series": series_json(&series),
         "table": table,

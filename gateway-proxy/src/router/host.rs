@@ -6,6 +6,8 @@ use http::header::HOST;
 use http::uri::Scheme;
 use http::{Request, Version};
 
+use crate::h1::head::parse_length;
+
 /// Why a request's host was refused.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum HostError {
@@ -81,27 +83,12 @@ fn split_authority(bytes: &[u8]) -> Option<(&str, Option<u16>)> {
     }
     let port = match &bytes[host_len..] {
         [] => None,
-        [b':', digits @ ..] => Some(port(digits)?),
+        [b':', digits @ ..] => Some(u16::try_from(parse_length(digits)?).ok()?),
         _ => return None,
     };
     // NOTE: the host is ASCII (reg-name bytes, or an IPv6 literal that parsed).
     let host = std::str::from_utf8(&bytes[..host_len]).ok()?;
     Some((host, port))
-}
-
-/// A port: one or more ASCII digits, at most 65535.
-fn port(digits: &[u8]) -> Option<u16> {
-    if digits.is_empty() {
-        return None;
-    }
-    let mut port: u16 = 0;
-    for &d in digits {
-        if !d.is_ascii_digit() {
-            return None;
-        }
-        port = port.checked_mul(10)?.checked_add(u16::from(d - b'0'))?;
-    }
-    Some(port)
 }
 
 /// The bytes of a reg-name or IPv4 address: unreserved, sub-delims and `%` (RFC 3986 §3.2.2),

@@ -88,7 +88,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, PoisonError};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use gateway_core::LogValue;
+use gateway_core::{LogFields, LogValue};
 use http::{HeaderValue, Version};
 use tower::Layer;
 
@@ -575,8 +575,8 @@ impl AccessLog {
         self.shared.format == LogFormat::Combined
     }
 
-    /// Formats and queues the line of a request.
-    pub(crate) fn line(&self, head: &Head, outcome: &Outcome<'_>) {
+    /// Formats and queues the line of a request, with the `fields` inner layers added.
+    pub(crate) fn line(&self, head: &Head, fields: &LogFields, outcome: &Outcome) {
         thread_local! {
             // A line is formatted here, then copied into the queue: no allocation per line.
             static LINE: RefCell<Vec<u8>> = RefCell::new(Vec::with_capacity(1024));
@@ -584,8 +584,8 @@ impl AccessLog {
         LINE.with_borrow_mut(|out| {
             out.clear();
             match self.shared.format {
-                LogFormat::Json => json(out, head, outcome, self.shared.query),
-                LogFormat::Combined => combined(out, head, outcome, self.shared.query),
+                LogFormat::Json => json(out, head, fields, outcome, self.shared.query),
+                LogFormat::Combined => combined(out, head, fields, outcome, self.shared.query),
             }
             out.push(b'\n');
             self.push(out);
@@ -653,7 +653,7 @@ fn int(out: &mut Vec<u8>, n: impl itoa::Integer) {
     out.extend_from_slice(itoa::Buffer::new().format(n).as_bytes());
 }
 
-fn json(out: &mut Vec<u8>, p: &Head, line: &Outcome<'_>, query: QueryLog) {
+fn json(out: &mut Vec<u8>, p: &Head, fields: &LogFields, line: &Outcome, query: QueryLog) {
     out.extend_from_slice(b"{\"time\":\"");
     rfc3339(out, p.time);
     out.push(b'"');
@@ -730,7 +730,7 @@ fn json(out: &mut Vec<u8>, p: &Head, line: &Outcome<'_>, query: QueryLog) {
         trace.write_trace_id(out);
         out.push(b'"');
     }
-    line.fields.for_each(|name, value| {
+    fields.for_each(|name, value| {
         out.push(b',');
         json_str(out, name);
         out.push(b':');
@@ -746,14 +746,14 @@ fn json(out: &mut Vec<u8>, p: &Head, line: &Outcome<'_>, query: QueryLog) {
 }
 
 /// `host - user [10/Oct/2000:13:55:36 +0000] "GET /path HTTP/1.1" 200 2326 "referer" "agent"`.
-fn combined(out: &mut Vec<u8>, p: &Head, line: &Outcome<'_>, query: QueryLog) {
+fn combined(out: &mut Vec<u8>, p: &Head, fields: &LogFields, line: &Outcome, query: QueryLog) {
     match p.client {
         Some(ip) => ip_addr(out, ip),
         None => out.push(b'-'),
     }
     out.extend_from_slice(b" - ");
     let mut user = None;
-    line.fields.for_each(|name, value| {
+    fields.for_each(|name, value| {
         if name == "consumer" {
             user = Some(value.to_string());
         }

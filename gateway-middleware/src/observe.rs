@@ -213,7 +213,7 @@ pub(crate) struct Head {
 
 /// How a request ended.
 #[cfg(any(feature = "access-log", feature = "otlp"))]
-pub(crate) struct Outcome<'a> {
+pub(crate) struct Outcome {
     pub(crate) status: StatusCode,
     pub(crate) route: Option<RouteId>,
     pub(crate) error: Option<ErrorKind>,
@@ -224,11 +224,6 @@ pub(crate) struct Outcome<'a> {
     pub(crate) upstream: Option<UpstreamCall>,
     /// Whether the response body reached its end.
     pub(crate) complete: bool,
-    /// What the inner layers added to the request's log line.
-    #[cfg(feature = "access-log")]
-    pub(crate) fields: &'a LogFields,
-    #[cfg(not(feature = "access-log"))]
-    pub(crate) fields: std::marker::PhantomData<&'a LogFields>,
 }
 
 /// An answered request, until its response body ends.
@@ -692,14 +687,10 @@ impl Finish {
             duration,
             upstream: fields.upstream(),
             complete,
-            #[cfg(feature = "access-log")]
-            fields,
-            #[cfg(not(feature = "access-log"))]
-            fields: std::marker::PhantomData,
         };
         #[cfg(feature = "access-log")]
         if let Some(log) = &exchange.parts.log {
-            log.line(head, &outcome);
+            log.line(head, fields, &outcome);
         }
         #[cfg(feature = "otlp")]
         if head.export

@@ -191,7 +191,7 @@ enum Message {
 /// A finished request's span, as it is written.
 struct SpanRecord<'a> {
     head: &'a Head,
-    outcome: &'a Outcome<'a>,
+    outcome: &'a Outcome,
     /// The span's end, in nanoseconds since the Unix epoch.
     end: u64,
 }
@@ -271,7 +271,7 @@ impl OtlpExporter {
     /// Queues the span of a finished request, or drops and counts it. The span is written
     /// now, so that a queued span holds its few bounded KiB rather than the request's head
     /// (which a client may have made 64 KiB).
-    pub(crate) fn queue(&self, head: &Head, outcome: &Outcome<'_>) {
+    pub(crate) fn queue(&self, head: &Head, outcome: &Outcome) {
         let Ok(permit) = self.shared.queue.try_reserve() else {
             self.drop_one();
             return;
